@@ -1,0 +1,51 @@
+"""What crosses the ring each step: a Batch out to the stages, a StepOutput back."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from batching.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SeqInit:
+    """Sent the first time the stages see a sequence; the last stage keeps it to sample."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    seed: int
+
+
+@dataclass(slots=True)
+class SeqWork:
+    """One sequence's share of a step."""
+
+    seq_id: int
+    token_ids: list[int]  # tokens to compute this step
+    start_pos: int  # position of token_ids[0]; tokens before it are already in the KV cache
+    blocks_from: int  # the stage sets block_table[blocks_from:] = blocks
+    blocks: list[int]
+    sample: bool  # this chunk ends at the sequence's last known token, so sample the next
+    init: SeqInit | None = None
+
+
+@dataclass(slots=True)
+class Batch:
+    batch_id: int
+    seqs: list[SeqWork]
+    # Finished or aborted sequences whose per-sequence state the stages may drop.
+    released: list[int] = field(default_factory=list)
+    trace: dict | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(w.token_ids) for w in self.seqs)
+
+
+@dataclass(slots=True)
+class StepOutput:
+    batch_id: int
+    seq_ids: list[int]  # the sequences that sampled, in Batch order
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    timings: dict | None = None

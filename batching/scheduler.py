@@ -1,0 +1,264 @@
+"""Iteration-level continuous batching.
+
+Every step the scheduler fills a token budget: first the running sequences (one token
+each when decoding, a chunk when their prompt is still being prefilled), then waiting
+sequences in arrival order. A long prompt is cut into chunks so it never stalls the
+decodes beside it. When KV blocks run out the most recently admitted sequence is
+preempted: its blocks are freed and it is recomputed later from its tokens.
+
+A sequence is in at most one step at a time (its next token depends on the last), so
+with several micro-batches in flight each holds different sequences.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from batching.batch import Batch, SeqInit, SeqWork, StepOutput
+from batching.block_manager import BlockManager
+from batching.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    num_blocks: int
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.num_blocks * self.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {self.num_blocks * self.block_size} tokens, fewer than one "
+                f"sequence of max_model_len={self.max_model_len}; give it more memory or lower max_model_len"
+            )
+
+
+@dataclass(slots=True)
+class SeqUpdate:
+    """What one step did to one sequence."""
+
+    seq: Sequence
+    new_token_ids: list[int]
+    finished: bool
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, eos_token_ids: frozenset[int] = frozenset()) -> None:
+        self.config = config
+        self.eos_token_ids = eos_token_ids
+        self.blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: the last is preempted first
+        self.seqs: dict[int, Sequence] = {}
+        self.released: list[int] = []  # finished sequences the stages still hold state for
+        self.in_flight: dict[int, Batch] = {}
+        self.num_preemptions = 0
+        self._next_batch_id = 0
+        self._seed_rng = random.Random()
+
+    # ---- requests ---------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        if seq.num_tokens >= self.config.max_model_len:
+            raise ValueError(
+                f"prompt has {seq.num_tokens} tokens; the context holds {self.config.max_model_len} "
+                "including at least one generated token"
+            )
+        if seq.seq_id in self.seqs:
+            raise ValueError(f"sequence {seq.seq_id} already exists")
+        self.seqs[seq.seq_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, seq_id: int, reason: FinishReason = FinishReason.ABORT) -> Sequence | None:
+        """End a sequence now and free its blocks at once (its in-flight step is ignored)."""
+        seq = self.seqs.get(seq_id)
+        if seq is None or seq.is_finished:
+            return None
+        if seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
+        self._finish(seq, reason)
+        return seq
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.blocks.release(seq)
+        del self.seqs[seq.seq_id]
+        if seq.known_to_stages:
+            self.released.append(seq.seq_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # ---- scheduling -------------------------------------------------------------------
+    def schedule(self) -> Batch | None:
+        """The next step's work, or None when every schedulable sequence is in flight."""
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        work: list[tuple[Sequence, int]] = []
+        preempted = False
+
+        # Running sequences first, oldest first; make room by preempting the newest.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            if seq.in_flight:
+                i += 1
+                continue
+            n_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.blocks.ensure(seq, seq.num_computed_tokens + n_new):
+                victim = self._newest_preemptible(after=i)
+                if victim is None:
+                    break
+                self._preempt(victim)
+                preempted = True
+            else:
+                work.append((seq, n_new))
+                budget -= n_new
+                i += 1
+                continue
+            # Nothing left to free but this sequence itself (others are in flight).
+            self._preempt(seq)
+            preempted = True
+
+        # Then waiting sequences in arrival order; none jumps the queue.
+        while self.waiting and budget > 0 and not preempted and len(self.running) < cfg.max_num_seqs:
+            seq = self.waiting[0]
+            hit_blocks = self.blocks.can_prefix_hits(seq)
+            remaining = seq.num_tokens - hit_blocks * cfg.block_size
+            n_new = min(remaining, budget)
+            need = self.blocks.blocks_needed(hit_blocks * cfg.block_size + n_new) - hit_blocks
+            # Evictable blocks the hits would pin no longer count as free.
+            pinned = sum(
+                1 for h in seq.block_hashes[:hit_blocks] if self.blocks.ref_counts[self.blocks.cached[h]] == 0
+            )
+            if need + pinned > self.blocks.num_free_blocks:
+                break
+            self.waiting.popleft()
+            cached = self.blocks.allocate_prefix(seq)
+            seq.num_computed_tokens = cached
+            if seq.num_preemptions == 0 and seq.first_scheduled_time is None:
+                seq.num_cached_tokens = cached
+            ok = self.blocks.ensure(seq, cached + n_new)
+            assert ok, "block accounting went wrong"
+            seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+            self.running.append(seq)
+            work.append((seq, n_new))
+            budget -= n_new
+
+        if not work:
+            return None
+        return self._make_batch(work)
+
+    def _newest_preemptible(self, after: int) -> Sequence | None:
+        for seq in reversed(self.running[after + 1 :]):
+            if not seq.in_flight:
+                return seq
+        return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _make_batch(self, work: list[tuple[Sequence, int]]) -> Batch:
+        seqs = []
+        for seq, n_new in work:
+            start = seq.num_computed_tokens
+            end = start + n_new
+            init = None
+            if not seq.known_to_stages:
+                seed = seq.params.seed if seq.params.seed is not None else self._seed_rng.getrandbits(63)
+                init = SeqInit(params=seq.params, prompt_token_ids=seq.prompt_token_ids, seed=seed)
+                seq.known_to_stages = True
+            seqs.append(
+                SeqWork(
+                    seq_id=seq.seq_id,
+                    token_ids=seq.token_ids_slice(start, end),
+                    start_pos=start,
+                    blocks_from=seq.num_blocks_sent,
+                    blocks=seq.block_table[seq.num_blocks_sent :],
+                    sample=end == seq.num_tokens,
+                    init=init,
+                )
+            )
+            seq.num_blocks_sent = len(seq.block_table)
+            seq.num_computed_tokens = end
+            seq.in_flight = True
+            self.blocks.commit_full_blocks(seq, end)
+        batch = Batch(batch_id=self._next_batch_id, seqs=seqs, released=self.released)
+        self.released = []
+        self._next_batch_id += 1
+        self.in_flight[batch.batch_id] = batch
+        return batch
+
+    # ---- results ----------------------------------------------------------------------
+    def update(self, out: StepOutput) -> list[SeqUpdate]:
+        """Apply a step's sampled tokens; returns the sequences that advanced or finished."""
+        batch = self.in_flight.pop(out.batch_id)
+        for w in batch.seqs:
+            seq = self.seqs.get(w.seq_id)
+            if seq is not None:
+                seq.in_flight = False
+        updates = []
+        now = None
+        for seq_id, token in zip(out.seq_ids, out.token_ids):
+            seq = self.seqs.get(seq_id)
+            if seq is None:  # aborted while in flight
+                continue
+            seq.output_token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now = now or time.monotonic()
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.running.remove(seq)
+                self._finish(seq, reason)
+            updates.append(SeqUpdate(seq, [token], reason is not None))
+        return updates
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        p = seq.params
+        n_out = len(seq.output_token_ids)
+        if n_out >= p.min_tokens:
+            if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+                return FinishReason.STOP
+        if p.max_tokens is not None and n_out >= p.max_tokens:
+            return FinishReason.LENGTH
+        if seq.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def fail_in_flight(self) -> None:
+        """Forget every in-flight step (the pipeline lost it); sequences can be scheduled again."""
+        for batch in self.in_flight.values():
+            for w in batch.seqs:
+                seq = self.seqs.get(w.seq_id)
+                if seq is not None:
+                    seq.in_flight = False
+        self.in_flight.clear()

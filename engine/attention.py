@@ -1,0 +1,107 @@
+"""Attention over the paged KV cache, for batches that mix prefill chunks and decodes.
+
+Tokens of a step are laid out flat: the decode tokens (one per sequence) first, then
+each prefill chunk. New keys and values are written into their cache slots first; then
+decodes attend over their gathered blocks in one batched call, and each prefill chunk
+attends over its context (cached prefix plus itself) with a causal offset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    start: int  # first row of the chunk among the step's tokens
+    end: int
+    context_len: int  # tokens the chunk attends to: cached prefix plus the chunk
+    block_table: torch.Tensor  # [blocks covering context_len] int64
+    mask: torch.Tensor | None  # [chunk, context_len] bool; None when plain causal from position 0
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
+    num_decodes: int
+    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool: key is in context
+    prefills: list[PrefillChunk]
+
+
+def build_metadata(
+    block_size: int,
+    slot_mapping: list[int],
+    decode_tables: list[list[int]],
+    decode_context_lens: list[int],
+    prefills: list[tuple[int, int, int, list[int]]],
+    device: torch.device,
+) -> AttentionMetadata:
+    """prefills: (start row, end row, start position, block table) per chunk."""
+    n_dec = len(decode_tables)
+    tables = mask = None
+    if n_dec:
+        width = max(len(t) for t in decode_tables)
+        padded = [t + [0] * (width - len(t)) for t in decode_tables]
+        tables = torch.tensor(padded, dtype=torch.int64, device=device)
+        lens = torch.tensor(decode_context_lens, dtype=torch.int64, device=device)
+        key_pos = torch.arange(width * block_size, device=device)
+        mask = (key_pos[None, :] < lens[:, None]).view(n_dec, 1, 1, -1)
+    chunks = []
+    for start, end, pos, table in prefills:
+        n = end - start
+        ctx = pos + n
+        chunk_mask = None
+        if pos > 0:
+            q_pos = torch.arange(pos, ctx, device=device)
+            chunk_mask = torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]
+        n_blocks = -(-ctx // block_size)
+        chunks.append(PrefillChunk(start, end, ctx, torch.tensor(table[:n_blocks], dtype=torch.int64, device=device), chunk_mask))
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+        num_decodes=n_dec,
+        decode_block_tables=tables,
+        decode_mask=mask,
+        prefills=chunks,
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, heads, d]
+    k: torch.Tensor,  # [T, kv_heads, d]
+    v: torch.Tensor,  # [T, kv_heads, d]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, d]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [T, heads * d]
+    num_blocks, block_size, kv_heads, d = k_cache.shape
+    k_cache.view(-1, kv_heads, d).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, kv_heads, d).index_copy_(0, meta.slot_mapping, v)
+    T, heads, _ = q.shape
+    gqa = heads != kv_heads
+    out = torch.empty_like(q)
+    nd = meta.num_decodes
+    if nd:
+        tables = meta.decode_block_tables
+        keys = k_cache[tables].view(nd, -1, kv_heads, d).transpose(1, 2)  # [nd, kvh, L, d]
+        values = v_cache[tables].view(nd, -1, kv_heads, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q[:nd].unsqueeze(2), keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
+        )  # [nd, heads, 1, d]
+        out[:nd] = o.squeeze(2)
+    for c in meta.prefills:
+        qc = q[c.start : c.end].transpose(0, 1)  # [heads, n, d]
+        if c.mask is None:
+            kc, vc = k[c.start : c.end], v[c.start : c.end]
+        else:
+            kc = k_cache[c.block_table].view(-1, kv_heads, d)[: c.context_len]
+            vc = v_cache[c.block_table].view(-1, kv_heads, d)[: c.context_len]
+        o = F.scaled_dot_product_attention(
+            qc, kc.transpose(0, 1), vc.transpose(0, 1), attn_mask=c.mask, is_causal=c.mask is None,
+            scale=scale, enable_gqa=gqa,
+        )  # [heads, n, d]
+        out[c.start : c.end] = o.transpose(0, 1)
+    return out.view(T, heads * d)

@@ -1,0 +1,120 @@
+"""Finds, checks and reads the safetensors weights of a Hugging Face checkpoint.
+
+Everything a checkpoint could get wrong is checked from the file headers alone, before
+any process loads a byte of weights, so a bad checkpoint fails at start-up with one line
+that names the file and the tensor.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.config import ModelConfig
+from engine.errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Buffers some exporters write that the model recomputes.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def weight_files(model_dir: Path) -> dict[str, Path]:
+    """Map every tensor name to the file that holds it."""
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        files = {}
+        for name, fname in weight_map.items():
+            path = model_dir / fname
+            if not path.is_file():
+                raise CheckpointError(f"{path}: missing, but {index.name} lists tensor {name!r} in it")
+            files[name] = path
+        return files
+    single = model_dir / SINGLE_FILE
+    paths = [single] if single.is_file() else sorted(model_dir.glob("*.safetensors"))
+    if not paths:
+        if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
+            raise CheckpointError(f"{model_dir}: only pickle weights (*.bin/*.pt) found; convert them to safetensors")
+        raise CheckpointError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} found")
+    files = {}
+    for path in paths:
+        for name in _open(path).keys():
+            files[name] = path
+    return files
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path}: cannot read safetensors header ({e})") from None
+
+
+def expected_shapes(cfg: ModelConfig, layers: Iterable[int], first: bool, last: bool) -> dict[str, tuple[int, ...]]:
+    """The tensors a stage holding `layers` needs, with their shapes."""
+    h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {}
+    if first or (last and cfg.tie_word_embeddings):
+        shapes["model.embed_tokens.weight"] = (cfg.vocab_size, h)
+    for i in layers:
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "self_attn.q_proj.weight"] = (q, h)
+        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q)
+        if cfg.qkv_bias:
+            shapes[p + "self_attn.q_proj.bias"] = (q,)
+            shapes[p + "self_attn.k_proj.bias"] = (kv,)
+            shapes[p + "self_attn.v_proj.bias"] = (kv,)
+        if cfg.o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
+        shapes[p + "mlp.up_proj.weight"] = (inter, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, inter)
+        if cfg.mlp_bias:
+            shapes[p + "mlp.gate_proj.bias"] = (inter,)
+            shapes[p + "mlp.up_proj.bias"] = (inter,)
+            shapes[p + "mlp.down_proj.bias"] = (h,)
+    if last:
+        shapes["model.norm.weight"] = (h,)
+        if not cfg.tie_word_embeddings:
+            shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+def validate(model_dir: Path, cfg: ModelConfig) -> dict[str, Path]:
+    """Check that every tensor the model needs is present with the right shape."""
+    files = weight_files(model_dir)
+    need = expected_shapes(cfg, range(cfg.num_layers), first=True, last=True)
+    handles: dict[Path, object] = {}
+    for name, shape in need.items():
+        path = files.get(name)
+        if path is None:
+            where = model_dir / (INDEX_FILE if (model_dir / INDEX_FILE).is_file() else SINGLE_FILE)
+            raise CheckpointError(f"{where}: missing tensor {name!r} (expected shape {list(shape)})")
+        f = handles.get(path) or handles.setdefault(path, _open(path))
+        got = tuple(f.get_slice(name).get_shape())
+        if got != shape:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(got)}, config.json implies {list(shape)}")
+    return files
+
+
+def load_tensors(files: dict[str, Path], names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    out = {}
+    for path, group in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            for name in group:
+                out[name] = f.get_tensor(name).to(dtype)
+    return out

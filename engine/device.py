@@ -1,0 +1,63 @@
+"""What a device is and can do: its torch device, compute dtype and free memory."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_fast_half(dtype: str) -> bool:
+    """Whether this CPU multiplies bf16/fp16 natively; without it torch emulates them, several times slower than fp32."""
+    flags = cpu_flags()
+    if dtype == "bfloat16":
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
+    if dtype == "float16":
+        return bool({"avx512_fp16", "amx_fp16"} & flags)
+    return True
+
+
+def compute_dtype(requested: str, checkpoint_dtype: str, device: torch.device) -> str:
+    """`auto` keeps the checkpoint's dtype, except on a CPU that lacks native bf16/fp16, where fp32 is faster."""
+    if requested != "auto":
+        return requested
+    if device.type == "cpu" and not cpu_has_fast_half(checkpoint_dtype):
+        return "float32"
+    return checkpoint_dtype
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on the device."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
+
+
+def parse_size(text: str) -> int:
+    """'8GiB', '512MiB', '2G', '1000000' -> bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "b": 1, "": 1}
+    s = text.strip().lower()
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):].strip()
+    if unit not in units or not num:
+        raise ValueError(f"cannot read size {text!r}; use a number with an optional unit such as 512MiB or 8GiB")
+    return int(float(num) * units[unit])

@@ -1,0 +1,63 @@
+"""The offline API: `LLM(model_dir).generate(prompts, sampling_params)`."""
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+from batching.sampling_params import SamplingParams
+from engine.llm_engine import EngineConfig, LLMEngine
+from engine.outputs import CompletionOutput
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str, **engine_options) -> None:
+        self.engine = LLMEngine(EngineConfig(model=str(model), **engine_options))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[CompletionOutput]:
+        """Run every prompt to completion, batched together; results in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = sampling_params or SamplingParams()
+        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        results: dict[int, CompletionOutput] = {}
+        order = []
+        for prompt, p in zip(prompts, params_list):
+            ids = self._token_ids(prompt)
+            seq_id = self.engine.add_request(ids, p)
+            order.append(seq_id)
+            results[seq_id] = CompletionOutput("", [], None, [] if p.logprobs is not None else None, ids)
+        while self.engine.has_unfinished():
+            for d in self.engine.step():
+                r = results[d.seq_id]
+                r.text += d.text
+                r.token_ids.extend(d.token_ids)
+                if d.logprobs is not None and r.logprobs is not None:
+                    r.logprobs.extend(d.logprobs)
+                if d.finished:
+                    r.finish_reason = d.finish_reason
+                    r.num_cached_tokens = d.num_cached_tokens
+        return [results[s] for s in order]
+
+    def _token_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer, and this checkpoint has no tokenizer.json")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

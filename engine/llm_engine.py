@@ -1,0 +1,209 @@
+"""The engine loop: scheduler, driver and detokenizers, one step at a time.
+
+Not thread-safe: one thread owns an LLMEngine (the offline API's caller, or the
+gateway's engine thread) and calls add_request / abort_request / step.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from batching.sampling_params import SamplingParams
+from batching.scheduler import Scheduler, SchedulerConfig, SeqUpdate
+from batching.sequence import FinishReason, Sequence
+from engine import checkpoint
+from engine.config import DTYPES, ModelConfig
+from engine.device import compute_dtype, parse_size
+from engine.driver import Driver
+from engine.errors import CheckpointError
+from engine.outputs import SeqDelta, TokenLogprob
+from engine.stage import StageSpec
+from batching.batch import StepOutput
+from tokenization import IncrementalDetokenizer, StopMatcher, Tokenizer
+
+import torch
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str
+    dtype: str = "auto"  # auto: the checkpoint's, or fp32 on a CPU without native bf16/fp16
+    device: str = "cpu"
+    threads: int | None = None  # torch threads in the stage process; None: torch's default
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: what the model supports
+    kv_cache_memory: int | str | None = None  # bytes for KV; None: a share of free memory
+    kv_cache_fraction: float = 0.9
+    num_kv_blocks: int | None = None  # exact block count, overriding the memory budget
+    enable_prefix_caching: bool = True
+    rendezvous_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype != "auto":
+            self.dtype = DTYPES[self.dtype]
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be a power of two up to 128, got {self.block_size}")
+        if isinstance(self.kv_cache_memory, str):
+            self.kv_cache_memory = parse_size(self.kv_cache_memory)
+        if not 0.0 < self.kv_cache_fraction <= 1.0:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"unknown device {self.device!r}") from None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        model_dir = Path(config.model)
+        if not model_dir.is_dir():
+            raise CheckpointError(f"{model_dir}: no such checkpoint directory")
+        self.model_config = cfg = ModelConfig.from_dir(model_dir)
+        checkpoint.validate(model_dir, cfg)
+        self.tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+        limit = cfg.max_position_embeddings if cfg.sliding_window is None else min(cfg.max_position_embeddings, cfg.sliding_window)
+        max_len = config.max_model_len or limit
+        if max_len > limit:
+            raise ValueError(f"max_model_len {max_len} exceeds what the model supports ({limit})")
+        self.max_model_len = max_len
+        device = torch.device(config.device)
+        self.dtype = compute_dtype(config.dtype, cfg.checkpoint_dtype, device)
+        eos = cfg.eos_token_ids | (self.tokenizer.eos_token_ids if self.tokenizer else frozenset())
+        self.eos_token_ids = frozenset(eos)
+        spec = StageSpec(
+            stage_index=0, num_stages=1, model_dir=str(model_dir.resolve()), layers=(0, cfg.num_layers),
+            device=config.device, dtype=self.dtype, threads=config.threads, block_size=config.block_size,
+            max_model_len=max_len, kv_cache_memory=config.kv_cache_memory,
+            kv_cache_fraction=config.kv_cache_fraction,
+            max_kv_tokens=config.max_num_seqs * max_len if config.num_kv_blocks is None else config.num_kv_blocks * config.block_size,
+        )
+        self.driver = Driver([spec], config.rendezvous_timeout_s)
+        num_blocks = self.driver.info.num_blocks
+        if config.num_kv_blocks is not None and num_blocks < config.num_kv_blocks:
+            self.driver.shutdown()
+            raise ValueError(f"num_kv_blocks={config.num_kv_blocks} does not fit the KV memory budget ({num_blocks} blocks)")
+        try:
+            self.scheduler = Scheduler(
+                SchedulerConfig(
+                    num_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
+                    max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_len,
+                    enable_prefix_caching=config.enable_prefix_caching,
+                ),
+                self.eos_token_ids,
+            )
+        except ValueError:
+            self.driver.shutdown()
+            raise
+        self.max_in_flight = self.driver.num_stages
+        self._ids = itertools.count()
+        self._streams: dict[int, _SeqStream] = {}
+
+    # ---- requests ---------------------------------------------------------------------
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        if params.logit_bias:
+            bad = next((t for t in params.logit_bias if not 0 <= int(t) < vocab), None)
+            if bad is not None:
+                raise ValueError(f"logit_bias token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this checkpoint has no tokenizer.json")
+        seq_id = next(self._ids)
+        seq = Sequence(seq_id, list(prompt_token_ids), params)
+        self.scheduler.add(seq)  # raises ValueError when the prompt does not fit the context
+        self._streams[seq_id] = _SeqStream(self.tokenizer, params)
+        return seq_id
+
+    def abort_request(self, seq_id: int) -> bool:
+        seq = self.scheduler.abort(seq_id)
+        self._streams.pop(seq_id, None)
+        return seq is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop ---------------------------------------------------------------------
+    def step(self) -> list[SeqDelta]:
+        """Keep the pipeline full, then wait for the oldest step in flight and apply it."""
+        while len(self.scheduler.in_flight) < self.max_in_flight:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                break
+            self.driver.submit(batch)
+        if not self.scheduler.in_flight:
+            return []
+        out = self.driver.receive()
+        return self._apply(out)
+
+    def _apply(self, out: StepOutput) -> list[SeqDelta]:
+        updates: list[SeqUpdate] = self.scheduler.update(out)
+        deltas = []
+        lp_index = {s: i for i, s in enumerate(out.seq_ids)} if out.logprobs is not None else None
+        for u in updates:
+            seq = u.seq
+            stream = self._streams.get(seq.seq_id)
+            if stream is None:
+                continue
+            token = u.new_token_ids[0]
+            logprobs = None
+            if seq.params.logprobs is not None and lp_index is not None:
+                i = lp_index[seq.seq_id]
+                top = out.top_logprobs[i][: seq.params.logprobs] if out.top_logprobs else []
+                logprobs = [TokenLogprob(token, out.logprobs[i], top)]
+            text, stopped = stream.add(token, u.finished)
+            finished = u.finished
+            reason = seq.finish_reason.value if finished else None
+            if stopped and not finished:
+                self.scheduler.abort(seq.seq_id, FinishReason.STOP)
+                finished, reason = True, FinishReason.STOP.value
+            if finished:
+                del self._streams[seq.seq_id]
+            deltas.append(SeqDelta(
+                seq.seq_id, text, [token], logprobs, finished, reason,
+                seq.num_prompt_tokens, len(seq.output_token_ids), seq.num_cached_tokens,
+            ))
+        return deltas
+
+    # ---- state ------------------------------------------------------------------------
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.scheduler.blocks.usage
+
+    def shutdown(self) -> None:
+        self.driver.shutdown()
+
+
+class _SeqStream:
+    """Detokenizes one sequence and watches it for stop strings."""
+
+    __slots__ = ("detok", "stop")
+
+    def __init__(self, tokenizer: Tokenizer | None, params: SamplingParams) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens) if tokenizer else None
+        self.stop = StopMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
+
+    def add(self, token: int, last: bool) -> tuple[str, bool]:
+        if self.detok is None:
+            return "", False
+        text = self.detok.add(token)
+        if last:
+            text += self.detok.flush()
+        if self.stop is None:
+            return text, False
+        text, stopped = self.stop.feed(text)
+        if last and not stopped:
+            text += self.stop.flush()
+        return text, stopped

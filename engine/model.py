@@ -1,0 +1,102 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM), one pipeline stage of it.
+
+A stage owns a contiguous run of decoder layers; the first also embeds tokens, the last
+also applies the final norm and the LM head. Projections are fused (q/k/v into one
+matmul, gate/up into another) to halve the kernel launches per layer.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention import AttentionMetadata, paged_attention
+from engine.checkpoint import expected_shapes, load_tensors
+from engine.config import ModelConfig
+from engine.rope import apply_rotary, cos_sin_table
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    # Normalise in fp32 and round once, as the reference implementation does.
+    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+
+
+class DecoderLayer:
+    __slots__ = ("ln1", "ln2", "qkv_w", "qkv_b", "o_w", "o_b", "gate_up_w", "gate_up_b", "down_w", "down_b")
+
+    def __init__(self, t: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig) -> None:
+        a, m = prefix + "self_attn.", prefix + "mlp."
+        self.ln1 = t[prefix + "input_layernorm.weight"]
+        self.ln2 = t[prefix + "post_attention_layernorm.weight"]
+        self.qkv_w = torch.cat([t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"]])
+        self.qkv_b = torch.cat([t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]]) if cfg.qkv_bias else None
+        self.o_w = t[a + "o_proj.weight"]
+        self.o_b = t.get(a + "o_proj.bias")
+        self.gate_up_w = torch.cat([t[m + "gate_proj.weight"], t[m + "up_proj.weight"]])
+        self.gate_up_b = torch.cat([t[m + "gate_proj.bias"], t[m + "up_proj.bias"]]) if cfg.mlp_bias else None
+        self.down_w = t[m + "down_proj.weight"]
+        self.down_b = t.get(m + "down_proj.bias")
+
+
+class StageModel:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        files: dict[str, Path],
+        layers: range,
+        first: bool,
+        last: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_positions: int,
+    ) -> None:
+        self.cfg = cfg
+        self.layer_ids = layers
+        self.first, self.last = first, last
+        self.dtype, self.device = dtype, device
+        shapes = expected_shapes(cfg, layers, first, last)
+        t = {k: v.to(device) for k, v in load_tensors(files, shapes, dtype).items()}
+        self.embed = t.get("model.embed_tokens.weight") if first else None
+        self.layers = [DecoderLayer(t, f"model.layers.{i}.", cfg) for i in layers]
+        self.norm = t.get("model.norm.weight")
+        self.lm_head = (t["model.embed_tokens.weight"] if cfg.tie_word_embeddings else t["lm_head.weight"]) if last else None
+        self.rope = cos_sin_table(cfg, max_positions, dtype, device)  # [P, 2, d]
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T] token ids on the first stage, else [T, hidden]
+        positions: torch.Tensor,  # [T] int64
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,  # [layers, 2, num_blocks, block_size, kv_heads, d]
+        on_layer=None,
+    ) -> torch.Tensor:  # [T, hidden]
+        cfg = self.cfg
+        if self.first:
+            x = F.embedding(x, self.embed)
+        T = x.shape[0]
+        cs = self.rope[positions]  # [T, 2, d]
+        cos, sin = cs[:, 0:1], cs[:, 1:2]  # [T, 1, d]
+        nh, nkv, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+        q_size, kv_size = cfg.q_size, cfg.kv_size
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.ln1, eps)
+            qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = apply_rotary(q.view(T, nh, hd), cos, sin)
+            k = apply_rotary(k.view(T, nkv, hd), cos, sin)
+            attn = paged_attention(q, k, v.view(T, nkv, hd), kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
+            x = x + F.linear(attn, layer.o_w, layer.o_b)
+            h = rms_norm(x, layer.ln2, eps)
+            gate, up = F.linear(h, layer.gate_up_w, layer.gate_up_b).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down_w, layer.down_b)
+            if on_layer is not None:
+                on_layer(i)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, vocab] float32
+        h = rms_norm(hidden, self.norm, self.cfg.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()

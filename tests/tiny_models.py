@@ -1,0 +1,72 @@
+"""Tiny random checkpoints written by transformers' own save_pretrained, with a trained tokenizer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenization import train_bpe_tokenizer
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Pack my box with five dozen liquor jugs! Sphinx of black quartz, judge my vow.",
+    "Übermäßig schöne Grüße aus Köln; déjà vu, naïve café, señor piñata.",
+    "東京都は日本の首都です。猫が好きです。こんにちは世界。",
+    "Emoji time: 🚀🔥😀👍🏽 and 🇯🇵 flags, then plain words again.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n",
+] * 8
+
+FAMILIES = {
+    "llama": dict(
+        architectures=["LlamaForCausalLM"], tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64},
+    ),
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], tie_word_embeddings=True),
+    "mistral": dict(architectures=["MistralForCausalLM"], tie_word_embeddings=False, sliding_window=None),
+}
+
+
+def write_tokenizer(out: Path, vocab_size: int = 400) -> None:
+    train_bpe_tokenizer(CORPUS, vocab_size, out)
+
+
+def write_checkpoint(out: Path, family: str = "llama", *, vocab_size: int = 512, hidden: int = 64, layers: int = 3,
+                     heads: int = 4, kv_heads: int = 2, intermediate: int = 128, dtype: str = "float32",
+                     max_shard_size: str | None = None, seed: int = 0) -> Path:
+    import torch
+    import transformers
+
+    write_tokenizer(out)
+    from tokenization import Tokenizer
+
+    tok = Tokenizer.from_dir(out)
+    kw = dict(FAMILIES[family])
+    arch = kw.pop("architectures")[0]
+    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                  "mistral": transformers.MistralConfig}[family]
+    config = config_cls(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+        # Wide weights make the logits peaked, so greedy argmax is not decided by rounding noise.
+        initializer_range=0.25, bos_token_id=tok.bos_token_id, eos_token_id=sorted(tok.eos_token_ids)[0], **kw,
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).to(getattr(torch, dtype))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    return out
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int, dtype: str = "float32") -> list[list[int]]:
+    """Reference continuations from transformers' generate, one prompt at a time (no padding effects)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    outs = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor([p])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 min_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+            outs.append(out[0, len(p):].tolist())
+    return outs
