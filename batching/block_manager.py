@@ -132,7 +132,10 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         self._update_hashes(seq, num_tokens)
-        for i in range(min(len(seq.block_hashes), len(seq.block_table))):
+        # Only blocks that num_tokens fills: seq.block_hashes may already reach further (the
+        # prefix lookup hashes the whole prompt), and a block past them is not computed yet.
+        n_full = num_tokens // self.block_size
+        for i in range(min(n_full, len(seq.block_table))):
             block = seq.block_table[i]
             if self.block_hash[block] is not None:
                 continue

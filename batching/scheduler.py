@@ -137,9 +137,15 @@ class Scheduler:
                 budget -= n_new
                 i += 1
                 continue
-            # Nothing left to free but this sequence itself (others are in flight).
-            self._preempt(seq)
+            # No victim: every newer sequence is in flight, or there is none.
             preempted = True
+            if any(s.in_flight for s in self.running[i + 1 :]):
+                # Newer sequences are in flight: wait for them to land and preempt them then.
+                # Preempting this older one instead lets two sequences that do not fit together
+                # undo each other's work forever.
+                i += 1
+                continue
+            self._preempt(seq)
 
         # Then waiting sequences in arrival order; none jumps the queue.
         while self.waiting and budget > 0 and not preempted and len(self.running) < cfg.max_num_seqs:
@@ -253,12 +259,3 @@ class Scheduler:
         if seq.num_tokens >= self.config.max_model_len:
             return FinishReason.LENGTH
         return None
-
-    def fail_in_flight(self) -> None:
-        """Forget every in-flight step (the pipeline lost it); sequences can be scheduled again."""
-        for batch in self.in_flight.values():
-            for w in batch.seqs:
-                seq = self.seqs.get(w.seq_id)
-                if seq is not None:
-                    seq.in_flight = False
-        self.in_flight.clear()

@@ -38,6 +38,9 @@ class PipelineInfo:
 
 class Driver:
     def __init__(self, specs: list[StageSpec], rendezvous_timeout_s: float = 120.0, spawn: bool = True) -> None:
+        if dist.is_initialized():
+            # The ring is torch.distributed's default group, of which a process has one.
+            raise RuntimeError("this process already drives a pipeline; one engine per process")
         self.num_stages = len(specs)
         self.world_size = self.num_stages + 1
         self.last_rank = self.num_stages
