@@ -85,9 +85,10 @@ def paged_attention(
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        tables = meta.decode_block_tables
-        keys = k_cache[tables].view(nd, -1, kv_heads, d).transpose(1, 2)  # [nd, kvh, L, d]
-        values = v_cache[tables].view(nd, -1, kv_heads, d).transpose(1, 2)
+        # index_select over whole blocks copies rows at memcpy speed; advanced indexing is several times slower.
+        flat = meta.decode_block_tables.view(-1)
+        keys = k_cache.view(num_blocks, -1).index_select(0, flat).view(nd, -1, kv_heads, d).transpose(1, 2)  # [nd, kvh, L, d]
+        values = v_cache.view(num_blocks, -1).index_select(0, flat).view(nd, -1, kv_heads, d).transpose(1, 2)
         o = F.scaled_dot_product_attention(
             q[:nd].unsqueeze(2), keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
         )  # [nd, heads, 1, d]
@@ -97,8 +98,8 @@ def paged_attention(
         if c.mask is None:
             kc, vc = k[c.start : c.end], v[c.start : c.end]
         else:
-            kc = k_cache[c.block_table].view(-1, kv_heads, d)[: c.context_len]
-            vc = v_cache[c.block_table].view(-1, kv_heads, d)[: c.context_len]
+            kc = k_cache.view(num_blocks, -1).index_select(0, c.block_table).view(-1, kv_heads, d)[: c.context_len]
+            vc = v_cache.view(num_blocks, -1).index_select(0, c.block_table).view(-1, kv_heads, d)[: c.context_len]
         o = F.scaled_dot_product_attention(
             qc, kc.transpose(0, 1), vc.transpose(0, 1), attn_mask=c.mask, is_causal=c.mask is None,
             scale=scale, enable_gqa=gqa,

@@ -30,13 +30,14 @@ def cpu_has_fast_half(dtype: str) -> bool:
     return True
 
 
-def compute_dtype(requested: str, checkpoint_dtype: str, device: torch.device) -> str:
-    """`auto` keeps the checkpoint's dtype, except on a CPU that lacks native bf16/fp16, where fp32 is faster."""
+def resolve_dtypes(requested: str, checkpoint_dtype: str, device: torch.device) -> tuple[str, str]:
+    """(compute dtype, weight dtype). `auto` keeps the checkpoint's dtype, except on a CPU that lacks
+    native bf16/fp16: there activations run in fp32 while weights stay at half size (see engine.linear)."""
     if requested != "auto":
-        return requested
+        return requested, requested
     if device.type == "cpu" and not cpu_has_fast_half(checkpoint_dtype):
-        return "float32"
-    return checkpoint_dtype
+        return "float32", checkpoint_dtype
+    return checkpoint_dtype, checkpoint_dtype
 
 
 def available_memory(device: torch.device) -> int:

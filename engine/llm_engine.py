@@ -15,7 +15,7 @@ from batching.scheduler import Scheduler, SchedulerConfig, SeqUpdate
 from batching.sequence import FinishReason, Sequence
 from engine import checkpoint
 from engine.config import DTYPES, ModelConfig
-from engine.device import compute_dtype, parse_size
+from engine.device import parse_size, resolve_dtypes
 from engine.driver import Driver
 from engine.errors import CheckpointError
 from engine.outputs import SeqDelta, TokenLogprob
@@ -76,12 +76,12 @@ class LLMEngine:
             raise ValueError(f"max_model_len {max_len} exceeds what the model supports ({limit})")
         self.max_model_len = max_len
         device = torch.device(config.device)
-        self.dtype = compute_dtype(config.dtype, cfg.checkpoint_dtype, device)
+        self.dtype, self.weight_dtype = resolve_dtypes(config.dtype, cfg.checkpoint_dtype, device)
         eos = cfg.eos_token_ids | (self.tokenizer.eos_token_ids if self.tokenizer else frozenset())
         self.eos_token_ids = frozenset(eos)
         spec = StageSpec(
             stage_index=0, num_stages=1, model_dir=str(model_dir.resolve()), layers=(0, cfg.num_layers),
-            device=config.device, dtype=self.dtype, threads=config.threads, block_size=config.block_size,
+            device=config.device, dtype=self.dtype, weight_dtype=self.weight_dtype, threads=config.threads, block_size=config.block_size,
             max_model_len=max_len, kv_cache_memory=config.kv_cache_memory,
             kv_cache_fraction=config.kv_cache_fraction,
             max_kv_tokens=config.max_num_seqs * max_len if config.num_kv_blocks is None else config.num_kv_blocks * config.block_size,

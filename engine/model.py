@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from engine.attention import AttentionMetadata, paged_attention
 from engine.checkpoint import expected_shapes, load_tensors
 from engine.config import ModelConfig
+from engine.linear import make_linear
 from engine.rope import apply_rotary, cos_sin_table
 
 
@@ -25,20 +26,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class DecoderLayer:
-    __slots__ = ("ln1", "ln2", "qkv_w", "qkv_b", "o_w", "o_b", "gate_up_w", "gate_up_b", "down_w", "down_b")
+    __slots__ = ("ln1", "ln2", "qkv", "o", "gate_up", "down")
 
-    def __init__(self, t: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig) -> None:
+    def __init__(self, t: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig, dtype: torch.dtype, scratch: dict) -> None:
         a, m = prefix + "self_attn.", prefix + "mlp."
-        self.ln1 = t[prefix + "input_layernorm.weight"]
-        self.ln2 = t[prefix + "post_attention_layernorm.weight"]
-        self.qkv_w = torch.cat([t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"]])
-        self.qkv_b = torch.cat([t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]]) if cfg.qkv_bias else None
-        self.o_w = t[a + "o_proj.weight"]
-        self.o_b = t.get(a + "o_proj.bias")
-        self.gate_up_w = torch.cat([t[m + "gate_proj.weight"], t[m + "up_proj.weight"]])
-        self.gate_up_b = torch.cat([t[m + "gate_proj.bias"], t[m + "up_proj.bias"]]) if cfg.mlp_bias else None
-        self.down_w = t[m + "down_proj.weight"]
-        self.down_b = t.get(m + "down_proj.bias")
+        self.ln1 = t[prefix + "input_layernorm.weight"].to(dtype)
+        self.ln2 = t[prefix + "post_attention_layernorm.weight"].to(dtype)
+        qkv_b = torch.cat([t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]]) if cfg.qkv_bias else None
+        self.qkv = make_linear(torch.cat([t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"]]),
+                               qkv_b, dtype, scratch)
+        self.o = make_linear(t[a + "o_proj.weight"], t.get(a + "o_proj.bias"), dtype, scratch)
+        gu_b = torch.cat([t[m + "gate_proj.bias"], t[m + "up_proj.bias"]]) if cfg.mlp_bias else None
+        self.gate_up = make_linear(torch.cat([t[m + "gate_proj.weight"], t[m + "up_proj.weight"]]), gu_b, dtype, scratch)
+        self.down = make_linear(t[m + "down_proj.weight"], t.get(m + "down_proj.bias"), dtype, scratch)
 
 
 class StageModel:
@@ -52,17 +52,20 @@ class StageModel:
         dtype: torch.dtype,
         device: torch.device,
         max_positions: int,
+        weight_dtype: torch.dtype | None = None,
     ) -> None:
         self.cfg = cfg
         self.layer_ids = layers
         self.first, self.last = first, last
         self.dtype, self.device = dtype, device
         shapes = expected_shapes(cfg, layers, first, last)
-        t = {k: v.to(device) for k, v in load_tensors(files, shapes, dtype).items()}
+        t = {k: v.to(device) for k, v in load_tensors(files, shapes, weight_dtype or dtype).items()}
+        scratch: dict = {}
         self.embed = t.get("model.embed_tokens.weight") if first else None
-        self.layers = [DecoderLayer(t, f"model.layers.{i}.", cfg) for i in layers]
-        self.norm = t.get("model.norm.weight")
-        self.lm_head = (t["model.embed_tokens.weight"] if cfg.tie_word_embeddings else t["lm_head.weight"]) if last else None
+        self.layers = [DecoderLayer(t, f"model.layers.{i}.", cfg, dtype, scratch) for i in layers]
+        self.norm = t["model.norm.weight"].to(dtype) if last else None
+        head = (t["model.embed_tokens.weight"] if cfg.tie_word_embeddings else t["lm_head.weight"]) if last else None
+        self.lm_head = make_linear(head, None, dtype, scratch) if last else None
         self.rope = cos_sin_table(cfg, max_positions, dtype, device)  # [P, 2, d]
         self.scale = cfg.head_dim**-0.5
 
@@ -76,7 +79,7 @@ class StageModel:
     ) -> torch.Tensor:  # [T, hidden]
         cfg = self.cfg
         if self.first:
-            x = F.embedding(x, self.embed)
+            x = F.embedding(x, self.embed).to(self.dtype)
         T = x.shape[0]
         cs = self.rope[positions]  # [T, 2, d]
         cos, sin = cs[:, 0:1], cs[:, 1:2]  # [T, 1, d]
@@ -84,19 +87,19 @@ class StageModel:
         q_size, kv_size = cfg.q_size, cfg.kv_size
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.ln1, eps)
-            qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
+            qkv = layer.qkv(h)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = apply_rotary(q.view(T, nh, hd), cos, sin)
             k = apply_rotary(k.view(T, nkv, hd), cos, sin)
             attn = paged_attention(q, k, v.view(T, nkv, hd), kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
-            x = x + F.linear(attn, layer.o_w, layer.o_b)
+            x = x + layer.o(attn)
             h = rms_norm(x, layer.ln2, eps)
-            gate, up = F.linear(h, layer.gate_up_w, layer.gate_up_b).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down_w, layer.down_b)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
             if on_layer is not None:
                 on_layer(i)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, vocab] float32
         h = rms_norm(hidden, self.norm, self.cfg.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h).float()

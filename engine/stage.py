@@ -36,7 +36,8 @@ class StageSpec:
     model_dir: str
     layers: tuple[int, int]  # [start, end)
     device: str
-    dtype: str
+    dtype: str  # activations and KV cache
+    weight_dtype: str
     threads: int | None
     block_size: int
     max_model_len: int
@@ -76,7 +77,7 @@ class StageRunner:
         self.cfg = ModelConfig.from_dir(model_dir)
         self.model = StageModel(
             self.cfg, weight_files(model_dir), range(*spec.layers), self.first, self.last,
-            self.dtype, self.device, spec.max_model_len,
+            self.dtype, self.device, spec.max_model_len, TORCH_DTYPES[spec.weight_dtype],
         )
         self.block_size = spec.block_size
         self.tables: dict[int, list[int]] = {}

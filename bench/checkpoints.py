@@ -1,0 +1,35 @@
+"""Benchmark checkpoints: real model shapes with random weights, written once to a cache folder."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SMOLLM2_135M_SHAPE = dict(
+    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, vocab_size=8192, max_position_embeddings=2048, tie_word_embeddings=True,
+    rms_norm_eps=1e-5, rope_theta=100000.0,
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STRATA_CACHE", Path.home() / ".cache" / "strata"))
+
+
+def smollm2_135m_shaped(dtype: str = "bfloat16") -> Path:
+    """A SmolLM2-135M-shaped Llama checkpoint (random weights, not a trained model)."""
+    out = cache_dir() / f"bench-smollm2-135m-shape-random-{dtype}"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tokenization import train_bpe_tokenizer
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M_SHAPE, bos_token_id=0, eos_token_id=1)).to(getattr(torch, dtype))
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    corpus = [f"Sample sentence number {i} about serving language models on the hardware you own." for i in range(2000)]
+    train_bpe_tokenizer(corpus, 8192, tmp)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,122 @@
+"""Offline decode throughput: the engine against transformers' generate and the matmul-only floor.
+
+    python -m bench.offline [--batch-sizes 1 64] [--prompt-len 64] [--output-len 64]
+
+Writes a SmolLM2-135M-shaped bf16 checkpoint with random weights (once, under
+~/.cache/strata), then, in this one run on this machine, measures output tokens/s of
+the engine and of transformers' `generate` (in the checkpoint's bf16, as it loads by
+default, and in fp32, the precision the engine computes in on a CPU without native bf16),
+and the time of one decode step's matrix products alone at the same batch size.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+
+from batching import SamplingParams
+from bench.checkpoints import smollm2_135m_shaped
+from engine import LLM
+from engine.config import ModelConfig
+from engine.device import TORCH_DTYPES, resolve_dtypes
+from engine.linear import THIN_ROWS
+
+
+def prompts_for(batch: int, prompt_len: int, vocab: int) -> list[list[int]]:
+    rng = random.Random(batch)
+    return [[rng.randrange(2, vocab) for _ in range(prompt_len)] for _ in range(batch)]
+
+
+def engine_run(model_dir, batch: int, prompt_len: int, output_len: int, threads: int) -> tuple[float, float]:
+    """(output tokens/s end to end, mean decode step seconds)."""
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    with LLM(model_dir, threads=threads, max_num_seqs=max(batch, 1), max_model_len=prompt_len + output_len + 16,
+             max_num_batched_tokens=max(2048, batch * prompt_len)) as llm:
+        cfg = ModelConfig.from_dir(model_dir)
+        llm.generate(prompts_for(batch, prompt_len, cfg.vocab_size), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        prompts = prompts_for(batch, prompt_len + 1, cfg.vocab_size)
+        eng = llm.engine
+        for p in prompts:
+            eng.add_request(p, params)
+        t0 = time.perf_counter()
+        step_times = []
+        while eng.has_unfinished():
+            s = time.perf_counter()
+            eng.step()
+            step_times.append(time.perf_counter() - s)
+        elapsed = time.perf_counter() - t0
+    decode = step_times[2:] if len(step_times) > 4 else step_times
+    return batch * output_len / elapsed, sum(decode) / len(decode)
+
+
+def hf_run(model_dir, dtype: torch.dtype, batch: int, prompt_len: int, output_len: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    vocab = model.config.vocab_size
+    warm = torch.tensor(prompts_for(batch, prompt_len, vocab))
+    ids = torch.tensor(prompts_for(batch, prompt_len + 1, vocab))
+    with torch.inference_mode():
+        model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=4, do_sample=False, pad_token_id=0)
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len, min_new_tokens=output_len,
+                       do_sample=False, pad_token_id=0)
+        elapsed = time.perf_counter() - t0
+    return batch * output_len / elapsed
+
+
+def matmul_floor(cfg: ModelConfig, compute: torch.dtype, weights: torch.dtype, batch: int, repeats: int = 5) -> float:
+    """Seconds for one decode step's matrix products alone: every projection of every layer and the LM head,
+    each layer with its own weights (so memory traffic is real), in the dtype the engine multiplies in."""
+    dtype = weights if batch <= THIN_ROWS else compute
+    h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    shapes = [(q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter)]
+    layers = [[torch.randn(s, dtype=dtype) for s in shapes] for _ in range(cfg.num_layers)]
+    head = torch.randn(cfg.vocab_size, h, dtype=dtype)
+    x = {n: torch.randn(batch, n, dtype=dtype) for n in (h, q, inter)}
+
+    def step():
+        for ws in layers:
+            for w in ws:
+                F.linear(x[w.shape[1]], w)
+        F.linear(x[h], head)
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - t0) / repeats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model_dir = smollm2_135m_shaped("bfloat16")
+    cfg = ModelConfig.from_dir(model_dir)
+    compute, weights = resolve_dtypes("auto", cfg.checkpoint_dtype, torch.device("cpu"))
+    print(f"checkpoint: {model_dir} ({cfg.checkpoint_dtype}); engine: {compute} activations, {weights} weights; threads {args.threads}")
+    print(f"workload: {args.prompt_len} prompt tokens, {args.output_len} output tokens per sequence\n")
+    header = f"{'batch':>5} | {'engine tok/s':>12} | {'HF bf16 tok/s':>13} | {'x HF bf16':>9} | {'HF fp32 tok/s':>13} | {'x HF fp32':>9} | {'step ms':>8} | {'matmul floor ms':>15} | {'% of floor':>10}"
+    rows = []
+    for b in args.batch_sizes:
+        eng_tps, step_s = engine_run(model_dir, b, args.prompt_len, args.output_len, args.threads)
+        hf_bf16 = hf_run(model_dir, torch.bfloat16, b, args.prompt_len, args.output_len)
+        hf_fp32 = hf_run(model_dir, torch.float32, b, args.prompt_len, args.output_len)
+        floor_s = matmul_floor(cfg, TORCH_DTYPES[compute], TORCH_DTYPES[weights], b)
+        rows.append(f"{b:>5} | {eng_tps:>12.1f} | {hf_bf16:>13.1f} | {eng_tps / hf_bf16:>8.2f}x | {hf_fp32:>13.1f} | "
+                    f"{eng_tps / hf_fp32:>8.2f}x | {step_s * 1e3:>8.1f} | {floor_s * 1e3:>15.1f} | {100 * floor_s / step_s:>9.0f}%")
+        print(header if len(rows) == 1 else "", *rows[-1:], sep="\n" if len(rows) == 1 else "", flush=True)
+    print("\nstep ms: the engine's mean decode step; matmul floor: that step's matrix products alone, same dtype and batch.")
+    print("rerun: python -m bench.offline " + " ".join(f"--batch-sizes {' '.join(map(str, args.batch_sizes))}".split()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Matrix products whose weights may be stored at lower precision than the activations.
+
+On a CPU without native bf16/fp16, torch emulates half-precision GEMMs several times
+slower than fp32, yet a single-row product (a GEMV) is bound by memory bandwidth, where
+half-size weights win. So weights stay in the checkpoint's half precision: thin steps
+multiply in it directly, wide steps upcast each weight into a reused fp32 scratch buffer
+(a cheap copy next to the GEMM) and multiply in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Up to this many rows a half-precision product beats upcast + fp32 (measured on AVX2 CPUs).
+THIN_ROWS = 2
+
+
+class Linear:
+    __slots__ = ("weight", "bias")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight = weight  # [out, in]
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class UpcastLinear:
+    """Half-precision weight, fp32 activations in and out."""
+
+    __slots__ = ("weight", "bias", "scratch")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scratch: dict) -> None:
+        self.weight = weight  # [out, in] bf16 or fp16
+        self.bias = bias.float() if bias is not None else None
+        self.scratch = scratch  # shape -> fp32 buffer, shared by every layer of the stage
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in] fp32
+        if x.shape[0] <= THIN_ROWS:
+            bias = self.bias.to(self.weight.dtype) if self.bias is not None else None
+            return F.linear(x.to(self.weight.dtype), self.weight, bias).float()
+        buf = self.scratch.get(self.weight.shape)
+        if buf is None:
+            buf = self.scratch[self.weight.shape] = torch.empty(self.weight.shape, dtype=torch.float32, device=self.weight.device)
+        buf.copy_(self.weight)
+        return F.linear(x, buf, self.bias)
+
+
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype, scratch: dict):
+    if weight.dtype == compute_dtype:
+        return Linear(weight, bias.to(compute_dtype) if bias is not None else None)
+    return UpcastLinear(weight, bias, scratch)
