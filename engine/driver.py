@@ -55,12 +55,25 @@ class Driver:
                            WORLD_SIZE=str(self.world_size), STRATA_RENDEZVOUS_TIMEOUT=str(rendezvous_timeout_s))
                 self.procs.append(subprocess.Popen(STAGE_COMMAND, env=env))
         try:
-            transport.init(0, self.world_size, addr, port, rendezvous_timeout_s)
+            store = transport.serve_rendezvous(addr, port, self.world_size, rendezvous_timeout_s)
+            self._wait_for_stages(store, rendezvous_timeout_s)
+            transport.init(0, self.world_size, store, rendezvous_timeout_s)
             self.info = self._handshake(specs)
         except BaseException:
             self._kill()
             transport.close()
             raise
+
+    def _wait_for_stages(self, store, timeout_s: float) -> None:
+        """Wait until every stage has reached the store; a stage that dies first fails start-up at once."""
+        deadline = time.monotonic() + timeout_s
+        while not transport.joined(store, range(1, self.world_size)):
+            for i, p in enumerate(self.procs):
+                if p.poll() is not None:
+                    raise RuntimeError(f"stage {i} exited with code {p.returncode} before joining the pipeline")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"stages did not join the pipeline within {timeout_s:.0f}s")
+            time.sleep(0.02)
 
     def _handshake(self, specs: list[StageSpec]) -> PipelineInfo:
         for rank, spec in enumerate(specs, start=1):
@@ -84,7 +97,9 @@ class Driver:
     def submit(self, batch: Batch) -> None:
         self._check()
         try:
-            transport.send_obj(batch, 1)
+            self._pending = [(w, bufs) for w, bufs in self._pending if not w.is_completed()]
+            works, bufs = transport.isend_obj(batch, 1)
+            self._pending.extend((w, bufs) for w in works)
         except RuntimeError as e:
             self._died(e)
 

@@ -208,7 +208,9 @@ def main() -> None:
     rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
     timeout = float(env.get("STRATA_RENDEZVOUS_TIMEOUT", "60"))
     try:
-        transport.init(rank, world, env.get("MASTER_ADDR", "127.0.0.1"), int(env["MASTER_PORT"]), timeout)
+        store = transport.join_rendezvous(env.get("MASTER_ADDR", "127.0.0.1"), int(env["MASTER_PORT"]), world, timeout)
+        transport.announce(store, rank)
+        transport.init(rank, world, store, timeout)
     except Exception as e:
         print(f"strata stage {rank}: cannot join the pipeline at {env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)

@@ -17,14 +17,29 @@ _IDLE_TIMEOUT = datetime.timedelta(days=365)
 _ring = None
 
 
-def init(rank: int, world_size: int, master_addr: str, master_port: int, timeout_s: float) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://{master_addr}:{master_port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+def serve_rendezvous(master_addr: str, master_port: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """The driver's side: host the store the stages rendezvous at (returns at once)."""
+    return dist.TCPStore(master_addr, master_port, world_size, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def announce(store: dist.TCPStore, rank: int) -> None:
+    store.set(f"strata/alive/{rank}", "1")
+
+
+def joined(store: dist.TCPStore, ranks: range) -> bool:
+    return store.check([f"strata/alive/{r}" for r in ranks])
+
+
+def join_rendezvous(master_addr: str, master_port: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """A stage's side: reach the driver's store within timeout_s or raise."""
+    return dist.TCPStore(master_addr, master_port, world_size, is_master=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def init(rank: int, world_size: int, store: dist.TCPStore, timeout_s: float) -> None:
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
     global _ring
     _ring = dist.new_group(list(range(world_size)), timeout=_IDLE_TIMEOUT, backend="gloo")
 
@@ -34,6 +49,19 @@ def send_obj(obj: object, dst: int) -> None:
     data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     dist.send(torch.tensor([data.numel()], dtype=_SIZE_DTYPE), dst, group=_ring)
     dist.send(data, dst, group=_ring)
+
+
+def isend_obj(obj: object, dst: int) -> tuple[list, list[torch.Tensor]]:
+    """Post the send and return at once; keep the returned buffers alive until the works complete.
+
+    A blocking send waits for the peer to post its receive, so two processes sending to
+    each other at the same moment would wait forever; the driver never blocks on a send.
+    """
+    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=_SIZE_DTYPE)
+    works = [dist.isend(size, dst, group=_ring), dist.isend(data, dst, group=_ring)]
+    return works, [size, data]
 
 
 def recv_obj(src: int) -> object:

@@ -19,3 +19,20 @@ def test_second_engine_in_one_process_is_refused_clearly(llama_dir):
     with LLM(llama_dir, num_kv_blocks=8, max_model_len=64):
         with pytest.raises(RuntimeError, match="one engine per process"):
             LLM(llama_dir, num_kv_blocks=8, max_model_len=64)
+
+
+def test_stage_that_dies_before_joining_fails_start_up_at_once(llama_dir, monkeypatch):
+    import sys
+    import time
+
+    from engine import driver
+
+    monkeypatch.setattr(driver, "STAGE_COMMAND", [sys.executable, "-c", "import sys; sys.exit(3)"])
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="stage 0 exited with code 3 before joining"):
+        LLM(llama_dir, num_kv_blocks=8, max_model_len=64)
+    assert time.monotonic() - t0 < 30  # not the rendezvous timeout
+    # The process can start a healthy engine afterwards.
+    monkeypatch.undo()
+    with LLM(llama_dir, num_kv_blocks=8, max_model_len=64) as llm:
+        assert len(llm.generate([1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))[0].token_ids) == 2
