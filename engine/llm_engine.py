@@ -171,9 +171,10 @@ class LLMEngine:
                 finished, reason = True, FinishReason.STOP.value
             if finished:
                 del self._streams[seq.seq_id]
+            queued = (seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time
             deltas.append(SeqDelta(
                 seq.seq_id, text, [token], logprobs, finished, reason,
-                seq.num_prompt_tokens, len(seq.output_token_ids), seq.num_cached_tokens,
+                seq.num_prompt_tokens, len(seq.output_token_ids), seq.num_cached_tokens, queued,
             ))
         return deltas
 

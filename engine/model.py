@@ -88,10 +88,11 @@ class StageModel:
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.ln1, eps)
             qkv = layer.qkv(h)
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = apply_rotary(q.view(T, nh, hd), cos, sin)
-            k = apply_rotary(k.view(T, nkv, hd), cos, sin)
-            attn = paged_attention(q, k, v.view(T, nkv, hd), kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
+            # Rotate q and k together: one set of kernels for both.
+            qk = apply_rotary(qkv[:, : q_size + kv_size].view(T, nh + nkv, hd), cos, sin)  # [T, nh + nkv, hd]
+            q, k = qk[:, :nh], qk[:, nh:]
+            v = qkv[:, q_size + kv_size :].view(T, nkv, hd)
+            attn = paged_attention(q, k, v, kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
             x = x + layer.o(attn)
             h = rms_norm(x, layer.ln2, eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)

@@ -24,6 +24,7 @@ class SeqDelta:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    queued_s: float = 0.0  # from arrival to the first step that scheduled it
 
 
 @dataclass(slots=True)

@@ -25,6 +25,7 @@ from engine.model import StageModel
 from engine.sampler import Sampler, SamplingRow
 
 DRIVER_RANK = 0
+DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
 @dataclass(slots=True)
@@ -94,6 +95,9 @@ class StageRunner:
         budget = self.spec.kv_cache_memory
         if budget is None:
             budget = int(available_memory(self.device) * self.spec.kv_cache_fraction)
+            if self.device.type == "cpu":
+                # Host memory is shared with everything else on the machine; take a modest share unless told.
+                budget = min(budget, DEFAULT_CPU_KV_BYTES)
         wanted = -(-self.spec.max_kv_tokens // self.block_size)
         return max(0, min(budget // max(self.bytes_per_block, 1), wanted))
 

@@ -1,0 +1,143 @@
+"""The `strata` command."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+
+def _env(name: str, default=None):
+    return os.environ.get(f"STRATA_{name.upper()}", default)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=_env("model"), help="Hugging Face checkpoint directory (default: the built-in demo model)")
+    g.add_argument("--dtype", default=_env("dtype", "auto"), choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default=_env("device", "cpu"))
+    g.add_argument("--threads", type=int, default=_env("threads"), help="torch threads in the stage process")
+    g.add_argument("--block-size", type=int, default=int(_env("block_size", 16)))
+    g.add_argument("--max-num-seqs", type=int, default=int(_env("max_num_seqs", 256)))
+    g.add_argument("--max-num-batched-tokens", type=int, default=int(_env("max_num_batched_tokens", 2048)))
+    g.add_argument("--max-model-len", type=int, default=_env("max_model_len"))
+    g.add_argument("--kv-cache-memory", default=_env("kv_cache_memory"), help="KV-cache budget, e.g. 4GiB")
+    g.add_argument("--num-kv-blocks", type=int, default=_env("num_kv_blocks"))
+    g.add_argument("--no-prefix-caching", action="store_true", default=bool(_env("no_prefix_caching")))
+
+
+def engine_config(args: argparse.Namespace):
+    from engine.demo_model import ensure_demo_model
+    from engine.llm_engine import EngineConfig
+
+    model = args.model or str(ensure_demo_model())
+    return EngineConfig(
+        model=model, dtype=args.dtype, device=args.device, threads=int(args.threads) if args.threads else None,
+        block_size=args.block_size, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=int(args.max_model_len) if args.max_model_len else None, kv_cache_memory=args.kv_cache_memory,
+        num_kv_blocks=int(args.num_kv_blocks) if args.num_kv_blocks else None,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    from engine.errors import CheckpointError
+    from gateway.app import create_app
+    from gateway.engine_client import AsyncEngine
+
+    try:
+        config = engine_config(args)
+        engine = AsyncEngine(config)
+    except (CheckpointError, ValueError) as e:
+        print(f"strata: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"strata: error: cannot start the engine: {e}", file=sys.stderr)
+        return 1
+    name = args.served_model_name or Path(config.model).name
+    app = create_app(engine, name, args.api_key, args.max_queue)
+    return asyncio.run(_run(app, engine, args, name, config))
+
+
+async def _run(app: web.Application, engine, args, name: str, config) -> int:
+    loop = asyncio.get_running_loop()
+    engine.start(loop)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    try:
+        await site.start()
+    except OSError as e:
+        print(f"strata: error: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
+        await runner.cleanup()
+        await engine.stop()
+        return 1
+    ec = engine.engine
+    print(f"strata: serving {name!r} ({ec.model_config.architecture}, {ec.model_config.num_layers} layers, "
+          f"{ec.dtype} on {config.device}, {ec.scheduler.config.num_blocks} KV blocks, context {ec.max_model_len}) "
+          f"from {config.model}", flush=True)
+    print(f"strata: listening on http://{args.host}:{args.port} (OpenAI API at /v1)", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    dead_watch = asyncio.create_task(_watch_engine(engine, stop))
+    await stop.wait()
+    dead_watch.cancel()
+    state = app["state"]
+    state.draining = True
+    code = 0
+    if engine.dead:
+        print(f"strata: engine failed: {engine.dead}", file=sys.stderr, flush=True)
+        code = 1
+    else:
+        print(f"strata: draining {state.active} open requests (up to {args.drain_timeout:.0f}s)", flush=True)
+        deadline = time.monotonic() + args.drain_timeout
+        while state.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    await runner.cleanup()
+    await engine.stop()
+    print("strata: stopped", flush=True)
+    return code
+
+
+async def _watch_engine(engine, stop: asyncio.Event) -> None:
+    """A dead pipeline makes the server exit non-zero, so its supervisor restarts it."""
+    while not engine.dead:
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(0.5)  # let open requests receive their error
+    stop.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="strata", description="Serve LLMs behind an OpenAI-compatible API.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="start the OpenAI-compatible server")
+    add_engine_args(s)
+    g = s.add_argument_group("server")
+    g.add_argument("--host", default=_env("host", "0.0.0.0"))
+    g.add_argument("--port", type=int, default=int(_env("port", 8000)))
+    g.add_argument("--served-model-name", default=_env("served_model_name"))
+    g.add_argument("--api-key", default=_env("api_key"), help="require Authorization: Bearer <key> (or STRATA_API_KEY)")
+    g.add_argument("--max-queue", type=int, default=int(_env("max_queue", 1024)),
+                   help="waiting requests beyond which new ones get 429")
+    g.add_argument("--drain-timeout", type=float, default=float(_env("drain_timeout", 30)),
+                   help="seconds SIGTERM waits for open streams")
+    args = ap.parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Runs the engine loop on its own thread and bridges it to asyncio.
+
+The event loop never waits on the model: requests go to the engine thread through a
+queue, and each step's deltas come back to the loop with call_soon_threadsafe.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass
+
+from batching.sampling_params import SamplingParams
+from engine.errors import EngineDeadError
+from engine.llm_engine import EngineConfig, LLMEngine
+from engine.outputs import SeqDelta
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    steps: int = 0
+
+
+@dataclass(slots=True)
+class _Add:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stream: "RequestStream"
+
+
+@dataclass(slots=True)
+class _Abort:
+    stream: "RequestStream"
+
+
+@dataclass(slots=True, eq=False)
+class RequestStream:
+    """One sequence; its deltas go to `sink` as (tag, SeqDelta or Exception) on the event loop."""
+
+    sink: asyncio.Queue
+    tag: int
+    seq_id: int | None = None
+    aborted: bool = False
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self.model_config = self.engine.model_config
+        self.max_model_len = self.engine.max_model_len
+        self.stats = EngineStats()
+        self.dead: str | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[int, RequestStream] = {}
+        self._pending_adds = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.on_step = None  # callback(deltas, stats) run on the event loop, for metrics
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="strata-engine", daemon=True)
+        self._thread.start()
+
+    # ---- event-loop side ---------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return self.stats.num_waiting + self._pending_adds
+
+    def add(self, prompt_token_ids: list[int], params: SamplingParams, sink: asyncio.Queue, tag: int) -> RequestStream:
+        if self.dead:
+            raise EngineError(self.dead)
+        stream = RequestStream(sink, tag)
+        self._pending_adds += 1
+        self._commands.put(_Add(prompt_token_ids, params, stream))
+        return stream
+
+    def abort(self, stream: RequestStream) -> None:
+        if not stream.aborted:
+            stream.aborted = True
+            self._commands.put(_Abort(stream))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._commands.put(None)
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self.engine.shutdown()
+
+    # ---- engine thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        eng = self.engine
+        try:
+            while not self._stopping:
+                idle = not eng.has_unfinished() and not eng.scheduler.in_flight
+                self._drain(block=idle)
+                if self._stopping:
+                    break
+                deltas = eng.step()
+                self._publish(deltas)
+        except EngineDeadError as e:
+            self._fail(str(e))
+        except Exception as e:  # the engine loop must not die silently
+            self._fail(f"engine loop failed: {type(e).__name__}: {e}")
+
+    def _drain(self, block: bool) -> None:
+        while True:
+            try:
+                cmd = self._commands.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if cmd is None:
+                return
+            if isinstance(cmd, _Add):
+                self._loop.call_soon_threadsafe(self._added)
+                if cmd.stream.aborted:
+                    continue
+                try:
+                    seq_id = self.engine.add_request(cmd.prompt_token_ids, cmd.params)
+                except ValueError as e:
+                    self._loop.call_soon_threadsafe(cmd.stream.sink.put_nowait, (cmd.stream.tag, e))
+                    continue
+                cmd.stream.seq_id = seq_id
+                self._streams[seq_id] = cmd.stream
+            elif isinstance(cmd, _Abort):
+                if cmd.stream.seq_id is not None and self._streams.pop(cmd.stream.seq_id, None) is not None:
+                    self.engine.abort_request(cmd.stream.seq_id)
+            self._update_stats()
+
+    def _added(self) -> None:
+        self._pending_adds -= 1
+
+    def _publish(self, deltas: list[SeqDelta]) -> None:
+        self._update_stats()
+        stats = EngineStats(**{f: getattr(self.stats, f) for f in EngineStats.__slots__})
+        routed = []
+        for d in deltas:
+            stream = self._streams.get(d.seq_id)
+            if stream is None:
+                continue
+            if d.finished:
+                del self._streams[d.seq_id]
+            routed.append((stream, d))
+        self._loop.call_soon_threadsafe(self._deliver, routed, deltas, stats)
+
+    def _deliver(self, routed, deltas, stats) -> None:
+        for stream, d in routed:
+            stream.sink.put_nowait((stream.tag, d))
+        if self.on_step is not None:
+            self.on_step(deltas, stats)
+
+    def _update_stats(self) -> None:
+        s, sched = self.stats, self.engine.scheduler
+        s.num_running = sched.num_running
+        s.num_waiting = sched.num_waiting
+        s.kv_cache_usage = sched.blocks.usage
+        s.num_preemptions = sched.num_preemptions
+        s.prefix_queries = sched.blocks.prefix_queries
+        s.prefix_hits = sched.blocks.prefix_hits
+        s.steps += 1
+
+    def _fail(self, why: str) -> None:
+        self.dead = why
+        err = EngineError(why)
+        streams = list(self._streams.values())
+        self._streams.clear()
+
+        def fail_all():
+            for st in streams:
+                st.sink.put_nowait((st.tag, err))
+
+        self._loop.call_soon_threadsafe(fail_all)

@@ -1,0 +1,79 @@
+"""Prometheus metrics with vLLM's meanings, under the `strata:` prefix, in the text exposition format."""
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
+
+
+class Histogram:
+    __slots__ = ("buckets", "counts", "sum", "count")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, v)] += 1
+        self.sum += v
+        self.count += 1
+
+
+class Metrics:
+    def __init__(self, model_name: str) -> None:
+        self.labels = f'model_name="{model_name}"'
+        self.num_running = 0
+        self.num_waiting = 0
+        self.kv_cache_usage = 0.0
+        self.num_preemptions = 0
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.success: dict[str, int] = defaultdict(int)
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.itl = Histogram(ITL_BUCKETS)
+        self.e2e = Histogram(LATENCY_BUCKETS)
+        self.queue_time = Histogram(LATENCY_BUCKETS)
+        self.rejected = 0
+
+    def render(self) -> str:
+        lines: list[str] = []
+        L = self.labels
+
+        def scalar(name: str, kind: str, help_: str, value) -> None:
+            lines.extend([f"# HELP strata:{name} {help_}", f"# TYPE strata:{name} {kind}", f"strata:{name}{{{L}}} {value}"])
+
+        scalar("num_requests_running", "gauge", "Requests in the running batch.", self.num_running)
+        scalar("num_requests_waiting", "gauge", "Requests waiting to be scheduled.", self.num_waiting)
+        scalar("kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (1 = full).", round(self.kv_cache_usage, 6))
+        scalar("num_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.", self.num_preemptions)
+        scalar("prefix_cache_queries_total", "counter", "Prefix-cache lookups.", self.prefix_queries)
+        scalar("prefix_cache_hits_total", "counter", "Prefix-cache lookups that hit.", self.prefix_hits)
+        scalar("prompt_tokens_total", "counter", "Prompt tokens of finished and running requests.", self.prompt_tokens)
+        scalar("generation_tokens_total", "counter", "Generated tokens.", self.generation_tokens)
+        scalar("request_rejected_total", "counter", "Requests refused by admission control (429).", self.rejected)
+        lines += ["# HELP strata:request_success_total Finished requests by finish reason.",
+                  "# TYPE strata:request_success_total counter"]
+        for reason in ("stop", "length", "abort"):
+            lines.append(f'strata:request_success_total{{{L},finished_reason="{reason}"}} {self.success.get(reason, 0)}')
+        for name, help_, h in (
+            ("time_to_first_token_seconds", "Time to first token.", self.ttft),
+            ("inter_token_latency_seconds", "Time between consecutive output tokens.", self.itl),
+            ("e2e_request_latency_seconds", "End-to-end request latency.", self.e2e),
+            ("request_queue_time_seconds", "Time a request waited before its first step.", self.queue_time),
+        ):
+            lines += [f"# HELP strata:{name} {help_}", f"# TYPE strata:{name} histogram"]
+            cum = 0
+            for bound, c in zip(h.buckets, h.counts):
+                cum += c
+                lines.append(f'strata:{name}_bucket{{{L},le="{bound}"}} {cum}')
+            lines.append(f'strata:{name}_bucket{{{L},le="+Inf"}} {h.count}')
+            lines.append(f"strata:{name}_sum{{{L}}} {h.sum}")
+            lines.append(f"strata:{name}_count{{{L}}} {h.count}")
+        return "\n".join(lines) + "\n"
