@@ -150,7 +150,8 @@ async def tokenize(request: web.Request) -> web.Response:
     if req.prompt is not None:
         ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     else:
-        msgs = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
+        # the same roles the chat route renders, so the count matches its prompt_tokens
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.content if isinstance(m.content, str) else
                  "\n".join(p.text for p in (m.content or []))} for m in req.messages]
         try:
             text = tok.apply_chat_template(msgs, add_generation_prompt=req.add_generation_prompt)

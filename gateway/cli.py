@@ -73,7 +73,9 @@ def serve(args: argparse.Namespace) -> int:
 async def _run(app: web.Application, engine, args, name: str, config) -> int:
     loop = asyncio.get_running_loop()
     engine.start(loop)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # The drain below is the grace period; aiohttp's own (60 s by default) would let streams outlive
+    # --drain-timeout, so it only gets a moment to flush finished responses before cancelling the rest.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     try:

@@ -125,16 +125,19 @@ class AsyncEngine:
             if cmd is None:
                 return
             if isinstance(cmd, _Add):
+                if not cmd.stream.aborted:
+                    try:
+                        seq_id = self.engine.add_request(cmd.prompt_token_ids, cmd.params)
+                    except ValueError as e:
+                        self._loop.call_soon_threadsafe(cmd.stream.sink.put_nowait, (cmd.stream.tag, e))
+                    else:
+                        cmd.stream.seq_id = seq_id
+                        self._streams[seq_id] = cmd.stream
+                # Only once num_waiting counts the sequence may the pending count drop, or admission
+                # control would briefly see neither and let a burst past --max-queue.
+                self._update_stats()
                 self._loop.call_soon_threadsafe(self._added)
-                if cmd.stream.aborted:
-                    continue
-                try:
-                    seq_id = self.engine.add_request(cmd.prompt_token_ids, cmd.params)
-                except ValueError as e:
-                    self._loop.call_soon_threadsafe(cmd.stream.sink.put_nowait, (cmd.stream.tag, e))
-                    continue
-                cmd.stream.seq_id = seq_id
-                self._streams[seq_id] = cmd.stream
+                continue
             elif isinstance(cmd, _Abort):
                 if cmd.stream.seq_id is not None and self._streams.pop(cmd.stream.seq_id, None) is not None:
                     self.engine.abort_request(cmd.stream.seq_id)

@@ -229,6 +229,8 @@ class OpenAIRoutes:
                     await resp.write(chunk([{"index": c.index, "text": text, "logprobs": None, "finish_reason": None}]))
             open_ = len(choices)
             offsets = [0] * len(choices)
+            # A token whose text is withheld still carries its logprob, which must not be dropped.
+            want_logprobs = bool(req.logprobs) if kind == "chat.completion" else req.logprobs is not None
             while open_:
                 try:
                     c, d = await self._next(sink, choices, t0)
@@ -238,7 +240,7 @@ class OpenAIRoutes:
                 _absorb(c, d)
                 if d.finished:
                     open_ -= 1
-                if not d.text and not d.finished:
+                if not d.text and not d.finished and not (want_logprobs and d.logprobs):
                     continue  # a withheld partial character or stop-string prefix
                 reason = d.finish_reason if d.finished else None
                 if kind == "chat.completion":
