@@ -11,13 +11,23 @@ SMOLLM2_135M_SHAPE = dict(
 )
 
 
+def _corpus() -> list[str]:
+    """Varied enough text that BPE learns the full vocabulary."""
+    import random
+
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(30000)]
+    return [" ".join(rng.choice(words) for _ in range(20)) for _ in range(6000)]
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("STRATA_CACHE", Path.home() / ".cache" / "strata"))
 
 
 def smollm2_135m_shaped(dtype: str = "bfloat16") -> Path:
     """A SmolLM2-135M-shaped Llama checkpoint (random weights, not a trained model)."""
-    out = cache_dir() / f"bench-smollm2-135m-shape-random-{dtype}"
+    out = cache_dir() / f"bench-smollm2-135m-shape-random-{dtype}-v2"
     if (out / "config.json").is_file():
         return out
     import torch
@@ -29,7 +39,10 @@ def smollm2_135m_shaped(dtype: str = "bfloat16") -> Path:
     model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M_SHAPE, bos_token_id=0, eos_token_id=1)).to(getattr(torch, dtype))
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
-    corpus = [f"Sample sentence number {i} about serving language models on the hardware you own." for i in range(2000)]
-    train_bpe_tokenizer(corpus, 8192, tmp)
+    train_bpe_tokenizer(_corpus(), SMOLLM2_135M_SHAPE["vocab_size"], tmp)
+    from tokenization import Tokenizer
+
+    # Every id the model can emit must decode to text, or streams carry empty deltas.
+    assert Tokenizer.from_dir(tmp).vocab_size == SMOLLM2_135M_SHAPE["vocab_size"]
     tmp.rename(out)
     return out

@@ -34,7 +34,7 @@ class EngineConfig:
     threads: int | None = None  # torch threads in the stage process; None: torch's default
     block_size: int = 16
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int | None = None  # None: 512 on CPU (a step stays short), 2048 elsewhere
     max_model_len: int | None = None  # None: what the model supports
     kv_cache_memory: int | str | None = None  # bytes for KV; None: a share of free memory
     kv_cache_fraction: float = 0.9
@@ -53,6 +53,8 @@ class EngineConfig:
             self.kv_cache_memory = parse_size(self.kv_cache_memory)
         if not 0.0 < self.kv_cache_fraction <= 1.0:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = 512 if self.device == "cpu" else 2048
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
         try:

@@ -24,7 +24,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=_env("threads"), help="torch threads in the stage process")
     g.add_argument("--block-size", type=int, default=int(_env("block_size", 16)))
     g.add_argument("--max-num-seqs", type=int, default=int(_env("max_num_seqs", 256)))
-    g.add_argument("--max-num-batched-tokens", type=int, default=int(_env("max_num_batched_tokens", 2048)))
+    g.add_argument("--max-num-batched-tokens", type=int, default=_env("max_num_batched_tokens"),
+                   help="token budget of one step (default: 512 on CPU, 2048 on GPUs)")
     g.add_argument("--max-model-len", type=int, default=_env("max_model_len"))
     g.add_argument("--kv-cache-memory", default=_env("kv_cache_memory"), help="KV-cache budget, e.g. 4GiB")
     g.add_argument("--num-kv-blocks", type=int, default=_env("num_kv_blocks"))
@@ -38,7 +39,8 @@ def engine_config(args: argparse.Namespace):
     model = args.model or str(ensure_demo_model())
     return EngineConfig(
         model=model, dtype=args.dtype, device=args.device, threads=int(args.threads) if args.threads else None,
-        block_size=args.block_size, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=int(args.max_num_batched_tokens) if args.max_num_batched_tokens else None,
         max_model_len=int(args.max_model_len) if args.max_model_len else None, kv_cache_memory=args.kv_cache_memory,
         num_kv_blocks=int(args.num_kv_blocks) if args.num_kv_blocks else None,
         enable_prefix_caching=not args.no_prefix_caching,

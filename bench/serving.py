@@ -1,0 +1,164 @@
+"""Streaming chat serving: Strata against `transformers serve --continuous-batching`, same checkpoint, same load.
+
+    python -m bench.serving [--concurrency 16 64] [--max-tokens 64]
+
+Needs the peer's serving extra: pip install 'transformers[serving]'. Starts each server
+in turn on this machine, drives it with the same streaming chat requests (fixed
+concurrency, one wave of requests per level after a warm-up), and prints output
+tokens/s, TTFT p50/p99 and inter-token latency p50/p99 for both, with ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from bench.checkpoints import smollm2_135m_shaped
+
+WORDS = "serve model token layer stage device cache batch stream request answer pipeline memory".split()
+
+
+@dataclass
+class Result:
+    ttft: float
+    itls: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompt(i: int) -> str:
+    rng = random.Random(i)
+    return " ".join(rng.choice(WORDS) for _ in range(40))
+
+
+async def one_request(session: aiohttp.ClientSession, url: str, model: str, i: int, max_tokens: int) -> Result:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt(i)}], "max_tokens": max_tokens,
+            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    last = None
+    res = Result(ttft=float("nan"))
+    chunks = 0
+    async with session.post(url + "/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for raw in resp.content:
+            line = raw.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            msg = json.loads(line[6:])
+            if msg.get("usage"):
+                res.tokens = msg["usage"]["completion_tokens"]
+            choices = msg.get("choices")
+            delta = choices[0].get("delta", {}) if choices else {}
+            # A token event: content or the finish, not the opening role chunk.
+            if not choices or ("role" in delta and not delta.get("content")) or not (delta.get("content") or choices[0].get("finish_reason")):
+                continue
+            now = time.perf_counter()
+            if last is None:
+                res.ttft = now - t0
+            else:
+                res.itls.append(now - last)
+            last = now
+            chunks += 1
+    res.tokens = res.tokens or chunks
+    return res
+
+
+async def drive(url: str, model: str, concurrency: int, max_tokens: int) -> dict:
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        await asyncio.gather(*(one_request(session, url, model, 10_000 + i, 8) for i in range(min(4, concurrency))))
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one_request(session, url, model, i, max_tokens) for i in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    ttfts = sorted(r.ttft for r in results if r.ttft == r.ttft)
+    itls = sorted(x for r in results for x in r.itls)
+    return {"tok_s": sum(r.tokens for r in results) / elapsed, "ttft_p50": pct(ttfts, 50), "ttft_p99": pct(ttfts, 99),
+            "itl_p50": pct(itls, 50), "itl_p99": pct(itls, 99)}
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    k = max(0, min(len(xs) - 1, round(p / 100 * (len(xs) - 1))))
+    return xs[k]
+
+
+def start(cmd: list[str], port: int, log) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}; see {log.name}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                pass
+            import urllib.request
+
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{cmd[0]} did not become healthy in time; see {log.name}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_server(name: str, cmd: list[str], port: int, model: str, levels: list[int], max_tokens: int) -> dict:
+    with open(f"/tmp/bench-serving-{name}.log", "w") as log:
+        proc = start(cmd, port, log)
+        try:
+            return {c: asyncio.run(drive(f"http://127.0.0.1:{port}", model, c, max_tokens)) for c in levels}
+        finally:
+            stop(proc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--max-tokens", type=int, default=64)
+    args = ap.parse_args()
+    model_dir = smollm2_135m_shaped("bfloat16")
+    name = model_dir.name
+    p1, p2 = free_port(), free_port()
+    strata = run_server("strata", [sys.executable, "-m", "gateway.cli", "serve", "--model", str(model_dir), "--port", str(p1),
+                                   "--host", "127.0.0.1", "--max-model-len", "512"], p1, name, args.concurrency, args.max_tokens)
+    peer = run_server("transformers", ["transformers", "serve", "--continuous-batching", "--port", str(p2), "--host",
+                                       "127.0.0.1", str(model_dir)], p2, str(model_dir), args.concurrency, args.max_tokens)
+    print(f"checkpoint: {model_dir}; streaming chat, {args.max_tokens}-token answers, greedy\n")
+    print(f"{'conc':>4} | {'server':>12} | {'out tok/s':>9} | {'TTFT p50 ms':>11} | {'TTFT p99 ms':>11} | {'ITL p50 ms':>10} | {'ITL p99 ms':>10}")
+    for c in args.concurrency:
+        for label, r in (("strata", strata[c]), ("transformers", peer[c])):
+            print(f"{c:>4} | {label:>12} | {r['tok_s']:>9.1f} | {r['ttft_p50'] * 1e3:>11.0f} | {r['ttft_p99'] * 1e3:>11.0f} | "
+                  f"{r['itl_p50'] * 1e3:>10.1f} | {r['itl_p99'] * 1e3:>10.1f}")
+        s, t = strata[c], peer[c]
+        print(f"{c:>4} | {'ratio':>12} | {s['tok_s'] / t['tok_s']:>8.2f}x | {t['ttft_p50'] / s['ttft_p50']:>10.2f}x | "
+              f"{t['ttft_p99'] / s['ttft_p99']:>10.2f}x | {t['itl_p50'] / s['itl_p50']:>9.2f}x | {t['itl_p99'] / s['itl_p99']:>9.2f}x")
+    print("\nratio: throughput strata/peer; latencies peer/strata (above 1 means Strata is faster).")
+    print(f"rerun: python -m bench.serving --concurrency {' '.join(map(str, args.concurrency))} --max-tokens {args.max_tokens}")
+
+
+if __name__ == "__main__":
+    main()
