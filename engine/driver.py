@@ -37,7 +37,7 @@ class PipelineInfo:
 
 
 class Driver:
-    def __init__(self, specs: list[StageSpec], rendezvous_timeout_s: float = 120.0, spawn: bool = True) -> None:
+    def __init__(self, specs: list[StageSpec], rendezvous_timeout_s: float = 120.0) -> None:
         if dist.is_initialized():
             # The ring is torch.distributed's default group, of which a process has one.
             raise RuntimeError("this process already drives a pipeline; one engine per process")
@@ -47,13 +47,11 @@ class Driver:
         self.procs: list[subprocess.Popen] = []
         self._pending: list = []  # isend works and their buffers, kept alive until done
         self.dead: str | None = None
-        addr = os.environ.get("MASTER_ADDR", "127.0.0.1") if not spawn else "127.0.0.1"
-        port = int(os.environ["MASTER_PORT"]) if not spawn else free_port()
-        if spawn:
-            for rank in range(1, self.world_size):
-                env = dict(os.environ, MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank),
-                           WORLD_SIZE=str(self.world_size), STRATA_RENDEZVOUS_TIMEOUT=str(rendezvous_timeout_s))
-                self.procs.append(subprocess.Popen(STAGE_COMMAND, env=env))
+        addr, port = "127.0.0.1", free_port()
+        for rank in range(1, self.world_size):
+            env = dict(os.environ, MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank),
+                       WORLD_SIZE=str(self.world_size), STRATA_RENDEZVOUS_TIMEOUT=str(rendezvous_timeout_s))
+            self.procs.append(subprocess.Popen(STAGE_COMMAND, env=env))
         try:
             store = transport.serve_rendezvous(addr, port, self.world_size, rendezvous_timeout_s)
             self._wait_for_stages(store, rendezvous_timeout_s)

@@ -6,10 +6,12 @@ gateway's engine thread) and calls add_request / abort_request / step.
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from batching.batch import StepOutput
 from batching.sampling_params import SamplingParams
 from batching.scheduler import Scheduler, SchedulerConfig, SeqUpdate
 from batching.sequence import FinishReason, Sequence
@@ -20,10 +22,7 @@ from engine.driver import Driver
 from engine.errors import CheckpointError
 from engine.outputs import SeqDelta, TokenLogprob
 from engine.stage import StageSpec
-from batching.batch import StepOutput
 from tokenization import IncrementalDetokenizer, StopMatcher, Tokenizer
-
-import torch
 
 
 @dataclass(slots=True)
