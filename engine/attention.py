@@ -29,6 +29,10 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool: key is in context
     prefills: list[PrefillChunk]
+    # Reused by every layer of the step: a fresh multi-megabyte tensor per layer costs more in page faults
+    # than the gather itself.
+    gather_k: torch.Tensor | None = None
+    gather_v: torch.Tensor | None = None
 
 
 def build_metadata(
@@ -87,8 +91,13 @@ def paged_attention(
     if nd:
         # index_select over whole blocks copies rows at memcpy speed; advanced indexing is several times slower.
         flat = meta.decode_block_tables.view(-1)
-        keys = k_cache.view(num_blocks, -1).index_select(0, flat).view(nd, -1, kv_heads, d).transpose(1, 2)  # [nd, kvh, L, d]
-        values = v_cache.view(num_blocks, -1).index_select(0, flat).view(nd, -1, kv_heads, d).transpose(1, 2)
+        if meta.gather_k is None:
+            meta.gather_k = k_cache.new_empty((flat.numel(), block_size * kv_heads * d))
+            meta.gather_v = torch.empty_like(meta.gather_k)
+        keys = torch.index_select(k_cache.view(num_blocks, -1), 0, flat, out=meta.gather_k)
+        values = torch.index_select(v_cache.view(num_blocks, -1), 0, flat, out=meta.gather_v)
+        keys = keys.view(nd, -1, kv_heads, d).transpose(1, 2)  # [nd, kvh, L, d]
+        values = values.view(nd, -1, kv_heads, d).transpose(1, 2)
         o = F.scaled_dot_product_attention(
             q[:nd].unsqueeze(2), keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
         )  # [nd, heads, 1, d]

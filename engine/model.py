@@ -6,6 +6,8 @@ matmul, gate/up into another) to halve the kernel launches per layer.
 """
 from __future__ import annotations
 
+import math
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from engine.attention import AttentionMetadata, paged_attention
 from engine.checkpoint import expected_shapes, load_tensors
 from engine.config import ModelConfig
+from engine.device import available_memory
 from engine.linear import make_linear
 from engine.rope import apply_rotary, cos_sin_table
 
@@ -28,17 +31,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class DecoderLayer:
     __slots__ = ("ln1", "ln2", "qkv", "o", "gate_up", "down")
 
-    def __init__(self, t: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig, dtype: torch.dtype, scratch: dict) -> None:
+    def __init__(self, t: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig, dtype: torch.dtype, linear) -> None:
         a, m = prefix + "self_attn.", prefix + "mlp."
         self.ln1 = t[prefix + "input_layernorm.weight"].to(dtype)
         self.ln2 = t[prefix + "post_attention_layernorm.weight"].to(dtype)
         qkv_b = torch.cat([t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]]) if cfg.qkv_bias else None
-        self.qkv = make_linear(torch.cat([t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"]]),
-                               qkv_b, dtype, scratch)
-        self.o = make_linear(t[a + "o_proj.weight"], t.get(a + "o_proj.bias"), dtype, scratch)
+        self.qkv = linear(torch.cat([t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"]]), qkv_b)
+        self.o = linear(t[a + "o_proj.weight"], t.get(a + "o_proj.bias"))
         gu_b = torch.cat([t[m + "gate_proj.bias"], t[m + "up_proj.bias"]]) if cfg.mlp_bias else None
-        self.gate_up = make_linear(torch.cat([t[m + "gate_proj.weight"], t[m + "up_proj.weight"]]), gu_b, dtype, scratch)
-        self.down = make_linear(t[m + "down_proj.weight"], t.get(m + "down_proj.bias"), dtype, scratch)
+        self.gate_up = linear(torch.cat([t[m + "gate_proj.weight"], t[m + "up_proj.weight"]]), gu_b)
+        self.down = linear(t[m + "down_proj.weight"], t.get(m + "down_proj.bias"))
 
 
 class StageModel:
@@ -53,19 +55,26 @@ class StageModel:
         device: torch.device,
         max_positions: int,
         weight_dtype: torch.dtype | None = None,
+        wide_copy: bool | None = None,
     ) -> None:
+        """wide_copy: also keep an fp32 copy of half-precision weights for wide steps (see engine.linear);
+        None: when it takes at most a quarter of the device's free memory."""
         self.cfg = cfg
         self.layer_ids = layers
         self.first, self.last = first, last
         self.dtype, self.device = dtype, device
         shapes = expected_shapes(cfg, layers, first, last)
-        t = {k: v.to(device) for k, v in load_tensors(files, shapes, weight_dtype or dtype).items()}
-        scratch: dict = {}
+        weight_dtype = weight_dtype or dtype
+        if wide_copy is None:
+            fp32_bytes = 4 * sum(math.prod(s) for s in shapes.values())
+            wide_copy = weight_dtype != dtype and fp32_bytes <= available_memory(device) // 4
+        t = {k: v.to(device) for k, v in load_tensors(files, shapes, weight_dtype).items()}
+        linear = partial(make_linear, compute_dtype=dtype, scratch={}, wide_copy=wide_copy)
         self.embed = t.get("model.embed_tokens.weight") if first else None
-        self.layers = [DecoderLayer(t, f"model.layers.{i}.", cfg, dtype, scratch) for i in layers]
+        self.layers = [DecoderLayer(t, f"model.layers.{i}.", cfg, dtype, linear) for i in layers]
         self.norm = t["model.norm.weight"].to(dtype) if last else None
         head = (t["model.embed_tokens.weight"] if cfg.tie_word_embeddings else t["lm_head.weight"]) if last else None
-        self.lm_head = make_linear(head, None, dtype, scratch) if last else None
+        self.lm_head = linear(head, None) if last else None
         self.rope = cos_sin_table(cfg, max_positions, dtype, device)  # [P, 2, d]
         self.scale = cfg.head_dim**-0.5
 
