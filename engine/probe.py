@@ -1,0 +1,278 @@
+"""A short start-up probe of what a device can do, cached on disk.
+
+The planner needs a few rates per device: decode-shaped GEMMs, how fast one-row products
+stream weights, the host cost of an op, and the engine's own decode attention. Each is
+timed on shapes and sizes like a real step's: weights larger than the last-level cache,
+since a stage's layers do not fit in it either. A CPU takes ~0.3 s; results are cached
+per device, thread count, dtype and torch version.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from engine.attention import build_metadata, paged_attention
+from engine.device import TORCH_DTYPES, available_memory
+from engine.placement import GEMM_ROWS, SMALL_GEMM_ROWS, DeviceInfo, DeviceRequest
+
+PROFILE_ENV = "STRATA_DEVICE_PROFILE"
+CACHE_VERSION = 3
+
+# GEMM shapes: 64 rows like a decode batch (and 8, see SMALL_GEMM_ROWS); weights [out, in]. A GPU gets a large
+# model's MLP shape, so that the kernel, not its launch, is timed.
+_CPU_GEMM = (GEMM_ROWS, 1024, 2816)
+_CUDA_GEMM = (GEMM_ROWS, 4096, 14336)
+# One-row products: ([out, in] with few long rows, the same size with many short rows).
+_CPU_ONE_ROW = ((512, 4096), (4096, 512))
+_CUDA_ONE_ROW = ((4096, 16384), (16384, 4096))
+# Enough distinct weights that they cannot stay cached between products (bigger than common last-level caches).
+_CPU_WEIGHT_SET_BYTES = 48 << 20
+_CUDA_WEIGHT_SET_BYTES = 512 << 20
+# Decode attention: GQA heads like common models; sequences x context large enough that KV comes from memory.
+_ATTN_HEADS, _ATTN_KV_HEADS, _ATTN_HEAD_DIM, _ATTN_BLOCK = 16, 4, 64, 16
+_CPU_ATTN = (16, 512)  # sequences, context
+_CUDA_ATTN = (64, 4096)
+_ATTN_OPS = 7  # kernels of one paged_attention call, whose host cost is not attention throughput
+
+
+def cache_path() -> Path:
+    root = Path(os.environ.get("STRATA_CACHE", Path.home() / ".cache" / "strata"))
+    return root / "probe.json"
+
+
+def device_label(device: torch.device, threads: int | None) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    n = threads or torch.get_num_threads()
+    return f"CPU, {n} thread{'s' if n != 1 else ''}"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+class _Timer:
+    """Wall-clock on a CPU; CUDA events on a GPU, so queued kernels are counted when they run."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def __call__(self, fn, reps: int) -> float:
+        """Seconds per call: the fastest of `reps` calls after one to warm up. The fastest, because other work on
+        the machine only ever adds time."""
+        fn()
+        best = float("inf")
+        for _ in range(reps):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                best = min(best, start.elapsed_time(end) / 1e3)
+            else:
+                t = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t)
+        return best
+
+
+def _weight_set(device: torch.device, dtype: torch.dtype, out_f: int, in_f: int) -> list[torch.Tensor]:
+    budget = _CUDA_WEIGHT_SET_BYTES if device.type == "cuda" else _CPU_WEIGHT_SET_BYTES
+    count = max(2, -(-budget // (out_f * in_f * dtype.itemsize)))
+    # Small non-zero values: zeros or denormals could take a different path in some kernels.
+    return [torch.full((out_f, in_f), 0.01, dtype=dtype, device=device) for _ in range(count)]
+
+
+def _per_matrix(timer: _Timer, device: torch.device, dtype: torch.dtype, rows: int, out_f: int, in_f: int) -> float:
+    """Seconds per product of `rows` rows with an [out_f, in_f] weight, over a set too large to stay cached."""
+    weights = _weight_set(device, dtype, out_f, in_f)
+    x = torch.ones(rows, in_f, dtype=dtype, device=device)
+    return timer(lambda: [torch.nn.functional.linear(x, w) for w in weights], 3) / len(weights)
+
+
+def _one_row(timer: _Timer, device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """(seconds per weight, seconds per output feature) of one-row products. Two shapes of one size tell them apart:
+    each output feature's dot product ends in a reduction, so short rows cost more than their bytes or FLOPs."""
+    (long_out, long_in), (short_out, short_in) = _CUDA_ONE_ROW if device.type == "cuda" else _CPU_ONE_ROW
+    t_long = _per_matrix(timer, device, dtype, 1, long_out, long_in)  # few long rows
+    t_short = _per_matrix(timer, device, dtype, 1, short_out, short_in)  # many short rows
+    per_feature = max(0.0, (t_short - t_long) / (short_out - long_out))
+    per_weight = max(t_long - long_out * per_feature, 0.5 * t_long) / (long_out * long_in)
+    return per_weight, per_feature
+
+
+def _measure(device: torch.device, dtype: torch.dtype, weight_dtype: torch.dtype | None) -> dict[str, float | None]:
+    timer = _Timer(device)
+    # The per-op cost weighs most in a prediction (it is paid ~150 times per layer), so it is sampled between the
+    # other measurements too: a passing slow spell of the machine does not then decide it.
+    op_overhead = _op_overhead(device)
+    rows, in_f, out_f = _CUDA_GEMM if device.type == "cuda" else _CPU_GEMM
+    matmul_flops = 2 * rows * in_f * out_f / _per_matrix(timer, device, dtype, rows, out_f, in_f)
+    small = SMALL_GEMM_ROWS
+    small_gemm_flops = 2 * small * in_f * out_f / _per_matrix(timer, device, dtype, small, out_f, in_f)
+    op_overhead = min(op_overhead, _op_overhead(device))
+    # One-row products stream their weights: what decode at small batches reads them at. fp32, so that a CPU's slow
+    # half-precision arithmetic does not pass for slow memory.
+    per_weight, per_feature = _one_row(timer, device, torch.float32)
+    mem_bandwidth = 4 / per_weight
+    thin = None
+    if weight_dtype is not None and weight_dtype != dtype:
+        op_overhead = min(op_overhead, _op_overhead(device))
+        per_weight, per_feature = _one_row(timer, device, weight_dtype)
+        thin = 2 / per_weight
+    op_overhead = min(op_overhead, _op_overhead(device))
+    attention = _attention_bandwidth(device, dtype, timer, op_overhead)
+    return {"matmul_flops": matmul_flops, "small_gemm_flops": small_gemm_flops, "mem_bandwidth": mem_bandwidth,
+            "op_overhead_s": op_overhead, "thin_matmul_flops": thin, "row_overhead_s": per_feature,
+            "attention_bandwidth": attention}
+
+
+def _op_overhead(device: torch.device) -> float:
+    """Host seconds per op, over a mix like the forward's: a tiny kernel, then a view."""
+    x = torch.ones(8, device=device)
+    n = 100
+
+    def ops():
+        for _ in range(n):
+            x.add_(1.0)
+            x[1:]
+
+    best = float("inf")
+    for _ in range(6):  # short windows: the quietest one is the machine's own speed
+        t = time.perf_counter()
+        ops()
+        best = min(best, time.perf_counter() - t)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return best / (2 * n)
+
+
+def _attention_bandwidth(device: torch.device, dtype: torch.dtype, timer: _Timer, op_overhead: float) -> float:
+    """KV bytes per second through the engine's decode attention (block gather, then SDPA)."""
+    seqs, context = _CUDA_ATTN if device.type == "cuda" else _CPU_ATTN
+    bs, kvh, hd = _ATTN_BLOCK, _ATTN_KV_HEADS, _ATTN_HEAD_DIM
+    blocks = -(-context // bs)
+    k_cache = torch.full((seqs * blocks + 1, bs, kvh, hd), 0.01, dtype=dtype, device=device)
+    v_cache = torch.full_like(k_cache, 0.01)
+    tables = [list(range(i * blocks, (i + 1) * blocks)) for i in range(seqs)]
+    slots = [t[-1] * bs + (context - 1) % bs for t in tables]
+    meta = build_metadata(bs, slots, tables, [context] * seqs, [], device)
+    q = torch.full((seqs, _ATTN_HEADS, hd), 0.01, dtype=dtype, device=device)
+    k = torch.full((seqs, kvh, hd), 0.01, dtype=dtype, device=device)
+    seconds = timer(lambda: paged_attention(q, k, k, k_cache, v_cache, meta, hd**-0.5), 3)
+    kv_bytes = 2 * seqs * blocks * bs * kvh * hd * dtype.itemsize
+    # The call's fixed host cost is counted per op elsewhere.
+    return kv_bytes / max(seconds - _ATTN_OPS * op_overhead, 0.1 * seconds)
+
+
+def _profile_override(name: str) -> dict | None:
+    path = os.environ.get(PROFILE_ENV)
+    if not path:
+        return None
+    try:
+        profiles = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{PROFILE_ENV}={path}: cannot read it ({e})") from None
+    entry = profiles.get(name) or (profiles.get("cuda") if name.startswith("cuda") else None)
+    if entry is None:
+        return None
+    missing = [k for k in ("matmul_flops", "mem_bandwidth", "op_overhead_s") if k not in entry]
+    if missing:
+        raise ValueError(f"{PROFILE_ENV}={path}: the entry for {name} lacks {', '.join(missing)}")
+    return entry
+
+
+def probe_rates(name: str, dtype: str, threads: int | None, weight_dtype: str | None = None) -> dict[str, float | None]:
+    """Every figure the planner uses for the device, from STRATA_DEVICE_PROFILE, the cache, or a fresh probe."""
+    override = _profile_override(name)
+    if override is not None:
+        keys = ("matmul_flops", "small_gemm_flops", "mem_bandwidth", "op_overhead_s", "thin_matmul_flops",
+                "row_overhead_s", "attention_bandwidth")
+        return {k: (float(override[k]) if override.get(k) is not None else None) for k in keys}
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", 0)
+    thin_dtype = weight_dtype if weight_dtype not in (None, dtype) else None
+    where = socket.gethostname() + "/" + (_cpu_model() if device.type == "cpu" else str(device))
+    key = "|".join([where, device_label(device, threads), str(threads or torch.get_num_threads()), dtype,
+                    thin_dtype or "-", torch.__version__, f"v{CACHE_VERSION}"])
+    path = cache_path()
+    cache = _read_cache(path)
+    if key in cache:
+        return cache[key]
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            rates = _measure(device, TORCH_DTYPES[dtype], TORCH_DTYPES[thin_dtype] if thin_dtype else None)
+    finally:
+        torch.set_num_threads(previous)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # or the probe's buffers would count against the free memory read next
+    cache = _read_cache(path)  # another stage may have written meanwhile
+    cache[key] = rates
+    _write_cache(path, cache)
+    return rates
+
+
+def probe_device(name: str, dtype: str, threads: int | None) -> tuple[float, float, float]:
+    """(matmul FLOP/s at the compute dtype, bytes/s of streamed weights, seconds per op)."""
+    r = probe_rates(name, dtype, threads)
+    return r["matmul_flops"], r["mem_bandwidth"], r["op_overhead_s"]
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_cache(path: Path, cache: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        tmp.replace(path)  # atomic: stages probing at once never read half a file
+    except OSError:
+        pass  # a read-only home only costs a probe per start
+
+
+def describe_device(request: DeviceRequest, dtype: str, threads: int | None, memory_fraction: float = 0.9,
+                    weight_dtype: str | None = None) -> DeviceInfo:
+    """What this process's device is worth to the planner. dtype: the compute dtype; weight_dtype: the weights'
+    when they differ (a CPU without native half precision), so the half-precision thin path is timed too."""
+    device = torch.device(request.name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"{request.name}: CUDA is not available in this process")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise RuntimeError(f"{request.name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        device = torch.device("cuda", device.index or 0)
+    rates = probe_rates(str(device), dtype, threads, weight_dtype)
+    memory = request.memory if request.memory is not None else int(available_memory(device) * memory_fraction)
+    n_threads = (threads or torch.get_num_threads()) if device.type == "cpu" else None
+    return DeviceInfo(
+        name=str(device), kind=device.type, host=socket.gethostname(), label=device_label(device, threads),
+        memory=memory, matmul_flops=rates["matmul_flops"], mem_bandwidth=rates["mem_bandwidth"],
+        op_overhead_s=rates["op_overhead_s"], threads=n_threads, small_gemm_flops=rates.get("small_gemm_flops"),
+        thin_matmul_flops=rates.get("thin_matmul_flops"),
+        row_overhead_s=rates.get("row_overhead_s") or 0.0, attention_bandwidth=rates.get("attention_bandwidth"),
+        dtype=dtype,
+    )

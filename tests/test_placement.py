@@ -1,0 +1,378 @@
+"""The placement planner: exact splits, memory limits, clear errors, and `strata plan`."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import random
+import re
+
+import pytest
+
+from engine.placement import (
+    DeviceInfo,
+    GiB,
+    ModelCost,
+    PlacementError,
+    distinct_orders,
+    kv_capacity_tokens,
+    link_between,
+    parse_devices,
+    plan,
+    stage_fits,
+    stage_seconds,
+    stage_weight_bytes,
+)
+
+MiB = 1 << 20
+
+
+def device(name: str = "cpu", *, memory: int = 8 * GiB, flops: float = 1e11, bw: float = 2e10, op: float = 2e-6,
+           host: str = "h", **kw) -> DeviceInfo:
+    kind = "cuda" if name.startswith("cuda") else "cpu"
+    return DeviceInfo(name=name, kind=kind, host=host, label=kw.pop("label", kind.upper()), memory=memory,
+                      matmul_flops=flops, mem_bandwidth=bw, op_overhead_s=op, **kw)
+
+
+def model(layers: int = 8, *, hidden: int = 512, params: int = 3_000_000, vocab: int = 8000, tied: bool = False,
+          compute: str = "float32", weights: str = "float32") -> ModelCost:
+    return ModelCost(num_layers=layers, hidden_size=hidden, vocab_size=vocab, layer_params=params,
+                     layer_out_features=4 * hidden, kv_elems_per_token=hidden // 2,
+                     elementwise_elems_per_token=40 * hidden,
+                     embed_params=vocab * hidden, head_params=vocab * hidden + hidden, tied_embeddings=tied,
+                     compute_dtype=compute, weight_dtype=weights)
+
+
+def compositions(total: int, parts: int):
+    for cuts in itertools.combinations(range(1, total), parts - 1):
+        bounds = (0, *cuts, total)
+        yield [bounds[i + 1] - bounds[i] for i in range(parts)]
+
+
+def brute_force(cost, devices, batch, context, reserve, block_size=16):
+    """Every order and every contiguous split, through the same per-stage cost: (best bottleneck, all plans)."""
+    plans = []
+    for order in itertools.permutations(range(len(devices))):
+        for split in compositions(cost.num_layers, len(devices)):
+            worst, blocks = 0.0, math.inf
+            for k, (i, n) in enumerate(zip(order, split)):
+                first, last = k == 0, k == len(order) - 1
+                if not stage_fits(cost, devices[i], n, first, last, reserve):
+                    worst = math.inf
+                    break
+                prev = devices[order[k - 1]] if k else None
+                t = stage_seconds(cost, devices[i], n, first=first, last=last, batch=batch, context_len=context,
+                                  link=link_between(prev, devices[i]), block_size=block_size)
+                worst = max(worst, t.total_s)
+                blocks = min(blocks, kv_capacity_tokens(cost, devices[i], n, first, last) // block_size)
+            if worst < math.inf:
+                plans.append((worst, blocks))
+    return min((w for w, _ in plans), default=math.inf), plans
+
+
+def random_instance(rng: random.Random):
+    layers = rng.randint(1, 8)
+    cost = model(layers, hidden=rng.choice([256, 512, 1024]), params=rng.randint(1, 20) * 1_000_000,
+                 vocab=rng.choice([1000, 8000, 32000]), tied=rng.random() < 0.5,
+                 weights=rng.choice(["float32", "bfloat16"]))
+    per_layer = cost.layer_weight_bytes
+    pool = []
+    for _ in range(rng.randint(1, min(4, layers))):
+        if pool and rng.random() < 0.3:
+            pool.append(pool[-1])  # an identical device, to exercise the deduplication
+            continue
+        name = rng.choice(["cpu", "cuda:0", "cuda:1"])
+        pool.append(device(
+            name, memory=int(per_layer * rng.uniform(0.5, layers + 2)) + cost.embed_bytes * rng.randint(0, 2),
+            flops=10 ** rng.uniform(10, 12.5), bw=10 ** rng.uniform(9, 11.5), op=10 ** rng.uniform(-6, -4.5),
+            host=rng.choice(["a", "b"]), thin_matmul_flops=rng.choice([None, 1e10]),
+            small_gemm_flops=rng.choice([None, 2e10]),
+            attention_bandwidth=rng.choice([None, 3e9]), row_overhead_s=rng.choice([0.0, 1e-8]),
+            dtype=rng.choice([None, "bfloat16"]),
+        ))
+    return cost, pool, rng.choice([1, 2, 8, 64]), rng.choice([1, 17, 512]), rng.choice([0, 16, 256])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_dynamic_program_matches_brute_force(seed):
+    rng = random.Random(seed)
+    for _ in range(30):
+        cost, devices, batch, context, reserve = random_instance(rng)
+        best, plans = brute_force(cost, devices, batch, context, reserve)
+        if best == math.inf:
+            with pytest.raises(PlacementError):
+                plan(cost, devices, batch_size=batch, context_len=context, kv_reserve_tokens=reserve)
+            continue
+        exact = plan(cost, devices, batch_size=batch, context_len=context, kv_reserve_tokens=reserve, tolerance=0.0)
+        assert exact.bottleneck_s == pytest.approx(best, rel=1e-12)
+        # The default keeps within 2% of the best and, among those, the largest smallest KV capacity.
+        chosen = plan(cost, devices, batch_size=batch, context_len=context, kv_reserve_tokens=reserve)
+        assert chosen.bottleneck_s <= best * 1.02 * (1 + 1e-12)
+        assert min(chosen.kv_blocks()) == max(b for w, b in plans if w <= best * 1.02 * (1 + 1e-12))
+        for p in (exact, chosen):
+            assert sorted(s.device_index for s in p.stages) == list(range(len(devices)))
+            assert [s.layers[0] for s in p.stages] == [0] + [s.layers[1] for s in p.stages[:-1]]
+            assert p.stages[-1].layers[1] == cost.num_layers
+            for k, s in enumerate(p.stages):
+                assert s.num_layers >= 1
+                assert s.weight_bytes + reserve * s.kv_bytes_per_token <= s.device.memory
+                assert s.kv_capacity_tokens >= reserve
+                assert s.weight_bytes == stage_weight_bytes(cost, s.num_layers, k == 0, k == len(p.stages) - 1)
+
+
+def test_memory_limits_hold_and_a_small_device_gets_fewer_layers():
+    cost = model(32)
+    per_layer = cost.layer_weight_bytes + 1024 * cost.kv_bytes_per_token
+    small = device("cuda:0", memory=10 * per_layer + cost.head_bytes)  # room for 10 layers, first or last
+    big = device("cuda:1", memory=100 * per_layer)
+    p = plan(cost, [small, big], kv_reserve_tokens=1024)
+    by_name = {s.device.name: s for s in p.stages}
+    assert by_name["cuda:0"].num_layers < by_name["cuda:1"].num_layers
+    assert by_name["cuda:0"].num_layers <= 10
+    for s in p.stages:
+        assert s.weight_bytes + 1024 * s.kv_bytes_per_token <= s.device.memory
+
+
+def test_a_slower_device_gets_fewer_layers():
+    cost = model(32)
+    fast = device("cuda:0", flops=4e12, bw=8e11, op=5e-6)
+    slow = device("cuda:1", flops=1e12, bw=2e11, op=5e-6)
+    p = plan(cost, [slow, fast], kv_reserve_tokens=256)
+    by_name = {s.device.name: s.num_layers for s in p.stages}
+    assert by_name["cuda:1"] < by_name["cuda:0"]
+    assert sum(by_name.values()) == 32
+
+
+def test_identical_devices_are_interchangeable():
+    devs = [device("cuda:0"), device("cuda:1"), device("cuda:2"), device("cpu", flops=1e10)]
+    orders = distinct_orders(devs)
+    assert len(orders) == 4  # only where the CPU goes matters
+    assert all(sorted(o) == [0, 1, 2, 3] for o in orders)
+    # Same figures but another host: no longer interchangeable.
+    assert len(distinct_orders([device("cuda:0"), device("cuda:0", host="other")])) == 2
+
+
+def test_impossible_fit_says_how_much_is_missing():
+    cost = model(30, params=40_000_000)
+    need = stage_weight_bytes(cost, 30, True, True) + 2048 * 30 * cost.kv_bytes_per_token
+    held = need - int(1.3 * GiB)
+    devs = [device("cuda:0", memory=held // 2), device("cuda:1", memory=held - held // 2)]
+    with pytest.raises(PlacementError) as e:
+        plan(cost, devs, kv_reserve_tokens=2048)
+    msg = str(e.value)
+    assert "does not fit" in msg and "2048 tokens" in msg
+    short = re.search(r"\(([\d.]+) (GiB|MiB) short\)", msg)
+    assert short
+    missing = float(short.group(1)) * (GiB if short.group(2) == "GiB" else MiB)
+    assert missing == pytest.approx(1.3 * GiB, rel=0.05)
+
+
+def test_device_too_small_for_one_layer_is_named():
+    cost = model(8)
+    with pytest.raises(PlacementError, match=r"cuda:1 .* less than one layer"):
+        plan(cost, [device("cuda:0"), device("cuda:1", memory=cost.layer_weight_bytes // 2)], kv_reserve_tokens=16)
+
+
+def test_given_split_is_evaluated_and_an_overflow_names_the_stage():
+    cost = model(8)
+    devs = [device("cuda:0"), device("cpu", memory=3 * cost.layer_weight_bytes + cost.head_bytes)]
+    p = plan(cost, devs, kv_reserve_tokens=0, layers=[5, 3])
+    assert [s.layers for s in p.stages] == [(0, 5), (5, 8)]
+    assert [s.device.name for s in p.stages] == ["cuda:0", "cpu"]
+    with pytest.raises(PlacementError, match=r"stage 1 \(cpu\) does not fit: layers 4-7 .* short\)"):
+        plan(cost, devs, kv_reserve_tokens=0, layers=[4, 4])
+    with pytest.raises(PlacementError, match="adds up to 9"):
+        plan(cost, devs, kv_reserve_tokens=0, layers=[5, 4])
+    with pytest.raises(PlacementError, match="2 devices"):
+        plan(cost, devs, kv_reserve_tokens=0, layers=[8])
+
+
+def test_more_devices_than_layers_is_an_error():
+    with pytest.raises(PlacementError, match="3 devices but the model has only 2 layers"):
+        plan(model(2), [device("cpu")] * 3, kv_reserve_tokens=0)
+
+
+def test_tied_embeddings_are_held_by_first_and_last_stage():
+    cost = model(4, tied=True)
+    one = stage_weight_bytes(cost, 4, True, True)
+    assert one == (4 * cost.layer_params + cost.head_params) * 4
+    assert stage_weight_bytes(cost, 2, True, False) + stage_weight_bytes(cost, 2, False, True) == one + cost.embed_bytes
+
+
+def test_links():
+    a, b = device("cuda:0"), device("cuda:1")
+    assert link_between(a, b).bandwidth == pytest.approx(20e9)
+    assert link_between(a, device("cuda:0", host="x")).bandwidth == pytest.approx(1.25e9)
+    assert link_between(a, device("cpu")).bandwidth < link_between(device("cpu"), device("cpu")).bandwidth
+    assert link_between(None, a).bandwidth == math.inf  # the driver sends only a small message
+    assert link_between(a, b, {("cuda:1", "cuda:0"): 300e9}).bandwidth == 300e9
+    assert link_between(a, b, 5e9).bandwidth == 5e9
+
+
+def test_plan_table_and_json():
+    cost = model(8)
+    p = plan(cost, [device("cuda:0", label="NVIDIA H200"), device("cpu", flops=1e10)], kv_reserve_tokens=64,
+             batch_size=32, context_len=128)
+    lines = p.table().splitlines()
+    assert "ms/step @32" in lines[0] and len(lines) == 1 + 2 + 1
+    assert "cuda:0 (NVIDIA H200)" in p.table()
+    data = json.loads(json.dumps(p.to_json()))
+    assert [s["layers"] for s in data["stages"]] == [list(s.layers) for s in p.stages]
+    assert set(data["stages"][0]["predicted_s"]) == {"1", "32"}
+    assert data["bottleneck_s"] == pytest.approx(max(s.predicted_s[32] for s in p.stages))
+
+
+def test_model_cost_from_config_counts_a_llama_layer():
+    from engine.config import ModelConfig
+
+    cfg = ModelConfig.from_dict(dict(
+        architectures=["LlamaForCausalLM"], hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, vocab_size=8192, tie_word_embeddings=True,
+        torch_dtype="bfloat16"))
+    cost = ModelCost.from_config(cfg, "float32", "bfloat16")
+    assert cost.layer_params == 576 * (576 + 2 * 192) + 576 * 576 + 3 * 576 * 1536 + 2 * 576
+    assert cost.layer_weight_bytes == 2 * cost.layer_params
+    assert cost.kv_bytes_per_token == 2 * 192 * 4
+    assert cost.flops_per_token == 2 * cost.layer_params
+    assert cost.activation_bytes == 576 * 4
+    assert cost.head_flops == 2 * (8192 * 576 + 576)
+    with pytest.raises(ValueError, match="sampling"):
+        ModelCost.from_config(cfg, "float32", "bfloat16", sampling="beam")
+
+
+def test_thin_rows_match_the_engine():
+    from engine import linear, placement
+
+    assert placement.THIN_ROWS == linear.THIN_ROWS
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("cpu", [("cpu", None)]),
+    ("cuda", [("cuda:0", None)]),
+    ("cuda:0=20GiB, cuda:1,cpu=8GiB", [("cuda:0", 20 * GiB), ("cuda:1", None), ("cpu", 8 * GiB)]),
+    ("cpu,cpu", [("cpu", None), ("cpu", None)]),
+    ("CUDA:2=512MiB", [("cuda:2", 512 * MiB)]),
+])
+def test_parse_devices(text, expected):
+    assert [(r.name, r.memory) for r in parse_devices(text)] == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tpu:0", "cannot read 'tpu:0'; use cpu or cuda:N, optionally =SIZE"),
+    ("cuda:0,", "empty entry"),
+    ("cpu:1", "the host CPU is just 'cpu'"),
+    ("cuda:0=lots", "cannot read size 'lots'"),
+    ("cuda:0=", "a size must follow '='"),
+    ("", "no devices given"),
+])
+def test_parse_devices_errors(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_devices(text)
+
+
+# ---- the probe's cache and override (no real probing) -----------------------------------------------------------
+
+
+PROFILE = {"cpu": {"matmul_flops": 5e10, "mem_bandwidth": 1.5e10, "op_overhead_s": 2e-6,
+                   "thin_matmul_flops": 1e10, "attention_bandwidth": 2.5e9}}
+
+
+def test_device_profile_override_wins(tmp_path, monkeypatch):
+    from engine import probe
+    from engine.placement import DeviceRequest
+
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(PROFILE))
+    monkeypatch.setenv("STRATA_DEVICE_PROFILE", str(path))
+    monkeypatch.setattr(probe, "_measure", lambda *a: pytest.fail("probed despite the override"))
+    info = probe.describe_device(DeviceRequest("cpu", 3 * GiB), "float32", 2, weight_dtype="bfloat16")
+    assert (info.matmul_flops, info.mem_bandwidth, info.op_overhead_s) == (5e10, 1.5e10, 2e-6)
+    assert info.memory == 3 * GiB and info.threads == 2 and info.label == "CPU, 2 threads"
+    assert probe.probe_device("cpu", "float32", 2) == (5e10, 1.5e10, 2e-6)
+
+
+def test_probe_results_are_cached_per_threads_and_dtype(tmp_path, monkeypatch):
+    from engine import probe
+
+    monkeypatch.delenv("STRATA_DEVICE_PROFILE", raising=False)
+    monkeypatch.setenv("STRATA_CACHE", str(tmp_path))
+    calls = []
+
+    def fake(device, dtype, weight_dtype):
+        calls.append((str(dtype), str(weight_dtype)))
+        return {"matmul_flops": 1e10 * len(calls), "mem_bandwidth": 1e10, "op_overhead_s": 1e-6,
+                "thin_matmul_flops": None, "row_overhead_s": 0.0, "attention_bandwidth": 1e9}
+
+    monkeypatch.setattr(probe, "_measure", fake)
+    first = probe.probe_rates("cpu", "float32", 1)
+    assert probe.probe_rates("cpu", "float32", 1) == first and len(calls) == 1
+    probe.probe_rates("cpu", "float32", 2)
+    probe.probe_rates("cpu", "float32", 1, "bfloat16")
+    assert len(calls) == 3
+    assert (tmp_path / "probe.json").is_file()
+
+
+# ---- strata plan --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def plan_env(tmp_path, monkeypatch):
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(PROFILE))
+    monkeypatch.setenv("STRATA_DEVICE_PROFILE", str(path))
+    monkeypatch.setenv("STRATA_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """The planner reads only config.json: a tiny Llama's, as tests/tiny_models.py writes them, without the weights."""
+    out = tmp_path / "tiny-llama"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=False, torch_dtype="float32")))
+    return out
+
+
+def plan_args(*argv: str) -> argparse.Namespace:
+    from gateway.plan_command import add_plan_parser
+
+    parser = argparse.ArgumentParser(prog="strata")
+    add_plan_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["plan", *argv])
+
+
+def test_strata_plan_prints_one_row_per_stage(plan_env, model_dir, capsys):
+    from gateway.plan_command import run_plan
+
+    assert run_plan(plan_args("--model", str(model_dir), "--devices", "cpu=1GiB,cpu=1GiB,cpu=1GiB")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("stage"))
+    rows = [line for line in lines[header + 1:] if re.match(r"\s*\d+\s", line)]
+    assert len(rows) == 3
+    assert [re.search(r"\s(\d+-\d+)\s", r).group(1) for r in rows] == ["0-0", "1-1", "2-2"]  # 3 layers, 3 CPUs
+
+
+def test_strata_plan_json(plan_env, model_dir, capsys):
+    from gateway.plan_command import run_plan
+
+    args = plan_args("--model", str(model_dir), "--devices", "cpu=2GiB,cpu=1GiB", "--layers", "2,1", "--json",
+                     "--batch-size", "8", "--max-model-len", "256")
+    assert run_plan(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [s["layers"] for s in data["stages"]] == [[0, 2], [2, 3]]
+    assert data["batch_size"] == 8 and data["kv_reserve_tokens"] == 256
+    assert set(data["stages"][1]["predicted_s"]) == {"1", "8"}
+
+
+def test_strata_plan_reports_a_misfit_in_one_line(plan_env, model_dir, capsys):
+    from gateway.plan_command import run_plan
+
+    assert run_plan(plan_args("--model", str(model_dir), "--devices", "cpu=100KiB")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("strata plan: ") and err.count("\n") == 1
+    assert "short" in err or "less than one layer" in err
+    assert run_plan(plan_args("--model", str(model_dir), "--devices", "tpu")) == 2
+    assert "cannot read 'tpu'" in capsys.readouterr().err
