@@ -35,6 +35,8 @@ class Batch:
     # Finished or aborted sequences whose per-sequence state the stages may drop.
     released: list[int] = field(default_factory=list)
     trace: dict | None = None
+    # Appended by each stage as the batch passes: (stage index, compute start, compute end), wall-clock seconds.
+    timings: list[tuple[int, float, float]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -48,4 +50,4 @@ class StepOutput:
     token_ids: list[int]
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
-    timings: dict | None = None
+    timings: list[tuple[int, float, float]] = field(default_factory=list)  # the Batch's, one entry per stage

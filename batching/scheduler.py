@@ -7,7 +7,7 @@ decodes beside it. When KV blocks run out the most recently admitted sequence is
 preempted: its blocks are freed and it is recomputed later from its tokens.
 
 A sequence is in at most one step at a time (its next token depends on the last), so
-with several micro-batches in flight each holds different sequences.
+with several micro-batches in flight each holds different sequences, about an equal share.
 """
 from __future__ import annotations
 
@@ -29,8 +29,12 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
     enable_prefix_caching: bool = True
+    # Batches in flight at once (the pipeline's stage count): each takes about this share of the sequences.
+    num_micro_batches: int = 1
 
     def __post_init__(self) -> None:
+        if self.num_micro_batches < 1:
+            raise ValueError(f"num_micro_batches must be at least 1, got {self.num_micro_batches}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
@@ -117,10 +121,13 @@ class Scheduler:
         budget = cfg.max_num_batched_tokens
         work: list[tuple[Sequence, int]] = []
         preempted = False
+        # With P micro-batches in flight, one batch takes its share of the sequences so the next has some too.
+        active = min(len(self.running) + len(self.waiting), cfg.max_num_seqs)
+        max_seqs = max(1, -(-active // cfg.num_micro_batches))
 
         # Running sequences first, oldest first; make room by preempting the newest.
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(work) < max_seqs:
             seq = self.running[i]
             if seq.in_flight:
                 i += 1
@@ -148,7 +155,8 @@ class Scheduler:
             self._preempt(seq)
 
         # Then waiting sequences in arrival order; none jumps the queue.
-        while self.waiting and budget > 0 and not preempted and len(self.running) < cfg.max_num_seqs:
+        while (self.waiting and budget > 0 and not preempted and len(self.running) < cfg.max_num_seqs
+               and len(work) < max_seqs):
             seq = self.waiting[0]
             hit_blocks = self.blocks.can_prefix_hits(seq)
             remaining = seq.num_tokens - hit_blocks * cfg.block_size

@@ -17,11 +17,12 @@ import torch.distributed as dist
 from batching.batch import Batch, StepOutput
 from engine import transport
 from engine.errors import EngineDeadError
-from engine.stage import Allocate, Shutdown, StageReady, StageSpec
+from engine.placement import DeviceInfo
+from engine.stage import Allocate, DescribeDevice, Failed, Shutdown, StageReady, StageSpec
 
 
 # Not `-m engine.stage`: pickled messages must name their classes by module, not __main__.
-STAGE_COMMAND = [sys.executable, "-c", "from engine.stage import main; main()"]
+STAGE_COMMAND = [sys.executable, "-c", "import sys; from engine.stage import main; sys.exit(main())"]
 
 
 def free_port() -> int:
@@ -33,78 +34,107 @@ def free_port() -> int:
 @dataclass(slots=True)
 class PipelineInfo:
     num_blocks: int
-    stages: list[StageReady]
+    stages: list[StageReady]  # in stage order
 
 
 class Driver:
-    def __init__(self, specs: list[StageSpec], rendezvous_timeout_s: float = 120.0) -> None:
+    """Rank 0 of the ring. Local stages (one process per entry of `devices`) take ranks 1..N; workers on other
+    hosts join at `host:port` as ranks N+1 .. N+num_remote with the standard rendezvous variables."""
+
+    def __init__(self, devices: list[str], threads: int | None = None, num_remote: int = 0,
+                 host: str = "127.0.0.1", port: int | None = None, rendezvous_timeout_s: float = 120.0) -> None:
         if dist.is_initialized():
             # The ring is torch.distributed's default group, of which a process has one.
             raise RuntimeError("this process already drives a pipeline; one engine per process")
-        self.num_stages = len(specs)
-        self.world_size = self.num_stages + 1
-        self.last_rank = self.num_stages
+        self.world_size = 1 + len(devices) + num_remote
         self.procs: list[subprocess.Popen] = []
-        self._pending: list = []  # isend works and their buffers, kept alive until done
+        self.outbox = transport.Outbox()
         self.dead: str | None = None
-        addr, port = "127.0.0.1", free_port()
-        for rank in range(1, self.world_size):
-            env = dict(os.environ, MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank),
-                       WORLD_SIZE=str(self.world_size), STRATA_RENDEZVOUS_TIMEOUT=str(rendezvous_timeout_s))
-            self.procs.append(subprocess.Popen(STAGE_COMMAND, env=env))
+        self.links: list[transport.Link] = []
+        self.stage_ranks: list[int] = []
+        port = port or free_port()
+        connect = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         try:
-            store = transport.serve_rendezvous(addr, port, self.world_size, rendezvous_timeout_s)
-            self._wait_for_stages(store, rendezvous_timeout_s)
+            store = transport.serve_rendezvous(host, port, self.world_size, rendezvous_timeout_s)
+            for rank, device in enumerate(devices, start=1):
+                env = dict(os.environ, MASTER_ADDR=connect, MASTER_PORT=str(port), RANK=str(rank),
+                           WORLD_SIZE=str(self.world_size), STRATA_RENDEZVOUS_TIMEOUT=str(rendezvous_timeout_s))
+                args = ["--device", device] + (["--threads", str(threads)] if threads else [])
+                self.procs.append(subprocess.Popen(STAGE_COMMAND + args, env=env))
+            self._wait_for_stages(store, rendezvous_timeout_s, f"{host}:{port}")
             transport.init(0, self.world_size, store, rendezvous_timeout_s)
-            self.info = self._handshake(specs)
         except BaseException:
             self._kill()
             transport.close()
             raise
 
-    def _wait_for_stages(self, store, timeout_s: float) -> None:
-        """Wait until every stage has reached the store; a stage that dies first fails start-up at once."""
+    def _wait_for_stages(self, store, timeout_s: float, where: str) -> None:
+        """Wait until every stage has reached the store; a local stage that dies first fails start-up at once."""
         deadline = time.monotonic() + timeout_s
-        while not transport.joined(store, range(1, self.world_size)):
+        ranks = range(1, self.world_size)
+        while not transport.joined(store, ranks):
             for i, p in enumerate(self.procs):
                 if p.poll() is not None:
-                    raise RuntimeError(f"stage {i} exited with code {p.returncode} before joining the pipeline")
+                    raise RuntimeError(f"stage process {i + 1} exited with code {p.returncode} before joining the pipeline")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"stages did not join the pipeline within {timeout_s:.0f}s")
+                missing = [r for r in ranks if not transport.joined(store, range(r, r + 1))]
+                raise RuntimeError(f"ranks {missing} did not join the pipeline at {where} within {timeout_s:.0f}s")
             time.sleep(0.02)
 
-    def _handshake(self, specs: list[StageSpec]) -> PipelineInfo:
-        for rank, spec in enumerate(specs, start=1):
+    # ---- start-up ---------------------------------------------------------------------
+    def describe(self, ask: DescribeDevice) -> list[DeviceInfo]:
+        """Every stage's device, in rank order (index i is rank i + 1)."""
+        self._send_all(ask)
+        answers = [transport.recv_obj(rank) for rank in range(1, self.world_size)]
+        failed = [a.error for a in answers if isinstance(a, Failed)]
+        if failed:
+            raise RuntimeError(failed[0])
+        return answers
+
+    def start(self, specs: list[tuple[int, StageSpec]]) -> PipelineInfo:
+        """Send each rank its stage (in stage order), link the ring, load, and size the shared block pool."""
+        self.stage_ranks = [rank for rank, _ in specs]
+        for rank, spec in specs:
             transport.send_obj(spec, rank)
-        ready: list[StageReady] = [transport.recv_obj(rank) for rank in range(1, self.world_size)]
-        errors = [r.error for r in ready if r.error]
+        self.links = transport.make_links(specs[0][1].ring, set(specs[0][1].cuda_ranks))
+        ready: list[StageReady] = [transport.recv_obj(rank) for rank in self.stage_ranks]
+        errors = [f"stage {r.stage_index}: {r.error}" for r in ready if r.error]
         if errors:
             raise RuntimeError(errors[0])
         num_blocks = min(r.capacity_blocks for r in ready)
         self._send_all(Allocate(num_blocks))
-        for rank in range(1, self.world_size):
+        for rank in self.stage_ranks:
             ack = transport.recv_obj(rank)
             if ack != "allocated":
-                raise RuntimeError(f"stage {rank - 1} could not allocate its KV cache: {ack}")
+                raise RuntimeError(f"rank {rank} could not allocate its KV cache: {ack}")
         return PipelineInfo(num_blocks, ready)
+
+    def abandon(self) -> None:
+        """Start-up failed after the stages joined: tell them all to leave (they are waiting for a message)."""
+        try:
+            self._send_all(Shutdown())
+        except RuntimeError:
+            pass
+        self.shutdown()
 
     def _send_all(self, msg: object) -> None:
         for rank in range(1, self.world_size):
             transport.send_obj(msg, rank)
 
+    # ---- steady state -----------------------------------------------------------------
     def submit(self, batch: Batch) -> None:
         self._check()
+        first = self.links[0]
         try:
-            self._pending = [(w, bufs) for w, bufs in self._pending if not w.is_completed()]
-            works, bufs = transport.isend_obj(batch, 1)
-            self._pending.extend((w, bufs) for w in works)
+            self.outbox.post(*transport.isend_obj(batch, first.dst, first.objects))
         except RuntimeError as e:
             self._died(e)
 
     def receive(self) -> StepOutput:
         self._check()
+        last = self.links[-1]
         try:
-            return transport.recv_obj(self.last_rank)
+            return transport.recv_obj(last.src, last.objects)
         except RuntimeError as e:
             self._died(e)
 
@@ -112,17 +142,24 @@ class Driver:
         if self.dead:
             raise EngineDeadError(self.dead)
 
+    def check_processes(self) -> None:
+        self._check()
+        for i, p in enumerate(self.procs):
+            if p.poll() is not None:
+                self.dead = f"stage process {i + 1} exited with code {p.returncode}"
+                raise EngineDeadError(self.dead)
+
     def _died(self, e: Exception):
         codes = [p.poll() for p in self.procs]
         which = [i for i, c in enumerate(codes) if c is not None]
-        self.dead = (f"stage {which[0]} exited with code {codes[which[0]]}" if which
+        self.dead = (f"stage process {which[0] + 1} exited with code {codes[which[0]]}" if which
                      else f"lost the connection to the pipeline: {str(e).splitlines()[0]}")
         raise EngineDeadError(self.dead) from None
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        if not self.dead and dist.is_initialized():
+        if not self.dead and self.links:
             try:
-                transport.send_obj(Shutdown(), 1)
+                transport.send_obj(Shutdown(), self.links[0].dst, self.links[0].objects)
             except RuntimeError:
                 pass
         deadline = time.monotonic() + timeout_s

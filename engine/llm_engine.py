@@ -19,9 +19,11 @@ from engine import checkpoint
 from engine.config import DTYPES, ModelConfig
 from engine.device import parse_size, resolve_dtypes
 from engine.driver import Driver
+from engine.placement import DeviceInfo, ModelCost, Plan, parse_devices
+from engine.placement import plan as place
 from engine.errors import CheckpointError
 from engine.outputs import SeqDelta, TokenLogprob
-from engine.stage import StageSpec
+from engine.stage import DescribeDevice, StageSpec
 from tokenization import IncrementalDetokenizer, StopMatcher, Tokenizer
 
 
@@ -29,11 +31,15 @@ from tokenization import IncrementalDetokenizer, StopMatcher, Tokenizer
 class EngineConfig:
     model: str
     dtype: str = "auto"  # auto: the checkpoint's, or fp32 on a CPU without native bf16/fp16
-    device: str = "cpu"
-    threads: int | None = None  # torch threads in the stage process; None: torch's default
+    # One stage per device, with optional memory budgets: "cuda:0=20GiB,cuda:1,cpu=8GiB"; "cpu,cpu" is two CPU stages.
+    devices: str = "cpu"
+    threads: int | None = None  # torch threads in each stage process; None: torch's default
+    layers: list[int] | str | None = None  # layers per stage in --devices order, overriding the planner: "20,8,4"
+    workers: int = 0  # stages on other hosts, joining with `strata worker` after the local ones
+    rendezvous: str | None = None  # host:port the stages join at; None: loopback and a free port
     block_size: int = 16
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None: 512 on CPU (a step stays short), 2048 elsewhere
+    max_num_batched_tokens: int | None = None  # None: 512 on CPU-only pipelines (a step stays short), else 2048
     max_model_len: int | None = None  # None: what the model supports
     kv_cache_memory: int | str | None = None  # bytes for KV; None: a share of free memory
     kv_cache_fraction: float = 0.9
@@ -52,14 +58,22 @@ class EngineConfig:
             self.kv_cache_memory = parse_size(self.kv_cache_memory)
         if not 0.0 < self.kv_cache_fraction <= 1.0:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
-        if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = 512 if self.device == "cpu" else 2048
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
-        try:
-            torch.device(self.device)
-        except RuntimeError:
-            raise ValueError(f"unknown device {self.device!r}") from None
+        requests = parse_devices(self.devices)  # raises with a clear message
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = 512 if all(r.name == "cpu" for r in requests) else 2048
+        if isinstance(self.layers, str):
+            try:
+                self.layers = [int(n) for n in self.layers.split(",")]
+            except ValueError:
+                raise ValueError(f"layers must be comma-separated counts such as 20,8,4, got {self.layers!r}") from None
+        if self.workers < 0:
+            raise ValueError(f"workers must be at least 0, got {self.workers}")
+        if self.rendezvous is not None:
+            host, _, port = self.rendezvous.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"rendezvous must be host:port, got {self.rendezvous!r}")
 
 
 class LLMEngine:
@@ -76,37 +90,72 @@ class LLMEngine:
         if max_len > limit:
             raise ValueError(f"max_model_len {max_len} exceeds what the model supports ({limit})")
         self.max_model_len = max_len
-        device = torch.device(config.device)
-        self.dtype, self.weight_dtype = resolve_dtypes(config.dtype, cfg.checkpoint_dtype, device)
         eos = cfg.eos_token_ids | (self.tokenizer.eos_token_ids if self.tokenizer else frozenset())
         self.eos_token_ids = frozenset(eos)
-        spec = StageSpec(
-            stage_index=0, num_stages=1, model_dir=str(model_dir.resolve()), layers=(0, cfg.num_layers),
-            device=config.device, dtype=self.dtype, weight_dtype=self.weight_dtype, threads=config.threads, block_size=config.block_size,
-            max_model_len=max_len, kv_cache_memory=config.kv_cache_memory,
-            kv_cache_fraction=config.kv_cache_fraction,
-            max_kv_tokens=config.max_num_seqs * max_len if config.num_kv_blocks is None else config.num_kv_blocks * config.block_size,
-        )
-        self.driver = Driver([spec], config.rendezvous_timeout_s)
-        num_blocks = self.driver.info.num_blocks
+        self.driver, self.plan, num_blocks = self._start_pipeline(model_dir, max_len)
+        self.max_in_flight = len(self.plan.stages)
         if config.num_kv_blocks is not None and num_blocks < config.num_kv_blocks:
             self.driver.shutdown()
             raise ValueError(f"num_kv_blocks={config.num_kv_blocks} does not fit the KV memory budget ({num_blocks} blocks)")
+        self.stage_stats = [StageStats() for _ in self.plan.stages]
         try:
             self.scheduler = Scheduler(
                 SchedulerConfig(
                     num_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
                     max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_len,
-                    enable_prefix_caching=config.enable_prefix_caching,
+                    enable_prefix_caching=config.enable_prefix_caching, num_micro_batches=self.max_in_flight,
                 ),
                 self.eos_token_ids,
             )
         except ValueError:
             self.driver.shutdown()
             raise
-        self.max_in_flight = self.driver.num_stages
         self._ids = itertools.count()
         self._streams: dict[int, _SeqStream] = {}
+
+    def _start_pipeline(self, model_dir: Path, max_len: int) -> tuple[Driver, Plan, int]:
+        """Start the stage processes, ask each what its device is worth, place the layers, load and link."""
+        config, cfg = self.config, self.model_config
+        requests = parse_devices(config.devices)
+        devices = [f"{d.name}={d.memory}" if d.memory else d.name for d in requests]
+        host, port = "127.0.0.1", None
+        if config.rendezvous:
+            host, _, p = config.rendezvous.rpartition(":")
+            port = int(p)
+        driver = Driver(devices, config.threads, config.workers, host, port, config.rendezvous_timeout_s)
+        try:
+            infos = driver.describe(DescribeDevice(config.dtype, cfg.checkpoint_dtype, config.kv_cache_fraction))
+            share_host_memory(infos, [d.memory is not None for d in requests])
+            compute, weights = resolve_dtypes(config.dtype, cfg.checkpoint_dtype, torch.device(infos[0].name))
+            # Each of the P micro-batches in flight holds 1/P of the sequences: plan for that step.
+            micro_batch = -(-min(config.max_num_seqs, PLANNED_SEQS) // len(infos))
+            plan = place(
+                ModelCost.from_config(cfg, compute, weights), infos, batch_size=micro_batch,
+                context_len=min(max_len, 512), kv_reserve_tokens=max_len, layers=config.layers,
+                block_size=config.block_size,
+            )
+            ranks = [s.device_index + 1 for s in plan.stages]
+            ring = [0, *ranks]
+            cuda_ranks = [r for r, s in zip(ranks, plan.stages) if s.device.kind == "cuda"]
+            max_kv_tokens = (config.max_num_seqs * max_len if config.num_kv_blocks is None
+                             else config.num_kv_blocks * config.block_size)
+            specs, prev_dtype = [], None
+            for k, (rank, st) in enumerate(zip(ranks, plan.stages)):
+                compute, weights = resolve_dtypes(config.dtype, cfg.checkpoint_dtype, torch.device(st.device.name))
+                specs.append((rank, StageSpec(
+                    stage_index=k, num_stages=len(ranks), ring=ring, cuda_ranks=cuda_ranks,
+                    model_dir=str(model_dir.resolve()), layers=st.layers, dtype=compute, weight_dtype=weights,
+                    input_dtype=prev_dtype or compute, block_size=config.block_size, max_model_len=max_len,
+                    kv_cache_memory=config.kv_cache_memory, kv_cache_fraction=config.kv_cache_fraction,
+                    max_kv_tokens=max_kv_tokens,
+                )))
+                prev_dtype = compute
+            self.dtype, self.weight_dtype = specs[0][1].dtype, specs[0][1].weight_dtype
+            info = driver.start(specs)
+        except BaseException:
+            driver.abandon()
+            raise
+        return driver, plan, info.num_blocks
 
     # ---- requests ---------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
@@ -138,19 +187,26 @@ class LLMEngine:
 
     # ---- the loop ---------------------------------------------------------------------
     def step(self) -> list[SeqDelta]:
-        """Keep the pipeline full, then wait for the oldest step in flight and apply it."""
+        """Keep the pipeline full, wait for the oldest step in flight and apply it."""
+        self._fill_pipeline()
+        if not self.scheduler.in_flight:
+            return []
+        out = self.driver.receive()
+        for stage, start, end in out.timings:
+            self.stage_stats[stage].add(end - start)
+        updates = self.scheduler.update(out)
+        # Refill before detokenizing: the first stage is idle from now until the next batch reaches it.
+        self._fill_pipeline()
+        return self._deltas(out, updates)
+
+    def _fill_pipeline(self) -> None:
         while len(self.scheduler.in_flight) < self.max_in_flight:
             batch = self.scheduler.schedule()
             if batch is None:
                 break
             self.driver.submit(batch)
-        if not self.scheduler.in_flight:
-            return []
-        out = self.driver.receive()
-        return self._apply(out)
 
-    def _apply(self, out: StepOutput) -> list[SeqDelta]:
-        updates: list[SeqUpdate] = self.scheduler.update(out)
+    def _deltas(self, out: StepOutput, updates: list[SeqUpdate]) -> list[SeqDelta]:
         deltas = []
         lp_index = {s: i for i, s in enumerate(out.seq_ids)} if out.logprobs is not None else None
         for u in updates:
@@ -184,8 +240,42 @@ class LLMEngine:
     def kv_cache_usage(self) -> float:
         return self.scheduler.blocks.usage
 
+    def check_stages(self) -> None:
+        """Raise EngineDeadError if a local stage process has exited."""
+        self.driver.check_processes()
+
     def shutdown(self) -> None:
         self.driver.shutdown()
+
+
+# The planner balances stages for a step of this many running sequences (fewer if max_num_seqs is lower).
+PLANNED_SEQS = 64
+
+
+def share_host_memory(infos: list[DeviceInfo], budgeted: list[bool]) -> None:
+    """CPU stages on one host without a budget each measured the same free memory; split it between them.
+    `budgeted` covers the local stages (the first ones); a remote worker's budget is its own business."""
+    shared: dict[str, list[DeviceInfo]] = {}
+    for i, info in enumerate(infos):
+        if info.kind == "cpu" and not (i < len(budgeted) and budgeted[i]):
+            shared.setdefault(info.host, []).append(info)
+    for group in shared.values():
+        for info in group:
+            info.memory //= len(group)
+
+
+@dataclass(slots=True)
+class StageStats:
+    """What one stage's compute has cost so far (from the timings each batch brings back)."""
+
+    busy_s: float = 0.0
+    steps: int = 0
+    last_step_s: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.busy_s += seconds
+        self.steps += 1
+        self.last_step_s = seconds
 
 
 class _SeqStream:

@@ -65,10 +65,12 @@ class StageModel:
         self.dtype, self.device = dtype, device
         shapes = expected_shapes(cfg, layers, first, last)
         weight_dtype = weight_dtype or dtype
+        fp32_bytes = 4 * sum(math.prod(s) for s in shapes.values())
         if wide_copy is None:
-            fp32_bytes = 4 * sum(math.prod(s) for s in shapes.values())
-            wide_copy = weight_dtype != dtype and fp32_bytes <= available_memory(device) // 4
+            wide_copy = fp32_bytes <= available_memory(device) // 4
+        wide_copy = wide_copy and weight_dtype != dtype
         t = {k: v.to(device) for k, v in load_tensors(files, shapes, weight_dtype).items()}
+        self.weight_bytes = sum(v.numel() * v.element_size() for v in t.values()) + (fp32_bytes if wide_copy else 0)
         linear = partial(make_linear, compute_dtype=dtype, scratch={}, wide_copy=wide_copy)
         self.embed = t.get("model.embed_tokens.weight") if first else None
         self.layers = [DecoderLayer(t, f"model.layers.{i}.", cfg, dtype, linear) for i in layers]

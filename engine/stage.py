@@ -7,8 +7,13 @@ previous stage in, to the next stage or (on the last stage, after sampling) the 
 """
 from __future__ import annotations
 
+import argparse
+import math
 import os
+import queue
 import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +23,12 @@ import torch
 from batching.batch import Batch, StepOutput
 from engine import transport
 from engine.attention import build_metadata
-from engine.checkpoint import weight_files
+from engine.checkpoint import expected_shapes, weight_files
 from engine.config import ModelConfig
-from engine.device import TORCH_DTYPES, available_memory
+from engine.device import TORCH_DTYPES, available_memory, resolve_dtypes
 from engine.model import StageModel
+from engine.placement import DeviceRequest, parse_devices
+from engine.probe import describe_device
 from engine.sampler import Sampler, SamplingRow
 
 DRIVER_RANK = 0
@@ -29,20 +36,30 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
 @dataclass(slots=True)
+class DescribeDevice:
+    """The driver's first message: what the stage's device is worth for this model (before any plan)."""
+
+    dtype: str  # requested: auto or a dtype name
+    checkpoint_dtype: str
+    memory_fraction: float  # share of free memory a stage may use when its device has no budget
+
+
+@dataclass(slots=True)
 class StageSpec:
-    """What the driver tells a stage to serve."""
+    """What the driver tells a stage to serve, once the plan is made."""
 
     stage_index: int
     num_stages: int
+    ring: list[int]  # ranks in stage order, the driver first
+    cuda_ranks: list[int]  # ranks whose stage is on a CUDA device (their links carry tensors over NCCL)
     model_dir: str
     layers: tuple[int, int]  # [start, end)
-    device: str
     dtype: str  # activations and KV cache
     weight_dtype: str
-    threads: int | None
+    input_dtype: str  # of the activations that arrive from the previous stage
     block_size: int
     max_model_len: int
-    kv_cache_memory: int | None  # bytes for this stage's KV; None: a fraction of what is free
+    kv_cache_memory: int | None  # bytes for this stage's KV; None: what the device budget leaves, or a share of free memory
     kv_cache_fraction: float
     max_kv_tokens: int  # more KV than this is never needed (max_num_seqs x max_model_len)
 
@@ -65,26 +82,45 @@ class Shutdown:
     pass
 
 
+@dataclass(slots=True)
+class Failed:
+    """A stage's answer when it cannot do what it was asked (one line for the user)."""
+
+    error: str
+
+
 class StageRunner:
     """Turns Batches into forward passes over this stage's layers."""
 
-    def __init__(self, spec: StageSpec) -> None:
+    def __init__(self, spec: StageSpec, device: str, memory_budget: int | None = None) -> None:
         self.spec = spec
-        self.device = torch.device(spec.device)
+        self.device = torch.device(device)
+        self.memory_budget = memory_budget  # bytes for weights plus KV on this device, when the user set one
         self.dtype = TORCH_DTYPES[spec.dtype]
         self.first = spec.stage_index == 0
         self.last = spec.stage_index == spec.num_stages - 1
         model_dir = Path(spec.model_dir)
         self.cfg = ModelConfig.from_dir(model_dir)
+        self.block_size = spec.block_size
         self.model = StageModel(
             self.cfg, weight_files(model_dir), range(*spec.layers), self.first, self.last,
-            self.dtype, self.device, spec.max_model_len, TORCH_DTYPES[spec.weight_dtype],
+            self.dtype, self.device, spec.max_model_len, TORCH_DTYPES[spec.weight_dtype], self._wide_copy(),
         )
-        self.block_size = spec.block_size
         self.tables: dict[int, list[int]] = {}
         self.rows: dict[int, SamplingRow] = {}
         self.sampler = Sampler(self.cfg.vocab_size, self.cfg.eos_token_ids) if self.last else None
         self.kv_cache: torch.Tensor | None = None
+
+    def _wide_copy(self) -> bool | None:
+        """Under a memory budget, an fp32 copy of half-precision weights (engine.linear) only where the budget
+        holds the weights, the copy and KV for one full-length sequence; else the model decides by free memory."""
+        if self.memory_budget is None:
+            return None
+        spec = self.spec
+        shapes = expected_shapes(self.cfg, range(*spec.layers), self.first, self.last)
+        params = sum(math.prod(shape) for shape in shapes.values())
+        kv_reserve = spec.max_model_len * self.bytes_per_block // self.block_size
+        return params * (TORCH_DTYPES[spec.weight_dtype].itemsize + 4) + kv_reserve <= self.memory_budget
 
     @property
     def bytes_per_block(self) -> int:
@@ -92,10 +128,13 @@ class StageRunner:
         return n_layers * 2 * self.block_size * self.cfg.kv_size * self.dtype.itemsize
 
     def capacity_blocks(self) -> int:
+        """Called once the weights are loaded, so free memory no longer counts them."""
         budget = self.spec.kv_cache_memory
         if budget is None:
             budget = int(available_memory(self.device) * self.spec.kv_cache_fraction)
-            if self.device.type == "cpu":
+            if self.memory_budget is not None:
+                budget = min(budget, self.memory_budget - self.model.weight_bytes)
+            elif self.device.type == "cpu":
                 # Host memory is shared with everything else on the machine; take a modest share unless told.
                 budget = min(budget, DEFAULT_CPU_KV_BYTES)
         wanted = -(-self.spec.max_kv_tokens // self.block_size)
@@ -160,18 +199,29 @@ class StageRunner:
         return hidden_out, StepOutput(batch.batch_id, sample_ids, sampled.token_ids, sampled.logprobs, sampled.top)
 
 
-def serve(rank: int, world_size: int) -> None:
-    """The stage's life: handshake, then batches until Shutdown."""
-    spec: StageSpec = transport.recv_obj(DRIVER_RANK)
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    prev_rank = rank - 1
-    next_rank = (rank + 1) % world_size
+def serve(rank: int, world_size: int, request: DeviceRequest, threads: int | None, model_dir: str | None) -> None:
+    """The stage's life: describe the device, take a spec, load, then run batches until Shutdown."""
+    if threads:
+        torch.set_num_threads(threads)
+    ask: DescribeDevice = transport.recv_obj(DRIVER_RANK)
     try:
-        runner = StageRunner(spec)
-        ready = StageReady(spec.stage_index, runner.capacity_blocks(), runner.bytes_per_block, spec.device)
+        compute, weights = resolve_dtypes(ask.dtype, ask.checkpoint_dtype, torch.device(request.name))
+        info = describe_device(request, compute, threads, ask.memory_fraction, weights)
     except Exception as e:  # reported to the driver, which fails start-up with this line
-        transport.send_obj(StageReady(spec.stage_index, 0, 0, spec.device, error=_one_line(e)), DRIVER_RANK)
+        transport.send_obj(Failed(f"{request.name}: {_one_line(e)}"), DRIVER_RANK)
+        return
+    transport.send_obj(info, DRIVER_RANK)
+    spec = transport.recv_obj(DRIVER_RANK)
+    if isinstance(spec, Shutdown):
+        return
+    if model_dir is not None:
+        spec.model_dir = model_dir  # this host keeps the checkpoint elsewhere
+    links = transport.make_links(spec.ring, set(spec.cuda_ranks))
+    try:
+        runner = StageRunner(spec, request.name, request.memory)
+        ready = StageReady(spec.stage_index, runner.capacity_blocks(), runner.bytes_per_block, info.label)
+    except Exception as e:
+        transport.send_obj(StageReady(spec.stage_index, 0, 0, request.name, error=_one_line(e)), DRIVER_RANK)
         return
     transport.send_obj(ready, DRIVER_RANK)
     msg = transport.recv_obj(DRIVER_RANK)
@@ -183,22 +233,53 @@ def serve(rank: int, world_size: int) -> None:
         transport.send_obj(_one_line(e), DRIVER_RANK)
         return
     transport.send_obj("allocated", DRIVER_RANK)
+    run_batches(runner, links[spec.stage_index], links[spec.stage_index + 1])
+
+
+def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transport.Link) -> None:
+    """Receive in one thread, compute and post sends in this one: the next batch's transfer in and the
+    last batch's transfer out both overlap this batch's compute."""
+    spec = runner.spec
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    input_dtype = TORCH_DTYPES[spec.input_dtype]
     hidden_size = runner.cfg.hidden_size
+
+    def receive() -> None:
+        try:
+            while True:
+                batch = transport.recv_obj(link_in.src, link_in.objects)
+                hidden = None
+                if isinstance(batch, Batch) and not runner.first:
+                    hidden = transport.recv_tensor((batch.num_tokens, hidden_size), input_dtype, link_in, runner.device)
+                inbox.put((batch, hidden))
+                if isinstance(batch, Shutdown):
+                    return
+        except Exception as e:
+            inbox.put(e)
+
+    threading.Thread(target=receive, name="stage-receive", daemon=True).start()
+    outbox = transport.Outbox()
     while True:
-        batch = transport.recv_obj(prev_rank)
+        item = inbox.get()
+        if isinstance(item, Exception):
+            raise item
+        batch, hidden = item
         if isinstance(batch, Shutdown):
+            # Sends still pending are results nobody will read now; only the Shutdown itself must go on.
             if not runner.last:
-                transport.send_obj(batch, next_rank)
+                transport.send_obj(batch, link_out.dst, link_out.objects)
             return
-        hidden = None
-        if not runner.first:
-            hidden = transport.recv_tensor((batch.num_tokens, hidden_size), runner.dtype, prev_rank, runner.device)
+        if hidden is not None and hidden.dtype != runner.dtype:
+            hidden = hidden.to(runner.dtype)
+        start = time.time()
         hidden_out, out = runner.step(batch, hidden)
+        batch.timings.append((spec.stage_index, start, time.time()))
         if runner.last:
-            transport.send_obj(out, DRIVER_RANK)
+            out.timings = batch.timings
+            outbox.post(*transport.isend_obj(out, link_out.dst, link_out.objects))
         else:
-            transport.send_obj(batch, next_rank)
-            transport.send_tensor(hidden_out, next_rank)
+            outbox.post(*transport.isend_obj(batch, link_out.dst, link_out.objects))
+            outbox.post(*transport.isend_tensor(hidden_out, link_out))
 
 
 def _one_line(e: BaseException) -> str:
@@ -206,27 +287,62 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
-def main() -> None:
-    """Entry point of a stage process; the rendezvous comes from the standard variables."""
+def worker_args(argv: list[str] | None = None, prog: str = "strata worker") -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=prog, description="Join a Strata pipeline as one stage. The rendezvous comes "
+                                 "from MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE, as for any torch.distributed job.")
+    add_worker_args(ap)
+    return ap.parse_args(argv)
+
+
+def add_worker_args(ap: argparse.ArgumentParser) -> None:
     env = os.environ
-    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-    timeout = float(env.get("STRATA_RENDEZVOUS_TIMEOUT", "60"))
+    ap.add_argument("--device", default=env.get("STRATA_DEVICE", "cpu"),
+                    help="this stage's device, optionally with a memory budget: cpu, cuda:1, cuda:0=20GiB")
+    ap.add_argument("--threads", type=int, default=env.get("STRATA_THREADS"), help="torch threads of this stage")
+    ap.add_argument("--model", default=env.get("STRATA_WORKER_MODEL"),
+                    help="the checkpoint directory on this host, when it is not where the server has it")
+    ap.add_argument("--rendezvous-timeout", type=float, default=float(env.get("STRATA_RENDEZVOUS_TIMEOUT", 60)),
+                    help="seconds to reach the server before giving up")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of a stage process started by the server."""
+    return run_worker(worker_args(argv))
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """A stage process, local or on another host (`strata worker`)."""
+    env = os.environ
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE") if v not in env]
+    if missing:
+        print(f"strata worker: set {', '.join(missing)} (the server's rendezvous address and port, this stage's "
+              "rank and the world size)", file=sys.stderr)
+        return 2
     try:
-        store = transport.join_rendezvous(env.get("MASTER_ADDR", "127.0.0.1"), int(env["MASTER_PORT"]), world, timeout)
+        request = parse_devices(args.device)
+        if len(request) != 1:
+            raise ValueError(f"a worker serves one device, got {args.device!r}")
+    except ValueError as e:
+        print(f"strata worker: {e}", file=sys.stderr)
+        return 2
+    addr, port, rank, world = env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["RANK"]), int(env["WORLD_SIZE"])
+    try:
+        store = transport.join_rendezvous(addr, port, world, args.rendezvous_timeout)
         transport.announce(store, rank)
-        transport.init(rank, world, store, timeout)
+        transport.init(rank, world, store, args.rendezvous_timeout)
     except Exception as e:
-        print(f"strata stage {rank}: cannot join the pipeline at {env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}: {_one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        print(f"strata worker: cannot join the pipeline at {addr}:{port} within {args.rendezvous_timeout:.0f}s "
+              f"as rank {rank} of {world}: {_one_line(e)}", file=sys.stderr)
+        return 2
     try:
-        serve(rank, world)
+        serve(rank, world, request[0], args.threads, args.model)
     except RuntimeError as e:
         # The driver or a neighbour went away; nothing to do but leave.
-        print(f"strata stage {rank}: pipeline closed: {_one_line(e)}", file=sys.stderr)
-        sys.exit(1)
+        print(f"strata worker {rank}: pipeline closed: {_one_line(e)}", file=sys.stderr)
+        return 1
     except Exception:
         traceback.print_exc()
-        sys.exit(1)
+        return 1
     finally:
         transport.close()
-
+    return 0

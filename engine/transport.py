@@ -1,5 +1,11 @@
 """Point-to-point messages between the driver and the stages over torch.distributed.
 
+The rendezvous and the start-up handshake use the default process group (gloo, with the
+rendezvous timeout). Steady-state traffic runs over one group per link of the ring
+(driver → stage 0 → … → last stage → driver), so that a stage receives from its left
+neighbour in one thread while it sends to its right neighbour from another, and a link
+whose two ends are CUDA devices carries its activations over NCCL.
+
 Objects (batches, step outputs, control messages) travel pickled as a length and a byte
 tensor; activations travel as tensors whose shape the receiver knows from the batch.
 """
@@ -7,19 +13,19 @@ from __future__ import annotations
 
 import datetime
 import pickle
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 _SIZE_DTYPE = torch.int64
-# An idle server sends nothing for hours; the ring's own group must not time out on that.
+# An idle server sends nothing for hours; the ring's links must not time out on that.
 _IDLE_TIMEOUT = datetime.timedelta(days=365)
-_ring = None
 
 
-def serve_rendezvous(master_addr: str, master_port: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+def serve_rendezvous(host: str, port: int, world_size: int, timeout_s: float) -> dist.TCPStore:
     """The driver's side: host the store the stages rendezvous at (returns at once)."""
-    return dist.TCPStore(master_addr, master_port, world_size, is_master=True, wait_for_workers=False,
+    return dist.TCPStore(host, port, world_size, is_master=True, wait_for_workers=False,
                          timeout=datetime.timedelta(seconds=timeout_s))
 
 
@@ -40,46 +46,84 @@ def join_rendezvous(master_addr: str, master_port: int, world_size: int, timeout
 def init(rank: int, world_size: int, store: dist.TCPStore, timeout_s: float) -> None:
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
-    global _ring
-    _ring = dist.new_group(list(range(world_size)), timeout=_IDLE_TIMEOUT, backend="gloo")
 
 
-def send_obj(obj: object, dst: int) -> None:
+@dataclass(slots=True)
+class Link:
+    """One hop of the ring, src → dst: a gloo group for objects, and for tensors NCCL where both ends are CUDA."""
+
+    src: int
+    dst: int
+    objects: object  # process group
+    tensors: object
+    nccl: bool
+
+
+def make_links(ring: list[int], cuda_ranks: set[int]) -> list[Link]:
+    """Every process calls this with the same ring (ranks in stage order, the driver first), in the same order:
+    creating a group is collective over the whole world. Link i carries ring[i] → ring[i + 1] (wrapping)."""
+    links = []
+    for i, src in enumerate(ring):
+        dst = ring[(i + 1) % len(ring)]
+        objects = dist.new_group([src, dst], timeout=_IDLE_TIMEOUT, backend="gloo")
+        nccl = src in cuda_ranks and dst in cuda_ranks
+        tensors = dist.new_group([src, dst], timeout=_IDLE_TIMEOUT, backend="nccl") if nccl else objects
+        links.append(Link(src, dst, objects, tensors, nccl))
+    return links
+
+
+def _pack(obj: object) -> tuple[torch.Tensor, torch.Tensor]:
     payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-    dist.send(torch.tensor([data.numel()], dtype=_SIZE_DTYPE), dst, group=_ring)
-    dist.send(data, dst, group=_ring)
+    return torch.tensor([data.numel()], dtype=_SIZE_DTYPE), data
 
 
-def isend_obj(obj: object, dst: int) -> tuple[list, list[torch.Tensor]]:
+def send_obj(obj: object, dst: int, group=None) -> None:
+    size, data = _pack(obj)
+    dist.send(size, dst, group=group)
+    dist.send(data, dst, group=group)
+
+
+def isend_obj(obj: object, dst: int, group=None) -> tuple[list, list[torch.Tensor]]:
     """Post the send and return at once; keep the returned buffers alive until the works complete.
 
-    A blocking send waits for the peer to post its receive, so two processes sending to
-    each other at the same moment would wait forever; the driver never blocks on a send.
+    A gloo send waits for the peer to post its receive, so a process that blocked on its
+    sends would stall whenever its right neighbour is busy computing.
     """
-    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-    size = torch.tensor([data.numel()], dtype=_SIZE_DTYPE)
-    works = [dist.isend(size, dst, group=_ring), dist.isend(data, dst, group=_ring)]
+    size, data = _pack(obj)
+    works = [dist.isend(size, dst, group=group), dist.isend(data, dst, group=group)]
     return works, [size, data]
 
 
-def recv_obj(src: int) -> object:
+def recv_obj(src: int, group=None) -> object:
     size = torch.empty(1, dtype=_SIZE_DTYPE)
-    dist.recv(size, src, group=_ring)
+    dist.recv(size, src, group=group)
     data = torch.empty(int(size.item()), dtype=torch.uint8)
-    dist.recv(data, src, group=_ring)
+    dist.recv(data, src, group=group)
     return pickle.loads(data.numpy().tobytes())
 
 
-def send_tensor(t: torch.Tensor, dst: int) -> None:
-    dist.send(t.contiguous(), dst, group=_ring)
+def isend_tensor(t: torch.Tensor, link: Link) -> tuple[list, list[torch.Tensor]]:
+    """Activations to the next stage: on a gloo link they travel from host memory."""
+    t = t.contiguous() if link.nccl else t.detach().to("cpu").contiguous()
+    return [dist.isend(t, link.dst, group=link.tensors)], [t]
 
 
-def recv_tensor(shape: tuple[int, ...], dtype: torch.dtype, src: int, device: torch.device) -> torch.Tensor:
-    t = torch.empty(shape, dtype=dtype, device=device)
-    dist.recv(t, src, group=_ring)
-    return t
+def recv_tensor(shape: tuple[int, ...], dtype: torch.dtype, link: Link, device: torch.device) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device if link.nccl else "cpu")
+    dist.recv(t, link.src, group=link.tensors)
+    return t.to(device, non_blocking=True)
+
+
+class Outbox:
+    """Sends posted without waiting, each kept alive with its buffers until it completes."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[object, list[torch.Tensor]]] = []
+
+    def post(self, works: list, buffers: list[torch.Tensor]) -> None:
+        self._pending = [(w, b) for w, b in self._pending if not w.is_completed()]
+        self._pending.extend((w, buffers) for w in works)
 
 
 def close() -> None:

@@ -11,6 +11,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from engine.stage import add_worker_args, run_worker
+from gateway.plan_command import add_plan_parser, run_plan
+
 
 def _env(name: str, default=None):
     return os.environ.get(f"STRATA_{name.upper()}", default)
@@ -20,8 +23,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=_env("model"), help="Hugging Face checkpoint directory (default: the built-in demo model)")
     g.add_argument("--dtype", default=_env("dtype", "auto"), choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", default=_env("device", "cpu"))
-    g.add_argument("--threads", type=int, default=_env("threads"), help="torch threads in the stage process")
+    g.add_argument("--devices", "--device", default=_env("devices", "cpu"),
+                   help="one pipeline stage per device, each with an optional memory budget for weights and KV: "
+                        "cuda:0=20GiB,cuda:1,cpu=8GiB; cpu,cpu runs two CPU stages")
+    g.add_argument("--threads-per-stage", "--threads", dest="threads", type=int, default=_env("threads_per_stage"),
+                   help="torch threads in each stage process")
+    g.add_argument("--layers", default=_env("layers"), help="layers per stage in --devices order, instead of the planner's split: 20,8,4")
+    g.add_argument("--workers", type=int, default=int(_env("workers", 0)),
+                   help="stages on other hosts, started with `strata worker`; they take the ranks after the local stages")
+    g.add_argument("--rendezvous", default=_env("rendezvous"),
+                   help="host:port the stages join at (default: loopback and a free port); set it when --workers > 0")
     g.add_argument("--block-size", type=int, default=int(_env("block_size", 16)))
     g.add_argument("--max-num-seqs", type=int, default=int(_env("max_num_seqs", 256)))
     g.add_argument("--max-num-batched-tokens", type=int, default=_env("max_num_batched_tokens"),
@@ -38,7 +49,8 @@ def engine_config(args: argparse.Namespace):
 
     model = args.model or str(ensure_demo_model())
     return EngineConfig(
-        model=model, dtype=args.dtype, device=args.device, threads=int(args.threads) if args.threads else None,
+        model=model, dtype=args.dtype, devices=args.devices, threads=int(args.threads) if args.threads else None,
+        layers=args.layers, workers=args.workers, rendezvous=args.rendezvous,
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=int(args.max_num_batched_tokens) if args.max_num_batched_tokens else None,
         max_model_len=int(args.max_model_len) if args.max_model_len else None, kv_cache_memory=args.kv_cache_memory,
@@ -88,9 +100,11 @@ async def _run(app: web.Application, engine, args, name: str, config) -> int:
         await engine.stop()
         return 1
     ec = engine.engine
+    stages = ", ".join(f"{s.device.name} layers {s.layers[0]}-{s.layers[1] - 1}" for s in ec.plan.stages)
     print(f"strata: serving {name!r} ({ec.model_config.architecture}, {ec.model_config.num_layers} layers, "
-          f"{ec.dtype} on {config.device}, {ec.scheduler.config.num_blocks} KV blocks, context {ec.max_model_len}) "
+          f"{ec.dtype}, {ec.scheduler.config.num_blocks} KV blocks, context {ec.max_model_len}) "
           f"from {config.model}", flush=True)
+    print(f"strata: {len(ec.plan.stages)} stage(s): {stages}", flush=True)
     print(f"strata: listening on http://{args.host}:{args.port} (OpenAI API at /v1)", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -137,10 +151,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="waiting requests beyond which new ones get 429")
     g.add_argument("--drain-timeout", type=float, default=float(_env("drain_timeout", 30)),
                    help="seconds SIGTERM waits for open streams")
+    w = sub.add_parser("worker", help="join a pipeline as one stage (rendezvous from MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)")
+    add_worker_args(w)
+    add_plan_parser(sub)
     args = ap.parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "worker":
+        return run_worker(args)
+    if args.command == "plan":
+        return run_plan(args)
     return 2
+
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ class RequestStream:
     aborted: bool = False
 
 
+IDLE_CHECK_S = 0.5
+
+
 class EngineError(RuntimeError):
     pass
 
@@ -118,8 +121,12 @@ class AsyncEngine:
     def _drain(self, block: bool) -> None:
         while True:
             try:
-                cmd = self._commands.get(block=block)
+                # An idle engine still looks at its stage processes now and then, so /health tells the truth.
+                cmd = self._commands.get(block=block, timeout=IDLE_CHECK_S if block else None)
             except queue.Empty:
+                if block:
+                    self.engine.check_stages()
+                    continue
                 return
             block = False
             if cmd is None:

@@ -29,7 +29,7 @@ def test_stage_that_dies_before_joining_fails_start_up_at_once(llama_dir, monkey
 
     monkeypatch.setattr(driver, "STAGE_COMMAND", [sys.executable, "-c", "import sys; sys.exit(3)"])
     t0 = time.monotonic()
-    with pytest.raises(RuntimeError, match="stage 0 exited with code 3 before joining"):
+    with pytest.raises(RuntimeError, match="stage process 1 exited with code 3 before joining"):
         LLM(llama_dir, num_kv_blocks=8, max_model_len=64)
     assert time.monotonic() - t0 < 30  # not the rendezvous timeout
     # The process can start a healthy engine afterwards.
