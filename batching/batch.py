@@ -34,6 +34,8 @@ class Batch:
     seqs: list[SeqWork]
     # Finished or aborted sequences whose per-sequence state the stages may drop.
     released: list[int] = field(default_factory=list)
+    # Set when a sampled request rides in this step: trace and step-span ids, whether layers are traced,
+    # and where and when the batch last left a process (for the transfer spans).
     trace: dict | None = None
     # Appended by each stage as the batch passes: (stage index, compute start, compute end), wall-clock seconds.
     timings: list[tuple[int, float, float]] = field(default_factory=list)
@@ -51,3 +53,4 @@ class StepOutput:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     timings: list[tuple[int, float, float]] = field(default_factory=list)  # the Batch's, one entry per stage
+    trace: dict | None = None  # the Batch's trace context, with the last stage's send time

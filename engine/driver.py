@@ -52,6 +52,7 @@ class Driver:
         self.dead: str | None = None
         self.links: list[transport.Link] = []
         self.stage_ranks: list[int] = []
+        self.last_received_bytes = 0
         port = port or free_port()
         connect = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         try:
@@ -134,7 +135,8 @@ class Driver:
         self._check()
         last = self.links[-1]
         try:
-            return transport.recv_obj(last.src, last.objects)
+            out, self.last_received_bytes = transport.recv_obj_sized(last.src, last.objects)
+            return out
         except RuntimeError as e:
             self._died(e)
 

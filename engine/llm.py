@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from pathlib import Path
 
 from batching.sampling_params import SamplingParams
 from engine.llm_engine import EngineConfig, LLMEngine
@@ -14,6 +15,7 @@ class LLM:
     def __init__(self, model: str, **engine_options) -> None:
         self.engine = LLMEngine(EngineConfig(model=str(model), **engine_options))
         self.tokenizer = self.engine.tokenizer
+        self.model_name = Path(model).name
 
     def generate(
         self,
@@ -29,11 +31,14 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
         results: dict[int, CompletionOutput] = {}
         order = []
+        spans = {}
         for prompt, p in zip(prompts, params_list):
             ids = self._token_ids(prompt)
-            seq_id = self.engine.add_request(ids, p)
+            span = self._request_span(p)
+            seq_id = self.engine.add_request(ids, p, _sampled_ids(span))
             order.append(seq_id)
             results[seq_id] = CompletionOutput("", [], None, [] if p.logprobs is not None else None, ids)
+            spans[seq_id] = span
         while self.engine.has_unfinished():
             for d in self.engine.step():
                 r = results[d.seq_id]
@@ -44,7 +49,26 @@ class LLM:
                 if d.finished:
                     r.finish_reason = d.finish_reason
                     r.num_cached_tokens = d.num_cached_tokens
+                    if (span := spans.pop(d.seq_id)) is not None:
+                        span.set_attribute("gen_ai.response.finish_reasons", [d.finish_reason])
+                        span.set_attribute("gen_ai.usage.input_tokens", len(r.prompt_token_ids))
+                        span.set_attribute("gen_ai.usage.output_tokens", len(r.token_ids))
+                        span.end()
         return [results[s] for s in order]
+
+    def _request_span(self, p: SamplingParams):
+        """With tracing on, each prompt is a GenAI request span, as an HTTP request's would be."""
+        tracing = self.engine.tracing
+        if tracing is None:
+            return None
+        attrs = {"gen_ai.operation.name": "text_completion", "gen_ai.provider.name": "strata",
+                 "gen_ai.request.model": self.model_name, "gen_ai.request.temperature": p.temperature,
+                 "gen_ai.request.top_p": p.top_p, "gen_ai.request.stream": False, "gen_ai.request.choice.count": 1}
+        if p.max_tokens is not None:
+            attrs["gen_ai.request.max_tokens"] = p.max_tokens
+        if p.seed is not None:
+            attrs["gen_ai.request.seed"] = p.seed
+        return tracing.tracer.start_span(f"text_completion {self.model_name}", attributes=attrs)
 
     def _token_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -61,3 +85,10 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _sampled_ids(span) -> tuple[int, int] | None:
+    if span is None:
+        return None
+    ctx = span.get_span_context()
+    return (ctx.trace_id, ctx.span_id) if ctx.trace_flags.sampled else None

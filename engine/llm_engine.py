@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from batching.batch import StepOutput
+from batching.batch import Batch, StepOutput
 from batching.sampling_params import SamplingParams
 from batching.scheduler import Scheduler, SchedulerConfig, SeqUpdate
 from batching.sequence import FinishReason, Sequence
@@ -24,6 +24,7 @@ from engine.placement import plan as place
 from engine.errors import CheckpointError
 from engine.outputs import SeqDelta, TokenLogprob
 from engine.stage import DescribeDevice, StageSpec
+from engine.tracing import DETAILS, SpanRecord, TraceSettings, Tracing, link_limit, new_span_id, new_trace_id, now_ns, transfer_span
 from tokenization import IncrementalDetokenizer, StopMatcher, Tokenizer
 
 
@@ -37,6 +38,8 @@ class EngineConfig:
     layers: list[int] | str | None = None  # layers per stage in --devices order, overriding the planner: "20,8,4"
     workers: int = 0  # stages on other hosts, joining with `strata worker` after the local ones
     rendezvous: str | None = None  # host:port the stages join at; None: loopback and a free port
+    otlp_traces_endpoint: str | None = None  # None: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else tracing is off
+    trace_detail: str = "request"  # request | step | layer
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # None: 512 on CPU-only pipelines (a step stays short), else 2048
@@ -70,6 +73,8 @@ class EngineConfig:
                 raise ValueError(f"layers must be comma-separated counts such as 20,8,4, got {self.layers!r}") from None
         if self.workers < 0:
             raise ValueError(f"workers must be at least 0, got {self.workers}")
+        if self.trace_detail not in DETAILS:
+            raise ValueError(f"trace_detail must be one of {', '.join(DETAILS)}, got {self.trace_detail!r}")
         if self.rendezvous is not None:
             host, _, port = self.rendezvous.rpartition(":")
             if not host or not port.isdigit():
@@ -92,6 +97,11 @@ class LLMEngine:
         self.max_model_len = max_len
         eos = cfg.eos_token_ids | (self.tokenizer.eos_token_ids if self.tokenizer else frozenset())
         self.eos_token_ids = frozenset(eos)
+        settings = self.trace_settings = TraceSettings.from_env(config.otlp_traces_endpoint, config.trace_detail)
+        self.tracing = Tracing(settings) if settings else None
+        self._trace_steps = bool(settings and settings.covers("step"))
+        self._step_traces: dict[int, StepTrace] = {}
+        self._stage_spans_dropped: dict[str, int] = {}  # stage -> spans its export queue has dropped
         self.driver, self.plan, num_blocks = self._start_pipeline(model_dir, max_len)
         self.max_in_flight = len(self.plan.stages)
         if config.num_kv_blocks is not None and num_blocks < config.num_kv_blocks:
@@ -147,7 +157,7 @@ class LLMEngine:
                     model_dir=str(model_dir.resolve()), layers=st.layers, dtype=compute, weight_dtype=weights,
                     input_dtype=prev_dtype or compute, block_size=config.block_size, max_model_len=max_len,
                     kv_cache_memory=config.kv_cache_memory, kv_cache_fraction=config.kv_cache_fraction,
-                    max_kv_tokens=max_kv_tokens,
+                    max_kv_tokens=max_kv_tokens, trace=self.trace_settings if self._trace_steps else None,
                 )))
                 prev_dtype = compute
             self.dtype, self.weight_dtype = specs[0][1].dtype, specs[0][1].weight_dtype
@@ -158,7 +168,9 @@ class LLMEngine:
         return driver, plan, info.num_blocks
 
     # ---- requests ---------------------------------------------------------------------
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                    trace: tuple[int, int] | None = None) -> int:
+        """trace: (trace id, span id) of the sampled span the request runs under; its steps link to it."""
         if not prompt_token_ids:
             raise ValueError("prompt is empty")
         vocab = self.model_config.vocab_size
@@ -174,7 +186,7 @@ class LLMEngine:
         seq_id = next(self._ids)
         seq = Sequence(seq_id, list(prompt_token_ids), params)
         self.scheduler.add(seq)  # raises ValueError when the prompt does not fit the context
-        self._streams[seq_id] = _SeqStream(self.tokenizer, params)
+        self._streams[seq_id] = _SeqStream(self.tokenizer, params, trace)
         return seq_id
 
     def abort_request(self, seq_id: int) -> bool:
@@ -192,8 +204,14 @@ class LLMEngine:
         if not self.scheduler.in_flight:
             return []
         out = self.driver.receive()
+        received_ns = now_ns()
         for stage, start, end in out.timings:
             self.stage_stats[stage].add(end - start)
+        step_trace = self._step_traces.pop(out.batch_id, None)
+        if out.trace is not None:
+            self._stage_spans_dropped.update(out.trace.get("dropped", {}))
+        if step_trace is not None:
+            self.tracing.emit(step_trace.spans(out, received_ns, self.driver.last_received_bytes))
         updates = self.scheduler.update(out)
         # Refill before detokenizing: the first stage is idle from now until the next batch reaches it.
         self._fill_pipeline()
@@ -204,7 +222,18 @@ class LLMEngine:
             batch = self.scheduler.schedule()
             if batch is None:
                 break
+            if self._trace_steps:
+                self._tag_step(batch)
             self.driver.submit(batch)
+
+    def _tag_step(self, batch: Batch) -> None:
+        """Trace this step if a sampled request rides in it."""
+        links = [st.trace for w in batch.seqs if (st := self._streams.get(w.seq_id)) is not None and st.trace]
+        if links:
+            tr = StepTrace(new_trace_id(), new_span_id(), now_ns(), links, batch)
+            batch.trace = {"trace_id": tr.trace_id, "step_id": tr.step_id, "src": "driver", "sent": tr.start_ns,
+                           "layer": self.tracing.covers("layer")}
+            self._step_traces[batch.batch_id] = tr
 
     def _deltas(self, out: StepOutput, updates: list[SeqUpdate]) -> list[SeqDelta]:
         deltas = []
@@ -240,12 +269,46 @@ class LLMEngine:
     def kv_cache_usage(self) -> float:
         return self.scheduler.blocks.usage
 
+    @property
+    def spans_dropped(self) -> int:
+        """Spans dropped by full export queues, here and in the stages."""
+        if self.tracing is None:
+            return 0
+        return self.tracing.dropped + sum(self._stage_spans_dropped.values())
+
     def check_stages(self) -> None:
         """Raise EngineDeadError if a local stage process has exited."""
         self.driver.check_processes()
 
     def shutdown(self) -> None:
         self.driver.shutdown()
+        if self.tracing is not None:
+            self.tracing.shutdown()
+
+
+@dataclass(slots=True)
+class StepTrace:
+    """A traced step in flight: its ids, when it left, and the requests it links to."""
+
+    trace_id: int
+    step_id: int
+    start_ns: int
+    links: list[tuple[int, int]]
+    batch: Batch
+
+    def spans(self, out: StepOutput, received_ns: int, received_bytes: int) -> list[SpanRecord]:
+        b = self.batch
+        limit = link_limit()
+        decodes = sum(1 for w in b.seqs if len(w.token_ids) == 1)
+        step = SpanRecord("engine step", self.trace_id, self.step_id, None, self.start_ns, received_ns, {
+            "strata.step.batch_id": b.batch_id, "strata.step.num_seqs": len(b.seqs),
+            "strata.step.num_tokens": b.num_tokens, "strata.step.num_decodes": decodes,
+            "strata.step.num_prefill_tokens": b.num_tokens - decodes,
+            "strata.step.links_dropped": max(0, len(self.links) - limit),
+        }, links=self.links[:limit])
+        back = transfer_span(self.trace_id, self.step_id, out.trace["src"], "driver", out.trace["sent"], received_ns,
+                             received_bytes) if out.trace else None
+        return [step] + ([back] if back else [])
 
 
 # The planner balances stages for a step of this many running sequences (fewer if max_num_seqs is lower).
@@ -281,9 +344,10 @@ class StageStats:
 class _SeqStream:
     """Detokenizes one sequence and watches it for stop strings."""
 
-    __slots__ = ("detok", "stop")
+    __slots__ = ("detok", "stop", "trace")
 
-    def __init__(self, tokenizer: Tokenizer | None, params: SamplingParams) -> None:
+    def __init__(self, tokenizer: Tokenizer | None, params: SamplingParams, trace: tuple[int, int] | None) -> None:
+        self.trace = trace
         self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens) if tokenizer else None
         self.stop = StopMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
 

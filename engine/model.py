@@ -86,7 +86,7 @@ class StageModel:
         positions: torch.Tensor,  # [T] int64
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,  # [layers, 2, num_blocks, block_size, kv_heads, d]
-        on_layer=None,
+        on_layer=None,  # called with -1 before the first layer, then with each layer's index within the stage
     ) -> torch.Tensor:  # [T, hidden]
         cfg = self.cfg
         if self.first:
@@ -96,6 +96,8 @@ class StageModel:
         cos, sin = cs[:, 0:1], cs[:, 1:2]  # [T, 1, d]
         nh, nkv, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
         q_size, kv_size = cfg.q_size, cfg.kv_size
+        if on_layer is not None:
+            on_layer(-1)  # the layers start here
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.ln1, eps)
             qkv = layer.qkv(h)

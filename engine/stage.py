@@ -29,6 +29,7 @@ from engine.device import TORCH_DTYPES, available_memory, resolve_dtypes
 from engine.model import StageModel
 from engine.placement import DeviceRequest, parse_devices
 from engine.probe import describe_device
+from engine.tracing import LayerClock, TraceSettings, Tracing, now_ns, stage_spans
 from engine.sampler import Sampler, SamplingRow
 
 DRIVER_RANK = 0
@@ -62,6 +63,7 @@ class StageSpec:
     kv_cache_memory: int | None  # bytes for this stage's KV; None: what the device budget leaves, or a share of free memory
     kv_cache_fraction: float
     max_kv_tokens: int  # more KV than this is never needed (max_num_seqs x max_model_len)
+    trace: TraceSettings | None = None
 
 
 @dataclass(slots=True)
@@ -148,7 +150,7 @@ class StageRunner:
             dtype=self.dtype, device=self.device,
         )
 
-    def step(self, batch: Batch, hidden: torch.Tensor | None) -> tuple[torch.Tensor, StepOutput | None]:
+    def step(self, batch: Batch, hidden: torch.Tensor | None, on_layer=None) -> tuple[torch.Tensor, StepOutput | None]:
         for seq_id in batch.released:
             self.tables.pop(seq_id, None)
             self.rows.pop(seq_id, None)
@@ -186,7 +188,7 @@ class StageRunner:
         pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
         x = torch.tensor(token_ids, dtype=torch.int64, device=dev) if self.first else hidden
         with torch.inference_mode():
-            hidden_out = self.model.forward(x, pos_t, meta, self.kv_cache)
+            hidden_out = self.model.forward(x, pos_t, meta, self.kv_cache, on_layer)
             if not self.last:
                 return hidden_out, None
             if not sample_ids:
@@ -233,10 +235,17 @@ def serve(rank: int, world_size: int, request: DeviceRequest, threads: int | Non
         transport.send_obj(_one_line(e), DRIVER_RANK)
         return
     transport.send_obj("allocated", DRIVER_RANK)
-    run_batches(runner, links[spec.stage_index], links[spec.stage_index + 1])
+    tracing = Tracing(spec.trace, **{"strata.stage": spec.stage_index}) if spec.trace else None
+    try:
+        run_batches(runner, links[spec.stage_index], links[spec.stage_index + 1], tracing,
+                    f"stage {spec.stage_index} ({request.name})")
+    finally:
+        if tracing is not None:
+            tracing.shutdown()
 
 
-def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transport.Link) -> None:
+def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transport.Link,
+                tracing: Tracing | None, device_label: str) -> None:
     """Receive in one thread, compute and post sends in this one: the next batch's transfer in and the
     last batch's transfer out both overlap this batch's compute."""
     spec = runner.spec
@@ -247,11 +256,12 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
     def receive() -> None:
         try:
             while True:
-                batch = transport.recv_obj(link_in.src, link_in.objects)
+                batch, nbytes = transport.recv_obj_sized(link_in.src, link_in.objects)
                 hidden = None
                 if isinstance(batch, Batch) and not runner.first:
                     hidden = transport.recv_tensor((batch.num_tokens, hidden_size), input_dtype, link_in, runner.device)
-                inbox.put((batch, hidden))
+                    nbytes += hidden.numel() * input_dtype.itemsize
+                inbox.put((batch, hidden, now_ns(), nbytes))
                 if isinstance(batch, Shutdown):
                     return
         except Exception as e:
@@ -263,7 +273,7 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
         item = inbox.get()
         if isinstance(item, Exception):
             raise item
-        batch, hidden = item
+        batch, hidden, received_ns, nbytes = item
         if isinstance(batch, Shutdown):
             # Sends still pending are results nobody will read now; only the Shutdown itself must go on.
             if not runner.last:
@@ -271,15 +281,28 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
             return
         if hidden is not None and hidden.dtype != runner.dtype:
             hidden = hidden.to(runner.dtype)
+        trace = batch.trace if tracing is not None else None
+        clock = LayerClock(runner.device) if trace is not None and trace["layer"] else None
         start = time.time()
-        hidden_out, out = runner.step(batch, hidden)
-        batch.timings.append((spec.stage_index, start, time.time()))
+        hidden_out, out = runner.step(batch, hidden, clock.mark if clock else None)
+        end = time.time()
+        batch.timings.append((spec.stage_index, start, end))
+        if trace is not None:
+            trace.setdefault("dropped", {})[str(spec.stage_index)] = tracing.dropped
+            sent_from = trace["src"], trace["sent"]
+            trace["src"], trace["sent"] = device_label, now_ns()
         if runner.last:
             out.timings = batch.timings
+            out.trace = trace
             outbox.post(*transport.isend_obj(out, link_out.dst, link_out.objects))
         else:
             outbox.post(*transport.isend_obj(batch, link_out.dst, link_out.objects))
             outbox.post(*transport.isend_tensor(hidden_out, link_out))
+        if trace is not None:
+            tracing.emit(stage_spans(
+                trace, spec.stage_index, device_label, spec.layers, batch, int(start * 1e9), int(end * 1e9), clock,
+                sent_from, received_ns, nbytes,
+            ))
 
 
 def _one_line(e: BaseException) -> str:

@@ -96,11 +96,16 @@ def isend_obj(obj: object, dst: int, group=None) -> tuple[list, list[torch.Tenso
 
 
 def recv_obj(src: int, group=None) -> object:
+    return recv_obj_sized(src, group)[0]
+
+
+def recv_obj_sized(src: int, group=None) -> tuple[object, int]:
+    """The object and the bytes it took on the wire."""
     size = torch.empty(1, dtype=_SIZE_DTYPE)
     dist.recv(size, src, group=group)
     data = torch.empty(int(size.item()), dtype=torch.uint8)
     dist.recv(data, src, group=group)
-    return pickle.loads(data.numpy().tobytes())
+    return pickle.loads(data.numpy().tobytes()), data.numel() + size.numel() * size.element_size()
 
 
 def isend_tensor(t: torch.Tensor, link: Link) -> tuple[list, list[torch.Tensor]]:

@@ -15,6 +15,7 @@ from gateway.metrics import Metrics
 from gateway.openai_routes import Choice, OpenAIRoutes
 from gateway.openapi import openapi_document
 from gateway.protocol import DetokenizeRequest, TokenizeRequest
+from gateway.request_tracing import server_spans
 from tokenization import TokenizerError
 
 try:
@@ -72,6 +73,7 @@ class ServerState:
         m = self.metrics
         m.num_running, m.num_waiting, m.kv_cache_usage = stats.num_running, stats.num_waiting, stats.kv_cache_usage
         m.num_preemptions, m.prefix_queries, m.prefix_hits = stats.num_preemptions, stats.prefix_queries, stats.prefix_hits
+        m.spans_dropped = stats.spans_dropped
         for d in deltas:
             m.generation_tokens += len(d.token_ids)
             if d.num_output_tokens == len(d.token_ids):  # the sequence's first step out
@@ -80,15 +82,20 @@ class ServerState:
 
     def observe(self, c: Choice, d: SeqDelta, now: float, t0: float) -> None:
         m = self.metrics
+        genai = m.genai[c.operation]
         if c.first_at is None:
             c.first_at = now
             m.ttft.observe(now - t0)
+            genai["time_to_first_token"].observe(now - t0)
         elif c.last_at is not None:
             m.itl.observe(now - c.last_at)
         c.last_at = now
         if d.finished:
             m.e2e.observe(now - t0)
             m.success[d.finish_reason or "stop"] += 1
+            genai["request_duration"].observe(now - t0)
+            if d.num_output_tokens > 1:
+                genai["time_per_output_token"].observe((now - c.first_at) / (d.num_output_tokens - 1))
 
 
 def validation_error(e: ValidationError) -> APIError:
@@ -182,7 +189,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def create_app(engine: AsyncEngine, served_name: str, api_key: str | None = None, max_queue: int = 1024) -> web.Application:
-    app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[server_spans, errors_and_auth], client_max_size=MAX_BODY)
     state = ServerState(engine, served_name, api_key, max_queue)
     app["state"] = state
     app["openapi"] = openapi_document(VERSION)

@@ -41,6 +41,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", default=_env("kv_cache_memory"), help="KV-cache budget, e.g. 4GiB")
     g.add_argument("--num-kv-blocks", type=int, default=_env("num_kv_blocks"))
     g.add_argument("--no-prefix-caching", action="store_true", default=bool(_env("no_prefix_caching")))
+    g.add_argument("--otlp-traces-endpoint", default=_env("otlp_traces_endpoint"),
+                   help="export traces over OTLP to this collector (protocol from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: "
+                        "http/protobuf or grpc); default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else no tracing")
+    g.add_argument("--trace-detail", default=_env("trace_detail", "request"), choices=["request", "step", "layer"],
+                   help="request: HTTP, GenAI and queue spans; step: plus engine steps, stage forwards and transfers; "
+                        "layer: plus every decoder layer")
 
 
 def engine_config(args: argparse.Namespace):
@@ -51,6 +57,7 @@ def engine_config(args: argparse.Namespace):
     return EngineConfig(
         model=model, dtype=args.dtype, devices=args.devices, threads=int(args.threads) if args.threads else None,
         layers=args.layers, workers=args.workers, rendezvous=args.rendezvous,
+        otlp_traces_endpoint=args.otlp_traces_endpoint, trace_detail=args.trace_detail,
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=int(args.max_num_batched_tokens) if args.max_num_batched_tokens else None,
         max_model_len=int(args.max_model_len) if args.max_model_len else None, kv_cache_memory=args.kv_cache_memory,

@@ -25,6 +25,7 @@ class EngineStats:
     prefix_queries: int = 0
     prefix_hits: int = 0
     steps: int = 0
+    spans_dropped: int = 0
 
 
 @dataclass(slots=True)
@@ -32,6 +33,7 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     stream: "RequestStream"
+    trace: tuple[int, int] | None
 
 
 @dataclass(slots=True)
@@ -62,6 +64,7 @@ class AsyncEngine:
         self.tokenizer = self.engine.tokenizer
         self.model_config = self.engine.model_config
         self.max_model_len = self.engine.max_model_len
+        self.tracing = self.engine.tracing
         self.stats = EngineStats()
         self.dead: str | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -82,12 +85,13 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return self.stats.num_waiting + self._pending_adds
 
-    def add(self, prompt_token_ids: list[int], params: SamplingParams, sink: asyncio.Queue, tag: int) -> RequestStream:
+    def add(self, prompt_token_ids: list[int], params: SamplingParams, sink: asyncio.Queue, tag: int,
+            trace: tuple[int, int] | None = None) -> RequestStream:
         if self.dead:
             raise EngineError(self.dead)
         stream = RequestStream(sink, tag)
         self._pending_adds += 1
-        self._commands.put(_Add(prompt_token_ids, params, stream))
+        self._commands.put(_Add(prompt_token_ids, params, stream, trace))
         return stream
 
     def abort(self, stream: RequestStream) -> None:
@@ -134,7 +138,7 @@ class AsyncEngine:
             if isinstance(cmd, _Add):
                 if not cmd.stream.aborted:
                     try:
-                        seq_id = self.engine.add_request(cmd.prompt_token_ids, cmd.params)
+                        seq_id = self.engine.add_request(cmd.prompt_token_ids, cmd.params, cmd.trace)
                     except ValueError as e:
                         self._loop.call_soon_threadsafe(cmd.stream.sink.put_nowait, (cmd.stream.tag, e))
                     else:
@@ -180,6 +184,7 @@ class AsyncEngine:
         s.num_preemptions = sched.num_preemptions
         s.prefix_queries = sched.blocks.prefix_queries
         s.prefix_hits = sched.blocks.prefix_hits
+        s.spans_dropped = self.engine.spans_dropped
         s.steps += 1
 
     def _fail(self, why: str) -> None:

@@ -6,6 +6,10 @@ from collections import defaultdict
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+# The OpenTelemetry GenAI semantic conventions' bucket boundaries for the gen_ai.server.* metrics.
+GENAI_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+GENAI_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+GENAI_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
 
 
@@ -27,6 +31,7 @@ class Histogram:
 class Metrics:
     def __init__(self, model_name: str) -> None:
         self.labels = f'model_name="{model_name}"'
+        self.model_name = model_name
         self.num_running = 0
         self.num_waiting = 0
         self.kv_cache_usage = 0.0
@@ -41,6 +46,13 @@ class Metrics:
         self.e2e = Histogram(LATENCY_BUCKETS)
         self.queue_time = Histogram(LATENCY_BUCKETS)
         self.rejected = 0
+        self.spans_dropped = 0
+        # gen_ai.server.* histograms by operation (chat, text_completion)
+        self.genai: dict[str, dict[str, Histogram]] = defaultdict(lambda: {
+            "time_to_first_token": Histogram(GENAI_TTFT_BUCKETS),
+            "time_per_output_token": Histogram(GENAI_TPOT_BUCKETS),
+            "request_duration": Histogram(GENAI_DURATION_BUCKETS),
+        })
 
     def render(self) -> str:
         lines: list[str] = []
@@ -58,6 +70,8 @@ class Metrics:
         scalar("prompt_tokens_total", "counter", "Prompt tokens of finished and running requests.", self.prompt_tokens)
         scalar("generation_tokens_total", "counter", "Generated tokens.", self.generation_tokens)
         scalar("request_rejected_total", "counter", "Requests refused by admission control (429).", self.rejected)
+        scalar("trace_spans_dropped_total", "counter", "Spans dropped because an export queue was full.",
+               self.spans_dropped)
         lines += ["# HELP strata:request_success_total Finished requests by finish reason.",
                   "# TYPE strata:request_success_total counter"]
         for reason in ("stop", "length", "abort"):
@@ -69,11 +83,26 @@ class Metrics:
             ("request_queue_time_seconds", "Time a request waited before its first step.", self.queue_time),
         ):
             lines += [f"# HELP strata:{name} {help_}", f"# TYPE strata:{name} histogram"]
-            cum = 0
-            for bound, c in zip(h.buckets, h.counts):
-                cum += c
-                lines.append(f'strata:{name}_bucket{{{L},le="{bound}"}} {cum}')
-            lines.append(f'strata:{name}_bucket{{{L},le="+Inf"}} {h.count}')
-            lines.append(f"strata:{name}_sum{{{L}}} {h.sum}")
-            lines.append(f"strata:{name}_count{{{L}}} {h.count}")
+            _histogram(lines, f"strata:{name}", L, h)
+        for name, help_ in (
+            ("time_to_first_token", "Time to generate the first token (gen_ai.server.time_to_first_token)."),
+            ("time_per_output_token", "Time per output token after the first (gen_ai.server.time_per_output_token)."),
+            ("request_duration", "Time from the request's arrival to its last token (gen_ai.server.request.duration)."),
+        ):
+            metric = f"gen_ai_server_{name}_seconds"
+            lines += [f"# HELP {metric} {help_}", f"# TYPE {metric} histogram"]
+            for operation, hists in sorted(self.genai.items()):
+                labels = (f'gen_ai_operation_name="{operation}",gen_ai_provider_name="strata",'
+                          f'gen_ai_request_model="{self.model_name}"')
+                _histogram(lines, metric, labels, hists[name])
         return "\n".join(lines) + "\n"
+
+
+def _histogram(lines: list[str], name: str, labels: str, h: Histogram) -> None:
+    cum = 0
+    for bound, c in zip(h.buckets, h.counts):
+        cum += c
+        lines.append(f'{name}_bucket{{{labels},le="{bound}"}} {cum}')
+    lines.append(f'{name}_bucket{{{labels},le="+Inf"}} {h.count}')
+    lines.append(f"{name}_sum{{{labels}}} {h.sum}")
+    lines.append(f"{name}_count{{{labels}}} {h.count}")

@@ -12,6 +12,7 @@ from engine.outputs import SeqDelta, TokenLogprob
 from gateway import sse
 from gateway.errors import APIError, bad_request
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from gateway.request_tracing import GenAISpan
 from tokenization import TokenizerError
 
 
@@ -26,6 +27,7 @@ class Choice:
     first_at: float | None = None
     last_at: float | None = None
     num_cached_tokens: int = 0
+    operation: str = "text_completion"  # the GenAI operation: chat or text_completion
 
 
 class OpenAIRoutes:
@@ -149,29 +151,42 @@ class OpenAIRoutes:
         num_seqs = len(prompts) * n
         s.admit(num_seqs)
         sink: asyncio.Queue = asyncio.Queue()
-        choices = [Choice(i * n + j, i) for i in range(len(prompts)) for j in range(n)]
+        operation = "chat" if kind == "chat.completion" else "text_completion"
+        choices = [Choice(i * n + j, i, operation=operation) for i in range(len(prompts)) for j in range(n)]
         streams = []
         t0 = time.monotonic()
+        tracing = s.engine.tracing
+        span = GenAISpan(tracing, request, operation, req, rid) if tracing else None
         for c in choices:
             p = params[c.prompt_index]
             if n > 1 and p.seed is not None:
                 p = _with_seed(p, p.seed + c.index % n)
-            streams.append(s.engine.add(prompts[c.prompt_index], p, sink, c.index))
+            streams.append(s.engine.add(prompts[c.prompt_index], p, sink, c.index, span.ids if span else None))
         s.active += 1
         model = req.model
         created = int(time.time())
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+        error = None
         try:
             if req.stream:
-                return await self._stream(request, req, kind, rid, model, created, prompts, choices, sink, include_usage, t0)
-            await self._collect(choices, sink, t0)
+                return await self._stream(request, req, kind, rid, model, created, prompts, choices, sink, include_usage,
+                                          t0, span)
+            await self._collect(choices, sink, t0, span)
             return web.json_response(self._whole(req, kind, rid, model, created, prompts, choices))
+        except APIError as e:
+            error = e.code or type(e).__name__
+            raise
         finally:
+            if span is not None:
+                usage = _usage(prompts, choices, n)
+                span.finish([c.finish_reason or "abort" for c in choices], usage["prompt_tokens"],
+                            usage["completion_tokens"], error)
             s.active -= 1
             for st in streams:
                 s.engine.abort(st)  # no-op for finished ones; frees the rest at once
 
-    async def _next(self, sink: asyncio.Queue, choices: list[Choice], t0: float) -> tuple[Choice, SeqDelta]:
+    async def _next(self, sink: asyncio.Queue, choices: list[Choice], t0: float, span: GenAISpan | None = None
+                    ) -> tuple[Choice, SeqDelta]:
         tag, item = await sink.get()
         if isinstance(item, ValueError):
             raise bad_request(str(item))
@@ -180,12 +195,14 @@ class OpenAIRoutes:
         c = choices[tag]
         now = time.monotonic()
         self.s.observe(c, item, now, t0)
+        if span is not None:
+            span.first_token(item.queued_s)
         return c, item
 
-    async def _collect(self, choices: list[Choice], sink: asyncio.Queue, t0: float) -> None:
+    async def _collect(self, choices: list[Choice], sink: asyncio.Queue, t0: float, span: GenAISpan | None) -> None:
         open_ = len(choices)
         while open_:
-            c, d = await self._next(sink, choices, t0)
+            c, d = await self._next(sink, choices, t0, span)
             _absorb(c, d)
             if d.finished:
                 open_ -= 1
@@ -207,7 +224,7 @@ class OpenAIRoutes:
         return {"id": rid, "object": kind, "created": created, "model": model, "choices": out,
                 "usage": _usage(prompts, choices, req.n)}
 
-    async def _stream(self, request, req, kind, rid, model, created, prompts, choices, sink, include_usage, t0):
+    async def _stream(self, request, req, kind, rid, model, created, prompts, choices, sink, include_usage, t0, span):
         chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
         resp = await sse.open_stream(request)
         tok = self.s.engine.tokenizer
@@ -233,7 +250,7 @@ class OpenAIRoutes:
             want_logprobs = bool(req.logprobs) if kind == "chat.completion" else req.logprobs is not None
             while open_:
                 try:
-                    c, d = await self._next(sink, choices, t0)
+                    c, d = await self._next(sink, choices, t0, span)
                 except APIError as e:
                     await resp.write(sse.event(e.body()))
                     break

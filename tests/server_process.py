@@ -31,11 +31,11 @@ def strata_command() -> list[str]:
 class ServerProcess:
     """One `strata serve` process; `url` is its base URL (no trailing slash, no /v1)."""
 
-    def __init__(self, model_dir: str | Path, *args: str, port: int | None = None) -> None:
+    def __init__(self, model_dir: str | Path, *args: str, port: int | None = None, env: dict | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = tempfile.NamedTemporaryFile(prefix="strata-serve-", suffix=".log", delete=False)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         cmd = [*strata_command(), "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
                *map(str, args)]
         # Its own session: a Ctrl-C meant for pytest does not reach it, and the group can be killed as a last resort.
@@ -85,9 +85,10 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def running_server(model_dir: str | Path, *args: str, startup_timeout: float = 60.0) -> Iterator[ServerProcess]:
+def running_server(model_dir: str | Path, *args: str, startup_timeout: float = 60.0,
+                   env: dict | None = None) -> Iterator[ServerProcess]:
     """Start `strata serve --model model_dir *args` on a free port, wait for /health 200, stop it with SIGTERM."""
-    server = ServerProcess(model_dir, *args)
+    server = ServerProcess(model_dir, *args, env=env)
     try:
         server.wait_ready(startup_timeout)
         yield server

@@ -195,7 +195,8 @@ def test_metrics_are_prometheus_text_and_count_tokens(url, client):
                  "time_to_first_token_seconds_bucket", "e2e_request_latency_seconds_count"):
         assert f"strata:{name}{{" in before, name
     for line in before.splitlines():  # a scraper must be able to read every line
-        assert re.fullmatch(r"# (HELP|TYPE) strata:\w+ .+|strata:\w+\{[^}]*\} [-+0-9.e]+(inf)?", line), line
+        assert re.fullmatch(r"# (HELP|TYPE) (strata:|gen_ai_)\w+ .+|(strata:|gen_ai_)\w+\{[^}]*\} [-+0-9.e]+(inf)?",
+                            line), line
     prompt = "Pack my box with five dozen liquor jugs!"
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=7, temperature=0, extra_body=IGNORE_EOS)
     assert r.usage.completion_tokens == 7
