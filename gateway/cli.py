@@ -13,6 +13,8 @@ from aiohttp import web
 
 from engine.stage import add_worker_args, run_worker
 from gateway.plan_command import add_plan_parser, run_plan
+from loadtest.cli import add_arguments as add_bench_arguments
+from loadtest.cli import run as run_bench
 
 
 def _env(name: str, default=None):
@@ -161,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("worker", help="join a pipeline as one stage (rendezvous from MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)")
     add_worker_args(w)
     add_plan_parser(sub)
+    b = sub.add_parser("bench", help="load-test an OpenAI-compatible server (Strata or not)",
+                       description="Load-test an OpenAI-compatible server: latency percentiles, goodput, reports.")
+    add_bench_arguments(b)
     args = ap.parse_args(argv)
     if args.command == "serve":
         return serve(args)
@@ -168,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(args)
     if args.command == "plan":
         return run_plan(args)
+    if args.command == "bench":
+        return run_bench(args)
     return 2
 
 

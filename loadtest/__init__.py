@@ -1,0 +1,1 @@
+"""The load-test harness: realistic traffic against any OpenAI-compatible server (`strata bench`)."""
