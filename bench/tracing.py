@@ -23,6 +23,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -63,11 +64,12 @@ def offline(model_dir: Path, detail: str, batch: int, prompt_len: int, output_le
             llm.generate(prompts_for(batch, prompt_len, vocab, 0), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
             base = settle(rx) if trace else 0  # the warm-up's spans stay out of the count
             t0 = time.perf_counter()
-            spans = {}  # each prompt under a GenAI request span, as LLM.generate does
+            spans: dict[int, Any] = {}  # each prompt under a GenAI request span, as LLM.generate does
             for p in prompts_for(batch, prompt_len + 1, vocab, 1):
                 span = llm._request_span(params)
                 spans[eng.add_request(p, params, _sampled_ids(span))] = span
-            decode_start, decode_tokens, started = None, 0, set()
+            decode_start: float | None = None
+            decode_tokens, started = 0, set[int]()
             while eng.has_unfinished():
                 deltas = eng.step()
                 if decode_start is not None:
@@ -79,6 +81,7 @@ def offline(model_dir: Path, detail: str, batch: int, prompt_len: int, output_le
                 if decode_start is None and len(started) == batch:
                     decode_start = time.perf_counter()
             end = time.perf_counter()
+            assert decode_start is not None
         finally:
             llm.close()  # flushes the driver's and the stage's span queues
         closed = time.perf_counter()
@@ -133,7 +136,7 @@ def http(model_dir: Path, detail: str, concurrency: int, prompt_len: int, output
                                                concurrency, output_len))
             count = (settle(rx) if detail != "off" else 0) - base
             metrics = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-            dropped = re.search(r"^strata:trace_spans_dropped_total\{.*\} (\S+)$", metrics, re.M)
+            dropped = re.search(r"^strata:trace_spans_dropped_total\{.*\} (\S+)$", metrics, re.MULTILINE)
         finally:
             stop(proc)
     return {"tok_s": tokens / seconds, "spans_s": count / seconds, "spans": count,
@@ -164,15 +167,15 @@ def main() -> None:
           f"{args.concurrency} at a time; {args.prompt_len} prompt + {args.output_len} output tokens", flush=True)
     best: dict[str, dict[str, Result]] = {"offline": {}, "HTTP": {}}
     for r in range(args.rounds):
-        for mode in best:
+        for mode, runs in best.items():
             for detail in DETAILS:
                 if mode == "offline":
                     res = offline(model_dir, detail, args.batch, args.prompt_len, args.output_len)
                 else:
                     res = http(model_dir, detail, args.concurrency, args.prompt_len, args.output_len, vocab)
                 print(f"round {r}: {mode} {detail}: {res['tok_s']:.1f} tok/s, {res['spans_s']:.1f} spans/s", flush=True)
-                if detail not in best[mode] or res["tok_s"] > best[mode][detail]["tok_s"]:
-                    best[mode][detail] = res
+                if detail not in runs or res["tok_s"] > runs[detail]["tok_s"]:
+                    runs[detail] = res
     table(f"offline ({args.batch} sequences; tok/s while decoding, then end to end)", best["offline"], e2e=True)
     table(f"HTTP (streaming /v1/completions, concurrency {args.concurrency}; output tok/s)", best["HTTP"], e2e=False)
     cost = {m: 100 * (1 - runs["layer"]["tok_s"] / runs["off"]["tok_s"]) for m, runs in best.items()}
