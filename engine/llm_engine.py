@@ -205,8 +205,10 @@ class LLMEngine:
             return []
         out = self.driver.receive()
         received_ns = now_ns()
+        batch = self.scheduler.in_flight.get(out.batch_id)
+        size = len(batch.seqs) if batch is not None else 0
         for stage, start, end in out.timings:
-            self.stage_stats[stage].add(end - start)
+            self.stage_stats[stage].add(end - start, size)
         step_trace = self._step_traces.pop(out.batch_id, None)
         if out.trace is not None:
             self._stage_spans_dropped.update(out.trace.get("dropped", {}))
@@ -333,11 +335,13 @@ class StageStats:
 
     busy_s: float = 0.0
     steps: int = 0
+    seqs: int = 0  # sequences over all steps (their mean is the stage's batch size)
     last_step_s: float = 0.0
 
-    def add(self, seconds: float) -> None:
+    def add(self, seconds: float, num_seqs: int) -> None:
         self.busy_s += seconds
         self.steps += 1
+        self.seqs += num_seqs
         self.last_step_s = seconds
 
 

@@ -9,6 +9,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from engine.outputs import SeqDelta
+from gateway.dashboard import Dashboard
 from gateway.engine_client import AsyncEngine, EngineStats
 from gateway.errors import APIError, bad_request
 from gateway.metrics import Metrics
@@ -35,6 +36,7 @@ class ServerState:
         self.api_key = api_key
         self.max_queue = max_queue
         self.metrics = Metrics(served_name)
+        self.dashboard = Dashboard(self)
         self.active = 0
         self.draining = False
         self.started = int(time.time())
@@ -87,8 +89,10 @@ class ServerState:
             c.first_at = now
             m.ttft.observe(now - t0)
             genai["time_to_first_token"].observe(now - t0)
+            self.dashboard.ttft.add(now - t0, now)
         elif c.last_at is not None:
             m.itl.observe(now - c.last_at)
+            self.dashboard.itl.add(now - c.last_at, now)
         c.last_at = now
         if d.finished:
             m.e2e.observe(now - t0)
@@ -116,6 +120,9 @@ async def errors_and_auth(request: web.Request, handler):
     try:
         if state.api_key and request.path not in OPEN_PATHS and request.method != "OPTIONS":
             auth = request.headers.get("Authorization", "")
+            if request.path == "/dashboard" and request.query.get("key"):
+                # A browser opening the page cannot send a header; the page then sends it on every poll.
+                auth = f"Bearer {request.query['key']}"
             if auth != f"Bearer {state.api_key}":
                 raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
                                code="invalid_api_key")
@@ -192,6 +199,10 @@ def create_app(engine: AsyncEngine, served_name: str, api_key: str | None = None
     app = web.Application(middlewares=[server_spans, errors_and_auth], client_max_size=MAX_BODY)
     state = ServerState(engine, served_name, api_key, max_queue)
     app["state"] = state
+    app.router.add_get("/dashboard", state.dashboard.page)
+    app.router.add_get("/dashboard/data", state.dashboard.data)
+    app.on_startup.append(state.dashboard.start)
+    app.on_cleanup.append(state.dashboard.stop)
     app["openapi"] = openapi_document(VERSION)
     routes = OpenAIRoutes(state)
     app.router.add_post("/v1/completions", routes.completions)

@@ -1,0 +1,204 @@
+"""GET /dashboard: a live page of the server's devices, stages, load and latencies.
+
+A sampler on the event loop takes a snapshot each second: per device its memory and
+utilisation (NVML on NVIDIA GPUs; the stage process's and the system's figures on the
+CPU), per stage its busy fraction and measured step time beside the planner's prediction,
+the request and KV figures of /metrics, token throughput, and TTFT / inter-token latency
+percentiles over the last minute. The page polls GET /dashboard/data and draws it; it
+needs nothing but this server.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import deque
+from importlib import resources
+
+import numpy as np
+from aiohttp import web
+
+from engine.placement import ModelCost, predict_stage_seconds
+
+HISTORY = 300  # seconds of time series kept
+WINDOW_S = 60.0  # latency percentiles cover this much
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+class LatencyWindow:
+    """(time, seconds) samples of the last minute."""
+
+    def __init__(self) -> None:
+        self.samples: deque[tuple[float, float]] = deque()
+
+    def add(self, value: float, now: float | None = None) -> None:
+        self.samples.append((now if now is not None else time.monotonic(), value))
+
+    def percentiles(self, now: float) -> dict[str, float | None]:
+        while self.samples and self.samples[0][0] < now - WINDOW_S:
+            self.samples.popleft()
+        values = np.asarray([v for _, v in self.samples]) * 1000
+        if not values.size:
+            return {"p50": None, "p90": None, "p99": None, "count": 0}
+        p50, p90, p99 = np.percentile(values, [50, 90, 99])
+        return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "count": int(values.size)}
+
+
+class Dashboard:
+    def __init__(self, state) -> None:
+        self.state = state
+        self.ttft = LatencyWindow()
+        self.itl = LatencyWindow()
+        self.series: deque[dict] = deque(maxlen=HISTORY)
+        self.snapshot: dict = {}
+        self._prev: dict | None = None
+        self._task: asyncio.Task | None = None
+
+    # ---- sampling -------------------------------------------------------------------------
+    async def start(self, app: web.Application) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self, app: web.Application) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                self.sample()
+            except Exception as e:  # a figure that cannot be read must not stop the page
+                self.snapshot = {**self.snapshot, "error": f"{type(e).__name__}: {e}"}
+            await asyncio.sleep(1.0)
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        eng = self.state.engine.engine  # the LLMEngine
+        m = self.state.metrics
+        cur = {
+            "t": now, "tokens": m.generation_tokens, "prompt_tokens": m.prompt_tokens,
+            "busy": [s.busy_s for s in eng.stage_stats], "steps": [s.steps for s in eng.stage_stats],
+            "seqs": [s.seqs for s in eng.stage_stats], "cpu": _process_cpu_seconds(eng.driver.procs),
+        }
+        prev = self._prev or cur
+        dt = max(cur["t"] - prev["t"], 1e-9)
+        stages = []
+        cost = ModelCost.from_config(eng.model_config, eng.dtype, eng.weight_dtype)
+        for k, st in enumerate(eng.plan.stages):
+            d_steps = cur["steps"][k] - prev["steps"][k]
+            d_busy = cur["busy"][k] - prev["busy"][k]
+            batch = (cur["seqs"][k] - prev["seqs"][k]) / d_steps if d_steps else 0.0
+            predicted = predict_stage_seconds(cost, st.device, st.layers, k == 0, k == len(eng.plan.stages) - 1,
+                                              max(1, round(batch)), eng.plan.context_len) if d_steps else None
+            stages.append({
+                "stage": k, "device": st.device.name, "label": st.device.label, "host": st.device.host,
+                "layers": f"{st.layers[0]}-{st.layers[1] - 1}", "busy": min(1.0, d_busy / dt),
+                "measured_ms": 1000 * d_busy / d_steps if d_steps else None,
+                "predicted_ms": 1000 * predicted if predicted is not None else None,
+                "batch": batch,
+            })
+        devices = self._devices(eng, prev["cpu"], cur["cpu"], dt)
+        throughput = (cur["tokens"] - prev["tokens"]) / dt if self._prev else 0.0
+        point = {
+            "time": time.time(), "running": m.num_running, "waiting": m.num_waiting,
+            "kv_cache_usage": m.kv_cache_usage, "tokens_per_s": throughput,
+            "ttft_p50_ms": self.ttft.percentiles(now)["p50"], "itl_p50_ms": self.itl.percentiles(now)["p50"],
+            "busy": [s["busy"] for s in stages],
+        }
+        self.series.append(point)
+        self.snapshot = {
+            "model": self.state.served_name, "uptime_s": time.time() - self.state.started,
+            "engine": "dead: " + self.state.engine.dead if self.state.engine.dead else "running",
+            "requests": {"running": m.num_running, "waiting": m.num_waiting,
+                         "finished": sum(m.success.values()), "rejected": m.rejected},
+            "kv_cache": {"usage": m.kv_cache_usage, "blocks": eng.scheduler.config.num_blocks,
+                         "block_size": eng.scheduler.config.block_size},
+            "tokens": {"generated": m.generation_tokens, "prompt": m.prompt_tokens, "per_s": throughput},
+            "ttft_ms": self.ttft.percentiles(now), "itl_ms": self.itl.percentiles(now),
+            "stages": stages, "devices": devices, "series": list(self.series),
+            "plan": {"batch_size": eng.plan.batch_size, "context_len": eng.plan.context_len},
+        }
+        self._prev = cur
+
+    def _devices(self, eng, prev_cpu: list[float | None], cur_cpu: list[float | None], dt: float) -> list[dict]:
+        out = []
+        mem_total, mem_avail = _host_memory()
+        for k, st in enumerate(eng.plan.stages):
+            d = {"stage": k, "device": st.device.name, "label": st.device.label, "kind": st.device.kind}
+            if st.device.kind == "cuda":
+                d.update(_nvml(st.device.name, st.device.host))
+            else:
+                rank = st.device_index  # local stage processes are started in --devices order
+                proc = eng.driver.procs[rank] if rank < len(eng.driver.procs) else None
+                rss = _rss_bytes(proc.pid) if proc is not None else None
+                busy = (None if proc is None or cur_cpu[rank] is None or prev_cpu[rank] is None
+                        else (cur_cpu[rank] - prev_cpu[rank]) / dt / max(st.device.threads or 1, 1))
+                d.update({"memory_used": rss, "memory_total": mem_total, "system_memory_used": mem_total - mem_avail,
+                          "utilization": None if busy is None else min(1.0, max(0.0, busy)),
+                          "source": "process" if proc is not None else "remote"})
+            out.append(d)
+        return out
+
+    # ---- routes ---------------------------------------------------------------------------
+    async def page(self, request: web.Request) -> web.Response:
+        html = resources.files("gateway").joinpath("dashboard.html").read_text()
+        return web.Response(text=html, content_type="text/html")
+
+    async def data(self, request: web.Request) -> web.Response:
+        if not self.snapshot:
+            self.sample()
+        return web.json_response(self.snapshot)
+
+
+def _process_cpu_seconds(procs) -> list[float | None]:
+    out = []
+    for p in procs:
+        try:
+            with open(f"/proc/{p.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out.append((int(fields[11]) + int(fields[12])) / _CLOCK_TICKS)  # utime + stime
+        except (OSError, IndexError, ValueError):
+            out.append(None)
+    return out
+
+
+def _rss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _host_memory() -> tuple[int, int]:
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, value = line.split(":", 1)
+            info[key] = int(value.split()[0]) * 1024
+    return info["MemTotal"], info["MemAvailable"]
+
+
+def _nvml(name: str, host: str) -> dict:
+    """Memory and utilisation of a local NVIDIA GPU by NVML; on another host, or without NVML, unknown."""
+    import socket
+
+    if host != socket.gethostname():
+        return {"memory_used": None, "memory_total": None, "utilization": None, "source": "remote"}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = int(name.split(":")[1]) if ":" in name else 0
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible:
+            index = int(visible.split(",")[index])
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        util = pynvml.nvmlDeviceGetUtilizationRates(handle)
+        return {"memory_used": int(mem.used), "memory_total": int(mem.total), "utilization": util.gpu / 100,
+                "source": "nvml"}
+    except Exception:
+        return {"memory_used": None, "memory_total": None, "utilization": None, "source": "unavailable"}
