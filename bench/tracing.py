@@ -34,7 +34,7 @@ from bench.pipeline import prompts_for
 from bench.serving import free_port, start, stop
 from engine import LLM
 from engine.config import ModelConfig
-from engine.llm import _sampled_ids
+from engine.llm import sampled_ids
 
 DETAILS = ("off", "request", "layer")
 Result = dict[str, float]
@@ -66,8 +66,8 @@ def offline(model_dir: Path, detail: str, batch: int, prompt_len: int, output_le
             t0 = time.perf_counter()
             spans: dict[int, Any] = {}  # each prompt under a GenAI request span, as LLM.generate does
             for p in prompts_for(batch, prompt_len + 1, vocab, 1):
-                span = llm._request_span(params)
-                spans[eng.add_request(p, params, _sampled_ids(span))] = span
+                span = llm.request_span(params)
+                spans[eng.add_request(p, params, sampled_ids(span))] = span
             decode_start: float | None = None
             decode_tokens, started = 0, set[int]()
             while eng.has_unfinished():

@@ -59,7 +59,8 @@ class Driver:
             store = transport.serve_rendezvous(host, port, self.world_size, rendezvous_timeout_s)
             for rank, device in enumerate(devices, start=1):
                 env = dict(os.environ, MASTER_ADDR=connect, MASTER_PORT=str(port), RANK=str(rank),
-                           WORLD_SIZE=str(self.world_size), STRATA_RENDEZVOUS_TIMEOUT=str(rendezvous_timeout_s))
+                           WORLD_SIZE=str(self.world_size), STRATA_RENDEZVOUS_TIMEOUT=str(rendezvous_timeout_s),
+                           STRATA_LOCAL_STAGE="1")
                 args = ["--device", device] + (["--threads", str(threads)] if threads else [])
                 self.procs.append(subprocess.Popen(STAGE_COMMAND + args, env=env))
             self._wait_for_stages(store, rendezvous_timeout_s, f"{host}:{port}")

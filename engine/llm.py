@@ -34,8 +34,8 @@ class LLM:
         spans = {}
         for prompt, p in zip(prompts, params_list):
             ids = self._token_ids(prompt)
-            span = self._request_span(p)
-            seq_id = self.engine.add_request(ids, p, _sampled_ids(span))
+            span = self.request_span(p)
+            seq_id = self.engine.add_request(ids, p, sampled_ids(span))
             order.append(seq_id)
             results[seq_id] = CompletionOutput("", [], None, [] if p.logprobs is not None else None, ids)
             spans[seq_id] = span
@@ -56,7 +56,7 @@ class LLM:
                         span.end()
         return [results[s] for s in order]
 
-    def _request_span(self, p: SamplingParams):
+    def request_span(self, p: SamplingParams):
         """With tracing on, each prompt is a GenAI request span, as an HTTP request's would be."""
         tracing = self.engine.tracing
         if tracing is None:
@@ -87,7 +87,7 @@ class LLM:
         self.close()
 
 
-def _sampled_ids(span) -> tuple[int, int] | None:
+def sampled_ids(span) -> tuple[int, int] | None:
     if span is None:
         return None
     ctx = span.get_span_context()

@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -330,6 +331,10 @@ def add_worker_args(ap: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of a stage process started by the server."""
+    if os.environ.get("STRATA_LOCAL_STAGE"):
+        # Ctrl-C in a terminal reaches the whole process group; the server, not the signal, ends its stages
+        # (after draining), and a stage whose server is gone leaves by itself when its links break.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     return run_worker(worker_args(argv))
 
 
