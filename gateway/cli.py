@@ -17,6 +17,15 @@ from loadtest.cli import add_arguments as add_bench_arguments
 from loadtest.cli import run as run_bench
 
 
+def _env_flag(name: str) -> bool:
+    value = os.environ.get(f"STRATA_{name.upper()}", "")
+    if value.lower() in ("", "0", "false", "no", "off"):
+        return False
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    raise SystemExit(f"strata: STRATA_{name.upper()}={value!r}: use true or false")
+
+
 def _env(name: str, default=None):
     return os.environ.get(f"STRATA_{name.upper()}", default)
 
@@ -31,18 +40,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads-per-stage", "--threads", dest="threads", type=int, default=_env("threads_per_stage"),
                    help="torch threads in each stage process")
     g.add_argument("--layers", default=_env("layers"), help="layers per stage in --devices order, instead of the planner's split: 20,8,4")
-    g.add_argument("--workers", type=int, default=int(_env("workers", 0)),
+    g.add_argument("--workers", type=int, default=_env("workers", "0"),
                    help="stages on other hosts, started with `strata worker`; they take the ranks after the local stages")
     g.add_argument("--rendezvous", default=_env("rendezvous"),
                    help="host:port the stages join at (default: loopback and a free port); set it when --workers > 0")
-    g.add_argument("--block-size", type=int, default=int(_env("block_size", 16)))
-    g.add_argument("--max-num-seqs", type=int, default=int(_env("max_num_seqs", 256)))
+    g.add_argument("--block-size", type=int, default=_env("block_size", "16"))
+    g.add_argument("--max-num-seqs", type=int, default=_env("max_num_seqs", "256"))
     g.add_argument("--max-num-batched-tokens", type=int, default=_env("max_num_batched_tokens"),
                    help="token budget of one step (default: 512 on CPU, 2048 on GPUs)")
     g.add_argument("--max-model-len", type=int, default=_env("max_model_len"))
     g.add_argument("--kv-cache-memory", default=_env("kv_cache_memory"), help="KV-cache budget, e.g. 4GiB")
     g.add_argument("--num-kv-blocks", type=int, default=_env("num_kv_blocks"))
-    g.add_argument("--no-prefix-caching", action="store_true", default=bool(_env("no_prefix_caching")))
+    g.add_argument("--no-prefix-caching", action="store_true", default=_env_flag("no_prefix_caching"))
+    g.add_argument("--rendezvous-timeout", type=float, default=_env("rendezvous_timeout", "120"),
+                   help="seconds to wait for the stages (local ones and --workers) to join")
     g.add_argument("--otlp-traces-endpoint", default=_env("otlp_traces_endpoint"),
                    help="export traces over OTLP to this collector (protocol from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: "
                         "http/protobuf or grpc); default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else no tracing")
@@ -60,6 +71,7 @@ def engine_config(args: argparse.Namespace):
         model=model, dtype=args.dtype, devices=args.devices, threads=int(args.threads) if args.threads else None,
         layers=args.layers, workers=args.workers, rendezvous=args.rendezvous,
         otlp_traces_endpoint=args.otlp_traces_endpoint, trace_detail=args.trace_detail,
+        rendezvous_timeout_s=args.rendezvous_timeout,
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=int(args.max_num_batched_tokens) if args.max_num_batched_tokens else None,
         max_model_len=int(args.max_model_len) if args.max_model_len else None, kv_cache_memory=args.kv_cache_memory,
@@ -153,12 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_args(s)
     g = s.add_argument_group("server")
     g.add_argument("--host", default=_env("host", "0.0.0.0"))
-    g.add_argument("--port", type=int, default=int(_env("port", 8000)))
+    g.add_argument("--port", type=int, default=_env("port", "8000"))
     g.add_argument("--served-model-name", default=_env("served_model_name"))
     g.add_argument("--api-key", default=_env("api_key"), help="require Authorization: Bearer <key> (or STRATA_API_KEY)")
-    g.add_argument("--max-queue", type=int, default=int(_env("max_queue", 1024)),
+    g.add_argument("--max-queue", type=int, default=_env("max_queue", "1024"),
                    help="waiting requests beyond which new ones get 429")
-    g.add_argument("--drain-timeout", type=float, default=float(_env("drain_timeout", 30)),
+    g.add_argument("--drain-timeout", type=float, default=_env("drain_timeout", "30"),
                    help="seconds SIGTERM waits for open streams")
     w = sub.add_parser("worker", help="join a pipeline as one stage (rendezvous from MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)")
     add_worker_args(w)
