@@ -50,6 +50,7 @@ def summarize(run: LoadResult, slos: dict[str, float], percentiles: list[float])
         "error_rate": len(failed) / len(run.results) if run.results else 0.0,
         "errors_by_kind": dict(Counter(r.error for r in failed)),
     }
+    summary["error_rate_by_kind"] = {k: n / len(run.results) for k, n in summary["errors_by_kind"].items()}
     if slos:
         good = sum(1 for r in ok if meets(r, slos))
         summary["request_goodput"] = good / duration if duration else 0.0

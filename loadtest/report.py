@@ -23,7 +23,7 @@ def table(s: dict, title: str, percentiles: list[float]) -> str:
     row("Successful requests:", s["completed"])
     row("Failed requests:", s["failed"])
     for kind, n in sorted(s["errors_by_kind"].items()):
-        row(f"  {kind}:", n)
+        row(f"  {kind}:", f"{n} ({100 * s['error_rate_by_kind'][kind]:.1f}%)")
     if s["max_concurrency"]:
         row("Maximum request concurrency:", s["max_concurrency"])
     row("Request rate configured (RPS):", s["request_rate"] if isinstance(s["request_rate"], str) else float(s["request_rate"]))

@@ -142,6 +142,7 @@ def test_each_failure_is_counted_under_its_kind_and_the_run_ends_on_time(tmp_pat
     assert s["errors_by_kind"] == {"broken_stream": 2, "http_500": 2, "http_429": 2, "malformed_chunk": 2,
                                    "timeout": 2}
     assert s["error_rate"] == pytest.approx(10 / 12)
+    assert s["error_rate_by_kind"]["timeout"] == pytest.approx(2 / 12)
     assert elapsed < 60  # the stalled streams were cut off by the request timeout
 
 
@@ -155,6 +156,20 @@ def test_a_duration_bound_run_against_a_stalling_server_stops_by_itself(tmp_path
     assert s["completed"] + s["failed"] >= 6
     assert set(s["errors_by_kind"]) <= {"broken_stream", "http_500", "http_429", "malformed_chunk", "timeout"}
     assert elapsed < 30
+
+
+def test_compare_runs_the_same_workload_on_both_servers_and_prints_ratios(strata, tmp_path):
+    r = subprocess.run([*strata_command(), "bench", "--base-url", strata.url, "--model", MODEL, "--compare",
+                        strata.url + "/v1", "--dataset-name", "random", "--random-input-len", "8",
+                        "--random-output-len", "4", "--ignore-eos", "--num-prompts", "4", "--disable-tqdm",
+                        "--result-dir", str(tmp_path), "--result-filename", "cmp"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"{strata.url} against {strata.url}/v1" in r.stdout
+    ratios = [line for line in r.stdout.splitlines() if line.startswith("output_throughput")]
+    assert len(ratios) == 1 and ratios[0].rstrip().endswith("x")
+    runs = json.loads((tmp_path / "cmp.json").read_text())
+    assert [run["completed"] for run in runs] == [4, 4]
 
 
 def test_python_dash_m_loadtest_and_bad_flags(tmp_path):
