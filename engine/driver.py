@@ -111,13 +111,25 @@ class Driver:
                 raise RuntimeError(f"rank {rank} could not allocate its KV cache: {ack}")
         return PipelineInfo(num_blocks, ready)
 
-    def abandon(self) -> None:
-        """Start-up failed after the stages joined: tell them all to leave (they are waiting for a message)."""
-        try:
-            self._send_all(Shutdown())
-        except RuntimeError:
-            pass
-        self.shutdown()
+    def abandon(self, grace_s: float = 5.0) -> None:
+        """Start-up failed after the stages joined. Stages still in the handshake wait on the default group: post
+        them a Shutdown without waiting on any one (a stage that already left would block a plain send), give
+        local processes a moment to leave, then end the rest."""
+        posted = []
+        for rank in range(1, self.world_size):
+            local = self.procs[rank - 1] if rank - 1 < len(self.procs) else None
+            if local is not None and local.poll() is not None:
+                continue
+            try:
+                posted.append(transport.isend_obj(Shutdown(), rank))
+            except RuntimeError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
+            time.sleep(0.05)
+        self._kill()
+        del posted
+        transport.close()
 
     def _send_all(self, msg: object) -> None:
         for rank in range(1, self.world_size):

@@ -64,6 +64,9 @@ class EngineConfig:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
         requests = parse_devices(self.devices)  # raises with a clear message
+        gpus = [r.name for r in requests if r.name != "cpu"]
+        if len(gpus) != len(set(gpus)):
+            raise ValueError(f"devices {self.devices!r} name a GPU twice; each GPU holds one stage (only cpu may repeat)")
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = 512 if all(r.name == "cpu" for r in requests) else 2048
         if isinstance(self.layers, str):
@@ -102,10 +105,15 @@ class LLMEngine:
         self._trace_steps = bool(settings and settings.covers("step"))
         self._step_traces: dict[int, StepTrace] = {}
         self._stage_spans_dropped: dict[str, int] = {}  # stage -> spans its export queue has dropped
-        self.driver, self.plan, num_blocks = self._start_pipeline(model_dir, max_len)
+        try:
+            self.driver, self.plan, num_blocks = self._start_pipeline(model_dir, max_len)
+        except BaseException:
+            if self.tracing is not None:
+                self.tracing.shutdown()
+            raise
         self.max_in_flight = len(self.plan.stages)
         if config.num_kv_blocks is not None and num_blocks < config.num_kv_blocks:
-            self.driver.shutdown()
+            self.shutdown()
             raise ValueError(f"num_kv_blocks={config.num_kv_blocks} does not fit the KV memory budget ({num_blocks} blocks)")
         self.stage_stats = [StageStats() for _ in self.plan.stages]
         try:
@@ -118,7 +126,7 @@ class LLMEngine:
                 self.eos_token_ids,
             )
         except ValueError:
-            self.driver.shutdown()
+            self.shutdown()
             raise
         self._ids = itertools.count()
         self._streams: dict[int, _SeqStream] = {}
@@ -135,7 +143,7 @@ class LLMEngine:
         driver = Driver(devices, config.threads, config.workers, host, port, config.rendezvous_timeout_s)
         try:
             infos = driver.describe(DescribeDevice(config.dtype, cfg.checkpoint_dtype, config.kv_cache_fraction))
-            share_host_memory(infos, [d.memory is not None for d in requests])
+            share_host_memory(infos)
             compute, weights = resolve_dtypes(config.dtype, cfg.checkpoint_dtype, torch.device(infos[0].name))
             # Each of the P micro-batches in flight holds 1/P of the sequences: plan for that step.
             micro_batch = -(-min(config.max_num_seqs, PLANNED_SEQS) // len(infos))
@@ -317,12 +325,11 @@ class StepTrace:
 PLANNED_SEQS = 64
 
 
-def share_host_memory(infos: list[DeviceInfo], budgeted: list[bool]) -> None:
-    """CPU stages on one host without a budget each measured the same free memory; split it between them.
-    `budgeted` covers the local stages (the first ones); a remote worker's budget is its own business."""
+def share_host_memory(infos: list[DeviceInfo]) -> None:
+    """CPU stages on one host without a budget each measured the same free memory; split it between them."""
     shared: dict[str, list[DeviceInfo]] = {}
-    for i, info in enumerate(infos):
-        if info.kind == "cpu" and not (i < len(budgeted) and budgeted[i]):
+    for info in infos:
+        if info.kind == "cpu" and not info.budgeted:
             shared.setdefault(info.host, []).append(info)
     for group in shared.values():
         for info in group:

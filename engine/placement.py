@@ -148,6 +148,7 @@ class DeviceInfo:
     # memory bandwidth over ATTENTION_KV_PASSES.
     attention_bandwidth: float | None = None
     dtype: str | None = None  # compute dtype on this device; None: the ModelCost's
+    budgeted: bool = False  # memory is the user's budget, not a share of what was free
 
     def interchangeable(self) -> tuple:
         """Devices equal in everything but name are interchangeable in a plan."""

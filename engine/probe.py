@@ -274,5 +274,5 @@ def describe_device(request: DeviceRequest, dtype: str, threads: int | None, mem
         op_overhead_s=rates["op_overhead_s"], threads=n_threads, small_gemm_flops=rates.get("small_gemm_flops"),
         thin_matmul_flops=rates.get("thin_matmul_flops"),
         row_overhead_s=rates.get("row_overhead_s") or 0.0, attention_bandwidth=rates.get("attention_bandwidth"),
-        dtype=dtype,
+        dtype=dtype, budgeted=request.memory is not None,
     )

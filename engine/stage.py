@@ -206,6 +206,8 @@ def serve(rank: int, world_size: int, request: DeviceRequest, threads: int | Non
     """The stage's life: describe the device, take a spec, load, then run batches until Shutdown."""
     if threads:
         torch.set_num_threads(threads)
+    if request.name.startswith("cuda"):
+        torch.cuda.set_device(torch.device(request.name))  # events and NCCL streams follow the current device
     ask: DescribeDevice = transport.recv_obj(DRIVER_RANK)
     try:
         compute, weights = resolve_dtypes(ask.dtype, ask.checkpoint_dtype, torch.device(request.name))
@@ -255,6 +257,8 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
     hidden_size = runner.cfg.hidden_size
 
     def receive() -> None:
+        if runner.device.type == "cuda":
+            torch.cuda.set_device(runner.device)  # the current device is per thread
         try:
             while True:
                 batch, nbytes = transport.recv_obj_sized(link_in.src, link_in.objects)

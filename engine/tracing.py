@@ -147,12 +147,15 @@ class SpanQueue(SpanProcessor):
                 return
             spans = []
             for item in batch:
-                if isinstance(item, ReadableSpan):
-                    spans.append(item)
-                elif isinstance(item, SpanRecord):
-                    spans.append(self._to_span(item))
-                else:  # deferred: records whose times are read here (CUDA events), not on the hot path
-                    spans.extend(self._to_span(r) for r in item())
+                try:
+                    if isinstance(item, ReadableSpan):
+                        spans.append(item)
+                    elif isinstance(item, SpanRecord):
+                        spans.append(self._to_span(item))
+                    else:  # deferred: records whose times are read here (CUDA events), not on the hot path
+                        spans.extend(self._to_span(r) for r in item())
+                except Exception:  # one record that cannot be built must not stop the thread
+                    self.dropped += 1
             try:
                 self.exporter.export(spans)
                 self.exported += len(spans)

@@ -10,6 +10,7 @@ from aiohttp import web
 from batching.sampling_params import ParamError, SamplingParams
 from engine.outputs import SeqDelta, TokenLogprob
 from gateway import sse
+from gateway.engine_client import EngineError
 from gateway.errors import APIError, bad_request
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from gateway.request_tracing import GenAISpan
@@ -157,17 +158,17 @@ class OpenAIRoutes:
         t0 = time.monotonic()
         tracing = s.engine.tracing
         span = GenAISpan(tracing, request, operation, req, rid) if tracing else None
-        for c in choices:
-            p = params[c.prompt_index]
-            if n > 1 and p.seed is not None:
-                p = _with_seed(p, p.seed + c.index % n)
-            streams.append(s.engine.add(prompts[c.prompt_index], p, sink, c.index, span.ids if span else None))
         s.active += 1
         model = req.model
         created = int(time.time())
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         error = None
         try:
+            for c in choices:
+                p = params[c.prompt_index]
+                if n > 1 and p.seed is not None:
+                    p = _with_seed(p, p.seed + c.index % n)
+                streams.append(s.engine.add(prompts[c.prompt_index], p, sink, c.index, span.ids if span else None))
             if req.stream:
                 return await self._stream(request, req, kind, rid, model, created, prompts, choices, sink, include_usage,
                                           t0, span)
@@ -176,11 +177,14 @@ class OpenAIRoutes:
         except APIError as e:
             error = e.code or type(e).__name__
             raise
+        except EngineError as e:
+            error = "engine_failed"
+            raise APIError(503, f"the engine is not available: {e}", code="engine_failed", err_type="server_error") from None
         finally:
             if span is not None:
                 usage = _usage(prompts, choices, n)
                 span.finish([c.finish_reason or "abort" for c in choices], usage["prompt_tokens"],
-                            usage["completion_tokens"], error)
+                            usage["completion_tokens"], error or span.stream_error)
             s.active -= 1
             for st in streams:
                 s.engine.abort(st)  # no-op for finished ones; frees the rest at once
@@ -252,6 +256,8 @@ class OpenAIRoutes:
                 try:
                     c, d = await self._next(sink, choices, t0, span)
                 except APIError as e:
+                    if span is not None:
+                        span.stream_error = e.code or "error"
                     await resp.write(sse.event(e.body()))
                     break
                 _absorb(c, d)

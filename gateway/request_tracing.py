@@ -65,6 +65,7 @@ class GenAISpan:
         ctx = self.span.get_span_context()
         self.ids = (ctx.trace_id, ctx.span_id) if ctx.trace_flags.sampled else None
         self.first_token_seen = False
+        self.stream_error: str | None = None  # an error sent as an SSE event after the response began
 
     def first_token(self, queued_s: float) -> None:
         """The first token of the first choice: close the queue span and note time to first token."""

@@ -103,6 +103,8 @@ async def send(session: aiohttp.ClientSession, target: Target, prompt: str | lis
         r.error, r.detail = "broken_stream", f"{type(e).__name__}: {e}"
     except aiohttp.ClientError as e:
         r.error, r.detail = "connection", f"{type(e).__name__}: {e}"
+    except UnicodeDecodeError as e:
+        r.error, r.detail = "malformed_chunk", f"not UTF-8: {e}"
     r.latency = time.monotonic() - r.start
     return r
 

@@ -3,8 +3,9 @@
 Sessions arrive at `request_rate` per second (Poisson, or gamma with a burstiness factor:
 below 1 burstier, above 1 steadier), or all at once when the rate is infinite. At most
 `max_concurrency` requests are in flight. The run stops issuing at `num_prompts`
-requests or after `duration_s`, and always ends: what is still open a request timeout
-later is cancelled and counted as timed out.
+requests or after `duration_s`, and always ends: every request ends by its own timeout,
+and a duration-bound run cancels whatever is left (a session still thinking) a timeout
+after it stopped issuing.
 """
 from __future__ import annotations
 

@@ -36,3 +36,11 @@ def test_stage_that_dies_before_joining_fails_start_up_at_once(llama_dir, monkey
     monkeypatch.undo()
     with LLM(llama_dir, num_kv_blocks=8, max_model_len=64) as llm:
         assert len(llm.generate([1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))[0].token_ids) == 2
+
+
+def test_a_gpu_named_twice_is_refused_before_anything_starts(llama_dir):
+    from engine.llm_engine import EngineConfig
+
+    with pytest.raises(ValueError, match="name a GPU twice"):
+        EngineConfig(model=str(llama_dir), devices="cuda:0,cpu,cuda:0")
+    assert EngineConfig(model=str(llama_dir), devices="cpu,cpu").devices == "cpu,cpu"
