@@ -60,8 +60,16 @@ COPY engine/ engine/
 COPY gateway/ gateway/
 COPY tokenization/ tokenization/
 COPY loadtest/ loadtest/
+# A C compiler for the engine's CPU kernels, built here into the installed package: the runtime image
+# has none. Unpinned for the reason given in python-cuda.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 # torch is already there and satisfies the project's requirement, so pip keeps the build chosen above.
-RUN /opt/venv/bin/pip install --no-cache-dir .
+# -P: the kernels go into the installed package, not into the sources in this directory.
+RUN /opt/venv/bin/pip install --no-cache-dir . \
+ && /opt/venv/bin/python -P -m engine.kernels.build
 
 # ---- runtime: the base plus the environment, no compilers, no sources -----------------------------
 

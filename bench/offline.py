@@ -15,14 +15,13 @@ import random
 import time
 
 import torch
-import torch.nn.functional as F
 
 from batching import SamplingParams
 from bench.checkpoints import smollm2_135m_shaped
 from engine import LLM
 from engine.config import ModelConfig
 from engine.device import TORCH_DTYPES, resolve_dtypes
-from engine.linear import THIN_ROWS
+from engine.linear import make_linear
 
 
 def prompts_for(batch: int, prompt_len: int, vocab: int) -> list[list[int]]:
@@ -70,24 +69,21 @@ def hf_run(model_dir, dtype: torch.dtype, batch: int, prompt_len: int, output_le
 
 def matmul_floor(cfg: ModelConfig, compute: torch.dtype, weights: torch.dtype, batch: int, repeats: int = 5) -> float:
     """Seconds for one decode step's matrix products alone: every projection of every layer and the LM head,
-    each layer with its own weights (so memory traffic is real), in the dtype the engine multiplies in."""
-    dtype = weights if batch <= THIN_ROWS else compute
+    each layer with its own weights (so memory traffic is real), multiplied as the engine multiplies them."""
     h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
-    shapes = [(q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter)]
-    layers = [[torch.randn(s, dtype=dtype) for s in shapes] for _ in range(cfg.num_layers)]
-    head = torch.randn(cfg.vocab_size, h, dtype=dtype)
-    x = {n: torch.randn(batch, n, dtype=dtype) for n in (h, q, inter)}
+    shapes = [(q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter)] * cfg.num_layers + [(cfg.vocab_size, h)]
+    products = [(make_linear(torch.randn(s).to(weights), None, compute, {}, wide_copy=True), s[1]) for s in shapes]
+    x = {n: torch.randn(batch, n, dtype=compute) for n in (h, q, inter)}
 
     def step():
-        for ws in layers:
-            for w in ws:
-                F.linear(x[w.shape[1]], w)
-        F.linear(x[h], head)
+        for product, in_features in products:
+            product(x[in_features])
 
-    step()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
+    with torch.inference_mode():
         step()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            step()
     return (time.perf_counter() - t0) / repeats
 
 

@@ -17,7 +17,7 @@ from engine.attention import AttentionMetadata, paged_attention
 from engine.checkpoint import expected_shapes, load_tensors
 from engine.config import ModelConfig
 from engine.device import available_memory
-from engine.linear import make_linear
+from engine.linear import PackedHalfLinear, make_linear, uses_kernel
 from engine.rope import apply_rotary, cos_sin_table
 
 
@@ -68,15 +68,17 @@ class StageModel:
         fp32_bytes = 4 * sum(math.prod(s) for s in shapes.values())
         if wide_copy is None:
             wide_copy = fp32_bytes <= available_memory(device) // 4
-        wide_copy = wide_copy and weight_dtype != dtype
+        wide_copy = wide_copy and weight_dtype != dtype and not uses_kernel(device, weight_dtype, dtype)
         t = {k: v.to(device) for k, v in load_tensors(files, shapes, weight_dtype).items()}
         self.weight_bytes = sum(v.numel() * v.element_size() for v in t.values()) + (fp32_bytes if wide_copy else 0)
         linear = partial(make_linear, compute_dtype=dtype, scratch={}, wide_copy=wide_copy)
-        self.embed = t.get("model.embed_tokens.weight") if first else None
         self.layers = [DecoderLayer(t, f"model.layers.{i}.", cfg, dtype, linear) for i in layers]
         self.norm = t["model.norm.weight"].to(dtype) if last else None
         head = (t["model.embed_tokens.weight"] if cfg.tie_word_embeddings else t["lm_head.weight"]) if last else None
         self.lm_head = linear(head, None) if last else None
+        # A packed tied head answers embedding lookups itself, so the matrix is held once.
+        self.embed_from_head = first and cfg.tie_word_embeddings and isinstance(self.lm_head, PackedHalfLinear)
+        self.embed = t.get("model.embed_tokens.weight") if first and not self.embed_from_head else None
         self.rope = cos_sin_table(cfg, max_positions, dtype, device)  # [P, 2, d]
         self.scale = cfg.head_dim**-0.5
 
@@ -89,7 +91,9 @@ class StageModel:
         on_layer=None,  # called with -1 before the first layer, then with each layer's index within the stage
     ) -> torch.Tensor:  # [T, hidden]
         cfg = self.cfg
-        if self.first:
+        if self.embed_from_head:
+            x = self.lm_head.rows(x).to(self.dtype)
+        elif self.first:
             x = F.embedding(x, self.embed).to(self.dtype)
         T = x.shape[0]
         cs = self.rope[positions]  # [T, 2, d]

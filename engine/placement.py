@@ -296,7 +296,9 @@ def _matmul_seconds(cost: ModelCost, device: DeviceInfo, params: int, out_featur
         rate = (device.thin_matmul_flops or device.matmul_flops) if upcast else device.matmul_flops
         read = params * DTYPE_BYTES[cost.weight_dtype]
         return max(flops / rate, read / device.mem_bandwidth) + rows * out_features * device.row_overhead_s
-    # Wide steps with half-precision weights read the resident fp32 copy (engine.linear).
+    # Wide steps with half-precision weights read them at fp32 size on torch's kernels (engine.linear keeps an fp32
+    # copy) and at half size on the engine's own (engine.kernels.half_gemm); arithmetic binds them either way, and the
+    # probe timed whichever product this device runs.
     read = params * DTYPE_BYTES[compute if upcast else cost.weight_dtype]
     compute_s = flops / device.matmul_flops
     if rows < GEMM_ROWS and device.small_gemm_flops:

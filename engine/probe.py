@@ -18,10 +18,11 @@ import torch
 
 from engine.attention import build_metadata, paged_attention
 from engine.device import TORCH_DTYPES, available_memory
+from engine.linear import make_linear, uses_kernel
 from engine.placement import GEMM_ROWS, SMALL_GEMM_ROWS, DeviceInfo, DeviceRequest
 
 PROFILE_ENV = "STRATA_DEVICE_PROFILE"
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 # GEMM shapes: 64 rows like a decode batch (and 8, see SMALL_GEMM_ROWS); weights [out, in]. A GPU gets a large
 # model's MLP shape, so that the kernel, not its launch, is timed.
@@ -97,19 +98,23 @@ def _weight_set(device: torch.device, dtype: torch.dtype, out_f: int, in_f: int)
     return [torch.full((out_f, in_f), 0.01, dtype=dtype, device=device) for _ in range(count)]
 
 
-def _per_matrix(timer: _Timer, device: torch.device, dtype: torch.dtype, rows: int, out_f: int, in_f: int) -> float:
-    """Seconds per product of `rows` rows with an [out_f, in_f] weight, over a set too large to stay cached."""
-    weights = _weight_set(device, dtype, out_f, in_f)
+def _per_matrix(timer: _Timer, device: torch.device, dtype: torch.dtype, rows: int, out_f: int, in_f: int,
+                weight_dtype: torch.dtype | None = None) -> float:
+    """Seconds per product of `rows` rows at `dtype` with an [out_f, in_f] weight at `weight_dtype`, multiplied as
+    the engine does (engine.linear), over a set too large to stay cached."""
+    weights = [make_linear(w, None, dtype, {}, wide_copy=True)
+               for w in _weight_set(device, weight_dtype or dtype, out_f, in_f)]
     x = torch.ones(rows, in_f, dtype=dtype, device=device)
-    return timer(lambda: [torch.nn.functional.linear(x, w) for w in weights], 3) / len(weights)
+    return timer(lambda: [product(x) for product in weights], 3) / len(weights)
 
 
-def _one_row(timer: _Timer, device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+def _one_row(timer: _Timer, device: torch.device, dtype: torch.dtype,
+             weight_dtype: torch.dtype | None = None) -> tuple[float, float]:
     """(seconds per weight, seconds per output feature) of one-row products. Two shapes of one size tell them apart:
     each output feature's dot product ends in a reduction, so short rows cost more than their bytes or FLOPs."""
     (long_out, long_in), (short_out, short_in) = _CUDA_ONE_ROW if device.type == "cuda" else _CPU_ONE_ROW
-    t_long = _per_matrix(timer, device, dtype, 1, long_out, long_in)  # few long rows
-    t_short = _per_matrix(timer, device, dtype, 1, short_out, short_in)  # many short rows
+    t_long = _per_matrix(timer, device, dtype, 1, long_out, long_in, weight_dtype)  # few long rows
+    t_short = _per_matrix(timer, device, dtype, 1, short_out, short_in, weight_dtype)  # many short rows
     per_feature = max(0.0, (t_short - t_long) / (short_out - long_out))
     per_weight = max(t_long - long_out * per_feature, 0.5 * t_long) / (long_out * long_in)
     return per_weight, per_feature
@@ -121,9 +126,9 @@ def _measure(device: torch.device, dtype: torch.dtype, weight_dtype: torch.dtype
     # other measurements too: a passing slow spell of the machine does not then decide it.
     op_overhead = _op_overhead(device)
     rows, in_f, out_f = _CUDA_GEMM if device.type == "cuda" else _CPU_GEMM
-    matmul_flops = 2 * rows * in_f * out_f / _per_matrix(timer, device, dtype, rows, out_f, in_f)
+    matmul_flops = 2 * rows * in_f * out_f / _per_matrix(timer, device, dtype, rows, out_f, in_f, weight_dtype)
     small = SMALL_GEMM_ROWS
-    small_gemm_flops = 2 * small * in_f * out_f / _per_matrix(timer, device, dtype, small, out_f, in_f)
+    small_gemm_flops = 2 * small * in_f * out_f / _per_matrix(timer, device, dtype, small, out_f, in_f, weight_dtype)
     op_overhead = min(op_overhead, _op_overhead(device))
     # One-row products stream their weights: what decode at small batches reads them at. fp32, so that a CPU's slow
     # half-precision arithmetic does not pass for slow memory.
@@ -132,7 +137,7 @@ def _measure(device: torch.device, dtype: torch.dtype, weight_dtype: torch.dtype
     thin = None
     if weight_dtype is not None and weight_dtype != dtype:
         op_overhead = min(op_overhead, _op_overhead(device))
-        per_weight, per_feature = _one_row(timer, device, weight_dtype)
+        per_weight, per_feature = _one_row(timer, device, dtype, weight_dtype)
         thin = 2 / per_weight
     op_overhead = min(op_overhead, _op_overhead(device))
     attention = _attention_bandwidth(device, dtype, timer, op_overhead)
@@ -210,6 +215,8 @@ def probe_rates(name: str, dtype: str, threads: int | None, weight_dtype: str | 
     where = socket.gethostname() + "/" + (_cpu_model() if device.type == "cpu" else str(device))
     key = "|".join([where, device_label(device, threads), str(threads or torch.get_num_threads()), dtype,
                     thin_dtype or "-", torch.__version__, f"v{CACHE_VERSION}"])
+    if thin_dtype and uses_kernel(device, TORCH_DTYPES[thin_dtype], TORCH_DTYPES[dtype]):
+        key += "|half_gemm"
     path = cache_path()
     cache = _read_cache(path)
     if key in cache:

@@ -90,13 +90,17 @@ def test_sharded_checkpoint_matches_reference(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_checkpoints_serve(tmp_path, dtype):
-    model_dir = write_checkpoint(tmp_path, "llama", dtype=dtype)
+@pytest.mark.parametrize("kernel", [True, False], ids=["half_gemm", "torch"])
+def test_half_precision_checkpoints_serve(tmp_path, monkeypatch, dtype, kernel):
+    """Half-precision weights with fp32 activations run on the engine's kernel where it builds, else on torch's."""
+    monkeypatch.setenv("STRATA_CPU_KERNELS", "1" if kernel else "0")
+    model_dir = write_checkpoint(tmp_path, "qwen2", dtype=dtype)  # tied embeddings, q/k/v biases
     prompts = random_prompts([6, 20], seed=5)
     ref = hf_greedy(model_dir, prompts, 8, dtype="float32")
-    # Computing in the checkpoint's own precision, and in fp32 (what `auto` picks on a CPU without native bf16).
-    for compute in (dtype, "float32"):
-        with LLM(model_dir, dtype=compute, num_kv_blocks=32, max_model_len=256) as llm:
+    # Computing in the checkpoint's own precision, and in fp32 (what `auto` picks on a CPU without native bf16):
+    # on one stage (a tied LM head also serving embeddings) and on two.
+    for compute, devices in ((dtype, "cpu"), ("float32", "cpu"), ("float32", "cpu,cpu")):
+        with LLM(model_dir, dtype=compute, devices=devices, threads=1, num_kv_blocks=32, max_model_len=256) as llm:
             outs = llm.generate(prompts, SamplingParams(max_tokens=8, **GREEDY))
         assert all(len(o.token_ids) == 8 for o in outs)
         if compute == "float32":

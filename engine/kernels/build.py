@@ -1,0 +1,92 @@
+"""Compile a kernel's C source once per machine and load it.
+
+A library is named by a hash of its source and flags, so an edit rebuilds it. It is looked
+for beside the source (where `python -m engine.kernels.build` puts it at install time, as the
+container image does, whose runtime has no compiler), then in the strata cache directory,
+where it is otherwise compiled on first use. Stage processes that start together may race to
+build it: each compiles to its own temporary file and renames it into place, which is atomic.
+Without a C compiler, or when the build fails, callers get None and the engine keeps torch's
+own kernels. The libraries link OpenMP dynamically and so share the runtime torch has loaded.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+log = logging.getLogger("strata.kernels")
+
+DISABLE_ENV = "STRATA_CPU_KERNELS"  # 0: never build or use them
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STRATA_CACHE", Path.home() / ".cache" / "strata")) / "kernels"
+
+
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def enabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "1").lower() not in ("0", "false", "no", "off")
+
+
+def library_name(source: Path, flags: list[str]) -> str:
+    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    return f"{source.stem}-{key}.so"
+
+
+def load(source: Path, flags: list[str]) -> ctypes.CDLL | None:
+    """The compiled library, or None (logged) when it cannot be built."""
+    name = library_name(source, flags)
+    target = next((d / name for d in (source.parent, cache_dir()) if (d / name).exists()), None)
+    if target is None:
+        target = compile_library(source, flags, cache_dir() / name)
+        if target is None:
+            return None
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError as e:
+        log.warning("could not load %s: %s; falling back to torch's kernels", target, e)
+        return None
+
+
+def compile_library(source: Path, flags: list[str], target: Path) -> Path | None:
+    cc = compiler()
+    if cc is None:
+        log.warning("no C compiler (set CC) to build %s: falling back to torch's kernels", source.name)
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{target}.tmp{os.getpid()}"  # the compiler creates it, readable by all like any library
+    cmd = [cc, *flags, "-shared", "-fPIC", "-o", tmp, str(source)]
+    try:
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        done, err = None, str(e)
+    if done is None or done.returncode != 0:
+        Path(tmp).unlink(missing_ok=True)
+        err = err if done is None else done.stderr.strip()[-2000:]
+        log.warning("could not build %s (%s): %s; falling back to torch's kernels", source.name, " ".join(cmd), err)
+        return None
+    os.replace(tmp, target)
+    return target
+
+
+def main() -> None:
+    """Build every kernel beside its source: for installs whose runtime has no compiler."""
+    from engine.kernels import half_gemm
+
+    for source, flags in ((half_gemm.SOURCE, half_gemm.FLAGS),):
+        built = compile_library(source, flags, source.parent / library_name(source, flags))
+        if built is None:
+            raise SystemExit(f"could not build {source.name}")
+        print(f"built {built}")
+
+
+if __name__ == "__main__":
+    logging.basicConfig()
+    main()

@@ -1,0 +1,81 @@
+/* y[M, N] = x[M, K] @ W^T (+ bias), x and y fp32, W bf16 or fp16, for x86-64 CPUs with AVX2, FMA and F16C.
+ *
+ * W arrives packed in blocks of 16 output features, [ceil(N/16)][K][16] (see half_gemm.py), so that one
+ * 32-byte load holds 16 consecutive features of one input column. A 6x16 tile of y lives in twelve
+ * registers while k runs; the half-precision weights become fp32 in registers, so they cross memory at
+ * half size and no fp32 copy of them is ever written. A block's weights (K x 16, 18 KiB at K = 576) stay
+ * in L1/L2 while every 6-row tile of x passes over them, so the cost per row barely depends on M: a
+ * product of 32 rows costs half one of 64, where a BLAS that packs its weights on every call does not.
+ * Blocks are shared among OpenMP threads.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline __m256 load8(const uint16_t *p, int fp16) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    if (fp16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  /* bf16: the high half of fp32 */
+}
+
+#define TILE(MT)                                                                                               \
+    static void tile##MT(const float *x, long K, const uint16_t *w, float *y, long ldy, const float *bias,     \
+                         int fp16, long ncols) {                                                              \
+        __m256 a0[MT], a1[MT];                                                                                \
+        for (int i = 0; i < MT; i++) a0[i] = a1[i] = _mm256_setzero_ps();                                     \
+        for (long k = 0; k < K; k++) {                                                                        \
+            __m256 w0 = load8(w + k * 16, fp16), w1 = load8(w + k * 16 + 8, fp16);                            \
+            for (int i = 0; i < MT; i++) {                                                                    \
+                __m256 b = _mm256_broadcast_ss(x + i * K + k);                                                \
+                a0[i] = _mm256_fmadd_ps(b, w0, a0[i]);                                                        \
+                a1[i] = _mm256_fmadd_ps(b, w1, a1[i]);                                                        \
+            }                                                                                                 \
+        }                                                                                                     \
+        if (bias) {                                                                                           \
+            __m256 b0 = _mm256_loadu_ps(bias), b1 = _mm256_loadu_ps(bias + 8);                                \
+            for (int i = 0; i < MT; i++) {                                                                    \
+                a0[i] = _mm256_add_ps(a0[i], b0);                                                             \
+                a1[i] = _mm256_add_ps(a1[i], b1);                                                             \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int i = 0; i < MT; i++) {                                                                        \
+            if (ncols == 16) {                                                                                \
+                _mm256_storeu_ps(y + i * ldy, a0[i]);                                                         \
+                _mm256_storeu_ps(y + i * ldy + 8, a1[i]);                                                     \
+            } else {                                                                                          \
+                float t[16];                                                                                  \
+                _mm256_storeu_ps(t, a0[i]);                                                                   \
+                _mm256_storeu_ps(t + 8, a1[i]);                                                               \
+                memcpy(y + i * ldy, t, ncols * sizeof(float));                                                \
+            }                                                                                                 \
+        }                                                                                                     \
+    }
+TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
+
+void half_gemm(const float *x, long M, long K, const uint16_t *w_packed, long N, const float *bias, float *y,
+               int fp16, int threads) {
+    long blocks = (N + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long nb = 0; nb < blocks; nb++) {
+        const uint16_t *w = w_packed + nb * K * 16;
+        long n0 = nb * 16, ncols = N - n0 < 16 ? N - n0 : 16;
+        const float *bb = bias ? bias + n0 : NULL;
+        float padded[16];
+        if (bb && ncols < 16) {
+            memset(padded, 0, sizeof padded);
+            memcpy(padded, bb, ncols * sizeof(float));
+            bb = padded;
+        }
+        long m = 0;
+        for (; m + 6 <= M; m += 6) tile6(x + m * K, K, w, y + m * N + n0, N, bb, fp16, ncols);
+        const float *xm = x + m * K;
+        float *ym = y + m * N + n0;
+        switch (M - m) {
+            case 1: tile1(xm, K, w, ym, N, bb, fp16, ncols); break;
+            case 2: tile2(xm, K, w, ym, N, bb, fp16, ncols); break;
+            case 3: tile3(xm, K, w, ym, N, bb, fp16, ncols); break;
+            case 4: tile4(xm, K, w, ym, N, bb, fp16, ncols); break;
+            case 5: tile5(xm, K, w, ym, N, bb, fp16, ncols); break;
+        }
+    }
+}

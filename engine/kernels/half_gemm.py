@@ -1,0 +1,79 @@
+"""Products of fp32 activations with bf16/fp16 weights on x86-64 CPUs (half_gemm.c).
+
+A CPU without native half precision emulates half-precision GEMMs several times slower than
+fp32, and an fp32 BLAS needs the weights in fp32: twice the memory, twice the bytes read per
+step, and a weight packing pass on every call that small batches cannot amortise. This
+kernel reads the half-precision weights in a layout packed once at load time and widens
+them in registers.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from engine.kernels import build
+
+SOURCE = Path(__file__).with_name("half_gemm.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+BLOCK = 16  # output features per packed block
+CPU_FEATURES = ("avx2", "fma", "f16c")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if not build.enabled() or not all(f in _cpu_flags() for f in CPU_FEATURES):
+        return None
+    lib = build.load(SOURCE, FLAGS)
+    if lib is not None:
+        lib.half_gemm.argtypes = [
+            ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
+            ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+        ]
+        lib.half_gemm.restype = None
+    return lib
+
+
+def available(device: torch.device, weight_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
+    return (device.type == "cpu" and compute_dtype == torch.float32
+            and weight_dtype in (torch.bfloat16, torch.float16) and _library() is not None)
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N / 16), K, 16], zero-padded: 16 consecutive output features per input column."""
+    n, k = weight.shape
+    padded = -(-n // BLOCK) * BLOCK
+    if padded != n:
+        weight = torch.cat([weight, weight.new_zeros(padded - n, k)])
+    return weight.view(padded // BLOCK, BLOCK, k).transpose(1, 2).contiguous()
+
+
+def unpack_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of the original [N, K] weight (an embedding lookup from a packed tied LM head)."""
+    return packed[rows // BLOCK, :, rows % BLOCK]
+
+
+def half_gemm(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] fp32 @ W^T -> [M, n] fp32, W given packed."""
+    x = x.contiguous()
+    m, k = x.shape
+    out = torch.empty((m, n), dtype=torch.float32)
+    if m:
+        _library().half_gemm(
+            x.data_ptr(), m, k, packed.data_ptr(), n, bias.data_ptr() if bias is not None else None, out.data_ptr(),
+            int(packed.dtype == torch.float16), torch.get_num_threads(),
+        )
+    return out

@@ -1,0 +1,84 @@
+"""The engine's CPU kernel for half-precision weights (engine.kernels.half_gemm) against torch."""
+from __future__ import annotations
+
+import platform
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import half_gemm
+from engine.linear import PackedHalfLinear, UpcastLinear, make_linear
+
+CPU = torch.device("cpu")
+HAS_ISA = set(half_gemm.CPU_FEATURES) <= half_gemm._cpu_flags()
+
+pytestmark = pytest.mark.skipif(not HAS_ISA, reason="needs an x86-64 CPU with AVX2, FMA and F16C")
+
+
+def test_builds_where_a_compiler_is():
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert platform.machine() in ("x86_64", "AMD64")
+        assert half_gemm.available(CPU, torch.bfloat16, torch.float32)
+    assert not half_gemm.available(CPU, torch.float32, torch.float32)  # fp32 weights stay on torch's BLAS
+    assert not half_gemm.available(CPU, torch.bfloat16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 64, 100])
+@pytest.mark.parametrize("shape", [(48, 32), (37, 19), (3, 200), (130, 64)])  # [out, in]; 37 and 3: a partial block
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matches_torch_in_fp32(dtype, rows, shape, threads):
+    if not half_gemm.available(CPU, dtype, torch.float32):
+        pytest.skip("kernel not built here")
+    g = torch.Generator().manual_seed(rows * 1000 + shape[0])
+    weight = (torch.randn(shape, generator=g) * 0.1).to(dtype)
+    bias = torch.randn(shape[0], generator=g).to(dtype)
+    x = torch.randn(rows, shape[1], generator=g)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for b in (None, bias):
+            product = make_linear(weight, b, torch.float32, {})
+            assert isinstance(product, PackedHalfLinear)
+            want = F.linear(x, weight.float(), b.float() if b is not None else None)
+            got = product(x)
+            assert got.shape == want.shape and got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            # A non-contiguous input is taken as its values.
+            wide = torch.randn(rows, 2 * shape[1], generator=g)
+            want = F.linear(wide[:, ::2], weight.float(), b.float() if b is not None else None)
+            torch.testing.assert_close(product(wide[:, ::2]), want, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_rows_of_a_packed_weight_are_its_embeddings():
+    if not half_gemm.available(CPU, torch.bfloat16, torch.float32):
+        pytest.skip("kernel not built here")
+    weight = torch.randn(37, 24).bfloat16()
+    product = PackedHalfLinear(weight, None)
+    ids = torch.tensor([0, 15, 16, 36, 5, 5])
+    assert torch.equal(product.rows(ids), weight[ids])
+
+
+def test_disabled_by_environment(monkeypatch):
+    half_gemm._library.cache_clear()
+    monkeypatch.setenv("STRATA_CPU_KERNELS", "0")
+    try:
+        assert isinstance(make_linear(torch.randn(16, 8).bfloat16(), None, torch.float32, {}), UpcastLinear)
+    finally:
+        half_gemm._library.cache_clear()
+
+
+def test_without_a_compiler_torch_does_the_work(monkeypatch, tmp_path, caplog):
+    half_gemm._library.cache_clear()
+    monkeypatch.setenv("STRATA_CACHE", str(tmp_path))  # nothing built yet
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    try:
+        with caplog.at_level("WARNING", logger="strata.kernels"):
+            assert isinstance(make_linear(torch.randn(16, 8).bfloat16(), None, torch.float32, {}), UpcastLinear)
+        assert "falling back to torch's kernels" in caplog.text
+    finally:
+        half_gemm._library.cache_clear()
