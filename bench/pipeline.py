@@ -14,9 +14,12 @@ import argparse
 import random
 import time
 
+import torch
+
 from batching import SamplingParams
 from bench.checkpoints import smollm2_135m_shaped
 from engine import LLM
+from engine.linear import uses_kernel
 from engine.placement import ModelCost, predict_stage_seconds
 
 
@@ -77,10 +80,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2, help="alternate the two setups this many times; keep each one's best")
+    ap.add_argument("--rounds", type=int, default=3, help="alternate the two setups this many times; keep each one's best")
     args = ap.parse_args()
     model_dir = smollm2_135m_shaped("bfloat16")
     print(f"checkpoint: {model_dir}; {args.batch} sequences, {args.prompt_len} prompt + {args.output_len} output tokens")
+    kernel = uses_kernel(torch.device("cpu"), torch.bfloat16, torch.float32)
+    products = "the engine's half-precision kernel" if kernel else "torch's, on an fp32 copy of the weights"
+    print(f"matrix products: {products}")
     # Alternating runs and keeping the best of each puts both setups through the same spells of a busy machine.
     runs: dict[int, dict] = {}
     for r in range(args.rounds):
