@@ -1,17 +1,21 @@
 """Pipeline throughput: P CPU stages of one thread each against one stage of one thread.
 
-    python -m bench.pipeline [--stages 2] [--batch 64] [--prompt-len 64] [--output-len 64]
+    python -m bench.pipeline [--stages 2] [--batch 64] [--prompt-len 64] [--output-len 64] [--rounds 6]
 
 On the SmolLM2-135M-shaped checkpoint (bench.checkpoints), in this one run on this
 machine: offline decode throughput of `--devices cpu,cpu --threads-per-stage 1` (the
 planner's split) and of `--devices cpu --threads-per-stage 1`, their ratio, each stage's
 busy fraction while decoding, and the planner's predicted compute time per micro-batch
 step beside the measured one. With P stages each micro-batch holds batch / P sequences.
+Both engines stay loaded and take turns; the headline is the median of each round's
+ratio, which a machine whose speed drifts between rounds does not skew.
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import random
+import statistics
 import time
 
 import torch
@@ -28,50 +32,66 @@ def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(2, vocab) for _ in range(length)] for _ in range(n)]
 
 
-def run(model_dir, stages: int, batch: int, prompt_len: int, output_len: int) -> dict:
-    """Decode throughput once every sequence has its first token, and per-stage figures over that phase."""
+def open_engine(model_dir, stages: int, batch: int, prompt_len: int, output_len: int) -> LLM:
+    """An offline engine of `stages` CPU stages of one thread each, warmed up."""
     devices = ",".join(["cpu"] * stages)
+    llm = LLM(model_dir, devices=devices, threads=1, max_num_seqs=batch, max_model_len=prompt_len + output_len + 16)
+    vocab = llm.engine.model_config.vocab_size
+    llm.generate(prompts_for(batch, prompt_len, vocab, 0), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    return llm
+
+
+def _engine_process(conn, model_dir, stages: int, batch: int, prompt_len: int, output_len: int) -> None:
+    """One engine per process (it drives its own process group): measure a round per seed received, until None."""
+    llm = open_engine(model_dir, stages, batch, prompt_len, output_len)
+    try:
+        conn.send("ready")
+        while (seed := conn.recv()) is not None:
+            conn.send(measure(llm, batch, prompt_len, output_len, seed))
+    finally:
+        llm.close()
+
+
+def measure(llm: LLM, batch: int, prompt_len: int, output_len: int, seed: int) -> dict:
+    """Decode throughput once every sequence has its first token, and per-stage figures over that phase."""
+    eng = llm.engine
+    stages = len(eng.plan.stages)
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    with LLM(model_dir, devices=devices, threads=1, max_num_seqs=batch, max_model_len=prompt_len + output_len + 16) as llm:
-        eng = llm.engine
-        vocab = eng.model_config.vocab_size
-        llm.generate(prompts_for(batch, prompt_len, vocab, 0), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-        for p in prompts_for(batch, prompt_len + 1, vocab, 1):
-            eng.add_request(p, params)
-        started: set[int] = set()
-        decode_start = busy_start = steps_start = None
-        decode_tokens = 0
-        t0 = time.perf_counter()
-        while eng.has_unfinished():
-            deltas = eng.step()
-            if decode_start is not None:
-                decode_tokens += len(deltas)
-            started.update(d.seq_id for d in deltas)
-            if decode_start is None and len(started) == batch:
-                decode_start = time.perf_counter()
-                busy_start = [s.busy_s for s in eng.stage_stats]
-                steps_start = [s.steps for s in eng.stage_stats]
-        end = time.perf_counter()
-        wall = end - decode_start
-        busy = [s.busy_s - b for s, b in zip(eng.stage_stats, busy_start)]
-        steps = [s.steps - n for s, n in zip(eng.stage_stats, steps_start)]
-        cfg = eng.model_config
-        cost = ModelCost.from_config(cfg, eng.dtype, eng.weight_dtype, sampling="greedy")
-        context = prompt_len + output_len // 2
-        micro = -(-batch // stages)
-        predicted = [
-            predict_stage_seconds(cost, s.device, s.layers, k == 0, k == stages - 1, micro, context)
-            for k, s in enumerate(eng.plan.stages)
-        ]
-        return {
-            "decode_tps": decode_tokens / wall,
-            "e2e_tps": batch * output_len / (end - t0),
-            "layers": [s.layers for s in eng.plan.stages],
-            "busy": [b / wall for b in busy],
-            "measured_s": [b / max(n, 1) for b, n in zip(busy, steps)],
-            "predicted_s": predicted,
-            "micro_batch": micro,
-        }
+    for p in prompts_for(batch, prompt_len + 1, eng.model_config.vocab_size, seed):
+        eng.add_request(p, params)
+    started: set[int] = set()
+    decode_start = busy_start = steps_start = None
+    decode_tokens = 0
+    t0 = time.perf_counter()
+    while eng.has_unfinished():
+        deltas = eng.step()
+        if decode_start is not None:
+            decode_tokens += len(deltas)
+        started.update(d.seq_id for d in deltas)
+        if decode_start is None and len(started) == batch:
+            decode_start = time.perf_counter()
+            busy_start = [s.busy_s for s in eng.stage_stats]
+            steps_start = [s.steps for s in eng.stage_stats]
+    end = time.perf_counter()
+    wall = end - decode_start
+    busy = [s.busy_s - b for s, b in zip(eng.stage_stats, busy_start)]
+    steps = [s.steps - n for s, n in zip(eng.stage_stats, steps_start)]
+    cost = ModelCost.from_config(eng.model_config, eng.dtype, eng.weight_dtype, sampling="greedy")
+    context = prompt_len + output_len // 2
+    micro = -(-batch // stages)
+    predicted = [
+        predict_stage_seconds(cost, s.device, s.layers, k == 0, k == stages - 1, micro, context)
+        for k, s in enumerate(eng.plan.stages)
+    ]
+    return {
+        "decode_tps": decode_tokens / wall,
+        "e2e_tps": batch * output_len / (end - t0),
+        "layers": [s.layers for s in eng.plan.stages],
+        "busy": [b / wall for b in busy],
+        "measured_s": [b / max(n, 1) for b, n in zip(busy, steps)],
+        "predicted_s": predicted,
+        "micro_batch": micro,
+    }
 
 
 def main() -> None:
@@ -80,27 +100,48 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3, help="alternate the two setups this many times; keep each one's best")
+    ap.add_argument("--rounds", type=int, default=6, help="rounds of one run of each setup")
     args = ap.parse_args()
     model_dir = smollm2_135m_shaped("bfloat16")
     print(f"checkpoint: {model_dir}; {args.batch} sequences, {args.prompt_len} prompt + {args.output_len} output tokens")
     kernel = uses_kernel(torch.device("cpu"), torch.bfloat16, torch.float32)
     products = "the engine's half-precision kernel" if kernel else "torch's, on an fp32 copy of the weights"
     print(f"matrix products: {products}")
-    # Alternating runs and keeping the best of each puts both setups through the same spells of a busy machine.
-    runs: dict[int, dict] = {}
-    for r in range(args.rounds):
-        for p in (1, args.stages):
-            result = run(model_dir, p, args.batch, args.prompt_len, args.output_len)
-            print(f"round {r}: {p} stage(s): {result['decode_tps']:.1f} decode tok/s", flush=True)
-            if p not in runs or result["decode_tps"] > runs[p]["decode_tps"]:
-                runs[p] = result
+    # Both engines stay loaded (an idle one costs nothing) and take turns, each round in the other order, so that
+    # the two runs of a round see the same spell of a machine whose speed drifts; each round gives a paired ratio.
+    ctx = mp.get_context("spawn")
+    engines = {}
+    for p in (1, args.stages):
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(target=_engine_process, args=(child, model_dir, p, args.batch, args.prompt_len, args.output_len))
+        proc.start()
+        engines[p] = (conn, proc)
+        conn.recv()  # loaded and warmed up: the next one loads while this one idles
+    results: dict[int, list[dict]] = {p: [] for p in engines}
+    try:
+        for r in range(args.rounds):
+            for p in (1, args.stages) if r % 2 == 0 else (args.stages, 1):
+                conn = engines[p][0]
+                conn.send(1 + r)
+                result = conn.recv()
+                results[p].append(result)
+                print(f"round {r}: {p} stage(s): {result['decode_tps']:.1f} decode tok/s", flush=True)
+            print(f"round {r}: ratio {results[args.stages][-1]['decode_tps'] / results[1][-1]['decode_tps']:.2f}x",
+                  flush=True)
+    finally:
+        for conn, proc in engines.values():
+            conn.send(None)
+            proc.join(60)
+    paired = sorted(b["decode_tps"] / a["decode_tps"] for a, b in zip(results[1], results[args.stages]))
+    runs = {p: max(rs, key=lambda x: x["decode_tps"]) for p, rs in results.items()}
     base, pipe = runs[1], runs[args.stages]
     print(f"\n{'stages':>6} | {'decode tok/s':>12} | {'end-to-end tok/s':>16} | layers")
     for p, r in runs.items():
         print(f"{p:>6} | {r['decode_tps']:>12.1f} | {r['e2e_tps']:>16.1f} | {r['layers']}")
-    print(f"\nspeed-up of {args.stages} stages over 1 (decode): {pipe['decode_tps'] / base['decode_tps']:.2f}x "
-          f"(pipeline efficiency {100 * pipe['decode_tps'] / base['decode_tps'] / args.stages:.0f}%)")
+    median = statistics.median(paired)
+    print(f"\nspeed-up of {args.stages} stages over 1 (decode), median of the rounds' paired ratios: {median:.2f}x "
+          f"(pipeline efficiency {100 * median / args.stages:.0f}%; rounds {min(paired):.2f}x-{max(paired):.2f}x)")
+    print(f"best run against best run: {pipe['decode_tps'] / base['decode_tps']:.2f}x")
     print(f"\nper stage while decoding (micro-batches of {pipe['micro_batch']} sequences):")
     print(f"{'stage':>5} | {'layers':>7} | {'busy':>5} | {'measured ms':>11} | {'predicted ms':>12} | {'pred/meas':>9}")
     for k, (lay, busy, m, p) in enumerate(zip(pipe["layers"], pipe["busy"], pipe["measured_s"], pipe["predicted_s"])):
