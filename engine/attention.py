@@ -2,7 +2,8 @@
 
 Tokens of a step are laid out flat: the decode tokens (one per sequence) first, then
 each prefill chunk. New keys and values are written into their cache slots first; then
-decodes attend over their gathered blocks in one batched call, and each prefill chunk
+decodes attend over their blocks in one batched call (the engine's kernel reads them in
+place on x86-64 CPUs; elsewhere they are gathered for SDPA), and each prefill chunk
 attends over its context (cached prefix plus itself) with a causal offset.
 """
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from engine.kernels import paged_attention as paged_kernel
 
 
 @dataclass(slots=True)
@@ -28,6 +31,7 @@ class AttentionMetadata:
     num_decodes: int
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool: key is in context
+    decode_lens: torch.Tensor | None  # [num_decodes] int64: context length of each decode, its new token included
     prefills: list[PrefillChunk]
     # Reused by every layer of the step: a fresh multi-megabyte tensor per layer costs more in page faults
     # than the gather itself.
@@ -45,7 +49,7 @@ def build_metadata(
 ) -> AttentionMetadata:
     """prefills: (start row, end row, start position, block table) per chunk."""
     n_dec = len(decode_tables)
-    tables = mask = None
+    tables = mask = lens = None
     if n_dec:
         width = max(len(t) for t in decode_tables)
         padded = [t + [0] * (width - len(t)) for t in decode_tables]
@@ -68,6 +72,7 @@ def build_metadata(
         num_decodes=n_dec,
         decode_block_tables=tables,
         decode_mask=mask,
+        decode_lens=lens,
         prefills=chunks,
     )
 
@@ -88,7 +93,10 @@ def paged_attention(
     gqa = heads != kv_heads
     out = torch.empty_like(q)
     nd = meta.num_decodes
-    if nd:
+    if nd and paged_kernel.available(k_cache):
+        out[:nd] = paged_kernel.paged_decode_attention(
+            q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, scale)
+    elif nd:
         # index_select over whole blocks copies rows at memcpy speed; advanced indexing is several times slower.
         flat = meta.decode_block_tables.view(-1)
         if meta.gather_k is None:

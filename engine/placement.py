@@ -41,8 +41,9 @@ HEAD_OPS = 6  # row gather, final norm, LM head, cast to fp32, sampler set-up an
 SAMPLING = {"greedy": (1, 4), "random": (80, 300)}  # kind -> (ops, bytes of traffic per logit)
 # The stage's Python bookkeeping per sequence and step (block tables, slots, positions, sampling rows).
 HOST_SECONDS_PER_SEQUENCE = 3e-6
-# Decode attention gathers every context block into a buffer (read + write) and SDPA reads it again: three passes
-# over the KV bytes, used when the device's attention rate was not measured.
+# Decode attention on torch's kernels gathers every context block into a buffer (read + write) and SDPA reads it
+# again: three passes over the KV bytes, used when the device's attention rate was not measured (the probe times
+# whichever path the device runs; the engine's CPU kernel reads the blocks in place).
 ATTENTION_KV_PASSES = 3
 
 # ---- links (bytes/s and seconds per hop; a hop sends the pickled batch over gloo, then the activations) -----------

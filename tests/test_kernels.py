@@ -1,4 +1,4 @@
-"""The engine's CPU kernel for half-precision weights (engine.kernels.half_gemm) against torch."""
+"""The engine's CPU kernels (engine.kernels) against torch."""
 from __future__ import annotations
 
 import platform
@@ -8,11 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import half_gemm
+from engine import attention
+from engine.attention import build_metadata
+from engine.kernels import build, half_gemm, paged_attention
 from engine.linear import PackedHalfLinear, UpcastLinear, make_linear
 
 CPU = torch.device("cpu")
-HAS_ISA = set(half_gemm.CPU_FEATURES) <= half_gemm._cpu_flags()
+HAS_ISA = set(half_gemm.CPU_FEATURES) <= build.cpu_flags()
 
 pytestmark = pytest.mark.skipif(not HAS_ISA, reason="needs an x86-64 CPU with AVX2, FMA and F16C")
 
@@ -82,3 +84,34 @@ def test_without_a_compiler_torch_does_the_work(monkeypatch, tmp_path, caplog):
         assert "falling back to torch's kernels" in caplog.text
     finally:
         half_gemm._library.cache_clear()
+
+
+@pytest.mark.parametrize("heads,kv_heads,d", [(4, 2, 16), (9, 3, 64), (8, 8, 128), (6, 2, 20), (2, 1, 256)])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_paged_decode_attention_matches_the_gathered_path(monkeypatch, heads, kv_heads, d, block_size):
+    """Contexts of 1 to 70 tokens over shuffled blocks: the kernel equals gather + SDPA."""
+    if not paged_attention.available(torch.zeros(1)):
+        pytest.skip("kernel not built here")
+    g = torch.Generator().manual_seed(heads * d + block_size)
+    lens = [1, 7, 8, 9, 16, 33, 70]
+    per_seq = [-(-n // block_size) for n in lens]
+    num_blocks = sum(per_seq) + 2
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=g)
+    order = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
+    tables = []
+    for n in per_seq:
+        tables.append(order[:n])
+        order = order[n:]
+    slots = [t[(n - 1) // block_size] * block_size + (n - 1) % block_size for t, n in zip(tables, lens)]
+    q = torch.randn(len(lens), heads, d, generator=g)
+    k = torch.randn(len(lens), kv_heads, d, generator=g)
+    v = torch.randn(len(lens), kv_heads, d, generator=g)
+
+    def attend() -> torch.Tensor:
+        meta = build_metadata(block_size, slots, tables, lens, [], CPU)
+        return attention.paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta, d**-0.5)
+
+    got = attend()
+    monkeypatch.setattr(paged_attention, "available", lambda cache: False)
+    torch.testing.assert_close(got, attend(), rtol=1e-5, atol=1e-5)

@@ -35,6 +35,30 @@ def enabled() -> bool:
     return os.environ.get(DISABLE_ENV, "1").lower() not in ("0", "false", "no", "off")
 
 
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def load_kernel(source: Path, flags: list[str], features: tuple[str, ...],
+                functions: dict[str, list]) -> ctypes.CDLL | None:
+    """The library with its functions' argument types set, where enabled and the CPU has `features`; else None."""
+    if not enabled() or not set(features) <= cpu_flags():
+        return None
+    lib = load(source, flags)
+    if lib is not None:
+        for name, argtypes in functions.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
 def library_name(source: Path, flags: list[str]) -> str:
     key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     return f"{source.stem}-{key}.so"
@@ -78,9 +102,9 @@ def compile_library(source: Path, flags: list[str], target: Path) -> Path | None
 
 def main() -> None:
     """Build every kernel beside its source: for installs whose runtime has no compiler."""
-    from engine.kernels import half_gemm
+    from engine.kernels import half_gemm, paged_attention
 
-    for source, flags in ((half_gemm.SOURCE, half_gemm.FLAGS),):
+    for source, flags in ((half_gemm.SOURCE, half_gemm.FLAGS), (paged_attention.SOURCE, paged_attention.FLAGS)):
         built = compile_library(source, flags, source.parent / library_name(source, flags))
         if built is None:
             raise SystemExit(f"could not build {source.name}")

@@ -22,29 +22,12 @@ BLOCK = 16  # output features per packed block
 CPU_FEATURES = ("avx2", "fma", "f16c")
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if not build.enabled() or not all(f in _cpu_flags() for f in CPU_FEATURES):
-        return None
-    lib = build.load(SOURCE, FLAGS)
-    if lib is not None:
-        lib.half_gemm.argtypes = [
-            ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
-            ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-        ]
-        lib.half_gemm.restype = None
-    return lib
+    c_long, ptr = ctypes.c_long, ctypes.c_void_p
+    return build.load_kernel(SOURCE, FLAGS, CPU_FEATURES, {
+        "half_gemm": [ptr, c_long, c_long, ptr, c_long, ptr, ptr, ctypes.c_int, ctypes.c_int],
+    })
 
 
 def available(device: torch.device, weight_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
