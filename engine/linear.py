@@ -46,7 +46,7 @@ class PackedHalfLinear:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of the weight: embedding lookups from a tied LM head, which is then held once."""
-        return half_gemm.unpack_rows(self.packed, ids)
+        return half_gemm.unpack_rows(self.packed, self.out_features, ids)
 
 
 class UpcastLinear:

@@ -18,6 +18,7 @@ import torch
 
 from engine.attention import build_metadata, paged_attention
 from engine.device import TORCH_DTYPES, available_memory
+from engine.kernels import paged_attention as paged_kernel
 from engine.linear import make_linear, uses_kernel
 from engine.placement import GEMM_ROWS, SMALL_GEMM_ROWS, DeviceInfo, DeviceRequest
 
@@ -167,7 +168,8 @@ def _op_overhead(device: torch.device) -> float:
 
 
 def _attention_bandwidth(device: torch.device, dtype: torch.dtype, timer: _Timer, op_overhead: float) -> float:
-    """KV bytes per second through the engine's decode attention (block gather, then SDPA)."""
+    """KV bytes per second through the engine's decode attention (the paged kernel on x86-64 CPUs, else block
+    gather, then SDPA)."""
     seqs, context = _CUDA_ATTN if device.type == "cuda" else _CPU_ATTN
     bs, kvh, hd = _ATTN_BLOCK, _ATTN_KV_HEADS, _ATTN_HEAD_DIM
     blocks = -(-context // bs)
@@ -217,6 +219,8 @@ def probe_rates(name: str, dtype: str, threads: int | None, weight_dtype: str | 
                     thin_dtype or "-", torch.__version__, f"v{CACHE_VERSION}"])
     if thin_dtype and uses_kernel(device, TORCH_DTYPES[thin_dtype], TORCH_DTYPES[dtype]):
         key += "|half_gemm"
+    if paged_kernel.available(torch.empty((1, 1, 1, 1), dtype=TORCH_DTYPES[dtype], device=device)):
+        key += "|paged_attention"
     path = cache_path()
     cache = _read_cache(path)
     if key in cache:

@@ -115,3 +115,52 @@ def test_paged_decode_attention_matches_the_gathered_path(monkeypatch, heads, kv
     got = attend()
     monkeypatch.setattr(paged_attention, "available", lambda cache: False)
     torch.testing.assert_close(got, attend(), rtol=1e-5, atol=1e-5)
+
+
+def _decode_case(n: int, length: int, heads: int = 4, kv_heads: int = 2, d: int = 16, block_size: int = 4):
+    blocks = -(-length // block_size)
+    k_cache = torch.randn(n * blocks + 1, block_size, kv_heads, d)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.arange(1, n * blocks + 1).view(n, blocks)
+    lens = torch.full((n,), length, dtype=torch.int64)
+    return torch.randn(n, heads, d), k_cache, v_cache, tables, lens
+
+
+@pytest.mark.parametrize("length", [5, 8, 21])
+def test_paged_decode_attention_propagates_nan_as_sdpa_does(length):
+    if not paged_attention.available(torch.zeros(1)):
+        pytest.skip("kernel not built here")
+    q, k_cache, v_cache, tables, lens = _decode_case(2, length)
+    q[0, 1, 3] = float("nan")
+    out = paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25)
+    assert out[0, 1].isnan().all() and not out[1].isnan().any()
+
+
+def test_paged_decode_attention_takes_strided_queries_and_refuses_bad_tables():
+    if not paged_attention.available(torch.zeros(1)):
+        pytest.skip("kernel not built here")
+    q, k_cache, v_cache, tables, lens = _decode_case(3, 9)
+    wide = torch.randn(3, 8, 16)
+    wide[:, :4] = q
+    strided = paged_attention.paged_decode_attention(wide[:, :4], k_cache, v_cache, tables.int(), lens, 0.25)
+    torch.testing.assert_close(strided, paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25))
+    with pytest.raises(IndexError):
+        paged_attention.paged_decode_attention(q, k_cache, v_cache, tables + k_cache.shape[0], lens, 0.25)
+    with pytest.raises(IndexError):
+        paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens + 100, 0.25)
+    with pytest.raises(ValueError):
+        paged_attention.paged_decode_attention(q.double(), k_cache, v_cache, tables, lens, 0.25)
+
+
+def test_packed_weights_refuse_what_torch_would():
+    if not half_gemm.available(CPU, torch.bfloat16, torch.float32):
+        pytest.skip("kernel not built here")
+    product = PackedHalfLinear(torch.randn(37, 24).bfloat16(), None)
+    with pytest.raises(IndexError):
+        product.rows(torch.tensor([3, 37]))
+    with pytest.raises(IndexError):
+        product.rows(torch.tensor([-1]))
+    with pytest.raises(ValueError):
+        product(torch.randn(2, 23))
+    with pytest.raises(ValueError):
+        product(torch.randn(2, 24).double())

@@ -14,21 +14,30 @@ import ctypes
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 log = logging.getLogger("strata.kernels")
 
 DISABLE_ENV = "STRATA_CPU_KERNELS"  # 0: never build or use them
+_lock = threading.Lock()
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("STRATA_CACHE", Path.home() / ".cache" / "strata")) / "kernels"
+    root = os.environ.get("STRATA_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "strata") / "kernels"
 
 
-def compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def compiler() -> list[str] | None:
+    """The compiler's command: $CC (which may carry a wrapper, as in `ccache gcc`), else cc or gcc."""
+    cc = os.environ.get("CC")
+    if cc:
+        return shlex.split(cc)
+    found = shutil.which("cc") or shutil.which("gcc")
+    return [found] if found else None
 
 
 def enabled() -> bool:
@@ -47,15 +56,22 @@ def cpu_flags() -> set[str]:
 
 
 def load_kernel(source: Path, flags: list[str], features: tuple[str, ...],
-                functions: dict[str, list]) -> ctypes.CDLL | None:
-    """The library with its functions' argument types set, where enabled and the CPU has `features`; else None."""
+                functions: dict[str, tuple[list, object]]) -> ctypes.CDLL | None:
+    """The library with its functions' (argument types, result type) set, where enabled and the CPU has
+    `features`; else None. Whatever goes wrong on the way (no compiler, a read-only cache, no home directory)
+    leaves torch's kernels in charge."""
     if not enabled() or not set(features) <= cpu_flags():
         return None
-    lib = load(source, flags)
+    with _lock:  # threads of one process build once
+        try:
+            lib = load(source, flags)
+        except Exception as e:  # noqa: BLE001 -- any failure here only costs speed
+            log.warning("could not build or load %s: %s; falling back to torch's kernels", source.name, e)
+            return None
     if lib is not None:
-        for name, argtypes in functions.items():
+        for name, (argtypes, restype) in functions.items():
             fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, None
+            fn.argtypes, fn.restype = argtypes, restype
     return lib
 
 
@@ -86,7 +102,7 @@ def compile_library(source: Path, flags: list[str], target: Path) -> Path | None
         return None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{target}.tmp{os.getpid()}"  # the compiler creates it, readable by all like any library
-    cmd = [cc, *flags, "-shared", "-fPIC", "-o", tmp, str(source)]
+    cmd = [*cc, *flags, "-shared", "-fPIC", "-o", tmp, str(source)]
     try:
         done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:

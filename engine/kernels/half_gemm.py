@@ -26,7 +26,7 @@ CPU_FEATURES = ("avx2", "fma", "f16c")
 def _library() -> ctypes.CDLL | None:
     c_long, ptr = ctypes.c_long, ctypes.c_void_p
     return build.load_kernel(SOURCE, FLAGS, CPU_FEATURES, {
-        "half_gemm": [ptr, c_long, c_long, ptr, c_long, ptr, ptr, ctypes.c_int, ctypes.c_int],
+        "half_gemm": ([ptr, c_long, c_long, ptr, c_long, ptr, ptr, ctypes.c_int, ctypes.c_int], None),
     })
 
 
@@ -44,8 +44,10 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return weight.view(padded // BLOCK, BLOCK, k).transpose(1, 2).contiguous()
 
 
-def unpack_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows of the original [N, K] weight (an embedding lookup from a packed tied LM head)."""
+def unpack_rows(packed: torch.Tensor, n: int, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of the original [n, K] weight (an embedding lookup from a packed tied LM head)."""
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
+        raise IndexError(f"row ids must lie in [0, {n}): got {int(rows.min())}..{int(rows.max())}")
     return packed[rows // BLOCK, :, rows % BLOCK]
 
 
@@ -53,6 +55,8 @@ def half_gemm(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor 
     """x [M, K] fp32 @ W^T -> [M, n] fp32, W given packed."""
     x = x.contiguous()
     m, k = x.shape
+    if x.dtype != torch.float32 or k != packed.shape[1]:
+        raise ValueError(f"half_gemm takes fp32 [M, {packed.shape[1]}] inputs, got {x.dtype} {list(x.shape)}")
     out = torch.empty((m, n), dtype=torch.float32)
     if m:
         _library().half_gemm(

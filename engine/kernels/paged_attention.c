@@ -40,9 +40,10 @@ static inline __m256 hsum8(const __m256 *v) {
     return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
 }
 
-/* e^x for x <= 0 (scores minus their maximum), to ~1 ulp: x = n ln2 + r, e^r by a degree-6 polynomial. */
+/* e^x for x <= 0 (scores minus their maximum), to ~2 ulp: x = n ln2 + r, e^r by a degree-6 polynomial;
+ * NaN stays NaN. */
 static inline __m256 exp_nonpositive(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  /* this operand order keeps a NaN a NaN */
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -61,7 +62,7 @@ static inline __m256 exp_nonpositive(__m256 x) {
 /* sc[0..len) <- softmax(sc) */
 static void softmax(float *sc, long len) {
     float m = -INFINITY, sum = 0.f;
-    for (long t = 0; t < len; t++) m = sc[t] > m ? sc[t] : m;
+    for (long t = 0; t < len; t++) m = (sc[t] > m || sc[t] != sc[t]) ? sc[t] : m;  /* a NaN wins, as in SDPA */
     __m256 mv = _mm256_set1_ps(m), acc = _mm256_setzero_ps();
     long t = 0;
     for (; t + 8 <= len; t += 8) {
@@ -99,18 +100,24 @@ static inline __attribute__((always_inline)) void weighted_values(float *o, cons
 }
 
 /* q: [n, heads, d]; caches: [blocks, block_size, kv_heads, d]; tables: [n, max_blocks]; lens: [n];
- * out: [n, heads, d]. */
-void paged_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
+ * out: [n, heads, d]. Returns 0, or -1 when a thread could not allocate its score buffer. */
+int paged_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
                             const int64_t *lens, long n, long heads, long kv_heads, long d, long block_size,
                             long max_blocks, float scale, float *out, int threads) {
     long group = heads / kv_heads, max_len = 0;
     for (long s = 0; s < n; s++) max_len = lens[s] > max_len ? lens[s] : max_len;
     long row = kv_heads * d, block = block_size * row;
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         float *scores = malloc(sizeof(float) * (group * max_len + 1));
+        if (!scores) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(dynamic)
         for (long pair = 0; pair < n * kv_heads; pair++) {
+            if (!scores) continue;
             long s = pair / kv_heads, h = pair % kv_heads, len = lens[s];
             const int64_t *table = tables + s * max_blocks;
             const float *qs = q + (s * heads + h * group) * d;
@@ -156,4 +163,5 @@ void paged_decode_attention(const float *q, const float *k_cache, const float *v
         }
         free(scores);
     }
+    return failed ? -1 : 0;
 }

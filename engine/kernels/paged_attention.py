@@ -23,13 +23,30 @@ CPU_FEATURES = ("avx2", "fma")
 def _library() -> ctypes.CDLL | None:
     c_long, ptr = ctypes.c_long, ctypes.c_void_p
     return build.load_kernel(SOURCE, FLAGS, CPU_FEATURES, {
-        "paged_decode_attention": [ptr, ptr, ptr, ptr, ptr, c_long, c_long, c_long, c_long, c_long, c_long,
-                                   ctypes.c_float, ptr, ctypes.c_int],
+        "paged_decode_attention": ([ptr, ptr, ptr, ptr, ptr, c_long, c_long, c_long, c_long, c_long, c_long,
+                                    ctypes.c_float, ptr, ctypes.c_int], ctypes.c_int),
     })
 
 
 def available(k_cache: torch.Tensor) -> bool:
-    return k_cache.device.type == "cpu" and k_cache.dtype == torch.float32 and _library() is not None
+    """Whether decode attention over this cache (one layer's keys, or values) runs on the kernel."""
+    return (k_cache.device.type == "cpu" and k_cache.dtype == torch.float32 and k_cache.is_contiguous()
+            and _library() is not None)
+
+
+_checked: list = [None]  # the last (tables, lens, num_blocks, block_size) found in range: every layer of a step
+
+
+def _check_ranges(tables: torch.Tensor, lens: torch.Tensor, num_blocks: int, block_size: int) -> None:
+    """What torch's indexing would refuse, checked here: out of range, the C code would read other memory. Once
+    per step: its layers share the tensors (the reference held here keeps their identity from being reused)."""
+    last = _checked[0]
+    if last is not None and last[0] is tables and last[1] is lens and last[2:] == (num_blocks, block_size):
+        return
+    if tables.numel() and (int(tables.min()) < 0 or int(tables.max()) >= num_blocks or int(lens.min()) < 1
+                           or int(lens.max()) > tables.shape[1] * block_size):
+        raise IndexError("paged_decode_attention: a block table or context length is out of range")
+    _checked[0] = (tables, lens, num_blocks, block_size)
 
 
 def paged_decode_attention(
@@ -42,10 +59,19 @@ def paged_decode_attention(
 ) -> torch.Tensor:  # [n, heads, d]
     q = q.contiguous()
     n, heads, d = q.shape
-    _, block_size, kv_heads, _ = k_cache.shape
+    num_blocks, block_size, kv_heads, _ = k_cache.shape
+    tables = block_tables.to(torch.int64).contiguous()
+    lens = context_lens.to(torch.int64).contiguous()
+    # The shapes and dtypes the C code assumes.
+    if (q.dtype != torch.float32 or v_cache.shape != k_cache.shape or not v_cache.is_contiguous()
+            or k_cache.shape[3] != d or heads % kv_heads or tables.shape[0] != n or lens.shape != (n,)):
+        raise ValueError("paged_decode_attention: inconsistent shapes or dtypes")
+    _check_ranges(tables, lens, num_blocks, block_size)
     out = torch.empty_like(q)
-    _library().paged_decode_attention(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
-        n, heads, kv_heads, d, block_size, block_tables.shape[1], scale, out.data_ptr(), torch.get_num_threads(),
+    status = _library().paged_decode_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+        n, heads, kv_heads, d, block_size, tables.shape[1], scale, out.data_ptr(), torch.get_num_threads(),
     )
+    if status:
+        raise MemoryError("paged_decode_attention: no memory for the attention scores")
     return out
