@@ -18,6 +18,7 @@ from openai import AsyncOpenAI, OpenAI
 
 from batching import SamplingParams
 from server_process import running_server
+from tiny_models import write_checkpoint
 
 MODEL = "tiny-llama"
 KEY = "sk-test-0123456789"
@@ -652,13 +653,21 @@ def _events_until_closed(resp) -> list[str]:
     return out
 
 
-def test_sigterm_lets_open_streams_finish_within_the_drain_timeout_then_exits_0(llama_dir):
-    with running_server(llama_dir, "--num-kv-blocks", "80", "--max-model-len", "1024", "--served-model-name", MODEL,
-                        "--drain-timeout", "3") as srv:
+@pytest.fixture(scope="module")
+def slow_dir(tmp_path_factory):
+    """Big enough (68M bf16 parameters, ~17 ms a token on one thread here) that a 1000-token stream outlives a
+    drain timeout of seconds however fast the engine gets; the tiny model decodes 1000 tokens inside one."""
+    return write_checkpoint(tmp_path_factory.mktemp("slow"), "llama", hidden=1024, layers=6, heads=8, kv_heads=2,
+                            intermediate=2816, dtype="bfloat16")
+
+
+def test_sigterm_lets_open_streams_finish_within_the_drain_timeout_then_exits_0(slow_dir):
+    with running_server(slow_dir, "--num-kv-blocks", "80", "--max-model-len", "1024", "--served-model-name", MODEL,
+                        "--drain-timeout", "3", "--threads-per-stage", "1") as srv:
         body = {"model": MODEL, "prompt": "hello", "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
-        short_conn, short = open_stream(srv.url + CMPL, {**body, "max_tokens": 60})
-        long_conn, long = open_stream(srv.url + CMPL, {**body, "max_tokens": 1000})  # ~10 s: outlives the drain
+        short_conn, short = open_stream(srv.url + CMPL, {**body, "max_tokens": 30})  # ~0.5 s
+        long_conn, long = open_stream(srv.url + CMPL, {**body, "max_tokens": 1000})  # ~17 s: outlives the drain
         it = events(short)
         first = json.loads(next(it))
         sent = time.monotonic()
@@ -686,7 +695,7 @@ def test_sigterm_lets_open_streams_finish_within_the_drain_timeout_then_exits_0(
         assert first["choices"][0]["finish_reason"] is None
         assert rest[-1] == "[DONE]"
         usage = json.loads(rest[-2])
-        assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 60
+        assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 30
         assert json.loads(rest[-3])["choices"][0]["finish_reason"] == "length"
 
         cut = _events_until_closed(long)
