@@ -18,6 +18,7 @@ import torch
 
 from engine.attention import build_metadata, paged_attention
 from engine.device import TORCH_DTYPES, available_memory
+from engine.kernels import build, half_gemm
 from engine.kernels import paged_attention as paged_kernel
 from engine.linear import make_linear, uses_kernel
 from engine.placement import GEMM_ROWS, SMALL_GEMM_ROWS, DeviceInfo, DeviceRequest
@@ -217,10 +218,11 @@ def probe_rates(name: str, dtype: str, threads: int | None, weight_dtype: str | 
     where = socket.gethostname() + "/" + (_cpu_model() if device.type == "cpu" else str(device))
     key = "|".join([where, device_label(device, threads), str(threads or torch.get_num_threads()), dtype,
                     thin_dtype or "-", torch.__version__, f"v{CACHE_VERSION}"])
+    # Named by their source hashes: a changed kernel is probed afresh.
     if thin_dtype and uses_kernel(device, TORCH_DTYPES[thin_dtype], TORCH_DTYPES[dtype]):
-        key += "|half_gemm"
+        key += "|" + build.library_name(half_gemm.SOURCE, half_gemm.FLAGS)
     if paged_kernel.available(torch.empty((1, 1, 1, 1), dtype=TORCH_DTYPES[dtype], device=device)):
-        key += "|paged_attention"
+        key += "|" + build.library_name(paged_kernel.SOURCE, paged_kernel.FLAGS)
     path = cache_path()
     cache = _read_cache(path)
     if key in cache:

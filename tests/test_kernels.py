@@ -56,12 +56,13 @@ def test_matches_torch_in_fp32(dtype, rows, shape, threads):
         torch.set_num_threads(previous)
 
 
-def test_rows_of_a_packed_weight_are_its_embeddings():
-    if not half_gemm.available(CPU, torch.bfloat16, torch.float32):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rows_of_a_packed_weight_are_its_embeddings(dtype):
+    if not half_gemm.available(CPU, dtype, torch.float32):
         pytest.skip("kernel not built here")
-    weight = torch.randn(37, 24).bfloat16()
+    weight = torch.randn(37, 24).to(dtype)
     product = PackedHalfLinear(weight, None)
-    ids = torch.tensor([0, 15, 16, 36, 5, 5])
+    ids = torch.tensor([0, 15, 16, 36, 5, 5, 8, 7, 24])
     assert torch.equal(product.rows(ids), weight[ids])
 
 

@@ -1,30 +1,43 @@
 /* y[M, N] = x[M, K] @ W^T (+ bias), x and y fp32, W bf16 or fp16, for x86-64 CPUs with AVX2, FMA and F16C.
  *
  * W arrives packed in blocks of 16 output features, [ceil(N/16)][K][16] (see half_gemm.py), so that one
- * 32-byte load holds 16 consecutive features of one input column. A 6x16 tile of y lives in twelve
- * registers while k runs; the half-precision weights become fp32 in registers, so they cross memory at
- * half size and no fp32 copy of them is ever written. A block's weights (K x 16, 18 KiB at K = 576) stay
- * in L1/L2 while every 6-row tile of x passes over them, so the cost per row barely depends on M: a
- * product of 32 rows costs half one of 64, where a BLAS that packs its weights on every call does not.
- * Blocks are shared among OpenMP threads.
+ * 32-byte load holds the 16 features of one input column. A 6x16 tile of y lives in twelve registers while
+ * k runs; the half-precision weights become fp32 in registers, so they cross memory at half size and no fp32
+ * copy of them is ever written. A block's weights (K x 16, 18 KiB at K = 576) stay in L1/L2 while every
+ * 6-row tile of x passes over them, and while those tiles run they fetch the next block into L2, a share
+ * each, so no tile waits on memory: the cost per row barely depends on M, and a product of 32 rows costs
+ * half one of 64, where a BLAS that packs its weights on every call does not. Blocks are shared among
+ * OpenMP threads.
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 
-static inline __m256 load8(const uint16_t *p, int fp16) {
-    __m128i h = _mm_loadu_si128((const __m128i *)p);
-    if (fp16) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  /* bf16: the high half of fp32 */
+/* Sixteen weights of one input column as two fp32 vectors: features 0-7 and 8-15 of the block. bf16 blocks are
+ * packed interleaved (0, 8, 1, 9, ..., 7, 15), so one 32-byte load and two integer ops widen all sixteen: a
+ * bf16 is the high half of an fp32, and each 32-bit lane holds feature j low and feature 8 + j high. */
+static inline void load16(const uint16_t *p, int fp16, __m256 *lo, __m256 *hi) {
+    if (fp16) {
+        *lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+        *hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
+    } else {
+        __m256i v = _mm256_loadu_si256((const __m256i *)p);
+        *lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        *hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
+    }
 }
 
+/* pf: the share of the next block this tile fetches, one 64-byte line every pf_every values of k. */
 #define TILE(MT)                                                                                               \
     static void tile##MT(const float *x, long K, const uint16_t *w, float *y, long ldy, const float *bias,     \
-                         int fp16, long ncols) {                                                              \
+                         int fp16, long ncols, const char *pf, long pf_every) {                               \
         __m256 a0[MT], a1[MT];                                                                                \
         for (int i = 0; i < MT; i++) a0[i] = a1[i] = _mm256_setzero_ps();                                     \
+        long countdown = pf ? pf_every : -1;                                                                  \
         for (long k = 0; k < K; k++) {                                                                        \
-            __m256 w0 = load8(w + k * 16, fp16), w1 = load8(w + k * 16 + 8, fp16);                            \
+            if (--countdown == 0) { _mm_prefetch(pf, _MM_HINT_T1); pf += 64; countdown = pf_every; }          \
+            __m256 w0, w1;                                                                                    \
+            load16(w + k * 16, fp16, &w0, &w1);                                                               \
             for (int i = 0; i < MT; i++) {                                                                    \
                 __m256 b = _mm256_broadcast_ss(x + i * K + k);                                                \
                 a0[i] = _mm256_fmadd_ps(b, w0, a0[i]);                                                        \
@@ -54,10 +67,16 @@ TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
 
 void half_gemm(const float *x, long M, long K, const uint16_t *w_packed, long N, const float *bias, float *y,
                int fp16, int threads) {
+    if (M <= 0 || K <= 0) return;
     long blocks = (N + 15) / 16;
+    long tiles = (M + 5) / 6;
+    long lines = (K * 16 * 2 + 63) / 64;          /* cache lines of one packed block */
+    long per_tile = (lines + tiles - 1) / tiles;  /* lines of the next block each tile fetches */
+    long every = K / per_tile > 0 ? K / per_tile : 1;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long nb = 0; nb < blocks; nb++) {
         const uint16_t *w = w_packed + nb * K * 16;
+        const char *next = nb + 1 < blocks ? (const char *)(w + K * 16) : NULL;
         long n0 = nb * 16, ncols = N - n0 < 16 ? N - n0 : 16;
         const float *bb = bias ? bias + n0 : NULL;
         float padded[16];
@@ -67,15 +86,17 @@ void half_gemm(const float *x, long M, long K, const uint16_t *w_packed, long N,
             bb = padded;
         }
         long m = 0;
-        for (; m + 6 <= M; m += 6) tile6(x + m * K, K, w, y + m * N + n0, N, bb, fp16, ncols);
+        for (long t = 0; m + 6 <= M; m += 6, t++)
+            tile6(x + m * K, K, w, y + m * N + n0, N, bb, fp16, ncols, next ? next + t * per_tile * 64 : NULL, every);
         const float *xm = x + m * K;
         float *ym = y + m * N + n0;
+        const char *pf = next ? next + (m / 6) * per_tile * 64 : NULL;
         switch (M - m) {
-            case 1: tile1(xm, K, w, ym, N, bb, fp16, ncols); break;
-            case 2: tile2(xm, K, w, ym, N, bb, fp16, ncols); break;
-            case 3: tile3(xm, K, w, ym, N, bb, fp16, ncols); break;
-            case 4: tile4(xm, K, w, ym, N, bb, fp16, ncols); break;
-            case 5: tile5(xm, K, w, ym, N, bb, fp16, ncols); break;
+            case 1: tile1(xm, K, w, ym, N, bb, fp16, ncols, pf, every); break;
+            case 2: tile2(xm, K, w, ym, N, bb, fp16, ncols, pf, every); break;
+            case 3: tile3(xm, K, w, ym, N, bb, fp16, ncols, pf, every); break;
+            case 4: tile4(xm, K, w, ym, N, bb, fp16, ncols, pf, every); break;
+            case 5: tile5(xm, K, w, ym, N, bb, fp16, ncols, pf, every); break;
         }
     }
 }

@@ -36,19 +36,26 @@ def available(device: torch.device, weight_dtype: torch.dtype, compute_dtype: to
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [ceil(N / 16), K, 16], zero-padded: 16 consecutive output features per input column."""
+    """[N, K] -> [ceil(N / 16), K, 16], zero-padded: 16 consecutive output features per input column. bf16
+    features are interleaved within a block (0, 8, 1, 9, ..., 7, 15), the order in which the kernel widens them."""
     n, k = weight.shape
     padded = -(-n // BLOCK) * BLOCK
     if padded != n:
         weight = torch.cat([weight, weight.new_zeros(padded - n, k)])
-    return weight.view(padded // BLOCK, BLOCK, k).transpose(1, 2).contiguous()
+    blocks = weight.view(padded // BLOCK, BLOCK, k).transpose(1, 2)
+    if weight.dtype == torch.bfloat16:
+        blocks = blocks.reshape(padded // BLOCK, k, 2, BLOCK // 2).transpose(2, 3)
+    return blocks.reshape(padded // BLOCK, k, BLOCK).contiguous()
 
 
 def unpack_rows(packed: torch.Tensor, n: int, rows: torch.Tensor) -> torch.Tensor:
     """Rows of the original [n, K] weight (an embedding lookup from a packed tied LM head)."""
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
         raise IndexError(f"row ids must lie in [0, {n}): got {int(rows.min())}..{int(rows.max())}")
-    return packed[rows // BLOCK, :, rows % BLOCK]
+    within = rows % BLOCK
+    if packed.dtype == torch.bfloat16:
+        within = within % (BLOCK // 2) * 2 + within // (BLOCK // 2)
+    return packed[rows // BLOCK, :, within]
 
 
 def half_gemm(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
