@@ -22,6 +22,7 @@ import torch
 
 from batching import SamplingParams
 from bench.checkpoints import smollm2_135m_shaped
+from bench.core_scaling import CoreScaling
 from engine import LLM
 from engine.linear import uses_kernel
 from engine.placement import ModelCost, predict_stage_seconds
@@ -94,6 +95,14 @@ def measure(llm: LLM, batch: int, prompt_len: int, output_len: int, seed: int) -
     }
 
 
+def run_round(engines: dict, results: dict[int, list[dict]], stages: int, r: int) -> None:
+    conn = engines[stages][0]
+    conn.send(1 + r)
+    result = conn.recv()
+    results[stages].append(result)
+    print(f"round {r}: {stages} stage(s): {result['decode_tps']:.1f} decode tok/s", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stages", type=int, default=2)
@@ -117,18 +126,20 @@ def main() -> None:
         proc.start()
         engines[p] = (conn, proc)
         conn.recv()  # loaded and warmed up: the next one loads while this one idles
+    scaling = CoreScaling(args.stages)
     results: dict[int, list[dict]] = {p: [] for p in engines}
+    ceilings: list[float] = []
     try:
         for r in range(args.rounds):
-            for p in (1, args.stages) if r % 2 == 0 else (args.stages, 1):
-                conn = engines[p][0]
-                conn.send(1 + r)
-                result = conn.recv()
-                results[p].append(result)
-                print(f"round {r}: {p} stage(s): {result['decode_tps']:.1f} decode tok/s", flush=True)
-            print(f"round {r}: ratio {results[args.stages][-1]['decode_tps'] / results[1][-1]['decode_tps']:.2f}x",
+            first, second = (1, args.stages) if r % 2 == 0 else (args.stages, 1)
+            run_round(engines, results, first, r)
+            ceilings.append(scaling.measure())  # between the two runs: the same spell as both
+            run_round(engines, results, second, r)
+            ratio = results[args.stages][-1]["decode_tps"] / results[1][-1]["decode_tps"]
+            print(f"round {r}: ratio {ratio:.2f}x; this machine's {args.stages}-core scaling {ceilings[-1]:.2f}x",
                   flush=True)
     finally:
+        scaling.close()
         for conn, proc in engines.values():
             conn.send(None)
             proc.join(60)
@@ -139,9 +150,13 @@ def main() -> None:
     for p, r in runs.items():
         print(f"{p:>6} | {r['decode_tps']:>12.1f} | {r['e2e_tps']:>16.1f} | {r['layers']}")
     median = statistics.median(paired)
+    ceiling = statistics.median(ceilings)
     print(f"\nspeed-up of {args.stages} stages over 1 (decode), median of the rounds' paired ratios: {median:.2f}x "
           f"(pipeline efficiency {100 * median / args.stages:.0f}%; rounds {min(paired):.2f}x-{max(paired):.2f}x)")
     print(f"best run against best run: {pipe['decode_tps'] / base['decode_tps']:.2f}x")
+    print(f"this machine's {args.stages}-core scaling in the same rounds (bench.core_scaling), the ceiling of any "
+          f"{args.stages}-stage speed-up: median {ceiling:.2f}x (rounds {min(ceilings):.2f}x-{max(ceilings):.2f}x); "
+          f"speed-up against it: {100 * median / ceiling:.0f}%")
     print(f"\nper stage while decoding (micro-batches of {pipe['micro_batch']} sequences):")
     print(f"{'stage':>5} | {'layers':>7} | {'busy':>5} | {'measured ms':>11} | {'predicted ms':>12} | {'pred/meas':>9}")
     for k, (lay, busy, m, p) in enumerate(zip(pipe["layers"], pipe["busy"], pipe["measured_s"], pipe["predicted_s"])):
