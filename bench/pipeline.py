@@ -13,6 +13,7 @@ ratio, which a machine whose speed drifts between rounds does not skew.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing as mp
 import random
 import statistics
@@ -26,6 +27,7 @@ from bench.core_scaling import CoreScaling
 from engine import LLM
 from engine.linear import uses_kernel
 from engine.placement import ModelCost, predict_stage_seconds
+from engine.probe import measure_rates
 
 
 def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -80,8 +82,13 @@ def measure(llm: LLM, batch: int, prompt_len: int, output_len: int, seed: int) -
     cost = ModelCost.from_config(eng.model_config, eng.dtype, eng.weight_dtype, sampling="greedy")
     context = prompt_len + output_len // 2
     micro = -(-batch // stages)
+    # The plan's device figures come from a probe cached on disk, taken whenever the machine ran at some other
+    # speed; the cost model is judged on figures probed now, in this round.
+    thin = eng.weight_dtype if eng.weight_dtype != eng.dtype else None
+    rates = measure_rates(torch.device("cpu"), eng.dtype, 1, thin)
     predicted = [
-        predict_stage_seconds(cost, s.device, s.layers, k == 0, k == stages - 1, micro, context)
+        predict_stage_seconds(cost, dataclasses.replace(s.device, **rates), s.layers, k == 0, k == stages - 1, micro,
+                              context)
         for k, s in enumerate(eng.plan.stages)
     ]
     return {

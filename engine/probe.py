@@ -227,20 +227,25 @@ def probe_rates(name: str, dtype: str, threads: int | None, weight_dtype: str | 
     cache = _read_cache(path)
     if key in cache:
         return cache[key]
+    rates = measure_rates(device, dtype, threads, thin_dtype)
+    cache = _read_cache(path)  # another stage may have written meanwhile
+    cache[key] = rates
+    _write_cache(path, cache)
+    return rates
+
+
+def measure_rates(device: torch.device, dtype: str, threads: int | None, weight_dtype: str | None) -> dict[str, float | None]:
+    """A fresh probe (about a second on a CPU), bypassing the cache: weight_dtype is given when it differs from dtype."""
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            rates = _measure(device, TORCH_DTYPES[dtype], TORCH_DTYPES[thin_dtype] if thin_dtype else None)
+            return _measure(device, TORCH_DTYPES[dtype], TORCH_DTYPES[weight_dtype] if weight_dtype else None)
     finally:
         torch.set_num_threads(previous)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # or the probe's buffers would count against the free memory read next
-    cache = _read_cache(path)  # another stage may have written meanwhile
-    cache[key] = rates
-    _write_cache(path, cache)
-    return rates
 
 
 def probe_device(name: str, dtype: str, threads: int | None) -> tuple[float, float, float]:
