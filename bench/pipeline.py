@@ -133,10 +133,11 @@ def main() -> None:
         proc.start()
         engines[p] = (conn, proc)
         conn.recv()  # loaded and warmed up: the next one loads while this one idles
-    scaling = CoreScaling(args.stages)
     results: dict[int, list[dict]] = {p: [] for p in engines}
     ceilings: list[float] = []
+    scaling = None
     try:
+        scaling = CoreScaling(args.stages)
         for r in range(args.rounds):
             first, second = (1, args.stages) if r % 2 == 0 else (args.stages, 1)
             run_round(engines, results, first, r)
@@ -146,10 +147,11 @@ def main() -> None:
             print(f"round {r}: ratio {ratio:.2f}x; this machine's {args.stages}-core scaling {ceilings[-1]:.2f}x",
                   flush=True)
     finally:
-        scaling.close()
         for conn, proc in engines.values():
             conn.send(None)
             proc.join(60)
+        if scaling is not None:
+            scaling.close()
     paired = sorted(b["decode_tps"] / a["decode_tps"] for a, b in zip(results[1], results[args.stages]))
     runs = {p: max(rs, key=lambda x: x["decode_tps"]) for p, rs in results.items()}
     base, pipe = runs[1], runs[args.stages]

@@ -27,15 +27,32 @@ static inline void load16(const uint16_t *p, int fp16, __m256 *lo, __m256 *hi) {
     }
 }
 
-/* pf: the share of the next block this tile fetches, one 64-byte line every pf_every values of k. */
+/* The share of the next block a tile fetches: lines [line, end) of it, one every `every` values of k. */
+typedef struct {
+    const char *base;
+    long line, end, every;
+} Prefetch;
+
+static inline Prefetch share(const char *next, long tile, long per_tile, long lines, long every) {
+    Prefetch pf = {next, tile * per_tile, (tile + 1) * per_tile < lines ? (tile + 1) * per_tile : lines, every};
+    if (!next) pf.end = 0;
+    return pf;
+}
+
 #define TILE(MT)                                                                                               \
     static void tile##MT(const float *x, long K, const uint16_t *w, float *y, long ldy, const float *bias,     \
-                         int fp16, long ncols, const char *pf, long pf_every) {                               \
+                         int fp16, long ncols, Prefetch pf) {                                                 \
         __m256 a0[MT], a1[MT];                                                                                \
         for (int i = 0; i < MT; i++) a0[i] = a1[i] = _mm256_setzero_ps();                                     \
-        long countdown = pf ? pf_every : -1;                                                                  \
+        long countdown = pf.every;                                                                            \
         for (long k = 0; k < K; k++) {                                                                        \
-            if (--countdown == 0) { _mm_prefetch(pf, _MM_HINT_T1); pf += 64; countdown = pf_every; }          \
+            if (--countdown == 0) {                                                                           \
+                countdown = pf.every;                                                                         \
+                if (pf.line < pf.end) {                                                                       \
+                    _mm_prefetch(pf.base + 64 * pf.line, _MM_HINT_T1);                                        \
+                    pf.line++;                                                                                \
+                }                                                                                             \
+            }                                                                                                 \
             __m256 w0, w1;                                                                                    \
             load16(w + k * 16, fp16, &w0, &w1);                                                               \
             for (int i = 0; i < MT; i++) {                                                                    \
@@ -67,12 +84,12 @@ TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
 
 void half_gemm(const float *x, long M, long K, const uint16_t *w_packed, long N, const float *bias, float *y,
                int fp16, int threads) {
-    if (M <= 0 || K <= 0) return;
+    if (M <= 0) return;
     long blocks = (N + 15) / 16;
     long tiles = (M + 5) / 6;
     long lines = (K * 16 * 2 + 63) / 64;          /* cache lines of one packed block */
     long per_tile = (lines + tiles - 1) / tiles;  /* lines of the next block each tile fetches */
-    long every = K / per_tile > 0 ? K / per_tile : 1;
+    long every = per_tile > 0 && K / per_tile > 0 ? K / per_tile : 1;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long nb = 0; nb < blocks; nb++) {
         const uint16_t *w = w_packed + nb * K * 16;
@@ -87,16 +104,16 @@ void half_gemm(const float *x, long M, long K, const uint16_t *w_packed, long N,
         }
         long m = 0;
         for (long t = 0; m + 6 <= M; m += 6, t++)
-            tile6(x + m * K, K, w, y + m * N + n0, N, bb, fp16, ncols, next ? next + t * per_tile * 64 : NULL, every);
+            tile6(x + m * K, K, w, y + m * N + n0, N, bb, fp16, ncols, share(next, t, per_tile, lines, every));
         const float *xm = x + m * K;
         float *ym = y + m * N + n0;
-        const char *pf = next ? next + (m / 6) * per_tile * 64 : NULL;
+        Prefetch pf = share(next, m / 6, per_tile, lines, every);
         switch (M - m) {
-            case 1: tile1(xm, K, w, ym, N, bb, fp16, ncols, pf, every); break;
-            case 2: tile2(xm, K, w, ym, N, bb, fp16, ncols, pf, every); break;
-            case 3: tile3(xm, K, w, ym, N, bb, fp16, ncols, pf, every); break;
-            case 4: tile4(xm, K, w, ym, N, bb, fp16, ncols, pf, every); break;
-            case 5: tile5(xm, K, w, ym, N, bb, fp16, ncols, pf, every); break;
+            case 1: tile1(xm, K, w, ym, N, bb, fp16, ncols, pf); break;
+            case 2: tile2(xm, K, w, ym, N, bb, fp16, ncols, pf); break;
+            case 3: tile3(xm, K, w, ym, N, bb, fp16, ncols, pf); break;
+            case 4: tile4(xm, K, w, ym, N, bb, fp16, ncols, pf); break;
+            case 5: tile5(xm, K, w, ym, N, bb, fp16, ncols, pf); break;
         }
     }
 }
