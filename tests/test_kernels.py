@@ -28,7 +28,7 @@ def test_builds_where_a_compiler_is():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 64, 100])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 32, 64, 100])
 # [out, in]; 37 and 3: a partial block; 20 x 0: no inputs, so the product is the bias
 @pytest.mark.parametrize("shape", [(48, 32), (37, 19), (3, 200), (130, 64), (20, 1), (20, 0)])
 @pytest.mark.parametrize("threads", [1, 2])
