@@ -1,10 +1,11 @@
 """Attention over the paged KV cache, for batches that mix prefill chunks and decodes.
 
 Tokens of a step are laid out flat: the decode tokens (one per sequence) first, then
-each prefill chunk. New keys and values are written into their cache slots first; then
-decodes attend over their blocks in one batched call (the engine's kernel reads them in
-place on x86-64 CPUs; elsewhere they are gathered for SDPA), and each prefill chunk
-attends over its context (cached prefix plus itself) with a causal offset.
+each prefill chunk. The step's new keys and values are already in their cache slots
+(engine.layer_ops writes them). Decodes attend over their blocks in one batched call (the
+engine's kernel reads them in place on x86-64 CPUs; elsewhere they are gathered for SDPA),
+and each prefill chunk attends over its context (cached prefix plus itself) with a causal
+offset.
 """
 from __future__ import annotations
 
@@ -79,16 +80,14 @@ def build_metadata(
 
 def paged_attention(
     q: torch.Tensor,  # [T, heads, d]
-    k: torch.Tensor,  # [T, kv_heads, d]
-    v: torch.Tensor,  # [T, kv_heads, d]
+    k: torch.Tensor,  # [T, kv_heads, d], already written to the cache
+    v: torch.Tensor,  # [T, kv_heads, d], already written to the cache
     k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, d]
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [T, heads * d]
     num_blocks, block_size, kv_heads, d = k_cache.shape
-    k_cache.view(-1, kv_heads, d).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, kv_heads, d).index_copy_(0, meta.slot_mapping, v)
     T, heads, _ = q.shape
     gqa = heads != kv_heads
     out = torch.empty_like(q)

@@ -2,7 +2,8 @@
 
 A stage owns a contiguous run of decoder layers; the first also embeds tokens, the last
 also applies the final norm and the LM head. Projections are fused (q/k/v into one
-matmul, gate/up into another) to halve the kernel launches per layer.
+matmul, gate/up into another) to halve the kernel launches per layer, and so are the
+elementwise steps between them (engine.layer_ops).
 """
 from __future__ import annotations
 
@@ -18,14 +19,8 @@ from engine.checkpoint import expected_shapes, load_tensors
 from engine.config import ModelConfig
 from engine.device import available_memory
 from engine.linear import PackedHalfLinear, make_linear, uses_kernel
-from engine.rope import apply_rotary, cos_sin_table
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
-    # Normalise in fp32 and round once, as the reference implementation does.
-    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+from engine.layer_ops import LayerOps, rms_norm
+from engine.rope import cos_sin_table
 
 
 class DecoderLayer:
@@ -90,30 +85,27 @@ class StageModel:
         kv_cache: torch.Tensor,  # [layers, 2, num_blocks, block_size, kv_heads, d]
         on_layer=None,  # called with -1 before the first layer, then with each layer's index within the stage
     ) -> torch.Tensor:  # [T, hidden]
-        cfg = self.cfg
         if self.embed_from_head:
             x = self.lm_head.rows(x).to(self.dtype)
         elif self.first:
             x = F.embedding(x, self.embed).to(self.dtype)
-        T = x.shape[0]
-        cs = self.rope[positions]  # [T, 2, d]
-        cos, sin = cs[:, 0:1], cs[:, 1:2]  # [T, 1, d]
-        nh, nkv, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
-        q_size, kv_size = cfg.q_size, cfg.kv_size
+        else:  # the residual stream is updated in place; the caller's tensor stays as it was
+            x = x.clone(memory_format=torch.contiguous_format)
+        cfg = self.cfg
+        ops = LayerOps(x, positions, meta.slot_mapping, self.rope, kv_cache, cfg.num_heads, cfg.num_kv_heads,
+                       cfg.rms_norm_eps)
         if on_layer is not None:
             on_layer(-1)  # the layers start here
+        h = ops.add_norm(x, None, self.layers[0].ln1) if self.layers else None
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.ln1, eps)
-            qkv = layer.qkv(h)
-            # Rotate q and k together: one set of kernels for both.
-            qk = apply_rotary(qkv[:, : q_size + kv_size].view(T, nh + nkv, hd), cos, sin)  # [T, nh + nkv, hd]
-            q, k = qk[:, :nh], qk[:, nh:]
-            v = qkv[:, q_size + kv_size :].view(T, nkv, hd)
+            q, k, v = ops.rotary_into_cache(layer.qkv(h), kv_cache[i, 0], kv_cache[i, 1])
             attn = paged_attention(q, k, v, kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
-            x = x + layer.o(attn)
-            h = rms_norm(x, layer.ln2, eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            h = ops.add_norm(x, layer.o(attn), layer.ln2)
+            mlp = layer.down(ops.silu_mul(layer.gate_up(h)))
+            if i + 1 < len(self.layers):
+                h = ops.add_norm(x, mlp, self.layers[i + 1].ln1)
+            else:
+                x.add_(mlp)
             if on_layer is not None:
                 on_layer(i)
         return x

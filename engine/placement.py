@@ -28,6 +28,8 @@ THIN_ROWS = 2
 # (22 kernels, 26 views), but norms, SDPA and rotary are composites that dispatch more inside: at batch 1, with
 # the products timed apart, a layer's remaining host time measured 145-155x the probe's op (torch 2.13, AVX2 CPU).
 OPS_PER_LAYER = 150
+# Where the elementwise steps run fused (engine.kernels.layer_ops: fp32 on x86-64 CPUs), measured the same way: 54x.
+FUSED_OPS_PER_LAYER = 55
 # The thin path adds a cast before and after each of the four products.
 THIN_OPS_PER_LAYER = 8
 # Per step, outside the layers: attention metadata tensors, the rotary table lookup and its slices.
@@ -149,6 +151,7 @@ class DeviceInfo:
     # memory bandwidth over ATTENTION_KV_PASSES.
     attention_bandwidth: float | None = None
     dtype: str | None = None  # compute dtype on this device; None: the ModelCost's
+    fused_layer_ops: bool = False  # the elementwise steps of a layer run fused (engine.kernels.layer_ops)
     budgeted: bool = False  # memory is the user's budget, not a share of what was free
 
     def interchangeable(self) -> tuple:
@@ -197,13 +200,13 @@ class ModelCost:
     layer_out_features: int  # summed over the layer's four products (qkv, o, gate_up, down)
     kv_elems_per_token: int  # one layer's K and V for one token
     elementwise_elems_per_token: int  # read + written by one layer's non-matmul kernels, per token
+    fused_elementwise_elems_per_token: int  # the same where they run fused (DeviceInfo.fused_layer_ops)
     embed_params: int
     head_params: int  # final norm plus LM head
     tied_embeddings: bool  # then the first and the last stage each hold the matrix
     compute_dtype: str
     weight_dtype: str
     sampling: str = "random"  # what the last stage's sampler is assumed to do: "greedy" or "random"
-    ops_per_layer: int = OPS_PER_LAYER
 
     @staticmethod
     def from_config(cfg, compute_dtype: str, weight_dtype: str, sampling: str = "random") -> ModelCost:
@@ -218,11 +221,15 @@ class ModelCost:
         # muls and an add: ~10 passes), the new K and V into the cache, the attention output copy, two residual adds
         # (3 passes each), SiLU (2 passes over i) and the gate product (3 passes).
         elementwise = 20 * h + 10 * (q + kv) + 4 * kv + 2 * q + 5 * i
+        # Fused: two residual adds with their norms (~4 passes over h each), rotary with the cache write (q and
+        # two k read and written, v read and written), the gate (3 passes over i), the query and output copies.
+        fused = 8 * h + 2 * (q + kv) + 3 * kv + 4 * q + 3 * i
         head = cfg.vocab_size * h + h
         return ModelCost(
             num_layers=cfg.num_layers, hidden_size=h, vocab_size=cfg.vocab_size,
             layer_params=cfg.layer_weight_bytes(1), layer_out_features=(q + 2 * kv) + h + 2 * i + h,
             kv_elems_per_token=cfg.kv_bytes_per_token_per_layer(1), elementwise_elems_per_token=elementwise,
+            fused_elementwise_elems_per_token=fused,
             embed_params=cfg.vocab_size * h, head_params=head,
             tied_embeddings=cfg.tie_word_embeddings, compute_dtype=compute_dtype, weight_dtype=weight_dtype,
             sampling=sampling,
@@ -318,9 +325,11 @@ def layer_seconds(cost: ModelCost, device: DeviceInfo, batch: int, context_len: 
     keys = -(-context_len // block_size) * block_size
     kv = batch * keys * cost.kv_elems_per_token * cb
     attention_rate = device.attention_bandwidth or device.mem_bandwidth / ATTENTION_KV_PASSES
-    elementwise = batch * cost.elementwise_elems_per_token * cb / device.mem_bandwidth
+    fused = device.fused_layer_ops
+    elementwise_elems = cost.fused_elementwise_elems_per_token if fused else cost.elementwise_elems_per_token
+    elementwise = batch * elementwise_elems * cb / device.mem_bandwidth
     work = products + kv / attention_rate + elementwise
-    ops = cost.ops_per_layer + (THIN_OPS_PER_LAYER if _thin(cost, device, batch) else 0)
+    ops = (FUSED_OPS_PER_LAYER if fused else OPS_PER_LAYER) + (THIN_OPS_PER_LAYER if _thin(cost, device, batch) else 0)
     host = ops * device.op_overhead_s
     # A GPU runs kernels while the host launches the next ones; a CPU does one after the other.
     return max(host, work) if device.kind == "cuda" else host + work

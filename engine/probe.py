@@ -18,7 +18,7 @@ import torch
 
 from engine.attention import build_metadata, paged_attention
 from engine.device import TORCH_DTYPES, available_memory
-from engine.kernels import build, half_gemm
+from engine.kernels import build, half_gemm, layer_ops
 from engine.kernels import paged_attention as paged_kernel
 from engine.linear import make_linear, uses_kernel
 from engine.placement import GEMM_ROWS, SMALL_GEMM_ROWS, DeviceInfo, DeviceRequest
@@ -40,7 +40,7 @@ _CUDA_WEIGHT_SET_BYTES = 512 << 20
 _ATTN_HEADS, _ATTN_KV_HEADS, _ATTN_HEAD_DIM, _ATTN_BLOCK = 16, 4, 64, 16
 _CPU_ATTN = (16, 512)  # sequences, context
 _CUDA_ATTN = (64, 4096)
-_ATTN_OPS = 7  # kernels of one paged_attention call, whose host cost is not attention throughput
+_ATTN_OPS = 5  # kernels of one paged_attention call, whose host cost is not attention throughput
 
 
 def cache_path() -> Path:
@@ -293,4 +293,5 @@ def describe_device(request: DeviceRequest, dtype: str, threads: int | None, mem
         thin_matmul_flops=rates.get("thin_matmul_flops"),
         row_overhead_s=rates.get("row_overhead_s") or 0.0, attention_bandwidth=rates.get("attention_bandwidth"),
         dtype=dtype, budgeted=request.memory is not None,
+        fused_layer_ops=layer_ops.available(torch.empty(0, dtype=TORCH_DTYPES[dtype], device=device)),
     )

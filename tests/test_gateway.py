@@ -369,7 +369,9 @@ def test_completion_logprobs(client):
     streamed = [x for chunk in client.completions.create(stream=True, **kw) for c in chunk.choices if c.logprobs
                 for x in c.logprobs.token_logprobs]
     assert len(whole.token_logprobs) == 30
-    assert streamed == pytest.approx(whole.token_logprobs)
+    # The second request reuses the first's cached prompt blocks, whose attention takes another path (keys read
+    # back from the cache under a mask, not causal over the chunk): equal to fp32 rounding, not to the bit.
+    assert streamed == pytest.approx(whole.token_logprobs, rel=1e-5, abs=1e-5)
 
 
 def test_chat_logprobs(client):

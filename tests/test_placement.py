@@ -39,7 +39,7 @@ def model(layers: int = 8, *, hidden: int = 512, params: int = 3_000_000, vocab:
           compute: str = "float32", weights: str = "float32") -> ModelCost:
     return ModelCost(num_layers=layers, hidden_size=hidden, vocab_size=vocab, layer_params=params,
                      layer_out_features=4 * hidden, kv_elems_per_token=hidden // 2,
-                     elementwise_elems_per_token=40 * hidden,
+                     elementwise_elems_per_token=40 * hidden, fused_elementwise_elems_per_token=16 * hidden,
                      embed_params=vocab * hidden, head_params=vocab * hidden + hidden, tied_embeddings=tied,
                      compute_dtype=compute, weight_dtype=weights)
 

@@ -1,9 +1,9 @@
 """Compile a kernel's C source once per machine and load it.
 
-A library is named by a hash of its source and flags, so an edit rebuilds it. It is looked
-for beside the source (where `python -m engine.kernels.build` puts it at install time, as the
-container image does, whose runtime has no compiler), then in the strata cache directory,
-where it is otherwise compiled on first use. Stage processes that start together may race to
+A library is named by a hash of its source, the headers beside it and its flags, so an edit
+rebuilds it. It is looked for beside the source (where `python -m engine.kernels.build` puts
+it at install time, as the container image does, whose runtime has no compiler), then in the
+strata cache directory, where it is otherwise compiled on first use. Stage processes that start together may race to
 build it: each compiles to its own temporary file and renames it into place, which is atomic.
 Without a C compiler, or when the build fails, callers get None and the engine keeps torch's
 own kernels. The libraries link OpenMP dynamically and so share the runtime torch has loaded.
@@ -76,7 +76,9 @@ def load_kernel(source: Path, flags: list[str], features: tuple[str, ...],
 
 
 def library_name(source: Path, flags: list[str]) -> str:
-    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    """Named by the source, the headers beside it (which it may include) and the flags."""
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    key = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:16]
     return f"{source.stem}-{key}.so"
 
 
@@ -118,9 +120,10 @@ def compile_library(source: Path, flags: list[str], target: Path) -> Path | None
 
 def main() -> None:
     """Build every kernel beside its source: for installs whose runtime has no compiler."""
-    from engine.kernels import half_gemm, paged_attention
+    from engine.kernels import half_gemm, layer_ops, paged_attention
 
-    for source, flags in ((half_gemm.SOURCE, half_gemm.FLAGS), (paged_attention.SOURCE, paged_attention.FLAGS)):
+    for kernel in (half_gemm, paged_attention, layer_ops):
+        source, flags = kernel.SOURCE, kernel.FLAGS
         built = compile_library(source, flags, source.parent / library_name(source, flags))
         if built is None:
             raise SystemExit(f"could not build {source.name}")

@@ -1,0 +1,100 @@
+/* The elementwise work of a decoder layer, fp32, for x86-64 CPUs with AVX2 and FMA.
+ *
+ * Between its matrix products a layer adds residuals, normalises, rotates q and k, writes the
+ * new keys and values into the paged cache and gates its MLP. In torch that is some thirty
+ * small kernels per layer, each a pass over memory and a few microseconds of dispatch: at a
+ * pipeline stage's micro-batch of 32 decodes, more time than the work itself. Here each is
+ * one call and one pass. Built with -ffp-contract=off, so that a product and a sum round
+ * separately, as torch's kernels round them: rotation and gating give torch's own bits.
+ * Rows are shared among OpenMP threads when there are enough of them.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "vec_math.h"
+
+/* Below this many elements a call stays on one thread: waking the others costs more. */
+#define PARALLEL_ELEMS (1L << 16)
+
+/* x[T, D] += delta (when given), then h = w * (x * 1 / sqrt(mean(x^2) + eps)), row by row. */
+void add_rms_norm(float *x, const float *delta, const float *w, float *h, long T, long D, float eps, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (T * D >= PARALLEL_ELEMS)
+    for (long t = 0; t < T; t++) {
+        float *xr = x + t * D, *hr = h + t * D;
+        const float *dr = delta ? delta + t * D : NULL;
+        __m256 acc = _mm256_setzero_ps();
+        long i = 0;
+        for (; i + 8 <= D; i += 8) {
+            __m256 v = _mm256_loadu_ps(xr + i);
+            if (dr) {
+                v = _mm256_add_ps(v, _mm256_loadu_ps(dr + i));
+                _mm256_storeu_ps(xr + i, v);
+            }
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+        }
+        float ss = hsum(acc);
+        for (; i < D; i++) {
+            if (dr) xr[i] += dr[i];
+            ss += xr[i] * xr[i];
+        }
+        float r = 1.0f / sqrtf(ss / (float)D + eps);
+        __m256 rv = _mm256_set1_ps(r);
+        for (i = 0; i + 8 <= D; i += 8)
+            _mm256_storeu_ps(hr + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(xr + i), rv)));
+        for (; i < D; i++) hr[i] = w[i] * (xr[i] * r);
+    }
+}
+
+/* One head of d values rotated in place (rotate-half layout): x * cos + rotate_half(x) * sin. */
+static inline void rotate(float *x, const float *cos, const float *sin, long d) {
+    long half = d / 2, i = 0;
+    for (; i + 8 <= half; i += 8) {
+        __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + half + i);
+        __m256 lo = _mm256_add_ps(_mm256_mul_ps(a, _mm256_loadu_ps(cos + i)),
+                                  _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), b), _mm256_loadu_ps(sin + i)));
+        __m256 hi = _mm256_add_ps(_mm256_mul_ps(b, _mm256_loadu_ps(cos + half + i)),
+                                  _mm256_mul_ps(a, _mm256_loadu_ps(sin + half + i)));
+        _mm256_storeu_ps(x + i, lo);
+        _mm256_storeu_ps(x + half + i, hi);
+    }
+    for (; i < half; i++) {
+        float a = x[i], b = x[half + i];
+        x[i] = a * cos[i] + (-b) * sin[i];
+        x[half + i] = b * cos[half + i] + a * sin[half + i];
+    }
+}
+
+/* qkv: [T, (heads + 2 kv_heads) d], each row q | k | v. Rotates q and k in place by each token's position
+ * (table: [positions, 2, d], cos then sin), then copies k and v into the caches' slots: caches are
+ * [slots, kv_heads, d], token t's at slot slots[t]. */
+void rotary_into_cache(float *qkv, long T, long heads, long kv_heads, long d, const int64_t *positions,
+                       const float *table, const int64_t *slots, float *k_cache, float *v_cache, int threads) {
+    long row = (heads + 2 * kv_heads) * d, kv_row = kv_heads * d;
+#pragma omp parallel for schedule(static) num_threads(threads) if (T * row >= PARALLEL_ELEMS)
+    for (long t = 0; t < T; t++) {
+        float *x = qkv + t * row;
+        const float *cos = table + positions[t] * 2 * d, *sin = cos + d;
+        for (long h = 0; h < heads + kv_heads; h++) rotate(x + h * d, cos, sin, d);
+        memcpy(k_cache + slots[t] * kv_row, x + heads * d, kv_row * sizeof(float));
+        memcpy(v_cache + slots[t] * kv_row, x + (heads + kv_heads) * d, kv_row * sizeof(float));
+    }
+}
+
+/* out[T, I] = silu(gate) * up, where gate_up rows are gate | up (I each) and silu(g) = g / (1 + e^-g). */
+void silu_mul(const float *gate_up, float *out, long T, long I, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (T * I >= PARALLEL_ELEMS)
+    for (long t = 0; t < T; t++) {
+        const float *g = gate_up + t * 2 * I, *u = g + I;
+        float *o = out + t * I;
+        const __m256 one = _mm256_set1_ps(1.0f);
+        long i = 0;
+        for (; i + 8 <= I; i += 8) {
+            __m256 gv = _mm256_loadu_ps(g + i);
+            __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+        }
+        for (; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}

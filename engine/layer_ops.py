@@ -1,0 +1,70 @@
+"""The elementwise steps of a decoder layer: residual add and RMS norm, rotary embedding with the
+KV cache write, and the gated MLP's SiLU. One C call each where engine.kernels.layer_ops runs
+(fp32 on x86-64 CPUs); torch's kernels elsewhere. Which one is chosen once per forward pass,
+and so are the index checks the C code relies on.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import layer_ops as kernel
+from engine.rope import apply_rotary
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    # Normalise in fp32 and round once, as the reference implementation does.
+    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+
+
+class LayerOps:
+    """The elementwise steps for one forward pass over tokens at `positions`, whose new keys and values go to
+    `slots` of a KV cache like `kv_cache` ([layers, 2, blocks, block_size, kv_heads, d])."""
+
+    def __init__(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, rope: torch.Tensor,
+                 kv_cache: torch.Tensor, heads: int, kv_heads: int, eps: float) -> None:
+        self.heads, self.kv_heads, self.eps = heads, kv_heads, eps
+        self.positions, self.slots, self.rope = positions, slots, rope
+        self.fused = kernel.available(x) and kv_cache.dtype == torch.float32 and kv_cache.is_contiguous()
+        if self.fused:
+            slots_per_layer = kv_cache[0, 0].numel() // kv_cache.shape[-1] // kv_heads
+            for name, t, limit in (("position", positions, rope.shape[0]), ("cache slot", slots, slots_per_layer)):
+                if t.numel() and (int(t.min()) < 0 or int(t.max()) >= limit):
+                    raise IndexError(f"a {name} is out of range: {int(t.min())}..{int(t.max())}, limit {limit}")
+        else:
+            cs = rope[positions]  # [T, 2, d]
+            self.cos, self.sin = cs[:, 0:1], cs[:, 1:2]  # [T, 1, d]
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+        """x += delta in place (when given); returns x normalised and scaled by weight."""
+        if self.fused:
+            return kernel.add_rms_norm(x, delta, weight, self.eps)
+        if delta is not None:
+            x.add_(delta)
+        return rms_norm(x, weight, self.eps)
+
+    def rotary_into_cache(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        """qkv [T, (heads + 2 kv_heads) d] -> q [T, heads, d], k, v [T, kv_heads, d], q and k rotated; the new
+        keys and values are written into the layer's caches ([blocks, block_size, kv_heads, d])."""
+        T = qkv.shape[0]
+        nh, nkv = self.heads, self.kv_heads
+        d = qkv.shape[1] // (nh + 2 * nkv)
+        if self.fused:
+            kernel.rotary_into_cache(qkv, nh, nkv, self.positions, self.rope, self.slots, k_cache, v_cache)
+            heads = qkv.view(T, nh + 2 * nkv, d)
+            return heads[:, :nh], heads[:, nh : nh + nkv], heads[:, nh + nkv :]
+        qk = apply_rotary(qkv[:, : (nh + nkv) * d].view(T, nh + nkv, d), self.cos, self.sin)
+        k = qk[:, nh:]
+        v = qkv[:, (nh + nkv) * d :].view(T, nkv, d)
+        k_cache.view(-1, nkv, d).index_copy_(0, self.slots, k)
+        v_cache.view(-1, nkv, d).index_copy_(0, self.slots, v)
+        return qk[:, :nh], k, v
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[T, 2I] (gate | up) -> [T, I]."""
+        if self.fused:
+            return kernel.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
