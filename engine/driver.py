@@ -98,7 +98,8 @@ class Driver:
         self.stage_ranks = [rank for rank, _ in specs]
         for rank, spec in specs:
             transport.send_obj(spec, rank)
-        self.links = transport.make_links(specs[0][1].ring, set(specs[0][1].cuda_ranks))
+        first = specs[0][1]
+        self.links = transport.make_links(first.ring, set(first.cuda_ranks), first.inline_bytes)
         ready: list[StageReady] = [transport.recv_obj(rank) for rank in self.stage_ranks]
         errors = [f"stage {r.stage_index}: {r.error}" for r in ready if r.error]
         if errors:
@@ -138,17 +139,15 @@ class Driver:
     # ---- steady state -----------------------------------------------------------------
     def submit(self, batch: Batch) -> None:
         self._check()
-        first = self.links[0]
         try:
-            self.outbox.post(*transport.isend_obj(batch, first.dst, first.objects))
+            self.outbox.post(*transport.isend(batch, self.links[0]))
         except RuntimeError as e:
             self._died(e)
 
     def receive(self) -> StepOutput:
         self._check()
-        last = self.links[-1]
         try:
-            out, self.last_received_bytes = transport.recv_obj_sized(last.src, last.objects)
+            out, _, self.last_received_bytes = transport.recv(self.links[-1])
             return out
         except RuntimeError as e:
             self._died(e)
@@ -174,7 +173,7 @@ class Driver:
     def shutdown(self, timeout_s: float = 10.0) -> None:
         if not self.dead and self.links:
             try:
-                transport.send_obj(Shutdown(), self.links[0].dst, self.links[0].objects)
+                transport.send(Shutdown(), self.links[0])
             except RuntimeError:
                 pass
         deadline = time.monotonic() + timeout_s

@@ -157,6 +157,8 @@ class LLMEngine:
             cuda_ranks = [r for r, s in zip(ranks, plan.stages) if s.device.kind == "cuda"]
             max_kv_tokens = (config.max_num_seqs * max_len if config.num_kv_blocks is None
                              else config.num_kv_blocks * config.block_size)
+            # Frames of CPU links between stages hold a decode micro-batch's activations (at most 4 bytes a value).
+            inline = -(-config.max_num_seqs // len(ranks)) * cfg.hidden_size * 4
             specs, prev_dtype = [], None
             for k, (rank, st) in enumerate(zip(ranks, plan.stages)):
                 compute, weights = resolve_dtypes(config.dtype, cfg.checkpoint_dtype, torch.device(st.device.name))
@@ -165,7 +167,8 @@ class LLMEngine:
                     model_dir=str(model_dir.resolve()), layers=st.layers, dtype=compute, weight_dtype=weights,
                     input_dtype=prev_dtype or compute, block_size=config.block_size, max_model_len=max_len,
                     kv_cache_memory=config.kv_cache_memory, kv_cache_fraction=config.kv_cache_fraction,
-                    max_kv_tokens=max_kv_tokens, trace=self.trace_settings if self._trace_steps else None,
+                    max_kv_tokens=max_kv_tokens, inline_bytes=inline,
+                    trace=self.trace_settings if self._trace_steps else None,
                 )))
                 prev_dtype = compute
             self.dtype, self.weight_dtype = specs[0][1].dtype, specs[0][1].weight_dtype

@@ -64,6 +64,7 @@ class StageSpec:
     kv_cache_memory: int | None  # bytes for this stage's KV; None: what the device budget leaves, or a share of free memory
     kv_cache_fraction: float
     max_kv_tokens: int  # more KV than this is never needed (max_num_seqs x max_model_len)
+    inline_bytes: int = 0  # room for activations in the frames of CPU links between stages (engine.transport)
     trace: TraceSettings | None = None
 
 
@@ -221,7 +222,7 @@ def serve(rank: int, world_size: int, request: DeviceRequest, threads: int | Non
         return
     if model_dir is not None:
         spec.model_dir = model_dir  # this host keeps the checkpoint elsewhere
-    links = transport.make_links(spec.ring, set(spec.cuda_ranks))
+    links = transport.make_links(spec.ring, set(spec.cuda_ranks), spec.inline_bytes)
     try:
         runner = StageRunner(spec, request.name, request.memory)
         ready = StageReady(spec.stage_index, runner.capacity_blocks(), runner.bytes_per_block, info.label)
@@ -256,16 +257,15 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
     input_dtype = TORCH_DTYPES[spec.input_dtype]
     hidden_size = runner.cfg.hidden_size
 
+    def activations(batch) -> tuple[tuple[int, int], torch.dtype] | None:
+        return ((batch.num_tokens, hidden_size), input_dtype) if isinstance(batch, Batch) and not runner.first else None
+
     def receive() -> None:
         if runner.device.type == "cuda":
             torch.cuda.set_device(runner.device)  # the current device is per thread
         try:
             while True:
-                batch, nbytes = transport.recv_obj_sized(link_in.src, link_in.objects)
-                hidden = None
-                if isinstance(batch, Batch) and not runner.first:
-                    hidden = transport.recv_tensor((batch.num_tokens, hidden_size), input_dtype, link_in, runner.device)
-                    nbytes += hidden.numel() * input_dtype.itemsize
+                batch, hidden, nbytes = transport.recv(link_in, activations, runner.device)
                 inbox.put((batch, hidden, now_ns(), nbytes))
                 if isinstance(batch, Shutdown):
                     return
@@ -282,7 +282,7 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
         if isinstance(batch, Shutdown):
             # Sends still pending are results nobody will read now; only the Shutdown itself must go on.
             if not runner.last:
-                transport.send_obj(batch, link_out.dst, link_out.objects)
+                transport.send(batch, link_out)
             return
         if hidden is not None and hidden.dtype != runner.dtype:
             hidden = hidden.to(runner.dtype)
@@ -299,10 +299,9 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
         if runner.last:
             out.timings = batch.timings
             out.trace = trace
-            outbox.post(*transport.isend_obj(out, link_out.dst, link_out.objects))
+            outbox.post(*transport.isend(out, link_out))
         else:
-            outbox.post(*transport.isend_obj(batch, link_out.dst, link_out.objects))
-            outbox.post(*transport.isend_tensor(hidden_out, link_out))
+            outbox.post(*transport.isend(batch, link_out, hidden_out))
         if trace is not None:
             tracing.emit(stage_spans(
                 trace, spec.stage_index, device_label, spec.layers, batch, int(start * 1e9), int(end * 1e9), clock,

@@ -8,13 +8,16 @@ whose two ends are CUDA devices carries its activations over NCCL.
 
 Objects (batches, step outputs, control messages) travel pickled in a frame of fixed size
 that starts with their length; one that does not fit sends the rest in a second message.
-A steady-state decode batch fits, so a hop costs one message: each message wakes threads in
-both processes, which on a busy host costs more than its bytes. Activations travel as
-tensors whose shape the receiver knows from the batch.
+Activations travel with their batch: inside the frame, after the pickle, where a link
+between two CPU stages has room for a decode micro-batch's rows; else as a tensor message
+of their own (over NCCL on a CUDA link), whose shape the receiver knows from the batch. A
+steady-state decode hop thus costs one message: each message wakes threads in both
+processes, and a second one behind the first waited up to milliseconds on a busy host.
 """
 from __future__ import annotations
 
 import datetime
+import math
 import pickle
 import struct
 from dataclasses import dataclass
@@ -25,7 +28,10 @@ import torch.distributed as dist
 # Bytes of an object's first message: its length (8 bytes), then the pickle, zero-padded. Batches of 64 decodes
 # or of a 512-token prefill pickle to under 5 KiB; copying the padding costs microseconds.
 FRAME_BYTES = 32 << 10
+# Most room a link's frames get for activations besides: every message on the link pays for the frame.
+MAX_INLINE_BYTES = 256 << 10
 _LENGTH = struct.Struct("<q")
+_ALIGN = 64  # activations inside a frame start at a multiple of this
 # An idle server sends nothing for hours; the ring's links must not time out on that.
 _IDLE_TIMEOUT = datetime.timedelta(days=365)
 
@@ -64,78 +70,121 @@ class Link:
     objects: object  # process group
     tensors: object
     nccl: bool
+    frame: int = FRAME_BYTES  # bytes of each message's first part
 
 
-def make_links(ring: list[int], cuda_ranks: set[int]) -> list[Link]:
-    """Every process calls this with the same ring (ranks in stage order, the driver first), in the same order:
-    creating a group is collective over the whole world. Link i carries ring[i] → ring[i + 1] (wrapping)."""
+def make_links(ring: list[int], cuda_ranks: set[int], inline_bytes: int = 0) -> list[Link]:
+    """Every process calls this with the same arguments: ring (ranks in stage order, the driver first),
+    inline_bytes (room for activations in the frames of gloo links between stages, capped at MAX_INLINE_BYTES).
+    Creating a group is collective over the whole world. Link i carries ring[i] → ring[i + 1] (wrapping)."""
     links = []
     for i, src in enumerate(ring):
         dst = ring[(i + 1) % len(ring)]
         objects = dist.new_group([src, dst], timeout=_IDLE_TIMEOUT, backend="gloo")
         nccl = src in cuda_ranks and dst in cuda_ranks
         tensors = dist.new_group([src, dst], timeout=_IDLE_TIMEOUT, backend="nccl") if nccl else objects
-        links.append(Link(src, dst, objects, tensors, nccl))
+        between_stages = src != ring[0] and dst != ring[0]
+        room = min(inline_bytes, MAX_INLINE_BYTES) if between_stages and not nccl else 0
+        links.append(Link(src, dst, objects, tensors, nccl, FRAME_BYTES + room))
     return links
 
 
-def _pack(obj: object) -> list[torch.Tensor]:
-    """The messages that carry obj: the frame, and the rest of the pickle if it did not fit."""
+def _inline_at(payload_len: int, nbytes: int, frame: int) -> int | None:
+    """Where activations of nbytes sit in a frame after a pickle of payload_len bytes; None: they do not fit."""
+    at = -(-(_LENGTH.size + payload_len) // _ALIGN) * _ALIGN
+    return at if at + nbytes <= frame else None
+
+
+def _pack(obj: object, frame_bytes: int = FRAME_BYTES,
+          tensor: torch.Tensor | None = None) -> tuple[list[torch.Tensor], bool]:
+    """The messages that carry obj: the frame, and the rest of the pickle if it did not fit; and whether the
+    (contiguous, host) tensor rides inside the frame."""
     payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    frame = bytearray(FRAME_BYTES)
-    _LENGTH.pack_into(frame, 0, len(payload))
-    head = min(len(payload), FRAME_BYTES - _LENGTH.size)
-    frame[_LENGTH.size : _LENGTH.size + head] = payload[:head]
-    messages = [torch.frombuffer(frame, dtype=torch.uint8)]
+    raw = bytearray(frame_bytes)
+    _LENGTH.pack_into(raw, 0, len(payload))
+    head = min(len(payload), frame_bytes - _LENGTH.size)
+    raw[_LENGTH.size : _LENGTH.size + head] = memoryview(payload)[:head]
+    frame = torch.frombuffer(raw, dtype=torch.uint8)
+    messages = [frame]
     if head < len(payload):
         messages.append(torch.frombuffer(bytearray(payload[head:]), dtype=torch.uint8))
-    return messages
+    at = None if tensor is None else _inline_at(len(payload), tensor.numel() * tensor.element_size(), frame_bytes)
+    if at is not None:
+        frame[at : at + tensor.numel() * tensor.element_size()] = tensor.view(-1).view(torch.uint8)
+    return messages, at is not None
 
 
+def _unpack(frame: torch.Tensor, src: int, group) -> tuple[object, int, int]:
+    """The object whose frame arrived (receiving the rest of its pickle if any), its pickle's length, and the
+    bytes it took on the wire."""
+    raw = frame.numpy()
+    (length,) = _LENGTH.unpack_from(raw, 0)
+    head = min(length, frame.numel() - _LENGTH.size)
+    payload = raw[_LENGTH.size : _LENGTH.size + head].tobytes()
+    if head == length:
+        return pickle.loads(payload), length, frame.numel()
+    rest = torch.empty(length - head, dtype=torch.uint8)
+    dist.recv(rest, src, group=group)
+    return pickle.loads(payload + rest.numpy().tobytes()), length, frame.numel() + rest.numel()
+
+
+# ---- control: the start-up handshake over the default group ----------------------------------------------------------
 def send_obj(obj: object, dst: int, group=None) -> None:
-    for message in _pack(obj):
+    for message in _pack(obj)[0]:
         dist.send(message, dst, group=group)
 
 
 def isend_obj(obj: object, dst: int, group=None) -> tuple[list, list[torch.Tensor]]:
-    """Post the send and return at once; keep the returned buffers alive until the works complete.
-
-    A gloo send waits for the peer to post its receive, so a process that blocked on its
-    sends would stall whenever its right neighbour is busy computing.
-    """
-    messages = _pack(obj)
+    """Post the send and return at once; keep the returned buffers alive until the works complete."""
+    messages = _pack(obj)[0]
     return [dist.isend(m, dst, group=group) for m in messages], messages
 
 
 def recv_obj(src: int, group=None) -> object:
-    return recv_obj_sized(src, group)[0]
-
-
-def recv_obj_sized(src: int, group=None) -> tuple[object, int]:
-    """The object and the bytes it took on the wire."""
     frame = torch.empty(FRAME_BYTES, dtype=torch.uint8)
     dist.recv(frame, src, group=group)
-    raw = frame.numpy()
-    (length,) = _LENGTH.unpack_from(raw, 0)
-    head = min(length, FRAME_BYTES - _LENGTH.size)
-    payload = raw[_LENGTH.size : _LENGTH.size + head].tobytes()
-    if head == length:
-        return pickle.loads(payload), FRAME_BYTES
-    rest = torch.empty(length - head, dtype=torch.uint8)
-    dist.recv(rest, src, group=group)
-    return pickle.loads(payload + rest.numpy().tobytes()), FRAME_BYTES + rest.numel()
+    return _unpack(frame, src, group)[0]
 
 
-def isend_tensor(t: torch.Tensor, link: Link) -> tuple[list, list[torch.Tensor]]:
-    """Activations to the next stage: on a gloo link they travel from host memory."""
-    t = t.contiguous() if link.nccl else t.detach().to("cpu").contiguous()
-    return [dist.isend(t, link.dst, group=link.tensors)], [t]
+# ---- steady state: batches, their activations and results over the ring's links ------------------------------------
+def isend(obj: object, link: Link, tensor: torch.Tensor | None = None) -> tuple[list, list[torch.Tensor]]:
+    """Post obj (and the activations that go with it) and return at once; keep the returned buffers alive until the
+    works complete (Outbox). A gloo send waits for the peer to post its receive, so a process that blocked on its
+    sends would stall whenever its right neighbour is busy computing."""
+    if tensor is not None:
+        tensor = tensor.detach().contiguous() if link.nccl else tensor.detach().to("cpu").contiguous()
+    messages, inline = _pack(obj, link.frame, None if link.nccl else tensor)
+    works = [dist.isend(m, link.dst, group=link.objects) for m in messages]
+    if tensor is not None and not inline:
+        works.append(dist.isend(tensor, link.dst, group=link.tensors))
+        messages.append(tensor)
+    return works, messages
 
 
-def recv_tensor(shape: tuple[int, ...], dtype: torch.dtype, link: Link, device: torch.device) -> torch.Tensor:
-    t = torch.empty(shape, dtype=dtype, device=device if link.nccl else "cpu")
-    dist.recv(t, link.src, group=link.tensors)
-    return t.to(device, non_blocking=True)
+def send(obj: object, link: Link) -> None:
+    for work in isend(obj, link)[0]:
+        work.wait()
+
+
+def recv(link: Link, expect=None, device: torch.device | str = "cpu") -> tuple[object, torch.Tensor | None, int]:
+    """The next object on the link, the activations that came with it, and the bytes both took on the wire.
+    expect(obj) gives the activations' (shape, dtype), or None when none follow; they land on `device`."""
+    frame = torch.empty(link.frame, dtype=torch.uint8)
+    dist.recv(frame, link.src, group=link.objects)
+    obj, length, wire = _unpack(frame, link.src, link.objects)
+    spec = expect(obj) if expect is not None else None
+    if spec is None:
+        return obj, None, wire
+    shape, dtype = spec
+    nbytes = math.prod(shape) * dtype.itemsize
+    at = None if link.nccl else _inline_at(length, nbytes, link.frame)
+    if at is not None:
+        tensor = frame[at : at + nbytes].view(dtype).view(shape)
+    else:
+        tensor = torch.empty(shape, dtype=dtype, device=device if link.nccl else "cpu")
+        dist.recv(tensor, link.src, group=link.tensors)
+        wire += nbytes
+    return obj, tensor.to(device, non_blocking=True), wire
 
 
 class Outbox:

@@ -1,13 +1,19 @@
-"""Objects over the ring's links: one frame when they fit, a second message for the rest."""
+"""Objects and activations over the ring's links: one frame when they fit, further messages for the rest."""
 from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
 import socket
 
+import torch
+
 from engine import transport
 
-SIZES = [0, 100, transport.FRAME_BYTES - 80, transport.FRAME_BYTES, 3 * transport.FRAME_BYTES + 5]
+INLINE = 4096  # room for activations in the frame of the link between the two stages
+WIDTH = 8
+# (object bytes, activation rows or None): activations inside the frame, too many rows for it, a pickle too big
+# for the frame (the activations follow it), no activations, and an object larger than several frames.
+CASES = [(100, 4), (100, 2000), (transport.FRAME_BYTES + INLINE, 4), (0, None), (3 * transport.FRAME_BYTES + 5, None)]
 
 
 def _free_port() -> int:
@@ -16,32 +22,59 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _echo(port: int) -> None:
-    transport.init(1, 2, transport.join_rendezvous("127.0.0.1", port, 2, 30), 30)
-    for _ in SIZES:
-        obj, _ = transport.recv_obj_sized(0)
-        transport.send_obj(obj, 0)
+def _stage(rank: int, port: int) -> None:
+    """Rank 1 adds activations to what the driver sends; rank 2 reports what arrived back to the driver."""
+    transport.init(rank, 3, transport.join_rendezvous("127.0.0.1", port, 3, 30), 30)
+    links = transport.make_links([0, 1, 2], set(), INLINE)
+    outbox = transport.Outbox()
+    for _ in CASES:
+        if rank == 1:
+            obj, _, _ = transport.recv(links[0])
+            rows = obj["rows"]
+            hidden = None if rows is None else torch.arange(rows * WIDTH, dtype=torch.float32).view(rows, WIDTH)
+            outbox.post(*transport.isend(obj, links[1], hidden))
+        else:
+            def expect(o):
+                return None if o["rows"] is None else ((o["rows"], WIDTH), torch.float32)
+
+            obj, hidden, wire = transport.recv(links[1], expect, torch.device("cpu"))
+            transport.send((obj, None if hidden is None else hidden.tolist(), wire), links[2])
     transport.close()
 
 
-def test_objects_of_every_size_arrive_whole():
+def test_objects_and_activations_arrive_whole():
     port = _free_port()
-    store = transport.serve_rendezvous("127.0.0.1", port, 2, 30)
-    peer = mp.get_context("spawn").Process(target=_echo, args=(port,))
-    peer.start()
+    store = transport.serve_rendezvous("127.0.0.1", port, 3, 30)
+    peers = [mp.get_context("spawn").Process(target=_stage, args=(rank, port)) for rank in (1, 2)]
+    for p in peers:
+        p.start()
     try:
-        transport.init(0, 2, store, 30)
+        transport.init(0, 3, store, 30)
+        links = transport.make_links([0, 1, 2], set(), INLINE)
+        # The driver's links carry objects alone; the one between the stages has room for activations.
+        assert [link.frame for link in links] == [transport.FRAME_BYTES, transport.FRAME_BYTES + INLINE,
+                                                  transport.FRAME_BYTES]
         outbox = transport.Outbox()
-        for n in SIZES:
-            obj = {"bytes": bytes(range(256)) * (n // 256) + b"x" * (n % 256), "n": n}
-            outbox.post(*transport.isend_obj(obj, 1))
-            back, wire = transport.recv_obj_sized(1)
+        inlined = []
+        for n, rows in CASES:
+            obj = {"bytes": bytes(range(256)) * (n // 256) + b"x" * (n % 256), "rows": rows}
+            outbox.post(*transport.isend(obj, links[0]))
+            back, hidden, wire = transport.recv(links[2])[0]
             assert back == obj
-            fits = len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)) <= transport.FRAME_BYTES - 8
-            assert wire == transport.FRAME_BYTES if fits else wire > transport.FRAME_BYTES
+            if rows is not None:
+                assert hidden == torch.arange(rows * WIDTH, dtype=torch.float32).view(rows, WIDTH).tolist()
+            pickled = len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+            frame = transport.FRAME_BYTES + INLINE
+            activations = 0 if rows is None else rows * WIDTH * 4
+            inline = rows is not None and -(-(8 + pickled) // 64) * 64 + activations <= frame
+            rest = max(0, pickled + 8 - frame)
+            assert wire == frame + rest + (0 if inline else activations)
+            inlined.append(inline)
+        assert inlined == [True, False, False, False, False]
         transport.close()
     finally:
-        peer.join(30)
-        if peer.is_alive():
-            peer.kill()
-    assert peer.exitcode == 0
+        for p in peers:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in peers] == [0, 0]
