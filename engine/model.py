@@ -18,8 +18,8 @@ from engine.attention import AttentionMetadata, paged_attention
 from engine.checkpoint import expected_shapes, load_tensors
 from engine.config import ModelConfig
 from engine.device import available_memory
-from engine.linear import PackedHalfLinear, make_linear, uses_kernel
 from engine.layer_ops import LayerOps, rms_norm
+from engine.linear import PackedHalfLinear, make_linear, uses_kernel
 from engine.rope import cos_sin_table
 
 
