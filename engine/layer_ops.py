@@ -29,7 +29,7 @@ class LayerOps:
         self.positions, self.slots, self.rope = positions, slots, rope
         self.fused = kernel.available(x) and kv_cache.dtype == torch.float32 and kv_cache.is_contiguous()
         if self.fused:
-            slots_per_layer = kv_cache[0, 0].numel() // kv_cache.shape[-1] // kv_heads
+            slots_per_layer = kv_cache.shape[2] * kv_cache.shape[3]  # blocks x block size
             for name, t, limit in (("position", positions, rope.shape[0]), ("cache slot", slots, slots_per_layer)):
                 if t.numel() and (int(t.min()) < 0 or int(t.max()) >= limit):
                     raise IndexError(f"a {name} is out of range: {int(t.min())}..{int(t.max())}, limit {limit}")

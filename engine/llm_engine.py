@@ -157,8 +157,9 @@ class LLMEngine:
             cuda_ranks = [r for r, s in zip(ranks, plan.stages) if s.device.kind == "cuda"]
             max_kv_tokens = (config.max_num_seqs * max_len if config.num_kv_blocks is None
                              else config.num_kv_blocks * config.block_size)
-            # Frames of CPU links between stages hold a decode micro-batch's activations (at most 4 bytes a value).
-            inline = -(-config.max_num_seqs // len(ranks)) * cfg.hidden_size * 4
+            # Frames of CPU links between stages hold the activations of the micro-batch planned for (4 bytes a value
+            # at most), where small enough (engine.transport).
+            inline = micro_batch * cfg.hidden_size * 4
             specs, prev_dtype = [], None
             for k, (rank, st) in enumerate(zip(ranks, plan.stages)):
                 compute, weights = resolve_dtypes(config.dtype, cfg.checkpoint_dtype, torch.device(st.device.name))

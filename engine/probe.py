@@ -24,7 +24,7 @@ from engine.linear import make_linear, uses_kernel
 from engine.placement import GEMM_ROWS, SMALL_GEMM_ROWS, DeviceInfo, DeviceRequest
 
 PROFILE_ENV = "STRATA_DEVICE_PROFILE"
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 
 # GEMM shapes: 64 rows like a decode batch (and 8, see SMALL_GEMM_ROWS); weights [out, in]. A GPU gets a large
 # model's MLP shape, so that the kernel, not its launch, is timed.

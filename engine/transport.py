@@ -75,7 +75,8 @@ class Link:
 
 def make_links(ring: list[int], cuda_ranks: set[int], inline_bytes: int = 0) -> list[Link]:
     """Every process calls this with the same arguments: ring (ranks in stage order, the driver first),
-    inline_bytes (room for activations in the frames of gloo links between stages, capped at MAX_INLINE_BYTES).
+    inline_bytes (room for a decode micro-batch's activations in the frames of gloo links between stages; none
+    beyond MAX_INLINE_BYTES, where most steps would not fit and every message would carry the frame for nothing).
     Creating a group is collective over the whole world. Link i carries ring[i] → ring[i + 1] (wrapping)."""
     links = []
     for i, src in enumerate(ring):
@@ -84,7 +85,7 @@ def make_links(ring: list[int], cuda_ranks: set[int], inline_bytes: int = 0) -> 
         nccl = src in cuda_ranks and dst in cuda_ranks
         tensors = dist.new_group([src, dst], timeout=_IDLE_TIMEOUT, backend="nccl") if nccl else objects
         between_stages = src != ring[0] and dst != ring[0]
-        room = min(inline_bytes, MAX_INLINE_BYTES) if between_stages and not nccl else 0
+        room = inline_bytes if between_stages and not nccl and inline_bytes <= MAX_INLINE_BYTES else 0
         links.append(Link(src, dst, objects, tensors, nccl, FRAME_BYTES + room))
     return links
 

@@ -11,7 +11,7 @@ from engine.layer_ops import LayerOps
 pytestmark = pytest.mark.skipif(not kernel.available(torch.zeros(1)), reason="needs the kernel (x86-64 with AVX2)")
 
 HEADS, KV_HEADS, D = 6, 2, 64
-BLOCKS, BLOCK_SIZE = 64, 4
+BLOCKS, BLOCK_SIZE = 256, 4
 ROPE = torch.randn(64, 2, D, generator=torch.Generator().manual_seed(0))  # [positions, cos | sin, d]
 
 
@@ -24,7 +24,7 @@ def _ops(monkeypatch, fused: bool, x, positions, slots, kv_cache) -> LayerOps:
     return ops
 
 
-@pytest.mark.parametrize("tokens", [1, 5, 200])  # 200 rows: shared among threads
+@pytest.mark.parametrize("tokens", [1, 5, 1000])  # 1000 rows: shared among threads
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_steps_equal_torch_steps(monkeypatch, tokens, threads):
     g = torch.Generator().manual_seed(tokens)
@@ -82,9 +82,17 @@ def test_out_of_range_positions_and_slots_are_refused(monkeypatch):
         _ops(monkeypatch, True, x, torch.tensor([0, 1]), torch.tensor([-1, 0]), cache)
 
 
+def test_a_stage_without_layers_needs_no_checks():
+    x = torch.zeros(2, 8)
+    LayerOps(x, torch.tensor([0, 1]), torch.tensor([0, 1]), ROPE, torch.zeros(0, 2, BLOCKS, BLOCK_SIZE, KV_HEADS, D),
+             HEADS, KV_HEADS, 1e-5)
+
+
 def test_kernel_refuses_what_it_cannot_read():
     with pytest.raises(ValueError):
         kernel.silu_mul(torch.zeros(2, 16, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        kernel.silu_mul(torch.zeros(2, 15))
     with pytest.raises(ValueError):
         kernel.add_rms_norm(torch.zeros(4, 16)[:, ::2], None, torch.ones(8), 1e-5)
     with pytest.raises(ValueError):

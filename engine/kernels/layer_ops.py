@@ -60,8 +60,8 @@ def rotary_into_cache(qkv: torch.Tensor, heads: int, kv_heads: int, positions: t
     d = table.shape[-1]
     T = qkv.shape[0]
     if (qkv.shape[1] != (heads + 2 * kv_heads) * d or k_cache.shape != v_cache.shape or k_cache.shape[-1] != d
-            or k_cache.shape[-2] != kv_heads or positions.shape != (T,) or slots.shape != (T,)
-            or positions.dtype != torch.int64 or slots.dtype != torch.int64):
+            or k_cache.shape[-2] != kv_heads or any(t.shape != (T,) or t.dtype != torch.int64 or not t.is_contiguous()
+                                                    or t.device.type != "cpu" for t in (positions, slots))):
         raise ValueError("rotary_into_cache: inconsistent shapes or dtypes")
     _library().rotary_into_cache(qkv.data_ptr(), T, heads, kv_heads, d, positions.data_ptr(), table.data_ptr(),
                                  slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), torch.get_num_threads())
@@ -71,6 +71,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2I] (gate | up) -> [T, I]: silu(gate) * up."""
     _fp32(gate_up)
     T, two_i = gate_up.shape
+    if two_i % 2:
+        raise ValueError(f"silu_mul takes [T, 2I] (gate | up), got {list(gate_up.shape)}")
     out = gate_up.new_empty((T, two_i // 2))
     _library().silu_mul(gate_up.data_ptr(), out.data_ptr(), T, two_i // 2, torch.get_num_threads())
     return out
