@@ -14,7 +14,7 @@ from tiny_models import write_checkpoint
 
 MODEL = "tiny"
 NUM_LAYERS = 6
-STAGE_LAYERS = {0: {0, 1, 2}, 1: {3, 4, 5}}
+STAGE_LAYERS = {0: {0, 1, 2}, 1: {3, 4, 5}}  # set with --layers: the planner's split depends on the probe
 FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "100"}
 
 
@@ -55,9 +55,10 @@ REQUESTS = [
 @pytest.fixture(scope="module")
 def traced(six_layers):
     """Serve with a 2-stage pipeline at layer detail, send the requests concurrently, collect every span."""
-    with OTLPReceiver() as rx, running_server(six_layers, "--devices", "cpu,cpu", "--trace-detail", "layer",
-                                              "--otlp-traces-endpoint", rx.endpoint, "--served-model-name", MODEL,
-                                              "--max-model-len", "256", "--num-kv-blocks", "64", env=FAST_EXPORT) as s:
+    with OTLPReceiver() as rx, running_server(six_layers, "--devices", "cpu,cpu", "--layers", "3,3",
+                                              "--trace-detail", "layer", "--otlp-traces-endpoint", rx.endpoint,
+                                              "--served-model-name", MODEL, "--max-model-len", "256",
+                                              "--num-kv-blocks", "64", env=FAST_EXPORT) as s:
         parents = [traceparent() for _ in REQUESTS]
 
         async def send_all():
