@@ -38,6 +38,7 @@ class AttentionMetadata:
     # than the gather itself.
     gather_k: torch.Tensor | None = None
     gather_v: torch.Tensor | None = None
+    decode_kernel: bool | None = None  # whether decodes run on the engine's kernel; found at the first layer
 
 
 def build_metadata(
@@ -90,12 +91,19 @@ def paged_attention(
     num_blocks, block_size, kv_heads, d = k_cache.shape
     T, heads, _ = q.shape
     gqa = heads != kv_heads
-    out = torch.empty_like(q)
     nd = meta.num_decodes
-    if nd and paged_kernel.available(k_cache):
-        out[:nd] = paged_kernel.paged_decode_attention(
+    if meta.decode_kernel is None:  # every layer's cache is alike: decide once per step
+        meta.decode_kernel = paged_kernel.available(k_cache)
+    if nd and meta.decode_kernel:
+        decoded = paged_kernel.paged_decode_attention(
             q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, scale)
-    elif nd:
+        if nd == T:
+            return decoded.view(T, heads * d)
+        out = torch.empty_like(q)
+        out[:nd] = decoded
+    else:
+        out = torch.empty_like(q)
+    if nd and not meta.decode_kernel:
         # index_select over whole blocks copies rows at memcpy speed; advanced indexing is several times slower.
         flat = meta.decode_block_tables.view(-1)
         if meta.gather_k is None:

@@ -21,19 +21,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class LayerOps:
     """The elementwise steps for one forward pass over tokens at `positions`, whose new keys and values go to
-    `slots` of a KV cache like `kv_cache` ([layers, 2, blocks, block_size, kv_heads, d])."""
+    `slots` of a KV cache like `kv_cache` ([layers, 2, blocks, block_size, kv_heads, d]). `caches[i]` holds
+    layer i's key and value caches."""
 
     def __init__(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, rope: torch.Tensor,
                  kv_cache: torch.Tensor, heads: int, kv_heads: int, eps: float) -> None:
         self.heads, self.kv_heads, self.eps = heads, kv_heads, eps
         self.positions, self.slots, self.rope = positions, slots, rope
+        self.caches = [layer.unbind(0) for layer in kv_cache.unbind(0)]
         self.fused = kernel.available(x) and kv_cache.dtype == torch.float32 and kv_cache.is_contiguous()
-        if self.fused:
+        if self.fused and self.caches:
             slots_per_layer = kv_cache.shape[2] * kv_cache.shape[3]  # blocks x block size
             for name, t, limit in (("position", positions, rope.shape[0]), ("cache slot", slots, slots_per_layer)):
                 if t.numel() and (int(t.min()) < 0 or int(t.max()) >= limit):
                     raise IndexError(f"a {name} is out of range: {int(t.min())}..{int(t.max())}, limit {limit}")
-        else:
+            kernel.check_rotary(heads, kv_heads, positions, rope, slots, *self.caches[0])
+        elif not self.fused:
             cs = rope[positions]  # [T, 2, d]
             self.cos, self.sin = cs[:, 0:1], cs[:, 1:2]  # [T, 1, d]
 
@@ -45,14 +48,15 @@ class LayerOps:
             x.add_(delta)
         return rms_norm(x, weight, self.eps)
 
-    def rotary_into_cache(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    def rotary_into_cache(self, qkv: torch.Tensor, layer: int):
         """qkv [T, (heads + 2 kv_heads) d] -> q [T, heads, d], k, v [T, kv_heads, d], q and k rotated; the new
-        keys and values are written into the layer's caches ([blocks, block_size, kv_heads, d])."""
+        keys and values are written into the layer's caches."""
         T = qkv.shape[0]
         nh, nkv = self.heads, self.kv_heads
-        d = qkv.shape[1] // (nh + 2 * nkv)
+        d = self.rope.shape[-1]
+        k_cache, v_cache = self.caches[layer]
         if self.fused:
-            kernel.rotary_into_cache(qkv, nh, nkv, self.positions, self.rope, self.slots, k_cache, v_cache)
+            kernel.rotary_into_checked_cache(qkv, nh, nkv, self.positions, self.rope, self.slots, k_cache, v_cache)
             heads = qkv.view(T, nh + 2 * nkv, d)
             return heads[:, :nh], heads[:, nh : nh + nkv], heads[:, nh + nkv :]
         qk = apply_rotary(qkv[:, : (nh + nkv) * d].view(T, nh + nkv, d), self.cos, self.sin)

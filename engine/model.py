@@ -98,8 +98,8 @@ class StageModel:
             on_layer(-1)  # the layers start here
         h = ops.add_norm(x, None, self.layers[0].ln1) if self.layers else None
         for i, layer in enumerate(self.layers):
-            q, k, v = ops.rotary_into_cache(layer.qkv(h), kv_cache[i, 0], kv_cache[i, 1])
-            attn = paged_attention(q, k, v, kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
+            q, k, v = ops.rotary_into_cache(layer.qkv(h), i)
+            attn = paged_attention(q, k, v, *ops.caches[i], meta, self.scale)
             h = ops.add_norm(x, layer.o(attn), layer.ln2)
             mlp = layer.down(ops.silu_mul(layer.gate_up(h)))
             if i + 1 < len(self.layers):

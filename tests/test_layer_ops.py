@@ -47,7 +47,7 @@ def test_fused_steps_equal_torch_steps(monkeypatch, tokens, threads):
             ops = _ops(monkeypatch, fused, xs, positions, slots, cache)
             h = ops.add_norm(xs, delta, weight)
             h0 = ops.add_norm(xs.clone(), None, weight)
-            q, k, v = ops.rotary_into_cache(qkv.clone(), cache[0, 0], cache[0, 1])
+            q, k, v = ops.rotary_into_cache(qkv.clone(), 0)
             results.append((xs, h, h0, q, k, v, cache, ops.silu_mul(gate_up)))
     finally:
         torch.set_num_threads(previous)
@@ -97,3 +97,10 @@ def test_kernel_refuses_what_it_cannot_read():
         kernel.add_rms_norm(torch.zeros(4, 16)[:, ::2], None, torch.ones(8), 1e-5)
     with pytest.raises(ValueError):
         kernel.add_rms_norm(torch.zeros(4, 16), None, torch.ones(8), 1e-5)
+    cache = torch.zeros(1, 2, BLOCKS, BLOCK_SIZE, KV_HEADS, D)
+    positions, slots = torch.tensor([0, 1]), torch.tensor([0, 1])
+    ops = LayerOps(torch.zeros(2, 8), positions, slots, ROPE, cache, HEADS, KV_HEADS, 1e-5)
+    with pytest.raises(ValueError, match="qkv"):  # checked on every layer: one row short
+        ops.rotary_into_cache(torch.zeros(2, (HEADS + 2 * KV_HEADS) * D - 1), 0)
+    with pytest.raises(ValueError):  # checked once per pass
+        LayerOps(torch.zeros(2, 8), positions.int(), slots, ROPE, cache, HEADS, KV_HEADS, 1e-5)

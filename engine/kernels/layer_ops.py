@@ -1,7 +1,8 @@
 """A decoder layer's elementwise work in one call per step of it, on x86-64 CPUs (layer_ops.c).
 
-The callers (engine.layer_ops) check shapes and index ranges once per forward pass; these
-functions check dtypes and contiguity, which the C code relies on.
+The callers (engine.layer_ops) check shapes and index ranges once per forward pass, and what
+every layer of the pass shares (check_rotary); these functions check the rest of what the C
+code relies on: dtypes, contiguity and shapes.
 """
 from __future__ import annotations
 
@@ -56,13 +57,33 @@ def rotary_into_cache(qkv: torch.Tensor, heads: int, kv_heads: int, positions: t
     """qkv [T, (heads + 2 kv_heads) d]: q and k rotated in place by position (table [P, 2, d]: cos, sin), then the
     new keys and values written to their cache slots (caches [..., kv_heads, d], slots flat over the leading
     dimensions). Positions and slots must lie within the table and the caches."""
-    _fp32(qkv, table, k_cache, v_cache)
+    check_rotary(heads, kv_heads, positions, table, slots, k_cache, v_cache)
+    rotary_into_checked_cache(qkv, heads, kv_heads, positions, table, slots, k_cache, v_cache)
+
+
+def check_rotary(heads: int, kv_heads: int, positions: torch.Tensor, table: torch.Tensor, slots: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """What rotary_into_checked_cache assumes of everything but qkv (index ranges aside): once per forward pass."""
+    _fp32(table, k_cache, v_cache)
     d = table.shape[-1]
-    T = qkv.shape[0]
-    if (qkv.shape[1] != (heads + 2 * kv_heads) * d or k_cache.shape != v_cache.shape or k_cache.shape[-1] != d
-            or k_cache.shape[-2] != kv_heads or any(t.shape != (T,) or t.dtype != torch.int64 or not t.is_contiguous()
-                                                    or t.device.type != "cpu" for t in (positions, slots))):
+    T = positions.shape[0] if positions.dim() == 1 else -1
+    if (k_cache.shape != v_cache.shape or k_cache.shape[-1] != d or k_cache.shape[-2] != kv_heads
+            or any(t.shape != (T,) or t.dtype != torch.int64 or not t.is_contiguous() or t.device.type != "cpu"
+                   for t in (positions, slots))):
         raise ValueError("rotary_into_cache: inconsistent shapes or dtypes")
+
+
+def rotary_into_checked_cache(qkv: torch.Tensor, heads: int, kv_heads: int, positions: torch.Tensor,
+                              table: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+                              v_cache: torch.Tensor) -> None:
+    """rotary_into_cache, for caches, positions, slots and table that check_rotary has passed (and caches alike
+    the ones it saw): only qkv is checked here, on every layer."""
+    d = table.shape[-1]
+    T = positions.shape[0]
+    if (qkv.dtype != torch.float32 or not qkv.is_contiguous() or qkv.device.type != "cpu"
+            or qkv.shape != (T, (heads + 2 * kv_heads) * d)):
+        raise ValueError(f"rotary_into_cache: qkv must be contiguous fp32 [{T}, {(heads + 2 * kv_heads) * d}], "
+                         f"got {qkv.dtype} {list(qkv.shape)}")
     _library().rotary_into_cache(qkv.data_ptr(), T, heads, kv_heads, d, positions.data_ptr(), table.data_ptr(),
                                  slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), torch.get_num_threads())
 

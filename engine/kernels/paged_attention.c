@@ -75,11 +75,12 @@ static inline __attribute__((always_inline)) void weighted_values(float *o, cons
     for (long i = 0; i < d / 8; i++) _mm256_storeu_ps(o + 8 * i, acc[i]);
 }
 
-/* q: [n, heads, d]; caches: [blocks, block_size, kv_heads, d]; tables: [n, max_blocks]; lens: [n];
+/* q: [n, heads, d], q_row floats from one sequence's queries to the next (a view of the step's fused qkv rows
+ * needs no copy); caches: [blocks, block_size, kv_heads, d]; tables: [n, max_blocks]; lens: [n];
  * out: [n, heads, d]. Returns 0, or -1 when a thread could not allocate its score buffer. */
-int paged_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
-                            const int64_t *lens, long n, long heads, long kv_heads, long d, long block_size,
-                            long max_blocks, float scale, float *out, int threads) {
+int paged_decode_attention(const float *q, long q_row, const float *k_cache, const float *v_cache,
+                            const int64_t *tables, const int64_t *lens, long n, long heads, long kv_heads, long d,
+                            long block_size, long max_blocks, float scale, float *out, int threads) {
     long group = heads / kv_heads, max_len = 0;
     for (long s = 0; s < n; s++) max_len = lens[s] > max_len ? lens[s] : max_len;
     long row = kv_heads * d, block = block_size * row;
@@ -96,7 +97,7 @@ int paged_decode_attention(const float *q, const float *k_cache, const float *v_
             if (!scores) continue;
             long s = pair / kv_heads, h = pair % kv_heads, len = lens[s];
             const int64_t *table = tables + s * max_blocks;
-            const float *qs = q + (s * heads + h * group) * d;
+            const float *qs = q + s * q_row + h * group * d;
             float *os = out + (s * heads + h * group) * d;
             long t = 0;
             if (d % 8 == 0) {  /* eight keys at a time, their dot products reduced together */

@@ -23,8 +23,8 @@ CPU_FEATURES = ("avx2", "fma")
 def _library() -> ctypes.CDLL | None:
     c_long, ptr = ctypes.c_long, ctypes.c_void_p
     return build.load_kernel(SOURCE, FLAGS, CPU_FEATURES, {
-        "paged_decode_attention": ([ptr, ptr, ptr, ptr, ptr, c_long, c_long, c_long, c_long, c_long, c_long,
-                                    ctypes.c_float, ptr, ctypes.c_int], ctypes.c_int),
+        "paged_decode_attention": ([ptr, c_long, ptr, ptr, ptr, ptr, c_long, c_long, c_long, c_long, c_long,
+                                    c_long, ctypes.c_float, ptr, ctypes.c_int], ctypes.c_int),
     })
 
 
@@ -50,28 +50,33 @@ def _check_ranges(tables: torch.Tensor, lens: torch.Tensor, num_blocks: int, blo
 
 
 def paged_decode_attention(
-    q: torch.Tensor,  # [n, heads, d] fp32
+    q: torch.Tensor,  # [n, heads, d] fp32; rows may be strided (a view of fused qkv rows)
     k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, d], contiguous
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,  # [n, max_blocks] int64
     context_lens: torch.Tensor,  # [n] int64
     scale: float,
 ) -> torch.Tensor:  # [n, heads, d]
-    q = q.contiguous()
     n, heads, d = q.shape
+    if q.stride(2) != 1 or q.stride(1) != d:
+        q = q.contiguous()
     num_blocks, block_size, kv_heads, _ = k_cache.shape
-    tables = block_tables.to(torch.int64).contiguous()
-    lens = context_lens.to(torch.int64).contiguous()
+    tables = _int64(block_tables)
+    lens = _int64(context_lens)
     # The shapes and dtypes the C code assumes.
     if (q.dtype != torch.float32 or v_cache.shape != k_cache.shape or not v_cache.is_contiguous()
             or k_cache.shape[3] != d or heads % kv_heads or tables.shape[0] != n or lens.shape != (n,)):
         raise ValueError("paged_decode_attention: inconsistent shapes or dtypes")
     _check_ranges(tables, lens, num_blocks, block_size)
-    out = torch.empty_like(q)
+    out = q.new_empty((n, heads, d))
     status = _library().paged_decode_attention(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(),
         n, heads, kv_heads, d, block_size, tables.shape[1], scale, out.data_ptr(), torch.get_num_threads(),
     )
     if status:
         raise MemoryError("paged_decode_attention: no memory for the attention scores")
     return out
+
+
+def _int64(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
