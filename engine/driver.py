@@ -18,7 +18,8 @@ from batching.batch import Batch, StepOutput
 from engine import transport
 from engine.errors import EngineDeadError
 from engine.placement import DeviceInfo
-from engine.stage import Allocate, DescribeDevice, Failed, Shutdown, StageReady, StageSpec
+from engine.stage import (GREETING, WIRE_VERSION, Allocate, DescribeDevice, Failed, Shutdown, StageReady, StageSpec,
+                          greeting_error)
 
 
 # Not `-m engine.stage`: pickled messages must name their classes by module, not __main__.
@@ -65,6 +66,7 @@ class Driver:
                 self.procs.append(subprocess.Popen(STAGE_COMMAND + args, env=env))
             self._wait_for_stages(store, rendezvous_timeout_s, f"{host}:{port}")
             transport.init(0, self.world_size, store, rendezvous_timeout_s)
+            self._greet()
         except BaseException:
             self._kill()
             transport.close()
@@ -82,6 +84,17 @@ class Driver:
                 missing = [r for r in ranks if not transport.joined(store, range(r, r + 1))]
                 raise RuntimeError(f"ranks {missing} did not join the pipeline at {where} within {timeout_s:.0f}s")
             time.sleep(0.02)
+
+    def _greet(self) -> None:
+        """Greet every stage and hear its greeting back; a stage of another release is refused in words (and leaves
+        by itself, having heard ours)."""
+        for rank in range(1, self.world_size):
+            transport.send_obj((GREETING, WIRE_VERSION), rank)
+        answers = [transport.recv_obj(rank) for rank in range(1, self.world_size)]
+        for rank, answer in enumerate(answers, start=1):
+            error = greeting_error(answer, f"rank {rank}")
+            if error:
+                raise RuntimeError(error)
 
     # ---- start-up ---------------------------------------------------------------------
     def describe(self, ask: DescribeDevice) -> list[DeviceInfo]:

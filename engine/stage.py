@@ -35,6 +35,25 @@ from engine.sampler import Sampler, SamplingRow
 
 DRIVER_RANK = 0
 DEFAULT_CPU_KV_BYTES = 1 << 30
+# The first message each way, before any other: the messages below change between releases, and a worker of
+# another release is told so in words rather than failing on a message it cannot read. Bump the version whenever
+# a message class changes.
+GREETING = "strata pipeline"
+WIRE_VERSION = 1
+
+
+class VersionMismatch(Exception):
+    pass
+
+
+def greeting_error(answer: object, who: str) -> str | None:
+    """What is wrong with a greeting that is not ours, in words; None when it is ours."""
+    if answer == (GREETING, WIRE_VERSION):
+        return None
+    if isinstance(answer, tuple) and len(answer) == 2 and answer[0] == GREETING:
+        return (f"{who} speaks pipeline protocol {answer[1]} and this process {WIRE_VERSION}: run the same Strata "
+                "release on every host")
+    return f"{who} is not a Strata pipeline of this release (it greeted with {answer!r:.60})"
 
 
 @dataclass(slots=True)
@@ -204,11 +223,16 @@ class StageRunner:
 
 
 def serve(rank: int, world_size: int, request: DeviceRequest, threads: int | None, model_dir: str | None) -> None:
-    """The stage's life: describe the device, take a spec, load, then run batches until Shutdown."""
+    """The stage's life: greet, describe the device, take a spec, load, then run batches until Shutdown."""
     if threads:
         torch.set_num_threads(threads)
     if request.name.startswith("cuda"):
         torch.cuda.set_device(torch.device(request.name))  # events and NCCL streams follow the current device
+    hello = transport.recv_obj(DRIVER_RANK)
+    transport.send_obj((GREETING, WIRE_VERSION), DRIVER_RANK)  # answered either way: the server says what is wrong too
+    error = greeting_error(hello, "the server")
+    if error:
+        raise VersionMismatch(error)
     ask: DescribeDevice = transport.recv_obj(DRIVER_RANK)
     try:
         compute, weights = resolve_dtypes(ask.dtype, ask.checkpoint_dtype, torch.device(request.name))
@@ -367,6 +391,9 @@ def run_worker(args: argparse.Namespace) -> int:
         return 2
     try:
         serve(rank, world, request[0], args.threads, args.model)
+    except VersionMismatch as e:
+        print(f"strata worker: {e}", file=sys.stderr)
+        return 2
     except RuntimeError as e:
         # The driver or a neighbour went away; nothing to do but leave.
         print(f"strata worker {rank}: pipeline closed: {_one_line(e)}", file=sys.stderr)

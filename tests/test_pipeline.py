@@ -99,6 +99,23 @@ def test_workers_on_other_hosts_join_by_the_rendezvous_variables(six_layers, sin
                 w.kill()
 
 
+def test_a_worker_of_another_release_is_refused_in_words_on_both_sides(six_layers):
+    """A worker whose messages differ (here: one protocol version on) fails start-up clearly, not on a message."""
+    port = free_port()
+    server = ServerProcess(six_layers, *SERVER_FLAGS, "--workers", "1", "--rendezvous", f"127.0.0.1:{port}")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="2", WORLD_SIZE="3")
+    newer = "import sys, engine.stage as s; s.WIRE_VERSION += 1; sys.exit(s.run_worker(s.worker_args(['--threads', '1'])))"
+    try:
+        worker = subprocess.run([sys.executable, "-c", newer], env=env, capture_output=True, text=True, timeout=120)
+        assert worker.returncode == 2, worker.stderr
+        assert "the server speaks pipeline protocol" in worker.stderr and "same Strata release" in worker.stderr
+        assert server.proc.wait(60) != 0
+        assert "rank 2 speaks pipeline protocol" in server.output()
+    finally:
+        server.stop()
+        server.cleanup()
+
+
 def test_worker_that_cannot_reach_the_rendezvous_fails_clearly_and_in_time():
     port = free_port()  # nobody listens there
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="1", WORLD_SIZE="2")
