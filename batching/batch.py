@@ -1,4 +1,5 @@
-"""What crosses the ring each step: a Batch out to the stages, a StepOutput back."""
+"""What crosses the ring each step: a Batch out to the stages, a StepOutput back, and the sampled tokens from
+the last stage to the first (SampledTokens), which a step scheduled ahead of them computes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,12 +16,17 @@ class SeqInit:
     seed: int
 
 
+# In SeqWork.token_ids: the token the sequence's step before this one samples. The step was scheduled before that
+# token was known; the first stage takes it from the last stage's SampledTokens.
+PENDING = -1
+
+
 @dataclass(slots=True)
 class SeqWork:
     """One sequence's share of a step."""
 
     seq_id: int
-    token_ids: list[int]  # tokens to compute this step
+    token_ids: list[int]  # tokens to compute this step; [PENDING] for the one its previous step samples
     start_pos: int  # position of token_ids[0]; tokens before it are already in the KV cache
     blocks_from: int  # the stage sets block_table[blocks_from:] = blocks
     blocks: list[int]
@@ -43,6 +49,15 @@ class Batch:
     @property
     def num_tokens(self) -> int:
         return sum(len(w.token_ids) for w in self.seqs)
+
+
+@dataclass(slots=True)
+class SampledTokens:
+    """From the last stage to the first: what a step sampled, and at which position each token goes."""
+
+    seq_ids: list[int]
+    positions: list[int]
+    token_ids: list[int]
 
 
 @dataclass(slots=True)

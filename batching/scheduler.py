@@ -6,8 +6,13 @@ sequences in arrival order. A long prompt is cut into chunks so it never stalls 
 decodes beside it. When KV blocks run out the most recently admitted sequence is
 preempted: its blocks are freed and it is recomputed later from its tokens.
 
-A sequence is in at most one step at a time (its next token depends on the last), so
-with several micro-batches in flight each holds different sequences, about an equal share.
+A sequence's next token depends on the last, so with several micro-batches in flight each
+holds different sequences, about an equal share. With lookahead, a decode step is also
+scheduled while the step that samples its input token is still in flight: the first stage
+takes that token straight from the last stage, so the driver's round trip (receive, update,
+schedule, send) leaves the ring's critical path. A micro-batch then has a successor queued
+behind it, and a sequence is in at most two steps at once. The driver learns of a stop one
+step late; the step already in flight for it is computed and ignored.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from batching.batch import Batch, SeqInit, SeqWork, StepOutput
+from batching.batch import PENDING, Batch, SeqInit, SeqWork, StepOutput
 from batching.block_manager import BlockManager
 from batching.sequence import FinishReason, Sequence, SequenceStatus
 
@@ -31,6 +36,8 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
     # Batches in flight at once (the pipeline's stage count): each takes about this share of the sequences.
     num_micro_batches: int = 1
+    # Schedule each micro-batch's next decode step before its sampled tokens come back (see above).
+    lookahead: bool = False
 
     def __post_init__(self) -> None:
         if self.num_micro_batches < 1:
@@ -66,7 +73,8 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order: the last is preempted first
         self.seqs: dict[int, Sequence] = {}
         self.released: list[int] = []  # finished sequences the stages still hold state for
-        self.in_flight: dict[int, Batch] = {}
+        self.in_flight: dict[int, Batch] = {}  # in submission order
+        self._followed: set[int] = set()  # in-flight batches whose successor is already scheduled
         self.num_preemptions = 0
         self._next_batch_id = 0
         self._seed_rng = random.Random()
@@ -84,7 +92,7 @@ class Scheduler:
         self.waiting.append(seq)
 
     def abort(self, seq_id: int, reason: FinishReason = FinishReason.ABORT) -> Sequence | None:
-        """End a sequence now and free its blocks at once (its in-flight step is ignored)."""
+        """End a sequence now and free its blocks at once (its in-flight steps are ignored)."""
         seq = self.seqs.get(seq_id)
         if seq is None or seq.is_finished:
             return None
@@ -124,12 +132,18 @@ class Scheduler:
         # With P micro-batches in flight, one batch takes its share of the sequences so the next has some too.
         active = min(len(self.running) + len(self.waiting), cfg.max_num_seqs)
         max_seqs = max(1, -(-active // cfg.num_micro_batches))
+        source = self._lookahead_source()
+        follows = self._followers(source) if source is not None else set()
 
         # Running sequences first, oldest first; make room by preempting the newest.
         i = 0
         while i < len(self.running) and budget > 0 and len(work) < max_seqs:
             seq = self.running[i]
             if seq.in_flight:
+                # Its next token is the one in flight; no sequence is preempted to make room for it.
+                if seq.seq_id in follows and self.blocks.ensure(seq, seq.num_computed_tokens + 1):
+                    work.append((seq, 1))
+                    budget -= 1
                 i += 1
                 continue
             n_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -184,7 +198,36 @@ class Scheduler:
 
         if not work:
             return None
+        if source is not None:
+            self._followed.add(source.batch_id)
         return self._make_batch(work)
+
+    def _lookahead_source(self) -> Batch | None:
+        """The in-flight batch whose successor to schedule now: the oldest without one. Only once every micro-batch
+        is in flight, or when nothing else is there to start one: a successor queued in front of a fresh
+        micro-batch would make the first stage wait for its tokens."""
+        if not self.config.lookahead or not self.in_flight:
+            return None
+        if len(self.in_flight) < self.config.num_micro_batches and (
+            self.waiting or any(not s.in_flight for s in self.running)
+        ):
+            return None
+        return next((b for b in self.in_flight.values() if b.batch_id not in self._followed), None)
+
+    def _followers(self, batch: Batch) -> set[int]:
+        """Sequences of `batch` whose next step may be scheduled now: it samples their last known token, it is
+        their only step in flight, and the token it samples will not end them by length."""
+        out = set()
+        limit = self.config.max_model_len
+        for w in batch.seqs:
+            seq = self.seqs.get(w.seq_id)
+            if (seq is None or not w.sample or seq.num_in_flight != 1
+                    or seq.num_computed_tokens != seq.num_tokens or seq.num_tokens + 1 >= limit):
+                continue
+            max_tokens = seq.params.max_tokens
+            if max_tokens is None or len(seq.output_token_ids) + 1 < max_tokens:
+                out.add(seq.seq_id)
+        return out
 
     def _newest_preemptible(self, after: int) -> Sequence | None:
         for seq in reversed(self.running[after + 1 :]):
@@ -206,6 +249,7 @@ class Scheduler:
         for seq, n_new in work:
             start = seq.num_computed_tokens
             end = start + n_new
+            known = min(end, seq.num_tokens)  # beyond: the token its step in flight samples
             init = None
             if not seq.known_to_stages:
                 seed = seq.params.seed if seq.params.seed is not None else self._seed_rng.getrandbits(63)
@@ -214,18 +258,19 @@ class Scheduler:
             seqs.append(
                 SeqWork(
                     seq_id=seq.seq_id,
-                    token_ids=seq.token_ids_slice(start, end),
+                    token_ids=seq.token_ids_slice(start, known) + [PENDING] * (end - known),
                     start_pos=start,
                     blocks_from=seq.num_blocks_sent,
                     blocks=seq.block_table[seq.num_blocks_sent :],
-                    sample=end == seq.num_tokens,
+                    sample=end >= seq.num_tokens,
                     init=init,
                 )
             )
             seq.num_blocks_sent = len(seq.block_table)
             seq.num_computed_tokens = end
-            seq.in_flight = True
-            self.blocks.commit_full_blocks(seq, end)
+            seq.num_in_flight += 1
+            seq.num_awaited += end >= seq.num_tokens
+            self.blocks.commit_full_blocks(seq, known)
         batch = Batch(batch_id=self._next_batch_id, seqs=seqs, released=self.released)
         self.released = []
         self._next_batch_id += 1
@@ -236,10 +281,12 @@ class Scheduler:
     def update(self, out: StepOutput) -> list[SeqUpdate]:
         """Apply a step's sampled tokens; returns the sequences that advanced or finished."""
         batch = self.in_flight.pop(out.batch_id)
+        self._followed.discard(batch.batch_id)
         for w in batch.seqs:
             seq = self.seqs.get(w.seq_id)
             if seq is not None:
-                seq.in_flight = False
+                seq.num_in_flight -= 1
+                seq.num_awaited -= w.sample
         updates = []
         now = None
         for seq_id, token in zip(out.seq_ids, out.token_ids):
@@ -247,6 +294,8 @@ class Scheduler:
             if seq is None:  # aborted while in flight
                 continue
             seq.output_token_ids.append(token)
+            if seq.num_computed_tokens >= seq.num_tokens:  # a step of the token is in flight: its block may be full
+                self.blocks.commit_full_blocks(seq, seq.num_tokens)
             if seq.first_token_time is None:
                 seq.first_token_time = now = now or time.monotonic()
             reason = self._stop_reason(seq, token)

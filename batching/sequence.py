@@ -38,7 +38,8 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     # How many entries of block_table the stages already know; the next Batch sends the rest.
     num_blocks_sent: int = 0
-    in_flight: bool = False
+    num_in_flight: int = 0  # steps of this sequence in flight
+    num_awaited: int = 0  # of them, steps that sample a token nobody knows yet
     # Whether the stages hold this sequence's sampling state (sent once, dropped on finish).
     known_to_stages: bool = False
     num_preemptions: int = 0
@@ -60,6 +61,10 @@ class Sequence:
         if start >= n_prompt:
             return self.output_token_ids[start - n_prompt : end - n_prompt]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n_prompt]
+
+    @property
+    def in_flight(self) -> bool:
+        return self.num_in_flight > 0
 
     @property
     def is_finished(self) -> bool:

@@ -113,6 +113,7 @@ class Driver:
             transport.send_obj(spec, rank)
         first = specs[0][1]
         self.links = transport.make_links(first.ring, set(first.cuda_ranks), first.inline_bytes)
+        transport.make_token_link(first.ring)  # collective; the driver is no end of it
         ready: list[StageReady] = [transport.recv_obj(rank) for rank in self.stage_ranks]
         errors = [f"stage {r.stage_index}: {r.error}" for r in ready if r.error]
         if errors:

@@ -111,7 +111,8 @@ class LLMEngine:
             if self.tracing is not None:
                 self.tracing.shutdown()
             raise
-        self.max_in_flight = len(self.plan.stages)
+        # Each micro-batch with its successor scheduled ahead (batching.scheduler, lookahead).
+        self.max_in_flight = 2 * len(self.plan.stages)
         if config.num_kv_blocks is not None and num_blocks < config.num_kv_blocks:
             self.shutdown()
             raise ValueError(f"num_kv_blocks={config.num_kv_blocks} does not fit the KV memory budget ({num_blocks} blocks)")
@@ -121,7 +122,8 @@ class LLMEngine:
                 SchedulerConfig(
                     num_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
                     max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_len,
-                    enable_prefix_caching=config.enable_prefix_caching, num_micro_batches=self.max_in_flight,
+                    enable_prefix_caching=config.enable_prefix_caching, num_micro_batches=len(self.plan.stages),
+                    lookahead=True,
                 ),
                 self.eos_token_ids,
             )

@@ -4,6 +4,8 @@ The stage joins the ring through torch.distributed, is told what to serve by the
 (so a stage on another host needs only the rendezvous variables), loads its layers,
 sizes its KV cache, and then runs every Batch that reaches it: from the driver or the
 previous stage in, to the next stage or (on the last stage, after sampling) the driver out.
+The last stage also sends what it sampled straight to the first, which computes steps the
+driver scheduled ahead of those tokens (batching.scheduler, lookahead).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from batching.batch import Batch, StepOutput
+from batching.batch import PENDING, Batch, SampledTokens, StepOutput
 from engine import transport
 from engine.attention import build_metadata
 from engine.checkpoint import expected_shapes, weight_files
@@ -131,6 +133,10 @@ class StageRunner:
         )
         self.tables: dict[int, list[int]] = {}
         self.rows: dict[int, SamplingRow] = {}
+        # On the first stage: each sequence's newest sampled token, (position, token id), for steps scheduled
+        # ahead of it; and, where the last stage is another process, how to wait for its next SampledTokens.
+        self.sampled: dict[int, tuple[int, int]] = {}
+        self.await_tokens = None
         self.sampler = Sampler(self.cfg.vocab_size, self.cfg.eos_token_ids) if self.last else None
         self.kv_cache: torch.Tensor | None = None
 
@@ -171,10 +177,28 @@ class StageRunner:
             dtype=self.dtype, device=self.device,
         )
 
-    def step(self, batch: Batch, hidden: torch.Tensor | None, on_layer=None) -> tuple[torch.Tensor, StepOutput | None]:
+    def take_tokens(self, tokens: SampledTokens) -> None:
+        """Keep the newest token of each live sequence (one that finished meanwhile needs none)."""
+        for seq_id, pos, tok in zip(tokens.seq_ids, tokens.positions, tokens.token_ids):
+            if seq_id in self.tables:
+                self.sampled[seq_id] = (pos, tok)
+
+    def _sampled_token(self, seq_id: int, pos: int) -> int:
+        """The token sampled for position pos, waiting for the last stage's message if it has not come yet."""
+        while (got := self.sampled.get(seq_id)) is None or got[0] != pos:
+            if self.await_tokens is None:
+                raise RuntimeError(f"sequence {seq_id}: a step came ahead of its token at position {pos}, which was "
+                                   "never sampled")
+            self.take_tokens(self.await_tokens())
+        return got[1]
+
+    def step(self, batch: Batch, hidden: torch.Tensor | None,
+             on_layer=None) -> tuple[torch.Tensor, StepOutput | None, SampledTokens | None]:
+        """The step's activations out; on the last stage also what it sampled, for the driver and the first stage."""
         for seq_id in batch.released:
             self.tables.pop(seq_id, None)
             self.rows.pop(seq_id, None)
+            self.sampled.pop(seq_id, None)
         bs = self.block_size
         # Decodes first, so that one batched attention call covers them all.
         order = sorted(range(len(batch.seqs)), key=lambda j: len(batch.seqs[j].token_ids) != 1)
@@ -182,7 +206,7 @@ class StageRunner:
         positions: list[int] = []
         slots: list[int] = []
         dec_tables, dec_lens, prefills = [], [], []
-        sample_rows, sample_ids = [], []
+        sample_rows, sample_ids, sample_pos = [], [], []
         for j in order:
             w = batch.seqs[j]
             table = self.tables.setdefault(w.seq_id, [])
@@ -192,7 +216,10 @@ class StageRunner:
                 self.rows[w.seq_id] = SamplingRow(w.init.params, w.init.prompt_token_ids, [], w.init.seed)
             start = len(token_ids)
             n = len(w.token_ids)
-            token_ids.extend(w.token_ids)
+            if self.first and w.token_ids == [PENDING]:
+                token_ids.append(self._sampled_token(w.seq_id, w.start_pos))
+            else:
+                token_ids.extend(w.token_ids)
             pos = range(w.start_pos, w.start_pos + n)
             positions.extend(pos)
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
@@ -204,6 +231,7 @@ class StageRunner:
             if w.sample:
                 sample_rows.append(start + n - 1)
                 sample_ids.append(w.seq_id)
+                sample_pos.append(w.start_pos + n)
         dev = self.device
         meta = build_metadata(bs, slots, dec_tables, dec_lens, prefills, dev)
         pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
@@ -211,15 +239,20 @@ class StageRunner:
         with torch.inference_mode():
             hidden_out = self.model.forward(x, pos_t, meta, self.kv_cache, on_layer)
             if not self.last:
-                return hidden_out, None
+                return hidden_out, None, None
             if not sample_ids:
-                return hidden_out, StepOutput(batch.batch_id, [], [])
+                return hidden_out, StepOutput(batch.batch_id, [], []), None
             logits = self.model.logits(hidden_out[torch.tensor(sample_rows, device=dev)])
             rows = [self.rows[s] for s in sample_ids]
             sampled = self.sampler(logits, rows).to_host()
         for row, tok in zip(rows, sampled.token_ids):
             row.output_token_ids.append(tok)
-        return hidden_out, StepOutput(batch.batch_id, sample_ids, sampled.token_ids, sampled.logprobs, sampled.top)
+        tokens = SampledTokens(sample_ids, sample_pos, sampled.token_ids)
+        if self.first:
+            self.take_tokens(tokens)
+            tokens = None
+        out = StepOutput(batch.batch_id, sample_ids, sampled.token_ids, sampled.logprobs, sampled.top)
+        return hidden_out, out, tokens
 
 
 def serve(rank: int, world_size: int, request: DeviceRequest, threads: int | None, model_dir: str | None) -> None:
@@ -247,6 +280,7 @@ def serve(rank: int, world_size: int, request: DeviceRequest, threads: int | Non
     if model_dir is not None:
         spec.model_dir = model_dir  # this host keeps the checkpoint elsewhere
     links = transport.make_links(spec.ring, set(spec.cuda_ranks), spec.inline_bytes)
+    token_link = transport.make_token_link(spec.ring)
     try:
         runner = StageRunner(spec, request.name, request.memory)
         ready = StageReady(spec.stage_index, runner.capacity_blocks(), runner.bytes_per_block, info.label)
@@ -265,7 +299,7 @@ def serve(rank: int, world_size: int, request: DeviceRequest, threads: int | Non
     transport.send_obj("allocated", DRIVER_RANK)
     tracing = Tracing(spec.trace, **{"strata.stage": spec.stage_index}) if spec.trace else None
     try:
-        run_batches(runner, links[spec.stage_index], links[spec.stage_index + 1], tracing,
+        run_batches(runner, links[spec.stage_index], links[spec.stage_index + 1], token_link, tracing,
                     f"stage {spec.stage_index} ({request.name})")
     finally:
         if tracing is not None:
@@ -273,9 +307,9 @@ def serve(rank: int, world_size: int, request: DeviceRequest, threads: int | Non
 
 
 def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transport.Link,
-                tracing: Tracing | None, device_label: str) -> None:
+                token_link: transport.Link | None, tracing: Tracing | None, device_label: str) -> None:
     """Receive in one thread, compute and post sends in this one: the next batch's transfer in and the
-    last batch's transfer out both overlap this batch's compute."""
+    last batch's transfer out both overlap this batch's compute. token_link: last stage → first, where they differ."""
     spec = runner.spec
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     input_dtype = TORCH_DTYPES[spec.input_dtype]
@@ -297,6 +331,9 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
             inbox.put(e)
 
     threading.Thread(target=receive, name="stage-receive", daemon=True).start()
+    token_thread = None
+    if token_link is not None and runner.first:
+        token_thread = _receive_tokens(runner, token_link)
     outbox = transport.Outbox()
     while True:
         item = inbox.get()
@@ -304,22 +341,29 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
             raise item
         batch, hidden, received_ns, nbytes = item
         if isinstance(batch, Shutdown):
-            # Sends still pending are results nobody will read now; only the Shutdown itself must go on.
+            # Sends still pending are results nobody will read now; only the Shutdown itself must go on, and round
+            # to the first stage, whose token receiver leaves on it.
             if not runner.last:
                 transport.send(batch, link_out)
+            elif token_link is not None:
+                transport.send(batch, token_link)
+            if token_thread is not None:
+                token_thread.join(10)
             return
         if hidden is not None and hidden.dtype != runner.dtype:
             hidden = hidden.to(runner.dtype)
         trace = batch.trace if tracing is not None else None
         clock = LayerClock(runner.device) if trace is not None and trace["layer"] else None
         start = time.time()
-        hidden_out, out = runner.step(batch, hidden, clock.mark if clock else None)
+        hidden_out, out, tokens = runner.step(batch, hidden, clock.mark if clock else None)
         end = time.time()
         batch.timings.append((spec.stage_index, start, end))
         if trace is not None:
             trace.setdefault("dropped", {})[str(spec.stage_index)] = tracing.dropped
             sent_from = trace["src"], trace["sent"]
             trace["src"], trace["sent"] = device_label, now_ns()
+        if tokens is not None:  # first: the first stage may be waiting for them
+            outbox.post(*transport.isend(tokens, token_link))
         if runner.last:
             out.timings = batch.timings
             out.trace = trace
@@ -331,6 +375,30 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
                 trace, spec.stage_index, device_label, spec.layers, batch, int(start * 1e9), int(end * 1e9), clock,
                 sent_from, received_ns, nbytes,
             ))
+
+
+def _receive_tokens(runner: StageRunner, link: transport.Link) -> threading.Thread:
+    """On the first stage: a thread that takes the last stage's SampledTokens as they come, for steps that wait on
+    them (StageRunner.await_tokens). A broken link reaches the waiting step as the error; Shutdown ends it."""
+    arrived: queue.SimpleQueue = queue.SimpleQueue()
+
+    def receive() -> None:
+        try:
+            while not isinstance(msg := transport.recv(link)[0], Shutdown):
+                arrived.put(msg)
+        except Exception as e:
+            arrived.put(e)
+
+    def await_tokens() -> SampledTokens:
+        msg = arrived.get()
+        if isinstance(msg, Exception):
+            raise msg
+        return msg
+
+    runner.await_tokens = await_tokens
+    thread = threading.Thread(target=receive, name="stage-tokens", daemon=True)
+    thread.start()
+    return thread
 
 
 def _one_line(e: BaseException) -> str:

@@ -90,6 +90,19 @@ def make_links(ring: list[int], cuda_ranks: set[int], inline_bytes: int = 0) -> 
     return links
 
 
+# The frames of the link that carries sampled tokens (last stage → first): a few bytes per sequence.
+TOKEN_FRAME_BYTES = 4 << 10
+
+
+def make_token_link(ring: list[int]) -> Link | None:
+    """The last stage → the first, for sampled tokens, where they are two stages (None else). Collective over the
+    whole world like make_links, so every process calls it, right after."""
+    if len(ring) < 3:
+        return None
+    group = dist.new_group([ring[-1], ring[1]], timeout=_IDLE_TIMEOUT, backend="gloo")
+    return Link(ring[-1], ring[1], group, group, False, TOKEN_FRAME_BYTES)
+
+
 def _inline_at(payload_len: int, nbytes: int, frame: int) -> int | None:
     """Where activations of nbytes sit in a frame after a pickle of payload_len bytes; None: they do not fit."""
     at = -(-(_LENGTH.size + payload_len) // _ALIGN) * _ALIGN

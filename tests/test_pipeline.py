@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -73,6 +74,37 @@ def test_pipeline_output_equals_single_stage(six_layers, single_stage, devices, 
         for a, b in zip(bounds, bounds[1:]):
             assert f"layers {a}-{b - 1}" in startup
     assert out == single_stage
+
+
+async def sampled_outputs(url: str) -> list[tuple[str, str]]:
+    """Every prompt at once, seeded sampling with many stop tokens, so that most requests stop early: each stop
+    reaches the server a step after the stages have started the next one. (text, finish reason) per prompt."""
+    async with AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        async def one(i: int, p: list[int]) -> tuple[str, str]:
+            r = await client.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=1.0, seed=i,
+                                                extra_body={"stop_token_ids": list(range(3, 80))})
+            return r.choices[0].text, r.choices[0].finish_reason
+
+        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts()))))
+
+
+def kv_usage(url: str) -> float:
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    return float(re.search(r"^strata:kv_cache_usage_perc\{[^}]*\} (\S+)$", text, re.M).group(1))
+
+
+def test_stops_and_seeded_sampling_equal_single_stage_and_free_every_block(six_layers):
+    outputs = []
+    for flags in ((), ("--devices", "cpu,cpu")):
+        with running_server(six_layers, *SERVER_FLAGS, *flags) as s:
+            outputs.append(asyncio.run(sampled_outputs(s.url)))
+            deadline = time.monotonic() + 10
+            while kv_usage(s.url) != 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert kv_usage(s.url) == 0
+    single, pipeline = outputs
+    assert pipeline == single
+    assert sum(reason == "stop" for _, reason in single) >= len(single) // 2
 
 
 def test_workers_on_other_hosts_join_by_the_rendezvous_variables(six_layers, single_stage):

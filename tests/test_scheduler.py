@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batching import (
-    Batch, FinishReason, SamplingParams, Scheduler, SchedulerConfig, Sequence, SequenceStatus, StepOutput,
+    PENDING, Batch, FinishReason, SamplingParams, Scheduler, SchedulerConfig, Sequence, SequenceStatus, StepOutput,
 )
 
 _TORCH_LOADED_BEFORE = "torch" in sys.modules  # the whole suite may load it for the engine tests
@@ -82,14 +82,19 @@ class FakeStages:
             toks = self.tokens[w.seq_id]
             n = len(w.token_ids)
             assert n >= 1, "empty SeqWork"
-            assert w.token_ids == toks[w.start_pos : w.start_pos + n]
+            if w.token_ids == [PENDING]:  # the token this sequence's previous step sampled (as the last stage says)
+                assert w.start_pos == len(toks) - 1, "a step ahead of a token not sampled yet"
+            else:
+                assert PENDING not in w.token_ids
+                assert w.token_ids == toks[w.start_pos : w.start_pos + n]
+            work_tokens = toks[w.start_pos : w.start_pos + n]
             # The KV before start_pos must be this sequence's own prefix (cached or computed).
             expect = 0
             for p in range(w.start_pos):
                 expect = mix(expect, toks[p], p)
                 assert self.kv.get(self._slot(table, p)) == expect, f"seq {w.seq_id}: bad KV at position {p}"
             kv = self.kv.get(self._slot(table, w.start_pos - 1)) if w.start_pos else 0
-            for p, t in enumerate(w.token_ids, start=w.start_pos):
+            for p, t in enumerate(work_tokens, start=w.start_pos):
                 kv = mix(kv, t, p)
                 self.kv[self._slot(table, p)] = kv
             if w.sample:
@@ -115,7 +120,7 @@ class Harness:
         self.sent: set[int] = set()  # sequences whose state the stages hold
         self.ever_sent: set[int] = set()
         self.released: set[int] = set()
-        self.in_flight: set[int] = set()
+        self.in_flight: Counter[int] = Counter()  # steps in flight per sequence
         self.all: dict[int, Sequence] = {}
         self.admission_order: list[int] = []
         self._ids = itertools.count(1000)
@@ -139,8 +144,8 @@ class Harness:
 
     def land(self):
         batch, out = self.pending.popleft()
-        for w in batch.seqs:
-            self.in_flight.discard(w.seq_id)
+        self.in_flight.subtract(w.seq_id for w in batch.seqs)
+        self.in_flight += Counter()  # drop the zeros
         updates = self.sched.update(out)
         self.check_state()
         for u in updates:
@@ -171,7 +176,6 @@ class Harness:
         assert len(batch.seqs) <= cfg.max_num_seqs
         ids = [w.seq_id for w in batch.seqs]
         assert len(set(ids)) == len(ids), "a sequence twice in one batch"
-        assert not set(ids) & self.in_flight, "a sequence in two in-flight batches"
         for sid in batch.released:
             assert sid in self.sent, f"released {sid}, which the stages never had"
             assert sid not in sched.seqs and self.all[sid].is_finished
@@ -196,10 +200,17 @@ class Harness:
             assert table == seq.block_table, "the stages' block table drifted from the scheduler's"
             end = w.start_pos + len(w.token_ids)
             assert end == seq.num_computed_tokens
-            assert w.token_ids == seq.token_ids_slice(w.start_pos, end)
-            assert w.sample == (end == seq.num_tokens)
+            if w.token_ids == [PENDING]:
+                # A step ahead: its one earlier step in flight samples this token, and does not end it by length.
+                assert cfg.lookahead and self.in_flight[w.seq_id] == 1, "a sequence in two in-flight batches"
+                assert w.start_pos == seq.num_tokens and w.sample
+                assert len(seq.output_token_ids) + 1 < seq.params.max_tokens and end < cfg.max_model_len
+            else:
+                assert not self.in_flight[w.seq_id], "a sequence in two in-flight batches"
+                assert w.token_ids == seq.token_ids_slice(w.start_pos, end)
+                assert w.sample == (end == seq.num_tokens)
             assert len(seq.block_table) >= sched.blocks.blocks_needed(end)
-        self.in_flight |= set(ids)
+        self.in_flight.update(ids)
 
     def check_state(self) -> None:
         sched, bm = self.sched, self.sched.blocks
@@ -215,7 +226,9 @@ class Harness:
         for s in sched.running:
             assert s.status is SequenceStatus.RUNNING
             assert len(s.block_table) >= bm.blocks_needed(s.num_computed_tokens)
-            assert s.num_computed_tokens <= s.num_tokens
+            # A step ahead computes the token its earlier step samples.
+            assert s.num_computed_tokens <= s.num_tokens + max(0, s.num_awaited - 1)
+            assert 0 <= s.num_awaited <= s.num_in_flight <= (2 if self.cfg.lookahead else 1)
         for sid in self.in_flight:
             s = self.all[sid]
             assert s.is_finished or s.status is SequenceStatus.RUNNING, "an in-flight sequence was preempted"
@@ -619,8 +632,8 @@ def scripted(script: dict[int, list[int]]):
     return lambda seq_id, n_out, kv: script[seq_id][n_out]
 
 
-def run_scripted(script, params: dict[int, SamplingParams], eos=frozenset({EOS}), **kw) -> Harness:
-    h = Harness(cfg(**kw), eos=eos, token_fn=scripted(script))
+def run_scripted(script, params: dict[int, SamplingParams], eos=frozenset({EOS}), depth: int = 1, **kw) -> Harness:
+    h = Harness(cfg(**kw), eos=eos, token_fn=scripted(script), depth=depth)
     for sid, p in params.items():
         h.add(prompt(5, sid), p, seq_id=sid)
     h.run()
@@ -698,6 +711,56 @@ def test_max_model_len_finishes_with_length(max_tokens):
     assert s.output_token_ids == reference_output(s.prompt_token_ids, 6)
 
 
+# ---- lookahead ---------------------------------------------------------------------------------
+def test_lookahead_queues_each_micro_batch_successor_behind_the_fresh_ones():
+    h = Harness(cfg(num_micro_batches=2, lookahead=True), depth=4)
+    for i in range(4):
+        h.add(prompt(5 + i, i), SamplingParams(max_tokens=6), seq_id=i)
+    a, b, a2, b2 = (h.schedule() for _ in range(4))
+    assert [w.seq_id for w in a.seqs] == [0, 1] and [w.seq_id for w in b.seqs] == [2, 3]
+    # Both micro-batches start before either gets a successor; each successor holds its own sequences.
+    assert [(w.seq_id, w.token_ids) for w in a2.seqs] == [(0, [PENDING]), (1, [PENDING])]
+    assert [(w.seq_id, w.token_ids) for w in b2.seqs] == [(2, [PENDING]), (3, [PENDING])]
+    assert h.schedule() is None  # every sequence is two steps deep
+    h.land()  # a lands: a2's successor comes next
+    assert [(w.seq_id, w.start_pos) for w in h.schedule().seqs] == [(0, 6), (1, 7)]  # prompts of 5 and 6
+    h.run()
+    for s in h.all.values():
+        assert s.output_token_ids == reference_output(s.prompt_token_ids, 6)
+    # Two steps at a time end exactly at max_tokens: no step is scheduled past it.
+    assert sum(len(b.seqs) for b in h.batches) == 4 * 6
+
+
+def test_a_lone_sequence_runs_two_steps_deep():
+    h = Harness(cfg(num_micro_batches=2, lookahead=True), depth=4)
+    h.add(prompt(5, 1), SamplingParams(max_tokens=4), seq_id=1)
+    first, second = h.schedule(), h.schedule()
+    assert second.seqs[0].token_ids == [PENDING] and h.schedule() is None
+    h.run()
+    assert h.all[1].output_token_ids == reference_output(prompt(5, 1), 4)
+
+
+def test_a_stop_seen_one_step_late_wastes_that_step_and_nothing_else():
+    script = {1: [5, EOS, 7, 8, 9, 10], 2: [5, 6, 7, 8, 9, 10]}
+    h = run_scripted(script, {1: SamplingParams(max_tokens=6), 2: SamplingParams(max_tokens=6)},
+                     num_micro_batches=1, lookahead=True, depth=2)
+    one = h.all[1]
+    assert one.output_token_ids == [5, EOS] and one.finish_reason is FinishReason.STOP
+    assert h.all[2].output_token_ids == script[2]
+    steps_of_one = [w for b in h.batches for w in b.seqs if w.seq_id == 1]
+    assert len(steps_of_one) == 3  # prefill, the EOS step, and the one scheduled ahead of the EOS
+    assert h.sched.blocks.num_free_blocks == h.cfg.num_blocks
+
+
+def test_a_sequence_is_never_scheduled_ahead_past_the_context():
+    h = Harness(cfg(max_model_len=12, lookahead=True), depth=2)
+    h.add(prompt(8, 1), SamplingParams(max_tokens=100), seq_id=1)
+    h.run()
+    s = h.all[1]
+    assert s.num_tokens == 12 and s.finish_reason is FinishReason.LENGTH
+    assert max(w.start_pos + len(w.token_ids) for b in h.batches for w in b.seqs) == 11
+
+
 # ---- random workloads --------------------------------------------------------------------------
 _ADD = st.tuples(st.just("add"), st.integers(1, 30), st.integers(0, 3), st.integers(1, 16))
 OPS = st.one_of(
@@ -714,27 +777,29 @@ OPS = st.one_of(
 BASE = prompt(40, 77)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     block_size=st.sampled_from([1, 2, 4]),
     extra_blocks=st.integers(0, 4),
     budget=st.integers(1, 24),
     max_num_seqs=st.integers(1, 4),
     depth=st.integers(1, 3),
+    lookahead=st.booleans(),
     prefix=st.booleans(),
     initial=st.lists(_ADD, min_size=1, max_size=6),
     ops=st.lists(OPS, max_size=60),
     abort_rest=st.sampled_from([False, False, False, True]),
 )
 def test_random_workloads_leak_nothing(
-    block_size, extra_blocks, budget, max_num_seqs, depth, prefix, initial, ops, abort_rest
+    block_size, extra_blocks, budget, max_num_seqs, depth, lookahead, prefix, initial, ops, abort_rest
 ):
     max_model_len = 32
     config = SchedulerConfig(
         num_blocks=max_model_len // block_size + extra_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=budget, max_model_len=max_model_len, enable_prefix_caching=prefix,
+        num_micro_batches=depth, lookahead=lookahead,
     )
-    h = Harness(config, depth=depth)
+    h = Harness(config, depth=2 * depth if lookahead else depth)
     aborted: set[int] = set()
     for op in initial + ops:
         kind = op[0]
@@ -746,7 +811,7 @@ def test_random_workloads_leak_nothing(
         elif kind == "step":
             h.step()
         elif kind == "schedule":
-            if len(h.pending) < depth:
+            if len(h.pending) < h.depth:
                 h.schedule()
         elif kind == "land":
             if h.pending:
