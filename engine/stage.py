@@ -41,7 +41,7 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 # another release is told so in words rather than failing on a message it cannot read. Bump the version whenever
 # a message class changes.
 GREETING = "strata pipeline"
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 
 
 class VersionMismatch(Exception):
