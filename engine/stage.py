@@ -183,22 +183,29 @@ class StageRunner:
             if seq_id in self.tables:
                 self.sampled[seq_id] = (pos, tok)
 
-    def _sampled_token(self, seq_id: int, pos: int) -> int:
-        """The token sampled for position pos, waiting for the last stage's message if it has not come yet."""
-        while (got := self.sampled.get(seq_id)) is None or got[0] != pos:
-            if self.await_tokens is None:
-                raise RuntimeError(f"sequence {seq_id}: a step came ahead of its token at position {pos}, which was "
-                                   "never sampled")
-            self.take_tokens(self.await_tokens())
-        return got[1]
+    def fill_pending(self, batch: Batch) -> None:
+        """On the first stage, before the step's compute (its wait is not compute): put in each PENDING token the
+        one sampled for that position, waiting for the last stage's message if it has not come yet."""
+        if not self.first:
+            return
+        for seq_id in batch.released:
+            self.sampled.pop(seq_id, None)
+        for w in batch.seqs:
+            if w.token_ids == [PENDING]:
+                while (got := self.sampled.get(w.seq_id)) is None or got[0] != w.start_pos:
+                    if self.await_tokens is None:
+                        raise RuntimeError(f"sequence {w.seq_id}: a step came ahead of its token at position "
+                                           f"{w.start_pos}, which was never sampled")
+                    self.take_tokens(self.await_tokens())
+                w.token_ids = [got[1]]
 
     def step(self, batch: Batch, hidden: torch.Tensor | None,
              on_layer=None) -> tuple[torch.Tensor, StepOutput | None, SampledTokens | None]:
-        """The step's activations out; on the last stage also what it sampled, for the driver and the first stage."""
+        """The step's activations out; on the last stage also what it sampled, for the driver and the first stage.
+        The first stage's PENDING tokens are filled in (fill_pending) first."""
         for seq_id in batch.released:
             self.tables.pop(seq_id, None)
             self.rows.pop(seq_id, None)
-            self.sampled.pop(seq_id, None)
         bs = self.block_size
         # Decodes first, so that one batched attention call covers them all.
         order = sorted(range(len(batch.seqs)), key=lambda j: len(batch.seqs[j].token_ids) != 1)
@@ -216,10 +223,7 @@ class StageRunner:
                 self.rows[w.seq_id] = SamplingRow(w.init.params, w.init.prompt_token_ids, [], w.init.seed)
             start = len(token_ids)
             n = len(w.token_ids)
-            if self.first and w.token_ids == [PENDING]:
-                token_ids.append(self._sampled_token(w.seq_id, w.start_pos))
-            else:
-                token_ids.extend(w.token_ids)
+            token_ids.extend(w.token_ids)
             pos = range(w.start_pos, w.start_pos + n)
             positions.extend(pos)
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
@@ -354,6 +358,7 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
             hidden = hidden.to(runner.dtype)
         trace = batch.trace if tracing is not None else None
         clock = LayerClock(runner.device) if trace is not None and trace["layer"] else None
+        runner.fill_pending(batch)
         start = time.time()
         hidden_out, out, tokens = runner.step(batch, hidden, clock.mark if clock else None)
         end = time.time()
