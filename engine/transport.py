@@ -16,6 +16,7 @@ processes, and a second one behind the first waited up to milliseconds on a busy
 """
 from __future__ import annotations
 
+import collections
 import datetime
 import math
 import pickle
@@ -201,22 +202,30 @@ def recv(link: Link, expect=None, device: torch.device | str = "cpu") -> tuple[o
     return obj, tensor.to(device, non_blocking=True), wire
 
 
-class Outbox:
-    """Sends posted without waiting, each kept alive with its buffers until it completes. A send that failed
-    raises at the next post, so a process learns that its peer is gone without waiting for the peer's side."""
+# Sends an Outbox holds before it waits on the oldest. gloo reports a send complete only once it is waited on, so
+# without a bound an Outbox would keep every message it ever sent. A gloo send is done once the peer has taken it,
+# and every peer takes what its links bring from a thread of its own (the server takes each step's results in
+# order, with only a few steps in flight), so the oldest of this many was taken long ago: waiting returns at once.
+MAX_PENDING_SENDS = 32
 
-    def __init__(self) -> None:
-        self._pending: list[tuple[object, list[torch.Tensor]]] = []
+
+class Outbox:
+    """Sends posted without waiting, each kept alive with its buffers until it is known to be complete: at once
+    where the backend says so (NCCL), else when it is the oldest of more than max_pending. A send that failed
+    raises there."""
+
+    def __init__(self, max_pending: int = MAX_PENDING_SENDS) -> None:
+        self.max_pending = max_pending
+        self._pending: collections.deque[tuple[object, list[torch.Tensor]]] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._pending)
 
     def post(self, works: list, buffers: list[torch.Tensor]) -> None:
-        pending = []
-        for w, b in self._pending:
-            if w.is_completed():
-                w.wait()  # returns at once; raises the send's error if it failed
-            else:
-                pending.append((w, b))
-        pending.extend((w, buffers) for w in works)
-        self._pending = pending
+        self._pending.extend((w, buffers) for w in works)
+        pending = self._pending
+        while pending and (len(pending) > self.max_pending or pending[0][0].is_completed()):
+            pending.popleft()[0].wait()  # returns at once; raises the send's error if it failed
 
 
 def close() -> None:
