@@ -18,6 +18,7 @@ from batching.batch import Batch, StepOutput
 from engine import transport
 from engine.errors import EngineDeadError
 from engine.placement import DeviceInfo
+from engine.thread_policy import background_transport_threads
 from engine.stage import (GREETING, WIRE_VERSION, Allocate, DescribeDevice, Failed, Shutdown, StageReady, StageSpec,
                           greeting_error)
 
@@ -124,6 +125,7 @@ class Driver:
             ack = transport.recv_obj(rank)
             if ack != "allocated":
                 raise RuntimeError(f"rank {rank} could not allocate its KV cache: {ack}")
+        background_transport_threads()  # engine.thread_policy: where stages share this host's cores
         return PipelineInfo(num_blocks, ready)
 
     def abandon(self, grace_s: float = 5.0) -> None:

@@ -32,6 +32,7 @@ from engine.device import TORCH_DTYPES, available_memory, resolve_dtypes
 from engine.model import StageModel
 from engine.placement import DeviceRequest, parse_devices
 from engine.probe import describe_device
+from engine.thread_policy import background_this_thread, background_transport_threads
 from engine.tracing import LayerClock, TraceSettings, Tracing, now_ns, stage_spans
 from engine.sampler import Sampler, SamplingRow
 
@@ -325,6 +326,7 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
     def receive() -> None:
         if runner.device.type == "cuda":
             torch.cuda.set_device(runner.device)  # the current device is per thread
+        background_this_thread()
         try:
             while True:
                 batch, hidden, nbytes = transport.recv(link_in, activations, runner.device)
@@ -334,6 +336,8 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
         except Exception as e:
             inbox.put(e)
 
+    # Only this thread computes; the ones that move messages yield their wake-ups to it (engine.thread_policy).
+    background_transport_threads()
     threading.Thread(target=receive, name="stage-receive", daemon=True).start()
     token_thread = None
     if token_link is not None and runner.first:
@@ -388,6 +392,7 @@ def _receive_tokens(runner: StageRunner, link: transport.Link) -> threading.Thre
     arrived: queue.SimpleQueue = queue.SimpleQueue()
 
     def receive() -> None:
+        background_this_thread()
         try:
             while not isinstance(msg := transport.recv(link)[0], Shutdown):
                 arrived.put(msg)

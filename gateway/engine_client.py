@@ -14,6 +14,7 @@ from batching.sampling_params import SamplingParams
 from engine.errors import EngineDeadError
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.outputs import SeqDelta
+from engine.thread_policy import background_this_thread
 
 
 @dataclass(slots=True)
@@ -109,6 +110,8 @@ class AsyncEngine:
     # ---- engine thread -----------------------------------------------------------------
     def _run(self) -> None:
         eng = self.engine
+        # Its wake-ups (a step's results arriving) do not preempt a CPU stage's compute (engine.thread_policy).
+        background_this_thread()
         try:
             while not self._stopping:
                 idle = not eng.has_unfinished() and not eng.scheduler.in_flight

@@ -66,6 +66,7 @@ def test_pipeline_output_equals_single_stage(six_layers, single_stage, devices, 
     with running_server(six_layers, *SERVER_FLAGS, *flags) as s:
         out = asyncio.run(greedy_outputs(s.url))
         startup = s.output()
+        check_only_compute_preempts(s.proc.pid, devices.count(",") + 1)
     stages = devices.count(",") + 1
     assert f"{stages} stage(s)" in startup
     if layers:
@@ -175,6 +176,35 @@ def test_a_plan_that_cannot_fit_is_refused_at_start_up_with_the_missing_amount(s
     finally:
         server.stop()
         server.cleanup()
+
+
+SCHED_OTHER, SCHED_BATCH = 0, 3
+
+
+def thread_policies(pid: int) -> list[tuple[int, str, int]]:
+    """(thread id, name, scheduling policy) of each thread of a process."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            stat = f.read()
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        out.append((int(tid), name, int(stat[stat.rindex(")") + 2 :].split()[38])))  # field 41: policy
+    return out
+
+
+def check_only_compute_preempts(server_pid: int, stages: int) -> None:
+    """In the server and every stage, the threads that move messages run under SCHED_BATCH (their wake-ups do
+    not preempt a stage's compute), and each stage's compute thread under the default policy."""
+    stage_pids = child_pids(server_pid)
+    assert len(stage_pids) == stages
+    for pid in [server_pid, *stage_pids]:
+        threads = thread_policies(pid)
+        gloo = [p for _, name, p in threads if name.startswith(("gloo_tcp_loop", "pt_gloo_runloop"))]
+        assert gloo and set(gloo) == {SCHED_BATCH}, (pid, threads)
+        ours = [p for tid, name, p in threads if tid != pid and not name.startswith(("gloo", "pt_"))]
+        assert SCHED_BATCH in ours, (pid, threads)  # the engine loop, or a stage's receivers
+    for pid in stage_pids:
+        assert dict((tid, p) for tid, _, p in thread_policies(pid))[pid] == SCHED_OTHER
 
 
 def child_pids(pid: int) -> list[int]:
