@@ -5,6 +5,8 @@ from functools import lru_cache
 
 import torch
 
+from engine.linear import uses_kernel
+
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -31,12 +33,15 @@ def cpu_has_fast_half(dtype: str) -> bool:
 
 
 def resolve_dtypes(requested: str, checkpoint_dtype: str, device: torch.device) -> tuple[str, str]:
-    """(compute dtype, weight dtype). `auto` keeps the checkpoint's dtype, except on a CPU that lacks
-    native bf16/fp16: there activations run in fp32 while weights stay at half size (see engine.linear)."""
+    """(compute dtype, weight dtype). `auto` keeps the checkpoint's dtype on GPUs. On a CPU, a half-precision
+    checkpoint runs with fp32 activations over its half-size weights wherever the engine's own kernels run
+    (engine.kernels): their decode steps beat torch's native bf16 path even on CPUs that multiply bf16 natively,
+    whose attention and elementwise steps have no such kernels; and on any CPU that lacks native bf16/fp16."""
     if requested != "auto":
         return requested, requested
-    if device.type == "cpu" and not cpu_has_fast_half(checkpoint_dtype):
-        return "float32", checkpoint_dtype
+    if device.type == "cpu" and checkpoint_dtype != "float32":
+        if uses_kernel(device, TORCH_DTYPES[checkpoint_dtype], torch.float32) or not cpu_has_fast_half(checkpoint_dtype):
+            return "float32", checkpoint_dtype
     return checkpoint_dtype, checkpoint_dtype
 
 

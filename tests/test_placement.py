@@ -9,6 +9,7 @@ import random
 import re
 
 import pytest
+import torch
 
 from engine.placement import (
     DeviceInfo,
@@ -269,6 +270,23 @@ def test_parse_devices(text, expected):
 def test_parse_devices_errors(text, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_devices(text)
+
+
+@pytest.mark.parametrize("kernel, native, expected", [
+    (True, True, ("float32", "bfloat16")),  # the engine's kernels beat torch's native bf16 decode path
+    (True, False, ("float32", "bfloat16")),
+    (False, True, ("bfloat16", "bfloat16")),
+    (False, False, ("float32", "bfloat16")),  # torch emulates bf16: fp32 activations over half-size weights
+])
+def test_auto_dtype_on_a_cpu(monkeypatch, kernel, native, expected):
+    from engine import device
+
+    monkeypatch.setattr(device, "uses_kernel", lambda *a: kernel)
+    monkeypatch.setattr(device, "cpu_has_fast_half", lambda dtype: native)
+    assert device.resolve_dtypes("auto", "bfloat16", torch.device("cpu")) == expected
+    assert device.resolve_dtypes("auto", "float32", torch.device("cpu")) == ("float32", "float32")
+    assert device.resolve_dtypes("bfloat16", "bfloat16", torch.device("cpu")) == ("bfloat16", "bfloat16")
+    assert device.resolve_dtypes("auto", "bfloat16", torch.device("cuda:0")) == ("bfloat16", "bfloat16")
 
 
 # ---- the probe's cache and override (no real probing) -----------------------------------------------------------
