@@ -25,7 +25,8 @@ from batching import SamplingParams
 from bench.checkpoints import smollm2_135m_shaped
 from bench.core_scaling import CoreScaling
 from engine import LLM
-from engine.linear import uses_kernel
+from engine.device import TORCH_DTYPES, resolve_dtypes
+from engine.linear import product_path
 from engine.placement import ModelCost, predict_stage_seconds
 from engine.probe import measure_rates
 
@@ -120,9 +121,12 @@ def main() -> None:
     args = ap.parse_args()
     model_dir = smollm2_135m_shaped("bfloat16")
     print(f"checkpoint: {model_dir}; {args.batch} sequences, {args.prompt_len} prompt + {args.output_len} output tokens")
-    kernel = uses_kernel(torch.device("cpu"), torch.bfloat16, torch.float32)
-    products = "the engine's half-precision kernel" if kernel else "torch's, on an fp32 copy of the weights"
-    print(f"matrix products: {products}")
+    cpu = torch.device("cpu")
+    compute, weights = resolve_dtypes("auto", "bfloat16", cpu)
+    products = {"native-bf16": "oneDNN's native bf16, weights prepacked", "half-kernel": "the engine's half-precision kernel",
+                "upcast": "torch's, on an fp32 copy of the weights", "plain": f"torch's {compute}"}
+    print(f"{compute} activations, {weights} weights; matrix products: "
+          f"{products[product_path(cpu, TORCH_DTYPES[weights], TORCH_DTYPES[compute])]}")
     # Both engines stay loaded (an idle one costs nothing) and take turns, each round in the other order, so that
     # the two runs of a round see the same spell of a machine whose speed drifts; each round gives a paired ratio.
     ctx = mp.get_context("spawn")

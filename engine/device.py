@@ -1,46 +1,24 @@
 """What a device is and can do: its torch device, compute dtype and free memory."""
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
-from engine.linear import uses_kernel
+from engine.linear import cpu_has_fast_half, product_path
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def cpu_has_fast_half(dtype: str) -> bool:
-    """Whether this CPU multiplies bf16/fp16 natively; without it torch emulates them, several times slower than fp32."""
-    flags = cpu_flags()
-    if dtype == "bfloat16":
-        return bool({"avx512_bf16", "amx_bf16"} & flags)
-    if dtype == "float16":
-        return bool({"avx512_fp16", "amx_fp16"} & flags)
-    return True
-
-
 def resolve_dtypes(requested: str, checkpoint_dtype: str, device: torch.device) -> tuple[str, str]:
     """(compute dtype, weight dtype). `auto` keeps the checkpoint's dtype on GPUs. On a CPU, a half-precision
-    checkpoint runs with fp32 activations over its half-size weights wherever the engine's own kernels run
-    (engine.kernels): their decode steps beat torch's native bf16 path even on CPUs that multiply bf16 natively,
-    whose attention and elementwise steps have no such kernels; and on any CPU that lacks native bf16/fp16."""
+    checkpoint keeps its weights at half size under fp32 activations (engine.linear) wherever its products have a
+    fast path (oneDNN's native bf16, or the engine's own kernel), and on any CPU that lacks native bf16/fp16:
+    torch's half-precision decode step has no paged attention or fused elementwise kernels, and was the slower
+    of the two even on a CPU that multiplies bf16 natively."""
     if requested != "auto":
         return requested, requested
     if device.type == "cpu" and checkpoint_dtype != "float32":
-        if uses_kernel(device, TORCH_DTYPES[checkpoint_dtype], torch.float32) or not cpu_has_fast_half(checkpoint_dtype):
+        half = TORCH_DTYPES[checkpoint_dtype]
+        if product_path(device, half, torch.float32) != "upcast" or not cpu_has_fast_half(half):
             return "float32", checkpoint_dtype
     return checkpoint_dtype, checkpoint_dtype
 

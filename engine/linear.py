@@ -1,9 +1,16 @@
 """Matrix products whose weights may be stored at lower precision than the activations.
 
-On a CPU without native bf16/fp16, activations run in fp32 while weights stay in the
-checkpoint's half precision. Where the engine's own kernel builds (x86-64 with AVX2, FMA
-and F16C, and a C compiler; engine.kernels.half_gemm), every product goes through it: it
-widens the packed half-precision weights in registers. Elsewhere torch does the work: thin
+On a CPU, activations run in fp32 while weights stay in the checkpoint's half precision
+(engine.device). Each product takes the fastest path the CPU has, in this order:
+- `NativeHalfLinear`: on a CPU that multiplies bf16 natively (AVX512-BF16, AMX), bf16
+  weights prepacked once in oneDNN's blocked layout; each product rounds its input to bf16
+  and accumulates in fp32, as a bf16 model does, while the norms, rotary, attention and
+  residual stream around it stay in fp32. A weight is never re-laid out per call, so a
+  step of 32 rows costs little more than half one of 64.
+- `PackedHalfLinear`: where the engine's own kernel builds (x86-64 with AVX2, FMA and F16C,
+  and a C compiler; engine.kernels.half_gemm), it widens the packed half-precision weights
+  in registers and multiplies in fp32.
+- `UpcastLinear`: torch does the work: thin
 steps multiply in half precision directly (a GEMV is bound by memory bandwidth, where
 half-size weights win) and wide steps multiply in fp32, from a resident fp32 copy of the
 weight when memory allows (`wide_copy`), else by upcasting each weight into a reused fp32
@@ -11,10 +18,12 @@ scratch buffer.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import half_gemm
+from engine.kernels import build, half_gemm
 
 # Without the kernel: up to this many rows a half-precision product beats upcast + fp32 (measured on AVX2 CPUs).
 THIN_ROWS = 2
@@ -49,6 +58,53 @@ class PackedHalfLinear:
         return half_gemm.unpack_rows(self.packed, self.out_features, ids)
 
 
+class NativeHalfLinear:
+    """bf16 weight prepacked for oneDNN's native bf16 products; fp32 activations in and out."""
+
+    __slots__ = ("packed", "bias", "out_features")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.out_features = weight.shape[0]
+        # The layout barely depends on the batch it is packed for (measured from 1 to 512 rows).
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_ROWS)
+        self.bias = bias.float() if bias is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in] fp32
+        if x.shape[0] == 0:
+            return x.new_zeros((0, self.out_features))
+        x = x.to(torch.bfloat16, memory_format=torch.contiguous_format)
+        y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "").float()
+        return y.add_(self.bias) if self.bias is not None else y
+
+
+_PACK_ROWS = 64
+
+
+def cpu_has_fast_half(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies bf16/fp16 natively; without it torch emulates them, several times slower than fp32."""
+    flags = build.cpu_flags()
+    if dtype == torch.bfloat16:
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
+    if dtype == torch.float16:
+        return bool({"avx512_fp16", "amx_fp16"} & flags)
+    return True
+
+
+@functools.cache
+def _native_bf16_products() -> bool:
+    """oneDNN's prepacked bf16 products run here, and agree with an fp32 product of bf16-rounded inputs."""
+    if not cpu_has_fast_half(torch.bfloat16) or not torch.backends.mkldnn.is_available():
+        return False
+    g = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(24, 40, generator=g).bfloat16(), torch.randn(3, 40, generator=g)
+    try:
+        got = NativeHalfLinear(weight, None)(x)
+    except (RuntimeError, AttributeError):  # an op this torch build lacks
+        return False
+    want = F.linear(x.bfloat16().float(), weight.float())
+    return bool(torch.allclose(got, want, rtol=1e-2, atol=1e-2))
+
+
 class UpcastLinear:
     """Half-precision weight, fp32 activations in and out, on torch's kernels."""
 
@@ -73,15 +129,26 @@ class UpcastLinear:
         return F.linear(x, buf, self.bias)
 
 
-def uses_kernel(device: torch.device, weight_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
-    """Whether products with these dtypes on this device run on engine.kernels.half_gemm."""
-    return half_gemm.available(device, weight_dtype, compute_dtype)
+def product_path(device: torch.device, weight_dtype: torch.dtype, compute_dtype: torch.dtype) -> str:
+    """Which product make_linear builds for these dtypes on this device: "plain" (same dtype), "native-bf16"
+    (NativeHalfLinear), "half-kernel" (PackedHalfLinear) or "upcast" (UpcastLinear)."""
+    if weight_dtype == compute_dtype:
+        return "plain"
+    if (device.type == "cpu" and compute_dtype == torch.float32 and weight_dtype == torch.bfloat16
+            and _native_bf16_products()):
+        return "native-bf16"
+    if half_gemm.available(device, weight_dtype, compute_dtype):
+        return "half-kernel"
+    return "upcast"
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype, scratch: dict,
                 wide_copy: bool = False):
-    if weight.dtype == compute_dtype:
+    path = product_path(weight.device, weight.dtype, compute_dtype)
+    if path == "plain":
         return Linear(weight, bias.to(compute_dtype) if bias is not None else None)
-    if uses_kernel(weight.device, weight.dtype, compute_dtype):
+    if path == "native-bf16" and weight.shape[1]:  # oneDNN refuses a product over no inputs
+        return NativeHalfLinear(weight, bias)
+    if path != "upcast" and half_gemm.available(weight.device, weight.dtype, compute_dtype):
         return PackedHalfLinear(weight, bias)
     return UpcastLinear(weight, bias, scratch, wide_copy)

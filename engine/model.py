@@ -19,7 +19,7 @@ from engine.checkpoint import expected_shapes, load_tensors
 from engine.config import ModelConfig
 from engine.device import available_memory
 from engine.layer_ops import LayerOps, rms_norm
-from engine.linear import PackedHalfLinear, make_linear, uses_kernel
+from engine.linear import PackedHalfLinear, make_linear, product_path
 from engine.rope import cos_sin_table
 
 
@@ -63,7 +63,7 @@ class StageModel:
         fp32_bytes = 4 * sum(math.prod(s) for s in shapes.values())
         if wide_copy is None:
             wide_copy = fp32_bytes <= available_memory(device) // 4
-        wide_copy = wide_copy and weight_dtype != dtype and not uses_kernel(device, weight_dtype, dtype)
+        wide_copy = wide_copy and product_path(device, weight_dtype, dtype) == "upcast"
         t = {k: v.to(device) for k, v in load_tensors(files, shapes, weight_dtype).items()}
         self.weight_bytes = sum(v.numel() * v.element_size() for v in t.values()) + (fp32_bytes if wide_copy else 0)
         linear = partial(make_linear, compute_dtype=dtype, scratch={}, wide_copy=wide_copy)

@@ -20,7 +20,7 @@ from engine.attention import build_metadata, paged_attention
 from engine.device import TORCH_DTYPES, available_memory
 from engine.kernels import build, half_gemm, layer_ops
 from engine.kernels import paged_attention as paged_kernel
-from engine.linear import make_linear, uses_kernel
+from engine.linear import make_linear, product_path
 from engine.placement import GEMM_ROWS, SMALL_GEMM_ROWS, DeviceInfo, DeviceRequest
 
 PROFILE_ENV = "STRATA_DEVICE_PROFILE"
@@ -218,9 +218,12 @@ def probe_rates(name: str, dtype: str, threads: int | None, weight_dtype: str | 
     where = socket.gethostname() + "/" + (_cpu_model() if device.type == "cpu" else str(device))
     key = "|".join([where, device_label(device, threads), str(threads or torch.get_num_threads()), dtype,
                     thin_dtype or "-", torch.__version__, f"v{CACHE_VERSION}"])
-    # Named by their source hashes: a changed kernel is probed afresh.
-    if thin_dtype and uses_kernel(device, TORCH_DTYPES[thin_dtype], TORCH_DTYPES[dtype]):
-        key += "|" + build.library_name(half_gemm.SOURCE, half_gemm.FLAGS)
+    # Named by the products' path and the kernels' source hashes: a changed kernel is probed afresh.
+    if thin_dtype:
+        path = product_path(device, TORCH_DTYPES[thin_dtype], TORCH_DTYPES[dtype])
+        key += "|" + path
+        if path == "half-kernel":
+            key += "|" + build.library_name(half_gemm.SOURCE, half_gemm.FLAGS)
     if paged_kernel.available(torch.empty((1, 1, 1, 1), dtype=TORCH_DTYPES[dtype], device=device)):
         key += "|" + build.library_name(paged_kernel.SOURCE, paged_kernel.FLAGS)
     path = cache_path()

@@ -7,6 +7,7 @@ import pytest
 
 from batching import SamplingParams
 from engine import LLM
+from engine.kernels import half_gemm
 from tiny_models import hf_greedy, write_checkpoint
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -92,20 +93,29 @@ def test_sharded_checkpoint_matches_reference(tmp_path):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("kernel", [True, False], ids=["half_gemm", "torch"])
 def test_half_precision_checkpoints_serve(tmp_path, monkeypatch, dtype, kernel):
-    """Half-precision weights with fp32 activations run on the engine's kernel where it builds, else on torch's."""
+    """Half-precision weights under fp32 activations (`auto` on a CPU) run on the fastest product the CPU has
+    (engine.linear), on the engine's kernel where it builds, else on torch's."""
     monkeypatch.setenv("STRATA_CPU_KERNELS", "1" if kernel else "0")
+    half_gemm._library.cache_clear()
     model_dir = write_checkpoint(tmp_path, "qwen2", dtype=dtype)  # tied embeddings, q/k/v biases
     prompts = random_prompts([6, 20], seed=5)
     ref = hf_greedy(model_dir, prompts, 8, dtype="float32")
-    # Computing in the checkpoint's own precision, and in fp32 (what `auto` picks on a CPU without native bf16):
-    # on one stage (a tied LM head also serving embeddings) and on two.
-    for compute, devices in ((dtype, "cpu"), ("float32", "cpu"), ("float32", "cpu,cpu")):
-        with LLM(model_dir, dtype=compute, devices=devices, threads=1, num_kv_blocks=32, max_model_len=256) as llm:
-            outs = llm.generate(prompts, SamplingParams(max_tokens=8, **GREEDY))
-        assert all(len(o.token_ids) == 8 for o in outs)
-        if compute == "float32":
-            # The same weights upcast: identical to the fp32 reference.
-            assert [o.token_ids for o in outs] == ref
-        else:
-            # Rounding differs from fp32, but the first greedy token of a peaked model agrees.
-            assert [o.token_ids[0] for o in outs] == [r[0] for r in ref]
+    # In the checkpoint's own precision, in fp32, and as `auto` picks: on one stage (a tied LM head may also serve
+    # embeddings) and on two.
+    outputs = {}
+    try:
+        for compute, devices in ((dtype, "cpu"), ("float32", "cpu"), ("float32", "cpu,cpu"), ("auto", "cpu"),
+                                 ("auto", "cpu,cpu")):
+            with LLM(model_dir, dtype=compute, devices=devices, threads=1, num_kv_blocks=32, max_model_len=256) as llm:
+                outs = llm.generate(prompts, SamplingParams(max_tokens=8, **GREEDY))
+            outputs[compute, devices] = [o.token_ids for o in outs]
+            assert all(len(o.token_ids) == 8 for o in outs)
+            if compute == "float32":
+                # The same weights upcast: identical to the fp32 reference.
+                assert [o.token_ids for o in outs] == ref
+            else:
+                # Rounding differs from fp32, but the first greedy token of a peaked model agrees.
+                assert [o.token_ids[0] for o in outs] == [r[0] for r in ref]
+    finally:
+        half_gemm._library.cache_clear()
+    assert outputs["auto", "cpu,cpu"] == outputs["auto", "cpu"]

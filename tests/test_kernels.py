@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from engine import attention
 from engine.attention import build_metadata
 from engine.kernels import build, half_gemm, paged_attention
-from engine.linear import PackedHalfLinear, UpcastLinear, make_linear
+from engine.linear import NativeHalfLinear, PackedHalfLinear, UpcastLinear, make_linear, product_path
 
 CPU = torch.device("cpu")
 HAS_ISA = set(half_gemm.CPU_FEATURES) <= build.cpu_flags()
@@ -43,8 +43,7 @@ def test_matches_torch_in_fp32(dtype, rows, shape, threads):
     torch.set_num_threads(threads)
     try:
         for b in (None, bias):
-            product = make_linear(weight, b, torch.float32, {})
-            assert isinstance(product, PackedHalfLinear)
+            product = PackedHalfLinear(weight, b)
             want = F.linear(x, weight.float(), b.float() if b is not None else None)
             got = product(x)
             assert got.shape == want.shape and got.dtype == torch.float32
@@ -55,6 +54,27 @@ def test_matches_torch_in_fp32(dtype, rows, shape, threads):
             torch.testing.assert_close(product(wide[:, ::2]), want, rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5, 32, 100])
+@pytest.mark.parametrize("shape", [(48, 32), (37, 19), (3, 200), (20, 0)])
+def test_products_on_a_cpu_with_native_bf16(rows, shape):
+    """Where the CPU multiplies bf16 natively, make_linear prepacks bf16 weights for oneDNN: each product is that
+    of the bf16-rounded input, accumulated in fp32 and rounded once to bf16. A product over no inputs is its bias."""
+    if product_path(CPU, torch.bfloat16, torch.float32) != "native-bf16":
+        pytest.skip("this CPU has no native bf16 products")
+    g = torch.Generator().manual_seed(rows + shape[0])
+    weight = (torch.randn(shape, generator=g) * 0.1).bfloat16()
+    bias = torch.randn(shape[0], generator=g).bfloat16()
+    for b in (None, bias):
+        product = make_linear(weight, b, torch.float32, {})
+        assert isinstance(product, NativeHalfLinear) == (shape[1] > 0)
+        wide = torch.randn(rows, 2 * shape[1], generator=g)
+        for x in (wide[:, : shape[1]].contiguous(), wide[:, ::2]):  # a non-contiguous input is taken as its values
+            want = F.linear(x.bfloat16().float(), weight.float(), b.float() if b is not None else None)
+            got = product(x)
+            assert got.shape == want.shape and got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -71,7 +91,7 @@ def test_disabled_by_environment(monkeypatch):
     half_gemm._library.cache_clear()
     monkeypatch.setenv("STRATA_CPU_KERNELS", "0")
     try:
-        assert isinstance(make_linear(torch.randn(16, 8).bfloat16(), None, torch.float32, {}), UpcastLinear)
+        assert isinstance(make_linear(torch.randn(16, 8).half(), None, torch.float32, {}), UpcastLinear)
     finally:
         half_gemm._library.cache_clear()
 
@@ -82,7 +102,7 @@ def test_without_a_compiler_torch_does_the_work(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     try:
         with caplog.at_level("WARNING", logger="strata.kernels"):
-            assert isinstance(make_linear(torch.randn(16, 8).bfloat16(), None, torch.float32, {}), UpcastLinear)
+            assert isinstance(make_linear(torch.randn(16, 8).half(), None, torch.float32, {}), UpcastLinear)
         assert "falling back to torch's kernels" in caplog.text
     finally:
         half_gemm._library.cache_clear()

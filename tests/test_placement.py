@@ -281,7 +281,7 @@ def test_parse_devices_errors(text, message):
 def test_auto_dtype_on_a_cpu(monkeypatch, kernel, native, expected):
     from engine import device
 
-    monkeypatch.setattr(device, "uses_kernel", lambda *a: kernel)
+    monkeypatch.setattr(device, "product_path", lambda *a: "half-kernel" if kernel else "upcast")
     monkeypatch.setattr(device, "cpu_has_fast_half", lambda dtype: native)
     assert device.resolve_dtypes("auto", "bfloat16", torch.device("cpu")) == expected
     assert device.resolve_dtypes("auto", "float32", torch.device("cpu")) == ("float32", "float32")

@@ -11,6 +11,7 @@ own kernels. The libraries link OpenMP dynamically and so share the runtime torc
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -44,15 +45,16 @@ def enabled() -> bool:
     return os.environ.get(DISABLE_ENV, "1").lower() not in ("0", "false", "no", "off")
 
 
-def cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def load_kernel(source: Path, flags: list[str], features: tuple[str, ...],
