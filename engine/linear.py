@@ -5,8 +5,7 @@ On a CPU, activations run in fp32 while weights stay in the checkpoint's half pr
 - `NativeHalfLinear`: on a CPU that multiplies bf16 natively (AVX512-BF16, AMX), bf16
   weights prepacked once in oneDNN's blocked layout; each product rounds its input to bf16
   and accumulates in fp32, as a bf16 model does, while the norms, rotary, attention and
-  residual stream around it stay in fp32. A weight is never re-laid out per call, so a
-  step of 32 rows costs little more than half one of 64.
+  residual stream around it stay in fp32. No product re-lays out its weight per call.
 - `PackedHalfLinear`: where the engine's own kernel builds (x86-64 with AVX2, FMA and F16C,
   and a C compiler; engine.kernels.half_gemm), it widens the packed half-precision weights
   in registers and multiplies in fp32.

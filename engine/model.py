@@ -19,7 +19,7 @@ from engine.checkpoint import expected_shapes, load_tensors
 from engine.config import ModelConfig
 from engine.device import available_memory
 from engine.layer_ops import LayerOps, rms_norm
-from engine.linear import PackedHalfLinear, make_linear, product_path
+from engine.linear import NativeHalfLinear, PackedHalfLinear, make_linear, product_path
 from engine.rope import cos_sin_table
 
 
@@ -74,6 +74,9 @@ class StageModel:
         # A packed tied head answers embedding lookups itself, so the matrix is held once.
         self.embed_from_head = first and cfg.tie_word_embeddings and isinstance(self.lm_head, PackedHalfLinear)
         self.embed = t.get("model.embed_tokens.weight") if first and not self.embed_from_head else None
+        if self.embed is not None and isinstance(self.lm_head, NativeHalfLinear):
+            # A tied matrix held twice: plain for lookups, prepacked for the head.
+            self.weight_bytes += self.embed.numel() * self.embed.element_size()
         self.rope = cos_sin_table(cfg, max_positions, dtype, device)  # [P, 2, d]
         self.scale = cfg.head_dim**-0.5
 
