@@ -122,8 +122,9 @@ async def _run(app: web.Application, engine, args, name: str, config) -> int:
         return 1
     ec = engine.engine
     stages = ", ".join(f"{s.device.name} layers {s.layers[0]}-{s.layers[1] - 1}" for s in ec.plan.stages)
+    precision = ec.dtype if ec.weight_dtype == ec.dtype else f"{ec.dtype} activations over {ec.weight_dtype} weights"
     print(f"strata: serving {name!r} ({ec.model_config.architecture}, {ec.model_config.num_layers} layers, "
-          f"{ec.dtype}, {ec.scheduler.config.num_blocks} KV blocks, context {ec.max_model_len}) "
+          f"{precision}, {ec.scheduler.config.num_blocks} KV blocks, context {ec.max_model_len}) "
           f"from {config.model}", flush=True)
     print(f"strata: {len(ec.plan.stages)} stage(s): {stages}", flush=True)
     print(f"strata: listening on http://{args.host}:{args.port} (OpenAI API at /v1)", flush=True)
