@@ -2,9 +2,9 @@
 
 The planner needs a few rates per device: decode-shaped GEMMs, how fast one-row products
 stream weights, the host cost of an op, and the engine's own decode attention. Each is
-timed on shapes and sizes like a real step's: weights larger than the last-level cache,
-since a stage's layers do not fit in it either. A CPU takes ~0.3 s; results are cached
-per device, thread count, dtype and torch version.
+timed on shapes and sizes like a real step's: weights and KV twice the size of the
+last-level cache, since a stage's layers and cache do not fit in it either. A CPU takes
+~1.5 s; results are cached per device, thread count, dtype and torch version.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from engine.linear import make_linear, product_path
 from engine.placement import GEMM_ROWS, SMALL_GEMM_ROWS, DeviceInfo, DeviceRequest
 
 PROFILE_ENV = "STRATA_DEVICE_PROFILE"
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 
 # GEMM shapes: 64 rows like a decode batch (and 8, see SMALL_GEMM_ROWS); weights [out, in]. A GPU gets a large
 # model's MLP shape, so that the kernel, not its launch, is timed.
@@ -33,13 +33,15 @@ _CUDA_GEMM = (GEMM_ROWS, 4096, 14336)
 # One-row products: ([out, in] with few long rows, the same size with many short rows).
 _CPU_ONE_ROW = ((512, 4096), (4096, 512))
 _CUDA_ONE_ROW = ((4096, 16384), (16384, 4096))
-# Enough distinct weights that they cannot stay cached between products (bigger than common last-level caches).
-_CPU_WEIGHT_SET_BYTES = 48 << 20
-_CUDA_WEIGHT_SET_BYTES = 512 << 20
-# Decode attention: GQA heads like common models; sequences x context large enough that KV comes from memory.
+# Weights and KV are timed over working sets too large to stay cached between passes, as a stage's are: twice the
+# CPU's last-level cache, within these bounds (a large server part reports its whole shared L3, of which one
+# process streaming from memory keeps little; 128 MiB already ran at memory speed on a 480 MiB one).
+_CPU_WORKING_SET_BYTES = (64 << 20, 256 << 20)
+_CUDA_WORKING_SET_BYTES = 512 << 20
+# Decode attention: GQA heads like common models, at this context; as many sequences as fill the working set.
 _ATTN_HEADS, _ATTN_KV_HEADS, _ATTN_HEAD_DIM, _ATTN_BLOCK = 16, 4, 64, 16
-_CPU_ATTN = (16, 512)  # sequences, context
-_CUDA_ATTN = (64, 4096)
+_CPU_ATTN_CONTEXT, _CPU_ATTN_MIN_SEQS = 512, 16
+_CUDA_ATTN = (64, 4096)  # sequences, context
 _ATTN_OPS = 5  # kernels of one paged_attention call, whose host cost is not attention throughput
 
 
@@ -93,21 +95,47 @@ class _Timer:
         return best
 
 
+def last_level_cache_bytes(cpu: int = 0) -> int | None:
+    """The size of the largest cache the CPU reports (sysfs), or None where it reports none."""
+    sizes = []
+    for index in Path(f"/sys/devices/system/cpu/cpu{cpu}/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+        digits = text.rstrip("KkMmGg")
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes, default=None)
+
+
+def working_set_bytes(device: torch.device) -> int:
+    """Bytes of weights (or KV) a probe cycles through, so that each pass reads them from memory."""
+    if device.type == "cuda":
+        return _CUDA_WORKING_SET_BYTES
+    low, high = _CPU_WORKING_SET_BYTES
+    llc = last_level_cache_bytes() or 0
+    return min(max(2 * llc, low), high, max(available_memory(device) // 8, low))
+
+
 def _weight_set(device: torch.device, dtype: torch.dtype, out_f: int, in_f: int) -> list[torch.Tensor]:
-    budget = _CUDA_WEIGHT_SET_BYTES if device.type == "cuda" else _CPU_WEIGHT_SET_BYTES
-    count = max(2, -(-budget // (out_f * in_f * dtype.itemsize)))
+    count = max(2, -(-working_set_bytes(device) // (out_f * in_f * dtype.itemsize)))
     # Small non-zero values: zeros or denormals could take a different path in some kernels.
     return [torch.full((out_f, in_f), 0.01, dtype=dtype, device=device) for _ in range(count)]
 
 
-def _per_matrix(timer: _Timer, device: torch.device, dtype: torch.dtype, rows: int, out_f: int, in_f: int,
-                weight_dtype: torch.dtype | None = None) -> float:
+def _per_matrix(timer: _Timer, device: torch.device, dtype: torch.dtype, rows: int | tuple[int, ...], out_f: int,
+                in_f: int, weight_dtype: torch.dtype | None = None) -> float | list[float]:
     """Seconds per product of `rows` rows at `dtype` with an [out_f, in_f] weight at `weight_dtype`, multiplied as
-    the engine does (engine.linear), over a set too large to stay cached."""
+    the engine does (engine.linear), over a set too large to stay cached; one figure per row count given."""
     weights = [make_linear(w, None, dtype, {}, wide_copy=True)
                for w in _weight_set(device, weight_dtype or dtype, out_f, in_f)]
-    x = torch.ones(rows, in_f, dtype=dtype, device=device)
-    return timer(lambda: [product(x) for product in weights], 3) / len(weights)
+    seconds = []
+    for n in (rows,) if isinstance(rows, int) else rows:
+        x = torch.ones(n, in_f, dtype=dtype, device=device)
+        seconds.append(timer(lambda: [product(x) for product in weights], 3) / len(weights))
+    return seconds[0] if isinstance(rows, int) else seconds
 
 
 def _one_row(timer: _Timer, device: torch.device, dtype: torch.dtype,
@@ -128,9 +156,10 @@ def _measure(device: torch.device, dtype: torch.dtype, weight_dtype: torch.dtype
     # other measurements too: a passing slow spell of the machine does not then decide it.
     op_overhead = _op_overhead(device)
     rows, in_f, out_f = _CUDA_GEMM if device.type == "cuda" else _CPU_GEMM
-    matmul_flops = 2 * rows * in_f * out_f / _per_matrix(timer, device, dtype, rows, out_f, in_f, weight_dtype)
     small = SMALL_GEMM_ROWS
-    small_gemm_flops = 2 * small * in_f * out_f / _per_matrix(timer, device, dtype, small, out_f, in_f, weight_dtype)
+    wide_s, small_s = _per_matrix(timer, device, dtype, (rows, small), out_f, in_f, weight_dtype)
+    matmul_flops = 2 * rows * in_f * out_f / wide_s
+    small_gemm_flops = 2 * small * in_f * out_f / small_s
     op_overhead = min(op_overhead, _op_overhead(device))
     # One-row products stream their weights: what decode at small batches reads them at. fp32, so that a CPU's slow
     # half-precision arithmetic does not pass for slow memory.
@@ -171,8 +200,12 @@ def _op_overhead(device: torch.device) -> float:
 def _attention_bandwidth(device: torch.device, dtype: torch.dtype, timer: _Timer, op_overhead: float) -> float:
     """KV bytes per second through the engine's decode attention (the paged kernel on x86-64 CPUs, else block
     gather, then SDPA)."""
-    seqs, context = _CUDA_ATTN if device.type == "cuda" else _CPU_ATTN
     bs, kvh, hd = _ATTN_BLOCK, _ATTN_KV_HEADS, _ATTN_HEAD_DIM
+    if device.type == "cuda":
+        seqs, context = _CUDA_ATTN
+    else:
+        context = _CPU_ATTN_CONTEXT
+        seqs = max(_CPU_ATTN_MIN_SEQS, working_set_bytes(device) // (2 * context * kvh * hd * dtype.itemsize))
     blocks = -(-context // bs)
     k_cache = torch.full((seqs * blocks + 1, bs, kvh, hd), 0.01, dtype=dtype, device=device)
     v_cache = torch.full_like(k_cache, 0.01)

@@ -310,6 +310,24 @@ def test_device_profile_override_wins(tmp_path, monkeypatch):
     assert probe.probe_device("cpu", "float32", 2) == (5e10, 1.5e10, 2e-6)
 
 
+def test_probe_working_set_outgrows_the_last_level_cache(monkeypatch):
+    """The probe streams weights and KV from memory, as a stage does: twice the last-level cache, within bounds."""
+    import torch
+
+    from engine import probe
+
+    cpu = torch.device("cpu")
+    llc = probe.last_level_cache_bytes()
+    assert llc is None or llc >= 1 << 20  # the largest level the kernel reports, where it reports any
+    low, high = probe._CPU_WORKING_SET_BYTES
+    monkeypatch.setattr(probe, "available_memory", lambda device: 64 * GiB)
+    for reported, want in ((None, low), (8 << 20, low), (96 << 20, 192 << 20), (480 << 20, high)):
+        monkeypatch.setattr(probe, "last_level_cache_bytes", lambda cpu=0, r=reported: r)
+        assert probe.working_set_bytes(cpu) == want
+    monkeypatch.setattr(probe, "available_memory", lambda device: 1 * GiB)  # a small machine keeps its memory
+    assert probe.working_set_bytes(cpu) == 128 << 20
+
+
 def test_probe_results_are_cached_per_threads_and_dtype(tmp_path, monkeypatch):
     from engine import probe
 
