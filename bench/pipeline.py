@@ -9,6 +9,13 @@ busy fraction while decoding, and the planner's predicted compute time per micro
 step beside the measured one. With P stages each micro-batch holds batch / P sequences.
 Both engines stay loaded and take turns; the headline is the median of each round's
 ratio, which a machine whose speed drifts between rounds does not skew.
+
+Two ceilings bound the speed-up, and each round measures both: how much of P cores the
+machine gives at once (bench.core_scaling), and how the single stage's step time grows
+with its rows. P stages pass a whole batch through in the time one stage takes for a
+step of batch / P rows, at best, while one stage takes a step of all its rows; where a
+step mostly streams weights from memory, whatever its rows, the ratio of the two steps,
+and with it the speed-up, stays well below P.
 """
 from __future__ import annotations
 
@@ -46,12 +53,14 @@ def open_engine(model_dir, stages: int, batch: int, prompt_len: int, output_len:
 
 
 def _engine_process(conn, model_dir, stages: int, batch: int, prompt_len: int, output_len: int) -> None:
-    """One engine per process (it drives its own process group): measure a round per seed received, until None."""
+    """One engine per process (it drives its own process group): measure a round per (seed, sequences) received,
+    until None."""
     llm = open_engine(model_dir, stages, batch, prompt_len, output_len)
     try:
         conn.send("ready")
-        while (seed := conn.recv()) is not None:
-            conn.send(measure(llm, batch, prompt_len, output_len, seed))
+        while (job := conn.recv()) is not None:
+            seed, sequences = job
+            conn.send(measure(llm, sequences, prompt_len, output_len, seed))
     finally:
         llm.close()
 
@@ -103,12 +112,21 @@ def measure(llm: LLM, batch: int, prompt_len: int, output_len: int, seed: int) -
     }
 
 
-def run_round(engines: dict, results: dict[int, list[dict]], stages: int, r: int) -> None:
+def run_round(engines: dict, results: dict[int, list[dict]], stages: int, r: int, batch: int) -> None:
     conn = engines[stages][0]
-    conn.send(1 + r)
+    conn.send((1 + r, batch))
     result = conn.recv()
     results[stages].append(result)
     print(f"round {r}: {stages} stage(s): {result['decode_tps']:.1f} decode tok/s", flush=True)
+
+
+def row_scaling(conn, batch: int, micro: int, r: int) -> float:
+    """The single stage's step at `batch` rows over its step at `micro` rows, measured now: the most a pipeline of
+    micro-batches of `micro` rows can gain on it."""
+    conn.send((101 + r, micro))
+    small = conn.recv()["measured_s"][0]
+    conn.send((201 + r, batch))
+    return conn.recv()["measured_s"][0] / small
 
 
 def main() -> None:
@@ -139,17 +157,20 @@ def main() -> None:
         conn.recv()  # loaded and warmed up: the next one loads while this one idles
     results: dict[int, list[dict]] = {p: [] for p in engines}
     ceilings: list[float] = []
+    row_ceilings: list[float] = []
+    micro = -(-args.batch // args.stages)
     scaling = None
     try:
         scaling = CoreScaling(args.stages)
         for r in range(args.rounds):
             first, second = (1, args.stages) if r % 2 == 0 else (args.stages, 1)
-            run_round(engines, results, first, r)
+            run_round(engines, results, first, r, args.batch)
             ceilings.append(scaling.measure())  # between the two runs: the same spell as both
-            run_round(engines, results, second, r)
+            row_ceilings.append(row_scaling(engines[1][0], args.batch, micro, r))
+            run_round(engines, results, second, r, args.batch)
             ratio = results[args.stages][-1]["decode_tps"] / results[1][-1]["decode_tps"]
-            print(f"round {r}: ratio {ratio:.2f}x; this machine's {args.stages}-core scaling {ceilings[-1]:.2f}x",
-                  flush=True)
+            print(f"round {r}: ratio {ratio:.2f}x; this machine's {args.stages}-core scaling {ceilings[-1]:.2f}x; "
+                  f"one stage's {args.batch}-row step over its {micro}-row step {row_ceilings[-1]:.2f}x", flush=True)
     finally:
         for conn, proc in engines.values():
             conn.send(None)
@@ -170,6 +191,10 @@ def main() -> None:
     print(f"this machine's {args.stages}-core scaling in the same rounds (bench.core_scaling), the ceiling of any "
           f"{args.stages}-stage speed-up: median {ceiling:.2f}x (rounds {min(ceilings):.2f}x-{max(ceilings):.2f}x); "
           f"speed-up against it: {100 * median / ceiling:.0f}%")
+    rows = statistics.median(row_ceilings)
+    print(f"the single stage's step at {args.batch} rows over its step at {micro} rows, in the same rounds: median "
+          f"{rows:.2f}x (rounds {min(row_ceilings):.2f}x-{max(row_ceilings):.2f}x), the ceiling of a pipeline of "
+          f"{micro}-row micro-batches; speed-up against it: {100 * median / rows:.0f}%")
     print(f"\nper stage while decoding (micro-batches of {pipe['micro_batch']} sequences):")
     print(f"{'stage':>5} | {'layers':>7} | {'busy':>5} | {'measured ms':>11} | {'predicted ms':>12} | {'pred/meas':>9}")
     for k, (lay, busy, m, p) in enumerate(zip(pipe["layers"], pipe["busy"], pipe["measured_s"], pipe["predicted_s"])):
