@@ -158,6 +158,20 @@ def test_paged_decode_attention_propagates_nan_as_sdpa_does(length):
     assert out[0, 1].isnan().all() and not out[1].isnan().any()
 
 
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_paged_decode_attention_splits_heads_among_spare_threads(monkeypatch, n):
+    """With fewer sequences than threads, a sequence's KV heads are shared among threads: the same answer."""
+    if not paged_attention.available(torch.zeros(1)):
+        pytest.skip("kernel not built here")
+    torch.manual_seed(n)
+    q, k_cache, v_cache, tables, lens = _decode_case(n, 37, heads=9, kv_heads=3, d=64, block_size=16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    alone = paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
+    shared = paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125)
+    assert torch.equal(alone, shared)
+
+
 def test_paged_decode_attention_takes_strided_queries_and_refuses_bad_tables():
     if not paged_attention.available(torch.zeros(1)):
         pytest.skip("kernel not built here")
