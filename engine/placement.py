@@ -37,10 +37,11 @@ STEP_OPS = 14
 EMBED_OPS = 2  # embedding gather and the cast to the compute dtype
 HEAD_OPS = 6  # row gather, final norm, LM head, cast to fp32, sampler set-up and the host copy
 # Sampling as the engine's sampler does it: greedy is one argmax over the logits; random sampling runs a
-# counter-based hash over [rows, vocab] (~76 kernels that write ~116 bytes per logit and read about 1.5x that). On
-# one AVX2 core that measured 7 ns per logit with temperature alone and 15-22 ns with top-p; 300 bytes at its
-# ~22 GB/s is ~14 ns.
-SAMPLING = {"greedy": (1, 4), "random": (80, 300)}  # kind -> (ops, bytes of traffic per logit)
+# counter-based hash over [rows, vocab] (~76 kernels that write ~116 bytes per logit and read about 1.5x that).
+# "random" is the OpenAI API's default, temperature alone: on one core, 5.7-7.3 ns per logit (32 rows of 8192 and
+# of 49152 logits), which is ~110 bytes at the ~16 GB/s the probe streams weights at. top_p costs 3-8x that where
+# the nucleus outgrows the sampler's candidates and whole rows are sorted; a plan is not made for it.
+SAMPLING = {"greedy": (1, 4), "random": (80, 110)}  # kind -> (ops, bytes of traffic per logit)
 # The stage's Python bookkeeping per sequence and step (block tables, slots, positions, sampling rows).
 HOST_SECONDS_PER_SEQUENCE = 3e-6
 # Decode attention on torch's kernels gathers every context block into a buffer (read + write) and SDPA reads it
