@@ -141,7 +141,8 @@ def main() -> None:
     print(f"checkpoint: {model_dir}; {args.batch} sequences, {args.prompt_len} prompt + {args.output_len} output tokens")
     cpu = torch.device("cpu")
     compute, weights = resolve_dtypes("auto", "bfloat16", cpu)
-    products = {"native-bf16": "oneDNN's native bf16, weights prepacked", "half-kernel": "the engine's half-precision kernel",
+    products = {"amx-bf16": "the engine's AMX tile kernel, bf16 weights packed for it",
+                "native-bf16": "oneDNN's native bf16, weights prepacked", "half-kernel": "the engine's half-precision kernel",
                 "upcast": "torch's, on an fp32 copy of the weights", "plain": f"torch's {compute}"}
     print(f"{compute} activations, {weights} weights; matrix products: "
           f"{products[product_path(cpu, TORCH_DTYPES[weights], TORCH_DTYPES[compute])]}")

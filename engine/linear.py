@@ -2,10 +2,14 @@
 
 On a CPU, activations run in fp32 while weights stay in the checkpoint's half precision
 (engine.device). Each product takes the fastest path the CPU has, in this order:
-- `NativeHalfLinear`: on a CPU that multiplies bf16 natively (AVX512-BF16, AMX), bf16
-  weights prepacked once in oneDNN's blocked layout; each product rounds its input to bf16
-  and accumulates in fp32, as a bf16 model does, while the norms, rotary, attention and
-  residual stream around it stay in fp32. No product re-lays out its weight per call.
+- `AmxLinear`: on a CPU with AMX-BF16 tile units, bf16 weights packed once for the
+  engine's own tile kernel (engine.kernels.amx_gemm), which streams them 1.3-1.45x faster
+  than oneDNN's products on the same units. Each product rounds its input to bf16 and
+  accumulates in fp32, as a bf16 model does, while the norms, rotary, attention and
+  residual stream around it stay in fp32.
+- `NativeHalfLinear`: on a CPU that multiplies bf16 natively without tiles (AVX512-BF16),
+  bf16 weights prepacked once in oneDNN's blocked layout, with the same rounding. No
+  product re-lays out its weight per call.
 - `PackedHalfLinear`: where the engine's own kernel builds (x86-64 with AVX2, FMA and F16C,
   and a C compiler; engine.kernels.half_gemm), it widens the packed half-precision weights
   in registers and multiplies in fp32.
@@ -22,7 +26,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import build, half_gemm
+from engine.kernels import amx_gemm, build, half_gemm
 
 # Without the kernel: up to this many rows a half-precision product beats upcast + fp32 (measured on AVX2 CPUs).
 THIN_ROWS = 2
@@ -55,6 +59,24 @@ class PackedHalfLinear:
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of the weight: embedding lookups from a tied LM head, which is then held once."""
         return half_gemm.unpack_rows(self.packed, self.out_features, ids)
+
+
+class AmxLinear:
+    """bf16 weight packed for engine.kernels.amx_gemm; fp32 activations in and out."""
+
+    __slots__ = ("packed", "bias", "out_features", "in_features")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.packed = amx_gemm.pack(weight)
+        self.bias = bias.float().contiguous() if bias is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in] fp32
+        return amx_gemm.amx_linear(x, self.packed, self.out_features, self.in_features, self.bias)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the weight: embedding lookups from a tied LM head, which is then held once."""
+        return amx_gemm.unpack_rows(self.packed, self.out_features, self.in_features, ids)
 
 
 class NativeHalfLinear:
@@ -129,10 +151,12 @@ class UpcastLinear:
 
 
 def product_path(device: torch.device, weight_dtype: torch.dtype, compute_dtype: torch.dtype) -> str:
-    """Which product make_linear builds for these dtypes on this device: "plain" (same dtype), "native-bf16"
-    (NativeHalfLinear), "half-kernel" (PackedHalfLinear) or "upcast" (UpcastLinear)."""
+    """Which product make_linear builds for these dtypes on this device: "plain" (same dtype), "amx-bf16"
+    (AmxLinear), "native-bf16" (NativeHalfLinear), "half-kernel" (PackedHalfLinear) or "upcast" (UpcastLinear)."""
     if weight_dtype == compute_dtype:
         return "plain"
+    if amx_gemm.available(device, weight_dtype, compute_dtype):
+        return "amx-bf16"
     if (device.type == "cpu" and compute_dtype == torch.float32 and weight_dtype == torch.bfloat16
             and _native_bf16_products()):
         return "native-bf16"
@@ -146,6 +170,8 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: 
     path = product_path(weight.device, weight.dtype, compute_dtype)
     if path == "plain":
         return Linear(weight, bias.to(compute_dtype) if bias is not None else None)
+    if path == "amx-bf16":
+        return AmxLinear(weight, bias)
     if path == "native-bf16" and weight.shape[1]:  # oneDNN refuses a product over no inputs
         return NativeHalfLinear(weight, bias)
     if path != "upcast" and half_gemm.available(weight.device, weight.dtype, compute_dtype):

@@ -19,7 +19,7 @@ from engine.checkpoint import expected_shapes, load_tensors
 from engine.config import ModelConfig
 from engine.device import available_memory
 from engine.layer_ops import LayerOps, rms_norm
-from engine.linear import NativeHalfLinear, PackedHalfLinear, make_linear, product_path
+from engine.linear import AmxLinear, NativeHalfLinear, PackedHalfLinear, make_linear, product_path
 from engine.rope import cos_sin_table
 
 
@@ -71,8 +71,9 @@ class StageModel:
         self.norm = t["model.norm.weight"].to(dtype) if last else None
         head = (t["model.embed_tokens.weight"] if cfg.tie_word_embeddings else t["lm_head.weight"]) if last else None
         self.lm_head = linear(head, None) if last else None
-        # A packed tied head answers embedding lookups itself, so the matrix is held once.
-        self.embed_from_head = first and cfg.tie_word_embeddings and isinstance(self.lm_head, PackedHalfLinear)
+        # A tied head packed for the engine's kernels answers embedding lookups itself, so the matrix is held once.
+        self.embed_from_head = (first and cfg.tie_word_embeddings
+                                and isinstance(self.lm_head, (PackedHalfLinear, AmxLinear)))
         self.embed = t.get("model.embed_tokens.weight") if first and not self.embed_from_head else None
         if self.embed is not None and isinstance(self.lm_head, NativeHalfLinear):
             # A tied matrix held twice: plain for lookups, prepacked for the head.

@@ -18,7 +18,7 @@ import torch
 
 from engine.attention import build_metadata, paged_attention
 from engine.device import TORCH_DTYPES, available_memory
-from engine.kernels import build, half_gemm, layer_ops
+from engine.kernels import amx_gemm, build, half_gemm, layer_ops
 from engine.kernels import paged_attention as paged_kernel
 from engine.linear import make_linear, product_path
 from engine.placement import GEMM_ROWS, SMALL_GEMM_ROWS, DeviceInfo, DeviceRequest
@@ -255,8 +255,9 @@ def probe_rates(name: str, dtype: str, threads: int | None, weight_dtype: str | 
     if thin_dtype:
         path = product_path(device, TORCH_DTYPES[thin_dtype], TORCH_DTYPES[dtype])
         key += "|" + path
-        if path == "half-kernel":
-            key += "|" + build.library_name(half_gemm.SOURCE, half_gemm.FLAGS)
+        kernel = {"half-kernel": half_gemm, "amx-bf16": amx_gemm}.get(path)
+        if kernel is not None:
+            key += "|" + build.library_name(kernel.SOURCE, kernel.FLAGS)
     if paged_kernel.available(torch.empty((1, 1, 1, 1), dtype=TORCH_DTYPES[dtype], device=device)):
         key += "|" + build.library_name(paged_kernel.SOURCE, paged_kernel.FLAGS)
     path = cache_path()

@@ -7,7 +7,7 @@ import pytest
 
 from batching import SamplingParams
 from engine import LLM
-from engine.kernels import half_gemm
+from engine.kernels import amx_gemm, half_gemm
 from tiny_models import hf_greedy, write_checkpoint
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -90,13 +90,19 @@ def test_sharded_checkpoint_matches_reference(tmp_path):
     assert [o.token_ids for o in outs] == ref
 
 
+def clear_kernel_caches() -> None:
+    """Product kernels load once per process: forget them, so that STRATA_CPU_KERNELS is read afresh."""
+    half_gemm._library.cache_clear()
+    amx_gemm._library.cache_clear()
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("kernel", [True, False], ids=["half_gemm", "torch"])
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernels", "torch"])
 def test_half_precision_checkpoints_serve(tmp_path, monkeypatch, dtype, kernel):
     """Half-precision weights under fp32 activations (`auto` on a CPU) run on the fastest product the CPU has
     (engine.linear), on the engine's kernel where it builds, else on torch's."""
     monkeypatch.setenv("STRATA_CPU_KERNELS", "1" if kernel else "0")
-    half_gemm._library.cache_clear()
+    clear_kernel_caches()
     model_dir = write_checkpoint(tmp_path, "qwen2", dtype=dtype)  # tied embeddings, q/k/v biases
     prompts = random_prompts([6, 20], seed=5)
     ref = hf_greedy(model_dir, prompts, 8, dtype="float32")
@@ -117,5 +123,5 @@ def test_half_precision_checkpoints_serve(tmp_path, monkeypatch, dtype, kernel):
                 # Rounding differs from fp32, but the first greedy token of a peaked model agrees.
                 assert [o.token_ids[0] for o in outs] == [r[0] for r in ref]
     finally:
-        half_gemm._library.cache_clear()
+        clear_kernel_caches()
     assert outputs["auto", "cpu,cpu"] == outputs["auto", "cpu"]

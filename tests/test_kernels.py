@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import attention
+from engine import attention, linear
 from engine.attention import build_metadata
-from engine.kernels import build, half_gemm, paged_attention
-from engine.linear import NativeHalfLinear, PackedHalfLinear, UpcastLinear, make_linear, product_path
+from engine.kernels import amx_gemm, build, half_gemm, paged_attention
+from engine.linear import AmxLinear, NativeHalfLinear, PackedHalfLinear, UpcastLinear, make_linear
 
 CPU = torch.device("cpu")
 HAS_ISA = set(half_gemm.CPU_FEATURES) <= build.cpu_flags()
@@ -56,35 +56,71 @@ def test_matches_torch_in_fp32(dtype, rows, shape, threads):
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("rows", [0, 1, 5, 32, 100])
-@pytest.mark.parametrize("shape", [(48, 32), (37, 19), (3, 200), (20, 0)])
-def test_products_on_a_cpu_with_native_bf16(rows, shape):
-    """Where the CPU multiplies bf16 natively, make_linear prepacks bf16 weights for oneDNN: each product is that
-    of the bf16-rounded input, accumulated in fp32 and rounded once to bf16. A product over no inputs is its bias."""
-    if product_path(CPU, torch.bfloat16, torch.float32) != "native-bf16":
+def _native_bf16_product(weight, bias):
+    if not linear._native_bf16_products():
         pytest.skip("this CPU has no native bf16 products")
+    return NativeHalfLinear(weight, bias) if weight.shape[1] else make_linear(weight, bias, torch.float32, {})
+
+
+def _amx_product(weight, bias):
+    if not amx_gemm.available(CPU, torch.bfloat16, torch.float32):
+        pytest.skip("this CPU has no AMX-BF16 tiles, or the kernel did not build")
+    return AmxLinear(weight, bias)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5, 16, 17, 32, 100, 300])
+@pytest.mark.parametrize("shape", [(48, 32), (37, 19), (3, 200), (64, 96), (20, 0)])
+@pytest.mark.parametrize("kind", ["amx", "onednn"])
+def test_products_on_a_cpu_with_native_bf16(kind, rows, shape):
+    """Where the CPU multiplies bf16 natively (the engine's AMX tile kernel, or oneDNN's prepacked products), each
+    product is that of the bf16-rounded input, accumulated in fp32. A product over no inputs is its bias."""
     g = torch.Generator().manual_seed(rows + shape[0])
     weight = (torch.randn(shape, generator=g) * 0.1).bfloat16()
     bias = torch.randn(shape[0], generator=g).bfloat16()
     for b in (None, bias):
-        product = make_linear(weight, b, torch.float32, {})
-        assert isinstance(product, NativeHalfLinear) == (shape[1] > 0)
+        product = (_amx_product if kind == "amx" else _native_bf16_product)(weight, b)
         wide = torch.randn(rows, 2 * shape[1], generator=g)
         for x in (wide[:, : shape[1]].contiguous(), wide[:, ::2]):  # a non-contiguous input is taken as its values
             want = F.linear(x.bfloat16().float(), weight.float(), b.float() if b is not None else None)
             got = product(x)
             assert got.shape == want.shape and got.dtype == torch.float32
-            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+            # oneDNN rounds its output to bf16; the tile kernel returns its fp32 sums.
+            tol = 1e-2 if kind == "onednn" else 1e-5
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_rows_of_a_packed_weight_are_its_embeddings(dtype):
-    if not half_gemm.available(CPU, dtype, torch.float32):
-        pytest.skip("kernel not built here")
-    weight = torch.randn(37, 24).to(dtype)
-    product = PackedHalfLinear(weight, None)
-    ids = torch.tensor([0, 15, 16, 36, 5, 5, 8, 7, 24])
+def test_amx_products_share_their_blocks_among_threads_and_refuse_bad_inputs():
+    weight = torch.randn(200, 96).bfloat16()
+    product = _amx_product(weight, None)
+    x = torch.randn(40, 96)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = product(x)
+        torch.set_num_threads(3)
+        assert torch.equal(product(x), alone)
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(ValueError):
+        product(torch.randn(4, 95))
+    with pytest.raises(ValueError):
+        product(x.double())
+
+
+@pytest.mark.parametrize("kind", ["half-kernel bf16", "half-kernel fp16", "amx"])
+def test_rows_of_a_packed_weight_are_its_embeddings(kind):
+    dtype = torch.float16 if kind.endswith("fp16") else torch.bfloat16
+    weight = torch.randn(70, 45).to(dtype)
+    if kind == "amx":
+        product = _amx_product(weight, None)
+    else:
+        if not half_gemm.available(CPU, dtype, torch.float32):
+            pytest.skip("kernel not built here")
+        product = PackedHalfLinear(weight, None)
+    ids = torch.tensor([0, 15, 16, 31, 32, 69, 5, 5, 8, 7, 24])
     assert torch.equal(product.rows(ids), weight[ids])
+    with pytest.raises(IndexError):
+        product.rows(torch.tensor([70]))
 
 
 def test_disabled_by_environment(monkeypatch):

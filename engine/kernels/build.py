@@ -122,9 +122,9 @@ def compile_library(source: Path, flags: list[str], target: Path) -> Path | None
 
 def main() -> None:
     """Build every kernel beside its source: for installs whose runtime has no compiler."""
-    from engine.kernels import half_gemm, layer_ops, paged_attention
+    from engine.kernels import amx_gemm, half_gemm, layer_ops, paged_attention
 
-    for kernel in (half_gemm, paged_attention, layer_ops):
+    for kernel in (half_gemm, amx_gemm, paged_attention, layer_ops):
         source, flags = kernel.SOURCE, kernel.FLAGS
         built = compile_library(source, flags, source.parent / library_name(source, flags))
         if built is None:
