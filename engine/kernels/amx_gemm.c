@@ -117,7 +117,8 @@ void amx_linear(const float *x, long m, long k, long x_row, const uint16_t *pack
                     const uint16_t *a0 = a + mb * k32, *a1 = a + (mb + 16) * k32;
                     for (long s = 0; s < steps; s++) {
                         const uint16_t *w = wb + s * 1024;
-                        for (int line = 0; line < 2048; line += 64) _mm_prefetch((const char *)w + PREFETCH + line, _MM_HINT_T0);
+                        for (int line = 0; line < 2048; line += 64)  /* this step's two tiles, ahead */
+                            _mm_prefetch((const char *)w + PREFETCH + line, _MM_HINT_T0);
                         _tile_loadd(6, w, 64);
                         _tile_loadd(7, w + 512, 64);
                         _tile_loadd(4, a0 + s * 32, k32 * sizeof(uint16_t));
