@@ -25,8 +25,11 @@ _NEG_INF = float("-inf")
 # A batch whose sampled rows all have top_k up to this filters and races over topk() candidates.
 _TOPK_CANDIDATES_MAX = 1024
 # On CPU, where sorting a whole vocab is slow and a host check is free, top_p first looks for
-# the nucleus among this many candidates and sorts only the rows where it does not fit.
+# the nucleus among this many candidates, then among this many times more for the rows where it
+# does not fit, and so on; a row whose nucleus holds a large share of the vocab is sorted whole.
+# Over 32 rows of 49152 logits on one core: top 256 in 5 ms, top 4096 in 18, a sort in 90.
 _CPU_TOP_P_CANDIDATES = 256
+_CPU_TOP_P_GROWTH = 16
 # Largest sampling scratch (elements per buffer) kept between steps on CPU.
 _CPU_SCRATCH_MAX = 8 << 20
 
@@ -365,11 +368,16 @@ class Sampler:
         vals = scaled.topk(c, dim=-1).values  # [R, C]
         floor, covered = _nucleus_floor(scaled, vals, top_k, top_p, need_total)
         missing = (ranked & ~covered).squeeze(1).nonzero().squeeze(1)  # host check: free on CPU
-        if missing.numel():
+        while missing.numel():
+            c = c * _CPU_TOP_P_GROWTH
             sub = scaled.index_select(0, missing)
-            full = sub.sort(dim=-1, descending=True).values  # [M, V]
-            sub_floor, _ = _nucleus_floor(sub, full, top_k[missing], top_p[missing], need_total)
+            if 2 * c >= V:
+                vals, c = sub.sort(dim=-1, descending=True).values, V  # [M, V]
+            else:
+                vals = sub.topk(c, dim=-1).values  # [M, C]
+            sub_floor, sub_covered = _nucleus_floor(sub, vals, top_k[missing], top_p[missing], need_total)
             floor.index_copy_(0, missing, sub_floor)
+            missing = missing[~sub_covered.squeeze(1)]  # none once sorted whole
         return torch.where(ranked, floor, _NEG_INF), None
 
 

@@ -292,6 +292,27 @@ def test_filters_never_let_a_dropped_token_through(kw, scale):
     assert len(set(got)) >= min(len(allowed), 20) // 2  # and it does not collapse onto a few
 
 
+def test_top_p_on_cpu_widens_its_candidates_until_the_nucleus_fits():
+    """A nucleus within the first candidates, one that needs more, and one that needs the whole row sorted: each
+    row's floor is what sorting the row gives."""
+    from engine import sampler as sampler_module
+
+    V = 20000
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(3, V, generator=g)
+    scaled = torch.stack([base[0] * 6.0, base[1] * 3.0, base[2] * 0.05])  # peaked, wide, nearly flat
+    ps = [SamplingParams(max_tokens=None, top_p=p) for p in (0.9, 0.9, 0.9)]
+    top_k = torch.zeros(3, 1, dtype=torch.int64)
+    top_p = torch.full((3, 1), 0.9)
+    floor, _ = Sampler(V, frozenset({EOS}))._rank_floor(scaled, ps, top_k, top_p)
+    want, _ = sampler_module._nucleus_floor(scaled, scaled.sort(dim=-1, descending=True).values, top_k, top_p, True)
+    torch.testing.assert_close(floor, want)
+    kept = (scaled >= floor).sum(dim=-1).tolist()
+    first = sampler_module._CPU_TOP_P_CANDIDATES
+    more = first * sampler_module._CPU_TOP_P_GROWTH
+    assert kept[0] <= first < kept[1] <= more < kept[2]  # the three paths were taken
+
+
 @pytest.mark.parametrize(
     "kw, keep",
     [
