@@ -34,7 +34,7 @@ from bench.core_scaling import CoreScaling
 from engine import LLM
 from engine.device import TORCH_DTYPES, resolve_dtypes
 from engine.linear import product_path
-from engine.placement import ModelCost, predict_stage_seconds
+from engine.placement import ModelCost, kv_cache_dtype, predict_stage_seconds
 from engine.probe import measure_rates
 
 
@@ -144,7 +144,7 @@ def main() -> None:
     products = {"amx-bf16": "the engine's AMX tile kernel, bf16 weights packed for it",
                 "native-bf16": "oneDNN's native bf16, weights prepacked", "half-kernel": "the engine's half-precision kernel",
                 "upcast": "torch's, on an fp32 copy of the weights", "plain": f"torch's {compute}"}
-    print(f"{compute} activations, {weights} weights; matrix products: "
+    print(f"{compute} activations, {weights} weights, {kv_cache_dtype(compute, weights)} KV cache; matrix products: "
           f"{products[product_path(cpu, TORCH_DTYPES[weights], TORCH_DTYPES[compute])]}")
     # Both engines stay loaded (an idle one costs nothing) and take turns, each round in the other order, so that
     # the two runs of a round see the same spell of a machine whose speed drifts; each round gives a paired ratio.

@@ -93,7 +93,7 @@ def paged_attention(
     gqa = heads != kv_heads
     nd = meta.num_decodes
     if meta.decode_kernel is None:  # every layer's cache is alike: decide once per step
-        meta.decode_kernel = paged_kernel.available(k_cache)
+        meta.decode_kernel = paged_kernel.available(k_cache) and q.dtype == torch.float32
     if nd and meta.decode_kernel:
         decoded = paged_kernel.paged_decode_attention(
             q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, scale)
@@ -111,8 +111,9 @@ def paged_attention(
             meta.gather_v = torch.empty_like(meta.gather_k)
         keys = torch.index_select(k_cache.view(num_blocks, -1), 0, flat, out=meta.gather_k)
         values = torch.index_select(v_cache.view(num_blocks, -1), 0, flat, out=meta.gather_v)
-        keys = keys.view(nd, -1, kv_heads, d).transpose(1, 2)  # [nd, kvh, L, d]
-        values = values.view(nd, -1, kv_heads, d).transpose(1, 2)
+        # A cache held at lower precision than the queries (bf16 under fp32 activations) is widened here.
+        keys = keys.view(nd, -1, kv_heads, d).transpose(1, 2).to(q.dtype)  # [nd, kvh, L, d]
+        values = values.view(nd, -1, kv_heads, d).transpose(1, 2).to(q.dtype)
         o = F.scaled_dot_product_attention(
             q[:nd].unsqueeze(2), keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
         )  # [nd, heads, 1, d]
@@ -124,6 +125,7 @@ def paged_attention(
         else:
             kc = k_cache.view(num_blocks, -1).index_select(0, c.block_table).view(-1, kv_heads, d)[: c.context_len]
             vc = v_cache.view(num_blocks, -1).index_select(0, c.block_table).view(-1, kv_heads, d)[: c.context_len]
+            kc, vc = kc.to(q.dtype), vc.to(q.dtype)
         o = F.scaled_dot_product_attention(
             qc, kc.transpose(0, 1), vc.transpose(0, 1), attn_mask=c.mask, is_causal=c.mask is None,
             scale=scale, enable_gqa=gqa,

@@ -29,7 +29,7 @@ class LayerOps:
         self.heads, self.kv_heads, self.eps = heads, kv_heads, eps
         self.positions, self.slots, self.rope = positions, slots, rope
         self.caches = [layer.unbind(0) for layer in kv_cache.unbind(0)]
-        self.fused = kernel.available(x) and kv_cache.dtype == torch.float32 and kv_cache.is_contiguous()
+        self.fused = kernel.available(x) and kv_cache.dtype in kernel.KV_DTYPES and kv_cache.is_contiguous()
         if self.fused and self.caches:
             slots_per_layer = kv_cache.shape[2] * kv_cache.shape[3]  # blocks x block size
             for name, t, limit in (("position", positions, rope.shape[0]), ("cache slot", slots, slots_per_layer)):
@@ -62,8 +62,8 @@ class LayerOps:
         qk = apply_rotary(qkv[:, : (nh + nkv) * d].view(T, nh + nkv, d), self.cos, self.sin)
         k = qk[:, nh:]
         v = qkv[:, (nh + nkv) * d :].view(T, nkv, d)
-        k_cache.view(-1, nkv, d).index_copy_(0, self.slots, k)
-        v_cache.view(-1, nkv, d).index_copy_(0, self.slots, v)
+        k_cache.view(-1, nkv, d).index_copy_(0, self.slots, k.to(k_cache.dtype))
+        v_cache.view(-1, nkv, d).index_copy_(0, self.slots, v.to(v_cache.dtype))
         return qk[:, :nh], k, v
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:

@@ -243,8 +243,8 @@ class ModelCost:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """One layer, one token, at the compute dtype."""
-        return self.kv_elems_per_token * DTYPE_BYTES[self.compute_dtype]
+        """One layer, one token, at the KV cache's dtype."""
+        return self.kv_elems_per_token * DTYPE_BYTES[kv_cache_dtype(self.compute_dtype, self.weight_dtype)]
 
     @property
     def flops_per_token(self) -> int:
@@ -270,8 +270,19 @@ class ModelCost:
         return 2 * self.head_params
 
 
+def kv_cache_dtype(compute_dtype: str, weight_dtype: str) -> str:
+    """The KV cache's dtype: the compute dtype, but bf16 under fp32 activations over bf16 weights (`auto` on a
+    CPU), as a bf16 model keeps its cache: half the bytes for decode attention to read, twice the tokens per
+    byte. The engine's CPU kernels widen it in registers."""
+    return "bfloat16" if (compute_dtype, weight_dtype) == ("float32", "bfloat16") else compute_dtype
+
+
 def _compute_bytes(cost: ModelCost, device: DeviceInfo) -> int:
     return DTYPE_BYTES[device.dtype or cost.compute_dtype]
+
+
+def _kv_bytes(cost: ModelCost, device: DeviceInfo) -> int:
+    return DTYPE_BYTES[kv_cache_dtype(device.dtype or cost.compute_dtype, cost.weight_dtype)]
 
 
 def stage_weight_bytes(cost: ModelCost, n_layers: int, first: bool, last: bool) -> int:
@@ -286,7 +297,7 @@ def stage_weight_bytes(cost: ModelCost, n_layers: int, first: bool, last: bool) 
 
 
 def stage_kv_bytes_per_token(cost: ModelCost, device: DeviceInfo, n_layers: int) -> int:
-    return n_layers * cost.kv_elems_per_token * _compute_bytes(cost, device)
+    return n_layers * cost.kv_elems_per_token * _kv_bytes(cost, device)
 
 
 def kv_capacity_tokens(cost: ModelCost, device: DeviceInfo, n_layers: int, first: bool, last: bool) -> int:
@@ -324,7 +335,7 @@ def layer_seconds(cost: ModelCost, device: DeviceInfo, batch: int, context_len: 
     products = _matmul_seconds(cost, device, cost.layer_params, cost.layer_out_features, batch)
     # The gather reads whole blocks, padded to the longest context of the batch.
     keys = -(-context_len // block_size) * block_size
-    kv = batch * keys * cost.kv_elems_per_token * cb
+    kv = batch * keys * cost.kv_elems_per_token * _kv_bytes(cost, device)
     attention_rate = device.attention_bandwidth or device.mem_bandwidth / ATTENTION_KV_PASSES
     fused = device.fused_layer_ops
     elementwise_elems = cost.fused_elementwise_elems_per_token if fused else cost.elementwise_elems_per_token
@@ -749,6 +760,7 @@ def _explain_no_fit(ctx: _Context) -> None:
 
 __all__ = [
     "DeviceInfo", "DeviceRequest", "Link", "ModelCost", "PlacementError", "Plan", "StagePlan", "StageTime",
-    "distinct_orders", "kv_capacity_tokens", "layer_seconds", "link_between", "min_max_split", "parse_devices",
-    "plan", "predict_stage_seconds", "stage_fits", "stage_kv_bytes_per_token", "stage_seconds", "stage_weight_bytes",
+    "distinct_orders", "kv_cache_dtype", "kv_capacity_tokens", "layer_seconds", "link_between", "min_max_split",
+    "parse_devices", "plan", "predict_stage_seconds", "stage_fits", "stage_kv_bytes_per_token", "stage_seconds",
+    "stage_weight_bytes",
 ]

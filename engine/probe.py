@@ -21,10 +21,10 @@ from engine.device import TORCH_DTYPES, available_memory
 from engine.kernels import amx_gemm, build, half_gemm, layer_ops
 from engine.kernels import paged_attention as paged_kernel
 from engine.linear import make_linear, product_path
-from engine.placement import GEMM_ROWS, SMALL_GEMM_ROWS, DeviceInfo, DeviceRequest
+from engine.placement import GEMM_ROWS, SMALL_GEMM_ROWS, DeviceInfo, DeviceRequest, kv_cache_dtype
 
 PROFILE_ENV = "STRATA_DEVICE_PROFILE"
-CACHE_VERSION = 6
+CACHE_VERSION = 7
 
 # GEMM shapes: 64 rows like a decode batch (and 8, see SMALL_GEMM_ROWS); weights [out, in]. A GPU gets a large
 # model's MLP shape, so that the kernel, not its launch, is timed.
@@ -171,7 +171,9 @@ def _measure(device: torch.device, dtype: torch.dtype, weight_dtype: torch.dtype
         per_weight, per_feature = _one_row(timer, device, dtype, weight_dtype)
         thin = 2 / per_weight
     op_overhead = min(op_overhead, _op_overhead(device))
-    attention = _attention_bandwidth(device, dtype, timer, op_overhead)
+    names = {v: k for k, v in TORCH_DTYPES.items()}
+    kv_dtype = TORCH_DTYPES[kv_cache_dtype(names[dtype], names[weight_dtype or dtype])]
+    attention = _attention_bandwidth(device, dtype, kv_dtype, timer, op_overhead)
     return {"matmul_flops": matmul_flops, "small_gemm_flops": small_gemm_flops, "mem_bandwidth": mem_bandwidth,
             "op_overhead_s": op_overhead, "thin_matmul_flops": thin, "row_overhead_s": per_feature,
             "attention_bandwidth": attention}
@@ -197,17 +199,18 @@ def _op_overhead(device: torch.device) -> float:
     return best / (2 * n)
 
 
-def _attention_bandwidth(device: torch.device, dtype: torch.dtype, timer: _Timer, op_overhead: float) -> float:
+def _attention_bandwidth(device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype, timer: _Timer,
+                         op_overhead: float) -> float:
     """KV bytes per second through the engine's decode attention (the paged kernel on x86-64 CPUs, else block
-    gather, then SDPA)."""
+    gather, then SDPA), over a cache of kv_dtype under queries of dtype."""
     bs, kvh, hd = _ATTN_BLOCK, _ATTN_KV_HEADS, _ATTN_HEAD_DIM
     if device.type == "cuda":
         seqs, context = _CUDA_ATTN
     else:
         context = _CPU_ATTN_CONTEXT
-        seqs = max(_CPU_ATTN_MIN_SEQS, working_set_bytes(device) // (2 * context * kvh * hd * dtype.itemsize))
+        seqs = max(_CPU_ATTN_MIN_SEQS, working_set_bytes(device) // (2 * context * kvh * hd * kv_dtype.itemsize))
     blocks = -(-context // bs)
-    k_cache = torch.full((seqs * blocks + 1, bs, kvh, hd), 0.01, dtype=dtype, device=device)
+    k_cache = torch.full((seqs * blocks + 1, bs, kvh, hd), 0.01, dtype=kv_dtype, device=device)
     v_cache = torch.full_like(k_cache, 0.01)
     tables = [list(range(i * blocks, (i + 1) * blocks)) for i in range(seqs)]
     slots = [t[-1] * bs + (context - 1) % bs for t in tables]
@@ -215,7 +218,7 @@ def _attention_bandwidth(device: torch.device, dtype: torch.dtype, timer: _Timer
     q = torch.full((seqs, _ATTN_HEADS, hd), 0.01, dtype=dtype, device=device)
     k = torch.full((seqs, kvh, hd), 0.01, dtype=dtype, device=device)
     seconds = timer(lambda: paged_attention(q, k, k, k_cache, v_cache, meta, hd**-0.5), 3)
-    kv_bytes = 2 * seqs * blocks * bs * kvh * hd * dtype.itemsize
+    kv_bytes = 2 * seqs * blocks * bs * kvh * hd * kv_dtype.itemsize
     # The call's fixed host cost is counted per op elsewhere.
     return kv_bytes / max(seconds - _ATTN_OPS * op_overhead, 0.1 * seconds)
 
@@ -258,7 +261,7 @@ def probe_rates(name: str, dtype: str, threads: int | None, weight_dtype: str | 
         kernel = {"half-kernel": half_gemm, "amx-bf16": amx_gemm}.get(path)
         if kernel is not None:
             key += "|" + build.library_name(kernel.SOURCE, kernel.FLAGS)
-    if paged_kernel.available(torch.empty((1, 1, 1, 1), dtype=TORCH_DTYPES[dtype], device=device)):
+    if dtype == "float32" and paged_kernel.available(torch.empty((1, 1, 1, 1), device=device)):
         key += "|" + build.library_name(paged_kernel.SOURCE, paged_kernel.FLAGS)
     path = cache_path()
     cache = _read_cache(path)

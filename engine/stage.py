@@ -30,7 +30,7 @@ from engine.checkpoint import expected_shapes, weight_files
 from engine.config import ModelConfig
 from engine.device import TORCH_DTYPES, available_memory, resolve_dtypes
 from engine.model import StageModel
-from engine.placement import DeviceRequest, parse_devices
+from engine.placement import DeviceRequest, kv_cache_dtype, parse_devices
 from engine.probe import describe_device
 from engine.thread_policy import background_this_thread, background_transport_threads
 from engine.tracing import LayerClock, TraceSettings, Tracing, now_ns, stage_spans
@@ -123,6 +123,7 @@ class StageRunner:
         self.device = torch.device(device)
         self.memory_budget = memory_budget  # bytes for weights plus KV on this device, when the user set one
         self.dtype = TORCH_DTYPES[spec.dtype]
+        self.kv_dtype = TORCH_DTYPES[kv_cache_dtype(spec.dtype, spec.weight_dtype)]
         self.first = spec.stage_index == 0
         self.last = spec.stage_index == spec.num_stages - 1
         model_dir = Path(spec.model_dir)
@@ -155,7 +156,7 @@ class StageRunner:
     @property
     def bytes_per_block(self) -> int:
         n_layers = self.spec.layers[1] - self.spec.layers[0]
-        return n_layers * 2 * self.block_size * self.cfg.kv_size * self.dtype.itemsize
+        return n_layers * 2 * self.block_size * self.cfg.kv_size * self.kv_dtype.itemsize
 
     def capacity_blocks(self) -> int:
         """Called once the weights are loaded, so free memory no longer counts them."""
@@ -175,7 +176,7 @@ class StageRunner:
         # Zeros, not empty: masked-out slots still enter the attention matmul, and garbage could be NaN.
         self.kv_cache = torch.zeros(
             (n_layers, 2, num_blocks, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim),
-            dtype=self.dtype, device=self.device,
+            dtype=self.kv_dtype, device=self.device,
         )
 
     def take_tokens(self, tokens: SampledTokens) -> None:

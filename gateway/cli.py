@@ -11,6 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from engine.placement import kv_cache_dtype
 from engine.stage import add_worker_args, run_worker
 from gateway.plan_command import add_plan_parser, run_plan
 from loadtest.cli import add_arguments as add_bench_arguments
@@ -122,7 +123,9 @@ async def _run(app: web.Application, engine, args, name: str, config) -> int:
         return 1
     ec = engine.engine
     stages = ", ".join(f"{s.device.name} layers {s.layers[0]}-{s.layers[1] - 1}" for s in ec.plan.stages)
+    kv = kv_cache_dtype(ec.dtype, ec.weight_dtype)
     precision = ec.dtype if ec.weight_dtype == ec.dtype else f"{ec.dtype} activations over {ec.weight_dtype} weights"
+    precision += "" if kv == ec.dtype else f" and a {kv} KV cache"
     print(f"strata: serving {name!r} ({ec.model_config.architecture}, {ec.model_config.num_layers} layers, "
           f"{precision}, {ec.scheduler.config.num_blocks} KV blocks, context {ec.max_model_len}) "
           f"from {config.model}", flush=True)

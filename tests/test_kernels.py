@@ -146,16 +146,17 @@ def test_without_a_compiler_torch_does_the_work(monkeypatch, tmp_path, caplog):
 
 @pytest.mark.parametrize("heads,kv_heads,d", [(4, 2, 16), (9, 3, 64), (8, 8, 128), (6, 2, 20), (2, 1, 256)])
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_paged_decode_attention_matches_the_gathered_path(monkeypatch, heads, kv_heads, d, block_size):
-    """Contexts of 1 to 70 tokens over shuffled blocks: the kernel equals gather + SDPA."""
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_matches_the_gathered_path(monkeypatch, heads, kv_heads, d, block_size, kv_dtype):
+    """Contexts of 1 to 70 tokens over shuffled blocks of an fp32 or bf16 cache: the kernel equals gather + SDPA."""
     if not paged_attention.available(torch.zeros(1)):
         pytest.skip("kernel not built here")
     g = torch.Generator().manual_seed(heads * d + block_size)
     lens = [1, 7, 8, 9, 16, 33, 70]
     per_seq = [-(-n // block_size) for n in lens]
     num_blocks = sum(per_seq) + 2
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=g)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=g)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=g).to(kv_dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=g).to(kv_dtype)
     order = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
     tables = []
     for n in per_seq:
@@ -222,6 +223,8 @@ def test_paged_decode_attention_takes_strided_queries_and_refuses_bad_tables():
         paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens + 100, 0.25)
     with pytest.raises(ValueError):
         paged_attention.paged_decode_attention(q.double(), k_cache, v_cache, tables, lens, 0.25)
+    with pytest.raises(ValueError):  # keys and values held alike
+        paged_attention.paged_decode_attention(q, k_cache.bfloat16(), v_cache, tables, lens, 0.25)
 
 
 def test_packed_weights_refuse_what_torch_would():

@@ -26,7 +26,8 @@ def _ops(monkeypatch, fused: bool, x, positions, slots, kv_cache) -> LayerOps:
 
 @pytest.mark.parametrize("tokens", [1, 5, 1000])  # 1000 rows: shared among threads
 @pytest.mark.parametrize("threads", [1, 2])
-def test_fused_steps_equal_torch_steps(monkeypatch, tokens, threads):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_fused_steps_equal_torch_steps(monkeypatch, tokens, threads, kv_dtype):
     g = torch.Generator().manual_seed(tokens)
     hidden, inter = 72, 100  # not multiples of 8: the scalar tails run too
     x = torch.randn(tokens, hidden, generator=g) * 3
@@ -42,7 +43,7 @@ def test_fused_steps_equal_torch_steps(monkeypatch, tokens, threads):
     try:
         results = []
         for fused in (True, False):
-            cache = torch.zeros(1, 2, BLOCKS, BLOCK_SIZE, KV_HEADS, D)
+            cache = torch.zeros(1, 2, BLOCKS, BLOCK_SIZE, KV_HEADS, D, dtype=kv_dtype)
             xs = x.clone()
             ops = _ops(monkeypatch, fused, xs, positions, slots, cache)
             h = ops.add_norm(xs, delta, weight)
@@ -80,6 +81,26 @@ def test_out_of_range_positions_and_slots_are_refused(monkeypatch):
         _ops(monkeypatch, True, x, torch.tensor([0, 1]), torch.tensor([0, BLOCKS * BLOCK_SIZE]), cache)
     with pytest.raises(IndexError, match="cache slot"):
         _ops(monkeypatch, True, x, torch.tensor([0, 1]), torch.tensor([-1, 0]), cache)
+
+
+def test_a_bf16_cache_gets_what_torch_rounds_to(monkeypatch):
+    """New keys and values written to a bf16 cache: rounded to nearest even, as torch rounds, bit for bit, with
+    infinities, overflow and subnormals; a NaN stays a NaN."""
+    special = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 3.39e38, -3.39e38, 1e-39,
+                            -1e-40, 0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8])
+    qkv = torch.randn(3, (HEADS + 2 * KV_HEADS) * D)
+    qkv[:, HEADS * D : HEADS * D + special.numel()] = special  # keys
+    qkv[:, -special.numel():] = special  # values
+    positions, slots = torch.tensor([0, 5, 9]), torch.tensor([3, 0, 17])
+    caches = []
+    for fused in (True, False):
+        cache = torch.zeros(1, 2, BLOCKS, BLOCK_SIZE, KV_HEADS, D, dtype=torch.bfloat16)
+        ops = _ops(monkeypatch, fused, torch.zeros(3, 8), positions, slots, cache)
+        ops.rotary_into_cache(qkv.clone(), 0)
+        caches.append(cache)
+    got, want = caches
+    assert torch.equal(got.isnan(), want.isnan())  # a NaN's payload is torch's own choice, path by path
+    assert torch.equal(got.nan_to_num(0.0).view(torch.int16), want.nan_to_num(0.0).view(torch.int16))
 
 
 def test_a_stage_without_layers_needs_no_checks():

@@ -234,7 +234,9 @@ def test_model_cost_from_config_counts_a_llama_layer():
     cost = ModelCost.from_config(cfg, "float32", "bfloat16")
     assert cost.layer_params == 576 * (576 + 2 * 192) + 576 * 576 + 3 * 576 * 1536 + 2 * 576
     assert cost.layer_weight_bytes == 2 * cost.layer_params
-    assert cost.kv_bytes_per_token == 2 * 192 * 4
+    assert cost.kv_bytes_per_token == 2 * 192 * 2  # bf16 KV under fp32 activations over bf16 weights
+    assert ModelCost.from_config(cfg, "float32", "float32").kv_bytes_per_token == 2 * 192 * 4
+    assert ModelCost.from_config(cfg, "float16", "float16").kv_bytes_per_token == 2 * 192 * 2
     assert cost.flops_per_token == 2 * cost.layer_params
     assert cost.activation_bytes == 576 * 4
     assert cost.head_flops == 2 * (8192 * 576 + 576)

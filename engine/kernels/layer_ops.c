@@ -4,7 +4,7 @@
  * new keys and values into the paged cache and gates its MLP. In torch that is some thirty
  * small kernels per layer, each a pass over memory and a few microseconds of dispatch: at a
  * pipeline stage's micro-batch of 32 decodes, more time than the work itself. Here each is
- * one call and one pass. Built with -ffp-contract=off, so that a product and a sum round
+ * one call and one pass. The KV cache it writes holds fp32, or bf16 rounded as torch rounds. Built with -ffp-contract=off, so that a product and a sum round
  * separately, as torch's kernels round them: rotation and gating give torch's own bits.
  * Rows are shared among OpenMP threads when there are enough of them.
  */
@@ -66,19 +66,37 @@ static inline void rotate(float *x, const float *cos, const float *sin, long d) 
     }
 }
 
+/* fp32 -> bf16, rounded to nearest even; a NaN stays a (quiet) NaN. torch rounds the same way. */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline void store_kv(void *cache, long slot, const float *x, long n, int bf16) {
+    if (!bf16) {
+        memcpy((float *)cache + slot * n, x, n * sizeof(float));
+        return;
+    }
+    uint16_t *dst = (uint16_t *)cache + slot * n;
+    for (long i = 0; i < n; i++) dst[i] = to_bf16(x[i]);
+}
+
 /* qkv: [T, (heads + 2 kv_heads) d], each row q | k | v. Rotates q and k in place by each token's position
  * (table: [positions, 2, d], cos then sin), then copies k and v into the caches' slots: caches are
- * [slots, kv_heads, d], token t's at slot slots[t]. */
+ * [slots, kv_heads, d], fp32 or (kv_bf16) bf16, token t's at slot slots[t]. */
 void rotary_into_cache(float *qkv, long T, long heads, long kv_heads, long d, const int64_t *positions,
-                       const float *table, const int64_t *slots, float *k_cache, float *v_cache, int threads) {
+                       const float *table, const int64_t *slots, void *k_cache, void *v_cache, int kv_bf16,
+                       int threads) {
     long row = (heads + 2 * kv_heads) * d, kv_row = kv_heads * d;
 #pragma omp parallel for schedule(static) num_threads(threads) if (T * row >= PARALLEL_ELEMS)
     for (long t = 0; t < T; t++) {
         float *x = qkv + t * row;
         const float *cos = table + positions[t] * 2 * d, *sin = cos + d;
         for (long h = 0; h < heads + kv_heads; h++) rotate(x + h * d, cos, sin, d);
-        memcpy(k_cache + slots[t] * kv_row, x + heads * d, kv_row * sizeof(float));
-        memcpy(v_cache + slots[t] * kv_row, x + (heads + kv_heads) * d, kv_row * sizeof(float));
+        store_kv(k_cache, slots[t], x + heads * d, kv_row, kv_bf16);
+        store_kv(v_cache, slots[t], x + (heads + kv_heads) * d, kv_row, kv_bf16);
     }
 }
 

@@ -24,9 +24,12 @@ def _library() -> ctypes.CDLL | None:
     c_long, ptr, c_int = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
     return build.load_kernel(SOURCE, FLAGS, CPU_FEATURES, {
         "add_rms_norm": ([ptr, ptr, ptr, ptr, c_long, c_long, ctypes.c_float, c_int], None),
-        "rotary_into_cache": ([ptr, c_long, c_long, c_long, c_long, ptr, ptr, ptr, ptr, ptr, c_int], None),
+        "rotary_into_cache": ([ptr, c_long, c_long, c_long, c_long, ptr, ptr, ptr, ptr, ptr, c_int, c_int], None),
         "silu_mul": ([ptr, ptr, c_long, c_long, c_int], None),
     })
+
+
+KV_DTYPES = (torch.float32, torch.bfloat16)  # what the KV cache may hold
 
 
 def available(x: torch.Tensor) -> bool:
@@ -63,8 +66,13 @@ def rotary_into_cache(qkv: torch.Tensor, heads: int, kv_heads: int, positions: t
 
 def check_rotary(heads: int, kv_heads: int, positions: torch.Tensor, table: torch.Tensor, slots: torch.Tensor,
                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    """What rotary_into_checked_cache assumes of everything but qkv (index ranges aside): once per forward pass."""
-    _fp32(table, k_cache, v_cache)
+    """What rotary_into_checked_cache assumes of everything but qkv (index ranges aside): once per forward pass.
+    The caches hold fp32, or bf16 (each value rounded to nearest even as it is written)."""
+    _fp32(table)
+    if (k_cache.dtype not in KV_DTYPES or v_cache.dtype != k_cache.dtype or not k_cache.is_contiguous()
+            or not v_cache.is_contiguous() or k_cache.device.type != "cpu" or v_cache.device.type != "cpu"):
+        raise ValueError(f"rotary_into_cache: caches must be contiguous fp32 or bf16 CPU tensors alike, got "
+                         f"{k_cache.dtype} and {v_cache.dtype}")
     d = table.shape[-1]
     T = positions.shape[0] if positions.dim() == 1 else -1
     if (k_cache.shape != v_cache.shape or k_cache.shape[-1] != d or k_cache.shape[-2] != kv_heads
@@ -85,7 +93,8 @@ def rotary_into_checked_cache(qkv: torch.Tensor, heads: int, kv_heads: int, posi
         raise ValueError(f"rotary_into_cache: qkv must be contiguous fp32 [{T}, {(heads + 2 * kv_heads) * d}], "
                          f"got {qkv.dtype} {list(qkv.shape)}")
     _library().rotary_into_cache(qkv.data_ptr(), T, heads, kv_heads, d, positions.data_ptr(), table.data_ptr(),
-                                 slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), torch.get_num_threads())
+                                 slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                 int(k_cache.dtype == torch.bfloat16), torch.get_num_threads())
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -23,14 +23,17 @@ CPU_FEATURES = ("avx2", "fma")
 def _library() -> ctypes.CDLL | None:
     c_long, ptr = ctypes.c_long, ctypes.c_void_p
     return build.load_kernel(SOURCE, FLAGS, CPU_FEATURES, {
-        "paged_decode_attention": ([ptr, c_long, ptr, ptr, ptr, ptr, c_long, c_long, c_long, c_long, c_long,
-                                    c_long, ctypes.c_float, ptr, ctypes.c_int], ctypes.c_int),
+        "paged_decode_attention": ([ptr, c_long, ptr, ptr, ctypes.c_int, ptr, ptr, c_long, c_long, c_long, c_long,
+                                    c_long, c_long, ctypes.c_float, ptr, ctypes.c_int], ctypes.c_int),
     })
+
+
+KV_DTYPES = (torch.float32, torch.bfloat16)  # what the cache may hold; queries and outputs are fp32
 
 
 def available(k_cache: torch.Tensor) -> bool:
     """Whether decode attention over this cache (one layer's keys, or values) runs on the kernel."""
-    return (k_cache.device.type == "cpu" and k_cache.dtype == torch.float32 and k_cache.is_contiguous()
+    return (k_cache.device.type == "cpu" and k_cache.dtype in KV_DTYPES and k_cache.is_contiguous()
             and _library() is not None)
 
 
@@ -51,7 +54,7 @@ def _check_ranges(tables: torch.Tensor, lens: torch.Tensor, num_blocks: int, blo
 
 def paged_decode_attention(
     q: torch.Tensor,  # [n, heads, d] fp32; rows may be strided (a view of fused qkv rows)
-    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, d], contiguous
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, d], contiguous, fp32 or bf16
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,  # [n, max_blocks] int64
     context_lens: torch.Tensor,  # [n] int64
@@ -64,13 +67,15 @@ def paged_decode_attention(
     tables = _int64(block_tables)
     lens = _int64(context_lens)
     # The shapes and dtypes the C code assumes.
-    if (q.dtype != torch.float32 or v_cache.shape != k_cache.shape or not v_cache.is_contiguous()
+    if (q.dtype != torch.float32 or k_cache.dtype not in KV_DTYPES or v_cache.dtype != k_cache.dtype
+            or v_cache.shape != k_cache.shape or not v_cache.is_contiguous() or not k_cache.is_contiguous()
             or k_cache.shape[3] != d or heads % kv_heads or tables.shape[0] != n or lens.shape != (n,)):
         raise ValueError("paged_decode_attention: inconsistent shapes or dtypes")
     _check_ranges(tables, lens, num_blocks, block_size)
     out = q.new_empty((n, heads, d))
     status = _library().paged_decode_attention(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
+        tables.data_ptr(), lens.data_ptr(),
         n, heads, kv_heads, d, block_size, tables.shape[1], scale, out.data_ptr(), torch.get_num_threads(),
     )
     if status:
