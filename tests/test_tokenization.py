@@ -498,3 +498,20 @@ def test_training_without_chat_template(tmp_path):
     assert tok.encode("tiny")[0] == tok.bos_token_id
     with pytest.raises(ValueError):
         train_bpe_tokenizer(["x"], 100, tmp_path / "small")
+
+
+
+def test_a_long_stop_string_costs_memory_linear_in_its_length():
+    import tracemalloc
+
+    stop = "ab" * 50_000  # 100 000 characters: every prefix of it would be 5 GB
+    tracemalloc.start()
+    try:
+        matcher = StopMatcher([stop])
+        out, stopped = matcher.feed("ab" * 49_999 + "a")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (out, stopped) == ("", False)  # all of it might still become the stop string
+    assert peak < 20 * len(stop) * 8  # a table of ints and the held text, nothing quadratic
+    assert matcher.feed("b") == ("", True)
