@@ -69,3 +69,5 @@ class StepOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     timings: list[tuple[int, float, float]] = field(default_factory=list)  # the Batch's, one entry per stage
     trace: dict | None = None  # the Batch's trace context, with the last stage's send time
+    # Sequences the last stage could not sample, and why; each fails alone (its token is a placeholder).
+    errors: dict[int, str] | None = None

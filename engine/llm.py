@@ -49,6 +49,7 @@ class LLM:
                 if d.finished:
                     r.finish_reason = d.finish_reason
                     r.num_cached_tokens = d.num_cached_tokens
+                    r.error = d.error
                     if (span := spans.pop(d.seq_id)) is not None:
                         span.set_attribute("gen_ai.response.finish_reasons", [d.finish_reason])
                         span.set_attribute("gen_ai.usage.input_tokens", len(r.prompt_token_ids))

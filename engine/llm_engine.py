@@ -259,6 +259,14 @@ class LLMEngine:
             stream = self._streams.get(seq.seq_id)
             if stream is None:
                 continue
+            if out.errors and seq.seq_id in out.errors:
+                # Its token is a placeholder: the sequence ends here, and so does its request (engine errors).
+                self.scheduler.abort(seq.seq_id)
+                del self._streams[seq.seq_id]
+                deltas.append(SeqDelta(seq.seq_id, "", [], None, True, FinishReason.ABORT.value, seq.num_prompt_tokens,
+                                       len(seq.output_token_ids) - 1, seq.num_cached_tokens,
+                                       error=f"sampling failed: {out.errors[seq.seq_id]}"))
+                continue
             token = u.new_token_ids[0]
             logprobs = None
             if seq.params.logprobs is not None and lp_index is not None:

@@ -25,6 +25,7 @@ class SeqDelta:
     num_output_tokens: int
     num_cached_tokens: int
     queued_s: float = 0.0  # from arrival to the first step that scheduled it
+    error: str | None = None  # the engine could not go on with this sequence (finish_reason "abort")
 
 
 @dataclass(slots=True)
@@ -37,3 +38,4 @@ class CompletionOutput:
     logprobs: list[TokenLogprob] | None = None
     prompt_token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
+    error: str | None = None  # why the engine gave up on it, when it did

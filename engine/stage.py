@@ -35,6 +35,7 @@ from engine.probe import describe_device
 from engine.thread_policy import background_this_thread, background_transport_threads
 from engine.tracing import LayerClock, TraceSettings, Tracing, now_ns, stage_spans
 from engine.sampler import Sampler, SamplingRow
+from engine.sampler import SampledTokens as HostSamples
 
 DRIVER_RANK = 0
 DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -42,7 +43,7 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 # another release is told so in words rather than failing on a message it cannot read. Bump the version whenever
 # a message class changes.
 GREETING = "strata pipeline"
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 
 
 class VersionMismatch(Exception):
@@ -250,15 +251,43 @@ class StageRunner:
                 return hidden_out, StepOutput(batch.batch_id, [], []), None
             logits = self.model.logits(hidden_out[torch.tensor(sample_rows, device=dev)])
             rows = [self.rows[s] for s in sample_ids]
-            sampled = self.sampler(logits, rows).to_host()
+            sampled, errors = self._sample(logits, rows, sample_ids)
         for row, tok in zip(rows, sampled.token_ids):
             row.output_token_ids.append(tok)
         tokens = SampledTokens(sample_ids, sample_pos, sampled.token_ids)
         if self.first:
             self.take_tokens(tokens)
             tokens = None
-        out = StepOutput(batch.batch_id, sample_ids, sampled.token_ids, sampled.logprobs, sampled.top)
+        out = StepOutput(batch.batch_id, sample_ids, sampled.token_ids, sampled.logprobs, sampled.top, errors=errors)
         return hidden_out, out, tokens
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow],
+                seq_ids: list[int]) -> tuple[HostSamples, dict[int, str] | None]:
+        """The batch's samples, and per sequence that could not be sampled, why. A failure is one request's, not
+        the pipeline's: the rows are then sampled one by one, and a row that fails alone gets token 0 (a step
+        scheduled ahead of it computes that, and the driver drops it) and its error, which fails that request."""
+        try:
+            return self.sampler(logits, rows).to_host(), None
+        except Exception:
+            pass
+        token_ids: list[int] = []
+        logprobs: list[float] = []
+        top: list[list[tuple[int, float]]] = []
+        errors: dict[int, str] = {}
+        for i, (row, seq_id) in enumerate(zip(rows, seq_ids)):
+            try:
+                one = self.sampler(logits[i:i + 1], [row]).to_host()
+            except Exception as e:
+                traceback.print_exc()
+                errors[seq_id] = _one_line(e)
+                token_ids.append(0)
+                logprobs.append(0.0)
+                top.append([])
+                continue
+            token_ids.append(one.token_ids[0])
+            logprobs.append(one.logprobs[0] if one.logprobs is not None else 0.0)
+            top.append(one.top[0] if one.top is not None else [])
+        return HostSamples(token_ids, logprobs, top), errors or None
 
 
 def serve(rank: int, world_size: int, request: DeviceRequest, threads: int | None, model_dir: str | None) -> None:

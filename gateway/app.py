@@ -1,23 +1,31 @@
 """The aiohttp application: middleware, state, and the routes that are not completions."""
 from __future__ import annotations
 
-import json
+import asyncio
+import hmac
+import logging
+import secrets
 import time
 from importlib.metadata import PackageNotFoundError, version as _pkg_version
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from engine.outputs import SeqDelta
+from gateway.connections import request_started
 from gateway.dashboard import Dashboard
 from gateway.engine_client import AsyncEngine, EngineStats
 from gateway.errors import APIError, bad_request
+from gateway.limits import ServerLimits
 from gateway.metrics import Metrics
-from gateway.openai_routes import Choice, OpenAIRoutes
+from gateway.openai_routes import Choice, OpenAIRoutes, chat_messages, off_loop
 from gateway.openapi import openapi_document
 from gateway.protocol import DetokenizeRequest, TokenizeRequest
+from gateway.request_body import read_model
 from gateway.request_tracing import server_spans
-from tokenization import TokenizerError
+from tokenization import Tokenizer, TokenizerError
+
+log = logging.getLogger("strata.gateway")
 
 try:
     VERSION = _pkg_version("strata")
@@ -25,25 +33,64 @@ except PackageNotFoundError:  # running from a source tree
     VERSION = "0.1.0"
 
 OPEN_PATHS = {"/health", "/version", "/metrics", "/openapi.json"}
-MAX_BODY = 32 * 2**20
+DASHBOARD_PATHS = {"/dashboard", "/dashboard/data"}
+DASHBOARD_COOKIE = "strata_dashboard"
 
 
 class ServerState:
-    def __init__(self, engine: AsyncEngine, served_name: str, api_key: str | None, max_queue: int) -> None:
+    def __init__(self, engine: AsyncEngine, served_name: str, api_key: str | None, max_queue: int,
+                 limits: ServerLimits) -> None:
         self.engine = engine
         self.served_name = served_name
         self.model_names = {served_name}
         self.api_key = api_key
+        # The dashboard's browser session: the key is checked once, then this token rides in a cookie, so the key
+        # never stays in a URL (history, logs, Referer headers).
+        self.dashboard_session = secrets.token_urlsafe(32)
         self.max_queue = max_queue
+        self.limits = limits
+        tok = engine.tokenizer
+        # No text longer than this fits the context whatever it says: each token is at most max_token_bytes long.
+        self.max_prompt_chars = engine.max_model_len * tok.max_token_bytes if tok is not None else 0
         self.metrics = Metrics(served_name)
         self.dashboard = Dashboard(self)
         self.active = 0
+        self.sinks: set[asyncio.Queue] = set()  # one per open completion request
         self.draining = False
         self.started = int(time.time())
         engine.on_step = self._on_step
 
     # ---- admission and parsing ---------------------------------------------------------
+    def tokenizer(self) -> Tokenizer:
+        if self.engine.tokenizer is None:
+            raise bad_request("this checkpoint has no tokenizer (tokenizer.json): send prompts as token ids",
+                              code="no_tokenizer")
+        return self.engine.tokenizer
+
+    def check_fits(self, num_seqs: int) -> None:
+        """A request the queue could never hold is the client's mistake, not a reason to retry."""
+        if num_seqs > self.max_queue:
+            raise bad_request(f"this request asks for {num_seqs} sequences (prompts x n), and the server queues "
+                              f"at most {self.max_queue}: it can never be admitted; send fewer at a time",
+                              code="too_many_sequences")
+
+    def check_chars(self, chars: int, param: str) -> None:
+        """Refuse text that cannot fit in the context before any time goes into tokenizing it."""
+        if chars > self.max_prompt_chars:
+            limit = self.engine.max_model_len
+            raise bad_request(f"This model's maximum context length is {limit} tokens of at most "
+                              f"{self.max_prompt_chars // limit} bytes each, and the {param} has {chars} characters.",
+                              param, "context_length_exceeded")
+
+    def cut_streams(self) -> None:
+        """Tell every open request that the server is going away: its stream ends with this error event."""
+        err = APIError(503, "the server is shutting down and this request did not finish in time",
+                       code="server_shutting_down", err_type="server_error")
+        for sink in self.sinks:
+            sink.put_nowait((None, err))
+
     def admit(self, num_seqs: int) -> None:
+        self.check_fits(num_seqs)
         if self.draining:
             raise APIError(503, "the server is shutting down", code="server_shutting_down", err_type="server_error")
         if self.engine.dead:
@@ -55,20 +102,7 @@ class ServerState:
                            f"(limit {self.max_queue}); retry later", code="queue_full", headers={"Retry-After": "1"})
 
     async def parse(self, request: web.Request, model: type[BaseModel]):
-        ctype = request.headers.get("Content-Type", "")
-        if not ctype.split(";")[0].strip().lower() == "application/json":
-            raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}", code="unsupported_media_type")
-        raw = await request.read()
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise bad_request("the request body must be a JSON object", code="invalid_json")
-        try:
-            return model.model_validate(data)
-        except ValidationError as e:
-            raise validation_error(e) from None
+        return await read_model(request, model, self.limits.body_timeout_s)
 
     # ---- metrics -----------------------------------------------------------------------
     def _on_step(self, deltas: list[SeqDelta], stats: EngineStats) -> None:
@@ -102,16 +136,28 @@ class ServerState:
                 genai["time_per_output_token"].observe((now - c.first_at) / (d.num_output_tokens - 1))
 
 
-def validation_error(e: ValidationError) -> APIError:
-    err = e.errors()[0]
-    loc = [str(x) for x in err["loc"] if not isinstance(x, int)] or ["body"]
-    param = ".".join(loc)
-    if err["type"] == "extra_forbidden":
-        return bad_request(f"unsupported field '{param}': this server does not implement it", param, "unsupported_field")
-    if param.startswith("response_format"):
-        return bad_request("unsupported response_format: only {\"type\": \"text\"} is implemented", "response_format",
-                           "unsupported_field")
-    return bad_request(f"invalid value for '{param}': {err['msg']}", param)
+def _authorized(state: ServerState, request: web.Request) -> bool:
+    key = state.api_key
+    auth = request.headers.get("Authorization", "")
+    if hmac.compare_digest(auth.encode(), f"Bearer {key}".encode()):
+        return True
+    if request.path in DASHBOARD_PATHS:
+        cookie = request.cookies.get(DASHBOARD_COOKIE, "")
+        return hmac.compare_digest(cookie.encode(), state.dashboard_session.encode())
+    return False
+
+
+def _dashboard_login(state: ServerState, request: web.Request) -> web.Response | None:
+    """GET /dashboard?key=K, as a browser opens it: with the right key, a session cookie and a redirect to the
+    same page without the key in its URL."""
+    key = request.query.get("key")
+    if request.path != "/dashboard" or key is None or not state.api_key:
+        return None
+    if not hmac.compare_digest(key.encode(), state.api_key.encode()):
+        raise APIError(401, "Incorrect API key.", code="invalid_api_key")
+    resp = web.HTTPSeeOther("/dashboard", headers={"Referrer-Policy": "no-referrer"})
+    resp.set_cookie(DASHBOARD_COOKIE, state.dashboard_session, path="/dashboard", httponly=True, samesite="Strict")
+    return resp
 
 
 @web.middleware
@@ -119,20 +165,27 @@ async def errors_and_auth(request: web.Request, handler):
     state: ServerState = request.app["state"]
     try:
         if state.api_key and request.path not in OPEN_PATHS and request.method != "OPTIONS":
-            auth = request.headers.get("Authorization", "")
-            if request.path == "/dashboard" and request.query.get("key"):
-                # A browser opening the page cannot send a header; the page then sends it on every poll.
-                auth = f"Bearer {request.query['key']}"
-            if auth != f"Bearer {state.api_key}":
+            login = _dashboard_login(state, request)
+            if login is not None:
+                return login
+            if not _authorized(state, request):
                 raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
                                code="invalid_api_key")
         return await handler(request)
     except APIError as e:
         return e.response()
     except web.HTTPException as e:
-        if e.status >= 400:
-            return APIError(e.status, e.reason or "error").response()
+        if e.status < 400:
+            raise
+        headers = {k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after")}
+        return APIError(e.status, e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason,
+                        headers=headers).response()
+    except (asyncio.CancelledError, ConnectionError):
         raise
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return APIError(500, "the server failed to handle this request; the error is in its log",
+                        code="internal_error").response()
 
 
 async def health(request: web.Request) -> web.Response:
@@ -158,31 +211,39 @@ async def models(request: web.Request) -> web.Response:
 async def tokenize(request: web.Request) -> web.Response:
     state: ServerState = request.app["state"]
     req: TokenizeRequest = await state.parse(request, TokenizeRequest)
-    tok = state.engine.tokenizer
+    tok = state.tokenizer()
     if (req.prompt is None) == (req.messages is None):
         raise bad_request("give exactly one of prompt or messages", "prompt")
     if req.prompt is not None:
-        ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        state.check_chars(len(req.prompt), "prompt")
+        ids = await off_loop(tok.encode, req.prompt, req.add_special_tokens)
     else:
-        # the same roles the chat route renders, so the count matches its prompt_tokens
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.content if isinstance(m.content, str) else
-                 "\n".join(p.text for p in (m.content or []))} for m in req.messages]
-        try:
-            text = tok.apply_chat_template(msgs, add_generation_prompt=req.add_generation_prompt)
-        except TokenizerError as e:
-            raise bad_request(str(e), "messages") from None
-        ids = tok.encode(text, add_special_tokens=False)
+        msgs = chat_messages(req.messages)  # as the chat route renders them, so the count matches its prompt_tokens
+        state.check_chars(sum(len(m["content"]) for m in msgs), "messages")
+
+        def render_and_encode() -> list[int]:
+            try:
+                text = tok.apply_chat_template(msgs, add_generation_prompt=req.add_generation_prompt)
+            except TokenizerError as e:
+                raise bad_request(str(e), "messages") from None
+            return tok.encode(text, add_special_tokens=False)
+
+        ids = await off_loop(render_and_encode)
     return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": state.engine.max_model_len})
 
 
 async def detokenize(request: web.Request) -> web.Response:
     state: ServerState = request.app["state"]
     req: DetokenizeRequest = await state.parse(request, DetokenizeRequest)
+    tok = state.tokenizer()
+    if len(req.tokens) > state.engine.max_model_len:
+        raise bad_request(f"{len(req.tokens)} tokens are more than this model's context ({state.engine.max_model_len})",
+                          "tokens", "context_length_exceeded")
     vocab = state.engine.model_config.vocab_size
     bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
     if bad is not None:
         raise bad_request(f"token id {bad} is outside the vocabulary (0..{vocab - 1})", "tokens")
-    return web.json_response({"prompt": state.engine.tokenizer.decode(req.tokens, skip_special_tokens=False)})
+    return web.json_response({"prompt": tok.decode(req.tokens, skip_special_tokens=False)})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -195,9 +256,12 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(request.app["openapi"])
 
 
-def create_app(engine: AsyncEngine, served_name: str, api_key: str | None = None, max_queue: int = 1024) -> web.Application:
-    app = web.Application(middlewares=[server_spans, errors_and_auth], client_max_size=MAX_BODY)
-    state = ServerState(engine, served_name, api_key, max_queue)
+def create_app(engine: AsyncEngine, served_name: str, api_key: str | None = None, max_queue: int = 1024,
+               limits: ServerLimits | None = None) -> web.Application:
+    limits = limits or ServerLimits()
+    app = web.Application(middlewares=[request_started, server_spans, errors_and_auth],
+                          client_max_size=limits.max_body_bytes)
+    state = ServerState(engine, served_name, api_key, max_queue, limits)
     app["state"] = state
     app.router.add_get("/dashboard", state.dashboard.page)
     app.router.add_get("/dashboard/data", state.dashboard.data)

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from engine.placement import kv_cache_dtype
 from engine.stage import add_worker_args, run_worker
+from gateway.connections import listen
 from gateway.plan_command import add_plan_parser, run_plan
 from loadtest.cli import add_arguments as add_bench_arguments
 from loadtest.cli import run as run_bench
@@ -88,10 +89,18 @@ def serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
+    from engine.device import parse_size
     from engine.errors import CheckpointError
     from gateway.app import create_app
     from gateway.engine_client import AsyncEngine
+    from gateway.limits import ServerLimits
 
+    try:
+        limits = ServerLimits(max_body_bytes=parse_size(args.max_body_size), header_timeout_s=args.header_timeout,
+                              body_timeout_s=args.body_timeout, max_connections=args.max_connections)
+    except ValueError as e:
+        print(f"strata: error: {e}", file=sys.stderr)
+        return 2
     try:
         config = engine_config(args)
         engine = AsyncEngine(config)
@@ -102,7 +111,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"strata: error: cannot start the engine: {e}", file=sys.stderr)
         return 1
     name = args.served_model_name or Path(config.model).name
-    app = create_app(engine, name, args.api_key, args.max_queue)
+    app = create_app(engine, name, args.api_key, args.max_queue, limits)
     return asyncio.run(_run(app, engine, args, name, config))
 
 
@@ -113,9 +122,8 @@ async def _run(app: web.Application, engine, args, name: str, config) -> int:
     # --drain-timeout, so it only gets a moment to flush finished responses before cancelling the rest.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port)
     try:
-        await site.start()
+        listener = await listen(runner, args.host, args.port, app["state"].limits)
     except OSError as e:
         print(f"strata: error: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
         await runner.cleanup()
@@ -148,10 +156,20 @@ async def _run(app: web.Application, engine, args, name: str, config) -> int:
         deadline = time.monotonic() + args.drain_timeout
         while state.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if state.active:
+            # What is still open is cut, but told so first: an error event, not a stream that merely stops.
+            state.cut_streams()
+            deadline = time.monotonic() + CUT_GRACE_S
+            while state.active and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+    listener.close()
     await runner.cleanup()
     await engine.stop()
     print("strata: stopped", flush=True)
     return code
+
+
+CUT_GRACE_S = 2.0  # for the requests cut at the drain deadline to send their error
 
 
 async def _watch_engine(engine, stop: asyncio.Event) -> None:
@@ -176,6 +194,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="waiting requests beyond which new ones get 429")
     g.add_argument("--drain-timeout", type=float, default=_env("drain_timeout", "30"),
                    help="seconds SIGTERM waits for open streams")
+    g.add_argument("--max-body-size", default=_env("max_body_size", "8MiB"),
+                   help="largest request body; a larger one gets 413 unread")
+    g.add_argument("--header-timeout", type=float, default=_env("header_timeout", "10"),
+                   help="seconds a connection has to send a whole request head, from its first byte")
+    g.add_argument("--body-timeout", type=float, default=_env("body_timeout", "60"),
+                   help="seconds to send a request's body once its head is in")
+    g.add_argument("--max-connections", type=int, default=_env("max_connections", "2048"),
+                   help="open connections beyond which new ones get 503 and are closed")
     w = sub.add_parser("worker", help="join a pipeline as one stage (rendezvous from MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)")
     add_worker_args(w)
     add_plan_parser(sub)

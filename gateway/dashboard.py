@@ -141,7 +141,7 @@ class Dashboard:
     # ---- routes ---------------------------------------------------------------------------
     async def page(self, request: web.Request) -> web.Response:
         html = resources.files("gateway").joinpath("dashboard.html").read_text()
-        return web.Response(text=html, content_type="text/html")
+        return web.Response(text=html, content_type="text/html", headers={"Referrer-Policy": "no-referrer"})
 
     async def data(self, request: web.Request) -> web.Response:
         if not self.snapshot:

@@ -17,6 +17,18 @@ from gateway.request_tracing import GenAISpan
 from tokenization import TokenizerError
 
 
+async def off_loop(fn, *args):
+    """Run fn in the loop's thread pool: tokenizing megabytes takes seconds, and no other client may wait on it."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def chat_messages(messages) -> list[dict]:
+    """The messages as the chat template takes them: developer is system, parts are joined, no content is ''."""
+    return [{"role": "system" if m.role == "developer" else m.role,
+             "content": m.content if isinstance(m.content, str)
+             else "\n".join(part.text for part in m.content or [])} for m in messages]
+
+
 @dataclass(slots=True)
 class Choice:
     index: int
@@ -87,17 +99,19 @@ class OpenAIRoutes:
         except ParamError as e:
             raise bad_request(str(e), e.param) from None
 
-    def _completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+    async def _completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
-        tok = self.s.engine.tokenizer
         if isinstance(p, str):
             p = [p]
         if not p:
             raise bad_request("prompt must not be empty", "prompt")
+        self.s.check_fits(len(p) * req.n)
         if isinstance(p[0], int):
             prompts = [list(p)]
         elif isinstance(p[0], str):
-            prompts = [tok.encode(x) for x in p]
+            for text in p:
+                self.s.check_chars(len(text), "prompt")
+            prompts = await off_loop(self.s.tokenizer().encode_batch, p)
         else:
             prompts = [list(x) for x in p]
         vocab = self.s.engine.model_config.vocab_size
@@ -109,29 +123,32 @@ class OpenAIRoutes:
                 raise bad_request(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})", "prompt")
         return prompts
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        tok = self.s.engine.tokenizer
-        messages = [{"role": "system" if m.role == "developer" else m.role,
-                     "content": m.content if isinstance(m.content, str) or m.content is None
-                     else "\n".join(part.text for part in m.content)} for m in req.messages]
-        for m in messages:
-            if m["content"] is None:
-                m["content"] = ""
-        try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt and not req.continue_final_message)
-        except TokenizerError as e:
-            raise bad_request(str(e), "messages") from None
-        if req.continue_final_message and messages[-1]["role"] == "assistant":
-            end = text.rfind(messages[-1]["content"])
-            if end >= 0:
-                text = text[: end + len(messages[-1]["content"])]
-        return tok.encode(text, add_special_tokens=False)
+    async def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        tok = self.s.tokenizer()
+        messages = chat_messages(req.messages)
+        self.s.check_chars(sum(len(m["content"]) for m in messages), "messages")
+        add_generation_prompt = req.add_generation_prompt and not req.continue_final_message
+
+        def render_and_encode() -> list[int]:
+            try:
+                text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            except TokenizerError as e:
+                raise bad_request(str(e), "messages") from None
+            if req.continue_final_message and messages[-1]["role"] == "assistant":
+                end = text.rfind(messages[-1]["content"])
+                if end >= 0:
+                    text = text[: end + len(messages[-1]["content"])]
+            return tok.encode(text, add_special_tokens=False)
+
+        return await off_loop(render_and_encode)
 
     # ---- handlers ------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req: CompletionRequest = await self.s.parse(request, CompletionRequest)
         self._check_model(req.model)
-        prompts = self._completion_prompts(req)
+        if req.echo:
+            self.s.tokenizer()  # refused now, before a stream opens, where there is none to echo with
+        prompts = await self._completion_prompts(req)
         params = [self._sampling(req, req.max_tokens if req.max_tokens is not None else 16, len(p), req.logprobs) for p in prompts]
         return await self._serve(request, req, "text_completion", prompts, params, f"cmpl-{uuid.uuid4().hex}")
 
@@ -140,7 +157,8 @@ class OpenAIRoutes:
         self._check_model(req.model)
         if req.top_logprobs and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
-        prompt = self._chat_prompt(req)
+        self.s.check_fits(req.n)
+        prompt = await self._chat_prompt(req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self._sampling(req, max_tokens, len(prompt), (req.top_logprobs or 0) if req.logprobs else None)
         return await self._serve(request, req, "chat.completion", [prompt], [params], f"chatcmpl-{uuid.uuid4().hex}")
@@ -159,6 +177,7 @@ class OpenAIRoutes:
         tracing = s.engine.tracing
         span = GenAISpan(tracing, request, operation, req, rid) if tracing else None
         s.active += 1
+        s.sinks.add(sink)
         model = req.model
         created = int(time.time())
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
@@ -186,16 +205,25 @@ class OpenAIRoutes:
                 span.finish([c.finish_reason or "abort" for c in choices], usage["prompt_tokens"],
                             usage["completion_tokens"], error or span.stream_error)
             s.active -= 1
+            s.sinks.discard(sink)
+            for c in choices:
+                if c.finish_reason is None and streams:  # the client left, or the request failed or was cut
+                    s.metrics.success["abort"] += 1
             for st in streams:
                 s.engine.abort(st)  # no-op for finished ones; frees the rest at once
 
     async def _next(self, sink: asyncio.Queue, choices: list[Choice], t0: float, span: GenAISpan | None = None
                     ) -> tuple[Choice, SeqDelta]:
         tag, item = await sink.get()
+        if isinstance(item, APIError):  # the server's own word to every open request (ServerState.cut_streams)
+            raise item
         if isinstance(item, ValueError):
             raise bad_request(str(item))
         if isinstance(item, Exception):
             raise APIError(503, f"the engine failed: {item}", code="engine_failed", err_type="server_error")
+        if item.error is not None:
+            raise APIError(500, f"the engine failed on this request: {item.error}", code="engine_error",
+                           err_type="server_error")
         c = choices[tag]
         now = time.monotonic()
         self.s.observe(c, item, now, t0)
@@ -212,13 +240,12 @@ class OpenAIRoutes:
                 open_ -= 1
 
     def _whole(self, req, kind, rid, model, created, prompts, choices) -> dict:
-        tok = self.s.engine.tokenizer
         out = []
         for c in choices:
             text = "".join(c.text)
             if kind == "text_completion":
                 if getattr(req, "echo", False):
-                    text = tok.decode(prompts[c.prompt_index], skip_special_tokens=False) + text
+                    text = self.s.tokenizer().decode(prompts[c.prompt_index], skip_special_tokens=False) + text
                 lp = self._completion_logprobs(c.logprobs, 0) if req.logprobs is not None else None
                 out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
             else:
@@ -231,7 +258,6 @@ class OpenAIRoutes:
     async def _stream(self, request, req, kind, rid, model, created, prompts, choices, sink, include_usage, t0, span):
         chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
         resp = await sse.open_stream(request)
-        tok = self.s.engine.tokenizer
 
         def chunk(choice_payloads: list[dict], usage=None) -> bytes:
             body = {"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": choice_payloads}
@@ -246,7 +272,7 @@ class OpenAIRoutes:
                                              "logprobs": None, "finish_reason": None}]))
             elif getattr(req, "echo", False):
                 for c in choices:
-                    text = tok.decode(prompts[c.prompt_index], skip_special_tokens=False)
+                    text = self.s.tokenizer().decode(prompts[c.prompt_index], skip_special_tokens=False)
                     await resp.write(chunk([{"index": c.index, "text": text, "logprobs": None, "finish_reason": None}]))
             open_ = len(choices)
             offsets = [0] * len(choices)
@@ -287,7 +313,7 @@ class OpenAIRoutes:
 
     # ---- logprobs in each endpoint's shape -----------------------------------------------
     def _token_str(self, token_id: int) -> str:
-        return self.s.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+        return self.s.tokenizer().decode([token_id], skip_special_tokens=False)
 
     def _completion_logprobs(self, lps: list[TokenLogprob], offset: int) -> dict:
         tokens, token_lps, tops, offsets = [], [], [], []

@@ -18,11 +18,26 @@ ROUTES = [
 ]
 
 
+SSE_BODY = ("Server-sent events: each `data: {chunk}` line holds one chunk object, a stream ends with "
+            "`data: [DONE]`, and an error mid-stream arrives as `data: {\"error\": {...}}` before it.")
+ERRORS = {
+    400: "Bad request: the body, a field or a value the server cannot take",
+    401: "Missing or wrong API key",
+    404: "Unknown model",
+    408: "The request's head or body did not arrive in time",
+    413: "The request body is larger than the server takes",
+    415: "The body is not application/json",
+    429: "Queue full; retry after Retry-After seconds",
+    503: "The server is shutting down, or its engine has failed",
+}
+
+
 def openapi_document(version: str) -> dict:
     models = {m for _, _, _, req, resp in ROUTES for m in (req, resp) if m is not None} | {p.ErrorResponse}
     _, defs = models_json_schema([(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
                                  ref_template="#/components/schemas/{model}")
     paths: dict = {}
+    error_body = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
     for method, path, summary, req, resp in ROUTES:
         op: dict = {"summary": summary, "responses": {}}
         if req is not None:
@@ -32,15 +47,16 @@ def openapi_document(version: str) -> dict:
         if resp is not None:
             ok["content"] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{resp.__name__}"}}}
             if "completions" in path:
-                ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+                # With "stream": true: server-sent events, `data: {chunk JSON}` each, then `data: [DONE]`.
+                ok["content"]["text/event-stream"] = {"schema": {"type": "string", "description": SSE_BODY}}
         op["responses"]["200"] = ok
         if req is not None or path.startswith("/v1"):
-            err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
-            op["responses"]["400"] = {"description": "Bad request", **err}
-            op["responses"]["401"] = {"description": "Missing or wrong API key", **err}
-            if req is not None and "completions" in path:
-                op["responses"]["404"] = {"description": "Unknown model", **err}
-                op["responses"]["429"] = {"description": "Queue full; retry after Retry-After seconds", **err}
+            for status, why in ERRORS.items():
+                if status in (404, 429, 503) and "completions" not in path:
+                    continue
+                if status in (408, 413, 415) and req is None:
+                    continue
+                op["responses"][str(status)] = {"description": why, **error_body}
         paths.setdefault(path, {})[method] = op
     return {
         "openapi": "3.1.0",

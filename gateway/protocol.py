@@ -1,18 +1,42 @@
 """Request and response bodies of the OpenAI API, as pydantic models.
 
 Requests forbid unknown fields: a field the server does not implement is refused with a
-400 that names it, never silently ignored.
+400 that names it, never silently ignored. Types are strict, as OpenAI's are: "10" is not
+an integer, 0 is not a boolean, true is not a token id; NaN and infinities are no numbers.
+A null, which OpenAI accepts for every optional field, means the field was not given.
+Every number is bounded here to what the engine can hold; what it means (a temperature's
+range, a token id inside the vocabulary, a context that fits) is checked where that is
+known (batching.sampling_params, the routes).
 """
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+INT32_MAX = 2**31 - 1
+# OpenAI takes up to four stop sequences; each is bounded too, as is every list a request carries.
+MAX_STOP_STRINGS = 4
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS = 1024
+MAX_CHOICES = 16
+
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]  # inside the vocabulary is checked by the routes
+StopString = Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_given(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+        return data
 
 
 class StreamOptions(StrictModel):
@@ -24,21 +48,21 @@ class SamplingFields(StrictModel):
     """Fields the completions and chat endpoints share."""
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
     min_p: float | None = None
-    n: int = Field(default=1, ge=1, le=16)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     ignore_eos: bool = False
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     stream: bool = False
@@ -47,7 +71,7 @@ class SamplingFields(StrictModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: None = None
@@ -89,7 +113,7 @@ class TokenizeRequest(StrictModel):
 
 class DetokenizeRequest(StrictModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 # ---- responses (built as dicts on the hot path; these document their shape) -------------
@@ -151,7 +175,7 @@ class ModelList(BaseModel):
 
 
 class TokenizeResponse(BaseModel):
-    tokens: list[int]
+    tokens: list[TokenId]
     count: int
     max_model_len: int
 

@@ -67,6 +67,23 @@ def test_dashboard_needs_the_key_and_serves_its_data(server):
     assert all(v["memory_total"] > 0 and v["source"] == "process" for v in d["devices"])
 
 
+def test_the_key_in_a_url_is_traded_once_for_a_session_cookie(server):
+    from http_calls import call
+
+    status, headers, _ = call("GET", server.url + f"/dashboard?key={KEY}")
+    assert status == 303 and headers["location"] == "/dashboard"  # the key leaves the address bar
+    assert headers["referrer-policy"] == "no-referrer"
+    cookie = headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and KEY not in cookie
+    session = {"Cookie": cookie.split(";", 1)[0]}
+    status, headers, page = call("GET", server.url + "/dashboard", headers=session)
+    assert status == 200 and b"<canvas" in page and headers["referrer-policy"] == "no-referrer"
+    assert call("GET", server.url + "/dashboard/data", headers=session)[0] == 200
+    assert call("GET", server.url + "/v1/models", headers=session)[0] == 401  # the session opens the page only
+    assert call("GET", server.url + "/dashboard?key=wrong")[0] == 401
+    assert call("GET", server.url + "/dashboard", headers={"Cookie": "strata_dashboard=forged"})[0] == 401
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
 def test_the_page_updates_live_and_shows_what_metrics_says(server, tmp_path):
     from playwright.sync_api import sync_playwright
@@ -77,6 +94,7 @@ def test_the_page_updates_live_and_shows_what_metrics_says(server, tmp_path):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(f"{server.url}/dashboard?key={KEY}")
+        assert page.url == f"{server.url}/dashboard"  # redirected: no key in the address bar or history
         for t in loaders:
             t.start()
         # under load: the figures move

@@ -31,7 +31,7 @@ def write_tokenizer(out: Path, vocab_size: int = 400) -> None:
 
 def write_checkpoint(out: Path, family: str = "llama", *, vocab_size: int = 512, hidden: int = 64, layers: int = 3,
                      heads: int = 4, kv_heads: int = 2, intermediate: int = 128, dtype: str = "float32",
-                     max_shard_size: str | None = None, seed: int = 0) -> Path:
+                     max_shard_size: str | None = None, seed: int = 0, max_position_embeddings: int = 1024) -> Path:
     import torch
     import transformers
 
@@ -45,7 +45,8 @@ def write_checkpoint(out: Path, family: str = "llama", *, vocab_size: int = 512,
                   "mistral": transformers.MistralConfig}[family]
     config = config_cls(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+        num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=max_position_embeddings,
         # Wide weights make the logits peaked, so greedy argmax is not decided by rounding noise.
         initializer_range=0.25, bos_token_id=tok.bos_token_id, eos_token_id=sorted(tok.eos_token_ids)[0], **kw,
     )

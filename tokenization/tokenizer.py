@@ -98,6 +98,7 @@ class Tokenizer:
         # A server must never silently cut or pad a prompt; length limits are enforced elsewhere.
         self._tok.no_truncation()
         self._tok.no_padding()
+        self._max_token_bytes: int | None = None
 
         # bos_token, eos_token, pad_token, ... and model-specific ones like image_token: transformers
         # treats every "*_token" entry holding a token the same way.
@@ -173,7 +174,9 @@ class Tokenizer:
     # -- hot path -----------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # The batch call lets go of the GIL while it works; a single encode holds it (seconds for megabytes of
+        # text), which would stall every other thread of the process.
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
@@ -183,6 +186,16 @@ class Tokenizer:
         if self._clean_up_spaces:
             text = _clean_up_tokenization(text)
         return text
+
+    @property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes any one token decodes to (a byte-level token that ends inside a character counts
+        as the 3 bytes of U+FFFD): text of more bytes than n times this cannot fit in n tokens."""
+        if self._max_token_bytes is None:
+            n = self._tok.get_vocab_size(with_added_tokens=True)
+            pieces = self._tok.decode_batch([[i] for i in range(n)], skip_special_tokens=False)
+            self._max_token_bytes = max((len(p.encode("utf-8", "surrogatepass")) for p in pieces), default=1) or 1
+        return self._max_token_bytes
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)

@@ -1,0 +1,73 @@
+"""Reading a request body into its pydantic model, bounded in size and time, every failure a 4xx."""
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from gateway.errors import APIError, bad_request
+
+
+async def read_model(request: web.Request, model: type[BaseModel], timeout_s: float):
+    """The body as `model`. aiohttp refuses a body over the app's client_max_size with 413 as it reads."""
+    ctype = request.headers.get("Content-Type", "")
+    if not ctype.split(";")[0].strip().lower() == "application/json":
+        raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}",
+                       code="unsupported_media_type")
+    try:
+        raw = await asyncio.wait_for(request.read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout",
+                       close=True) from None
+    try:
+        # pydantic's own JSON parser: bounded nesting, and a lone UTF-16 surrogate is invalid JSON, not a string
+        # that fails later inside the tokenizer.
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def validation_error(e: ValidationError) -> APIError:
+    err = _most_relevant(e.errors(include_url=False))
+    if err["type"] == "json_invalid":
+        why = err["ctx"]["error"] if "ctx" in err else err["msg"]
+        if "hex escape" in why or "surrogate" in why:
+            why += " (a lone UTF-16 surrogate such as \\ud800 is not a character)"
+        return bad_request(f"the request body is not valid JSON: {why}", code="invalid_json")
+    if err["type"] == "model_type" and not err["loc"]:
+        return bad_request("the request body must be a JSON object", code="invalid_json")
+    param = ".".join(str(x) for x in err["loc"] if isinstance(x, str) and not _is_union_tag(x)) or None
+    if err["type"] == "extra_forbidden":
+        param = ".".join(str(x) for x in err["loc"])  # the client's own name for it, whatever it looks like
+        return bad_request(f"unsupported field '{param}': this server does not implement it", param, "unsupported_field")
+    if param and param.startswith("response_format"):
+        return bad_request("unsupported response_format: only {\"type\": \"text\"} is implemented", "response_format",
+                           "unsupported_field")
+    where = "".join(f"[{x}]" for x in err["loc"] if isinstance(x, int))
+    return bad_request(f"invalid value for '{param}{where}': {err['msg']}", param)
+
+
+def _is_union_tag(part: str) -> bool:
+    """pydantic names the member of a union an error is about by its type: str, list[str], constrained-int..."""
+    return "[" in part or "-" in part or part in {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _most_relevant(errors: list[dict]) -> dict:
+    """Of a value that matches no member of its union, the error of the member that got furthest into it (the
+    list whose first bad item comes latest), since that is the form the client meant."""
+    first = errors[0]
+    if len(first["loc"]) < 2 or not isinstance(first["loc"][1], str) or not _is_union_tag(first["loc"][1]):
+        return first
+    branches: dict[str, list[dict]] = {}
+    for err in errors:
+        loc = err["loc"]
+        if len(loc) >= 2 and loc[0] == first["loc"][0] and isinstance(loc[1], str) and _is_union_tag(loc[1]):
+            branches.setdefault(loc[1], []).append(err)
+
+    def reach(errs: list[dict]) -> tuple[int, int]:
+        idx = [x for err in errs for x in err["loc"][2:3] if isinstance(x, int)]
+        type_only = all(err["type"].endswith("_type") for err in errs)
+        return (min(idx) if idx else -1, 0 if type_only else 1)
+
+    return max(branches.values(), key=reach)[0]
