@@ -6,7 +6,6 @@ event loop and bounded before it starts; slow or greedy connections are cut; not
 from __future__ import annotations
 
 import json
-import math
 import socket
 import threading
 import time
