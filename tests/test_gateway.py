@@ -99,6 +99,10 @@ def test_openapi_document_lists_every_route(url):
     for path, method in [("/v1/completions", "post"), ("/v1/chat/completions", "post"), ("/v1/models", "get"),
                          ("/tokenize", "post"), ("/detokenize", "post"), ("/health", "get"), ("/metrics", "get")]:
         assert method in doc["paths"].get(path, {}), path
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        op = doc["paths"][path]["post"]
+        assert {"400", "401", "404", "408", "413", "415", "429", "503"} <= set(op["responses"]), path
+        assert "text/event-stream" in op["responses"]["200"]["content"]  # what "stream": true answers with
     ref = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     assert "messages" in doc["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"]
 
