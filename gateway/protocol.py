@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
 
 INT32_MAX = 2**31 - 1
 # OpenAI takes up to four stop sequences; each is bounded too, as is every list a request carries.
@@ -25,6 +25,36 @@ MAX_CHOICES = 16
 
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]  # inside the vocabulary is checked by the routes
 StopString = Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]
+
+
+def at_most(n: int):
+    """A length bound checked before the items are: a million bad entries must not cost a million errors."""
+    def check(value: Any) -> Any:
+        if isinstance(value, (list, dict)) and len(value) > n:
+            raise ValueError(f"at most {n} entries, got {len(value)}")
+        return value
+
+    return BeforeValidator(check)
+
+
+def List(item: Any, **bounds: Any) -> Any:
+    """A list that stops at its first bad item (fail_fast), so a long bad list costs one error, not one per item."""
+    return Annotated[list[item], Field(fail_fast=True, **bounds)]
+
+
+def _prompt_form(value: Any) -> str:
+    """Which of the prompt's forms a value is meant as, from its first item: one validation, not four."""
+    if isinstance(value, list) and value:
+        first = value[0]
+        return "prompt-texts" if isinstance(first, str) else "prompt-batch" if isinstance(first, list) else "prompt-ids"
+    return "prompt-ids" if isinstance(value, list) else "prompt-text"
+
+
+Prompt = Annotated[
+    Annotated[str, Tag("prompt-text")] | Annotated[List(str), Tag("prompt-texts")]
+    | Annotated[List(TokenId), Tag("prompt-ids")] | Annotated[List(List(TokenId)), Tag("prompt-batch")],
+    Discriminator(_prompt_form),
+]
 
 
 class StrictModel(BaseModel):
@@ -55,12 +85,12 @@ class SamplingFields(StrictModel):
     min_p: float | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
-    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
+    stop: StopString | Annotated[List(StopString), at_most(MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: Annotated[List(TokenId), at_most(MAX_STOP_TOKEN_IDS)] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
+    logit_bias: Annotated[dict[str, float], at_most(MAX_LOGIT_BIAS)] | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
     include_stop_str_in_output: bool = False
@@ -71,7 +101,7 @@ class SamplingFields(StrictModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    prompt: Prompt
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: None = None
@@ -85,7 +115,7 @@ class TextPart(StrictModel):
 
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | List(TextPart) | None = None
     name: str | None = None
 
 
@@ -94,8 +124,8 @@ class ResponseFormat(StrictModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: List(ChatMessage, min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     add_generation_prompt: bool = True
@@ -106,14 +136,14 @@ class ChatCompletionRequest(SamplingFields):
 class TokenizeRequest(StrictModel):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: List(ChatMessage) | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(StrictModel):
     model: str | None = None
-    tokens: list[TokenId]
+    tokens: List(TokenId)
 
 
 # ---- responses (built as dicts on the hot path; these document their shape) -------------

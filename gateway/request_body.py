@@ -37,15 +37,16 @@ def validation_error(e: ValidationError) -> APIError:
         return bad_request(f"the request body is not valid JSON: {why}", code="invalid_json")
     if err["type"] == "model_type" and not err["loc"]:
         return bad_request("the request body must be a JSON object", code="invalid_json")
-    param = ".".join(str(x) for x in err["loc"] if isinstance(x, str) and not _is_union_tag(x)) or None
     if err["type"] == "extra_forbidden":
         param = ".".join(str(x) for x in err["loc"])  # the client's own name for it, whatever it looks like
         return bad_request(f"unsupported field '{param}': this server does not implement it", param, "unsupported_field")
+    loc = [x for x in err["loc"] if not (isinstance(x, str) and _is_union_tag(x))]
+    param = str(loc[0]) if loc else None  # the request's own field; the message says where inside it
     if param and param.startswith("response_format"):
         return bad_request("unsupported response_format: only {\"type\": \"text\"} is implemented", "response_format",
                            "unsupported_field")
-    where = "".join(f"[{x}]" for x in err["loc"] if isinstance(x, int))
-    return bad_request(f"invalid value for '{param}{where}': {err['msg']}", param)
+    where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".")
+    return bad_request(f"invalid value for '{where}': {err['msg']}", param)
 
 
 def _is_union_tag(part: str) -> bool:
@@ -56,17 +57,18 @@ def _is_union_tag(part: str) -> bool:
 def _most_relevant(errors: list[dict]) -> dict:
     """Of a value that matches no member of its union, the error of the member that got furthest into it (the
     list whose first bad item comes latest), since that is the form the client meant."""
-    first = errors[0]
-    if len(first["loc"]) < 2 or not isinstance(first["loc"][1], str) or not _is_union_tag(first["loc"][1]):
-        return first
+    first = errors[0]["loc"]
+    k = next((i for i, x in enumerate(first) if isinstance(x, str) and _is_union_tag(x)), None)
+    if k is None:
+        return errors[0]
     branches: dict[str, list[dict]] = {}
     for err in errors:
         loc = err["loc"]
-        if len(loc) >= 2 and loc[0] == first["loc"][0] and isinstance(loc[1], str) and _is_union_tag(loc[1]):
-            branches.setdefault(loc[1], []).append(err)
+        if len(loc) > k and loc[:k] == first[:k] and isinstance(loc[k], str) and _is_union_tag(loc[k]):
+            branches.setdefault(loc[k], []).append(err)
 
     def reach(errs: list[dict]) -> tuple[int, int]:
-        idx = [x for err in errs for x in err["loc"][2:3] if isinstance(x, int)]
+        idx = [err["loc"][k + 1] for err in errs if len(err["loc"]) > k + 1 and isinstance(err["loc"][k + 1], int)]
         type_only = all(err["type"].endswith("_type") for err in errs)
         return (min(idx) if idx else -1, 0 if type_only else 1)
 
