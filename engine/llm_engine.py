@@ -259,12 +259,13 @@ class LLMEngine:
             stream = self._streams.get(seq.seq_id)
             if stream is None:
                 continue
+            queued = (seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time
             if out.errors and seq.seq_id in out.errors:
                 # Its token is a placeholder: the sequence ends here, and so does its request (engine errors).
                 self.scheduler.abort(seq.seq_id)
                 del self._streams[seq.seq_id]
                 deltas.append(SeqDelta(seq.seq_id, "", [], None, True, FinishReason.ABORT.value, seq.num_prompt_tokens,
-                                       len(seq.output_token_ids) - 1, seq.num_cached_tokens,
+                                       len(seq.output_token_ids) - 1, seq.num_cached_tokens, queued,
                                        error=f"sampling failed: {out.errors[seq.seq_id]}"))
                 continue
             token = u.new_token_ids[0]
@@ -281,7 +282,6 @@ class LLMEngine:
                 finished, reason = True, FinishReason.STOP.value
             if finished:
                 del self._streams[seq.seq_id]
-            queued = (seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time
             deltas.append(SeqDelta(
                 seq.seq_id, text, [token], logprobs, finished, reason,
                 seq.num_prompt_tokens, len(seq.output_token_ids), seq.num_cached_tokens, queued,

@@ -268,8 +268,8 @@ class StageRunner:
         scheduled ahead of it computes that, and the driver drops it) and its error, which fails that request."""
         try:
             return self.sampler(logits, rows).to_host(), None
-        except Exception:
-            pass
+        except Exception as e:
+            batch_error = e
         token_ids: list[int] = []
         logprobs: list[float] = []
         top: list[list[tuple[int, float]]] = []
@@ -278,7 +278,6 @@ class StageRunner:
             try:
                 one = self.sampler(logits[i:i + 1], [row]).to_host()
             except Exception as e:
-                traceback.print_exc()
                 errors[seq_id] = _one_line(e)
                 token_ids.append(0)
                 logprobs.append(0.0)
@@ -287,6 +286,10 @@ class StageRunner:
             token_ids.append(one.token_ids[0])
             logprobs.append(one.logprobs[0] if one.logprobs is not None else 0.0)
             top.append(one.top[0] if one.top is not None else [])
+        if len(rows) > 1 and len(errors) == len(rows):
+            raise batch_error  # not one request's parameters: the sampler itself fails, and the engine with it
+        print(f"sampling a step of {len(rows)} rows failed ({_one_line(batch_error)}); sampled apart, "
+              f"{len(errors)} failed", file=sys.stderr, flush=True)
         return HostSamples(token_ids, logprobs, top), errors or None
 
 

@@ -51,7 +51,9 @@ class ServerState:
         self.max_queue = max_queue
         self.limits = limits
         tok = engine.tokenizer
-        # No text longer than this fits the context whatever it says: each token is at most max_token_bytes long.
+        # No text longer than this fits the context: each token spells at most max_token_bytes of it. (So where
+        # tokens spell the text back, as byte-level BPE's do; text that a normaliser collapses into fewer tokens
+        # is refused at this length all the same.)
         self.max_prompt_chars = engine.max_model_len * tok.max_token_bytes if tok is not None else 0
         self.metrics = Metrics(served_name)
         self.dashboard = Dashboard(self)
@@ -103,7 +105,7 @@ class ServerState:
                            f"(limit {self.max_queue}); retry later", code="queue_full", headers={"Retry-After": "1"})
 
     async def parse(self, request: web.Request, model: type[BaseModel]):
-        return await read_model(request, model, self.limits.body_timeout_s)
+        return await read_model(request, model, self.limits)
 
     # ---- metrics -----------------------------------------------------------------------
     def _on_step(self, deltas: list[SeqDelta], stats: EngineStats) -> None:
@@ -140,12 +142,17 @@ class ServerState:
 def _authorized(state: ServerState, request: web.Request) -> bool:
     key = state.api_key
     auth = request.headers.get("Authorization", "")
-    if hmac.compare_digest(auth.encode(), f"Bearer {key}".encode()):
+    if hmac.compare_digest(_raw(auth), _raw(f"Bearer {key}")):
         return True
     if request.path in DASHBOARD_PATHS:
         cookie = request.cookies.get(DASHBOARD_COOKIE, "")
-        return hmac.compare_digest(cookie.encode(), state.dashboard_session.encode())
+        return hmac.compare_digest(_raw(cookie), _raw(state.dashboard_session))
     return False
+
+
+def _raw(header_value: str) -> bytes:
+    """Header bytes as they came: aiohttp decodes what is not UTF-8 with surrogateescape."""
+    return header_value.encode("utf-8", "surrogateescape")
 
 
 def _dashboard_login(state: ServerState, request: web.Request) -> web.Response | None:
@@ -154,11 +161,15 @@ def _dashboard_login(state: ServerState, request: web.Request) -> web.Response |
     key = request.query.get("key")
     if request.path != "/dashboard" or key is None or not state.api_key:
         return None
-    if not hmac.compare_digest(key.encode(), state.api_key.encode()):
+    if not hmac.compare_digest(_raw(key), _raw(state.api_key)):
         raise APIError(401, "Incorrect API key.", code="invalid_api_key")
     resp = web.HTTPSeeOther("/dashboard", headers={"Referrer-Policy": "no-referrer"})
     resp.set_cookie(DASHBOARD_COOKIE, state.dashboard_session, path="/dashboard", httponly=True, samesite="Strict")
     return resp
+
+
+def _response_begun(request: web.Request) -> bool:
+    return request.writer is not None and request.writer.output_size > 0
 
 
 @web.middleware
@@ -174,6 +185,8 @@ async def errors_and_auth(request: web.Request, handler):
                                code="invalid_api_key")
         return await handler(request)
     except APIError as e:
+        if _response_begun(request):
+            raise
         return e.response()
     except web.HTTPException as e:
         if e.status < 400:
@@ -185,6 +198,8 @@ async def errors_and_auth(request: web.Request, handler):
         raise
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
+        if _response_begun(request):
+            raise  # aiohttp closes a connection whose response broke off; a second response would corrupt it
         return APIError(500, "the server failed to handle this request; the error is in its log",
                         code="internal_error").response()
 

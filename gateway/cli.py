@@ -97,7 +97,8 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         limits = ServerLimits(max_body_bytes=parse_size(args.max_body_size), header_timeout_s=args.header_timeout,
-                              body_timeout_s=args.body_timeout, max_connections=args.max_connections)
+                              body_timeout_s=args.body_timeout, write_timeout_s=args.write_timeout,
+                              max_connections=args.max_connections)
     except ValueError as e:
         print(f"strata: error: {e}", file=sys.stderr)
         return 2
@@ -197,11 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--max-body-size", default=_env("max_body_size", "8MiB"),
                    help="largest request body; a larger one gets 413 unread")
     g.add_argument("--header-timeout", type=float, default=_env("header_timeout", "10"),
-                   help="seconds a connection has to send a whole request head, from its first byte")
+                   help="seconds a connection has to send a whole request head, from its opening or from the first "
+                        "byte of its next request")
     g.add_argument("--body-timeout", type=float, default=_env("body_timeout", "60"),
                    help="seconds to send a request's body once its head is in")
+    g.add_argument("--write-timeout", type=float, default=_env("write_timeout", "60"),
+                   help="seconds a client may take none of its answer before its connection is dropped")
     g.add_argument("--max-connections", type=int, default=_env("max_connections", "2048"),
-                   help="open connections beyond which new ones get 503 and are closed")
+                   help="open connections beyond which an idle one is closed to make room, or a new one gets 503")
     w = sub.add_parser("worker", help="join a pipeline as one stage (rendezvous from MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)")
     add_worker_args(w)
     add_plan_parser(sub)

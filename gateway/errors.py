@@ -8,7 +8,7 @@ from aiohttp import web
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 err_type: str | None = None, headers: dict | None = None, close: bool = False) -> None:
+                 err_type: str | None = None, headers: dict | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -16,17 +16,13 @@ class APIError(Exception):
         self.code = code
         self.err_type = err_type or _TYPES.get(status, "invalid_request_error")
         self.headers = headers or {}
-        self.close = close  # end the connection after this response (what the client was sending is unread)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.err_type, "param": self.param, "code": self.code}}
 
     def response(self) -> web.Response:
-        resp = web.Response(status=self.status, text=json.dumps(self.body()), content_type="application/json",
+        return web.Response(status=self.status, text=json.dumps(self.body()), content_type="application/json",
                             headers=self.headers)
-        if self.close:
-            resp.force_close()
-        return resp
 
 
 _TYPES = {

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -15,6 +17,8 @@ from gateway.errors import APIError, bad_request
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from gateway.request_tracing import GenAISpan
 from tokenization import TokenizerError
+
+log = logging.getLogger("strata.gateway")
 
 
 async def off_loop(fn, *args):
@@ -105,10 +109,11 @@ class OpenAIRoutes:
             p = [p]
         if not p:
             raise bad_request("prompt must not be empty", "prompt")
-        self.s.check_fits(len(p) * req.n)
+        self.s.check_fits((1 if isinstance(p[0], int) else len(p)) * req.n)  # a list of ids is one prompt
         if isinstance(p[0], int):
             prompts = [list(p)]
         elif isinstance(p[0], str):
+            self.s.tokenizer()
             for text in p:
                 self.s.check_chars(len(text), "prompt")
             prompts = await off_loop(self.s.tokenizer().encode_batch, p)
@@ -146,8 +151,8 @@ class OpenAIRoutes:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req: CompletionRequest = await self.s.parse(request, CompletionRequest)
         self._check_model(req.model)
-        if req.echo:
-            self.s.tokenizer()  # refused now, before a stream opens, where there is none to echo with
+        if req.echo or req.logprobs is not None:
+            self.s.tokenizer()  # refused now, before a stream opens, where there is none to render tokens with
         prompts = await self._completion_prompts(req)
         params = [self._sampling(req, req.max_tokens if req.max_tokens is not None else 16, len(p), req.logprobs) for p in prompts]
         return await self._serve(request, req, "text_completion", prompts, params, f"cmpl-{uuid.uuid4().hex}")
@@ -157,6 +162,7 @@ class OpenAIRoutes:
         self._check_model(req.model)
         if req.top_logprobs and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+        self.s.tokenizer()  # a chat is rendered to text, and its answer is text
         self.s.check_fits(req.n)
         prompt = await self._chat_prompt(req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -309,6 +315,17 @@ class OpenAIRoutes:
             await resp.write(sse.DONE)
         except (ConnectionResetError, ConnectionError):
             pass  # the client went away; _serve's finally aborts what is left
+        except Exception as e:
+            # The response has begun: an error now can only be an event in the stream, never another response.
+            if not isinstance(e, APIError):
+                log.exception("stream %s failed", rid)
+                e = APIError(500, "the server failed while streaming this answer; the error is in its log",
+                             code="internal_error", err_type="server_error")
+            if span is not None:
+                span.stream_error = e.code or "error"
+            with contextlib.suppress(ConnectionError):
+                await resp.write(sse.event(e.body()))
+                await resp.write(sse.DONE)
         return resp
 
     # ---- logprobs in each endpoint's shape -----------------------------------------------

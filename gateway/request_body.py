@@ -7,10 +7,16 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from gateway.errors import APIError, bad_request
+from gateway.limits import ServerLimits
 
 
-async def read_model(request: web.Request, model: type[BaseModel], timeout_s: float):
-    """The body as `model`. aiohttp refuses a body over the app's client_max_size with 413 as it reads."""
+async def read_model(request: web.Request, model: type[BaseModel], limits: ServerLimits):
+    """The body as `model`. A body over the limit gets 413: at once where Content-Length announces it, else from
+    aiohttp as it reads (the app's client_max_size). What is left unread aiohttp drains before it closes."""
+    if request.content_length is not None and request.content_length > limits.max_body_bytes:
+        raise APIError(413, f"the request body is {request.content_length} bytes; this server takes at most "
+                            f"{limits.max_body_bytes}", code="request_too_large")
+    timeout_s = limits.body_timeout_s
     ctype = request.headers.get("Content-Type", "")
     if not ctype.split(";")[0].strip().lower() == "application/json":
         raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}",
@@ -18,8 +24,8 @@ async def read_model(request: web.Request, model: type[BaseModel], timeout_s: fl
     try:
         raw = await asyncio.wait_for(request.read(), timeout_s)
     except asyncio.TimeoutError:
-        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout",
-                       close=True) from None
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s",
+                       code="request_timeout") from None
     try:
         # pydantic's own JSON parser: bounded nesting, and a lone UTF-16 surrogate is invalid JSON, not a string
         # that fails later inside the tokenizer.

@@ -194,7 +194,8 @@ def test_aiohttps_own_errors_carry_openai_bodies(server):
 @pytest.fixture(scope="module")
 def strict(llama_dir):
     with running_server(llama_dir, "--num-kv-blocks", "64", "--max-model-len", "256", "--served-model-name", MODEL,
-                        "--header-timeout", "1", "--body-timeout", "1", "--max-connections", "8") as s:
+                        "--header-timeout", "1", "--body-timeout", "1", "--write-timeout", "1",
+                        "--max-connections", "8") as s:
         yield s
 
 
@@ -266,6 +267,95 @@ def test_connections_past_the_limit_are_refused_and_the_rest_still_served(strict
             pass
         assert time.monotonic() < deadline, "the server never took connections again"
         time.sleep(0.2)
+
+
+def test_idle_kept_alive_connections_make_room_for_new_ones(strict):
+    import http.client
+
+    idle = []
+    for _ in range(8):  # the limit, each having finished a request and kept alive
+        conn = http.client.HTTPConnection("127.0.0.1", strict.port, timeout=30)
+        conn.request("GET", "/health")
+        assert conn.getresponse().read()
+        idle.append(conn)
+    try:
+        assert call("GET", strict.url + "/health")[0] == 200  # one of the idle ones was closed for it
+    finally:
+        for conn in idle:
+            conn.close()
+
+
+def test_a_client_that_stops_reading_is_dropped(strict):
+    """Pipelined requests whose answers are never read fill the socket's buffers; the server drops the
+    connection once its client has taken nothing for --write-timeout, rather than holding it forever."""
+    s = socket.create_connection(("127.0.0.1", strict.port), timeout=30)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        s.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 400)  # ~10 MB of answers
+        s.setblocking(False)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                s.send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            except BlockingIOError:
+                continue
+            except OSError:  # reset: the server dropped it
+                break
+        else:
+            raise AssertionError("a client that read nothing kept its connection for a minute")
+    finally:
+        s.close()
+    assert call("GET", strict.url + "/health")[0] == 200
+
+
+def test_a_body_announced_over_the_limit_is_refused_before_it_is_sent(server):
+    head = (f"POST {CMPL} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-hostile\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
+        s.sendall(head)  # and no body at all: the answer must not wait for it
+        out = b""
+        while b"\r\n\r\n" not in out or not out.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+    status, _, body = split_response(out)
+    assert_openai_error(status, body, 413, code="request_too_large")
+
+
+def test_header_bytes_that_are_not_utf8_are_a_401(server):
+    for headers in ({"Authorization": "Bearer \udcff\udcfe".encode("utf-8", "surrogateescape")},
+                    {"Cookie": b"strata_dashboard=\xff\xfe"}):
+        lines = b"".join(k.encode() + b": " + (v if isinstance(v, bytes) else v.encode()) + b"\r\n"
+                         for k, v in headers.items())
+        for path in (b"/v1/models", b"/dashboard"):
+            status, _, body = split_response(raw_exchange(server, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n" + lines
+                                                          + b"Connection: close\r\n\r\n"))
+            assert_openai_error(status, body, 401, code="invalid_api_key")
+
+
+def test_a_long_token_id_prompt_is_one_prompt(server):
+    status, _, out = request(server, CMPL, {"model": MODEL, "prompt": [5] * 500, "max_tokens": 2, "n": 2})
+    assert status == 200 and len(out["choices"]) == 2, out
+
+
+# ---- a checkpoint without a tokenizer serves token ids and refuses text in words ---------------------------
+def test_without_a_tokenizer_text_is_a_400_and_token_ids_are_served(tmp_path):
+    d = write_checkpoint(tmp_path, "llama")
+    (d / "tokenizer.json").unlink()
+    with running_server(d, "--num-kv-blocks", "64", "--max-model-len", "256", "--served-model-name", MODEL) as srv:
+        cases = [(CMPL, {"model": MODEL, "prompt": "hi"}), (CMPL, {"model": MODEL, "prompt": ["hi", "ho"]}),
+                 (CMPL, {"model": MODEL, "prompt": [5, 6], "logprobs": 1, "stream": True}),
+                 (CMPL, {"model": MODEL, "prompt": [5, 6], "echo": True}), (CHAT, {"model": MODEL, "messages": HI}),
+                 ("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [5]})]
+        for path, body in cases:
+            status, _, raw = call("POST", srv.url + path, body)
+            assert_openai_error(status, json.loads(raw), 400, code="no_tokenizer")
+        status, _, raw = call("POST", srv.url + CMPL, {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 3,
+                                                      "ignore_eos": True})
+        out = json.loads(raw)
+        assert status == 200 and out["usage"]["completion_tokens"] == 3, out
 
 
 # ---- 7: a request the queue can never hold ---------------------------------------------------------------
