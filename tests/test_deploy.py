@@ -11,8 +11,10 @@ import re
 import shlex
 import shutil
 import signal
+import site
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.error
 import urllib.request
@@ -337,10 +339,15 @@ def _get(url: str, timeout: float = 2.0) -> int:
 
 def test_image_command_serves_a_request(tmp_path, llama_dir):
     venv = tmp_path / "venv"
-    # The system's torch and friends, this repository installed on top: the image's /opt/venv in small.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-                   check=True, timeout=60)
+    # The test environment's torch and friends, this repository installed on top: the image's /opt/venv in small.
+    # A .pth file lends it this environment's packages (pip and a setuptools new enough to build an editable
+    # wheel among them); --system-site-packages would lend the base interpreter's instead, whatever they are.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
     python = venv / "bin" / "python"
+    inner_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    outer_site = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"]])
+    (Path(inner_site) / "test-environment.pth").write_text("".join(f"{p}\n" for p in outer_site))
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--no-input", "--disable-pip-version-check", "-e", str(ROOT)],
                    check=True, timeout=120, capture_output=True)
