@@ -294,11 +294,11 @@ class LLMEngine:
         return self.scheduler.blocks.usage
 
     @property
-    def spans_dropped(self) -> int:
-        """Spans dropped by full export queues, here and in the stages."""
+    def spans_dropped(self) -> dict[str, int]:
+        """Spans lost (a full export queue, a failed export) per process: "server" and "stage N"."""
         if self.tracing is None:
-            return 0
-        return self.tracing.dropped + sum(self._stage_spans_dropped.values())
+            return {}
+        return {"server": self.tracing.dropped, **{f"stage {k}": n for k, n in self._stage_spans_dropped.items()}}
 
     def check_stages(self) -> None:
         """Raise EngineDeadError if a local stage process has exited."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 
@@ -93,8 +94,9 @@ def _env_int(name: str, default: int) -> int:
 
 
 class SpanQueue(SpanProcessor):
-    """A bounded queue and one export thread (the OTEL_BSP_* variables size it). A full queue drops the span and
-    counts it in `dropped`; the default size holds several seconds of layer-detail spans of a busy pipeline."""
+    """A bounded queue and one export thread (the OTEL_BSP_* variables size it). A span that a full queue drops, or
+    whose export fails, counts in `dropped`; the default size holds several seconds of layer-detail spans of a
+    busy pipeline."""
 
     def __init__(self, exporter, resource: Resource) -> None:
         self.exporter = exporter
@@ -157,9 +159,14 @@ class SpanQueue(SpanProcessor):
                 except Exception:  # one record that cannot be built must not stop the thread
                     self.dropped += 1
             try:
-                self.exporter.export(spans)
-                self.exported += len(spans)
+                # OTLP exporters answer a collector that is down or refuses with FAILURE (after their retries)
+                # rather than an exception: those spans are lost too.
+                ok = self.exporter.export(spans) is SpanExportResult.SUCCESS
             except Exception:  # a collector that is down must not take the server with it
+                ok = False
+            if ok:
+                self.exported += len(spans)
+            else:
                 self.dropped += len(spans)
 
     def _to_span(self, r: SpanRecord) -> ReadableSpan:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from batching.sampling_params import SamplingParams
 from engine.errors import EngineDeadError
@@ -26,7 +26,7 @@ class EngineStats:
     prefix_queries: int = 0
     prefix_hits: int = 0
     steps: int = 0
-    spans_dropped: int = 0
+    spans_dropped: dict[str, int] = field(default_factory=dict)  # per process: "server", "stage 0", ...
 
 
 @dataclass(slots=True)

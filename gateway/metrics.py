@@ -46,7 +46,7 @@ class Metrics:
         self.e2e = Histogram(LATENCY_BUCKETS)
         self.queue_time = Histogram(LATENCY_BUCKETS)
         self.rejected = 0
-        self.spans_dropped = 0
+        self.spans_dropped: dict[str, int] = {}  # per process
         # gen_ai.server.* histograms by operation (chat, text_completion)
         self.genai: dict[str, dict[str, Histogram]] = defaultdict(lambda: {
             "time_to_first_token": Histogram(GENAI_TTFT_BUCKETS),
@@ -70,8 +70,10 @@ class Metrics:
         scalar("prompt_tokens_total", "counter", "Prompt tokens of finished and running requests.", self.prompt_tokens)
         scalar("generation_tokens_total", "counter", "Generated tokens.", self.generation_tokens)
         scalar("request_rejected_total", "counter", "Requests refused by admission control (429).", self.rejected)
-        scalar("trace_spans_dropped_total", "counter", "Spans dropped because an export queue was full.",
-               self.spans_dropped)
+        lines += ["# HELP strata:trace_spans_dropped_total Spans lost to a full export queue or a failed export, "
+                  "per process.", "# TYPE strata:trace_spans_dropped_total counter"]
+        for process, n in sorted((self.spans_dropped or {"server": 0}).items()):
+            lines.append(f'strata:trace_spans_dropped_total{{{L},process="{process}"}} {n}')
         lines += ["# HELP strata:request_success_total Finished requests by finish reason.",
                   "# TYPE strata:request_success_total counter"]
         for reason in ("stop", "length", "abort"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 
 import aiohttp
 import pytest
@@ -170,3 +171,25 @@ def test_request_detail_traces_requests_only_and_honours_the_sampled_flag(six_la
 async def _get(url: str) -> str:
     async with aiohttp.ClientSession() as session, session.get(url) as r:
         return await r.text()
+
+
+def test_spans_a_collector_never_takes_count_as_dropped_per_process(six_layers):
+    """OTLP exporters report a failed export (nothing listening) as FAILURE, not an exception: those spans are
+    lost, and /metrics says so for the server and for each stage."""
+    from server_process import free_port
+
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    env = {**FAST_EXPORT, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "1"}
+    with running_server(six_layers, "--otlp-traces-endpoint", nowhere, "--trace-detail", "step", "--served-model-name",
+                        MODEL, "--max-model-len", "256", "--num-kv-blocks", "64", env=env) as s:
+        body = {"model": MODEL, "prompt": [5, 6], "max_tokens": 3}
+        dropped: dict[str, float] = {}
+        for _ in range(120):  # a stage's count rides back on the next traced step
+            asyncio.run(post(s.url + "/v1/completions", body, traceparent(True)[2]))
+            metrics = asyncio.run(_get(s.url + "/metrics"))
+            dropped = {line.split('process="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                       for line in metrics.splitlines() if line.startswith("strata:trace_spans_dropped_total{")}
+            if dropped.get("server", 0) > 0 and dropped.get("stage 0", 0) > 0:
+                break
+            time.sleep(0.5)
+    assert dropped.get("server", 0) > 0 and dropped.get("stage 0", 0) > 0, dropped
