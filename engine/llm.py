@@ -1,6 +1,7 @@
 """The offline API: `LLM(model_dir).generate(prompts, sampling_params)`."""
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
@@ -12,8 +13,12 @@ Prompt = str | list[int]
 
 
 class LLM:
+    """The offline engine. Use it as a context manager or call close(); one left open closes when it is collected
+    or the interpreter exits, so its stage processes always leave as told, never on a broken link."""
+
     def __init__(self, model: str, **engine_options) -> None:
         self.engine = LLMEngine(EngineConfig(model=str(model), **engine_options))
+        self._close = weakref.finalize(self, self.engine.shutdown)
         self.tokenizer = self.engine.tokenizer
         self.model_name = Path(model).name
 
@@ -79,7 +84,7 @@ class LLM:
         return list(prompt)
 
     def close(self) -> None:
-        self.engine.shutdown()
+        self._close()  # once: later calls do nothing
 
     def __enter__(self) -> "LLM":
         return self

@@ -95,3 +95,18 @@ def test_bad_sampling_params_are_refused():
         with pytest.raises(ParamError) as e:
             SamplingParams(**kwargs)
         assert e.value.param == param
+
+
+def test_an_llm_left_open_closes_at_exit_and_its_stages_leave_quietly(llama_dir):
+    """A script that never calls close(): the stages are told to leave at interpreter exit, rather than finding
+    their link broken and saying so."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom engine import LLM, SamplingParams\n"
+              f"llm = LLM({str(llama_dir)!r}, num_kv_blocks=64, max_model_len=256)\n"
+              "print(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, ignore_eos=True))[0].token_ids)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert len(eval(out.stdout.strip().splitlines()[-1])) == 2
+    assert "pipeline closed" not in out.stderr and "Connection closed" not in out.stderr, out.stderr
