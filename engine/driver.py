@@ -27,6 +27,15 @@ from engine.stage import (GREETING, WIRE_VERSION, Allocate, DescribeDevice, Fail
 STAGE_COMMAND = [sys.executable, "-c", "import sys; from engine.stage import main; sys.exit(main())"]
 
 
+def _process_state(pid: int) -> str | None:
+    """The state letter of /proc/<pid>/stat (R, S, D, T for stopped, ...), or None where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -160,13 +169,28 @@ class Driver:
         except RuntimeError as e:
             self._died(e)
 
-    def receive(self) -> StepOutput:
+    def receive(self, timeout_s: float | None = None) -> StepOutput:
+        """The oldest step's results. A pipeline that sends none within timeout_s has stalled: it is dead."""
         self._check()
         try:
-            out, _, self.last_received_bytes = transport.recv(self.links[-1])
+            out, _, self.last_received_bytes = transport.recv(self.links[-1], timeout_s=timeout_s)
             return out
+        except TimeoutError:
+            self.dead = f"the pipeline returned no step for {timeout_s:.0f} s: {self._stalled_stage()}"
+            raise EngineDeadError(self.dead) from None
         except RuntimeError as e:
             self._died(e)
+
+    def _stalled_stage(self) -> str:
+        """Which stage stopped, where this host can see it (a local process stopped by a signal, or gone)."""
+        for i, p in enumerate(self.procs):
+            if p.poll() is not None:
+                return f"stage process {i + 1} exited with code {p.returncode}"
+            if _process_state(p.pid) in ("T", "t"):
+                return f"stage process {i + 1} (pid {p.pid}) is stopped"
+        remote = self.world_size - 1 - len(self.procs)
+        where = f", or one of the {remote} on other hosts" if remote else ""
+        return f"a stage has hung (the local stage processes still run{where})"
 
     def _check(self) -> None:
         if self.dead:

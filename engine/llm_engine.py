@@ -49,6 +49,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # exact block count, overriding the memory budget
     enable_prefix_caching: bool = True
     rendezvous_timeout_s: float = 120.0
+    stall_timeout_s: float = 60.0  # the least a step may take before the pipeline counts as stalled
+
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -74,6 +76,8 @@ class EngineConfig:
                 self.layers = [int(n) for n in self.layers.split(",")]
             except ValueError:
                 raise ValueError(f"layers must be comma-separated counts such as 20,8,4, got {self.layers!r}") from None
+        if not self.stall_timeout_s > 0:
+            raise ValueError(f"stall_timeout_s must be positive, got {self.stall_timeout_s}")
         if self.workers < 0:
             raise ValueError(f"workers must be at least 0, got {self.workers}")
         if self.trace_detail not in DETAILS:
@@ -217,7 +221,7 @@ class LLMEngine:
         self._fill_pipeline()
         if not self.scheduler.in_flight:
             return []
-        out = self.driver.receive()
+        out = self.driver.receive(self._stall_bound_s())
         received_ns = now_ns()
         batch = self.scheduler.in_flight.get(out.batch_id)
         size = len(batch.seqs) if batch is not None else 0
@@ -232,6 +236,14 @@ class LLMEngine:
         # Refill before detokenizing: the first stage is idle from now until the next batch reaches it.
         self._fill_pipeline()
         return self._deltas(out, updates)
+
+    def _stall_bound_s(self) -> float:
+        """How long the oldest step in flight may take before the pipeline counts as stalled: many times what the
+        plan predicts for every step in flight, each scaled by its tokens, and never under the configured floor."""
+        plan = self.plan
+        ring_s = sum(s.predicted_s.get(plan.batch_size, plan.bottleneck_s) for s in plan.stages)
+        tokens = sum(b.num_tokens for b in self.scheduler.in_flight.values())
+        return max(self.config.stall_timeout_s, STALL_FACTOR * ring_s * max(1.0, tokens / max(plan.batch_size, 1)))
 
     def _fill_pipeline(self) -> None:
         while len(self.scheduler.in_flight) < self.max_in_flight:
@@ -334,6 +346,9 @@ class StepTrace:
                              received_bytes) if out.trace else None
         return [step] + ([back] if back else [])
 
+
+# A step in flight may take this many times its predicted time before the pipeline counts as stalled.
+STALL_FACTOR = 50.0
 
 # The planner balances stages for a step of this many running sequences (fewer if max_num_seqs is lower).
 PLANNED_SEQS = 64

@@ -181,11 +181,21 @@ def send(obj: object, link: Link) -> None:
         work.wait()
 
 
-def recv(link: Link, expect=None, device: torch.device | str = "cpu") -> tuple[object, torch.Tensor | None, int]:
+def recv(link: Link, expect=None, device: torch.device | str = "cpu",
+         timeout_s: float | None = None) -> tuple[object, torch.Tensor | None, int]:
     """The next object on the link, the activations that came with it, and the bytes both took on the wire.
-    expect(obj) gives the activations' (shape, dtype), or None when none follow; they land on `device`."""
+    expect(obj) gives the activations' (shape, dtype), or None when none follow; they land on `device`.
+    With timeout_s, a frame that has not begun to arrive by then raises TimeoutError, and the link is closed."""
     frame = torch.empty(link.frame, dtype=torch.uint8)
-    dist.recv(frame, link.src, group=link.objects)
+    if timeout_s is None:
+        dist.recv(frame, link.src, group=link.objects)
+    else:
+        try:
+            dist.irecv(frame, link.src, group=link.objects).wait(datetime.timedelta(seconds=timeout_s))
+        except RuntimeError as e:
+            if "timed out" in str(e).lower():
+                raise TimeoutError(f"nothing arrived from rank {link.src} within {timeout_s:.0f} s") from None
+            raise
     obj, length, wire = _unpack(frame, link.src, link.objects)
     spec = expect(obj) if expect is not None else None
     if spec is None:

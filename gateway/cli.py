@@ -56,6 +56,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", default=_env_flag("no_prefix_caching"))
     g.add_argument("--rendezvous-timeout", type=float, default=_env("rendezvous_timeout", "120"),
                    help="seconds to wait for the stages (local ones and --workers) to join")
+    g.add_argument("--stall-timeout", type=float, default=_env("stall_timeout", "60"),
+                   help="seconds a step may take, at the least, before the pipeline counts as stalled and fails "
+                        "(the bound grows with the plan's predicted step time)")
     g.add_argument("--otlp-traces-endpoint", default=_env("otlp_traces_endpoint"),
                    help="export traces over OTLP to this collector (protocol from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: "
                         "http/protobuf or grpc); default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else no tracing")
@@ -73,7 +76,7 @@ def engine_config(args: argparse.Namespace):
         model=model, dtype=args.dtype, devices=args.devices, threads=int(args.threads) if args.threads else None,
         layers=args.layers, workers=args.workers, rendezvous=args.rendezvous,
         otlp_traces_endpoint=args.otlp_traces_endpoint, trace_detail=args.trace_detail,
-        rendezvous_timeout_s=args.rendezvous_timeout,
+        rendezvous_timeout_s=args.rendezvous_timeout, stall_timeout_s=args.stall_timeout,
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=int(args.max_num_batched_tokens) if args.max_num_batched_tokens else None,
         max_model_len=int(args.max_model_len) if args.max_model_len else None, kv_cache_memory=args.kv_cache_memory,

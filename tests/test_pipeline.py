@@ -1,6 +1,8 @@
 """Pipelines of several stage processes: same tokens as one stage, workers on other "hosts", faults."""
 from __future__ import annotations
 
+import contextlib
+
 import asyncio
 import json
 import os
@@ -257,6 +259,36 @@ def test_killing_a_stage_mid_stream_ends_every_request_with_an_error(six_layers)
         assert "engine failed" in server.output()
         assert not [p for p in stages if os.path.exists(f"/proc/{p}") and _alive(p)]
     finally:
+        server.stop()
+        server.cleanup()
+
+
+def test_a_stage_that_hangs_mid_stream_fails_every_request_and_is_named(six_layers):
+    """A stage that stops (SIGSTOP: alive, silent, as a hung host looks) is noticed once the step in flight outlives
+    its bound: every request gets an OpenAI error, /health turns 503, and the server says which stage stalled."""
+    server = ServerProcess(six_layers, *SERVER_FLAGS, "--devices", "cpu,cpu", "--stall-timeout", "3")
+    stages: list[int] = []
+    try:
+        server.wait_ready(120)
+        stages = child_pids(server.proc.pid)
+        assert len(stages) == 2
+
+        async def run() -> list[str]:
+            started, counter = asyncio.Event(), [0]
+            tasks = [asyncio.create_task(stream_until_error(server.url, i, started, counter)) for i in range(4)]
+            await asyncio.wait_for(started.wait(), 60)
+            os.kill(stages[1], signal.SIGSTOP)
+            return await asyncio.wait_for(asyncio.gather(*tasks), 120)
+
+        endings = asyncio.run(run())
+        assert endings == ["error"] * 4
+        assert server.proc.wait(60) == 1
+        out = server.output()
+        assert "returned no step" in out and f"pid {stages[1]}) is stopped" in out, out[-2000:]
+    finally:
+        for pid in stages:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         server.stop()
         server.cleanup()
 
