@@ -101,9 +101,6 @@ class BlockManager:
         self.ref_counts[block] += 1
 
     # ---- allocation -------------------------------------------------------------------
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= self.num_free_blocks
-
     def ensure(self, seq: Sequence, num_tokens: int) -> bool:
         """Make seq's block table cover num_tokens tokens; False (and no change) if short."""
         need = self.blocks_needed(num_tokens) - len(seq.block_table)
@@ -159,13 +156,6 @@ class BlockManager:
                     self.free.append(block)
         seq.block_table.clear()
         seq.num_blocks_sent = 0
-
-    def reset_prefix_cache(self) -> None:
-        for block in list(self.evictable):
-            self.block_hash[block] = None
-            self.free.append(block)
-        self.evictable.clear()
-        self.cached = {h: b for h, b in self.cached.items() if self.ref_counts[b] > 0}
 
     def check_invariants(self) -> None:
         """For tests: every block is exactly one of free, evictable or referenced."""

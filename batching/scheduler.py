@@ -269,7 +269,6 @@ class Scheduler:
             seq.num_blocks_sent = len(seq.block_table)
             seq.num_computed_tokens = end
             seq.num_in_flight += 1
-            seq.num_awaited += end >= seq.num_tokens
             self.blocks.commit_full_blocks(seq, known)
         batch = Batch(batch_id=self._next_batch_id, seqs=seqs, released=self.released)
         self.released = []
@@ -286,7 +285,6 @@ class Scheduler:
             seq = self.seqs.get(w.seq_id)
             if seq is not None:
                 seq.num_in_flight -= 1
-                seq.num_awaited -= w.sample
         updates = []
         now = None
         for seq_id, token in zip(out.seq_ids, out.token_ids):

@@ -39,7 +39,6 @@ class Sequence:
     # How many entries of block_table the stages already know; the next Batch sends the rest.
     num_blocks_sent: int = 0
     num_in_flight: int = 0  # steps of this sequence in flight
-    num_awaited: int = 0  # of them, steps that sample a token nobody knows yet
     # Whether the stages hold this sequence's sampling state (sent once, dropped on finish).
     known_to_stages: bool = False
     num_preemptions: int = 0

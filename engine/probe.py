@@ -288,12 +288,6 @@ def measure_rates(device: torch.device, dtype: str, threads: int | None, weight_
             torch.cuda.empty_cache()  # or the probe's buffers would count against the free memory read next
 
 
-def probe_device(name: str, dtype: str, threads: int | None) -> tuple[float, float, float]:
-    """(matmul FLOP/s at the compute dtype, bytes/s of streamed weights, seconds per op)."""
-    r = probe_rates(name, dtype, threads)
-    return r["matmul_flops"], r["mem_bandwidth"], r["op_overhead_s"]
-
-
 def _read_cache(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())

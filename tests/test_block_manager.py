@@ -74,7 +74,6 @@ def test_ensure_and_release_accounting():
     assert seq.block_table == [0, 1, 2, 3] and bm.num_free_blocks == 4
     # Too many: False and no change at all.
     other = make_seq(range(100))
-    assert bm.can_allocate(4) and not bm.can_allocate(5)
     assert not bm.ensure(other, 4 * 5)
     assert other.block_table == [] and bm.num_free_blocks == 4
     assert bm.ensure(other, 4 * 4)
@@ -339,19 +338,6 @@ def test_prefix_caching_disabled():
     check_all(bm, [])
 
 
-def test_reset_prefix_cache_drops_only_unreferenced_blocks():
-    bm = BlockManager(8, 2)
-    a, b = make_seq([1, 2, 3]), make_seq([5, 6, 7])
-    admit(bm, a)
-    admit(bm, b)
-    bm.release(a)
-    bm.reset_prefix_cache()
-    assert not bm.evictable and bm.num_free_blocks == 6
-    assert list(bm.cached.values()) == [b.block_table[0]]
-    assert bm.allocate_prefix(make_seq([1, 2, 3])) == 0
-    check_all(bm, [b])
-
-
 # ---- a state machine over every operation ----------------------------------------------------
 BASES = [[(7 * i + k) % 5 for i in range(40)] for k in range(3)]
 
@@ -441,13 +427,6 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert seq.block_table == [] and seq.num_blocks_sent == 0
         assert self.bm.num_free_blocks == free + len(freed)
         check_all(self.bm, self.live)
-
-    @precondition(lambda self: self.bm is not None)
-    @rule()
-    def reset(self):
-        self.bm.reset_prefix_cache()
-        for b in self.bm.free:
-            self.content[b] = None
 
     @invariant()
     def consistent(self):

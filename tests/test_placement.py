@@ -309,7 +309,6 @@ def test_device_profile_override_wins(tmp_path, monkeypatch):
     info = probe.describe_device(DeviceRequest("cpu", 3 * GiB), "float32", 2, weight_dtype="bfloat16")
     assert (info.matmul_flops, info.mem_bandwidth, info.op_overhead_s) == (5e10, 1.5e10, 2e-6)
     assert info.memory == 3 * GiB and info.threads == 2 and info.label == "CPU, 2 threads"
-    assert probe.probe_device("cpu", "float32", 2) == (5e10, 1.5e10, 2e-6)
 
 
 def test_probe_working_set_outgrows_the_last_level_cache(monkeypatch):

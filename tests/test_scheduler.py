@@ -225,9 +225,11 @@ class Harness:
         for s in sched.running:
             assert s.status is SequenceStatus.RUNNING
             assert len(s.block_table) >= bm.blocks_needed(s.num_computed_tokens)
-            # A step ahead computes the token its earlier step samples.
-            assert s.num_computed_tokens <= s.num_tokens + max(0, s.num_awaited - 1)
-            assert 0 <= s.num_awaited <= s.num_in_flight <= (2 if self.cfg.lookahead else 1)
+            # A step ahead computes the token its earlier step samples: of its steps in flight, those that sample a
+            # token nobody knows yet.
+            awaited = sum(w.sample for b in sched.in_flight.values() for w in b.seqs if w.seq_id == s.seq_id)
+            assert s.num_computed_tokens <= s.num_tokens + max(0, awaited - 1)
+            assert 0 <= awaited <= s.num_in_flight <= (2 if self.cfg.lookahead else 1)
         for sid in self.in_flight:
             s = self.all[sid]
             assert s.is_finished or s.status is SequenceStatus.RUNNING, "an in-flight sequence was preempted"
