@@ -31,7 +31,8 @@ from tokenization import IncrementalDetokenizer, StopMatcher, Tokenizer
 @dataclass(slots=True)
 class EngineConfig:
     model: str
-    dtype: str = "auto"  # auto: the checkpoint's, or fp32 on a CPU without native bf16/fp16
+    # auto: the checkpoint's on GPUs; on a CPU, fp32 activations over half-size weights (engine.device.resolve_dtypes)
+    dtype: str = "auto"
     # One stage per device, with optional memory budgets: "cuda:0=20GiB,cuda:1,cpu=8GiB"; "cpu,cpu" is two CPU stages.
     devices: str = "cpu"
     threads: int | None = None  # torch threads in each stage process; None: torch's default

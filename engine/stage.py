@@ -79,7 +79,7 @@ class StageSpec:
     cuda_ranks: list[int]  # ranks whose stage is on a CUDA device (their links carry tensors over NCCL)
     model_dir: str
     layers: tuple[int, int]  # [start, end)
-    dtype: str  # activations and KV cache
+    dtype: str  # activations; the KV cache's follows from it and weight_dtype (engine.placement.kv_cache_dtype)
     weight_dtype: str
     input_dtype: str  # of the activations that arrive from the previous stage
     block_size: int
