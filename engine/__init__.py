@@ -1,6 +1,9 @@
 """The model engine: checkpoint loading, stages, transport, sampling and the offline API."""
 from batching.sampling_params import SamplingParams
 from engine.errors import CheckpointError, EngineDeadError
+from engine.outputs import CompletionOutput, SeqDelta, TokenLogprob
+from engine.stats import EngineInfo, EngineStats, StageInfo, StageLoad
+from engine.thread_policy import background_this_thread
 
 
 def __getattr__(name: str):
@@ -16,4 +19,6 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "CheckpointError", "EngineDeadError"]
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "CheckpointError", "EngineDeadError",
+           "CompletionOutput", "SeqDelta", "TokenLogprob", "EngineInfo", "EngineStats", "StageInfo", "StageLoad",
+           "background_this_thread"]

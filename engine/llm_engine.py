@@ -19,10 +19,11 @@ from engine import checkpoint
 from engine.config import DTYPES, ModelConfig
 from engine.device import parse_size, resolve_dtypes
 from engine.driver import Driver
-from engine.placement import DeviceInfo, ModelCost, Plan, parse_devices
+from engine.placement import DeviceInfo, ModelCost, Plan, kv_cache_dtype, parse_devices, predict_stage_seconds
 from engine.placement import plan as place
 from engine.errors import CheckpointError
 from engine.outputs import SeqDelta, TokenLogprob
+from engine.stats import EngineInfo, EngineStats, StageInfo, StageLoad
 from engine.stage import DescribeDevice, StageSpec
 from engine.tracing import DETAILS, SpanRecord, TraceSettings, Tracing, link_limit, new_span_id, new_trace_id, now_ns, transfer_span
 from tokenization import IncrementalDetokenizer, StopMatcher, Tokenizer
@@ -305,6 +306,39 @@ class LLMEngine:
     @property
     def kv_cache_usage(self) -> float:
         return self.scheduler.blocks.usage
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waiting, running or in flight: the caller may block until work comes."""
+        return not self.scheduler.has_unfinished() and not self.scheduler.in_flight
+
+    def info(self) -> EngineInfo:
+        """What this engine is; fixed once it has started."""
+        cfg, sched, plan = self.model_config, self.scheduler.config, self.plan
+        procs = self.driver.procs
+        stages = tuple(
+            # Local stage processes are started in --devices order.
+            StageInfo(k, st.device.name, st.device.label, st.device.kind, st.device.host, st.device.threads,
+                      st.layers, procs[st.device_index].pid if st.device_index < len(procs) else None)
+            for k, st in enumerate(plan.stages))
+        return EngineInfo(cfg.architecture, cfg.num_layers, self.dtype, self.weight_dtype,
+                          kv_cache_dtype(self.dtype, self.weight_dtype), sched.num_blocks, sched.block_size,
+                          self.max_model_len, plan.batch_size, plan.context_len, stages)
+
+    def stats(self) -> EngineStats:
+        """A snapshot, for another thread to read."""
+        sched, blocks = self.scheduler, self.scheduler.blocks
+        return EngineStats(sched.num_running, sched.num_waiting, blocks.usage, sched.num_preemptions,
+                           blocks.prefix_queries, blocks.prefix_hits, self.spans_dropped,
+                           tuple(StageLoad(s.busy_s, s.steps, s.seqs) for s in self.stage_stats))
+
+    def predicted_step_s(self, stage: int, batch_size: int) -> float:
+        """The planner's time for one step of `batch_size` sequences on a stage, to set beside the measured one."""
+        plan = self.plan
+        st = plan.stages[stage]
+        cost = ModelCost.from_config(self.model_config, self.dtype, self.weight_dtype)
+        return predict_stage_seconds(cost, st.device, st.layers, stage == 0, stage == len(plan.stages) - 1,
+                                     max(1, batch_size), plan.context_len)
 
     @property
     def spans_dropped(self) -> dict[str, int]:

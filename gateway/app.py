@@ -12,10 +12,10 @@ from importlib.metadata import PackageNotFoundError, version as _pkg_version
 from aiohttp import web
 from pydantic import BaseModel
 
-from engine.outputs import SeqDelta
+from engine import EngineStats, SeqDelta
 from gateway.connections import request_started
 from gateway.dashboard import Dashboard
-from gateway.engine_client import AsyncEngine, EngineStats
+from gateway.engine_client import AsyncEngine
 from gateway.errors import APIError, bad_request
 from gateway.limits import ServerLimits
 from gateway.metrics import Metrics

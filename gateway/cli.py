@@ -11,7 +11,6 @@ from pathlib import Path
 
 from aiohttp import web
 
-from engine.placement import kv_cache_dtype
 from engine.stage import add_worker_args, run_worker
 from gateway.connections import listen
 from gateway.plan_command import add_plan_parser, run_plan
@@ -133,15 +132,14 @@ async def _run(app: web.Application, engine, args, name: str, config) -> int:
         await runner.cleanup()
         await engine.stop()
         return 1
-    ec = engine.engine
-    stages = ", ".join(f"{s.device.name} layers {s.layers[0]}-{s.layers[1] - 1}" for s in ec.plan.stages)
-    kv = kv_cache_dtype(ec.dtype, ec.weight_dtype)
-    precision = ec.dtype if ec.weight_dtype == ec.dtype else f"{ec.dtype} activations over {ec.weight_dtype} weights"
-    precision += "" if kv == ec.dtype else f" and a {kv} KV cache"
-    print(f"strata: serving {name!r} ({ec.model_config.architecture}, {ec.model_config.num_layers} layers, "
-          f"{precision}, {ec.scheduler.config.num_blocks} KV blocks, context {ec.max_model_len}) "
-          f"from {config.model}", flush=True)
-    print(f"strata: {len(ec.plan.stages)} stage(s): {stages}", flush=True)
+    info = engine.info
+    stages = ", ".join(f"{s.device} layers {s.layers[0]}-{s.layers[1] - 1}" for s in info.stages)
+    precision = (info.dtype if info.weight_dtype == info.dtype
+                 else f"{info.dtype} activations over {info.weight_dtype} weights")
+    precision += "" if info.kv_dtype == info.dtype else f" and a {info.kv_dtype} KV cache"
+    print(f"strata: serving {name!r} ({info.architecture}, {info.num_layers} layers, {precision}, "
+          f"{info.num_blocks} KV blocks, context {info.max_model_len}) from {config.model}", flush=True)
+    print(f"strata: {len(info.stages)} stage(s): {stages}", flush=True)
     print(f"strata: listening on http://{args.host}:{args.port} (OpenAI API at /v1)", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -18,7 +18,6 @@ from importlib import resources
 import numpy as np
 from aiohttp import web
 
-from engine.placement import ModelCost, predict_stage_seconds
 
 HISTORY = 300  # seconds of time series kept
 WINDOW_S = 60.0  # latency percentiles cover this much
@@ -72,31 +71,30 @@ class Dashboard:
 
     def sample(self) -> None:
         now = time.monotonic()
-        eng = self.state.engine.engine  # the LLMEngine
+        engine = self.state.engine
+        info, load = engine.info, engine.stats.stages
         m = self.state.metrics
         cur = {
             "t": now, "tokens": m.generation_tokens, "prompt_tokens": m.prompt_tokens,
-            "busy": [s.busy_s for s in eng.stage_stats], "steps": [s.steps for s in eng.stage_stats],
-            "seqs": [s.seqs for s in eng.stage_stats], "cpu": _process_cpu_seconds(eng.driver.procs),
+            "busy": [s.busy_s for s in load], "steps": [s.steps for s in load], "seqs": [s.seqs for s in load],
+            "cpu": [_process_cpu_seconds(st.pid) for st in info.stages],
         }
         prev = self._prev or cur
         dt = max(cur["t"] - prev["t"], 1e-9)
         stages = []
-        cost = ModelCost.from_config(eng.model_config, eng.dtype, eng.weight_dtype)
-        for k, st in enumerate(eng.plan.stages):
+        for k, st in enumerate(info.stages):
             d_steps = cur["steps"][k] - prev["steps"][k]
             d_busy = cur["busy"][k] - prev["busy"][k]
             batch = (cur["seqs"][k] - prev["seqs"][k]) / d_steps if d_steps else 0.0
-            predicted = predict_stage_seconds(cost, st.device, st.layers, k == 0, k == len(eng.plan.stages) - 1,
-                                              max(1, round(batch)), eng.plan.context_len) if d_steps else None
+            predicted = engine.predicted_step_s(k, round(batch)) if d_steps else None
             stages.append({
-                "stage": k, "device": st.device.name, "label": st.device.label, "host": st.device.host,
+                "stage": k, "device": st.device, "label": st.label, "host": st.host,
                 "layers": f"{st.layers[0]}-{st.layers[1] - 1}", "busy": min(1.0, d_busy / dt),
                 "measured_ms": 1000 * d_busy / d_steps if d_steps else None,
                 "predicted_ms": 1000 * predicted if predicted is not None else None,
                 "batch": batch,
             })
-        devices = self._devices(eng, prev["cpu"], cur["cpu"], dt)
+        devices = self._devices(info, prev["cpu"], cur["cpu"], dt)
         throughput = (cur["tokens"] - prev["tokens"]) / dt if self._prev else 0.0
         point = {
             "time": time.time(), "running": m.num_running, "waiting": m.num_waiting,
@@ -110,31 +108,28 @@ class Dashboard:
             "engine": "dead: " + self.state.engine.dead if self.state.engine.dead else "running",
             "requests": {"running": m.num_running, "waiting": m.num_waiting,
                          "finished": sum(m.success.values()), "rejected": m.rejected},
-            "kv_cache": {"usage": m.kv_cache_usage, "blocks": eng.scheduler.config.num_blocks,
-                         "block_size": eng.scheduler.config.block_size},
+            "kv_cache": {"usage": m.kv_cache_usage, "blocks": info.num_blocks, "block_size": info.block_size},
             "tokens": {"generated": m.generation_tokens, "prompt": m.prompt_tokens, "per_s": throughput},
             "ttft_ms": self.ttft.percentiles(now), "itl_ms": self.itl.percentiles(now),
             "stages": stages, "devices": devices, "series": list(self.series),
-            "plan": {"batch_size": eng.plan.batch_size, "context_len": eng.plan.context_len},
+            "plan": {"batch_size": info.plan_batch_size, "context_len": info.plan_context_len},
         }
         self._prev = cur
 
-    def _devices(self, eng, prev_cpu: list[float | None], cur_cpu: list[float | None], dt: float) -> list[dict]:
+    def _devices(self, info, prev_cpu: list[float | None], cur_cpu: list[float | None], dt: float) -> list[dict]:
         out = []
         mem_total, mem_avail = _host_memory()
-        for k, st in enumerate(eng.plan.stages):
-            d = {"stage": k, "device": st.device.name, "label": st.device.label, "kind": st.device.kind}
-            if st.device.kind == "cuda":
-                d.update(_nvml(st.device.name, st.device.host))
+        for k, st in enumerate(info.stages):
+            d = {"stage": k, "device": st.device, "label": st.label, "kind": st.kind}
+            if st.kind == "cuda":
+                d.update(_nvml(st.device, st.host))
             else:
-                rank = st.device_index  # local stage processes are started in --devices order
-                proc = eng.driver.procs[rank] if rank < len(eng.driver.procs) else None
-                rss = _rss_bytes(proc.pid) if proc is not None else None
-                busy = (None if proc is None or cur_cpu[rank] is None or prev_cpu[rank] is None
-                        else (cur_cpu[rank] - prev_cpu[rank]) / dt / max(st.device.threads or 1, 1))
+                rss = _rss_bytes(st.pid) if st.pid is not None else None
+                busy = (None if cur_cpu[k] is None or prev_cpu[k] is None
+                        else (cur_cpu[k] - prev_cpu[k]) / dt / max(st.threads or 1, 1))
                 d.update({"memory_used": rss, "memory_total": mem_total, "system_memory_used": mem_total - mem_avail,
                           "utilization": None if busy is None else min(1.0, max(0.0, busy)),
-                          "source": "process" if proc is not None else "remote"})
+                          "source": "process" if st.pid is not None else "remote"})
             out.append(d)
         return out
 
@@ -149,16 +144,15 @@ class Dashboard:
         return web.json_response(self.snapshot)
 
 
-def _process_cpu_seconds(procs) -> list[float | None]:
-    out = []
-    for p in procs:
-        try:
-            with open(f"/proc/{p.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            out.append((int(fields[11]) + int(fields[12])) / _CLOCK_TICKS)  # utime + stime
-        except (OSError, IndexError, ValueError):
-            out.append(None)
-    return out
+def _process_cpu_seconds(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _rss_bytes(pid: int) -> int | None:

@@ -8,25 +8,10 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from batching.sampling_params import SamplingParams
-from engine.errors import EngineDeadError
-from engine.llm_engine import EngineConfig, LLMEngine
-from engine.outputs import SeqDelta
-from engine.thread_policy import background_this_thread
-
-
-@dataclass(slots=True)
-class EngineStats:
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_preemptions: int = 0
-    prefix_queries: int = 0
-    prefix_hits: int = 0
-    steps: int = 0
-    spans_dropped: dict[str, int] = field(default_factory=dict)  # per process: "server", "stage 0", ...
+from engine import EngineConfig, EngineDeadError, EngineInfo, EngineStats, LLMEngine, SeqDelta, background_this_thread
 
 
 @dataclass(slots=True)
@@ -66,7 +51,8 @@ class AsyncEngine:
         self.model_config = self.engine.model_config
         self.max_model_len = self.engine.max_model_len
         self.tracing = self.engine.tracing
-        self.stats = EngineStats()
+        self.info: EngineInfo = self.engine.info()
+        self.stats: EngineStats = self.engine.stats()  # replaced whole by the engine thread, read by the loop
         self.dead: str | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[int, RequestStream] = {}
@@ -114,8 +100,7 @@ class AsyncEngine:
         background_this_thread()
         try:
             while not self._stopping:
-                idle = not eng.has_unfinished() and not eng.scheduler.in_flight
-                self._drain(block=idle)
+                self._drain(block=eng.idle)
                 if self._stopping:
                     break
                 deltas = eng.step()
@@ -162,7 +147,7 @@ class AsyncEngine:
 
     def _publish(self, deltas: list[SeqDelta]) -> None:
         self._update_stats()
-        stats = EngineStats(**{f: getattr(self.stats, f) for f in EngineStats.__slots__})
+        stats = self.stats
         routed = []
         for d in deltas:
             stream = self._streams.get(d.seq_id)
@@ -180,15 +165,11 @@ class AsyncEngine:
             self.on_step(deltas, stats)
 
     def _update_stats(self) -> None:
-        s, sched = self.stats, self.engine.scheduler
-        s.num_running = sched.num_running
-        s.num_waiting = sched.num_waiting
-        s.kv_cache_usage = sched.blocks.usage
-        s.num_preemptions = sched.num_preemptions
-        s.prefix_queries = sched.blocks.prefix_queries
-        s.prefix_hits = sched.blocks.prefix_hits
-        s.spans_dropped = self.engine.spans_dropped
-        s.steps += 1
+        self.stats = self.engine.stats()
+
+    def predicted_step_s(self, stage: int, batch_size: int) -> float:
+        """The planner's time for a step on a stage (from the plan alone: safe on the event loop)."""
+        return self.engine.predicted_step_s(stage, batch_size)
 
     def _fail(self, why: str) -> None:
         self.dead = why

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 from batching.sampling_params import ParamError, SamplingParams
-from engine.outputs import SeqDelta, TokenLogprob
+from engine import SeqDelta, TokenLogprob
 from gateway import sse
 from gateway.engine_client import EngineError
 from gateway.errors import APIError, bad_request
