@@ -19,7 +19,8 @@ from engine import checkpoint
 from engine.config import DTYPES, ModelConfig
 from engine.device import parse_size, resolve_dtypes
 from engine.driver import Driver
-from engine.placement import DeviceInfo, ModelCost, Plan, kv_cache_dtype, parse_devices, predict_stage_seconds
+from engine.placement import (ModelCost, Plan, kv_cache_dtype, parse_devices, parse_layers, predict_stage_seconds,
+                              share_host_memory)
 from engine.placement import plan as place
 from engine.errors import CheckpointError
 from engine.outputs import SeqDelta, TokenLogprob
@@ -74,10 +75,7 @@ class EngineConfig:
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = 512 if all(r.name == "cpu" for r in requests) else 2048
         if isinstance(self.layers, str):
-            try:
-                self.layers = [int(n) for n in self.layers.split(",")]
-            except ValueError:
-                raise ValueError(f"layers must be comma-separated counts such as 20,8,4, got {self.layers!r}") from None
+            self.layers = parse_layers(self.layers)
         if not self.stall_timeout_s > 0:
             raise ValueError(f"stall_timeout_s must be positive, got {self.stall_timeout_s}")
         if self.workers < 0:
@@ -387,17 +385,6 @@ STALL_FACTOR = 50.0
 
 # The planner balances stages for a step of this many running sequences (fewer if max_num_seqs is lower).
 PLANNED_SEQS = 64
-
-
-def share_host_memory(infos: list[DeviceInfo]) -> None:
-    """CPU stages on one host without a budget each measured the same free memory; split it between them."""
-    shared: dict[str, list[DeviceInfo]] = {}
-    for info in infos:
-        if info.kind == "cpu" and not info.budgeted:
-            shared.setdefault(info.host, []).append(info)
-    for group in shared.values():
-        for info in group:
-            info.memory //= len(group)
 
 
 @dataclass(slots=True)

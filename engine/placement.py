@@ -764,3 +764,24 @@ __all__ = [
     "parse_devices", "plan", "predict_stage_seconds", "stage_fits", "stage_kv_bytes_per_token", "stage_seconds",
     "stage_weight_bytes",
 ]
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """--layers: counts per stage in --devices order, "20,8,4"; None or "" for the planner's split."""
+    if not text:
+        return None
+    try:
+        return [int(n) for n in text.split(",")]
+    except ValueError:
+        raise ValueError(f"layers must be comma-separated counts such as 20,8,4, got {text!r}") from None
+
+
+def share_host_memory(infos: list[DeviceInfo]) -> None:
+    """CPU stages on one host without a budget each measured the same free memory; split it between them."""
+    shared: dict[str, list[DeviceInfo]] = {}
+    for info in infos:
+        if info.kind == "cpu" and not info.budgeted:
+            shared.setdefault(info.host, []).append(info)
+    for group in shared.values():
+        for info in group:
+            info.memory //= len(group)

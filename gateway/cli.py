@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from engine.stage import add_worker_args, run_worker
+from engine import add_worker_args, run_worker
 from gateway.connections import listen
 from gateway.plan_command import add_plan_parser, run_plan
 from loadtest.cli import add_arguments as add_bench_arguments
@@ -67,8 +67,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace):
-    from engine.demo_model import ensure_demo_model
-    from engine.llm_engine import EngineConfig
+    from engine import EngineConfig, ensure_demo_model
 
     model = args.model or str(ensure_demo_model())
     return EngineConfig(
@@ -91,8 +90,7 @@ def serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    from engine.device import parse_size
-    from engine.errors import CheckpointError
+    from engine import CheckpointError, parse_size
     from gateway.app import create_app
     from gateway.engine_client import AsyncEngine
     from gateway.limits import ServerLimits

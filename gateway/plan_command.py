@@ -40,72 +40,29 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _parse_layers(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(n) for n in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--layers must be comma-separated counts such as 20,8,4, got {text!r}") from None
-
-
 def run_plan(args: argparse.Namespace) -> int:
-    from engine.config import ModelConfig
-    from engine.errors import CheckpointError
-    from engine.placement import ModelCost, PlacementError, parse_devices, plan
+    from engine import CheckpointError, PlacementError, ensure_demo_model, plan_here
 
     try:
-        if args.model:
-            model_dir = args.model
-        else:
-            from engine.demo_model import ensure_demo_model
-
-            model_dir = str(ensure_demo_model())
-        cfg = ModelConfig.from_dir(model_dir)
-        requests = parse_devices(args.devices)
-        layers = _parse_layers(args.layers)
-        for name in ("batch_size", "block_size"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        max_len = args.max_model_len or min(cfg.max_position_embeddings, 4096)
-        context = args.context_len or min(max_len, 512)
-        if max_len < 1 or context < 1:
-            raise ValueError("--max-model-len and --context-len must be at least 1")
-        infos, compute, weights = _describe(requests, cfg, args)
-        cost = ModelCost.from_config(cfg, compute, weights)
-        result = plan(cost, infos, batch_size=args.batch_size, context_len=context, kv_reserve_tokens=max_len,
-                      layers=layers, block_size=args.block_size)
+        model_dir = args.model or str(ensure_demo_model())
+        here = plan_here(model_dir, args.devices, dtype=args.dtype, threads=args.threads_per_stage,
+                         memory_fraction=args.memory_fraction, batch_size=args.batch_size,
+                         context_len=args.context_len, max_model_len=args.max_model_len, layers=args.layers,
+                         block_size=args.block_size)
     except PlacementError as e:
         print(f"strata plan: {e}", file=sys.stderr)
         return 1
     except (CheckpointError, ValueError, RuntimeError) as e:
         print(f"strata plan: {e}", file=sys.stderr)
         return 2 if isinstance(e, (CheckpointError, ValueError)) else 1
+    cfg, result = here.model_config, here.plan
     if args.json:
-        out = {"model": str(model_dir), "compute_dtype": compute, "weight_dtype": weights, **result.to_json()}
+        out = {"model": str(model_dir), "compute_dtype": here.compute_dtype, "weight_dtype": here.weight_dtype,
+               **result.to_json()}
         print(json.dumps(out, indent=2))
     else:
-        print(f"model: {model_dir} ({cfg.num_layers} layers, {weights} weights, {compute} compute)")
-        print(f"planned for {args.batch_size} sequences per step attending to {context} tokens, with KV for "
-              f"{max_len} tokens on every stage")
+        print(f"model: {model_dir} ({cfg.num_layers} layers, {here.weight_dtype} weights, {here.compute_dtype} compute)")
+        print(f"planned for {args.batch_size} sequences per step attending to {here.context_len} tokens, with KV for "
+              f"{here.max_model_len} tokens on every stage")
         print(result.table())
     return 0
-
-
-def _describe(requests, cfg, args):
-    """Probe each device as its stage would; CPU stages without a budget share the host's memory."""
-    import torch
-
-    from engine.device import resolve_dtypes
-    from engine.probe import describe_device
-
-    infos, first = [], None
-    unbudgeted_cpus = sum(1 for r in requests if r.name == "cpu" and r.memory is None)
-    for req in requests:
-        compute, weights = resolve_dtypes(args.dtype, cfg.checkpoint_dtype, torch.device(req.name))
-        first = first or (compute, weights)
-        info = describe_device(req, compute, args.threads_per_stage, args.memory_fraction, weight_dtype=weights)
-        if req.name == "cpu" and req.memory is None and unbudgeted_cpus > 1:
-            info.memory //= unbudgeted_cpus
-        infos.append(info)
-    return infos, first[0], first[1]
