@@ -1,5 +1,5 @@
 """What crosses the ring each step: a Batch out to the stages, a StepOutput back, and the sampled tokens from
-the last stage to the first (SampledTokens), which a step scheduled ahead of them computes."""
+the last stage to the first (TokensForFirstStage), which a step scheduled ahead of them computes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,7 +17,7 @@ class SeqInit:
 
 
 # In SeqWork.token_ids: the token the sequence's step before this one samples. The step was scheduled before that
-# token was known; the first stage takes it from the last stage's SampledTokens.
+# token was known; the first stage takes it from the last stage's TokensForFirstStage.
 PENDING = -1
 
 
@@ -52,7 +52,7 @@ class Batch:
 
 
 @dataclass(slots=True)
-class SampledTokens:
+class TokensForFirstStage:
     """From the last stage to the first: what a step sampled, and at which position each token goes."""
 
     seq_ids: list[int]

@@ -160,30 +160,30 @@ class DeviceInfo:
         return tuple(v for k, v in asdict(self).items() if k != "name")
 
 
-class Link(NamedTuple):
+class LinkSpeed(NamedTuple):
     bandwidth: float  # bytes/s
     latency_s: float
 
 
-def link_between(src: DeviceInfo | None, dst: DeviceInfo, overrides: float | dict | None = None) -> Link:
+def link_between(src: DeviceInfo | None, dst: DeviceInfo, overrides: float | dict | None = None) -> LinkSpeed:
     """The link into `dst` from `src` (None: the driver, which sends only a small message)."""
     if src is None:
-        return Link(_INF, SAME_HOST_LATENCY_S)
+        return LinkSpeed(_INF, SAME_HOST_LATENCY_S)
     same_host = src.host == dst.host
     latency = SAME_HOST_LATENCY_S if same_host else CROSS_HOST_LATENCY_S
     if isinstance(overrides, (int, float)):
-        return Link(float(overrides), latency)
+        return LinkSpeed(float(overrides), latency)
     if overrides:
         for key in ((src.name, dst.name), (dst.name, src.name)):
             if key in overrides:
-                return Link(float(overrides[key]), latency)
+                return LinkSpeed(float(overrides[key]), latency)
     if not same_host:
-        return Link(CROSS_HOST_BANDWIDTH, latency)
+        return LinkSpeed(CROSS_HOST_BANDWIDTH, latency)
     if src.kind == "cuda" and dst.kind == "cuda":
-        return Link(CUDA_CUDA_BANDWIDTH, latency)
+        return LinkSpeed(CUDA_CUDA_BANDWIDTH, latency)
     # A link with a CPU end travels over gloo; from or to a GPU it also crosses PCIe, in series.
     copies = [GLOO_LOOPBACK_BANDWIDTH] + [CUDA_HOST_COPY_BANDWIDTH] * ((src.kind == "cuda") + (dst.kind == "cuda"))
-    return Link(1.0 / sum(1.0 / b for b in copies), latency)
+    return LinkSpeed(1.0 / sum(1.0 / b for b in copies), latency)
 
 
 # ---- the model's costs ----------------------------------------------------------------------------------------
@@ -361,7 +361,7 @@ class StageTime(NamedTuple):
 
 
 def stage_seconds(cost: ModelCost, device: DeviceInfo, n_layers: int, *, first: bool, last: bool, batch: int,
-                  context_len: int, link: Link | None, block_size: int = 16) -> StageTime:
+                  context_len: int, link: LinkSpeed | None, block_size: int = 16) -> StageTime:
     """One decode step of a stage holding `n_layers` layers; the one cost every plan and test uses."""
     cb = _compute_bytes(cost, device)
     bw = device.mem_bandwidth
@@ -398,7 +398,7 @@ def predict_stage_seconds(cost: ModelCost, device: DeviceInfo, layers: int | tup
                           link_latency_s: float = 0.0, block_size: int = 16) -> float:
     """Predicted seconds of one decode step of a stage; link_bw None: compute only (no transfer in)."""
     n = layers if isinstance(layers, int) else layers[1] - layers[0]
-    link = None if link_bw is None else Link(link_bw, link_latency_s)
+    link = None if link_bw is None else LinkSpeed(link_bw, link_latency_s)
     return stage_seconds(cost, device, n, first=first, last=last, batch=batch, context_len=context_len,
                          link=link, block_size=block_size).total_s
 
@@ -532,7 +532,7 @@ class _Context:
         self.reserve, self.links, self.block_size = reserve, links, block_size
         self._cache: dict[tuple, tuple[list[float], list[int]]] = {}
 
-    def link(self, prev: int | None, dev: int) -> Link:
+    def link(self, prev: int | None, dev: int) -> LinkSpeed:
         return link_between(None if prev is None else self.devices[prev], self.devices[dev], self.links)
 
     def time(self, dev: int, n: int, first: bool, last: bool, prev: int | None, batch: int) -> StageTime:
@@ -759,7 +759,7 @@ def _explain_no_fit(ctx: _Context) -> None:
 
 
 __all__ = [
-    "DeviceInfo", "DeviceRequest", "Link", "ModelCost", "PlacementError", "Plan", "StagePlan", "StageTime",
+    "DeviceInfo", "DeviceRequest", "LinkSpeed", "ModelCost", "PlacementError", "Plan", "StagePlan", "StageTime",
     "distinct_orders", "kv_cache_dtype", "kv_capacity_tokens", "layer_seconds", "link_between", "min_max_split",
     "parse_devices", "plan", "predict_stage_seconds", "stage_fits", "stage_kv_bytes_per_token", "stage_seconds",
     "stage_weight_bytes",

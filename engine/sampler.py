@@ -134,7 +134,7 @@ class SamplingRow:
 
 
 @dataclass(slots=True)
-class SampledTokens:
+class HostSamples:
     """One step's results on the host. A row that asked for fewer alternatives than the
     batch's K uses a prefix of its `top` list."""
 
@@ -150,9 +150,9 @@ class SamplerOutput:
     top_ids: torch.Tensor | None  # [B, K] int64, K = most alternatives asked in the batch
     top_logprobs: torch.Tensor | None  # [B, K] float32
 
-    def to_host(self) -> SampledTokens:
+    def to_host(self) -> HostSamples:
         if self.logprobs is None:
-            return SampledTokens(self.token_ids.tolist(), None, None)
+            return HostSamples(self.token_ids.tolist(), None, None)
         assert self.top_ids is not None and self.top_logprobs is not None
         k = self.top_ids.shape[1]
         # float64 holds int ids (< 2**53) and float32 logprobs exactly: one transfer for all.
@@ -165,7 +165,7 @@ class SamplerOutput:
             ),
             dim=1,
         ).tolist()  # [B, 2 + 2K]
-        return SampledTokens(
+        return HostSamples(
             token_ids=[int(r[0]) for r in packed],
             logprobs=[r[1] for r in packed],
             top=[[(int(t), lp) for t, lp in zip(r[2 : 2 + k], r[2 + k :])] for r in packed],

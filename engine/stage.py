@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from batching.batch import PENDING, Batch, SampledTokens, StepOutput
+from batching.batch import PENDING, Batch, StepOutput, TokensForFirstStage
 from engine import transport
 from engine.attention import build_metadata
 from engine.checkpoint import expected_shapes, weight_files
@@ -34,8 +34,7 @@ from engine.placement import DeviceRequest, kv_cache_dtype, parse_devices
 from engine.probe import describe_device
 from engine.thread_policy import background_this_thread, background_transport_threads
 from engine.tracing import LayerClock, TraceSettings, Tracing, now_ns, stage_spans
-from engine.sampler import Sampler, SamplingRow
-from engine.sampler import SampledTokens as HostSamples
+from engine.sampler import HostSamples, Sampler, SamplingRow
 
 DRIVER_RANK = 0
 DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -43,7 +42,7 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 # another release is told so in words rather than failing on a message it cannot read. Bump the version whenever
 # a message class changes.
 GREETING = "strata pipeline"
-WIRE_VERSION = 3
+WIRE_VERSION = 4
 
 
 class VersionMismatch(Exception):
@@ -137,7 +136,7 @@ class StageRunner:
         self.tables: dict[int, list[int]] = {}
         self.rows: dict[int, SamplingRow] = {}
         # On the first stage: each sequence's newest sampled token, (position, token id), for steps scheduled
-        # ahead of it; and, where the last stage is another process, how to wait for its next SampledTokens.
+        # ahead of it; and, where the last stage is another process, how to wait for its next TokensForFirstStage.
         self.sampled: dict[int, tuple[int, int]] = {}
         self.await_tokens = None
         self.sampler = Sampler(self.cfg.vocab_size, self.cfg.eos_token_ids) if self.last else None
@@ -180,7 +179,7 @@ class StageRunner:
             dtype=self.kv_dtype, device=self.device,
         )
 
-    def take_tokens(self, tokens: SampledTokens) -> None:
+    def take_tokens(self, tokens: TokensForFirstStage) -> None:
         """Keep the newest token of each live sequence (one that finished meanwhile needs none)."""
         for seq_id, pos, tok in zip(tokens.seq_ids, tokens.positions, tokens.token_ids):
             if seq_id in self.tables:
@@ -203,7 +202,7 @@ class StageRunner:
                 w.token_ids = [got[1]]
 
     def step(self, batch: Batch, hidden: torch.Tensor | None,
-             on_layer=None) -> tuple[torch.Tensor, StepOutput | None, SampledTokens | None]:
+             on_layer=None) -> tuple[torch.Tensor, StepOutput | None, TokensForFirstStage | None]:
         """The step's activations out; on the last stage also what it sampled, for the driver and the first stage.
         The first stage's PENDING tokens are filled in (fill_pending) first."""
         for seq_id in batch.released:
@@ -254,7 +253,7 @@ class StageRunner:
             sampled, errors = self._sample(logits, rows, sample_ids)
         for row, tok in zip(rows, sampled.token_ids):
             row.output_token_ids.append(tok)
-        tokens = SampledTokens(sample_ids, sample_pos, sampled.token_ids)
+        tokens = TokensForFirstStage(sample_ids, sample_pos, sampled.token_ids)
         if self.first:
             self.take_tokens(tokens)
             tokens = None
@@ -420,7 +419,7 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
 
 
 def _receive_tokens(runner: StageRunner, link: transport.Link) -> threading.Thread:
-    """On the first stage: a thread that takes the last stage's SampledTokens as they come, for steps that wait on
+    """On the first stage: a thread that takes the last stage's tokens as they come, for steps that wait on
     them (StageRunner.await_tokens). A broken link reaches the waiting step as the error; Shutdown ends it."""
     arrived: queue.SimpleQueue = queue.SimpleQueue()
 
@@ -432,7 +431,7 @@ def _receive_tokens(runner: StageRunner, link: transport.Link) -> threading.Thre
         except Exception as e:
             arrived.put(e)
 
-    def await_tokens() -> SampledTokens:
+    def await_tokens() -> TokensForFirstStage:
         msg = arrived.get()
         if isinstance(msg, Exception):
             raise msg
