@@ -54,16 +54,32 @@ class EngineConfig:
     rendezvous_timeout_s: float = 120.0
     stall_timeout_s: float = 60.0  # the least a step may take before the pipeline counts as stalled
 
+    # The fields stay as given; what they mean, in the engine's own terms, is read through these.
+    @property
+    def dtype_request(self) -> str:
+        """auto, or the dtype's canonical name (bf16 -> bfloat16)."""
+        return self.dtype if self.dtype == "auto" else DTYPES[self.dtype]
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        return parse_size(self.kv_cache_memory) if isinstance(self.kv_cache_memory, str) else self.kv_cache_memory
+
+    @property
+    def step_token_budget(self) -> int:
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return 512 if all(r.name == "cpu" for r in parse_devices(self.devices)) else 2048
+
+    @property
+    def layer_counts(self) -> list[int] | None:
+        return parse_layers(self.layers) if isinstance(self.layers, str) else self.layers
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.dtype != "auto":
-            self.dtype = DTYPES[self.dtype]
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be a power of two up to 128, got {self.block_size}")
-        if isinstance(self.kv_cache_memory, str):
-            self.kv_cache_memory = parse_size(self.kv_cache_memory)
+        _ = self.kv_cache_bytes, self.layer_counts  # each raises on a value it cannot read
         if not 0.0 < self.kv_cache_fraction <= 1.0:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if self.threads is not None and self.threads < 1:
@@ -72,10 +88,6 @@ class EngineConfig:
         gpus = [r.name for r in requests if r.name != "cpu"]
         if len(gpus) != len(set(gpus)):
             raise ValueError(f"devices {self.devices!r} name a GPU twice; each GPU holds one stage (only cpu may repeat)")
-        if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = 512 if all(r.name == "cpu" for r in requests) else 2048
-        if isinstance(self.layers, str):
-            self.layers = parse_layers(self.layers)
         if not self.stall_timeout_s > 0:
             raise ValueError(f"stall_timeout_s must be positive, got {self.stall_timeout_s}")
         if self.workers < 0:
@@ -110,7 +122,8 @@ class LLMEngine:
         self._step_traces: dict[int, StepTrace] = {}
         self._stage_spans_dropped: dict[str, int] = {}  # stage -> spans its export queue has dropped
         try:
-            self.driver, self.plan, num_blocks = self._start_pipeline(model_dir, max_len)
+            started = self._start_pipeline(model_dir, max_len)
+            self.driver, self.plan, num_blocks, self.dtype, self.weight_dtype = started
         except BaseException:
             if self.tracing is not None:
                 self.tracing.shutdown()
@@ -125,7 +138,7 @@ class LLMEngine:
             self.scheduler = Scheduler(
                 SchedulerConfig(
                     num_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
-                    max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_len,
+                    max_num_batched_tokens=config.step_token_budget, max_model_len=max_len,
                     enable_prefix_caching=config.enable_prefix_caching, num_micro_batches=len(self.plan.stages),
                     lookahead=True,
                 ),
@@ -137,8 +150,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self._streams: dict[int, _SeqStream] = {}
 
-    def _start_pipeline(self, model_dir: Path, max_len: int) -> tuple[Driver, Plan, int]:
-        """Start the stage processes, ask each what its device is worth, place the layers, load and link."""
+    def _start_pipeline(self, model_dir: Path, max_len: int) -> tuple[Driver, Plan, int, str, str]:
+        """Start the stage processes, ask each what its device is worth, place the layers, load and link. Returns
+        the driver, the plan, the KV blocks and the first stage's activation and weight dtypes."""
         config, cfg = self.config, self.model_config
         requests = parse_devices(config.devices)
         devices = [f"{d.name}={d.memory}" if d.memory else d.name for d in requests]
@@ -148,14 +162,15 @@ class LLMEngine:
             port = int(p)
         driver = Driver(devices, config.threads, config.workers, host, port, config.rendezvous_timeout_s)
         try:
-            infos = driver.describe(DescribeDevice(config.dtype, cfg.checkpoint_dtype, config.kv_cache_fraction))
+            ask = DescribeDevice(config.dtype_request, cfg.checkpoint_dtype, config.kv_cache_fraction)
+            infos = driver.describe(ask)
             share_host_memory(infos)
-            compute, weights = resolve_dtypes(config.dtype, cfg.checkpoint_dtype, torch.device(infos[0].name))
+            compute, weights = resolve_dtypes(config.dtype_request, cfg.checkpoint_dtype, torch.device(infos[0].name))
             # Each of the P micro-batches in flight holds 1/P of the sequences: plan for that step.
             micro_batch = -(-min(config.max_num_seqs, PLANNED_SEQS) // len(infos))
             plan = place(
                 ModelCost.from_config(cfg, compute, weights), infos, batch_size=micro_batch,
-                context_len=min(max_len, 512), kv_reserve_tokens=max_len, layers=config.layers,
+                context_len=min(max_len, 512), kv_reserve_tokens=max_len, layers=config.layer_counts,
                 block_size=config.block_size,
             )
             ranks = [s.device_index + 1 for s in plan.stages]
@@ -168,22 +183,22 @@ class LLMEngine:
             inline = micro_batch * cfg.hidden_size * 4
             specs, prev_dtype = [], None
             for k, (rank, st) in enumerate(zip(ranks, plan.stages)):
-                compute, weights = resolve_dtypes(config.dtype, cfg.checkpoint_dtype, torch.device(st.device.name))
+                compute, weights = resolve_dtypes(config.dtype_request, cfg.checkpoint_dtype,
+                                                  torch.device(st.device.name))
                 specs.append((rank, StageSpec(
                     stage_index=k, num_stages=len(ranks), ring=ring, cuda_ranks=cuda_ranks,
                     model_dir=str(model_dir.resolve()), layers=st.layers, dtype=compute, weight_dtype=weights,
                     input_dtype=prev_dtype or compute, block_size=config.block_size, max_model_len=max_len,
-                    kv_cache_memory=config.kv_cache_memory, kv_cache_fraction=config.kv_cache_fraction,
+                    kv_cache_memory=config.kv_cache_bytes, kv_cache_fraction=config.kv_cache_fraction,
                     max_kv_tokens=max_kv_tokens, inline_bytes=inline,
                     trace=self.trace_settings if self._trace_steps else None,
                 )))
                 prev_dtype = compute
-            self.dtype, self.weight_dtype = specs[0][1].dtype, specs[0][1].weight_dtype
             info = driver.start(specs)
         except BaseException:
             driver.abandon()
             raise
-        return driver, plan, info.num_blocks
+        return driver, plan, info.num_blocks, specs[0][1].dtype, specs[0][1].weight_dtype
 
     # ---- requests ---------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,

@@ -10,6 +10,7 @@ driver scheduled ahead of those tokens (batching.scheduler, lookahead).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import queue
@@ -315,7 +316,7 @@ def serve(rank: int, world_size: int, request: DeviceRequest, threads: int | Non
     if isinstance(spec, Shutdown):
         return
     if model_dir is not None:
-        spec.model_dir = model_dir  # this host keeps the checkpoint elsewhere
+        spec = dataclasses.replace(spec, model_dir=model_dir)  # this host keeps the checkpoint elsewhere
     links = transport.make_links(spec.ring, set(spec.cuda_ranks), spec.inline_bytes)
     token_link = transport.make_token_link(spec.ring)
     try:

@@ -44,3 +44,16 @@ def test_a_gpu_named_twice_is_refused_before_anything_starts(llama_dir):
     with pytest.raises(ValueError, match="name a GPU twice"):
         EngineConfig(model=str(llama_dir), devices="cuda:0,cpu,cuda:0")
     assert EngineConfig(model=str(llama_dir), devices="cpu,cpu").devices == "cpu,cpu"
+
+
+def test_engine_config_keeps_its_fields_as_given():
+    """What the fields mean is read through properties; the config itself is never rewritten."""
+    from engine.llm_engine import EngineConfig
+
+    c = EngineConfig(model="m", dtype="bf16", layers="2,1", kv_cache_memory="1GiB", devices="cpu,cpu")
+    assert (c.dtype, c.layers, c.kv_cache_memory, c.max_num_batched_tokens) == ("bf16", "2,1", "1GiB", None)
+    assert (c.dtype_request, c.layer_counts, c.kv_cache_bytes, c.step_token_budget) == ("bfloat16", [2, 1], 2**30, 512)
+    with pytest.raises(ValueError, match="layers"):
+        EngineConfig(model="m", layers="two")
+    with pytest.raises(ValueError, match="size"):
+        EngineConfig(model="m", kv_cache_memory="lots")
