@@ -12,6 +12,13 @@ class ParamError(ValueError):
         self.param = param
 
 
+def check_token_ids(ids, vocab_size: int, param: str, what: str = "token id") -> None:
+    """The one rule for token ids a client sends: each inside the vocabulary, else ParamError naming `param`."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ParamError(param, f"{what} {bad} is outside the vocabulary (0..{vocab_size - 1})")
+
+
 @dataclass(slots=True)
 class SamplingParams:
     max_tokens: int | None = 16  # None: until the context is full
@@ -59,6 +66,11 @@ class SamplingParams:
             for tok, bias in self.logit_bias.items():
                 if not -100.0 <= bias <= 100.0:
                     raise ParamError("logit_bias", f"logit_bias for token {tok} must be in [-100, 100], got {bias}")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """The token ids these parameters name (logit_bias keys, stop_token_ids) against a model's vocabulary."""
+        check_token_ids(self.logit_bias or (), vocab_size, "logit_bias", "logit_bias token id")
+        check_token_ids(self.stop_token_ids, vocab_size, "stop_token_ids", "stop_token_ids entry")
 
     @property
     def greedy(self) -> bool:

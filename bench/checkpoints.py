@@ -1,8 +1,9 @@
 """Benchmark checkpoints: real model shapes with random weights, written once to a cache folder."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from engine.paths import cache_root
 
 SMOLLM2_135M_SHAPE = dict(
     hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -21,13 +22,9 @@ def _corpus() -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(20)) for _ in range(6000)]
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("STRATA_CACHE", Path.home() / ".cache" / "strata"))
-
-
 def smollm2_135m_shaped(dtype: str = "bfloat16") -> Path:
     """A SmolLM2-135M-shaped Llama checkpoint (random weights, not a trained model)."""
-    out = cache_dir() / f"bench-smollm2-135m-shape-random-{dtype}-v2"
+    out = cache_root() / f"bench-smollm2-135m-shape-random-{dtype}-v2"
     if (out / "config.json").is_file():
         return out
     import torch

@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from engine.paths import cache_root
+
 DEMO_NAME = "strata-demo-random"
 DEMO_VERSION = 1
 
@@ -18,10 +20,6 @@ DEMO_CONFIG = dict(
     num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
     rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True, torch_dtype="float32",
 )
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("STRATA_CACHE", Path.home() / ".cache" / "strata"))
 
 
 def _corpus() -> list[str]:
@@ -37,7 +35,7 @@ def _corpus() -> list[str]:
 
 def ensure_demo_model(cache_dir: Path | None = None) -> Path:
     """Create the demo checkpoint once; later calls return its directory."""
-    out = (cache_dir or default_cache_dir()) / f"{DEMO_NAME}-v{DEMO_VERSION}"
+    out = (cache_dir or cache_root()) / f"{DEMO_NAME}-v{DEMO_VERSION}"
     if (out / "model.safetensors").is_file():
         return out
     import torch

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels import amx_gemm, build, half_gemm
+from engine.placement import THIN_ROWS
 
-# Without the kernel: up to this many rows a half-precision product beats upcast + fp32 (measured on AVX2 CPUs).
-THIN_ROWS = 2
+# Without the kernel: up to THIN_ROWS rows a half-precision product beats upcast + fp32 (measured on AVX2 CPUs);
+# the planner prices products by the same rule, so the number lives with it.
 
 
 class Linear:

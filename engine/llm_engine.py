@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from batching.batch import Batch, StepOutput
-from batching.sampling_params import SamplingParams
+from batching.sampling_params import SamplingParams, check_token_ids
 from batching.scheduler import Scheduler, SchedulerConfig, SeqUpdate
 from batching.sequence import FinishReason, Sequence
 from engine import checkpoint
@@ -207,13 +207,8 @@ class LLMEngine:
         if not prompt_token_ids:
             raise ValueError("prompt is empty")
         vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
-        if params.logit_bias:
-            bad = next((t for t in params.logit_bias if not 0 <= int(t) < vocab), None)
-            if bad is not None:
-                raise ValueError(f"logit_bias token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        check_token_ids(prompt_token_ids, vocab, "prompt", "prompt token id")  # ParamError is a ValueError
+        params.check_vocab(vocab)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this checkpoint has no tokenizer.json")
         seq_id = next(self._ids)

@@ -22,7 +22,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # ---- what the engine's code does (counted from engine/model.py, engine/linear.py, engine/stage.py) ----------------
 # Up to this many rows, a product with half-precision weights and fp32 activations multiplies in half precision
-# (engine.linear.THIN_ROWS; a test keeps the two equal).
+# (engine.linear reads it from here).
 THIN_ROWS = 2
 # Host cost of one decoder layer in units of the probe's per-op cost. StageModel.forward dispatches 48 ops per layer
 # (22 kernels, 26 views), but norms, SDPA and rotary are composites that dispatch more inside: at batch 1, with

@@ -21,6 +21,7 @@ from engine.device import TORCH_DTYPES, available_memory
 from engine.kernels import amx_gemm, build, half_gemm, layer_ops
 from engine.kernels import paged_attention as paged_kernel
 from engine.linear import make_linear, product_path
+from engine.paths import cache_root
 from engine.placement import GEMM_ROWS, SMALL_GEMM_ROWS, DeviceInfo, DeviceRequest, kv_cache_dtype
 
 PROFILE_ENV = "STRATA_DEVICE_PROFILE"
@@ -46,8 +47,7 @@ _ATTN_OPS = 5  # kernels of one paged_attention call, whose host cost is not att
 
 
 def cache_path() -> Path:
-    root = Path(os.environ.get("STRATA_CACHE", Path.home() / ".cache" / "strata"))
-    return root / "probe.json"
+    return cache_root() / "probe.json"
 
 
 def device_label(device: torch.device, threads: int | None) -> str:

@@ -12,6 +12,8 @@ from importlib.metadata import PackageNotFoundError, version as _pkg_version
 from aiohttp import web
 from pydantic import BaseModel
 
+from batching.sampling_params import ParamError, check_token_ids
+
 from engine import EngineStats, SeqDelta
 from gateway.connections import request_started
 from gateway.dashboard import Dashboard
@@ -263,10 +265,10 @@ async def detokenize(request: web.Request) -> web.Response:
     if len(req.tokens) > state.engine.max_model_len:
         raise bad_request(f"{len(req.tokens)} tokens are more than this model's context ({state.engine.max_model_len})",
                           "tokens", "context_length_exceeded")
-    vocab = state.engine.model_config.vocab_size
-    bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise bad_request(f"token id {bad} is outside the vocabulary (0..{vocab - 1})", "tokens")
+    try:
+        check_token_ids(req.tokens, state.engine.model_config.vocab_size, "tokens")
+    except ParamError as e:
+        raise bad_request(str(e), e.param) from None
     return web.json_response({"prompt": tok.decode(req.tokens, skip_special_tokens=False)})
 
 

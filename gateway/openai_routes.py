@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from batching.sampling_params import ParamError, SamplingParams
+from batching.sampling_params import ParamError, SamplingParams, check_token_ids
 from engine import SeqDelta, TokenLogprob
 from gateway import sse
 from gateway.engine_client import EngineError
@@ -67,21 +67,14 @@ class OpenAIRoutes:
             raise bad_request(
                 f"This model's maximum context length is {limit} tokens; the prompt has {prompt_len} tokens and "
                 f"max_tokens asks for {max_tokens} more.", "max_tokens", "context_length_exceeded")
-        vocab = self.s.engine.model_config.vocab_size
         bias = None
         if req.logit_bias:
             try:
                 bias = {int(k): float(v) for k, v in req.logit_bias.items()}
             except ValueError:
                 raise bad_request("logit_bias keys must be token ids", "logit_bias") from None
-            bad = [t for t in bias if not 0 <= t < vocab]
-            if bad:
-                raise bad_request(f"logit_bias token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "logit_bias")
-        for t in req.stop_token_ids or []:
-            if not 0 <= t < vocab:
-                raise bad_request(f"stop_token_ids entry {t} is outside the vocabulary (0..{vocab - 1})", "stop_token_ids")
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 max_tokens=max_tokens if max_tokens is not None else limit - prompt_len,
                 temperature=1.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p,
@@ -100,6 +93,8 @@ class OpenAIRoutes:
                 min_tokens=req.min_tokens,
                 skip_special_tokens=req.skip_special_tokens,
             )
+            params.check_vocab(self.s.engine.model_config.vocab_size)
+            return params
         except ParamError as e:
             raise bad_request(str(e), e.param) from None
 
@@ -123,9 +118,10 @@ class OpenAIRoutes:
         for ids in prompts:
             if not ids:
                 raise bad_request("prompt must not be empty", "prompt")
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise bad_request(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})", "prompt")
+            try:
+                check_token_ids(ids, vocab, "prompt", "prompt token id")
+            except ParamError as e:
+                raise bad_request(str(e), e.param) from None
         return prompts
 
     async def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:

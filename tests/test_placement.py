@@ -244,12 +244,6 @@ def test_model_cost_from_config_counts_a_llama_layer():
         ModelCost.from_config(cfg, "float32", "bfloat16", sampling="beam")
 
 
-def test_thin_rows_match_the_engine():
-    from engine import linear, placement
-
-    assert placement.THIN_ROWS == linear.THIN_ROWS
-
-
 @pytest.mark.parametrize("text, expected", [
     ("cpu", [("cpu", None)]),
     ("cuda", [("cuda:0", None)]),

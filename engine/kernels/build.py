@@ -21,6 +21,8 @@ import subprocess
 import threading
 from pathlib import Path
 
+from engine.paths import cache_root
+
 log = logging.getLogger("strata.kernels")
 
 DISABLE_ENV = "STRATA_CPU_KERNELS"  # 0: never build or use them
@@ -28,8 +30,7 @@ _lock = threading.Lock()
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("STRATA_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "strata") / "kernels"
+    return cache_root() / "kernels"
 
 
 def compiler() -> list[str] | None:
