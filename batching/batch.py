@@ -2,7 +2,7 @@
 the last stage to the first (TokensForFirstStage), which a step scheduled ahead of them computes."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from batching.sampling_params import SamplingParams
 
@@ -34,15 +34,31 @@ class SeqWork:
     init: SeqInit | None = None
 
 
+@dataclass(slots=True, frozen=True)
+class TraceContext:
+    """A traced step's context, as it rides with the step: each hop passes on a new one (its own send time, and
+    the spans its export queue has dropped), never editing the one it received."""
+
+    trace_id: int
+    step_id: int  # the driver's span for the step, parent of every stage's spans
+    layers: bool  # whether each decoder layer gets a span
+    sent_by: str  # "driver" or a stage's label: where the step last left a process
+    sent_ns: int
+    spans_dropped: tuple[tuple[int, int], ...] = ()  # (stage index, spans its queue has dropped so far)
+
+    def passed_on(self, by: str, at_ns: int, stage: int, dropped: int) -> "TraceContext":
+        counts = dict(self.spans_dropped)
+        counts[stage] = dropped
+        return replace(self, sent_by=by, sent_ns=at_ns, spans_dropped=tuple(sorted(counts.items())))
+
+
 @dataclass(slots=True)
 class Batch:
     batch_id: int
     seqs: list[SeqWork]
     # Finished or aborted sequences whose per-sequence state the stages may drop.
     released: list[int] = field(default_factory=list)
-    # Set when a sampled request rides in this step: trace and step-span ids, whether layers are traced,
-    # and where and when the batch last left a process (for the transfer spans).
-    trace: dict | None = None
+    trace: TraceContext | None = None  # set when a sampled request rides in this step
     # Appended by each stage as the batch passes: (stage index, compute start, compute end), wall-clock seconds.
     timings: list[tuple[int, float, float]] = field(default_factory=list)
 
@@ -68,6 +84,6 @@ class StepOutput:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     timings: list[tuple[int, float, float]] = field(default_factory=list)  # the Batch's, one entry per stage
-    trace: dict | None = None  # the Batch's trace context, with the last stage's send time
+    trace: TraceContext | None = None  # the Batch's, as the last stage passed it on
     # Sequences the last stage could not sample, and why; each fails alone (its token is a placeholder).
     errors: dict[int, str] | None = None

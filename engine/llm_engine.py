@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from batching.batch import Batch, StepOutput
+from batching.batch import Batch, StepOutput, TraceContext
 from batching.sampling_params import SamplingParams, check_token_ids
 from batching.scheduler import Scheduler, SchedulerConfig, SeqUpdate
 from batching.sequence import FinishReason, Sequence
@@ -120,7 +120,7 @@ class LLMEngine:
         self.tracing = Tracing(settings) if settings else None
         self._trace_steps = bool(settings and settings.covers("step"))
         self._step_traces: dict[int, StepTrace] = {}
-        self._stage_spans_dropped: dict[str, int] = {}  # stage -> spans its export queue has dropped
+        self._stage_spans_dropped: dict[int, int] = {}  # stage index -> spans its export queue has dropped
         try:
             started = self._start_pipeline(model_dir, max_len)
             self.driver, self.plan, num_blocks, self.dtype, self.weight_dtype = started
@@ -239,7 +239,7 @@ class LLMEngine:
             self.stage_stats[stage].add(end - start, size)
         step_trace = self._step_traces.pop(out.batch_id, None)
         if out.trace is not None:
-            self._stage_spans_dropped.update(out.trace.get("dropped", {}))
+            self._stage_spans_dropped.update(out.trace.spans_dropped)
         if step_trace is not None:
             self.tracing.emit(step_trace.spans(out, received_ns, self.driver.last_received_bytes))
         updates = self.scheduler.update(out)
@@ -269,8 +269,7 @@ class LLMEngine:
         links = [st.trace for w in batch.seqs if (st := self._streams.get(w.seq_id)) is not None and st.trace]
         if links:
             tr = StepTrace(new_trace_id(), new_span_id(), now_ns(), links, batch)
-            batch.trace = {"trace_id": tr.trace_id, "step_id": tr.step_id, "src": "driver", "sent": tr.start_ns,
-                           "layer": self.tracing.covers("layer")}
+            batch.trace = TraceContext(tr.trace_id, tr.step_id, self.tracing.covers("layer"), "driver", tr.start_ns)
             self._step_traces[batch.batch_id] = tr
 
     def _deltas(self, out: StepOutput, updates: list[SeqUpdate]) -> list[SeqDelta]:
@@ -385,7 +384,7 @@ class StepTrace:
             "strata.step.num_prefill_tokens": b.num_tokens - decodes,
             "strata.step.links_dropped": max(0, len(self.links) - limit),
         }, links=self.links[:limit])
-        back = transfer_span(self.trace_id, self.step_id, out.trace["src"], "driver", out.trace["sent"], received_ns,
+        back = transfer_span(self.trace_id, self.step_id, out.trace.sent_by, "driver", out.trace.sent_ns, received_ns,
                              received_bytes) if out.trace else None
         return [step] + ([back] if back else [])
 

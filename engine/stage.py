@@ -394,28 +394,26 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
         if hidden is not None and hidden.dtype != runner.dtype:
             hidden = hidden.to(runner.dtype)
         trace = batch.trace if tracing is not None else None
-        clock = LayerClock(runner.device) if trace is not None and trace["layer"] else None
+        clock = LayerClock(runner.device) if trace is not None and trace.layers else None
         runner.fill_pending(batch)
         start = time.time()
         hidden_out, out, tokens = runner.step(batch, hidden, clock.mark if clock else None)
         end = time.time()
         batch.timings.append((spec.stage_index, start, end))
         if trace is not None:
-            trace.setdefault("dropped", {})[str(spec.stage_index)] = tracing.dropped
-            sent_from = trace["src"], trace["sent"]
-            trace["src"], trace["sent"] = device_label, now_ns()
+            batch.trace = trace.passed_on(device_label, now_ns(), spec.stage_index, tracing.dropped)
         if tokens is not None:  # first: the first stage may be waiting for them
             outbox.post(*transport.isend(tokens, token_link))
         if runner.last:
             out.timings = batch.timings
-            out.trace = trace
+            out.trace = batch.trace
             outbox.post(*transport.isend(out, link_out))
         else:
             outbox.post(*transport.isend(batch, link_out, hidden_out))
         if trace is not None:
             tracing.emit(stage_spans(
                 trace, spec.stage_index, device_label, spec.layers, batch, int(start * 1e9), int(end * 1e9), clock,
-                sent_from, received_ns, nbytes,
+                received_ns, nbytes,
             ))
 
 

@@ -263,16 +263,17 @@ class LayerClock:
         return [(layer, start_ns + int(self.start.elapsed_time(ev) * 1e6)) for layer, ev in self.marks]
 
 
-def stage_spans(trace: dict, stage: int, device: str, layers: tuple[int, int], batch, start_ns: int, end_ns: int,
-                clock: LayerClock | None, sent_from: tuple[str, int], received_ns: int, nbytes: int) -> list:
-    """A stage's spans for one traced step: the transfer that brought the batch, the forward, and its layers."""
-    trace_id, step_id = trace["trace_id"], trace["step_id"]
+def stage_spans(trace, stage: int, device: str, layers: tuple[int, int], batch, start_ns: int, end_ns: int,
+                clock: LayerClock | None, received_ns: int, nbytes: int) -> list:
+    """A stage's spans for one traced step: the transfer that brought the batch, the forward, and its layers.
+    trace: the batching.batch.TraceContext the batch arrived with."""
+    trace_id, step_id = trace.trace_id, trace.step_id
     tokens = batch.num_tokens
     common = {"strata.stage": stage, "strata.device": device, "strata.batch_size": len(batch.seqs),
               "strata.num_tokens": tokens}
     forward_id = new_span_id()
     out: list = [
-        transfer_span(trace_id, step_id, sent_from[0], device, sent_from[1], received_ns, nbytes),
+        transfer_span(trace_id, step_id, trace.sent_by, device, trace.sent_ns, received_ns, nbytes),
         SpanRecord(f"stage {stage} forward", trace_id, forward_id, step_id, start_ns, end_ns,
                    {**common, "strata.layers": f"{layers[0]}-{layers[1] - 1}"}),
     ]
