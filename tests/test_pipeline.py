@@ -1,8 +1,6 @@
 """Pipelines of several stage processes: same tokens as one stage, workers on other "hosts", faults."""
 from __future__ import annotations
 
-import contextlib
-
 import asyncio
 import json
 import os
@@ -238,21 +236,28 @@ async def stream_until_error(url: str, i: int, started: asyncio.Event, counter: 
     return "error"  # the stream ended without [DONE]
 
 
+def signal_a_stage_mid_stream(server: ServerProcess, sig: int, streams: int,
+                              timeout_s: float) -> tuple[list[int], list[str]]:
+    """Stream `streams` long completions, send `sig` to stage 1 once tokens flow, and return the stage pids and how
+    each stream ended."""
+    server.wait_ready(120)
+    stages = child_pids(server.proc.pid)
+    assert len(stages) == 2
+
+    async def run() -> list[str]:
+        started, counter = asyncio.Event(), [0]
+        tasks = [asyncio.create_task(stream_until_error(server.url, i, started, counter)) for i in range(streams)]
+        await asyncio.wait_for(started.wait(), 60)
+        os.kill(stages[1], sig)
+        return await asyncio.wait_for(asyncio.gather(*tasks), timeout_s)
+
+    return stages, asyncio.run(run())
+
+
 def test_killing_a_stage_mid_stream_ends_every_request_with_an_error(six_layers):
     server = ServerProcess(six_layers, *SERVER_FLAGS, "--devices", "cpu,cpu")
     try:
-        server.wait_ready(120)
-        stages = child_pids(server.proc.pid)
-        assert len(stages) == 2
-
-        async def run() -> list[str]:
-            started, counter = asyncio.Event(), [0]
-            tasks = [asyncio.create_task(stream_until_error(server.url, i, started, counter)) for i in range(6)]
-            await asyncio.wait_for(started.wait(), 60)
-            os.kill(stages[1], signal.SIGKILL)
-            return await asyncio.wait_for(asyncio.gather(*tasks), 30)
-
-        endings = asyncio.run(run())
+        stages, endings = signal_a_stage_mid_stream(server, signal.SIGKILL, 6, 30)
         assert endings == ["error"] * 6
         # The server tells its supervisor: unhealthy, then a non-zero exit, with nothing left behind.
         assert server.proc.wait(30) == 1
@@ -267,30 +272,15 @@ def test_a_stage_that_hangs_mid_stream_fails_every_request_and_is_named(six_laye
     """A stage that stops (SIGSTOP: alive, silent, as a hung host looks) is noticed once the step in flight outlives
     its bound: every request gets an OpenAI error, /health turns 503, and the server says which stage stalled."""
     server = ServerProcess(six_layers, *SERVER_FLAGS, "--devices", "cpu,cpu", "--stall-timeout", "3")
-    stages: list[int] = []
     try:
-        server.wait_ready(120)
-        stages = child_pids(server.proc.pid)
-        assert len(stages) == 2
-
-        async def run() -> list[str]:
-            started, counter = asyncio.Event(), [0]
-            tasks = [asyncio.create_task(stream_until_error(server.url, i, started, counter)) for i in range(4)]
-            await asyncio.wait_for(started.wait(), 60)
-            os.kill(stages[1], signal.SIGSTOP)
-            return await asyncio.wait_for(asyncio.gather(*tasks), 120)
-
-        endings = asyncio.run(run())
+        stages, endings = signal_a_stage_mid_stream(server, signal.SIGSTOP, 4, 120)
         assert endings == ["error"] * 4
         assert server.proc.wait(60) == 1
         out = server.output()
         assert "returned no step" in out and f"pid {stages[1]}) is stopped" in out, out[-2000:]
     finally:
-        for pid in stages:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
         server.stop()
-        server.cleanup()
+        server.cleanup()  # kills the process group of a server that failed, the stopped stage with it
 
 
 def _alive(pid: int) -> bool:
