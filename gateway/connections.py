@@ -64,7 +64,9 @@ class GuardedRequestHandler(RequestHandler):
         self._write_timer: asyncio.TimerHandle | None = None
         self._in_request = False
         self._last_response = False  # the response sent closes the connection: what still comes is not a request
-        self._refused: str | None = None  # "new": refused on arrival, never handed to aiohttp; "admitted": cut off
+        # "new": refused on arrival and answered, never handed to aiohttp; "dropped": the same, unanswered (a flood);
+        # "admitted": cut off after it was handed to aiohttp
+        self._refused: str | None = None
         self._raw: asyncio.Transport | None = None
 
     # ---- the connection's life --------------------------------------------------------------------
@@ -72,10 +74,11 @@ class GuardedRequestHandler(RequestHandler):
         guard = self._guard
         if len(guard.admitted) >= guard.limits.max_connections and not guard.make_room():
             self._raw = transport
-            self._refused = "new"
             if guard.lingering >= MAX_LINGERING:
+                self._refused = "dropped"
                 transport.abort()  # a flood: no answer, no file descriptor held
                 return
+            self._refused = "new"
             guard.lingering += 1
             self._answer_and_drop(raw_error(503, f"the server has {len(guard.admitted)} connections open, its "
                                                  "limit; retry later", "too_many_connections"))
@@ -87,8 +90,9 @@ class GuardedRequestHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_timers()
-        if self._refused == "new":
-            self._guard.lingering -= 1
+        if self._refused in ("new", "dropped"):
+            if self._refused == "new":
+                self._guard.lingering -= 1
             return  # aiohttp never saw it
         self._guard.admitted.discard(self)
         super().connection_lost(exc)

@@ -108,10 +108,10 @@ class OpenAIRoutes:
         if isinstance(p[0], int):
             prompts = [list(p)]
         elif isinstance(p[0], str):
-            self.s.tokenizer()
+            tok = self.s.tokenizer()
             for text in p:
                 self.s.check_chars(len(text), "prompt")
-            prompts = await off_loop(self.s.tokenizer().encode_batch, p)
+            prompts = await off_loop(tok.encode_batch, p)
         else:
             prompts = [list(x) for x in p]
         vocab = self.s.engine.model_config.vocab_size

@@ -525,3 +525,57 @@ def test_an_unexpected_exception_is_a_json_500_and_logged(caplog):
     assert_openai_error(status, body, 500, code="internal_error")
     assert "a bug" not in body["error"]["message"]  # the details stay in the log
     assert any("KeyError" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+
+
+def test_a_flood_of_refused_connections_is_counted_back_to_zero():
+    """Past the limit, up to MAX_LINGERING refused connections get their 503 and linger; more are dropped at once.
+    Whatever the mix, the lingering count returns to zero once they are gone, so the flood guard never drifts."""
+    import asyncio
+
+    from aiohttp import web
+
+    from gateway.connections import MAX_LINGERING, ConnectionGuard, GuardedRequestHandler
+    from gateway.limits import ServerLimits
+
+    class Transport(asyncio.Transport):
+        def __init__(self):
+            super().__init__()
+            self.written, self.aborted = b"", False
+
+        def write(self, data):
+            self.written += data
+
+        def can_write_eof(self):
+            return True
+
+        def write_eof(self):
+            pass
+
+        def abort(self):
+            self.aborted = True
+
+        def is_closing(self):
+            return self.aborted
+
+    class Busy:  # an admitted connection in the middle of a request: it cannot make room
+        idle = False
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        guard = ConnectionGuard(ServerLimits(max_connections=1))
+        guard.admitted.add(Busy())
+        manager = web.Server(lambda request: None)
+        handlers = [GuardedRequestHandler(manager, guard, loop=loop) for _ in range(MAX_LINGERING + 10)]
+        transports = [Transport() for _ in handlers]
+        for h, t in zip(handlers, transports):
+            h.connection_made(t)
+        answered = sum(b" 503 " in t.written for t in transports)
+        dropped = sum(t.aborted and not t.written for t in transports)
+        lingering = guard.lingering
+        for h in handlers:
+            h.connection_lost(None)
+        return answered, dropped, lingering, guard.lingering
+
+    answered, dropped, lingering, after = asyncio.run(main())
+    assert (answered, dropped, lingering) == (MAX_LINGERING, 10, MAX_LINGERING)
+    assert after == 0
