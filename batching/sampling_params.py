@@ -5,11 +5,24 @@ from dataclasses import dataclass, field
 
 
 class ParamError(ValueError):
-    """A sampling parameter is out of range; `param` names it for the API error."""
+    """A request parameter is out of range; `param` names it for the API error, `code` says what kind of error."""
 
-    def __init__(self, param: str, message: str) -> None:
+    def __init__(self, param: str, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
+
+
+def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int, param: str = "prompt") -> None:
+    """The one rule for what fits the context: the prompt and at least one generated token, and the prompt plus
+    max_tokens where a request sets it. ParamError names `param` (the prompt's) or max_tokens."""
+    if prompt_len >= max_model_len:
+        raise ParamError(param, f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
+                         f"{prompt_len} tokens (at least one more is needed for the answer).", "context_length_exceeded")
+    if max_tokens is not None and prompt_len + max_tokens > max_model_len:
+        raise ParamError("max_tokens", f"This model's maximum context length is {max_model_len} tokens; the prompt "
+                         f"has {prompt_len} tokens and max_tokens asks for {max_tokens} more.",
+                         "context_length_exceeded")
 
 
 def check_token_ids(ids, vocab_size: int, param: str, what: str = "token id") -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from batching.batch import PENDING, Batch, SeqInit, SeqWork, StepOutput
 from batching.block_manager import BlockManager
+from batching.sampling_params import check_context
 from batching.sequence import FinishReason, Sequence, SequenceStatus
 
 
@@ -81,11 +82,7 @@ class Scheduler:
 
     # ---- requests ---------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        if seq.num_tokens >= self.config.max_model_len:
-            raise ValueError(
-                f"prompt has {seq.num_tokens} tokens; the context holds {self.config.max_model_len} "
-                "including at least one generated token"
-            )
+        check_context(seq.num_tokens, None, self.config.max_model_len)
         if seq.seq_id in self.seqs:
             raise ValueError(f"sequence {seq.seq_id} already exists")
         self.seqs[seq.seq_id] = seq

@@ -24,7 +24,7 @@ ROWS = 32
 def _worker(conn) -> None:
     import torch
 
-    from engine.linear import make_linear
+    from engine.model.linear import make_linear
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)

@@ -19,9 +19,9 @@ import torch
 from batching import SamplingParams
 from bench.checkpoints import smollm2_135m_shaped
 from engine import LLM
-from engine.config import ModelConfig
-from engine.device import TORCH_DTYPES, resolve_dtypes
-from engine.linear import make_linear
+from engine.model.config import ModelConfig
+from engine.model.linear import make_linear
+from engine.placement.local_device import TORCH_DTYPES, resolve_dtypes
 
 
 def prompts_for(batch: int, prompt_len: int, vocab: int) -> list[list[int]]:

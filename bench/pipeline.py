@@ -32,10 +32,10 @@ from batching import SamplingParams
 from bench.checkpoints import smollm2_135m_shaped
 from bench.core_scaling import CoreScaling
 from engine import LLM
-from engine.device import TORCH_DTYPES, resolve_dtypes
-from engine.linear import product_path
+from engine.model.linear import product_path
 from engine.placement import ModelCost, kv_cache_dtype, predict_stage_seconds
-from engine.probe import measure_rates
+from engine.placement.local_device import TORCH_DTYPES, resolve_dtypes
+from engine.placement.probe import measure_rates
 
 
 def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:

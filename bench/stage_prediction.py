@@ -19,12 +19,12 @@ import torch
 
 from batching import SamplingParams
 from bench.checkpoints import smollm2_135m_shaped
-from engine.attention import build_metadata
-from engine.checkpoint import weight_files
-from engine.config import ModelConfig
-from engine.model import StageModel
+from engine.model.attention import build_metadata
+from engine.model.checkpoint import weight_files
+from engine.model.config import ModelConfig
+from engine.model.sampler import Sampler, SamplingRow
+from engine.model.stage_model import StageModel
 from engine.placement import DeviceRequest, ModelCost, predict_stage_seconds
-from engine.sampler import Sampler, SamplingRow
 
 BLOCK = 16
 
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from engine import probe  # after the checkpoint: both honour STRATA_CACHE
+    from engine.placement import probe
 
     model_dir = smollm2_135m_shaped("bfloat16")
     cfg = ModelConfig.from_dir(model_dir)

@@ -33,8 +33,8 @@ from bench.otlp_receiver import OTLPReceiver
 from bench.pipeline import prompts_for
 from bench.serving import free_port, start, stop
 from engine import LLM
-from engine.config import ModelConfig
 from engine.llm import sampled_ids
+from engine.model.config import ModelConfig
 
 DETAILS = ("off", "request", "layer")
 Result = dict[str, float]

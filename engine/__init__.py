@@ -6,22 +6,24 @@ here (tests/test_layout.py holds it to that).
 from batching.sampling_params import SamplingParams
 from engine.errors import CheckpointError, EngineDeadError
 from engine.outputs import CompletionOutput, SeqDelta, TokenLogprob
+from engine.pipeline.thread_policy import background_this_thread
 from engine.stats import EngineInfo, EngineStats, StageInfo, StageLoad
-from engine.thread_policy import background_this_thread
 
-# Lazy, so that `import engine.stage` in a stage process does not drag in tokenizers, and the gateway's start-up
-# pays for torch and OpenTelemetry only where it uses them.
+# Lazy, so that `import engine.pipeline.worker` in a stage process does not drag in tokenizers, and the gateway's
+# start-up pays for torch only where it uses it.
 _LAZY = {
     "LLM": "engine.llm",
     "LLMEngine": "engine.llm_engine",
     "EngineConfig": "engine.llm_engine",
-    "Tracing": "engine.tracing",
-    "ensure_demo_model": "engine.demo_model",
-    "parse_size": "engine.device",
+    "ensure_demo_model": "engine.model.demo_model",
+    "parse_size": "engine.placement",
     "PlacementError": "engine.placement",
-    "plan_here": "engine.planning",
-    "add_worker_args": "engine.stage",
-    "run_worker": "engine.stage",
+    "plan_here": "engine.placement.planning",
+    "plan_json": "engine.placement",
+    "plan_table": "engine.placement",
+    "add_stage_args": "engine.pipeline.worker",
+    "add_worker_args": "engine.pipeline.worker",
+    "run_worker": "engine.pipeline.worker",
 }
 
 

@@ -7,3 +7,9 @@ class CheckpointError(ValueError):
 
 class EngineDeadError(RuntimeError):
     """A stage process died or stopped answering; requests in flight are lost."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line for people: its type and the first line of its message."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"

@@ -15,25 +15,27 @@ from batching.batch import Batch, StepOutput, TraceContext
 from batching.sampling_params import SamplingParams, check_token_ids
 from batching.scheduler import Scheduler, SchedulerConfig, SeqUpdate
 from batching.sequence import FinishReason, Sequence
-from engine import checkpoint
-from engine.config import DTYPES, ModelConfig
-from engine.device import parse_size, resolve_dtypes
-from engine.driver import Driver
+from engine.errors import CheckpointError
+from engine.model import checkpoint
+from engine.model.config import DTYPES, ModelConfig
+from engine.outputs import SeqDelta, TokenLogprob
+from engine.pipeline.driver import Driver
+from engine.pipeline.messages import RENDEZVOUS_TIMEOUT_S, DescribeDevice, StageSpec
+from engine.placement import parse_size
 from engine.placement import (ModelCost, Plan, kv_cache_dtype, parse_devices, parse_layers, predict_stage_seconds,
                               share_host_memory)
 from engine.placement import plan as place
-from engine.errors import CheckpointError
-from engine.outputs import SeqDelta, TokenLogprob
+from engine.placement.local_device import resolve_dtypes
 from engine.stats import EngineInfo, EngineStats, StageInfo, StageLoad
-from engine.stage import DescribeDevice, StageSpec
-from engine.tracing import DETAILS, SpanRecord, TraceSettings, Tracing, link_limit, new_span_id, new_trace_id, now_ns, transfer_span
+from telemetry.tracing import (DETAILS, SpanRecord, TraceSettings, Tracing, link_limit, new_span_id, new_trace_id,
+                               now_ns, transfer_span)
 from tokenization import IncrementalDetokenizer, StopMatcher, Tokenizer
 
 
 @dataclass(slots=True)
 class EngineConfig:
     model: str
-    # auto: the checkpoint's on GPUs; on a CPU, fp32 activations over half-size weights (engine.device.resolve_dtypes)
+    # auto: the checkpoint's on GPUs; on a CPU, fp32 activations over half-size weights (engine.placement.local_device.resolve_dtypes)
     dtype: str = "auto"
     # One stage per device, with optional memory budgets: "cuda:0=20GiB,cuda:1,cpu=8GiB"; "cpu,cpu" is two CPU stages.
     devices: str = "cpu"
@@ -51,7 +53,7 @@ class EngineConfig:
     kv_cache_fraction: float = 0.9
     num_kv_blocks: int | None = None  # exact block count, overriding the memory budget
     enable_prefix_caching: bool = True
-    rendezvous_timeout_s: float = 120.0
+    rendezvous_timeout_s: float = RENDEZVOUS_TIMEOUT_S
     stall_timeout_s: float = 60.0  # the least a step may take before the pipeline counts as stalled
 
     # The fields stay as given; what they mean, in the engine's own terms, is read through these.
@@ -179,7 +181,7 @@ class LLMEngine:
             max_kv_tokens = (config.max_num_seqs * max_len if config.num_kv_blocks is None
                              else config.num_kv_blocks * config.block_size)
             # Frames of CPU links between stages hold the activations of the micro-batch planned for (4 bytes a value
-            # at most), where small enough (engine.transport).
+            # at most), where small enough (engine.pipeline.transport).
             inline = micro_batch * cfg.hidden_size * 4
             specs, prev_dtype = [], None
             for k, (rank, st) in enumerate(zip(ranks, plan.stages)):

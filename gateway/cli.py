@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from engine import add_worker_args, run_worker
+from engine import add_stage_args, add_worker_args, run_worker
 from gateway.connections import listen
 from gateway.plan_command import add_plan_parser, run_plan
 from loadtest.cli import add_arguments as add_bench_arguments
@@ -38,8 +38,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--devices", "--device", default=_env("devices", "cpu"),
                    help="one pipeline stage per device, each with an optional memory budget for weights and KV: "
                         "cuda:0=20GiB,cuda:1,cpu=8GiB; cpu,cpu runs two CPU stages")
-    g.add_argument("--threads-per-stage", "--threads", dest="threads", type=int, default=_env("threads_per_stage"),
-                   help="torch threads in each stage process")
     g.add_argument("--layers", default=_env("layers"), help="layers per stage in --devices order, instead of the planner's split: 20,8,4")
     g.add_argument("--workers", type=int, default=_env("workers", "0"),
                    help="stages on other hosts, started with `strata worker`; they take the ranks after the local stages")
@@ -53,8 +51,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", default=_env("kv_cache_memory"), help="KV-cache budget, e.g. 4GiB")
     g.add_argument("--num-kv-blocks", type=int, default=_env("num_kv_blocks"))
     g.add_argument("--no-prefix-caching", action="store_true", default=_env_flag("no_prefix_caching"))
-    g.add_argument("--rendezvous-timeout", type=float, default=_env("rendezvous_timeout", "120"),
-                   help="seconds to wait for the stages (local ones and --workers) to join")
+    add_stage_args(g)
     g.add_argument("--stall-timeout", type=float, default=_env("stall_timeout", "60"),
                    help="seconds a step may take, at the least, before the pipeline counts as stalled and fails "
                         "(the bound grows with the plan's predicted step time)")

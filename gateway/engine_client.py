@@ -96,7 +96,7 @@ class AsyncEngine:
     # ---- engine thread -----------------------------------------------------------------
     def _run(self) -> None:
         eng = self.engine
-        # Its wake-ups (a step's results arriving) do not preempt a CPU stage's compute (engine.thread_policy).
+        # Its wake-ups (a step's results arriving) do not preempt a CPU stage's compute (engine.pipeline.thread_policy).
         background_this_thread()
         try:
             while not self._stopping:

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from batching.sampling_params import ParamError, SamplingParams, check_token_ids
+from batching.sampling_params import ParamError, SamplingParams, check_context, check_token_ids
 from engine import SeqDelta, TokenLogprob
 from gateway import sse
 from gateway.engine_client import EngineError
@@ -58,15 +58,11 @@ class OpenAIRoutes:
 
     def _sampling(self, req: SamplingFields, max_tokens: int | None, prompt_len: int, logprobs: int | None) -> SamplingParams:
         limit = self.s.engine.max_model_len
-        if prompt_len >= limit:
-            raise bad_request(
-                f"This model's maximum context length is {limit} tokens, but the prompt has {prompt_len} tokens "
-                "(at least one more is needed for the answer).", "messages" if isinstance(req, ChatCompletionRequest) else "prompt",
-                "context_length_exceeded")
-        if max_tokens is not None and prompt_len + max_tokens > limit:
-            raise bad_request(
-                f"This model's maximum context length is {limit} tokens; the prompt has {prompt_len} tokens and "
-                f"max_tokens asks for {max_tokens} more.", "max_tokens", "context_length_exceeded")
+        try:
+            check_context(prompt_len, max_tokens, limit,
+                          "messages" if isinstance(req, ChatCompletionRequest) else "prompt")
+        except ParamError as e:
+            raise bad_request(str(e), e.param, e.code) from None
         bias = None
         if req.logit_bias:
             try:

@@ -14,6 +14,8 @@ DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
 
 
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
+    from engine import add_stage_args
+
     env = os.environ.get
     p = subparsers.add_parser(
         "plan", help="show how the layers would be split over the devices",
@@ -24,7 +26,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                    help="checkpoint directory (default: the built-in demo model)")
     p.add_argument("--devices", default=env("STRATA_DEVICES", "cpu"),
                    help="one stage per device, with optional memory budgets: cuda:0=20GiB,cuda:1,cpu=8GiB")
-    p.add_argument("--threads-per-stage", type=int, default=None, help="torch threads of each CPU stage")
+    add_stage_args(p, rendezvous=False)
     p.add_argument("--layers", default=None, help="layers per stage in --devices order, instead of searching: 20,8,4")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="tokens of KV every stage must hold (default: the model's limit, at most 4096)")
@@ -41,11 +43,11 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from engine import CheckpointError, PlacementError, ensure_demo_model, plan_here
+    from engine import CheckpointError, PlacementError, ensure_demo_model, plan_here, plan_json, plan_table
 
     try:
         model_dir = args.model or str(ensure_demo_model())
-        here = plan_here(model_dir, args.devices, dtype=args.dtype, threads=args.threads_per_stage,
+        here = plan_here(model_dir, args.devices, dtype=args.dtype, threads=args.threads,
                          memory_fraction=args.memory_fraction, batch_size=args.batch_size,
                          context_len=args.context_len, max_model_len=args.max_model_len, layers=args.layers,
                          block_size=args.block_size)
@@ -58,11 +60,11 @@ def run_plan(args: argparse.Namespace) -> int:
     cfg, result = here.model_config, here.plan
     if args.json:
         out = {"model": str(model_dir), "compute_dtype": here.compute_dtype, "weight_dtype": here.weight_dtype,
-               **result.to_json()}
+               **plan_json(result)}
         print(json.dumps(out, indent=2))
     else:
         print(f"model: {model_dir} ({cfg.num_layers} layers, {here.weight_dtype} weights, {here.compute_dtype} compute)")
         print(f"planned for {args.batch_size} sequences per step attending to {here.context_len} tokens, with KV for "
               f"{here.max_model_len} tokens on every stage")
-        print(result.table())
+        print(plan_table(result))
     return 0

@@ -8,7 +8,7 @@ from aiohttp import web
 from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from engine import Tracing
+from telemetry.tracing import Tracing
 
 PROVIDER = "strata"
 UNTRACED_PATHS = {"/health", "/metrics"}  # probes and scrapes every few seconds would drown the traces

@@ -25,7 +25,7 @@ def test_stage_that_dies_before_joining_fails_start_up_at_once(llama_dir, monkey
     import sys
     import time
 
-    from engine import driver
+    from engine.pipeline import driver
 
     monkeypatch.setattr(driver, "STAGE_COMMAND", [sys.executable, "-c", "import sys; sys.exit(3)"])
     t0 = time.monotonic()

@@ -100,7 +100,7 @@ def clear_kernel_caches() -> None:
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernels", "torch"])
 def test_half_precision_checkpoints_serve(tmp_path, monkeypatch, dtype, kernel):
     """Half-precision weights under fp32 activations (`auto` on a CPU) run on the fastest product the CPU has
-    (engine.linear), on the engine's kernel where it builds, else on torch's."""
+    (engine.model.linear), on the engine's kernel where it builds, else on torch's."""
     monkeypatch.setenv("STRATA_CPU_KERNELS", "1" if kernel else "0")
     clear_kernel_caches()
     model_dir = write_checkpoint(tmp_path, "qwen2", dtype=dtype)  # tied embeddings, q/k/v biases

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels import layer_ops as kernel
-from engine.layer_ops import LayerOps
+from engine.model.layer_ops import LayerOps
 
 pytestmark = pytest.mark.skipif(not kernel.available(torch.zeros(1)), reason="needs the kernel (x86-64 with AVX2)")
 

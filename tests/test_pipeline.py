@@ -137,7 +137,9 @@ def test_a_worker_of_another_release_is_refused_in_words_on_both_sides(six_layer
     port = free_port()
     server = ServerProcess(six_layers, *SERVER_FLAGS, "--workers", "1", "--rendezvous", f"127.0.0.1:{port}")
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="2", WORLD_SIZE="3")
-    newer = "import sys, engine.stage as s; s.WIRE_VERSION += 1; sys.exit(s.run_worker(s.worker_args(['--threads', '1'])))"
+    newer = ("import sys, engine.pipeline.messages as m, engine.pipeline.worker as w\n"
+             "m.WIRE_VERSION = w.WIRE_VERSION = m.WIRE_VERSION + 1\n"
+             "sys.exit(w.run_worker(w.worker_args(['--threads', '1'])))")
     try:
         worker = subprocess.run([sys.executable, "-c", newer], env=env, capture_output=True, text=True, timeout=120)
         assert worker.returncode == 2, worker.stderr

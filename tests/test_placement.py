@@ -21,6 +21,8 @@ from engine.placement import (
     link_between,
     parse_devices,
     plan,
+    plan_json,
+    plan_table,
     stage_fits,
     stage_seconds,
     stage_weight_bytes,
@@ -215,17 +217,17 @@ def test_plan_table_and_json():
     cost = model(8)
     p = plan(cost, [device("cuda:0", label="NVIDIA H200"), device("cpu", flops=1e10)], kv_reserve_tokens=64,
              batch_size=32, context_len=128)
-    lines = p.table().splitlines()
+    lines = plan_table(p).splitlines()
     assert "ms/step @32" in lines[0] and len(lines) == 1 + 2 + 1
-    assert "cuda:0 (NVIDIA H200)" in p.table()
-    data = json.loads(json.dumps(p.to_json()))
+    assert "cuda:0 (NVIDIA H200)" in plan_table(p)
+    data = json.loads(json.dumps(plan_json(p)))
     assert [s["layers"] for s in data["stages"]] == [list(s.layers) for s in p.stages]
     assert set(data["stages"][0]["predicted_s"]) == {"1", "32"}
     assert data["bottleneck_s"] == pytest.approx(max(s.predicted_s[32] for s in p.stages))
 
 
 def test_model_cost_from_config_counts_a_llama_layer():
-    from engine.config import ModelConfig
+    from engine.model.config import ModelConfig
 
     cfg = ModelConfig.from_dict(dict(
         architectures=["LlamaForCausalLM"], hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -275,7 +277,7 @@ def test_parse_devices_errors(text, message):
     (False, False, ("float32", "bfloat16")),  # torch emulates bf16: fp32 activations over half-size weights
 ])
 def test_auto_dtype_on_a_cpu(monkeypatch, kernel, native, expected):
-    from engine import device
+    from engine.placement import local_device as device
 
     monkeypatch.setattr(device, "product_path", lambda *a: "half-kernel" if kernel else "upcast")
     monkeypatch.setattr(device, "cpu_has_fast_half", lambda dtype: native)
@@ -293,8 +295,7 @@ PROFILE = {"cpu": {"matmul_flops": 5e10, "mem_bandwidth": 1.5e10, "op_overhead_s
 
 
 def test_device_profile_override_wins(tmp_path, monkeypatch):
-    from engine import probe
-    from engine.placement import DeviceRequest
+    from engine.placement import DeviceRequest, probe
 
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(PROFILE))
@@ -309,7 +310,7 @@ def test_probe_working_set_outgrows_the_last_level_cache(monkeypatch):
     """The probe streams weights and KV from memory, as a stage does: twice the last-level cache, within bounds."""
     import torch
 
-    from engine import probe
+    from engine.placement import probe
 
     cpu = torch.device("cpu")
     llc = probe.last_level_cache_bytes()
@@ -324,7 +325,7 @@ def test_probe_working_set_outgrows_the_last_level_cache(monkeypatch):
 
 
 def test_probe_results_are_cached_per_threads_and_dtype(tmp_path, monkeypatch):
-    from engine import probe
+    from engine.placement import probe
 
     monkeypatch.delenv("STRATA_DEVICE_PROFILE", raising=False)
     monkeypatch.setenv("STRATA_CACHE", str(tmp_path))

@@ -735,7 +735,7 @@ def test_lookahead_queues_each_micro_batch_successor_behind_the_fresh_ones():
 def test_a_lone_sequence_runs_two_steps_deep():
     h = Harness(cfg(num_micro_batches=2, lookahead=True), depth=4)
     h.add(prompt(5, 1), SamplingParams(max_tokens=4), seq_id=1)
-    first, second = h.schedule(), h.schedule()
+    _, second = h.schedule(), h.schedule()
     assert second.seqs[0].token_ids == [PENDING] and h.schedule() is None
     h.run()
     assert h.all[1].output_token_ids == reference_output(prompt(5, 1), 4)

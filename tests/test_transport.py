@@ -8,7 +8,7 @@ import socket
 
 import torch
 
-from engine import transport
+from engine.pipeline import transport
 
 INLINE = 4096  # room for activations in the frame of the link between the two stages
 WIDTH = 8

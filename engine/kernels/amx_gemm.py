@@ -67,10 +67,6 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, n: int, k: int, bias: torc
         x = x.contiguous()
     m = x.shape[0]
     out = torch.empty((m, n), dtype=torch.float32)
-    if m == 0:
-        return out
-    if k == 0:  # a product over no inputs
-        return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
     scratch = torch.empty((-(-m // 16) * 16, packed.shape[1] * STEP), dtype=torch.bfloat16)
     _library().amx_linear(x.data_ptr(), m, k, x.stride(0), packed.data_ptr(), n,
                           bias.data_ptr() if bias is not None else None, scratch.data_ptr(), out.data_ptr(),

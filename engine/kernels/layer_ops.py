@@ -1,6 +1,6 @@
 """A decoder layer's elementwise work in one call per step of it, on x86-64 CPUs (layer_ops.c).
 
-The callers (engine.layer_ops) check shapes and index ranges once per forward pass, and what
+The callers (engine.model.layer_ops) check shapes and index ranges once per forward pass, and what
 every layer of the pass shares (check_rotary); these functions check the rest of what the C
 code relies on: dtypes, contiguity and shapes.
 """

@@ -185,8 +185,6 @@ class Sampler:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows x {self.vocab_size}")
         logits = logits.float()
         dev = logits.device
-        if not rows:
-            return SamplerOutput(torch.empty(0, dtype=torch.int64, device=dev), None, None, None)
 
         asked = [r.params.logprobs for r in rows if r.params.logprobs is not None]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if asked else None  # [B, V]

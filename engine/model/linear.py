@@ -1,7 +1,7 @@
 """Matrix products whose weights may be stored at lower precision than the activations.
 
 On a CPU, activations run in fp32 while weights stay in the checkpoint's half precision
-(engine.device). Each product takes the fastest path the CPU has, in this order:
+(engine.placement.local_device). Each product takes the fastest path the CPU has, in this order:
 - `AmxLinear`: on a CPU with AMX-BF16 tile units, bf16 weights packed once for the
   engine's own tile kernel (engine.kernels.amx_gemm), which streams them 1.3-1.45x faster
   than oneDNN's products on the same units. Each product rounds its input to bf16 and
@@ -83,17 +83,14 @@ class AmxLinear:
 class NativeHalfLinear:
     """bf16 weight prepacked for oneDNN's native bf16 products; fp32 activations in and out."""
 
-    __slots__ = ("packed", "bias", "out_features")
+    __slots__ = ("packed", "bias")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.out_features = weight.shape[0]
         # The layout barely depends on the batch it is packed for (measured from 1 to 512 rows).
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_ROWS)
         self.bias = bias.float() if bias is not None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in] fp32
-        if x.shape[0] == 0:
-            return x.new_zeros((0, self.out_features))
         x = x.to(torch.bfloat16, memory_format=torch.contiguous_format)
         y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "").float()
         return y.add_(self.bias) if self.bias is not None else y

@@ -3,7 +3,7 @@
 A stage owns a contiguous run of decoder layers; the first also embeds tokens, the last
 also applies the final norm and the LM head. Projections are fused (q/k/v into one
 matmul, gate/up into another) to halve the kernel launches per layer, and so are the
-elementwise steps between them (engine.layer_ops).
+elementwise steps between them (engine.model.layer_ops).
 """
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttentionMetadata, paged_attention
-from engine.checkpoint import expected_shapes, load_tensors
-from engine.config import ModelConfig
-from engine.device import available_memory
-from engine.layer_ops import LayerOps, rms_norm
-from engine.linear import AmxLinear, NativeHalfLinear, PackedHalfLinear, make_linear, product_path
-from engine.rope import cos_sin_table
+from engine.model.attention import AttentionMetadata, paged_attention
+from engine.model.checkpoint import expected_shapes, load_tensors
+from engine.model.config import ModelConfig
+from engine.model.layer_ops import LayerOps, rms_norm
+from engine.model.linear import AmxLinear, NativeHalfLinear, PackedHalfLinear, make_linear, product_path
+from engine.model.rope import cos_sin_table
+from engine.placement.local_device import available_memory
 
 
 class DecoderLayer:
@@ -52,7 +52,7 @@ class StageModel:
         weight_dtype: torch.dtype | None = None,
         wide_copy: bool | None = None,
     ) -> None:
-        """wide_copy: also keep an fp32 copy of half-precision weights for wide steps (see engine.linear);
+        """wide_copy: also keep an fp32 copy of half-precision weights for wide steps (see engine.model.linear);
         None: when it takes at most a quarter of the device's free memory."""
         self.cfg = cfg
         self.layer_ids = layers

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels import layer_ops as kernel
-from engine.rope import apply_rotary
+from engine.model.rope import apply_rotary
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from engine.attention import build_metadata, paged_attention
-from engine.device import TORCH_DTYPES, available_memory
 from engine.kernels import amx_gemm, build, half_gemm, layer_ops
 from engine.kernels import paged_attention as paged_kernel
-from engine.linear import make_linear, product_path
+from engine.model.attention import build_metadata, paged_attention
+from engine.model.linear import make_linear, product_path
 from engine.paths import cache_root
 from engine.placement import GEMM_ROWS, SMALL_GEMM_ROWS, DeviceInfo, DeviceRequest, kv_cache_dtype
+from engine.placement.local_device import TORCH_DTYPES, available_memory
 
 PROFILE_ENV = "STRATA_DEVICE_PROFILE"
 CACHE_VERSION = 7
@@ -128,7 +128,7 @@ def _weight_set(device: torch.device, dtype: torch.dtype, out_f: int, in_f: int)
 def _per_matrix(timer: _Timer, device: torch.device, dtype: torch.dtype, rows: int | tuple[int, ...], out_f: int,
                 in_f: int, weight_dtype: torch.dtype | None = None) -> float | list[float]:
     """Seconds per product of `rows` rows at `dtype` with an [out_f, in_f] weight at `weight_dtype`, multiplied as
-    the engine does (engine.linear), over a set too large to stay cached; one figure per row count given."""
+    the engine does (engine.model.linear), over a set too large to stay cached; one figure per row count given."""
     weights = [make_linear(w, None, dtype, {}, wide_copy=True)
                for w in _weight_set(device, weight_dtype or dtype, out_f, in_f)]
     seconds = []

@@ -2,7 +2,7 @@
 
 Tokens of a step are laid out flat: the decode tokens (one per sequence) first, then
 each prefill chunk. The step's new keys and values are already in their cache slots
-(engine.layer_ops writes them). Decodes attend over their blocks in one batched call (the
+(engine.model.layer_ops writes them). Decodes attend over their blocks in one batched call (the
 engine's kernel reads them in place on x86-64 CPUs; elsewhere they are gathered for SDPA),
 and each prefill chunk attends over its context (cached prefix plus itself) with a causal
 offset.

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.config import ModelConfig
+from engine.model.config import ModelConfig
 from engine.placement import ModelCost, Plan, parse_devices, parse_layers, plan, share_host_memory
 
 
@@ -27,8 +27,8 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
     """Raises ValueError or CheckpointError for what the caller gave, PlacementError when nothing fits."""
     import torch
 
-    from engine.device import resolve_dtypes
-    from engine.probe import describe_device
+    from engine.placement.local_device import resolve_dtypes
+    from engine.placement.probe import describe_device
 
     cfg = ModelConfig.from_dir(model_dir)
     requests = parse_devices(devices)

@@ -1,16 +1,16 @@
-"""What a device is and can do: its torch device, compute dtype and free memory."""
+"""The torch side of a device on this host: the dtypes it computes in and the memory it has free."""
 from __future__ import annotations
 
 import torch
 
-from engine.linear import cpu_has_fast_half, product_path
+from engine.model.linear import cpu_has_fast_half, product_path
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_dtypes(requested: str, checkpoint_dtype: str, device: torch.device) -> tuple[str, str]:
     """(compute dtype, weight dtype). `auto` keeps the checkpoint's dtype on GPUs. On a CPU, a half-precision
-    checkpoint keeps its weights at half size under fp32 activations (engine.linear) wherever its products have a
+    checkpoint keeps its weights at half size under fp32 activations (engine.model.linear) wherever its products have a
     fast path (oneDNN's native bf16, or the engine's own kernel), and on any CPU that lacks native bf16/fp16:
     torch's half-precision decode step has no paged attention or fused elementwise kernels, and was the slower
     of the two even on a CPU that multiplies bf16 natively."""
@@ -33,15 +33,3 @@ def available_memory(device: torch.device) -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
-
-
-def parse_size(text: str) -> int:
-    """'8GiB', '512MiB', '2G', '1000000' -> bytes."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-             "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "b": 1, "": 1}
-    s = text.strip().lower()
-    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(num):].strip()
-    if unit not in units or not num:
-        raise ValueError(f"cannot read size {text!r}; use a number with an optional unit such as 512MiB or 8GiB")
-    return int(float(num) * units[unit])

@@ -15,16 +15,16 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from batching.batch import Batch, StepOutput
-from engine import transport
 from engine.errors import EngineDeadError
+from engine.pipeline import transport
+from engine.pipeline.messages import (GREETING, WIRE_VERSION, Allocate, DescribeDevice, Failed, Shutdown, StageReady,
+                                      StageSpec, greeting_error)
+from engine.pipeline.thread_policy import background_transport_threads
 from engine.placement import DeviceInfo
-from engine.thread_policy import background_transport_threads
-from engine.stage import (GREETING, WIRE_VERSION, Allocate, DescribeDevice, Failed, Shutdown, StageReady, StageSpec,
-                          greeting_error)
 
 
-# Not `-m engine.stage`: pickled messages must name their classes by module, not __main__.
-STAGE_COMMAND = [sys.executable, "-c", "import sys; from engine.stage import main; sys.exit(main())"]
+# Not `-m engine.pipeline.worker`: pickled messages must name their classes by module, not __main__.
+STAGE_COMMAND = [sys.executable, "-c", "import sys; from engine.pipeline.worker import main; sys.exit(main())"]
 
 
 def _process_state(pid: int) -> str | None:
@@ -134,7 +134,7 @@ class Driver:
             ack = transport.recv_obj(rank)
             if ack != "allocated":
                 raise RuntimeError(f"rank {rank} could not allocate its KV cache: {ack}")
-        background_transport_threads()  # engine.thread_policy: where stages share this host's cores
+        background_transport_threads()  # engine.pipeline.thread_policy: where stages share this host's cores
         return PipelineInfo(num_blocks, ready)
 
     def abandon(self, grace_s: float = 5.0) -> None:

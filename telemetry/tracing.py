@@ -229,44 +229,12 @@ def now_ns() -> int:
     return time.time_ns()
 
 
-class LayerClock:
-    """When each layer of a forward pass ended. On a CPU, the host clock; on a GPU, CUDA events, read later by
-    the export thread (waiting on an event there stalls nothing) and placed on the host clock from the start."""
-
-    __slots__ = ("cuda", "marks", "start")
-
-    def __init__(self, device) -> None:
-        self.cuda = device.type == "cuda"
-        self.marks: list = []
-        self.start = None
-        if self.cuda:
-            import torch
-
-            self.start = torch.cuda.Event(enable_timing=True)
-            self.start.record()
-
-    def mark(self, layer: int) -> None:
-        if self.cuda:
-            import torch
-
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self.marks.append((layer, ev))
-        else:
-            self.marks.append((layer, time.time_ns()))
-
-    def ends_ns(self, start_ns: int) -> list[tuple[int, int]]:
-        if not self.cuda:
-            return self.marks
-        if self.marks:
-            self.marks[-1][1].synchronize()
-        return [(layer, start_ns + int(self.start.elapsed_time(ev) * 1e6)) for layer, ev in self.marks]
-
-
 def stage_spans(trace, stage: int, device: str, layers: tuple[int, int], batch, start_ns: int, end_ns: int,
-                clock: LayerClock | None, received_ns: int, nbytes: int) -> list:
+                clock, received_ns: int, nbytes: int) -> list:
     """A stage's spans for one traced step: the transfer that brought the batch, the forward, and its layers.
-    trace: the batching.batch.TraceContext the batch arrived with."""
+    trace: the batching.batch.TraceContext the batch arrived with. clock: None, or the stage's record of when each
+    layer ended (engine.pipeline.layer_clock.LayerClock): `cuda` says whether reading it waits on the device,
+    `ends_ns(start_ns)` gives (layer, end) pairs on the host clock."""
     trace_id, step_id = trace.trace_id, trace.step_id
     tokens = batch.num_tokens
     common = {"strata.stage": stage, "strata.device": device, "strata.batch_size": len(batch.seqs),

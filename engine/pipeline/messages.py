@@ -1,0 +1,88 @@
+"""The pipeline's wire: the greeting, its version, and the control messages between the driver and its stages.
+
+Messages are pickled, so they name their classes by module: moving or changing one is a new WIRE_VERSION.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from telemetry.tracing import TraceSettings
+
+DRIVER_RANK = 0
+# How long the server waits for its stages to join, and a worker for its server, unless told otherwise.
+RENDEZVOUS_TIMEOUT_S = 120.0
+# The first message each way, before any other: the messages below change between releases, and a worker of
+# another release is told so in words rather than failing on a message it cannot read. Bump the version whenever
+# a message class changes.
+GREETING = "strata pipeline"
+WIRE_VERSION = 5
+
+
+class VersionMismatch(Exception):
+    pass
+
+
+def greeting_error(answer: object, who: str) -> str | None:
+    """What is wrong with a greeting that is not ours, in words; None when it is ours."""
+    if answer == (GREETING, WIRE_VERSION):
+        return None
+    if isinstance(answer, tuple) and len(answer) == 2 and answer[0] == GREETING:
+        return (f"{who} speaks pipeline protocol {answer[1]} and this process {WIRE_VERSION}: run the same Strata "
+                "release on every host")
+    return f"{who} is not a Strata pipeline of this release (it greeted with {answer!r:.60})"
+
+
+@dataclass(slots=True)
+class DescribeDevice:
+    """The driver's first message: what the stage's device is worth for this model (before any plan)."""
+
+    dtype: str  # requested: auto or a dtype name
+    checkpoint_dtype: str
+    memory_fraction: float  # share of free memory a stage may use when its device has no budget
+
+
+@dataclass(slots=True)
+class StageSpec:
+    """What the driver tells a stage to serve, once the plan is made."""
+
+    stage_index: int
+    num_stages: int
+    ring: list[int]  # ranks in stage order, the driver first
+    cuda_ranks: list[int]  # ranks whose stage is on a CUDA device (their links carry tensors over NCCL)
+    model_dir: str
+    layers: tuple[int, int]  # [start, end)
+    dtype: str  # activations; the KV cache's follows from it and weight_dtype (engine.placement.kv_cache_dtype)
+    weight_dtype: str
+    input_dtype: str  # of the activations that arrive from the previous stage
+    block_size: int
+    max_model_len: int
+    kv_cache_memory: int | None  # bytes for this stage's KV; None: what the device budget leaves, or a share of free memory
+    kv_cache_fraction: float
+    max_kv_tokens: int  # more KV than this is never needed (max_num_seqs x max_model_len)
+    inline_bytes: int = 0  # room for activations in the frames of CPU links between stages (engine.pipeline.transport)
+    trace: TraceSettings | None = None
+
+
+@dataclass(slots=True)
+class StageReady:
+    stage_index: int
+    capacity_blocks: int
+    bytes_per_block: int
+    device_name: str
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class Allocate:
+    num_blocks: int
+
+
+class Shutdown:
+    pass
+
+
+@dataclass(slots=True)
+class Failed:
+    """A stage's answer when it cannot do what it was asked (one line for the user)."""
+
+    error: str

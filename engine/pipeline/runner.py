@@ -1,0 +1,199 @@
+"""A stage's model work: load its layers, size and allocate its KV cache, and turn each Batch into a forward
+pass (and, on the last stage, sampled tokens)."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from batching.batch import PENDING, Batch, StepOutput, TokensForFirstStage
+from engine.errors import one_line
+from engine.model.attention import build_metadata
+from engine.model.checkpoint import expected_shapes, weight_files
+from engine.model.config import ModelConfig
+from engine.model.sampler import HostSamples, Sampler, SamplingRow
+from engine.model.stage_model import StageModel
+from engine.pipeline.messages import StageSpec
+from engine.placement import kv_cache_dtype
+from engine.placement.local_device import TORCH_DTYPES, available_memory
+
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+class StageRunner:
+    """Turns Batches into forward passes over this stage's layers."""
+
+    def __init__(self, spec: StageSpec, device: str, memory_budget: int | None = None) -> None:
+        self.spec = spec
+        self.device = torch.device(device)
+        self.memory_budget = memory_budget  # bytes for weights plus KV on this device, when the user set one
+        self.dtype = TORCH_DTYPES[spec.dtype]
+        self.kv_dtype = TORCH_DTYPES[kv_cache_dtype(spec.dtype, spec.weight_dtype)]
+        self.first = spec.stage_index == 0
+        self.last = spec.stage_index == spec.num_stages - 1
+        model_dir = Path(spec.model_dir)
+        self.cfg = ModelConfig.from_dir(model_dir)
+        self.block_size = spec.block_size
+        self.model = StageModel(
+            self.cfg, weight_files(model_dir), range(*spec.layers), self.first, self.last,
+            self.dtype, self.device, spec.max_model_len, TORCH_DTYPES[spec.weight_dtype], self._wide_copy(),
+        )
+        self.tables: dict[int, list[int]] = {}
+        self.rows: dict[int, SamplingRow] = {}
+        # On the first stage: each sequence's newest sampled token, (position, token id), for steps scheduled
+        # ahead of it; and, where the last stage is another process, how to wait for its next TokensForFirstStage.
+        self.sampled: dict[int, tuple[int, int]] = {}
+        self.await_tokens = None
+        self.sampler = Sampler(self.cfg.vocab_size, self.cfg.eos_token_ids) if self.last else None
+        self.kv_cache: torch.Tensor | None = None
+
+    def _wide_copy(self) -> bool | None:
+        """Under a memory budget, an fp32 copy of half-precision weights (engine.model.linear) only where the budget
+        holds the weights, the copy and KV for one full-length sequence; else the model decides by free memory."""
+        if self.memory_budget is None:
+            return None
+        spec = self.spec
+        shapes = expected_shapes(self.cfg, range(*spec.layers), self.first, self.last)
+        params = sum(math.prod(shape) for shape in shapes.values())
+        kv_reserve = spec.max_model_len * self.bytes_per_block // self.block_size
+        return params * (TORCH_DTYPES[spec.weight_dtype].itemsize + 4) + kv_reserve <= self.memory_budget
+
+    @property
+    def bytes_per_block(self) -> int:
+        n_layers = self.spec.layers[1] - self.spec.layers[0]
+        return n_layers * 2 * self.block_size * self.cfg.kv_size * self.kv_dtype.itemsize
+
+    def capacity_blocks(self) -> int:
+        """Called once the weights are loaded, so free memory no longer counts them."""
+        budget = self.spec.kv_cache_memory
+        if budget is None:
+            budget = int(available_memory(self.device) * self.spec.kv_cache_fraction)
+            if self.memory_budget is not None:
+                budget = min(budget, self.memory_budget - self.model.weight_bytes)
+            elif self.device.type == "cpu":
+                # Host memory is shared with everything else on the machine; take a modest share unless told.
+                budget = min(budget, DEFAULT_CPU_KV_BYTES)
+        wanted = -(-self.spec.max_kv_tokens // self.block_size)
+        return max(0, min(budget // max(self.bytes_per_block, 1), wanted))
+
+    def allocate(self, num_blocks: int) -> None:
+        n_layers = self.spec.layers[1] - self.spec.layers[0]
+        # Zeros, not empty: masked-out slots still enter the attention matmul, and garbage could be NaN.
+        self.kv_cache = torch.zeros(
+            (n_layers, 2, num_blocks, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim),
+            dtype=self.kv_dtype, device=self.device,
+        )
+
+    def take_tokens(self, tokens: TokensForFirstStage) -> None:
+        """Keep the newest token of each live sequence (one that finished meanwhile needs none)."""
+        for seq_id, pos, tok in zip(tokens.seq_ids, tokens.positions, tokens.token_ids):
+            if seq_id in self.tables:
+                self.sampled[seq_id] = (pos, tok)
+
+    def fill_pending(self, batch: Batch) -> None:
+        """On the first stage, before the step's compute (its wait is not compute): put in each PENDING token the
+        one sampled for that position, waiting for the last stage's message if it has not come yet."""
+        if not self.first:
+            return
+        for seq_id in batch.released:
+            self.sampled.pop(seq_id, None)
+        for w in batch.seqs:
+            if w.token_ids == [PENDING]:
+                while (got := self.sampled.get(w.seq_id)) is None or got[0] != w.start_pos:
+                    if self.await_tokens is None:
+                        raise RuntimeError(f"sequence {w.seq_id}: a step came ahead of its token at position "
+                                           f"{w.start_pos}, which was never sampled")
+                    self.take_tokens(self.await_tokens())
+                w.token_ids = [got[1]]
+
+    def step(self, batch: Batch, hidden: torch.Tensor | None,
+             on_layer=None) -> tuple[torch.Tensor, StepOutput | None, TokensForFirstStage | None]:
+        """The step's activations out; on the last stage also what it sampled, for the driver and the first stage.
+        The first stage's PENDING tokens are filled in (fill_pending) first."""
+        for seq_id in batch.released:
+            self.tables.pop(seq_id, None)
+            self.rows.pop(seq_id, None)
+        bs = self.block_size
+        # Decodes first, so that one batched attention call covers them all.
+        order = sorted(range(len(batch.seqs)), key=lambda j: len(batch.seqs[j].token_ids) != 1)
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        dec_tables, dec_lens, prefills = [], [], []
+        sample_rows, sample_ids, sample_pos = [], [], []
+        for j in order:
+            w = batch.seqs[j]
+            table = self.tables.setdefault(w.seq_id, [])
+            del table[w.blocks_from :]
+            table.extend(w.blocks)
+            if w.init is not None and self.last:
+                self.rows[w.seq_id] = SamplingRow(w.init.params, w.init.prompt_token_ids, [], w.init.seed)
+            start = len(token_ids)
+            n = len(w.token_ids)
+            token_ids.extend(w.token_ids)
+            pos = range(w.start_pos, w.start_pos + n)
+            positions.extend(pos)
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            if n == 1:
+                dec_tables.append(table)
+                dec_lens.append(w.start_pos + 1)
+            else:
+                prefills.append((start, start + n, w.start_pos, table))
+            if w.sample:
+                sample_rows.append(start + n - 1)
+                sample_ids.append(w.seq_id)
+                sample_pos.append(w.start_pos + n)
+        dev = self.device
+        meta = build_metadata(bs, slots, dec_tables, dec_lens, prefills, dev)
+        pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
+        x = torch.tensor(token_ids, dtype=torch.int64, device=dev) if self.first else hidden
+        with torch.inference_mode():
+            hidden_out = self.model.forward(x, pos_t, meta, self.kv_cache, on_layer)
+            if not self.last:
+                return hidden_out, None, None
+            if not sample_ids:
+                return hidden_out, StepOutput(batch.batch_id, [], []), None
+            logits = self.model.logits(hidden_out[torch.tensor(sample_rows, device=dev)])
+            rows = [self.rows[s] for s in sample_ids]
+            sampled, errors = self._sample(logits, rows, sample_ids)
+        for row, tok in zip(rows, sampled.token_ids):
+            row.output_token_ids.append(tok)
+        tokens = TokensForFirstStage(sample_ids, sample_pos, sampled.token_ids)
+        if self.first:
+            self.take_tokens(tokens)
+            tokens = None
+        out = StepOutput(batch.batch_id, sample_ids, sampled.token_ids, sampled.logprobs, sampled.top, errors=errors)
+        return hidden_out, out, tokens
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow],
+                seq_ids: list[int]) -> tuple[HostSamples, dict[int, str] | None]:
+        """The batch's samples, and per sequence that could not be sampled, why. A failure is one request's, not
+        the pipeline's: the rows are then sampled one by one, and a row that fails alone gets token 0 (a step
+        scheduled ahead of it computes that, and the driver drops it) and its error, which fails that request."""
+        try:
+            return self.sampler(logits, rows).to_host(), None
+        except Exception as e:
+            batch_error = e
+        token_ids: list[int] = []
+        logprobs: list[float] = []
+        top: list[list[tuple[int, float]]] = []
+        errors: dict[int, str] = {}
+        for i, (row, seq_id) in enumerate(zip(rows, seq_ids)):
+            try:
+                one = self.sampler(logits[i:i + 1], [row]).to_host()
+            except Exception as e:
+                errors[seq_id] = one_line(e)
+                token_ids.append(0)
+                logprobs.append(0.0)
+                top.append([])
+                continue
+            token_ids.append(one.token_ids[0])
+            logprobs.append(one.logprobs[0] if one.logprobs is not None else 0.0)
+            top.append(one.top[0] if one.top is not None else [])
+        if len(rows) > 1 and len(errors) == len(rows):
+            raise batch_error  # not one request's parameters: the sampler itself fails, and the engine with it
+        print(f"sampling a step of {len(rows)} rows failed ({one_line(batch_error)}); sampled apart, "
+              f"{len(errors)} failed", file=sys.stderr, flush=True)
+        return HostSamples(token_ids, logprobs, top), errors or None

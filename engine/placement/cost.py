@@ -1,0 +1,299 @@
+"""The cost model: what a model's layers cost on a device, in bytes of memory and seconds per step, and what a
+link between two devices costs. Imports no torch."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from engine.placement.devices import DeviceInfo
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# ---- what the engine's code does (counted from engine/model/, engine/pipeline/runner.py) ------------
+# Up to this many rows, a product with half-precision weights and fp32 activations multiplies in half precision
+# (engine.model.linear reads it from here).
+THIN_ROWS = 2
+# Host cost of one decoder layer in units of the probe's per-op cost. StageModel.forward dispatches 48 ops per layer
+# (22 kernels, 26 views), but norms, SDPA and rotary are composites that dispatch more inside: at batch 1, with
+# the products timed apart, a layer's remaining host time measured 145-155x the probe's op (torch 2.13, AVX2 CPU).
+OPS_PER_LAYER = 150
+# Where the elementwise steps run fused (engine.kernels.layer_ops: fp32 on x86-64 CPUs), measured the same way: 54x.
+FUSED_OPS_PER_LAYER = 55
+# The thin path adds a cast before and after each of the four products.
+THIN_OPS_PER_LAYER = 8
+# Per step, outside the layers: attention metadata tensors, the rotary table lookup and its slices.
+STEP_OPS = 14
+EMBED_OPS = 2  # embedding gather and the cast to the compute dtype
+HEAD_OPS = 6  # row gather, final norm, LM head, cast to fp32, sampler set-up and the host copy
+# Sampling as the engine's sampler does it: greedy is one argmax over the logits; random sampling runs a
+# counter-based hash over [rows, vocab] (~76 kernels that write ~116 bytes per logit and read about 1.5x that).
+# "random" is the OpenAI API's default, temperature alone: on one core, 5.7-7.3 ns per logit (32 rows of 8192 and
+# of 49152 logits), which is ~110 bytes at the ~16 GB/s the probe streams weights at. top_p costs 3-8x that where
+# the nucleus outgrows the sampler's candidates and whole rows are sorted; a plan is not made for it.
+SAMPLING = {"greedy": (1, 4), "random": (80, 110)}  # kind -> (ops, bytes of traffic per logit)
+# The stage's Python bookkeeping per sequence and step (block tables, slots, positions, sampling rows).
+HOST_SECONDS_PER_SEQUENCE = 3e-6
+# Decode attention on torch's kernels gathers every context block into a buffer (read + write) and SDPA reads it
+# again: three passes over the KV bytes, used when the device's attention rate was not measured (the probe times
+# whichever path the device runs; the engine's CPU kernel reads the blocks in place).
+ATTENTION_KV_PASSES = 3
+
+# ---- links (bytes/s and seconds per hop; a hop sends the pickled batch over gloo, then the activations) -----------
+# NCCL between two GPUs of one host over PCIe 4.0 x16, as achieved (NVLink is faster; pass link_bandwidth to say so).
+CUDA_CUDA_BANDWIDTH = 20e9
+# Device-to-host copy over PCIe 4.0 without pinned buffers.
+CUDA_HOST_COPY_BANDWIDTH = 12e9
+# gloo over loopback TCP between two processes: 2.7 GB/s for 2.4 MB messages, measured on a 2-core VM.
+GLOO_LOOPBACK_BANDWIDTH = 2.5e9
+# Between hosts: 10 Gigabit Ethernet.
+CROSS_HOST_BANDWIDTH = 1.25e9
+# One gloo message over loopback: ~160 us measured (ping-pong on a 2-core VM), most of it wake-ups.
+SAME_HOST_LATENCY_S = 150e-6
+CROSS_HOST_LATENCY_S = 300e-6
+
+# The two batch sizes the probe times multi-row products at; between them the time is interpolated.
+SMALL_GEMM_ROWS = 8
+GEMM_ROWS = 64
+
+_INF = math.inf
+
+
+class LinkSpeed(NamedTuple):
+    bandwidth: float  # bytes/s
+    latency_s: float
+
+
+def link_between(src: DeviceInfo | None, dst: DeviceInfo, overrides: float | dict | None = None) -> LinkSpeed:
+    """The link into `dst` from `src` (None: the driver, which sends only a small message)."""
+    if src is None:
+        return LinkSpeed(_INF, SAME_HOST_LATENCY_S)
+    same_host = src.host == dst.host
+    latency = SAME_HOST_LATENCY_S if same_host else CROSS_HOST_LATENCY_S
+    if isinstance(overrides, (int, float)):
+        return LinkSpeed(float(overrides), latency)
+    if overrides:
+        for key in ((src.name, dst.name), (dst.name, src.name)):
+            if key in overrides:
+                return LinkSpeed(float(overrides[key]), latency)
+    if not same_host:
+        return LinkSpeed(CROSS_HOST_BANDWIDTH, latency)
+    if src.kind == "cuda" and dst.kind == "cuda":
+        return LinkSpeed(CUDA_CUDA_BANDWIDTH, latency)
+    # A link with a CPU end travels over gloo; from or to a GPU it also crosses PCIe, in series.
+    copies = [GLOO_LOOPBACK_BANDWIDTH] + [CUDA_HOST_COPY_BANDWIDTH] * ((src.kind == "cuda") + (dst.kind == "cuda"))
+    return LinkSpeed(1.0 / sum(1.0 / b for b in copies), latency)
+
+
+@dataclass(slots=True, frozen=True)
+class ModelCost:
+    """What a model costs per layer and per stage, counted in elements (bytes follow from the dtypes: a device
+    may compute at another dtype than the model's default, see DeviceInfo.dtype)."""
+
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    layer_params: int  # one decoder layer's weights
+    layer_out_features: int  # summed over the layer's four products (qkv, o, gate_up, down)
+    kv_elems_per_token: int  # one layer's K and V for one token
+    elementwise_elems_per_token: int  # read + written by one layer's non-matmul kernels, per token
+    fused_elementwise_elems_per_token: int  # the same where they run fused (DeviceInfo.fused_layer_ops)
+    embed_params: int
+    head_params: int  # final norm plus LM head
+    tied_embeddings: bool  # then the first and the last stage each hold the matrix
+    compute_dtype: str
+    weight_dtype: str
+    sampling: str = "random"  # what the last stage's sampler is assumed to do: "greedy" or "random"
+
+    @staticmethod
+    def from_config(cfg, compute_dtype: str, weight_dtype: str, sampling: str = "random") -> ModelCost:
+        """cfg: engine.model.config.ModelConfig."""
+        for d in (compute_dtype, weight_dtype):
+            if d not in DTYPE_BYTES:
+                raise ValueError(f"dtype {d!r} is not one of {', '.join(DTYPE_BYTES)}")
+        if sampling not in SAMPLING:
+            raise ValueError(f"sampling must be one of {', '.join(SAMPLING)}, got {sampling!r}")
+        h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+        # Counted from StageModel.forward: two RMS norms (~7 passes over h each), rotary over q and k (neg, cat, two
+        # muls and an add: ~10 passes), the new K and V into the cache, the attention output copy, two residual adds
+        # (3 passes each), SiLU (2 passes over i) and the gate product (3 passes).
+        elementwise = 20 * h + 10 * (q + kv) + 4 * kv + 2 * q + 5 * i
+        # Fused: two residual adds with their norms (~4 passes over h each), rotary with the cache write (q and
+        # two k read and written, v read and written), the gate (3 passes over i), the query and output copies.
+        fused = 8 * h + 2 * (q + kv) + 3 * kv + 4 * q + 3 * i
+        head = cfg.vocab_size * h + h
+        return ModelCost(
+            num_layers=cfg.num_layers, hidden_size=h, vocab_size=cfg.vocab_size,
+            layer_params=cfg.layer_weight_bytes(1), layer_out_features=(q + 2 * kv) + h + 2 * i + h,
+            kv_elems_per_token=cfg.kv_bytes_per_token_per_layer(1), elementwise_elems_per_token=elementwise,
+            fused_elementwise_elems_per_token=fused,
+            embed_params=cfg.vocab_size * h, head_params=head,
+            tied_embeddings=cfg.tie_word_embeddings, compute_dtype=compute_dtype, weight_dtype=weight_dtype,
+            sampling=sampling,
+        )
+
+    # The figures at the model's own dtypes.
+    @property
+    def layer_weight_bytes(self) -> int:
+        return self.layer_params * DTYPE_BYTES[self.weight_dtype]
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """One layer, one token, at the KV cache's dtype."""
+        return self.kv_elems_per_token * DTYPE_BYTES[kv_cache_dtype(self.compute_dtype, self.weight_dtype)]
+
+    @property
+    def flops_per_token(self) -> int:
+        """One layer's products, per token."""
+        return 2 * self.layer_params
+
+    @property
+    def activation_bytes(self) -> int:
+        """What crosses a link per token."""
+        return self.hidden_size * DTYPE_BYTES[self.compute_dtype]
+
+    @property
+    def embed_bytes(self) -> int:
+        return self.embed_params * DTYPE_BYTES[self.weight_dtype]
+
+    @property
+    def head_bytes(self) -> int:
+        return self.head_params * DTYPE_BYTES[self.weight_dtype]
+
+    @property
+    def head_flops(self) -> int:
+        """Per token."""
+        return 2 * self.head_params
+
+
+def kv_cache_dtype(compute_dtype: str, weight_dtype: str) -> str:
+    """The KV cache's dtype: the compute dtype, but bf16 under fp32 activations over bf16 weights (`auto` on a
+    CPU), as a bf16 model keeps its cache: half the bytes for decode attention to read, twice the tokens per
+    byte. The engine's CPU kernels widen it in registers."""
+    return "bfloat16" if (compute_dtype, weight_dtype) == ("float32", "bfloat16") else compute_dtype
+
+
+def _compute_bytes(cost: ModelCost, device: DeviceInfo) -> int:
+    return DTYPE_BYTES[device.dtype or cost.compute_dtype]
+
+
+def _kv_bytes(cost: ModelCost, device: DeviceInfo) -> int:
+    return DTYPE_BYTES[kv_cache_dtype(device.dtype or cost.compute_dtype, cost.weight_dtype)]
+
+
+def stage_weight_bytes(cost: ModelCost, n_layers: int, first: bool, last: bool) -> int:
+    """Weights a stage holds: its layers, the embedding on the first, final norm and LM head on the last."""
+    params = n_layers * cost.layer_params
+    if first:
+        params += cost.embed_params
+    if last:
+        # Tied embeddings: the head is the embedding matrix, held once when one stage is both first and last.
+        params += cost.head_params - (cost.embed_params if cost.tied_embeddings and first else 0)
+    return params * DTYPE_BYTES[cost.weight_dtype]
+
+
+def stage_kv_bytes_per_token(cost: ModelCost, device: DeviceInfo, n_layers: int) -> int:
+    return n_layers * cost.kv_elems_per_token * _kv_bytes(cost, device)
+
+
+def kv_capacity_tokens(cost: ModelCost, device: DeviceInfo, n_layers: int, first: bool, last: bool) -> int:
+    """Tokens of KV the stage's memory holds beside its weights (negative: the weights alone do not fit)."""
+    left = device.memory - stage_weight_bytes(cost, n_layers, first, last)
+    return left // max(stage_kv_bytes_per_token(cost, device, n_layers), 1)
+
+
+def _matmul_seconds(cost: ModelCost, device: DeviceInfo, params: int, out_features: int, rows: int) -> float:
+    """Products over `params` weights for `rows` rows: whichever binds, arithmetic or streaming the weights; one-row
+    products (GEMVs) also pay per output feature."""
+    compute = device.dtype or cost.compute_dtype
+    upcast = cost.weight_dtype != compute
+    flops = 2 * params * rows
+    if rows <= THIN_ROWS:
+        rate = (device.thin_matmul_flops or device.matmul_flops) if upcast else device.matmul_flops
+        read = params * DTYPE_BYTES[cost.weight_dtype]
+        return max(flops / rate, read / device.mem_bandwidth) + rows * out_features * device.row_overhead_s
+    # Wide steps with half-precision weights read them at fp32 size on torch's kernels (engine.model.linear keeps an fp32
+    # copy) and at half size on the engine's own (engine.kernels.half_gemm); arithmetic binds them either way, and the
+    # probe timed whichever product this device runs.
+    read = params * DTYPE_BYTES[compute if upcast else cost.weight_dtype]
+    compute_s = flops / device.matmul_flops
+    if rows < GEMM_ROWS and device.small_gemm_flops:
+        # Up to 8 rows a product costs about what 8 do; from 8 to 64 rows the time grows linearly.
+        small = 2 * params * SMALL_GEMM_ROWS / device.small_gemm_flops
+        full = 2 * params * GEMM_ROWS / device.matmul_flops
+        compute_s = small + max(rows - SMALL_GEMM_ROWS, 0) * (full - small) / (GEMM_ROWS - SMALL_GEMM_ROWS)
+    return max(compute_s, read / device.mem_bandwidth)
+
+
+def layer_seconds(cost: ModelCost, device: DeviceInfo, batch: int, context_len: int, block_size: int = 16) -> float:
+    """One decoder layer's decode step for `batch` sequences that each attend to `context_len` tokens."""
+    cb = _compute_bytes(cost, device)
+    products = _matmul_seconds(cost, device, cost.layer_params, cost.layer_out_features, batch)
+    # The gather reads whole blocks, padded to the longest context of the batch.
+    keys = -(-context_len // block_size) * block_size
+    kv = batch * keys * cost.kv_elems_per_token * _kv_bytes(cost, device)
+    attention_rate = device.attention_bandwidth or device.mem_bandwidth / ATTENTION_KV_PASSES
+    fused = device.fused_layer_ops
+    elementwise_elems = cost.fused_elementwise_elems_per_token if fused else cost.elementwise_elems_per_token
+    elementwise = batch * elementwise_elems * cb / device.mem_bandwidth
+    work = products + kv / attention_rate + elementwise
+    ops = (FUSED_OPS_PER_LAYER if fused else OPS_PER_LAYER) + (THIN_OPS_PER_LAYER if _thin(cost, device, batch) else 0)
+    host = ops * device.op_overhead_s
+    # A GPU runs kernels while the host launches the next ones; a CPU does one after the other.
+    return max(host, work) if device.kind == "cuda" else host + work
+
+
+def _thin(cost: ModelCost, device: DeviceInfo, batch: int) -> bool:
+    return batch <= THIN_ROWS and cost.weight_dtype != (device.dtype or cost.compute_dtype)
+
+
+class StageTime(NamedTuple):
+    compute_s: float
+    transfer_s: float  # into the stage
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.transfer_s
+
+
+def stage_seconds(cost: ModelCost, device: DeviceInfo, n_layers: int, *, first: bool, last: bool, batch: int,
+                  context_len: int, link: LinkSpeed | None, block_size: int = 16) -> StageTime:
+    """One decode step of a stage holding `n_layers` layers; the one cost every plan and test uses."""
+    cb = _compute_bytes(cost, device)
+    bw = device.mem_bandwidth
+    ops = STEP_OPS
+    work = n_layers * layer_seconds(cost, device, batch, context_len, block_size)
+    extra = batch * HOST_SECONDS_PER_SEQUENCE
+    if first:
+        ops += EMBED_OPS
+        extra += batch * cost.hidden_size * (DTYPE_BYTES[cost.weight_dtype] + cb) / bw
+    if last:
+        sample_ops, sample_bytes = SAMPLING[cost.sampling]
+        ops += HEAD_OPS + sample_ops + (2 if _thin(cost, device, batch) else 0)
+        extra += _matmul_seconds(cost, device, cost.head_params, cost.vocab_size, batch)
+        extra += batch * 7 * cost.hidden_size * cb / bw  # the final norm
+        extra += batch * cost.vocab_size * sample_bytes / bw
+    host = ops * device.op_overhead_s
+    compute = work + extra + host
+    transfer = 0.0
+    if link is not None:
+        size = 0 if first else batch * cost.hidden_size * cb  # the previous stage sends at its own dtype; close enough
+        transfer = link.latency_s + (size / link.bandwidth if size else 0.0)
+    return StageTime(compute, transfer)
+
+
+def stage_fits(cost: ModelCost, device: DeviceInfo, n_layers: int, first: bool, last: bool,
+               kv_reserve_tokens: int) -> bool:
+    need = stage_weight_bytes(cost, n_layers, first, last)
+    need += kv_reserve_tokens * stage_kv_bytes_per_token(cost, device, n_layers)
+    return need <= device.memory
+
+
+def predict_stage_seconds(cost: ModelCost, device: DeviceInfo, layers: int | tuple[int, int], first: bool, last: bool,
+                          batch: int, context_len: int, link_bw: float | None = None,
+                          link_latency_s: float = 0.0, block_size: int = 16) -> float:
+    """Predicted seconds of one decode step of a stage; link_bw None: compute only (no transfer in)."""
+    n = layers if isinstance(layers, int) else layers[1] - layers[0]
+    link = None if link_bw is None else LinkSpeed(link_bw, link_latency_s)
+    return stage_seconds(cost, device, n, first=first, last=last, batch=batch, context_len=context_len,
+                         link=link, block_size=block_size).total_s

@@ -1,0 +1,115 @@
+"""The devices a user lists and what each reports once probed: parsing of --devices, --layers and sizes, and the
+shares of host memory. Imports no torch, so `strata plan` and its tests start fast."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+
+@dataclass(slots=True)
+class DeviceRequest:
+    """One entry of --devices: a device and an optional memory budget."""
+
+    name: str  # "cpu", "cuda:0"
+    memory: int | None = None  # bytes for weights plus KV; None: a share of what is free
+
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
+
+
+def parse_devices(text: str) -> list[DeviceRequest]:
+    """'cuda:0=20GiB,cuda:1,cpu=8GiB' -> one request per stage, in order; a device may repeat ('cpu,cpu')."""
+    if not (text or "").strip():
+        raise ValueError("--devices: no devices given; list them such as cuda:0,cuda:1=20GiB,cpu")
+    requests = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            raise ValueError(f"--devices: empty entry in {text!r}; list devices such as cuda:0,cuda:1=20GiB,cpu")
+        name, _, size = item.partition("=")
+        m = _DEVICE_RE.match(name.strip().lower())
+        if not m:
+            raise ValueError(f"--devices: cannot read {name.strip()!r}; use cpu or cuda:N, optionally =SIZE")
+        kind, index = m.groups()
+        if kind == "cpu" and index is not None:
+            raise ValueError(f"--devices: cannot read {name.strip()!r}; the host CPU is just 'cpu'")
+        memory = None
+        if size.strip():
+            try:
+                memory = parse_size(size)
+            except ValueError as e:
+                raise ValueError(f"--devices: {item!r}: {e}") from None
+            if memory <= 0:
+                raise ValueError(f"--devices: {item!r}: the memory budget must be positive")
+        elif "=" in item:
+            raise ValueError(f"--devices: {item!r}: a size must follow '=', e.g. {name.strip()}=8GiB")
+        requests.append(DeviceRequest("cpu" if kind == "cpu" else f"cuda:{index or 0}", memory))
+    return requests
+
+
+def parse_size(text: str) -> int:
+    """'8GiB', '512MiB', '2G', '1000000' -> bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "b": 1, "": 1}
+    s = text.strip().lower()
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):].strip()
+    if unit not in units or not num:
+        raise ValueError(f"cannot read size {text!r}; use a number with an optional unit such as 512MiB or 8GiB")
+    return int(float(num) * units[unit])
+
+
+@dataclass(slots=True)
+class DeviceInfo:
+    """What a stage process reports about its device after probing it."""
+
+    name: str  # "cpu", "cuda:1"
+    kind: str  # "cpu" or "cuda"
+    host: str
+    label: str  # for people: "NVIDIA H200", "CPU, 1 thread"
+    memory: int  # bytes usable for weights plus KV
+    matmul_flops: float  # FLOP/s of a decode-shaped GEMM at the compute dtype, weights streamed from memory
+    mem_bandwidth: float  # bytes/s a one-row product streams weights at
+    op_overhead_s: float  # host seconds per dispatched op
+    threads: int | None = None
+    # FLOP/s of an 8-row product at the compute dtype (SMALL_GEMM_ROWS): a CPU's GEMM kernel packs the weights on
+    # every call, which small batches cannot amortise (8 rows ran at a quarter of the 64-row rate); None: matmul_flops.
+    small_gemm_flops: float | None = None
+    # FLOP/s of a one-row product with half-precision weights, the engine's thin path on CPUs that emulate half
+    # precision (several times slower than their fp32 rate); None where weights and compute share a dtype.
+    thin_matmul_flops: float | None = None
+    # Seconds per output feature of a one-row product beyond its bytes or FLOPs, at the dtype thin steps multiply
+    # in: each feature's dot product ends in a reduction, which short rows pay often (a CPU GEMV over 576-wide rows
+    # runs ~30% below its rate over 4096-wide ones).
+    row_overhead_s: float = 0.0
+    # KV bytes per second the engine's decode attention gets through (gather plus SDPA), measured; None: the
+    # memory bandwidth over ATTENTION_KV_PASSES.
+    attention_bandwidth: float | None = None
+    dtype: str | None = None  # compute dtype on this device; None: the ModelCost's
+    fused_layer_ops: bool = False  # the elementwise steps of a layer run fused (engine.kernels.layer_ops)
+    budgeted: bool = False  # memory is the user's budget, not a share of what was free
+
+    def interchangeable(self) -> tuple:
+        """Devices equal in everything but name are interchangeable in a plan."""
+        return tuple(v for k, v in asdict(self).items() if k != "name")
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """--layers: counts per stage in --devices order, "20,8,4"; None or "" for the planner's split."""
+    if not text:
+        return None
+    try:
+        return [int(n) for n in text.split(",")]
+    except ValueError:
+        raise ValueError(f"layers must be comma-separated counts such as 20,8,4, got {text!r}") from None
+
+
+def share_host_memory(infos: list[DeviceInfo]) -> None:
+    """CPU stages on one host without a budget each measured the same free memory; split it between them."""
+    shared: dict[str, list[DeviceInfo]] = {}
+    for info in infos:
+        if info.kind == "cpu" and not info.budgeted:
+            shared.setdefault(info.host, []).append(info)
+    for group in shared.values():
+        for info in group:
+            info.memory //= len(group)

@@ -1,0 +1,64 @@
+"""A plan for people (a table) and for programs (JSON)."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from engine.placement.plan import Plan
+
+GiB = 1 << 30
+
+
+def readable_size(n: float) -> str:
+    """A size people can read: GiB, MiB or KiB, whichever keeps a digit that matters."""
+    if abs(n) >= 0.05 * GiB:
+        return f"{n / GiB:.1f} GiB"
+    if abs(n) >= 2**20:
+        return f"{n / 2**20:.0f} MiB"
+    return f"{n / 2**10:.0f} KiB"
+
+
+def plan_table(plan: Plan, block_size: int | None = None) -> str:
+    """Per stage its device, layers, weights, KV blocks and predicted step times, then the bottleneck."""
+    bs = block_size or plan.block_size
+    b = plan.batch_size
+    batches = sorted({1, b})
+    head = ["stage", "device", "layers", "weights GiB", f"KV blocks ({bs} tok)", *(f"ms/step @{n}" for n in batches)]
+    rows = []
+    for k, (s, blocks) in enumerate(zip(plan.stages, plan.kv_blocks(bs))):
+        dev = f"{s.device.name} ({s.device.label})"
+        if s.device.host and len({x.device.host for x in plan.stages}) > 1:
+            dev = f"{s.device.host}/{dev}"
+        rows.append([str(k), dev, f"{s.layers[0]}-{s.layers[1] - 1}", f"{s.weight_bytes / GiB:.2f}", str(blocks),
+                     *(f"{s.predicted_s[n] * 1e3:.2f}" for n in batches)])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    right = {0, *range(3, len(head))}
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    slowest = max(range(len(plan.stages)), key=lambda k: plan.stages[k].predicted_s[b])
+    out = [line(head), *(line(r) for r in rows)]
+    out.append(f"bottleneck: stage {slowest}, {plan.bottleneck_s * 1e3:.2f} ms/step at batch {b} and context "
+               f"{plan.context_len} (about {b / plan.bottleneck_s:.0f} tokens/s with the pipeline full)")
+    return "\n".join(out)
+
+
+def plan_json(plan: Plan) -> dict:
+    b = plan.batch_size
+    return {
+        "batch_size": b, "context_len": plan.context_len, "block_size": plan.block_size,
+        "kv_reserve_tokens": plan.kv_reserve_tokens, "bottleneck_s": plan.bottleneck_s,
+        "stages": [
+            {
+                "stage": k, "device": s.device.name, "device_index": s.device_index, "label": s.device.label,
+                "host": s.device.host, "layers": list(s.layers), "weight_bytes": s.weight_bytes,
+                "kv_bytes_per_token": s.kv_bytes_per_token, "kv_capacity_tokens": s.kv_capacity_tokens,
+                "kv_blocks": blocks,
+                "predicted_s": {str(n): v for n, v in s.predicted_s.items()},
+                "compute_s": {str(n): v for n, v in s.compute_s.items()},
+                "transfer_s": {str(n): v for n, v in s.transfer_s.items()},
+                "device_info": asdict(s.device),
+            }
+            for k, (s, blocks) in enumerate(zip(plan.stages, plan.kv_blocks()))
+        ],
+    }

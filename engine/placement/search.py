@@ -1,0 +1,298 @@
+"""The search: the device order and contiguous layer split that minimise the slowest stage.
+
+Every device a user lists becomes one stage. The planner predicts each stage's decode-step
+time from the device's measured rates (engine.placement.probe) and the model's per-layer costs, then
+picks the device order and split that minimise the slowest stage (compute plus the
+transfer into it), with every device holding its weights plus KV for a reserve of tokens.
+
+Layers are identical, so a stage's cost depends only on how many layers it holds, its
+device, its neighbours and whether it is first or last. The split is an exact dynamic
+program over (stage, layers placed so far); orders are enumerated, identical devices
+counted once.
+"""
+from __future__ import annotations
+
+import math
+
+from engine.placement.cost import (DTYPE_BYTES, LinkSpeed, ModelCost, StageTime, kv_capacity_tokens, layer_seconds,
+                                   link_between, stage_fits, stage_kv_bytes_per_token, stage_seconds,
+                                   stage_weight_bytes)
+from engine.placement.devices import DeviceInfo
+from engine.placement.plan import Plan, StagePlan
+from engine.placement.render import readable_size
+
+# Orders beyond this many distinct ones are not enumerated: the devices go fastest first.
+MAX_ORDERS = 5040
+# Among plans this close to the best bottleneck, prefer the one whose smallest stage KV capacity is largest.
+TIE_TOLERANCE = 0.02
+
+_INF = math.inf
+
+
+class PlacementError(ValueError):
+    """The model cannot be placed on the devices as asked."""
+
+
+def plan(cost: ModelCost, devices: list[DeviceInfo], *, batch_size: int = 64, context_len: int = 512,
+         kv_reserve_tokens: int, layers: list[int] | None = None, link_bandwidth: float | dict | None = None,
+         block_size: int = 16, tolerance: float = TIE_TOLERANCE) -> Plan:
+    """Order the devices and split the layers so the slowest stage is as fast as it can be.
+
+    layers: counts per stage in the devices' given order (no search). tolerance: among plans within this
+    fraction of the best bottleneck, the one whose smallest KV capacity is largest wins.
+    """
+    L, P = cost.num_layers, len(devices)
+    if P == 0:
+        raise PlacementError("no devices to place the model on")
+    if batch_size < 1 or context_len < 1 or block_size < 1 or kv_reserve_tokens < 0:
+        raise ValueError("batch_size, context_len and block_size must be positive, kv_reserve_tokens not negative")
+    if P > L:
+        raise PlacementError(f"{P} devices but the model has only {L} layers; every device needs at least one layer")
+    ctx = _Context(cost, devices, batch_size, context_len, kv_reserve_tokens, link_bandwidth, block_size)
+    if layers is not None:
+        return ctx.evaluate(list(range(P)), _check_layers(layers, P, L), check=True)
+    order, split = _search(ctx, tolerance)
+    return ctx.evaluate(order, split)
+
+
+def _check_layers(layers: list[int], P: int, L: int) -> list[int]:
+    if len(layers) != P:
+        raise PlacementError(f"--layers gives {len(layers)} counts for {P} devices; give one count per device")
+    if any(n < 1 for n in layers):
+        raise PlacementError(f"--layers {','.join(map(str, layers))}: every device needs at least one layer")
+    if sum(layers) != L:
+        raise PlacementError(f"--layers {','.join(map(str, layers))} adds up to {sum(layers)}, "
+                             f"but the model has {L} layers")
+    return list(layers)
+
+
+class _Context:
+    """Everything a search needs, with each stage's cost per layer count computed once."""
+
+    def __init__(self, cost: ModelCost, devices: list[DeviceInfo], batch: int, context_len: int, reserve: int,
+                 links, block_size: int) -> None:
+        self.cost, self.devices, self.batch, self.context_len = cost, devices, batch, context_len
+        self.reserve, self.links, self.block_size = reserve, links, block_size
+        self._cache: dict[tuple, tuple[list[float], list[int]]] = {}
+
+    def link(self, prev: int | None, dev: int) -> LinkSpeed:
+        return link_between(None if prev is None else self.devices[prev], self.devices[dev], self.links)
+
+    def time(self, dev: int, n: int, first: bool, last: bool, prev: int | None, batch: int) -> StageTime:
+        return stage_seconds(self.cost, self.devices[dev], n, first=first, last=last, batch=batch,
+                             context_len=self.context_len, link=self.link(prev, dev), block_size=self.block_size)
+
+    def columns(self, dev: int, first: bool, last: bool, prev: int | None) -> tuple[list[float], list[int]]:
+        """Per layer count n (index 0 unused): predicted seconds at the planning batch (inf where the stage does
+        not fit), and KV capacity in blocks."""
+        key = (dev, first, last, prev)
+        if key not in self._cache:
+            L, d = self.cost.num_layers, self.devices[dev]
+            times, blocks = [_INF] * (L + 1), [-1] * (L + 1)
+            for n in range(1, L + 1):
+                if not stage_fits(self.cost, d, n, first, last, self.reserve):
+                    break  # more layers need more memory
+                times[n] = self.time(dev, n, first, last, prev, self.batch).total_s
+                blocks[n] = kv_capacity_tokens(self.cost, d, n, first, last) // self.block_size
+            self._cache[key] = (times, blocks)
+        return self._cache[key]
+
+    def evaluate(self, order: list[int], split: list[int], check: bool = False) -> Plan:
+        cost, P = self.cost, len(order)
+        stages, start = [], 0
+        for k, (dev, n) in enumerate(zip(order, split)):
+            d = self.devices[dev]
+            first, last = k == 0, k == P - 1
+            prev = order[k - 1] if k else None
+            weights = stage_weight_bytes(cost, n, first, last)
+            kv_per_token = stage_kv_bytes_per_token(cost, d, n)
+            if check and not stage_fits(cost, d, n, first, last, self.reserve):
+                need = weights + self.reserve * kv_per_token
+                raise PlacementError(
+                    f"stage {k} ({d.name}) does not fit: layers {start}-{start + n - 1} need {readable_size(weights)} "
+                    f"of weights "
+                    f"plus {readable_size(self.reserve * kv_per_token)} of KV for {self.reserve} tokens, and {d.name} holds "
+                    f"{readable_size(d.memory)} ({readable_size(need - d.memory)} short)")
+            times = {b: self.time(dev, n, first, last, prev, b) for b in sorted({1, self.batch})}
+            stages.append(StagePlan(
+                device=d, device_index=dev, layers=(start, start + n), weight_bytes=weights,
+                kv_bytes_per_token=kv_per_token, kv_capacity_tokens=kv_capacity_tokens(cost, d, n, first, last),
+                predicted_s={b: t.total_s for b, t in times.items()},
+                compute_s={b: t.compute_s for b, t in times.items()},
+                transfer_s={b: t.transfer_s for b, t in times.items()},
+            ))
+            start += n
+        bottleneck = max(s.predicted_s[self.batch] for s in stages)
+        return Plan(stages, self.batch, self.context_len, bottleneck, self.block_size, self.reserve)
+
+
+def min_max_split(columns: list[list[float]], total: int) -> tuple[float, list[int]]:
+    """The exact dynamic program: split `total` layers over the stages, each at least one, minimising the largest
+    columns[k][n] (stage k's score with n layers; each column non-decreasing in n, inf where not allowed).
+    Returns (that minimum, layers per stage); (inf, []) if no split is allowed."""
+    P = len(columns)
+    row = _first_row(columns[0])  # row[j]: best score with j layers on the stages so far
+    choices: list[list[int]] = [list(range(total + 1))]
+    for k in range(1, P):
+        row, choice = _next_row(row, columns[k], k, total, only_last=k == P - 1)
+        choices.append(choice)
+    if row[total] == _INF:
+        return _INF, []
+    split, j = [], total
+    for k in range(P - 1, -1, -1):
+        n = choices[k][j]
+        split.append(n)
+        j -= n
+    return row[total], split[::-1]
+
+
+def _first_row(col: list[float]) -> list[float]:
+    row = list(col)
+    row[0] = _INF
+    return row
+
+
+def _next_row(prev: list[float], col: list[float], k: int, total: int,
+              only_last: bool) -> tuple[list[float], list[int]]:
+    """Add stage k (0-based) to a row over k stages. For j layers the stage takes n of them; prev[j - n] falls and
+    col[n] rises with n, so the best n sits where they cross, and that crossing only moves right as j grows."""
+    row, choice = [_INF] * (total + 1), [0] * (total + 1)
+    n = 1
+    for j in (total,) if only_last else range(k + 1, total + 1):
+        while n < j - k and col[n] < prev[j - n]:  # the stages before keep at least one layer each
+            n += 1
+        a, b = prev[j - n], col[n]  # max() written out: this loop is the planner's hot spot
+        best, pick = (a if a > b else b), n
+        if n > 1:
+            a, b = prev[j - n + 1], col[n - 1]
+            if (a if a > b else b) <= best:
+                best, pick = (a if a > b else b), n - 1
+        row[j], choice[j] = best, pick
+    return row, choice
+
+
+def _best_per_order(orders: list[list[int]], column, total: int, tolerance: float) -> list[tuple[float, list[int]]]:
+    """min_max_split's value for each order that could come within tolerance of the best (column(order, k): stage
+    k's column). Orders are walked in lexicographic order so that those sharing their first stages share the DP's
+    rows for them, and a prefix whose cheapest entry already exceeds the best so far (plus tolerance) stops there."""
+    results: list[tuple[float, list[int]]] = []
+    best = _INF
+    rows: list[list[float]] = []
+    prefix: tuple[int, ...] = ()
+    for order in sorted(tuple(o) for o in orders):
+        P = len(order)
+        keep = 0
+        while keep < min(len(rows), P - 1) and order[keep] == prefix[keep]:
+            keep += 1
+        del rows[keep:]
+        prefix = order
+        limit = best + abs(best) * tolerance
+        for k in range(P):
+            if k == len(rows):
+                col = column(order, k)
+                rows.append(_first_row(col) if k == 0 else _next_row(rows[-1], col, k, total, k == P - 1)[0])
+            # A row over k + 1 stages is smallest at k + 1 layers (one each): no completion can beat that.
+            if rows[k][total if k == P - 1 else k + 1] > limit:
+                break
+        else:
+            results.append((rows[-1][total], list(order)))
+            best = min(best, rows[-1][total])
+    return results
+
+
+def distinct_orders(devices: list[DeviceInfo]) -> list[list[int]] | None:
+    """Every order of the devices up to swapping interchangeable ones (each class takes its devices in list order);
+    None when there are more than MAX_ORDERS."""
+    classes: dict[tuple, list[int]] = {}
+    for i, d in enumerate(devices):
+        classes.setdefault(d.interchangeable(), []).append(i)
+    groups = list(classes.values())
+    count = math.factorial(len(devices))
+    for g in groups:
+        count //= math.factorial(len(g))
+    if count > MAX_ORDERS:
+        return None
+    orders: list[list[int]] = []
+    remaining = [len(g) for g in groups]
+
+    def extend(prefix: list[int]) -> None:
+        if len(prefix) == len(devices):
+            taken = [0] * len(groups)
+            order = []
+            for c in prefix:
+                order.append(groups[c][taken[c]])
+                taken[c] += 1
+            orders.append(order)
+            return
+        for c in range(len(groups)):
+            if remaining[c]:
+                remaining[c] -= 1
+                extend(prefix + [c])
+                remaining[c] += 1
+
+    extend([])
+    return orders
+
+
+def _fastest_first(ctx: _Context) -> list[int]:
+    per_layer = [layer_seconds(ctx.cost, d, ctx.batch, ctx.context_len, ctx.block_size) for d in ctx.devices]
+    return sorted(range(len(ctx.devices)), key=lambda i: per_layer[i])
+
+
+def _search(ctx: _Context, tolerance: float) -> tuple[list[int], list[int]]:
+    orders = distinct_orders(ctx.devices) or [_fastest_first(ctx)]
+    L, P = ctx.cost.num_layers, len(ctx.devices)
+
+    def stage_columns(order, k: int) -> tuple[list[float], list[int]]:
+        return ctx.columns(order[k], k == 0, k == P - 1, order[k - 1] if k else None)
+
+    # First pass: the best bottleneck over every order.
+    results = _best_per_order(orders, lambda order, k: stage_columns(order, k)[0], L, tolerance)
+    best = min((t for t, _ in results), default=_INF)
+    if best == _INF:
+        _explain_no_fit(ctx)
+    # Second pass: among plans within tolerance of it, the largest smallest KV capacity: a min-max over -blocks,
+    # with stages that would be too slow not allowed.
+    limit = best * (1 + tolerance)
+    capped: dict[tuple, list[float]] = {}
+
+    def blocks_column(order, k: int) -> list[float]:
+        key = (order[k], k == 0, k == P - 1, order[k - 1] if k else None)
+        if key not in capped:
+            times, blocks = stage_columns(order, k)
+            capped[key] = [-blocks[n] if times[n] <= limit else _INF for n in range(L + 1)]
+        return capped[key]
+
+    near = {tuple(order): t for t, order in results if t <= limit}
+    by_blocks = _best_per_order(list(near), blocks_column, L, 0.0)
+    most = min(v for v, _ in by_blocks)
+    # Equal capacity: the order with the faster best plan.
+    order = min((near[tuple(o)], o) for v, o in by_blocks if v == most)[1]
+    return order, min_max_split([blocks_column(order, k) for k in range(P)], L)[1]
+
+
+def _explain_no_fit(ctx: _Context) -> None:
+    """Raise a PlacementError that says what is missing."""
+    cost, devices, reserve = ctx.cost, ctx.devices, ctx.reserve
+    L, P = cost.num_layers, len(devices)
+    for d in devices:
+        one = stage_weight_bytes(cost, 1, False, False) + reserve * stage_kv_bytes_per_token(cost, d, 1)
+        if one > d.memory:
+            raise PlacementError(
+                f"{d.name} ({d.label}) holds {readable_size(d.memory)}, less than one layer needs ({readable_size(one)} with KV for "
+                f"{reserve} tokens); give it more memory, lower --max-model-len, or leave it out")
+    # Weights and KV at the model's dtypes; tied embeddings count twice when the first and last stages differ.
+    weights = stage_weight_bytes(cost, L, True, True)
+    if cost.tied_embeddings and P > 1:
+        weights += cost.embed_params * DTYPE_BYTES[cost.weight_dtype]
+    kv = reserve * L * cost.kv_bytes_per_token
+    held = sum(d.memory for d in devices)
+    if weights + kv > held:
+        raise PlacementError(
+            f"the model does not fit: {L} layers need {readable_size(weights)} of weights plus {readable_size(kv)} of KV for {reserve} "
+            f"tokens, and the devices hold {readable_size(held)} in all ({readable_size(weights + kv - held)} short)")
+    raise PlacementError(
+        f"the model does not fit: it needs {readable_size(weights + kv)} with KV for {reserve} tokens and the devices hold "
+        f"{readable_size(held)} in all, but not in whole layers per device (each layer needs "
+        f"{readable_size(cost.layer_weight_bytes + reserve * cost.kv_bytes_per_token)}, the embedding and LM head more); "
+        f"give the devices more memory or lower --max-model-len")
