@@ -16,7 +16,7 @@ from gateway.engine_client import EngineError
 from gateway.errors import APIError, bad_request
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from gateway.request_tracing import GenAISpan
-from tokenization import TokenizerError
+from tokenization import TokenizerError, normalize_messages
 
 log = logging.getLogger("strata.gateway")
 
@@ -27,10 +27,14 @@ async def off_loop(fn, *args):
 
 
 def chat_messages(messages) -> list[dict]:
-    """The messages as the chat template takes them: developer is system, parts are joined, no content is ''."""
-    return [{"role": "system" if m.role == "developer" else m.role,
-             "content": m.content if isinstance(m.content, str)
-             else "\n".join(part.text for part in m.content or [])} for m in messages]
+    """The messages as the chat template takes them: developer is system, no content is '', and text parts are
+    joined by the one rule for that (tokenization.normalize_messages)."""
+    try:
+        return normalize_messages([{"role": "system" if m.role == "developer" else m.role,
+                                    "content": [p.model_dump() for p in m.content] if isinstance(m.content, list)
+                                    else m.content or ""} for m in messages])
+    except TokenizerError as e:
+        raise bad_request(str(e), "messages") from None
 
 
 @dataclass(slots=True)

@@ -1,5 +1,6 @@
 """Tokenization for serving: HF-compatible encode/decode/chat rendering, streaming detokenization,
 stop strings, and a small BPE trainer for tests and the demo model."""
+from tokenization.chat_template import normalize_messages
 from tokenization.detokenizer import IncrementalDetokenizer
 from tokenization.errors import TokenizerError
 from tokenization.stop import StopMatcher
@@ -12,5 +13,6 @@ __all__ = [
     "StopMatcher",
     "Tokenizer",
     "TokenizerError",
+    "normalize_messages",
     "train_bpe_tokenizer",
 ]
