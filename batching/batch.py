@@ -3,6 +3,7 @@ the last stage to the first (TokensForFirstStage), which a step scheduled ahead 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from batching.sampling_params import SamplingParams
 
@@ -52,6 +53,14 @@ class TraceContext:
         return replace(self, sent_by=by, sent_ns=at_ns, spans_dropped=tuple(sorted(counts.items())))
 
 
+class StepTiming(NamedTuple):
+    """One stage step's compute: on a GPU its device time (CUDA events), not its launch."""
+
+    stage: int
+    seconds: float
+    num_seqs: int
+
+
 @dataclass(slots=True)
 class Batch:
     batch_id: int
@@ -59,8 +68,9 @@ class Batch:
     # Finished or aborted sequences whose per-sequence state the stages may drop.
     released: list[int] = field(default_factory=list)
     trace: TraceContext | None = None  # set when a sampled request rides in this step
-    # Appended by each stage as the batch passes: (stage index, compute start, compute end), wall-clock seconds.
-    timings: list[tuple[int, float, float]] = field(default_factory=list)
+    # Appended by each stage as the batch passes: the timings of its steps that have completed since the last batch
+    # it sent (a GPU stage's step may still be running when its batch leaves; its timing follows with a later one).
+    timings: list[StepTiming] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -83,7 +93,7 @@ class StepOutput:
     token_ids: list[int]
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
-    timings: list[tuple[int, float, float]] = field(default_factory=list)  # the Batch's, one entry per stage
+    timings: list[StepTiming] = field(default_factory=list)  # the Batch's, as it reached the last stage
     trace: TraceContext | None = None  # the Batch's, as the last stage passed it on
     # Sequences the last stage could not sample, and why; each fails alone (its token is a placeholder).
     errors: dict[int, str] | None = None

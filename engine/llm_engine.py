@@ -235,10 +235,8 @@ class LLMEngine:
             return []
         out = self.driver.receive(self._stall_bound_s())
         received_ns = now_ns()
-        batch = self.scheduler.in_flight.get(out.batch_id)
-        size = len(batch.seqs) if batch is not None else 0
-        for stage, start, end in out.timings:
-            self.stage_stats[stage].add(end - start, size)
+        for timing in out.timings:
+            self.stage_stats[timing.stage].add(timing.seconds, timing.num_seqs)
         step_trace = self._step_traces.pop(out.batch_id, None)
         if out.trace is not None:
             self._stage_spans_dropped.update(out.trace.spans_dropped)

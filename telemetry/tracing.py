@@ -229,40 +229,33 @@ def now_ns() -> int:
     return time.time_ns()
 
 
-def stage_spans(trace, stage: int, device: str, layers: tuple[int, int], batch, start_ns: int, end_ns: int,
-                clock, received_ns: int, nbytes: int) -> list:
+def stage_spans(trace, stage: int, device: str, layers: tuple[int, int], batch, clock, received_ns: int,
+                nbytes: int) -> list:
     """A stage's spans for one traced step: the transfer that brought the batch, the forward, and its layers.
-    trace: the batching.batch.TraceContext the batch arrived with. clock: None, or the stage's record of when each
-    layer ended (engine.pipeline.layer_clock.LayerClock): `cuda` says whether reading it waits on the device,
-    `ends_ns(start_ns)` gives (layer, end) pairs on the host clock."""
+    trace: the batching.batch.TraceContext the batch arrived with. clock: the step's clock
+    (engine.pipeline.step_clock.StepClock): `start_ns`, `end_ns()`, `layer_ends_ns()` on the host clock, and `cuda`,
+    whether reading them waits on the device (then the forward and its layers are read in the export thread)."""
     trace_id, step_id = trace.trace_id, trace.step_id
-    tokens = batch.num_tokens
     common = {"strata.stage": stage, "strata.device": device, "strata.batch_size": len(batch.seqs),
-              "strata.num_tokens": tokens}
+              "strata.num_tokens": batch.num_tokens}
     forward_id = new_span_id()
-    out: list = [
-        transfer_span(trace_id, step_id, trace.sent_by, device, trace.sent_ns, received_ns, nbytes),
-        SpanRecord(f"stage {stage} forward", trace_id, forward_id, step_id, start_ns, end_ns,
-                   {**common, "strata.layers": f"{layers[0]}-{layers[1] - 1}"}),
-    ]
-    if clock is not None:
-        def layer_spans() -> list[SpanRecord]:
-            spans, begin = [], start_ns
-            for layer, end in clock.ends_ns(start_ns):
-                if layer < 0:
-                    begin = end
-                    continue
-                index = layers[0] + layer
-                spans.append(SpanRecord(f"layer {index}", trace_id, new_span_id(), forward_id, begin, end,
-                                        {**common, "strata.layer": index}))
-                begin = end
-            return spans
 
-        if clock.cuda:
-            out.append(layer_spans)
-        else:
-            out.extend(layer_spans())
-    return out
+    def forward_spans() -> list[SpanRecord]:
+        start_ns, end_ns = clock.start_ns, clock.end_ns()
+        spans = [SpanRecord(f"stage {stage} forward", trace_id, forward_id, step_id, start_ns, end_ns,
+                            {**common, "strata.layers": f"{layers[0]}-{layers[1] - 1}"})]
+        if clock.layers:
+            begin = start_ns
+            for layer, end in clock.layer_ends_ns():
+                if layer >= 0:
+                    index = layers[0] + layer
+                    spans.append(SpanRecord(f"layer {index}", trace_id, new_span_id(), forward_id, begin, end,
+                                            {**common, "strata.layer": index}))
+                begin = end
+        return spans
+
+    transfer = transfer_span(trace_id, step_id, trace.sent_by, device, trace.sent_ns, received_ns, nbytes)
+    return [transfer, forward_spans] if clock.cuda else [transfer, *forward_spans()]
 
 
 def transfer_span(trace_id: int, parent_id: int, src: str, dst: str, start_ns: int, end_ns: int,

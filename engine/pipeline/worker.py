@@ -10,21 +10,21 @@ driver scheduled ahead of those tokens (batching.scheduler, lookahead).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import os
 import queue
 import signal
 import sys
 import threading
-import time
 import traceback
 
 import torch
 
-from batching.batch import Batch, TokensForFirstStage
+from batching.batch import Batch, StepTiming, TokensForFirstStage
 from engine.errors import one_line
 from engine.pipeline import transport
-from engine.pipeline.layer_clock import LayerClock
+from engine.pipeline.step_clock import StepClock
 from engine.pipeline.messages import (DRIVER_RANK, GREETING, RENDEZVOUS_TIMEOUT_S, WIRE_VERSION, DescribeDevice, Failed,
                                       Shutdown, StageReady, VersionMismatch, greeting_error)
 from engine.pipeline.runner import StageRunner
@@ -34,6 +34,9 @@ from engine.placement.local_device import TORCH_DTYPES, resolve_dtypes
 from engine.placement.probe import describe_device
 from telemetry.tracing import Tracing, now_ns, stage_spans
 
+
+# Steps a GPU stage may run ahead of reading their clocks; beyond, the oldest is waited for.
+MAX_UNTIMED_STEPS = 64
 
 def serve(rank: int, world_size: int, request: DeviceRequest, threads: int | None, model_dir: str | None) -> None:
     """The stage's life: greet, describe the device, take a spec, load, then run batches until Shutdown."""
@@ -118,6 +121,7 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
     if token_link is not None and runner.first:
         token_thread = _receive_tokens(runner, token_link)
     outbox = transport.Outbox()
+    timed: collections.deque[tuple[StepClock, int]] = collections.deque()  # steps whose timing has not left
     while True:
         item = inbox.get()
         if isinstance(item, Exception):
@@ -136,12 +140,16 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
         if hidden is not None and hidden.dtype != runner.dtype:
             hidden = hidden.to(runner.dtype)
         trace = batch.trace if tracing is not None else None
-        clock = LayerClock(runner.device) if trace is not None and trace.layers else None
         runner.fill_pending(batch)
-        start = time.time()
-        hidden_out, out, tokens = runner.step(batch, hidden, clock.mark if clock else None)
-        end = time.time()
-        batch.timings.append((spec.stage_index, start, end))
+        clock = StepClock(runner.device, layers=trace is not None and trace.layers)
+        hidden_out, out, tokens = runner.step(batch, hidden, clock.mark if clock.layers else None)
+        clock.finish()
+        timed.append((clock, len(batch.seqs)))
+        # Timings go out with this batch once their steps have completed, the oldest first; a GPU that falls this
+        # far behind is waited for, so the queue of clocks stays bounded.
+        while timed and (timed[0][0].done() or len(timed) > MAX_UNTIMED_STEPS):
+            done, num_seqs = timed.popleft()
+            batch.timings.append(StepTiming(spec.stage_index, done.seconds(), num_seqs))
         if trace is not None:
             batch.trace = trace.passed_on(device_label, now_ns(), spec.stage_index, tracing.dropped)
         if tokens is not None:  # first: the first stage may be waiting for them
@@ -153,10 +161,8 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
         else:
             outbox.post(*transport.isend(batch, link_out, hidden_out))
         if trace is not None:
-            tracing.emit(stage_spans(
-                trace, spec.stage_index, device_label, spec.layers, batch, int(start * 1e9), int(end * 1e9), clock,
-                received_ns, nbytes,
-            ))
+            tracing.emit(stage_spans(trace, spec.stage_index, device_label, spec.layers, batch, clock, received_ns,
+                                     nbytes))
 
 
 def _receive_tokens(runner: StageRunner, link: transport.Link) -> threading.Thread:

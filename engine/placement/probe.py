@@ -8,6 +8,7 @@ last-level cache, since a stage's layers and cache do not fit in it either. A CP
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -82,10 +83,12 @@ class _Timer:
         best = float("inf")
         for _ in range(reps):
             if self.cuda:
+                # On the probed device's stream, whichever device is current (strata plan probes several).
+                stream = torch.cuda.current_stream(self.device)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+                start.record(stream)
                 fn()
-                end.record()
+                end.record(stream)
                 end.synchronize()
                 best = min(best, start.elapsed_time(end) / 1e3)
             else:
@@ -279,13 +282,18 @@ def measure_rates(device: torch.device, dtype: str, threads: int | None, weight_
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    # The probed GPU is the current one while it is probed: kernels launched without a device (the attention
+    # metadata, the op-overhead loop) and the allocator's cache emptied below are its own, not cuda:0's.
+    current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
-        with torch.inference_mode():
-            return _measure(device, TORCH_DTYPES[dtype], TORCH_DTYPES[weight_dtype] if weight_dtype else None)
+        with current, torch.inference_mode():
+            try:
+                return _measure(device, TORCH_DTYPES[dtype], TORCH_DTYPES[weight_dtype] if weight_dtype else None)
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()  # or the probe's buffers would count against the free memory read next
     finally:
         torch.set_num_threads(previous)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # or the probe's buffers would count against the free memory read next
 
 
 def _read_cache(path: Path) -> dict:
