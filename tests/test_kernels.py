@@ -7,6 +7,8 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine.kernels import amx_gemm, build, half_gemm, paged_attention
 from engine.model import attention, linear
@@ -239,3 +241,43 @@ def test_packed_weights_refuse_what_torch_would():
         product(torch.randn(2, 23))
     with pytest.raises(ValueError):
         product(torch.randn(2, 24).double())
+
+
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=30))
+def test_decode_groups_cover_every_row_once_and_pad_within_their_slack(blocks):
+    groups = attention.decode_groups(sorted(blocks))
+    assert [g.start for g in groups] == [0, *(g.end for g in groups[:-1])] and groups[-1].end == len(blocks)
+    rows = sorted(blocks)
+    for g in groups:
+        own = rows[g.start : g.end]
+        assert g.width == max(own)
+        assert g.end - g.start == 1 or (g.end - g.start) * g.width <= attention.GATHER_SLACK * sum(own)
+    # The whole step gathers within the slack of the blocks its sequences hold.
+    assert sum((g.end - g.start) * g.width for g in groups) <= attention.GATHER_SLACK * sum(blocks) + max(blocks)
+
+
+def test_grouped_decode_gather_equals_attention_one_sequence_at_a_time(monkeypatch):
+    """Decodes of very different lengths (so several gather groups) over a bf16 cache, as a GPU or a CPU without
+    the kernel runs them: each row equals SDPA over that sequence's own keys alone."""
+    monkeypatch.setattr(paged_attention, "available", lambda cache: False)
+    g = torch.Generator().manual_seed(7)
+    heads, kv_heads, d, bs = 4, 2, 16, 4
+    lens = [1, 2, 3, 9, 10, 40, 41, 150]
+    per_seq = [-(-n // bs) for n in lens]
+    k_cache = torch.randn(sum(per_seq) + 1, bs, kv_heads, d, generator=g).bfloat16()
+    v_cache = torch.randn_like(k_cache, dtype=torch.float32).bfloat16()
+    tables, next_block = [], 1
+    for n in per_seq:
+        tables.append(list(range(next_block, next_block + n)))
+        next_block += n
+    slots = [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, lens)]
+    q = torch.randn(len(lens), heads, d, generator=g)
+    k = torch.randn(len(lens), kv_heads, d, generator=g)
+    meta = build_metadata(bs, slots, tables, lens, [], CPU)
+    assert len(meta.decode_groups) > 1
+    got = attention.paged_attention(q, k, k, k_cache, v_cache, meta, d**-0.5).view(len(lens), heads, d)
+    for i, (t, n) in enumerate(zip(tables, lens)):
+        keys = k_cache[t].reshape(-1, kv_heads, d)[:n].float().transpose(0, 1)  # [kvh, n, d]
+        values = v_cache[t].reshape(-1, kv_heads, d)[:n].float().transpose(0, 1)
+        want = F.scaled_dot_product_attention(q[i][:, None], keys, values, scale=d**-0.5, enable_gqa=True)
+        torch.testing.assert_close(got[i], want[:, 0], rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ offset.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,15 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class DecodeGroup:
+    """Decode rows [start, end) whose blocks are gathered together, padded to the group's longest table."""
+
+    start: int
+    end: int
+    width: int  # blocks per row in the gather
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
     num_decodes: int
@@ -34,11 +43,35 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool: key is in context
     decode_lens: torch.Tensor | None  # [num_decodes] int64: context length of each decode, its new token included
     prefills: list[PrefillChunk]
+    # Where decodes gather their blocks (no kernel reads them in place): runs of rows whose padding stays within
+    # GATHER_SLACK of their own blocks, so a step gathers about what its sequences hold, not num_decodes x longest.
+    decode_groups: list[DecodeGroup] = field(default_factory=list)
     # Reused by every layer of the step: a fresh multi-megabyte tensor per layer costs more in page faults
     # than the gather itself.
     gather_k: torch.Tensor | None = None
     gather_v: torch.Tensor | None = None
     decode_kernel: bool | None = None  # whether decodes run on the engine's kernel; found at the first layer
+
+
+# A decode group's gather may hold this much more than its rows' own blocks (padding to its longest row).
+GATHER_SLACK = 1.25
+
+
+def decode_groups(blocks: list[int]) -> list[DecodeGroup]:
+    """Consecutive runs of decode rows, given each row's block count, each padded to its longest row and within
+    GATHER_SLACK of its own blocks (a lone row is always a group). Rows sorted by length give the fewest groups."""
+    groups: list[DecodeGroup] = []
+    start, own, width = 0, 0, 0
+    for i, n in enumerate(blocks):
+        wider = max(width, n)
+        if i > start and (i + 1 - start) * wider > GATHER_SLACK * (own + n):
+            groups.append(DecodeGroup(start, i, width))
+            start, own, wider = i, 0, n
+        own += n
+        width = wider
+    if blocks:
+        groups.append(DecodeGroup(start, len(blocks), width))
+    return groups
 
 
 def build_metadata(
@@ -76,6 +109,7 @@ def build_metadata(
         decode_mask=mask,
         decode_lens=lens,
         prefills=chunks,
+        decode_groups=decode_groups([len(t) for t in decode_tables]),
     )
 
 
@@ -104,22 +138,28 @@ def paged_attention(
     else:
         out = torch.empty_like(q)
     if nd and not meta.decode_kernel:
-        # index_select over whole blocks copies rows at memcpy speed; advanced indexing is several times slower.
-        flat = meta.decode_block_tables.view(-1)
         if meta.gather_k is None:
-            meta.gather_k = k_cache.new_empty((flat.numel(), block_size * kv_heads * d))
+            most = max((g.end - g.start) * g.width for g in meta.decode_groups)
+            meta.gather_k = k_cache.new_empty((most, block_size * kv_heads * d))
             meta.gather_v = torch.empty_like(meta.gather_k)
-        keys = torch.index_select(k_cache.view(num_blocks, -1), 0, flat, out=meta.gather_k)
-        values = torch.index_select(v_cache.view(num_blocks, -1), 0, flat, out=meta.gather_v)
-        # A cache held at lower precision than the queries (bf16 under fp32 activations) is widened here.
-        keys = keys.view(nd, -1, kv_heads, d).transpose(1, 2).to(q.dtype)  # [nd, kvh, L, d]
-        values = values.view(nd, -1, kv_heads, d).transpose(1, 2).to(q.dtype)
-        o = F.scaled_dot_product_attention(
-            q[:nd].unsqueeze(2), keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
-        )  # [nd, heads, 1, d]
-        out[:nd] = o.squeeze(2)
+        for g in meta.decode_groups:
+            rows = g.end - g.start
+            # index_select over whole blocks copies rows at memcpy speed; advanced indexing is several times slower.
+            flat = meta.decode_block_tables[g.start : g.end, : g.width].reshape(-1)
+            keys = torch.index_select(k_cache.view(num_blocks, -1), 0, flat, out=meta.gather_k[: flat.numel()])
+            values = torch.index_select(v_cache.view(num_blocks, -1), 0, flat, out=meta.gather_v[: flat.numel()])
+            # A cache held at lower precision than the queries (bf16 under fp32 activations) is widened here.
+            keys = keys.view(rows, -1, kv_heads, d).transpose(1, 2).to(q.dtype)  # [rows, kvh, L, d]
+            values = values.view(rows, -1, kv_heads, d).transpose(1, 2).to(q.dtype)
+            mask = meta.decode_mask[g.start : g.end, ..., : g.width * block_size]
+            o = F.scaled_dot_product_attention(
+                q[g.start : g.end].unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa
+            )  # [rows, heads, 1, d]
+            out[g.start : g.end] = o.squeeze(2)
     for c in meta.prefills:
-        qc = q[c.start : c.end].transpose(0, 1)  # [heads, n, d]
+        # 4-D, [1, heads, n, d]: the layout PyTorch's fused attention kernels take (3-D falls back to the math path,
+        # which materialises [heads, n, context] scores).
+        qc = q[c.start : c.end].transpose(0, 1).unsqueeze(0)
         if c.mask is None:
             kc, vc = k[c.start : c.end], v[c.start : c.end]
         else:
@@ -127,8 +167,8 @@ def paged_attention(
             vc = v_cache.view(num_blocks, -1).index_select(0, c.block_table).view(-1, kv_heads, d)[: c.context_len]
             kc, vc = kc.to(q.dtype), vc.to(q.dtype)
         o = F.scaled_dot_product_attention(
-            qc, kc.transpose(0, 1), vc.transpose(0, 1), attn_mask=c.mask, is_causal=c.mask is None,
-            scale=scale, enable_gqa=gqa,
-        )  # [heads, n, d]
-        out[c.start : c.end] = o.transpose(0, 1)
+            qc, kc.transpose(0, 1).unsqueeze(0), vc.transpose(0, 1).unsqueeze(0), attn_mask=c.mask,
+            is_causal=c.mask is None, scale=scale, enable_gqa=gqa,
+        )  # [1, heads, n, d]
+        out[c.start : c.end] = o[0].transpose(0, 1)
     return out.view(T, heads * d)

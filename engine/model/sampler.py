@@ -354,14 +354,22 @@ class Sampler:
             floor, _ = _nucleus_floor(scaled, vals, top_k, top_p, need_total=False)
             return floor, (vals, ids)
 
-        ranked = _to(torch.tensor([p.top_k > 0 or p.top_p < 1.0 for p in ps]), dev)[:, None]  # [R, 1]
         need_total = any(p.top_k == 0 and p.top_p < 1.0 for p in ps)
         if dev.type != "cpu":
-            # A device sort is cheap and needs no host check of whether candidates suffice.
-            vals = scaled.sort(dim=-1, descending=True).values  # [R, V]
-            floor, _ = _nucleus_floor(scaled, vals, top_k, top_p, need_total)
-            return torch.where(ranked, floor, _NEG_INF), None
+            # A device sort needs no host check of whether candidates suffice; it sorts only the rows that rank.
+            rows = [i for i, p in enumerate(ps) if p.top_k > 0 or p.top_p < 1.0]
+            if len(rows) == len(ps):
+                vals = scaled.sort(dim=-1, descending=True).values  # [R, V]
+                floor, _ = _nucleus_floor(scaled, vals, top_k, top_p, need_total)
+                return floor, None
+            idx = _to(torch.tensor(rows), dev)
+            sub = scaled.index_select(0, idx)
+            vals = sub.sort(dim=-1, descending=True).values  # [rows that rank, V]
+            sub_floor, _ = _nucleus_floor(sub, vals, top_k[idx], top_p[idx], need_total)
+            floor = torch.full((len(ps), 1), _NEG_INF, dtype=scaled.dtype, device=dev)
+            return floor.index_copy_(0, idx, sub_floor), None
 
+        ranked = torch.tensor([p.top_k > 0 or p.top_p < 1.0 for p in ps])[:, None]  # [R, 1]
         c = min(V, max(_CPU_TOP_P_CANDIDATES, max_k if max_k <= _TOPK_CANDIDATES_MAX else 0))
         vals = scaled.topk(c, dim=-1).values  # [R, C]
         floor, covered = _nucleus_floor(scaled, vals, top_k, top_p, need_total)

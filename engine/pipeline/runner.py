@@ -116,8 +116,10 @@ class StageRunner:
             self.tables.pop(seq_id, None)
             self.rows.pop(seq_id, None)
         bs = self.block_size
-        # Decodes first, so that one batched attention call covers them all.
-        order = sorted(range(len(batch.seqs)), key=lambda j: len(batch.seqs[j].token_ids) != 1)
+        # Decodes first, so that batched attention calls cover them all, shortest context first, so that the rows
+        # whose blocks are gathered together are alike in length (engine.model.attention.decode_groups).
+        order = sorted(range(len(batch.seqs)),
+                       key=lambda j: (len(batch.seqs[j].token_ids) != 1, batch.seqs[j].start_pos))
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
