@@ -6,6 +6,8 @@ that names the file and the tensor.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -108,13 +110,54 @@ def validate(model_dir: Path, cfg: ModelConfig) -> dict[str, Path]:
     return files
 
 
-def load_tensors(files: dict[str, Path], names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    by_file: dict[Path, list[str]] = {}
-    for name in names:
-        by_file.setdefault(files[name], []).append(name)
-    out = {}
-    for path, group in by_file.items():
-        with safe_open(str(path), framework="pt") as f:
-            for name in group:
-                out[name] = f.get_tensor(name).to(dtype)
-    return out
+# glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which tensors that
+# size come from the heap, and what a load frees there (parts read before fusing or packing) is kept, not returned:
+# loading a stage ended 1.5x its weights resident. A fixed threshold keeps every large tensor mmapped and freed
+# back to the system at once.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+@functools.cache
+def return_freed_tensors_to_the_system() -> bool:
+    """Once per process, where the C library is glibc; whether it took."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False
+
+
+class TensorReader:
+    """Reads a stage's tensors one at a time, onto its device at the weight dtype, so that loading holds at most one
+    tensor beyond the weights already placed. Each read opens its file anew: an open safetensors file is mapped,
+    and every page read through the map would stay resident until it closes. Fused matrices are written part by
+    part into their final tensor, never concatenated from copies."""
+
+    def __init__(self, files: dict[str, Path], shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.files, self.shapes = files, shapes  # shapes: what the stage needs (expected_shapes), checked already
+        self.dtype, self.device = dtype, device
+        return_freed_tensors_to_the_system()
+
+    def _read(self, name: str) -> torch.Tensor:
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self._read(name).to(self.device, self.dtype)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        """The tensor where the stage needs it (an optional bias), else None."""
+        return self(name) if name in self.shapes else None
+
+    def fused(self, names: list[str]) -> torch.Tensor:
+        """The tensors stacked along their first dimension, read one at a time into the result."""
+        rows = sum(self.shapes[n][0] for n in names)
+        out = torch.empty((rows, *self.shapes[names[0]][1:]), dtype=self.dtype, device=self.device)
+        start = 0
+        for name in names:
+            part = self._read(name)
+            out[start : start + part.shape[0]].copy_(part)
+            start += part.shape[0]
+            del part
+        return out

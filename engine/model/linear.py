@@ -170,7 +170,7 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: 
         return Linear(weight, bias.to(compute_dtype) if bias is not None else None)
     if path == "amx-bf16":
         return AmxLinear(weight, bias)
-    if path == "native-bf16" and weight.shape[1]:  # oneDNN refuses a product over no inputs
+    if path == "native-bf16":
         return NativeHalfLinear(weight, bias)
     if path != "upcast" and half_gemm.available(weight.device, weight.dtype, compute_dtype):
         return PackedHalfLinear(weight, bias)

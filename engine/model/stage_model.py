@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.model.attention import AttentionMetadata, paged_attention
-from engine.model.checkpoint import expected_shapes, load_tensors
+from engine.model.checkpoint import TensorReader, expected_shapes
 from engine.model.config import ModelConfig
 from engine.model.layer_ops import LayerOps, rms_norm
 from engine.model.linear import AmxLinear, NativeHalfLinear, PackedHalfLinear, make_linear, product_path
@@ -26,16 +26,18 @@ from engine.placement.local_device import available_memory
 class DecoderLayer:
     __slots__ = ("ln1", "ln2", "qkv", "o", "gate_up", "down")
 
-    def __init__(self, t: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig, dtype: torch.dtype, linear) -> None:
+    def __init__(self, read: TensorReader, prefix: str, cfg: ModelConfig, dtype: torch.dtype, linear) -> None:
         a, m = prefix + "self_attn.", prefix + "mlp."
-        self.ln1 = t[prefix + "input_layernorm.weight"].to(dtype)
-        self.ln2 = t[prefix + "post_attention_layernorm.weight"].to(dtype)
-        qkv_b = torch.cat([t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]]) if cfg.qkv_bias else None
-        self.qkv = linear(torch.cat([t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"]]), qkv_b)
-        self.o = linear(t[a + "o_proj.weight"], t.get(a + "o_proj.bias"))
-        gu_b = torch.cat([t[m + "gate_proj.bias"], t[m + "up_proj.bias"]]) if cfg.mlp_bias else None
-        self.gate_up = linear(torch.cat([t[m + "gate_proj.weight"], t[m + "up_proj.weight"]]), gu_b)
-        self.down = linear(t[m + "down_proj.weight"], t.get(m + "down_proj.bias"))
+        self.ln1 = read(prefix + "input_layernorm.weight").to(dtype)
+        self.ln2 = read(prefix + "post_attention_layernorm.weight").to(dtype)
+        qkv = [a + "q_proj.", a + "k_proj.", a + "v_proj."]
+        self.qkv = linear(read.fused([n + "weight" for n in qkv]),
+                          read.fused([n + "bias" for n in qkv]) if cfg.qkv_bias else None)
+        self.o = linear(read(a + "o_proj.weight"), read.get(a + "o_proj.bias"))
+        gate_up = [m + "gate_proj.", m + "up_proj."]
+        self.gate_up = linear(read.fused([n + "weight" for n in gate_up]),
+                              read.fused([n + "bias" for n in gate_up]) if cfg.mlp_bias else None)
+        self.down = linear(read(m + "down_proj.weight"), read.get(m + "down_proj.bias"))
 
 
 class StageModel:
@@ -64,17 +66,25 @@ class StageModel:
         if wide_copy is None:
             wide_copy = fp32_bytes <= available_memory(device) // 4
         wide_copy = wide_copy and product_path(device, weight_dtype, dtype) == "upcast"
-        t = {k: v.to(device) for k, v in load_tensors(files, shapes, weight_dtype).items()}
-        self.weight_bytes = sum(v.numel() * v.element_size() for v in t.values()) + (fp32_bytes if wide_copy else 0)
+        read = TensorReader(files, shapes, weight_dtype, device)
+        self.weight_bytes = (weight_dtype.itemsize * sum(math.prod(s) for s in shapes.values())
+                             + (fp32_bytes if wide_copy else 0))
         linear = partial(make_linear, compute_dtype=dtype, scratch={}, wide_copy=wide_copy)
-        self.layers = [DecoderLayer(t, f"model.layers.{i}.", cfg, dtype, linear) for i in layers]
-        self.norm = t["model.norm.weight"].to(dtype) if last else None
-        head = (t["model.embed_tokens.weight"] if cfg.tie_word_embeddings else t["lm_head.weight"]) if last else None
+        self.layers = [DecoderLayer(read, f"model.layers.{i}.", cfg, dtype, linear) for i in layers]
+        self.norm = read("model.norm.weight").to(dtype) if last else None
+        head = None
+        if last:
+            head = read("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight")
         self.lm_head = linear(head, None) if last else None
         # A tied head packed for the engine's kernels answers embedding lookups itself, so the matrix is held once.
         self.embed_from_head = (first and cfg.tie_word_embeddings
                                 and isinstance(self.lm_head, (PackedHalfLinear, AmxLinear)))
-        self.embed = t.get("model.embed_tokens.weight") if first and not self.embed_from_head else None
+        self.embed = None
+        if first and not self.embed_from_head:
+            # A tied matrix the head holds as it was read is the same tensor, not a second read.
+            tied_plain = last and cfg.tie_word_embeddings and getattr(self.lm_head, "weight", None) is head
+            self.embed = head if tied_plain else read("model.embed_tokens.weight")
+        del head
         if self.embed is not None and isinstance(self.lm_head, NativeHalfLinear):
             # A tied matrix held twice: plain for lookups, prepacked for the head.
             self.weight_bytes += self.embed.numel() * self.embed.element_size()
