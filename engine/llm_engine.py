@@ -192,7 +192,8 @@ class LLMEngine:
                     model_dir=str(model_dir.resolve()), layers=st.layers, dtype=compute, weight_dtype=weights,
                     input_dtype=prev_dtype or compute, block_size=config.block_size, max_model_len=max_len,
                     kv_cache_memory=config.kv_cache_bytes, kv_cache_fraction=config.kv_cache_fraction,
-                    max_kv_tokens=max_kv_tokens, inline_bytes=inline,
+                    max_kv_tokens=max_kv_tokens, max_step_tokens=config.step_token_budget,
+                    max_num_seqs=config.max_num_seqs, inline_bytes=inline,
                     trace=self.trace_settings if self._trace_steps else None,
                 )))
                 prev_dtype = compute

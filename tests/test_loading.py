@@ -58,3 +58,25 @@ def test_a_stage_loads_within_its_weights_plus_a_fixed_slack(checkpoint, compute
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["weights"] > SLACK
     assert got["peak"] <= 1.15 * got["weights"] + SLACK, got
+
+
+def test_a_step_at_the_largest_batch_is_measured_before_the_cache_is_sized(tmp_path):
+    """What the KV cache leaves room for on a GPU: the peak of one step at max_step_tokens with max_num_seqs rows
+    sampled. On the CPU the same step is measured by peak resident memory; it holds at least its logits."""
+    import torch
+
+    from engine.pipeline.messages import StageSpec
+    from engine.pipeline.runner import StageRunner
+
+    model_dir = write_checkpoint(tmp_path, "llama", vocab_size=4096, hidden=256, layers=2, heads=4, kv_heads=2,
+                                 intermediate=512)
+    spec = StageSpec(stage_index=0, num_stages=1, ring=[0, 1], cuda_ranks=[], model_dir=str(model_dir),
+                     layers=(0, 2), dtype="float32", weight_dtype="float32", input_dtype="float32", block_size=16,
+                     max_model_len=1024, kv_cache_memory=None, kv_cache_fraction=0.9, max_kv_tokens=4096,
+                     max_step_tokens=512, max_num_seqs=256)
+    runner = StageRunner(spec, "cpu")
+    peak = runner.step_peak_bytes()
+    logits = 256 * 4096 * torch.float32.itemsize
+    if Path("/proc/self/clear_refs").exists():
+        assert peak >= logits
+    assert runner.capacity_blocks() > 0

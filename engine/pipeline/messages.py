@@ -15,7 +15,7 @@ RENDEZVOUS_TIMEOUT_S = 120.0
 # another release is told so in words rather than failing on a message it cannot read. Bump the version whenever
 # a message class changes.
 GREETING = "strata pipeline"
-WIRE_VERSION = 6
+WIRE_VERSION = 7
 
 
 class VersionMismatch(Exception):
@@ -59,6 +59,8 @@ class StageSpec:
     kv_cache_memory: int | None  # bytes for this stage's KV; None: what the device budget leaves, or a share of free memory
     kv_cache_fraction: float
     max_kv_tokens: int  # more KV than this is never needed (max_num_seqs x max_model_len)
+    max_step_tokens: int  # the most tokens one step carries (the scheduler's budget)
+    max_num_seqs: int  # the most sequences one step samples
     inline_bytes: int = 0  # room for activations in the frames of CPU links between stages (engine.pipeline.transport)
     trace: TraceSettings | None = None
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from batching.batch import PENDING, Batch, StepOutput, TokensForFirstStage
+from batching.sampling_params import SamplingParams
 from engine.errors import one_line
 from engine.model.attention import build_metadata
 from engine.model.checkpoint import expected_shapes, weight_files
@@ -17,7 +18,7 @@ from engine.model.sampler import HostSamples, Sampler, SamplingRow
 from engine.model.stage_model import StageModel
 from engine.pipeline.messages import StageSpec
 from engine.placement import kv_cache_dtype
-from engine.placement.local_device import TORCH_DTYPES, available_memory
+from engine.placement.local_device import TORCH_DTYPES, PeakMemory, available_memory
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
 
@@ -66,10 +67,15 @@ class StageRunner:
         return n_layers * 2 * self.block_size * self.cfg.kv_size * self.kv_dtype.itemsize
 
     def capacity_blocks(self) -> int:
-        """Called once the weights are loaded, so free memory no longer counts them."""
+        """Called once the weights are loaded, so free memory no longer counts them. On a GPU without a KV budget,
+        as vLLM sizes it: one step at the largest batch the stage will see is run first, the allocator's cache is
+        emptied, and the cache takes its share of what is then free less that step's peak activations."""
         budget = self.spec.kv_cache_memory
         if budget is None:
-            budget = int(available_memory(self.device) * self.spec.kv_cache_fraction)
+            headroom = self.step_peak_bytes() if self.device.type == "cuda" else 0
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            budget = int(available_memory(self.device) * self.spec.kv_cache_fraction) - headroom
             if self.memory_budget is not None:
                 budget = min(budget, self.memory_budget - self.model.weight_bytes)
             elif self.device.type == "cpu":
@@ -77,6 +83,32 @@ class StageRunner:
                 budget = min(budget, DEFAULT_CPU_KV_BYTES)
         wanted = -(-self.spec.max_kv_tokens // self.block_size)
         return max(0, min(budget // max(self.bytes_per_block, 1), wanted))
+
+    def step_peak_bytes(self) -> int:
+        """Bytes one step at the largest batch allocates beyond what is held before it: a prefill of max_step_tokens
+        dummy tokens (at least one per sequence), and on the last stage the logits and sampling of max_num_seqs rows,
+        over a scratch KV cache of one block. Measured by the allocator on a GPU, by peak resident memory on a CPU
+        (0 where the system cannot say)."""
+        spec, dev = self.spec, self.device
+        tokens = max(spec.max_step_tokens, spec.max_num_seqs)
+        rows = min(spec.max_num_seqs, tokens)
+        n_layers = spec.layers[1] - spec.layers[0]
+        scratch = torch.zeros((n_layers, 2, 1, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim),
+                              dtype=self.kv_dtype, device=dev)
+        slots = [i % self.block_size for i in range(tokens)]
+        meta = build_metadata(self.block_size, slots, [], [], [(0, tokens, 0, [0])], dev)
+        x = (torch.zeros(tokens, dtype=torch.int64, device=dev) if self.first
+             else torch.zeros((tokens, self.cfg.hidden_size), dtype=self.dtype, device=dev))
+        positions = torch.arange(tokens, device=dev)
+        meter = PeakMemory(dev)
+        with meter, torch.inference_mode():
+            hidden = self.model.forward(x, positions, meta, scratch)
+            if self.last:
+                logits = self.model.logits(hidden[:rows])
+                row = SamplingRow(SamplingParams(temperature=1.0, top_p=0.9, max_tokens=1), [0], [], 0)
+                self.sampler(logits, [row] * rows)
+            del x, hidden
+        return meter.peak_bytes
 
     def allocate(self, num_blocks: int) -> None:
         n_layers = self.spec.layers[1] - self.spec.layers[0]

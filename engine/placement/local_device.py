@@ -33,3 +33,42 @@ def available_memory(device: torch.device) -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
+
+
+class PeakMemory:
+    """The most memory the code under `with` allocated beyond what was held when it began: the caching allocator's
+    peak on a GPU; on a CPU, the process's peak resident memory (Linux), else 0."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+        self._before = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                self._before = _proc_status_bytes("VmRSS")
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # the peak counts from here
+            except (OSError, RuntimeError):
+                self._before = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = max(torch.cuda.max_memory_allocated(self.device) - self._before, 0)
+        elif self._before is not None:
+            self.peak_bytes = max(_proc_status_bytes("VmHWM") - self._before, 0)
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
