@@ -175,6 +175,20 @@ def _host_memory() -> tuple[int, int]:
     return info["MemTotal"], info["MemAvailable"]
 
 
+def nvml_device(name: str, visible: str | None) -> tuple[str, int | str]:
+    """How NVML names the GPU this process calls `name` (cuda:N): ("index", i) or ("uuid", "GPU-..."/"MIG-...").
+    CUDA_VISIBLE_DEVICES renumbers devices, and may list them by index or by UUID (a UUID's prefix is accepted by
+    CUDA, not by NVML, which needs it whole)."""
+    index = int(name.split(":")[1]) if ":" in name else 0
+    if not visible:
+        return "index", index
+    entries = [e.strip() for e in visible.split(",")]
+    if index >= len(entries):
+        raise ValueError(f"{name} is not among CUDA_VISIBLE_DEVICES={visible!r}")
+    entry = entries[index]
+    return ("index", int(entry)) if entry.isdigit() else ("uuid", entry)
+
+
 def _nvml(name: str, host: str) -> dict:
     """Memory and utilisation of a local NVIDIA GPU by NVML; on another host, or without NVML, unknown."""
     import socket
@@ -185,11 +199,11 @@ def _nvml(name: str, host: str) -> dict:
         import pynvml
 
         pynvml.nvmlInit()
-        index = int(name.split(":")[1]) if ":" in name else 0
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible:
-            index = int(visible.split(",")[index])
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        kind, which = nvml_device(name, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        if kind == "index":
+            handle = pynvml.nvmlDeviceGetHandleByIndex(which)
+        else:
+            handle = pynvml.nvmlDeviceGetHandleByUUID(which)
         mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
         util = pynvml.nvmlDeviceGetUtilizationRates(handle)
         return {"memory_used": int(mem.used), "memory_total": int(mem.total), "utilization": util.gpu / 100,

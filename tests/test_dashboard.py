@@ -126,3 +126,24 @@ def test_the_page_updates_live_and_shows_what_metrics_says(server, tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 20_000
         browser.close()
+
+
+@pytest.mark.parametrize("name, visible, want", [
+    ("cuda:0", None, ("index", 0)),
+    ("cuda:1", "", ("index", 1)),
+    ("cuda:1", "3,1", ("index", 1)),
+    ("cuda:0", "2, 5", ("index", 2)),
+    ("cuda:1", "GPU-1f2e,GPU-8a7c-44d1-9e0b-3c5d6e7f8a9b", ("uuid", "GPU-8a7c-44d1-9e0b-3c5d6e7f8a9b")),
+    ("cuda:0", "MIG-4f2a7c31-1d9e-5b6a-8c0d-2e3f4a5b6c7d", ("uuid", "MIG-4f2a7c31-1d9e-5b6a-8c0d-2e3f4a5b6c7d")),
+])
+def test_nvml_finds_the_gpu_a_stage_names_whatever_cuda_visible_devices_holds(name, visible, want):
+    from gateway.dashboard import nvml_device
+
+    assert nvml_device(name, visible) == want
+
+
+def test_a_gpu_outside_cuda_visible_devices_is_named():
+    from gateway.dashboard import nvml_device
+
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
+        nvml_device("cuda:2", "0,1")
