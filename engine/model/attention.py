@@ -9,6 +9,7 @@ offset.
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,7 @@ class AttentionMetadata:
     # Where decodes gather their blocks (no kernel reads them in place): runs of rows whose padding stays within
     # GATHER_SLACK of their own blocks, so a step gathers about what its sequences hold, not num_decodes x longest.
     decode_groups: list[DecodeGroup] = field(default_factory=list)
+    carry: list[torch.Tensor] = field(default_factory=list)  # the caller's step inputs (build_metadata's carry)
     # Reused by every layer of the step: a fresh multi-megabyte tensor per layer costs more in page faults
     # than the gather itself.
     gather_k: torch.Tensor | None = None
@@ -74,6 +76,21 @@ def decode_groups(blocks: list[int]) -> list[DecodeGroup]:
     return groups
 
 
+def int64_tensors(parts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """Lists of ints as int64 tensors on `device`, from one host buffer: on a GPU, one copy from pinned memory,
+    where a torch.tensor(list, device="cuda") per list would be a copy each from pageable memory."""
+    buf = array("q")
+    bounds = []
+    for part in parts:
+        start = len(buf)
+        buf.extend(part)
+        bounds.append((start, len(buf)))
+    host = torch.frombuffer(buf, dtype=torch.int64).clone() if buf else torch.empty(0, dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory().to(device, non_blocking=True)
+    return [host[a:b] for a, b in bounds]
+
+
 def build_metadata(
     block_size: int,
     slot_mapping: list[int],
@@ -81,35 +98,39 @@ def build_metadata(
     decode_context_lens: list[int],
     prefills: list[tuple[int, int, int, list[int]]],
     device: torch.device,
+    carry: tuple[list[int], ...] = (),
 ) -> AttentionMetadata:
-    """prefills: (start row, end row, start position, block table) per chunk."""
+    """prefills: (start row, end row, start position, block table) per chunk. carry: the caller's own lists of ints
+    for the step (positions, token ids), made tensors with the metadata's in the same copy (AttentionMetadata.carry)."""
     n_dec = len(decode_tables)
+    width = max((len(t) for t in decode_tables), default=0)
+    padded = [b for t in decode_tables for b in (*t, *([0] * (width - len(t))))]
+    chunk_tables = [table[: -(-(pos + end - start) // block_size)] for start, end, pos, table in prefills]
+    slots_t, tables_t, lens_t, *rest = int64_tensors(
+        [slot_mapping, padded, decode_context_lens, *chunk_tables, *carry], device)
+    chunk_t, carried = rest[: len(prefills)], rest[len(prefills):]
     tables = mask = lens = None
     if n_dec:
-        width = max(len(t) for t in decode_tables)
-        padded = [t + [0] * (width - len(t)) for t in decode_tables]
-        tables = torch.tensor(padded, dtype=torch.int64, device=device)
-        lens = torch.tensor(decode_context_lens, dtype=torch.int64, device=device)
+        tables, lens = tables_t.view(n_dec, width), lens_t
         key_pos = torch.arange(width * block_size, device=device)
         mask = (key_pos[None, :] < lens[:, None]).view(n_dec, 1, 1, -1)
     chunks = []
-    for start, end, pos, table in prefills:
-        n = end - start
-        ctx = pos + n
+    for (start, end, pos, _), table in zip(prefills, chunk_t):
+        ctx = pos + end - start
         chunk_mask = None
         if pos > 0:
             q_pos = torch.arange(pos, ctx, device=device)
             chunk_mask = torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]
-        n_blocks = -(-ctx // block_size)
-        chunks.append(PrefillChunk(start, end, ctx, torch.tensor(table[:n_blocks], dtype=torch.int64, device=device), chunk_mask))
+        chunks.append(PrefillChunk(start, end, ctx, table, chunk_mask))
     return AttentionMetadata(
-        slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+        slot_mapping=slots_t,
         num_decodes=n_dec,
         decode_block_tables=tables,
         decode_mask=mask,
         decode_lens=lens,
         prefills=chunks,
         decode_groups=decode_groups([len(t) for t in decode_tables]),
+        carry=carried,
     )
 
 

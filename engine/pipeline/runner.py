@@ -180,16 +180,18 @@ class StageRunner:
                 sample_ids.append(w.seq_id)
                 sample_pos.append(w.start_pos + n)
         dev = self.device
-        meta = build_metadata(bs, slots, dec_tables, dec_lens, prefills, dev)
-        pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
-        x = torch.tensor(token_ids, dtype=torch.int64, device=dev) if self.first else hidden
+        # The step's inputs reach the device in one copy: the attention metadata, positions, token ids, sampled rows.
+        meta = build_metadata(bs, slots, dec_tables, dec_lens, prefills, dev,
+                              carry=(positions, token_ids if self.first else [], sample_rows))
+        pos_t, ids_t, rows_t = meta.carry
+        x = ids_t if self.first else hidden
         with torch.inference_mode():
             hidden_out = self.model.forward(x, pos_t, meta, self.kv_cache, on_layer)
             if not self.last:
                 return hidden_out, None, None
             if not sample_ids:
                 return hidden_out, StepOutput(batch.batch_id, [], []), None
-            logits = self.model.logits(hidden_out[torch.tensor(sample_rows, device=dev)])
+            logits = self.model.logits(hidden_out[rows_t])
             rows = [self.rows[s] for s in sample_ids]
             sampled, errors = self._sample(logits, rows, sample_ids)
         for row, tok in zip(rows, sampled.token_ids):
