@@ -230,11 +230,12 @@ def now_ns() -> int:
 
 
 def stage_spans(trace, stage: int, device: str, layers: tuple[int, int], batch, clock, received_ns: int,
-                nbytes: int) -> list:
+                nbytes: int, overlapped: bool) -> list:
     """A stage's spans for one traced step: the transfer that brought the batch, the forward, and its layers.
     trace: the batching.batch.TraceContext the batch arrived with. clock: the step's clock
     (engine.pipeline.step_clock.StepClock): `start_ns`, `end_ns()`, `layer_ends_ns()` on the host clock, and `cuda`,
-    whether reading them waits on the device (then the forward and its layers are read in the export thread)."""
+    whether reading them waits on the device (then the forward and its layers are read in the export thread).
+    overlapped: whether the batch arrived while the stage was still computing the step before."""
     trace_id, step_id = trace.trace_id, trace.step_id
     common = {"strata.stage": stage, "strata.device": device, "strata.batch_size": len(batch.seqs),
               "strata.num_tokens": batch.num_tokens}
@@ -254,14 +255,19 @@ def stage_spans(trace, stage: int, device: str, layers: tuple[int, int], batch, 
                 begin = end
         return spans
 
-    transfer = transfer_span(trace_id, step_id, trace.sent_by, device, trace.sent_ns, received_ns, nbytes)
+    transfer = transfer_span(trace_id, step_id, trace.sent_by, device, trace.sent_ns, received_ns, nbytes,
+                             overlapped)
     return [transfer, forward_spans] if clock.cuda else [transfer, *forward_spans()]
 
 
 def transfer_span(trace_id: int, parent_id: int, src: str, dst: str, start_ns: int, end_ns: int,
-                  nbytes: int) -> SpanRecord:
+                  nbytes: int, overlapped: bool | None = None) -> SpanRecord:
+    """overlapped: into a stage, whether the transfer ended while that stage was computing (so it cost no time)."""
     seconds = max(end_ns - start_ns, 1) / 1e9
-    return SpanRecord(f"transfer {src} -> {dst}", trace_id, new_span_id(), parent_id, start_ns, end_ns, {
+    attributes = {
         "strata.transfer.source": src, "strata.transfer.destination": dst, "strata.transfer.bytes": nbytes,
         "strata.transfer.bandwidth_bytes_per_s": nbytes / seconds,
-    })
+    }
+    if overlapped is not None:
+        attributes["strata.transfer.overlapped_compute"] = overlapped
+    return SpanRecord(f"transfer {src} -> {dst}", trace_id, new_span_id(), parent_id, start_ns, end_ns, attributes)

@@ -133,6 +133,9 @@ def test_every_traced_step_has_each_layer_on_its_stage_and_each_hop(traced):
                       for s in children if s.name.startswith("transfer"))
         assert hops == [("driver", "stage 0 (cpu)"), ("stage 0 (cpu)", "stage 1 (cpu)"), ("stage 1 (cpu)", "driver")]
         for s in children:
+            if s.name.startswith("transfer") and s.attributes["strata.transfer.destination"] != "driver":
+                assert isinstance(s.attributes["strata.transfer.overlapped_compute"], bool)
+        for s in children:
             if s.name.startswith("transfer"):
                 assert s.parent_span_id == step.span_id and s.attributes["strata.transfer.bytes"] > 0
                 assert s.start_ns <= s.end_ns

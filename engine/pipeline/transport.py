@@ -17,6 +17,7 @@ processes, and a second one behind the first waited up to milliseconds on a busy
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import math
 import pickle
@@ -167,7 +168,7 @@ def isend(obj: object, link: Link, tensor: torch.Tensor | None = None) -> tuple[
     works complete (Outbox). A gloo send waits for the peer to post its receive, so a process that blocked on its
     sends would stall whenever its right neighbour is busy computing."""
     if tensor is not None:
-        tensor = tensor.detach().contiguous() if link.nccl else tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach().contiguous() if link.nccl else _to_host(tensor)
     messages, inline = _pack(obj, link.frame, None if link.nccl else tensor)
     works = [dist.isend(m, link.dst, group=link.objects) for m in messages]
     if tensor is not None and not inline:
@@ -176,17 +177,34 @@ def isend(obj: object, link: Link, tensor: torch.Tensor | None = None) -> tuple[
     return works, messages
 
 
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Activations for a gloo link, in host memory: from a GPU through a pinned buffer, at the link's full speed
+    (a copy to pageable memory is staged through a driver buffer at a fraction of it). gloo reads the buffer when
+    the send is posted, so the copy is waited for: the step's compute has to end first either way."""
+    if not tensor.is_cuda:
+        return tensor.detach().contiguous()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor.detach(), non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host
+
+
 def send(obj: object, link: Link) -> None:
     for work in isend(obj, link)[0]:
         work.wait()
 
 
-def recv(link: Link, expect=None, device: torch.device | str = "cpu",
-         timeout_s: float | None = None) -> tuple[object, torch.Tensor | None, int]:
+def recv(link: Link, expect=None, device: torch.device | str = "cpu", timeout_s: float | None = None,
+         stream=None) -> tuple[object, torch.Tensor | None, int]:
     """The next object on the link, the activations that came with it, and the bytes both took on the wire.
     expect(obj) gives the activations' (shape, dtype), or None when none follow; they land on `device`.
-    With timeout_s, a frame that has not begun to arrive by then raises TimeoutError, and the link is closed."""
-    frame = torch.empty(link.frame, dtype=torch.uint8)
+    With timeout_s, a frame that has not begun to arrive by then raises TimeoutError, and the link is closed.
+    stream: on a GPU, the CUDA stream the activations arrive on (an NCCL receive, or the copy from a pinned host
+    buffer), so that they need not wait behind the compute queued on the current one; the caller makes its compute
+    wait for that stream before it reads them."""
+    device = torch.device(device)
+    pinned = device.type == "cuda"  # host buffers a GPU copies from are pinned, so the copy is asynchronous
+    frame = torch.empty(link.frame, dtype=torch.uint8, pin_memory=pinned)
     if timeout_s is None:
         dist.recv(frame, link.src, group=link.objects)
     else:
@@ -203,13 +221,15 @@ def recv(link: Link, expect=None, device: torch.device | str = "cpu",
     shape, dtype = spec
     nbytes = math.prod(shape) * dtype.itemsize
     at = None if link.nccl else _inline_at(length, nbytes, link.frame)
-    if at is not None:
-        tensor = frame[at : at + nbytes].view(dtype).view(shape)
-    else:
-        tensor = torch.empty(shape, dtype=dtype, device=device if link.nccl else "cpu")
-        dist.recv(tensor, link.src, group=link.tensors)
-        wire += nbytes
-    return obj, tensor.to(device, non_blocking=True), wire
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        if at is not None:
+            tensor = frame[at : at + nbytes].view(dtype).view(shape)
+        else:
+            tensor = (torch.empty(shape, dtype=dtype, device=device) if link.nccl
+                      else torch.empty(shape, dtype=dtype, pin_memory=pinned))
+            dist.recv(tensor, link.src, group=link.tensors)
+            wire += nbytes
+        return obj, tensor.to(device, non_blocking=True), wire
 
 
 # Sends an Outbox holds before it waits on the oldest. gloo reports a send complete only once it is waited on, so

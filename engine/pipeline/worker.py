@@ -102,13 +102,18 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
         return ((batch.num_tokens, hidden_size), input_dtype) if isinstance(batch, Batch) and not runner.first else None
 
     def receive() -> None:
+        stream = None
         if runner.device.type == "cuda":
             torch.cuda.set_device(runner.device)  # the current device is per thread
+            stream = torch.cuda.Stream(runner.device)  # transfers in overlap the compute queued on the current one
         background_this_thread()
         try:
             while True:
-                batch, hidden, nbytes = transport.recv(link_in, activations, runner.device)
-                inbox.put((batch, hidden, now_ns(), nbytes))
+                batch, hidden, nbytes = transport.recv(link_in, activations, runner.device, stream=stream)
+                arrived = None
+                if stream is not None and hidden is not None:
+                    arrived = stream.record_event()
+                inbox.put((batch, hidden, arrived, now_ns(), nbytes))
                 if isinstance(batch, Shutdown):
                     return
         except Exception as e:
@@ -122,11 +127,13 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
         token_thread = _receive_tokens(runner, token_link)
     outbox = transport.Outbox()
     timed: collections.deque[tuple[StepClock, int]] = collections.deque()  # steps whose timing has not left
+    free_since_ns = 0  # when this stage last finished a step
     while True:
         item = inbox.get()
         if isinstance(item, Exception):
             raise item
-        batch, hidden, received_ns, nbytes = item
+        batch, hidden, arrived, received_ns, nbytes = item
+        overlapped = received_ns <= free_since_ns  # it arrived while this stage was computing the step before
         if isinstance(batch, Shutdown):
             # Sends still pending are results nobody will read now; only the Shutdown itself must go on, and round
             # to the first stage, whose token receiver leaves on it.
@@ -137,6 +144,10 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
             if token_thread is not None:
                 token_thread.join(10)
             return
+        if arrived is not None:
+            compute = torch.cuda.current_stream(runner.device)
+            compute.wait_event(arrived)
+            hidden.record_stream(compute)  # allocated on the transfer stream, read and freed on this one
         if hidden is not None and hidden.dtype != runner.dtype:
             hidden = hidden.to(runner.dtype)
         trace = batch.trace if tracing is not None else None
@@ -162,7 +173,8 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
             outbox.post(*transport.isend(batch, link_out, hidden_out))
         if trace is not None:
             tracing.emit(stage_spans(trace, spec.stage_index, device_label, spec.layers, batch, clock, received_ns,
-                                     nbytes))
+                                     nbytes, overlapped))
+        free_since_ns = now_ns()
 
 
 def _receive_tokens(runner: StageRunner, link: transport.Link) -> threading.Thread:
