@@ -1,0 +1,89 @@
+"""The GPU path, where a CUDA device is present (skipped elsewhere): greedy output on a GPU and across a GPU and
+a CPU stage equals transformers', steps are timed on the device, the KV cache leaves room for the largest step,
+and loading a stage onto a GPU holds its weights and little else."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batching import SamplingParams
+from engine import LLM
+from tiny_models import hf_greedy, write_checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+PROMPTS = [[1, 2, 3], [7] * 20, list(range(40, 90)), [5]]
+
+
+@pytest.fixture(scope="module")
+def reference(llama_dir):
+    return hf_greedy(llama_dir, PROMPTS, 16)
+
+
+def test_greedy_on_a_gpu_equals_transformers(llama_dir, reference):
+    with LLM(llama_dir, devices="cuda:0", dtype="float32", num_kv_blocks=64) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference
+
+
+@pytest.mark.parametrize("devices, layers", [("cuda:0,cpu", None), ("cpu,cuda:0", None), ("cuda:0,cpu", "1,2"),
+                                             ("cpu,cuda:0", "2,1")])
+def test_a_gpu_stage_and_a_cpu_stage_equal_one_stage(llama_dir, reference, devices, layers):
+    with LLM(llama_dir, devices=devices, layers=layers, dtype="float32", threads=1, num_kv_blocks=64) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference
+
+
+def test_a_step_is_timed_on_the_device_not_at_its_launch():
+    from engine.pipeline.step_clock import StepClock
+
+    device = torch.device("cuda:0")
+    clock = StepClock(device, layers=True)
+    torch.cuda._sleep(200_000_000)  # a kernel that spins about a tenth of a second
+    clock.mark(0)
+    clock.finish()
+    launched = clock.start_ns
+    assert clock.seconds() > 0.02
+    (layer, end), = clock.layer_ends_ns()
+    assert layer == 0 and launched < end <= clock.end_ns()
+
+
+def test_the_kv_cache_leaves_room_for_the_largest_step(llama_dir):
+    from engine.pipeline.messages import StageSpec
+    from engine.pipeline.runner import StageRunner
+
+    spec = StageSpec(stage_index=0, num_stages=1, ring=[0, 1], cuda_ranks=[1], model_dir=str(llama_dir),
+                     layers=(0, 3), dtype="float32", weight_dtype="float32", input_dtype="float32", block_size=16,
+                     max_model_len=1024, kv_cache_memory=None, kv_cache_fraction=0.5, max_kv_tokens=1 << 30,
+                     max_step_tokens=2048, max_num_seqs=256)
+    runner = StageRunner(spec, "cuda:0")
+    peak = runner.step_peak_bytes()
+    assert peak >= 256 * runner.cfg.vocab_size * 4  # the last stage's logits at least
+    free, _ = torch.cuda.mem_get_info()
+    assert runner.capacity_blocks() * runner.bytes_per_block <= free * 0.5 - peak + runner.bytes_per_block
+
+
+def test_loading_onto_a_gpu_holds_its_weights_and_one_tensor_more(tmp_path):
+    from engine.model.checkpoint import validate
+    from engine.model.config import ModelConfig
+    from engine.model.stage_model import StageModel
+
+    model_dir = write_checkpoint(tmp_path, "llama", hidden=1024, layers=4, heads=8, kv_heads=2, intermediate=2816,
+                                 dtype="bfloat16")
+    cfg = ModelConfig.from_dir(model_dir)
+    device = torch.device("cuda:0")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    model = StageModel(cfg, validate(model_dir, cfg), range(cfg.num_layers), True, True, torch.bfloat16, device,
+                       256, torch.bfloat16, wide_copy=False)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    assert peak <= 1.15 * model.weight_bytes + (32 << 20)
+
+
+def test_the_probe_measures_the_gpu_it_names():
+    from engine.placement import DeviceRequest
+    from engine.placement.probe import describe_device
+
+    info = describe_device(DeviceRequest("cuda:0"), "bfloat16", None)
+    assert info.name == "cuda:0" and info.label == torch.cuda.get_device_name(0)
+    assert info.matmul_flops > 1e12 and info.mem_bandwidth > 1e11
