@@ -12,6 +12,13 @@ SMOLLM2_135M_SHAPE = dict(
 )
 
 
+LLAMA3_8B_SHAPE = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False,
+    rms_norm_eps=1e-5, rope_theta=500000.0,
+)
+
+
 def _corpus() -> list[str]:
     """Varied enough text that BPE learns the full vocabulary."""
     import random
@@ -41,5 +48,45 @@ def smollm2_135m_shaped(dtype: str = "bfloat16") -> Path:
 
     # Every id the model can emit must decode to text, or streams carry empty deltas.
     assert Tokenizer.from_dir(tmp).vocab_size == SMOLLM2_135M_SHAPE["vocab_size"]
+    tmp.rename(out)
+    return out
+
+
+def llama3_8b_shaped(dtype: str = "bfloat16", device: str = "cpu") -> Path:
+    """A Llama-3-8B-shaped checkpoint (random weights, no tokenizer: prompts are token ids), written one layer per
+    shard with its tensors made on `device` (a GPU makes 8B random values in seconds), never all in memory at once."""
+    out = cache_root() / f"bench-llama3-8b-shape-random-{dtype}-v1"
+    if (out / "config.json").is_file():
+        return out
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from engine.model.checkpoint import expected_shapes
+    from engine.model.config import ModelConfig
+
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    special = (128000, 128001) if LLAMA3_8B_SHAPE["vocab_size"] > 128001 else (0, 1)
+    LlamaConfig(**LLAMA3_8B_SHAPE, bos_token_id=special[0], eos_token_id=special[1], torch_dtype=dtype,
+                architectures=["LlamaForCausalLM"]).save_pretrained(tmp)
+    cfg = ModelConfig.from_dir(tmp)
+    g = torch.Generator(device).manual_seed(0)
+    weight_map: dict[str, str] = {}
+    groups = [("embed", expected_shapes(cfg, [], True, False))]
+    groups += [(f"layer{i:02d}", expected_shapes(cfg, [i], False, False)) for i in range(cfg.num_layers)]
+    groups += [("head", {k: v for k, v in expected_shapes(cfg, [], False, True).items()})]
+    for name, shapes in groups:
+        tensors = {}
+        for key, shape in shapes.items():
+            t = (torch.ones(shape, device=device) if key.endswith("norm.weight")
+                 else torch.randn(shape, generator=g, device=device) * 0.02)
+            tensors[key] = t.to(getattr(torch, dtype)).cpu().contiguous()
+        fname = f"model-{name}.safetensors"
+        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in tensors})
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     tmp.rename(out)
     return out

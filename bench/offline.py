@@ -29,11 +29,13 @@ def prompts_for(batch: int, prompt_len: int, vocab: int) -> list[list[int]]:
     return [[rng.randrange(2, vocab) for _ in range(prompt_len)] for _ in range(batch)]
 
 
-def engine_run(model_dir, batch: int, prompt_len: int, output_len: int, threads: int) -> tuple[float, float]:
-    """(output tokens/s end to end, mean decode step seconds)."""
+def engine_run(model_dir, batch: int, prompt_len: int, output_len: int, threads: int | None,
+               devices: str = "cpu", on_engine=None) -> tuple[float, float]:
+    """(output tokens/s end to end, mean decode step seconds). on_engine(engine), if given, is called after the run,
+    before the engine closes."""
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    with LLM(model_dir, threads=threads, max_num_seqs=max(batch, 1), max_model_len=prompt_len + output_len + 16,
-             max_num_batched_tokens=max(2048, batch * prompt_len)) as llm:
+    with LLM(model_dir, devices=devices, threads=threads, max_num_seqs=max(batch, 1),
+             max_model_len=prompt_len + output_len + 16, max_num_batched_tokens=max(2048, batch * prompt_len)) as llm:
         cfg = ModelConfig.from_dir(model_dir)
         llm.generate(prompts_for(batch, prompt_len, cfg.vocab_size), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
         prompts = prompts_for(batch, prompt_len + 1, cfg.vocab_size)
@@ -47,24 +49,37 @@ def engine_run(model_dir, batch: int, prompt_len: int, output_len: int, threads:
             eng.step()
             step_times.append(time.perf_counter() - s)
         elapsed = time.perf_counter() - t0
+        if on_engine is not None:
+            on_engine(eng)
     decode = step_times[2:] if len(step_times) > 4 else step_times
     return batch * output_len / elapsed, sum(decode) / len(decode)
 
 
-def hf_run(model_dir, dtype: torch.dtype, batch: int, prompt_len: int, output_len: int) -> float:
+def hf_run(model_dir, dtype: torch.dtype, batch: int, prompt_len: int, output_len: int,
+           device: str = "cpu") -> float:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     vocab = model.config.vocab_size
-    warm = torch.tensor(prompts_for(batch, prompt_len, vocab))
-    ids = torch.tensor(prompts_for(batch, prompt_len + 1, vocab))
+    warm = torch.tensor(prompts_for(batch, prompt_len, vocab), device=device)
+    ids = torch.tensor(prompts_for(batch, prompt_len + 1, vocab), device=device)
     with torch.inference_mode():
         model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=4, do_sample=False, pad_token_id=0)
+        _sync(device)
         t0 = time.perf_counter()
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len, min_new_tokens=output_len,
                        do_sample=False, pad_token_id=0)
+        _sync(device)
         elapsed = time.perf_counter() - t0
+    del model
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
     return batch * output_len / elapsed
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def matmul_floor(cfg: ModelConfig, compute: torch.dtype, weights: torch.dtype, batch: int, repeats: int = 5) -> float:
