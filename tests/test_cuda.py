@@ -58,6 +58,7 @@ def test_the_kv_cache_leaves_room_for_the_largest_step(llama_dir):
     runner = StageRunner(spec, "cuda:0")
     peak = runner.step_peak_bytes()
     assert peak >= 256 * runner.cfg.vocab_size * 4  # the last stage's logits at least
+    torch.cuda.empty_cache()  # as capacity_blocks does before it reads what is free
     free, _ = torch.cuda.mem_get_info()
     assert runner.capacity_blocks() * runner.bytes_per_block <= free * 0.5 - peak + runner.bytes_per_block
 

@@ -1,6 +1,7 @@
 """Greedy output of the engine equals transformers' generate, token for token."""
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -125,3 +126,18 @@ def test_half_precision_checkpoints_serve(tmp_path, monkeypatch, dtype, kernel):
     finally:
         clear_kernel_caches()
     assert outputs["auto", "cpu,cpu"] == outputs["auto", "cpu"]
+
+def test_decodes_on_the_gpu_kernel_match_reference(llama_dir, reference, monkeypatch, tmp_path):
+    """The Triton decode kernel a GPU stage uses, run by Triton's interpreter in the stage process (the CPU's own
+    kernels off, so it takes every decode): the same greedy tokens as transformers."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("STRATA_CPU_KERNELS", "0")
+    # Figures for the planner, so that the device probe does not time attention on the interpreted kernel.
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"cpu": {"matmul_flops": 5e10, "mem_bandwidth": 1.5e10, "op_overhead_s": 2e-6}}))
+    monkeypatch.setenv("STRATA_DEVICE_PROFILE", str(profile))
+    prompts, ref = reference
+    with LLM(llama_dir, dtype="float32", num_kv_blocks=128, max_num_batched_tokens=64) as llm:
+        outs = llm.generate(prompts[:6], SamplingParams(max_tokens=24, **GREEDY))
+        assert [o.token_ids for o in outs] == ref[:6]

@@ -1,8 +1,12 @@
 """The engine's CPU kernels (engine.kernels) against torch."""
 from __future__ import annotations
 
+import os
 import platform
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -281,3 +285,53 @@ def test_grouped_decode_gather_equals_attention_one_sequence_at_a_time(monkeypat
         values = v_cache[t].reshape(-1, kv_heads, d)[:n].float().transpose(0, 1)
         want = F.scaled_dot_product_attention(q[i][:, None], keys, values, scale=d**-0.5, enable_gqa=True)
         torch.testing.assert_close(got[i], want[:, 0], rtol=1e-5, atol=1e-5)
+
+
+TRITON_CHECK = """
+import sys
+import torch
+import torch.nn.functional as F
+from engine.kernels import triton_paged_attention as kernel
+from engine.model import attention
+from engine.model.attention import build_metadata
+
+attention.paged_kernel.available = lambda cache: False  # the CPU's own kernel would take fp32 decodes
+g = torch.Generator().manual_seed(3)
+heads, kv_heads, d, bs = int(sys.argv[1]), int(sys.argv[2]), 16, 16
+lens = [1, 5, 16, 17, 40, 100]
+per_seq = [-(-n // bs) for n in lens]
+for dtype in (torch.float32, torch.bfloat16):
+    k_cache = torch.randn(sum(per_seq) + 1, bs, kv_heads, d, generator=g).to(dtype)
+    v_cache = torch.randn(sum(per_seq) + 1, bs, kv_heads, d, generator=g).to(dtype)
+    order = (torch.randperm(sum(per_seq), generator=g) + 1).tolist()  # each sequence's blocks scattered
+    tables = []
+    for n in per_seq:
+        tables.append(order[:n])
+        order = order[n:]
+    slots = [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, lens)]
+    q = torch.randn(len(lens), heads, d, generator=g).to(dtype)
+    meta = build_metadata(bs, slots, tables, lens, [], torch.device("cpu"))
+    assert kernel.available(q, k_cache)
+    got = attention.paged_attention(q, q[:, :kv_heads], q[:, :kv_heads], k_cache, v_cache, meta, d**-0.5)
+    assert meta.decode_kernel == "triton"
+    got = got.view(len(lens), heads, d).float()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 outputs are rounded to bf16
+    for i, (t, n) in enumerate(zip(tables, lens)):
+        keys = k_cache[t].reshape(-1, kv_heads, d)[:n].float().transpose(0, 1)
+        values = v_cache[t].reshape(-1, kv_heads, d)[:n].float().transpose(0, 1)
+        want = F.scaled_dot_product_attention(q[i].float()[:, None], keys, values, scale=d**-0.5,
+                                              enable_gqa=True)[:, 0]
+        torch.testing.assert_close(got[i], want, rtol=tol, atol=tol)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2), (6, 2)])
+def test_the_gpu_decode_kernel_equals_attention_over_each_sequence(heads, kv_heads):
+    """The Triton kernel GPUs decode with, run under Triton's interpreter: each sequence's context read in place
+    from scattered blocks, query heads grouped per KV head (padded to the tile where the group is smaller)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", TRITON_CHECK, str(heads), str(kv_heads)], env=env,
+                         capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

@@ -2,9 +2,9 @@
 
 Tokens of a step are laid out flat: the decode tokens (one per sequence) first, then
 each prefill chunk. The step's new keys and values are already in their cache slots
-(engine.model.layer_ops writes them). Decodes attend over their blocks in one batched call (the
-engine's kernel reads them in place on x86-64 CPUs; elsewhere they are gathered for SDPA),
-and each prefill chunk attends over its context (cached prefix plus itself) with a causal
+(engine.model.layer_ops writes them). Decodes attend over their blocks in one batched call: a kernel reads them
+in place (the engine's C kernel on x86-64 CPUs, its Triton kernel on GPUs); elsewhere they are gathered, in groups
+of alike length, for SDPA. Each prefill chunk attends over its context (cached prefix plus itself) with a causal
 offset.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels import paged_attention as paged_kernel
+from engine.kernels import triton_paged_attention as triton_kernel
 
 
 @dataclass(slots=True)
@@ -52,7 +53,9 @@ class AttentionMetadata:
     # than the gather itself.
     gather_k: torch.Tensor | None = None
     gather_v: torch.Tensor | None = None
-    decode_kernel: bool | None = None  # whether decodes run on the engine's kernel; found at the first layer
+    # Where decodes attend: "cpu" (the engine's C kernel), "triton" (a GPU's), "gather" (blocks gathered for SDPA);
+    # found at the first layer.
+    decode_kernel: str | None = None
 
 
 # A decode group's gather may hold this much more than its rows' own blocks (padding to its longest row).
@@ -85,9 +88,12 @@ def int64_tensors(parts: list[list[int]], device: torch.device) -> list[torch.Te
         start = len(buf)
         buf.extend(part)
         bounds.append((start, len(buf)))
-    host = torch.frombuffer(buf, dtype=torch.int64).clone() if buf else torch.empty(0, dtype=torch.int64)
-    if device.type == "cuda":
-        host = host.pin_memory().to(device, non_blocking=True)
+    cuda = device.type == "cuda"
+    host = torch.empty(len(buf), dtype=torch.int64, pin_memory=cuda)
+    if buf:
+        host.copy_(torch.frombuffer(buf, dtype=torch.int64))
+    if cuda:
+        host = host.to(device, non_blocking=True)
     return [host[a:b] for a, b in bounds]
 
 
@@ -148,9 +154,13 @@ def paged_attention(
     gqa = heads != kv_heads
     nd = meta.num_decodes
     if meta.decode_kernel is None:  # every layer's cache is alike: decide once per step
-        meta.decode_kernel = paged_kernel.available(k_cache) and q.dtype == torch.float32
-    if nd and meta.decode_kernel:
-        decoded = paged_kernel.paged_decode_attention(
+        if paged_kernel.available(k_cache) and q.dtype == torch.float32:
+            meta.decode_kernel = "cpu"
+        else:
+            meta.decode_kernel = "triton" if triton_kernel.available(q, k_cache) else "gather"
+    if nd and meta.decode_kernel != "gather":
+        kernel = paged_kernel if meta.decode_kernel == "cpu" else triton_kernel
+        decoded = kernel.paged_decode_attention(
             q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, scale)
         if nd == T:
             return decoded.view(T, heads * d)
@@ -158,7 +168,7 @@ def paged_attention(
         out[:nd] = decoded
     else:
         out = torch.empty_like(q)
-    if nd and not meta.decode_kernel:
+    if nd and meta.decode_kernel == "gather":
         if meta.gather_k is None:
             most = max((g.end - g.start) * g.width for g in meta.decode_groups)
             meta.gather_k = k_cache.new_empty((most, block_size * kv_heads * d))
@@ -172,24 +182,33 @@ def paged_attention(
             # A cache held at lower precision than the queries (bf16 under fp32 activations) is widened here.
             keys = keys.view(rows, -1, kv_heads, d).transpose(1, 2).to(q.dtype)  # [rows, kvh, L, d]
             values = values.view(rows, -1, kv_heads, d).transpose(1, 2).to(q.dtype)
-            mask = meta.decode_mask[g.start : g.end, ..., : g.width * block_size]
+            mask = meta.decode_mask[g.start : g.end, ..., : g.width * block_size]  # [rows, 1, 1, L]
+            # The query heads of each KV head as its queries, [rows, kvh, heads / kvh, d]: GQA without repeating
+            # the keys, in a form the fused kernels take with a mask (enable_gqa with a mask is the math path's).
             o = F.scaled_dot_product_attention(
-                q[g.start : g.end].unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa
-            )  # [rows, heads, 1, d]
-            out[g.start : g.end] = o.squeeze(2)
+                q[g.start : g.end].view(rows, kv_heads, heads // kv_heads, d), keys, values, attn_mask=mask,
+                scale=scale,
+            )
+            out[g.start : g.end] = o.reshape(rows, heads, d)
     for c in meta.prefills:
         # 4-D, [1, heads, n, d]: the layout PyTorch's fused attention kernels take (3-D falls back to the math path,
         # which materialises [heads, n, context] scores).
-        qc = q[c.start : c.end].transpose(0, 1).unsqueeze(0)
+        n = c.end - c.start
         if c.mask is None:
-            kc, vc = k[c.start : c.end], v[c.start : c.end]
+            o = F.scaled_dot_product_attention(
+                q[c.start : c.end].transpose(0, 1).unsqueeze(0), k[c.start : c.end].transpose(0, 1).unsqueeze(0),
+                v[c.start : c.end].transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale, enable_gqa=gqa,
+            )[0]  # [heads, n, d]
         else:
             kc = k_cache.view(num_blocks, -1).index_select(0, c.block_table).view(-1, kv_heads, d)[: c.context_len]
             vc = v_cache.view(num_blocks, -1).index_select(0, c.block_table).view(-1, kv_heads, d)[: c.context_len]
-            kc, vc = kc.to(q.dtype), vc.to(q.dtype)
-        o = F.scaled_dot_product_attention(
-            qc, kc.transpose(0, 1).unsqueeze(0), vc.transpose(0, 1).unsqueeze(0), attn_mask=c.mask,
-            is_causal=c.mask is None, scale=scale, enable_gqa=gqa,
-        )  # [1, heads, n, d]
-        out[c.start : c.end] = o[0].transpose(0, 1)
+            kc, vc = kc.to(q.dtype).transpose(0, 1), vc.to(q.dtype).transpose(0, 1)  # [kvh, ctx, d]
+            # As for decodes: each KV head's query heads and positions as its queries, the mask repeated for each.
+            group = heads // kv_heads
+            qc = q[c.start : c.end].view(n, kv_heads, group, d).permute(1, 2, 0, 3).reshape(kv_heads, group * n, d)
+            mask = c.mask.repeat(group, 1) if group > 1 else c.mask  # [group * n, ctx]
+            o = F.scaled_dot_product_attention(qc.unsqueeze(0), kc.unsqueeze(0), vc.unsqueeze(0), attn_mask=mask,
+                                               scale=scale)[0]  # [kvh, group * n, d]
+            o = o.view(kv_heads, group, n, d).reshape(heads, n, d)
+        out[c.start : c.end] = o.transpose(0, 1)
     return out.view(T, heads * d)

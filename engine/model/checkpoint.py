@@ -112,19 +112,21 @@ def validate(model_dir: Path, cfg: ModelConfig) -> dict[str, Path]:
 
 # glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which tensors that
 # size come from the heap, and what a load frees there (parts read before fusing or packing) is kept, not returned:
-# loading a stage ended 1.5x its weights resident. A fixed threshold keeps every large tensor mmapped and freed
-# back to the system at once.
-_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 1 << 20
-
-
+# loading a stage ended 1.5x its weights resident. Trimming the heap as the load goes returns it. (Fixing the
+# threshold instead would keep every step's large temporaries mmapped: a page fault per page, 3x slower on a CPU.)
 @functools.cache
-def return_freed_tensors_to_the_system() -> bool:
-    """Once per process, where the C library is glibc; whether it took."""
+def _malloc_trim():
     try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        return False
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give the heap's free pages back to the system, where the C library is glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class TensorReader:
@@ -137,14 +139,20 @@ class TensorReader:
                  device: torch.device) -> None:
         self.files, self.shapes = files, shapes  # shapes: what the stage needs (expected_shapes), checked already
         self.dtype, self.device = dtype, device
-        return_freed_tensors_to_the_system()
 
     def _read(self, name: str) -> torch.Tensor:
         with safe_open(str(self.files[name]), framework="pt") as f:
             return f.get_tensor(name)
 
     def __call__(self, name: str) -> torch.Tensor:
-        return self._read(name).to(self.device, self.dtype)
+        raw = self._read(name)
+        out = raw.to(self.device, self.dtype)
+        # Already where and as it should be, it would still be a view of the file's private mapping: pages the
+        # system may drop and read again, and a file rewritten in place would change the weights under it.
+        out = out.clone() if out is raw else out
+        del raw
+        return_freed_memory()
+        return out
 
     def get(self, name: str) -> torch.Tensor | None:
         """The tensor where the stage needs it (an optional bias), else None."""
@@ -160,4 +168,5 @@ class TensorReader:
             out[start : start + part.shape[0]].copy_(part)
             start += part.shape[0]
             del part
+        return_freed_memory()
         return out

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.model.attention import AttentionMetadata, paged_attention
-from engine.model.checkpoint import TensorReader, expected_shapes
+from engine.model.checkpoint import TensorReader, expected_shapes, return_freed_memory
 from engine.model.config import ModelConfig
 from engine.model.layer_ops import LayerOps, rms_norm
 from engine.model.linear import AmxLinear, NativeHalfLinear, PackedHalfLinear, make_linear, product_path
@@ -70,7 +70,10 @@ class StageModel:
         self.weight_bytes = (weight_dtype.itemsize * sum(math.prod(s) for s in shapes.values())
                              + (fp32_bytes if wide_copy else 0))
         linear = partial(make_linear, compute_dtype=dtype, scratch={}, wide_copy=wide_copy)
-        self.layers = [DecoderLayer(read, f"model.layers.{i}.", cfg, dtype, linear) for i in layers]
+        self.layers = []
+        for i in layers:
+            self.layers.append(DecoderLayer(read, f"model.layers.{i}.", cfg, dtype, linear))
+            return_freed_memory()  # what building the layer freed (its parts before packing), back to the system
         self.norm = read("model.norm.weight").to(dtype) if last else None
         head = None
         if last:

@@ -96,10 +96,13 @@ class StageRunner:
         scratch = torch.zeros((n_layers, 2, 1, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim),
                               dtype=self.kv_dtype, device=dev)
         slots = [i % self.block_size for i in range(tokens)]
-        meta = build_metadata(self.block_size, slots, [], [], [(0, tokens, 0, [0])], dev)
+        # Sequences of at most max_model_len tokens each, as the scheduler would send them, positions from 0.
+        length = spec.max_model_len
+        chunks = [(start, min(start + length, tokens), 0, [0]) for start in range(0, tokens, length)]
+        meta = build_metadata(self.block_size, slots, [], [], chunks, dev)
         x = (torch.zeros(tokens, dtype=torch.int64, device=dev) if self.first
              else torch.zeros((tokens, self.cfg.hidden_size), dtype=self.dtype, device=dev))
-        positions = torch.arange(tokens, device=dev)
+        positions = torch.arange(tokens, device=dev) % length
         meter = PeakMemory(dev)
         with meter, torch.inference_mode():
             hidden = self.model.forward(x, positions, meta, scratch)

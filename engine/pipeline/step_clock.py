@@ -13,7 +13,7 @@ import torch
 
 
 class StepClock:
-    __slots__ = ("cuda", "start_ns", "layers", "_marks", "_start", "_end", "_end_ns")
+    __slots__ = ("cuda", "start_ns", "layers", "_marks", "_start", "_end", "_end_ns", "_stream")
 
     def __init__(self, device: torch.device, layers: bool = False) -> None:
         self.cuda = device.type == "cuda"
@@ -22,16 +22,17 @@ class StepClock:
         self._end = None
         self._end_ns = 0
         self.start_ns = time.time_ns()
-        self._start = None
+        self._start = self._stream = None
         if self.cuda:
+            self._stream = torch.cuda.current_stream(device)  # the stream the step's kernels are queued on
             self._start = torch.cuda.Event(enable_timing=True)
-            self._start.record()
+            self._start.record(self._stream)
 
     def mark(self, layer: int) -> None:
         """Layer `layer` of the stage has been computed (-1: the embedding)."""
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
+            ev.record(self._stream)
             self._marks.append((layer, ev))
         else:
             self._marks.append((layer, time.time_ns()))
@@ -39,7 +40,7 @@ class StepClock:
     def finish(self) -> None:
         if self.cuda:
             self._end = torch.cuda.Event(enable_timing=True)
-            self._end.record()
+            self._end.record(self._stream)
         else:
             self._end_ns = time.time_ns()
 
