@@ -55,6 +55,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     rendezvous_timeout_s: float = RENDEZVOUS_TIMEOUT_S
     stall_timeout_s: float = 60.0  # the least a step may take before the pipeline counts as stalled
+    enforce_eager: bool = False  # no CUDA graphs for GPU stages' decode steps
 
     # The fields stay as given; what they mean, in the engine's own terms, is read through these.
     @property
@@ -193,7 +194,7 @@ class LLMEngine:
                     input_dtype=prev_dtype or compute, block_size=config.block_size, max_model_len=max_len,
                     kv_cache_memory=config.kv_cache_bytes, kv_cache_fraction=config.kv_cache_fraction,
                     max_kv_tokens=max_kv_tokens, max_step_tokens=config.step_token_budget,
-                    max_num_seqs=config.max_num_seqs, inline_bytes=inline,
+                    max_num_seqs=config.max_num_seqs, inline_bytes=inline, cuda_graphs=not config.enforce_eager,
                     trace=self.trace_settings if self._trace_steps else None,
                 )))
                 prev_dtype = compute

@@ -55,6 +55,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stall-timeout", type=float, default=_env("stall_timeout", "60"),
                    help="seconds a step may take, at the least, before the pipeline counts as stalled and fails "
                         "(the bound grows with the plan's predicted step time)")
+    g.add_argument("--enforce-eager", action="store_true", default=_env_flag("enforce_eager"),
+                   help="run GPU stages' decode steps eagerly, without CUDA graphs")
     g.add_argument("--otlp-traces-endpoint", default=_env("otlp_traces_endpoint"),
                    help="export traces over OTLP to this collector (protocol from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: "
                         "http/protobuf or grpc); default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else no tracing")
@@ -76,7 +78,7 @@ def engine_config(args: argparse.Namespace):
         max_num_batched_tokens=int(args.max_num_batched_tokens) if args.max_num_batched_tokens else None,
         max_model_len=int(args.max_model_len) if args.max_model_len else None, kv_cache_memory=args.kv_cache_memory,
         num_kv_blocks=int(args.num_kv_blocks) if args.num_kv_blocks else None,
-        enable_prefix_caching=not args.no_prefix_caching,
+        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
     )
 
 

@@ -21,8 +21,9 @@ def reference(llama_dir):
     return hf_greedy(llama_dir, PROMPTS, 16)
 
 
-def test_greedy_on_a_gpu_equals_transformers(llama_dir, reference):
-    with LLM(llama_dir, devices="cuda:0", dtype="float32", num_kv_blocks=64) as llm:
+@pytest.mark.parametrize("eager", [False, True], ids=["cuda-graphs", "eager"])
+def test_greedy_on_a_gpu_equals_transformers(llama_dir, reference, eager):
+    with LLM(llama_dir, devices="cuda:0", dtype="float32", num_kv_blocks=64, enforce_eager=eager) as llm:
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference
 
 

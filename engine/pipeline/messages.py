@@ -15,7 +15,7 @@ RENDEZVOUS_TIMEOUT_S = 120.0
 # another release is told so in words rather than failing on a message it cannot read. Bump the version whenever
 # a message class changes.
 GREETING = "strata pipeline"
-WIRE_VERSION = 7
+WIRE_VERSION = 8
 
 
 class VersionMismatch(Exception):
@@ -63,6 +63,7 @@ class StageSpec:
     max_num_seqs: int  # the most sequences one step samples
     inline_bytes: int = 0  # room for activations in the frames of CPU links between stages (engine.pipeline.transport)
     trace: TraceSettings | None = None
+    cuda_graphs: bool = False  # on a GPU, decode steps replay CUDA graphs (engine.pipeline.decode_graphs)
 
 
 @dataclass(slots=True)

@@ -11,11 +11,13 @@ import torch
 from batching.batch import PENDING, Batch, StepOutput, TokensForFirstStage
 from batching.sampling_params import SamplingParams
 from engine.errors import one_line
+from engine.kernels import triton_paged_attention as triton_kernel
 from engine.model.attention import build_metadata
 from engine.model.checkpoint import expected_shapes, weight_files
 from engine.model.config import ModelConfig
 from engine.model.sampler import HostSamples, Sampler, SamplingRow
 from engine.model.stage_model import StageModel
+from engine.pipeline.decode_graphs import DecodeGraphs
 from engine.pipeline.messages import StageSpec
 from engine.placement import kv_cache_dtype
 from engine.placement.local_device import TORCH_DTYPES, PeakMemory, available_memory
@@ -49,6 +51,7 @@ class StageRunner:
         self.await_tokens = None
         self.sampler = Sampler(self.cfg.vocab_size, self.cfg.eos_token_ids) if self.last else None
         self.kv_cache: torch.Tensor | None = None
+        self.graphs: DecodeGraphs | None = None
 
     def _wide_copy(self) -> bool | None:
         """Under a memory budget, an fp32 copy of half-precision weights (engine.model.linear) only where the budget
@@ -115,11 +118,27 @@ class StageRunner:
 
     def allocate(self, num_blocks: int) -> None:
         n_layers = self.spec.layers[1] - self.spec.layers[0]
-        # Zeros, not empty: masked-out slots still enter the attention matmul, and garbage could be NaN.
+        graphs = self._graphs_wanted()
+        # Zeros, not empty: masked-out slots still enter the attention matmul, and garbage could be NaN. With
+        # graphs, one block more, which padded rows write to and nothing reads.
         self.kv_cache = torch.zeros(
-            (n_layers, 2, num_blocks, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim),
+            (n_layers, 2, num_blocks + graphs, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim),
             dtype=self.kv_dtype, device=self.device,
         )
+        if graphs:
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, num_blocks, self.block_size,
+                                       -(-self.spec.max_model_len // self.block_size), self.spec.max_num_seqs,
+                                       self.first, self.cfg.hidden_size, self.dtype)
+
+    def _graphs_wanted(self) -> bool:
+        """CUDA graphs for decode steps: on a GPU, unless the engine runs eagerly, where decodes attend on the
+        Triton kernel (the padded tables a graph needs are then never gathered)."""
+        if not (self.spec.cuda_graphs and self.device.type == "cuda"):
+            return False
+        probe_q = torch.empty((1, self.cfg.num_heads, self.cfg.head_dim), dtype=self.dtype, device=self.device)
+        probe_cache = torch.empty((1, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim),
+                                  dtype=self.kv_dtype, device=self.device)
+        return triton_kernel.available(probe_q, probe_cache)
 
     def take_tokens(self, tokens: TokensForFirstStage) -> None:
         """Keep the newest token of each live sequence (one that finished meanwhile needs none)."""
@@ -189,7 +208,11 @@ class StageRunner:
         pos_t, ids_t, rows_t = meta.carry
         x = ids_t if self.first else hidden
         with torch.inference_mode():
-            hidden_out = self.model.forward(x, pos_t, meta, self.kv_cache, on_layer)
+            hidden_out = None
+            if self.graphs is not None and not prefills and on_layer is None:
+                hidden_out = self.graphs.run(x, pos_t, meta)
+            if hidden_out is None:
+                hidden_out = self.model.forward(x, pos_t, meta, self.kv_cache, on_layer)
             if not self.last:
                 return hidden_out, None, None
             if not sample_ids:
