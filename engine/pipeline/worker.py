@@ -157,7 +157,8 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
         clock.finish()
         timed.append((clock, len(batch.seqs)))
         # Timings go out with this batch once their steps have completed, the oldest first; a GPU that falls this
-        # far behind is waited for, so the queue of clocks stays bounded.
+        # far behind is waited for, so the queue of clocks stays bounded. A GPU stage's last steps before the
+        # pipeline goes idle are counted with the next batch it sends (or not at all, if it is shut down first).
         while timed and (timed[0][0].done() or len(timed) > MAX_UNTIMED_STEPS):
             done, num_seqs = timed.popleft()
             batch.timings.append(StepTiming(spec.stage_index, done.seconds(), num_seqs))
