@@ -309,6 +309,9 @@ for dtype in (torch.float32, torch.bfloat16):
         tables.append(order[:n])
         order = order[n:]
     slots = [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, lens)]
+    for t, n in zip(tables, lens):  # what a freed sequence left past each context is never read
+        k_cache[t[-1], (n - 1) % bs + 1 :] = float("nan")
+        v_cache[t[-1], (n - 1) % bs + 1 :] = float("inf")
     q = torch.randn(len(lens), heads, d, generator=g).to(dtype)
     meta = build_metadata(bs, slots, tables, lens, [], torch.device("cpu"))
     assert kernel.available(q, k_cache)

@@ -44,10 +44,12 @@ def _kernel():
         for b in range(0, tl.cdiv(length, BLOCK)):
             block = tl.load(tables_ptr + seq * stride_ts + b)
             at = block * stride_kb + slots[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
-            k = tl.load(k_ptr + at).to(tl.float32)  # [BLOCK, HEAD_DIM]
-            v = tl.load(v_ptr + at).to(tl.float32)
+            # Slots past the context hold whatever a freed sequence left there: never read, as 0 * inf is NaN.
+            valid = (b * BLOCK + slots) < length
+            k = tl.load(k_ptr + at, mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, HEAD_DIM]
+            v = tl.load(v_ptr + at, mask=valid[:, None], other=0.0).to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [GROUP_TILE, BLOCK]
-            s = tl.where((b * BLOCK + slots)[None, :] < length, s, float("-inf"))
+            s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
