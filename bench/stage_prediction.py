@@ -20,7 +20,7 @@ import torch
 from batching import SamplingParams
 from bench.checkpoints import smollm2_135m_shaped
 from engine.model.attention import build_metadata
-from engine.model.checkpoint import weight_files
+from engine.model.checkpoint import tensor_source
 from engine.model.config import ModelConfig
 from engine.model.sampler import Sampler, SamplingRow
 from engine.model.stage_model import StageModel
@@ -75,7 +75,7 @@ def main() -> None:
     need_blocks = args.batch * -(-(args.context + 1) // BLOCK) + 1
     stages = []
     for first, last, layers in ((True, False, (0, half)), (False, True, (half, cfg.num_layers))):
-        model = StageModel(cfg, weight_files(model_dir), range(*layers), first, last, torch.float32,
+        model = StageModel(cfg, tensor_source(model_dir, cfg), range(*layers), first, last, torch.float32,
                            torch.device("cpu"), args.context + 2, torch.bfloat16)
         kv = torch.zeros((layers[1] - layers[0], 2, need_blocks, BLOCK, cfg.num_kv_heads, cfg.head_dim))
         stages.append((layers, model, kv, Sampler(cfg.vocab_size, cfg.eos_token_ids) if last else None))

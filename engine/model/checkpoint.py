@@ -93,21 +93,65 @@ def expected_shapes(cfg: ModelConfig, layers: Iterable[int], first: bool, last: 
     return shapes
 
 
-def validate(model_dir: Path, cfg: ModelConfig) -> dict[str, Path]:
-    """Check that every tensor the model needs is present with the right shape."""
-    files = weight_files(model_dir)
-    need = expected_shapes(cfg, range(cfg.num_layers), first=True, last=True)
-    handles: dict[Path, object] = {}
-    for name, shape in need.items():
-        path = files.get(name)
-        if path is None:
-            where = model_dir / (INDEX_FILE if (model_dir / INDEX_FILE).is_file() else SINGLE_FILE)
+class SafetensorsSource:
+    """The tensors of a Hugging Face checkpoint's safetensors files, by name."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files = files
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def where(self, name: str) -> str:
+        return f"{self.files[name]}: tensor {name!r}"
+
+    def read(self, name: str) -> torch.Tensor:
+        # Opened per read: an open safetensors file is mapped, and every page read would stay resident until it
+        # closes.
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+
+def tensor_source(model_dir: Path, cfg: ModelConfig):
+    """Where a checkpoint's tensors are read from: its GGUF file, or its safetensors files."""
+    from engine.model.gguf_checkpoint import GGUFSource, gguf_file
+
+    path = gguf_file(model_dir)
+    if path is not None:
+        return GGUFSource(path, cfg.num_heads, cfg.num_kv_heads)
+    return SafetensorsSource(weight_files(Path(model_dir)))
+
+
+def checkpoint_tokenizer(model_dir: Path):
+    """The checkpoint's tokenizer: its tokenizer.json, or its GGUF file's metadata; None where it has neither."""
+    from engine.model.gguf_checkpoint import gguf_file, metadata
+    from tokenization import Tokenizer
+
+    path = gguf_file(model_dir)
+    if path is not None:
+        return Tokenizer.from_gguf(path, metadata(path))
+    return Tokenizer.from_dir(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
+
+
+def validate(model_dir: Path, cfg: ModelConfig):
+    """Check that every tensor the model needs is present with the right shape; the tensors' source."""
+    source = tensor_source(model_dir, cfg)
+    names = source.names()
+    for name, shape in expected_shapes(cfg, range(cfg.num_layers), first=True, last=True).items():
+        if name not in names:
+            where = Path(model_dir)
+            if where.is_dir():
+                where = where / (INDEX_FILE if (where / INDEX_FILE).is_file() else SINGLE_FILE)
             raise CheckpointError(f"{where}: missing tensor {name!r} (expected shape {list(shape)})")
-        f = handles.get(path) or handles.setdefault(path, _open(path))
-        got = tuple(f.get_slice(name).get_shape())
+        got = source.shape(name)
         if got != shape:
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(got)}, config.json implies {list(shape)}")
-    return files
+            raise CheckpointError(f"{source.where(name)} has shape {list(got)}, the model's config implies "
+                                  f"{list(shape)}")
+    return source
 
 
 # glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which tensors that
@@ -130,19 +174,16 @@ def return_freed_memory() -> None:
 
 
 class TensorReader:
-    """Reads a stage's tensors one at a time, onto its device at the weight dtype, so that loading holds at most one
-    tensor beyond the weights already placed. Each read opens its file anew: an open safetensors file is mapped,
-    and every page read through the map would stay resident until it closes. Fused matrices are written part by
-    part into their final tensor, never concatenated from copies."""
+    """Reads a stage's tensors one at a time from its source (SafetensorsSource, GGUFSource), onto its device at the
+    weight dtype, so that loading holds at most one tensor beyond the weights already placed. Fused matrices are
+    written part by part into their final tensor, never concatenated from copies."""
 
-    def __init__(self, files: dict[str, Path], shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
-                 device: torch.device) -> None:
-        self.files, self.shapes = files, shapes  # shapes: what the stage needs (expected_shapes), checked already
+    def __init__(self, source, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> None:
+        self.source, self.shapes = source, shapes  # shapes: what the stage needs (expected_shapes), checked already
         self.dtype, self.device = dtype, device
 
     def _read(self, name: str) -> torch.Tensor:
-        with safe_open(str(self.files[name]), framework="pt") as f:
-            return f.get_tensor(name)
+        return self.source.read(name)
 
     def __call__(self, name: str) -> torch.Tensor:
         raw = self._read(name)

@@ -1,4 +1,4 @@
-"""The model's shape, read from a Hugging Face `config.json`."""
+"""The model's shape, read from a Hugging Face `config.json` or a GGUF file's metadata."""
 from __future__ import annotations
 
 import json
@@ -51,6 +51,13 @@ class ModelConfig:
 
     @staticmethod
     def from_dir(model_dir: str | Path) -> "ModelConfig":
+        """From the folder's config.json, or from the metadata of a GGUF file (model_dir names it, or a folder with
+        one .gguf and no config.json)."""
+        from engine.model.gguf_checkpoint import config_dict, gguf_file
+
+        gguf = gguf_file(model_dir)
+        if gguf is not None:
+            return ModelConfig.from_dict(config_dict(gguf), str(gguf))
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise CheckpointError(f"{path}: not found; a checkpoint directory needs config.json")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +43,7 @@ class StageModel:
     def __init__(
         self,
         cfg: ModelConfig,
-        files: dict[str, Path],
+        source,  # engine.model.checkpoint.tensor_source
         layers: range,
         first: bool,
         last: bool,
@@ -66,7 +65,7 @@ class StageModel:
         if wide_copy is None:
             wide_copy = fp32_bytes <= available_memory(device) // 4
         wide_copy = wide_copy and product_path(device, weight_dtype, dtype) == "upcast"
-        read = TensorReader(files, shapes, weight_dtype, device)
+        read = TensorReader(source, shapes, weight_dtype, device)
         self.weight_bytes = (weight_dtype.itemsize * sum(math.prod(s) for s in shapes.values())
                              + (fp32_bytes if wide_copy else 0))
         linear = partial(make_linear, compute_dtype=dtype, scratch={}, wide_copy=wide_copy)

@@ -13,7 +13,7 @@ from batching.sampling_params import SamplingParams
 from engine.errors import one_line
 from engine.kernels import triton_paged_attention as triton_kernel
 from engine.model.attention import build_metadata
-from engine.model.checkpoint import expected_shapes, weight_files
+from engine.model.checkpoint import expected_shapes, tensor_source
 from engine.model.config import ModelConfig
 from engine.model.sampler import HostSamples, Sampler, SamplingRow
 from engine.model.stage_model import StageModel
@@ -40,7 +40,7 @@ class StageRunner:
         self.cfg = ModelConfig.from_dir(model_dir)
         self.block_size = spec.block_size
         self.model = StageModel(
-            self.cfg, weight_files(model_dir), range(*spec.layers), self.first, self.last,
+            self.cfg, tensor_source(model_dir, self.cfg), range(*spec.layers), self.first, self.last,
             self.dtype, self.device, spec.max_model_len, TORCH_DTYPES[spec.weight_dtype], self._wide_copy(),
         )
         self.tables: dict[int, list[int]] = {}

@@ -1,0 +1,160 @@
+"""GGUF checkpoints, read with the `gguf` package (ggml's own reader): the model's shape from the file's metadata
+and its tensors under the names the engine uses (those of a Hugging Face checkpoint), dequantized at load.
+
+llama.cpp's converter permutes the rows of Llama-family q/k projections for its rotary layout; they are put back
+here, as transformers does when it loads a GGUF, so the engine computes what the original checkpoint computed.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.errors import CheckpointError
+
+# general.architecture -> the Hugging Face architecture the engine runs it as
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# Layer tensors: GGUF's name within blk.N -> the Hugging Face name within model.layers.N
+LAYER_TENSORS = {
+    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                  "output.weight": "lm_head.weight"}
+
+
+def gguf_file(path: str | Path) -> Path | None:
+    """The GGUF file `path` names: the file itself, or the one .gguf in a folder without config.json."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return p
+    if p.is_dir() and not (p / "config.json").is_file():
+        found = sorted(p.glob("*.gguf"))
+        if len(found) > 1:
+            raise CheckpointError(f"{p}: holds {len(found)} GGUF files; name one of them with --model")
+        return found[0] if found else None
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def open_gguf(path: Path):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError or struct errors for files that are not GGUF
+        raise CheckpointError(f"{path}: cannot read it as GGUF ({type(e).__name__}: {e})") from None
+
+
+def metadata(path: Path) -> dict:
+    """The file's key-value metadata, arrays of tokens and merges included, as Python values."""
+    out = {}
+    for key, field in open_gguf(path).fields.items():
+        try:
+            out[key] = field.contents()
+        except Exception:  # a field type this reader version cannot decode: nothing the engine reads
+            continue
+    return out
+
+
+def config_dict(path: Path) -> dict:
+    """The file's metadata as the fields of a Hugging Face config.json."""
+    meta = metadata(path)
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported "
+                              f"(supported: {', '.join(ARCHITECTURES)})")
+
+    def need(key: str):
+        value = meta.get(f"{arch}.{key}")
+        if value is None:
+            raise CheckpointError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        return value
+
+    heads = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
+    names = {t.name for t in open_gguf(path).tensors}
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = int(meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens else 0))
+    head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
+                   or hidden // heads)
+    raw = {
+        "architectures": [ARCHITECTURES[arch]],
+        "hidden_size": hidden, "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")), "num_attention_heads": heads,
+        "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv") or heads),
+        "head_dim": head_dim, "vocab_size": vocab,
+        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(meta.get(f"{arch}.rope.freq_base") or 10000.0),
+        "max_position_embeddings": int(need("context_length")),
+        "tie_word_embeddings": "output.weight" not in names,
+        "torch_dtype": "float32",  # tensors are dequantized to fp32 at load
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+    }
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise CheckpointError(f"{path}: GGUF rope scaling {scaling!r} is not supported")
+    return raw
+
+
+class GGUFSource:
+    """The tensors of a GGUF file under Hugging Face names, each dequantized to fp32 when read."""
+
+    def __init__(self, path: Path, num_heads: int, num_kv_heads: int) -> None:
+        self.path = path
+        reader = open_gguf(path)
+        self.arch = metadata(path).get("general.architecture")
+        self.heads, self.kv_heads = num_heads, num_kv_heads
+        self.tensors = {}
+        for t in reader.tensors:
+            name = _hf_name(t.name)
+            if name is not None:
+                self.tensors[name] = t
+
+    def names(self) -> set[str]:
+        return set(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in reversed(self.tensors[name].shape))  # GGUF lists dimensions innermost first
+
+    def where(self, name: str) -> str:
+        return f"{self.path}: tensor {name!r}"
+
+    def read(self, name: str) -> torch.Tensor:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        t = self.tensors[name]
+        if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            values = np.array(t.data, dtype=np.float32)  # a copy: the file is mapped read-only
+        else:
+            values = dequantize(t.data, t.tensor_type)
+        out = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(self.shape(name))
+        if self.arch == "llama" and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            heads = self.heads if "q_proj" in name else self.kv_heads
+            out = _unpermute_rotary(out, heads)
+        return out
+
+
+def _hf_name(name: str) -> str | None:
+    if name in GLOBAL_TENSORS:
+        return GLOBAL_TENSORS[name]
+    if name.startswith("blk."):
+        _, index, rest = name.split(".", 2)
+        if rest in LAYER_TENSORS:
+            return f"model.layers.{index}.{LAYER_TENSORS[rest]}"
+    return None  # rope_freqs and the like: what the engine computes itself
+
+
+def _unpermute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of llama.cpp's q/k row permutation: within each head, rows back from (half, pair) order."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
