@@ -94,7 +94,8 @@ def test_strata_serve_with_no_model_answers_with_the_trained_default(gguf):
         server.stop()
 
 
-def _write_gguf(path, arch: str, tokenizer_model: str = "gpt2"):
+def _write_gguf(path, arch: str, tokenizer_model: str = "gpt2", full: bool = False):
+    """A tiny GGUF file; full: with every tensor a one-layer model needs."""
     from gguf import GGUFWriter
 
     w = GGUFWriter(str(path), arch)
@@ -107,6 +108,13 @@ def _write_gguf(path, arch: str, tokenizer_model: str = "gpt2"):
     w.add_tokenizer_model(tokenizer_model)
     w.add_token_list(["a", "b", "c"])
     w.add_tensor("token_embd.weight", np.zeros((3, 8), dtype=np.float32))
+    if full:
+        shapes = {"output_norm.weight": (8,), "blk.0.attn_norm.weight": (8,), "blk.0.ffn_norm.weight": (8,),
+                  "blk.0.attn_q.weight": (8, 8), "blk.0.attn_k.weight": (8, 8), "blk.0.attn_v.weight": (8, 8),
+                  "blk.0.attn_output.weight": (8, 8), "blk.0.ffn_gate.weight": (16, 8),
+                  "blk.0.ffn_up.weight": (16, 8), "blk.0.ffn_down.weight": (8, 16)}
+        for name, shape in shapes.items():
+            w.add_tensor(name, np.zeros(shape, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -119,6 +127,8 @@ def test_a_gguf_strata_cannot_serve_fails_at_start_up_naming_what(tmp_path):
         LLM(_write_gguf(tmp_path / "falcon.gguf", "falcon"))
     with pytest.raises(CheckpointError, match="partial.gguf: missing tensor 'model.layers.0.input_layernorm.weight'"):
         LLM(_write_gguf(tmp_path / "partial.gguf", "llama"))
+    with pytest.raises(ValueError, match="GGUF tokenizer model 'llama' is not supported"):
+        LLM(_write_gguf(tmp_path / "spm.gguf", "llama", tokenizer_model="llama", full=True))
     with pytest.raises(CheckpointError, match="cannot read it as GGUF"):
         (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
         LLM(tmp_path / "junk.gguf")
