@@ -12,7 +12,7 @@ from pathlib import Path
 from aiohttp import web
 
 from engine import add_stage_args, add_worker_args, run_worker
-from gateway.connections import listen
+from gateway.connections import bind_listener, listen
 from gateway.plan_command import add_plan_parser, run_plan
 from loadtest.cli import add_arguments as add_bench_arguments
 from loadtest.cli import run as run_bench
@@ -104,33 +104,34 @@ def serve(args: argparse.Namespace) -> int:
         print(f"strata: error: {e}", file=sys.stderr)
         return 2
     try:
+        sock = bind_listener(args.host, args.port)
+    except OSError as e:
+        print(f"strata: error: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
+        return 1
+    try:
         config = engine_config(args)
         engine = AsyncEngine(config)
     except (CheckpointError, ValueError) as e:
+        sock.close()
         print(f"strata: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
+        sock.close()
         print(f"strata: error: cannot start the engine: {e}", file=sys.stderr)
         return 1
     name = args.served_model_name or Path(config.model).name.removesuffix(".gguf")
     app = create_app(engine, name, args.api_key, args.max_queue, limits)
-    return asyncio.run(_run(app, engine, args, name, config))
+    return asyncio.run(_run(app, engine, args, name, config, sock))
 
 
-async def _run(app: web.Application, engine, args, name: str, config) -> int:
+async def _run(app: web.Application, engine, args, name: str, config, sock) -> int:
     loop = asyncio.get_running_loop()
     engine.start(loop)
     # The drain below is the grace period; aiohttp's own (60 s by default) would let streams outlive
     # --drain-timeout, so it only gets a moment to flush finished responses before cancelling the rest.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    try:
-        listener = await listen(runner, args.host, args.port, app["state"].limits)
-    except OSError as e:
-        print(f"strata: error: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
-        await runner.cleanup()
-        await engine.stop()
-        return 1
+    listener = await listen(runner, sock, app["state"].limits)
     info = engine.info
     stages = ", ".join(f"{s.device} layers {s.layers[0]}-{s.layers[1] - 1}" for s in info.stages)
     precision = (info.dtype if info.weight_dtype == info.dtype

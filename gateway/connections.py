@@ -11,6 +11,7 @@ error. The body's own time bound is applied where it is read (gateway.request_bo
 from __future__ import annotations
 
 import asyncio
+import socket
 import json
 import logging
 from http import HTTPStatus
@@ -204,8 +205,16 @@ async def request_started(request: web.Request, handler):
         protocol.end_request(keep_alive)
 
 
-async def listen(runner: web.AppRunner, host: str, port: int, limits: ServerLimits) -> asyncio.AbstractServer:
-    """Serve runner's app on host:port through guarded connections; close the result before runner.cleanup()."""
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before the engine starts: the ports its stages and their links open
+    meanwhile (chosen by the system) can then never be this one, and a port in use fails before a model loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=1024)
+
+
+async def listen(runner: web.AppRunner, sock: socket.socket, limits: ServerLimits) -> asyncio.AbstractServer:
+    """Serve runner's app on the bound socket through guarded connections; close the result before
+    runner.cleanup()."""
     loop = asyncio.get_running_loop()
     guard = ConnectionGuard(limits)
     manager = runner.server
@@ -213,4 +222,4 @@ async def listen(runner: web.AppRunner, host: str, port: int, limits: ServerLimi
     def protocol() -> GuardedRequestHandler:
         return GuardedRequestHandler(manager, guard, loop=loop, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT_S)
 
-    return await loop.create_server(protocol, host, port)
+    return await loop.create_server(protocol, sock=sock)

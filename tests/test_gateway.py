@@ -626,3 +626,21 @@ def test_sigterm_lets_open_streams_finish_within_the_drain_timeout_then_exits_0(
         assert time.monotonic() - sent < 3 + 60  # it ends, drain timeout or not (no bound a loaded machine breaks)
         out = srv.output()
         assert "draining 2 open requests" in out and "strata: stopped" in out, out
+
+
+def test_a_port_in_use_fails_before_the_model_loads(llama_dir):
+    """The listening socket is bound first: a port in use is one line and exit 1, and no stage is started (the
+    ports stages open while they start can never take the server's own)."""
+    import socket
+
+    from server_process import ServerProcess
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        server = ServerProcess(llama_dir, port=port)
+        try:
+            assert server.proc.wait(120) == 1
+        finally:
+            server.stop()
+    out = server.output()
+    assert f"cannot listen on 127.0.0.1:{port}" in out and "stage" not in out, out
