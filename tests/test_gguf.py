@@ -94,7 +94,7 @@ def test_strata_serve_with_no_model_answers_with_the_trained_default(gguf):
         server.stop()
 
 
-def _write_gguf(path, arch: str, tokenizer_model: str = "gpt2", full: bool = False):
+def _write_gguf(path, arch: str, tokenizer_model: str = "gpt2", full: bool = False, rotary: int | None = None):
     """A tiny GGUF file; full: with every tensor a one-layer model needs."""
     from gguf import GGUFWriter
 
@@ -105,6 +105,8 @@ def _write_gguf(path, arch: str, tokenizer_model: str = "gpt2", full: bool = Fal
     w.add_feed_forward_length(16)
     w.add_head_count(2)
     w.add_layer_norm_rms_eps(1e-5)
+    if rotary is not None:
+        w.add_rope_dimension_count(rotary)
     w.add_tokenizer_model(tokenizer_model)
     w.add_token_list(["a", "b", "c"])
     w.add_tensor("token_embd.weight", np.zeros((3, 8), dtype=np.float32))
@@ -127,6 +129,8 @@ def test_a_gguf_strata_cannot_serve_fails_at_start_up_naming_what(tmp_path):
         LLM(_write_gguf(tmp_path / "falcon.gguf", "falcon"))
     with pytest.raises(CheckpointError, match="partial.gguf: missing tensor 'model.layers.0.input_layernorm.weight'"):
         LLM(_write_gguf(tmp_path / "partial.gguf", "llama"))
+    with pytest.raises(CheckpointError, match="rotary embedding over 2 of 4 head dimensions is not supported"):
+        LLM(_write_gguf(tmp_path / "partial-rotary.gguf", "llama", full=True, rotary=2))
     with pytest.raises(ValueError, match="GGUF tokenizer model 'llama' is not supported"):
         LLM(_write_gguf(tmp_path / "spm.gguf", "llama", tokenizer_model="llama", full=True))
     with pytest.raises(CheckpointError, match="cannot read it as GGUF"):

@@ -1,4 +1,5 @@
-"""Finds, checks and reads the safetensors weights of a Hugging Face checkpoint.
+"""Finds, checks and reads a checkpoint's weights: a Hugging Face checkpoint's safetensors files, or a GGUF file
+(engine.model.gguf_checkpoint), both read through a tensor source under Hugging Face names.
 
 Everything a checkpoint could get wrong is checked from the file headers alone, before
 any process loads a byte of weights, so a bad checkpoint fails at start-up with one line
@@ -182,11 +183,8 @@ class TensorReader:
         self.source, self.shapes = source, shapes  # shapes: what the stage needs (expected_shapes), checked already
         self.dtype, self.device = dtype, device
 
-    def _read(self, name: str) -> torch.Tensor:
-        return self.source.read(name)
-
     def __call__(self, name: str) -> torch.Tensor:
-        raw = self._read(name)
+        raw = self.source.read(name)
         out = raw.to(self.device, self.dtype)
         # Already where and as it should be, it would still be a view of the file's private mapping: pages the
         # system may drop and read again, and a file rewritten in place would change the weights under it.
@@ -205,7 +203,7 @@ class TensorReader:
         out = torch.empty((rows, *self.shapes[names[0]][1:]), dtype=self.dtype, device=self.device)
         start = 0
         for name in names:
-            part = self._read(name)
+            part = self.source.read(name)
             out[start : start + part.shape[0]].copy_(part)
             start += part.shape[0]
             del part

@@ -83,8 +83,11 @@ def config_dict(path: Path) -> dict:
     names = {t.name for t in open_gguf(path).tensors}
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab = int(meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens else 0))
-    head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
-                   or hidden // heads)
+    head_dim = int(meta.get(f"{arch}.attention.key_length") or hidden // heads)
+    rotary = meta.get(f"{arch}.rope.dimension_count")
+    if rotary is not None and int(rotary) != head_dim:
+        raise CheckpointError(f"{path}: rotary embedding over {rotary} of {head_dim} head dimensions is not "
+                              "supported (partial rotary)")
     raw = {
         "architectures": [ARCHITECTURES[arch]],
         "hidden_size": hidden, "intermediate_size": int(need("feed_forward_length")),
