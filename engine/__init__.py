@@ -24,6 +24,7 @@ _LAZY = {
     "add_stage_args": "engine.pipeline.worker",
     "add_worker_args": "engine.pipeline.worker",
     "run_worker": "engine.pipeline.worker",
+    "describe_layers": "engine.model.weight_formats",
 }
 
 

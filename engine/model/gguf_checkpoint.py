@@ -1,5 +1,6 @@
 """GGUF checkpoints, read with the `gguf` package (ggml's own reader): the model's shape from the file's metadata
-and its tensors under the names the engine uses (those of a Hugging Face checkpoint), dequantized at load.
+and its tensors under the names the engine uses (those of a Hugging Face checkpoint), either dequantized or as
+quantized codes for the engine's packed layout (engine.model.quantized).
 
 llama.cpp's converter permutes the rows of Llama-family q/k projections for its rotary layout; they are put back
 here, as transformers does when it loads a GGUF, so the engine computes what the original checkpoint computed.
@@ -131,6 +132,10 @@ class GGUFSource:
     def where(self, name: str) -> str:
         return f"{self.path}: tensor {name!r}"
 
+    def stored_type(self, name: str) -> str:
+        """The tensor's GGML type: "Q4_K", "F32", ..."""
+        return self.tensors[name].tensor_type.name
+
     def read(self, name: str) -> torch.Tensor:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
@@ -141,10 +146,25 @@ class GGUFSource:
         else:
             values = dequantize(t.data, t.tensor_type)
         out = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(self.shape(name))
+        order = self._row_order(name, out.shape[0])
+        return out[torch.from_numpy(order)].contiguous() if order is not None else out
+
+    def read_codes(self, name: str):
+        """A quantized matrix's codes as stored (engine.model.quantized.Codes), rows in the engine's order."""
+        from engine.model.quantized import from_ggml
+        from engine.model.weight_formats import by_ggml_type
+
+        t = self.tensors[name]
+        shape = self.shape(name)
+        codes = from_ggml(by_ggml_type(t.tensor_type.name), t.data.reshape(shape[0], -1), shape)
+        order = self._row_order(name, shape[0])
+        return codes.rows(order) if order is not None else codes
+
+    def _row_order(self, name: str, rows: int) -> np.ndarray | None:
+        """Where llama.cpp's converter permuted a Llama q/k projection's rows, the order that puts them back."""
         if self.arch == "llama" and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
-            heads = self.heads if "q_proj" in name else self.kv_heads
-            out = _unpermute_rotary(out, heads)
-        return out
+            return rotary_row_order(rows, self.heads if "q_proj" in name else self.kv_heads)
+        return None
 
 
 def _hf_name(name: str) -> str | None:
@@ -157,7 +177,6 @@ def _hf_name(name: str) -> str | None:
     return None  # rope_freqs and the like: what the engine computes itself
 
 
-def _unpermute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
+def rotary_row_order(rows: int, heads: int) -> np.ndarray:
     """The inverse of llama.cpp's q/k row permutation: within each head, rows back from (half, pair) order."""
-    rows = w.shape[0]
-    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+    return np.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(0, 2, 1).reshape(-1)

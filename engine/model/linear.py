@@ -13,6 +13,10 @@ On a CPU, activations run in fp32 while weights stay in the checkpoint's half pr
 - `PackedHalfLinear`: where the engine's own kernel builds (x86-64 with AVX2, FMA and F16C,
   and a C compiler; engine.kernels.half_gemm), it widens the packed half-precision weights
   in registers and multiplies in fp32.
+- `QuantLinear`: weights in a quantized format (engine.model.quantized): on a CPU with AMX-BF16, the engine's
+  kernel (engine.kernels.quant_gemm) expands each block to bf16 in registers and multiplies on the tiles, so a
+  step reads the weights at their quantized size; elsewhere (other CPUs, GPUs) the layer's weights are
+  dequantized to the compute dtype for each product and multiplied by torch.
 - `UpcastLinear`: torch does the work: thin
 steps multiply in half precision directly (a GEMV is bound by memory bandwidth, where
 half-size weights win) and wide steps multiply in fp32, from a resident fp32 copy of the
@@ -26,7 +30,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import amx_gemm, build, half_gemm
+from engine.kernels import amx_gemm, build, half_gemm, quant_gemm
+from engine.model.quantized import QuantizedWeight, dequantize, dequantize_rows
 from engine.placement import THIN_ROWS
 
 # Without the kernel: up to THIN_ROWS rows a half-precision product beats upcast + fp32 (measured on AVX2 CPUs);
@@ -97,6 +102,44 @@ class NativeHalfLinear:
 
 
 _PACK_ROWS = 64
+
+
+class QuantLinear:
+    """A quantized weight; activations in and out at the compute dtype."""
+
+    __slots__ = ("weight", "bias", "dtype", "kernel")
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
+        self.weight, self.dtype = weight, compute_dtype
+        self.bias = bias.to(compute_dtype).contiguous() if bias is not None else None
+        device = weight.quants.device
+        self.kernel = compute_dtype == torch.float32 and quant_gemm.available(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in]
+        if self.kernel:
+            return quant_gemm.quant_linear(x, self.weight, self.bias)
+        return F.linear(x, dequantize(self.weight, x.dtype), self.bias)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the weight: embedding lookups from a quantized table."""
+        return dequantize_rows(self.weight, ids, self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
+
+class SplitLinear:
+    """Products fused in name only: parts whose weights are stored in different formats (a GGUF whose v projection
+    has more bits than its q and k), each multiplied on its own path and their outputs joined."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list) -> None:
+        self.parts = parts
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
 
 
 def cpu_has_fast_half(dtype: torch.dtype) -> bool:

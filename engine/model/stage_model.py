@@ -8,8 +8,6 @@ elementwise steps between them (engine.model.layer_ops).
 from __future__ import annotations
 
 import math
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 
@@ -17,26 +15,68 @@ from engine.model.attention import AttentionMetadata, paged_attention
 from engine.model.checkpoint import TensorReader, expected_shapes, return_freed_memory
 from engine.model.config import ModelConfig
 from engine.model.layer_ops import LayerOps, rms_norm
-from engine.model.linear import AmxLinear, NativeHalfLinear, PackedHalfLinear, make_linear, product_path
+from engine.model.linear import AmxLinear, PackedHalfLinear, QuantLinear, SplitLinear, make_linear, product_path
 from engine.model.rope import cos_sin_table
+from engine.model.weight_formats import FORMATS
 from engine.placement.local_device import available_memory
+
+
+class Products:
+    """Builds a stage's matrix products, each at its format: `formats` names the weights that run at something
+    other than the stage's weight dtype (engine.model.weight_formats.tensor_formats)."""
+
+    def __init__(self, read: TensorReader, formats: dict[str, str], compute_dtype: torch.dtype,
+                 weight_dtype: torch.dtype, wide_copy: bool) -> None:
+        self.read, self.formats = read, formats
+        self.compute_dtype, self.weight_dtype, self.wide_copy = compute_dtype, weight_dtype, wide_copy
+        self.scratch: dict = {}
+        self.bytes_saved = 0  # below what the weights take at the weight dtype
+
+    def __call__(self, weights: list[str], biases: list[str] | None = None):
+        bias = self.read.fused(biases) if biases else None
+        runs: list[tuple[str | None, list[str]]] = []
+        for name in weights:
+            fmt = self.formats.get(name)
+            if runs and runs[-1][0] == fmt:
+                runs[-1][1].append(name)
+            else:
+                runs.append((fmt, [name]))
+        if len(runs) == 1:
+            return self._one(weights, runs[0][0], bias)
+        parts, start = [], 0
+        for fmt, names in runs:
+            rows = sum(self.read.shapes[n][0] for n in names)
+            parts.append(self._one(names, fmt, bias[start : start + rows] if bias is not None else None))
+            start += rows
+        return SplitLinear(parts)
+
+    def _one(self, names: list[str], fmt: str | None, bias: torch.Tensor | None):
+        at_weight_dtype = sum(math.prod(self.read.shapes[n]) for n in names) * self.weight_dtype.itemsize
+        target = FORMATS[fmt] if fmt else None
+        if target is not None and target.quantized:
+            weight = self.read.quantized(names, target)
+            self.bytes_saved += at_weight_dtype - weight.nbytes
+            return QuantLinear(weight, bias, self.compute_dtype)
+        dtype = getattr(torch, fmt) if fmt else self.weight_dtype
+        weight = self.read.fused(names, dtype) if len(names) > 1 else self.read(names[0], dtype)
+        self.bytes_saved += at_weight_dtype - weight.numel() * weight.element_size()
+        return make_linear(weight, bias, self.compute_dtype, self.scratch, self.wide_copy)
 
 
 class DecoderLayer:
     __slots__ = ("ln1", "ln2", "qkv", "o", "gate_up", "down")
 
-    def __init__(self, read: TensorReader, prefix: str, cfg: ModelConfig, dtype: torch.dtype, linear) -> None:
+    def __init__(self, read: TensorReader, prefix: str, cfg: ModelConfig, dtype: torch.dtype,
+                 products: Products) -> None:
         a, m = prefix + "self_attn.", prefix + "mlp."
         self.ln1 = read(prefix + "input_layernorm.weight").to(dtype)
         self.ln2 = read(prefix + "post_attention_layernorm.weight").to(dtype)
         qkv = [a + "q_proj.", a + "k_proj.", a + "v_proj."]
-        self.qkv = linear(read.fused([n + "weight" for n in qkv]),
-                          read.fused([n + "bias" for n in qkv]) if cfg.qkv_bias else None)
-        self.o = linear(read(a + "o_proj.weight"), read.get(a + "o_proj.bias"))
+        self.qkv = products([n + "weight" for n in qkv], [n + "bias" for n in qkv] if cfg.qkv_bias else None)
+        self.o = products([a + "o_proj.weight"], [a + "o_proj.bias"] if cfg.o_bias else None)
         gate_up = [m + "gate_proj.", m + "up_proj."]
-        self.gate_up = linear(read.fused([n + "weight" for n in gate_up]),
-                              read.fused([n + "bias" for n in gate_up]) if cfg.mlp_bias else None)
-        self.down = linear(read(m + "down_proj.weight"), read.get(m + "down_proj.bias"))
+        self.gate_up = products([n + "weight" for n in gate_up], [n + "bias" for n in gate_up] if cfg.mlp_bias else None)
+        self.down = products([m + "down_proj.weight"], [m + "down_proj.bias"] if cfg.mlp_bias else None)
 
 
 class StageModel:
@@ -52,9 +92,11 @@ class StageModel:
         max_positions: int,
         weight_dtype: torch.dtype | None = None,
         wide_copy: bool | None = None,
+        formats: dict[str, str] | None = None,
     ) -> None:
         """wide_copy: also keep an fp32 copy of half-precision weights for wide steps (see engine.model.linear);
-        None: when it takes at most a quarter of the device's free memory."""
+        None: when it takes at most a quarter of the device's free memory. formats: the weights that run at another
+        format than weight_dtype (engine.model.weight_formats.tensor_formats)."""
         self.cfg = cfg
         self.layer_ids = layers
         self.first, self.last = first, last
@@ -68,28 +110,31 @@ class StageModel:
         read = TensorReader(source, shapes, weight_dtype, device)
         self.weight_bytes = (weight_dtype.itemsize * sum(math.prod(s) for s in shapes.values())
                              + (fp32_bytes if wide_copy else 0))
-        linear = partial(make_linear, compute_dtype=dtype, scratch={}, wide_copy=wide_copy)
+        formats = formats or {}
+        products = Products(read, formats, dtype, weight_dtype, wide_copy)
         self.layers = []
         for i in layers:
-            self.layers.append(DecoderLayer(read, f"model.layers.{i}.", cfg, dtype, linear))
+            self.layers.append(DecoderLayer(read, f"model.layers.{i}.", cfg, dtype, products))
             return_freed_memory()  # what building the layer freed (its parts before packing), back to the system
         self.norm = read("model.norm.weight").to(dtype) if last else None
-        head = None
-        if last:
-            head = read("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight")
-        self.lm_head = linear(head, None) if last else None
-        # A tied head packed for the engine's kernels answers embedding lookups itself, so the matrix is held once.
-        self.embed_from_head = (first and cfg.tie_word_embeddings
-                                and isinstance(self.lm_head, (PackedHalfLinear, AmxLinear)))
+        embed_name = "model.embed_tokens.weight"
+        self.lm_head = products([embed_name if cfg.tie_word_embeddings else "lm_head.weight"]) if last else None
+        # A tied head packed for the engine's kernels answers embedding lookups itself, so the matrix is held once;
+        # a quantized table decodes the rows it is asked for.
+        self.embed_rows = None
+        if first and cfg.tie_word_embeddings and isinstance(self.lm_head, (PackedHalfLinear, AmxLinear, QuantLinear)):
+            self.embed_rows = self.lm_head.rows
+        elif first and embed_name in formats and FORMATS[formats[embed_name]].quantized:
+            self.embed_rows = products([embed_name]).rows
         self.embed = None
-        if first and not self.embed_from_head:
+        if first and self.embed_rows is None:
             # A tied matrix the head holds as it was read is the same tensor, not a second read.
-            tied_plain = last and cfg.tie_word_embeddings and getattr(self.lm_head, "weight", None) is head
-            self.embed = head if tied_plain else read("model.embed_tokens.weight")
-        del head
-        if self.embed is not None and isinstance(self.lm_head, NativeHalfLinear):
-            # A tied matrix held twice: plain for lookups, prepacked for the head.
-            self.weight_bytes += self.embed.numel() * self.embed.element_size()
+            shared = getattr(self.lm_head, "weight", None) if last and cfg.tie_word_embeddings else None
+            self.embed = shared if isinstance(shared, torch.Tensor) else read(embed_name)
+            if last and cfg.tie_word_embeddings and self.embed is not shared:
+                # A tied matrix held twice: plain for lookups, prepacked for the head.
+                self.weight_bytes += self.embed.numel() * self.embed.element_size()
+        self.weight_bytes -= products.bytes_saved
         self.rope = cos_sin_table(cfg, max_positions, dtype, device)  # [P, 2, d]
         self.scale = cfg.head_dim**-0.5
 
@@ -101,8 +146,8 @@ class StageModel:
         kv_cache: torch.Tensor,  # [layers, 2, num_blocks, block_size, kv_heads, d]
         on_layer=None,  # called with -1 before the first layer, then with each layer's index within the stage
     ) -> torch.Tensor:  # [T, hidden]
-        if self.embed_from_head:
-            x = self.lm_head.rows(x).to(self.dtype)
+        if self.embed_rows is not None:
+            x = self.embed_rows(x).to(self.dtype)
         elif self.first:
             x = F.embedding(x, self.embed).to(self.dtype)
         else:  # the residual stream is updated in place; the caller's tensor stays as it was

@@ -4,7 +4,7 @@ Messages are pickled, so they name their classes by module: moving or changing o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from telemetry.tracing import TraceSettings
 
@@ -15,7 +15,7 @@ RENDEZVOUS_TIMEOUT_S = 120.0
 # another release is told so in words rather than failing on a message it cannot read. Bump the version whenever
 # a message class changes.
 GREETING = "strata pipeline"
-WIRE_VERSION = 8
+WIRE_VERSION = 9
 
 
 class VersionMismatch(Exception):
@@ -64,6 +64,8 @@ class StageSpec:
     inline_bytes: int = 0  # room for activations in the frames of CPU links between stages (engine.pipeline.transport)
     trace: TraceSettings | None = None
     cuda_graphs: bool = False  # on a GPU, decode steps replay CUDA graphs (engine.pipeline.decode_graphs)
+    # Weights that run at another format than weight_dtype (engine.model.weight_formats.tensor_formats).
+    formats: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -42,6 +42,7 @@ class StageRunner:
         self.model = StageModel(
             self.cfg, tensor_source(model_dir, self.cfg), range(*spec.layers), self.first, self.last,
             self.dtype, self.device, spec.max_model_len, TORCH_DTYPES[spec.weight_dtype], self._wide_copy(),
+            spec.formats,
         )
         self.tables: dict[int, list[int]] = {}
         self.rows: dict[int, SamplingRow] = {}

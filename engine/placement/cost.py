@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from engine.model.weight_formats import EMBEDDING, FORMATS, product_names
 from engine.placement.devices import DeviceInfo
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -104,10 +105,17 @@ class ModelCost:
     compute_dtype: str
     weight_dtype: str
     sampling: str = "random"  # what the last stage's sampler is assumed to do: "greedy" or "random"
+    # Bits per weight of a layer's products (the mean over layers where they differ), the embedding's and the LM
+    # head's, at their formats (engine.model.weight_formats); None: weight_dtype's.
+    layer_bits: float | None = None
+    embed_bits: float | None = None
+    head_bits: float | None = None
 
     @staticmethod
-    def from_config(cfg, compute_dtype: str, weight_dtype: str, sampling: str = "random") -> ModelCost:
-        """cfg: engine.model.config.ModelConfig."""
+    def from_config(cfg, compute_dtype: str, weight_dtype: str, sampling: str = "random",
+                    formats: dict[str, str] | None = None) -> ModelCost:
+        """cfg: engine.model.config.ModelConfig; formats: the weights at another format than weight_dtype
+        (engine.model.weight_formats.tensor_formats)."""
         for d in (compute_dtype, weight_dtype):
             if d not in DTYPE_BYTES:
                 raise ValueError(f"dtype {d!r} is not one of {', '.join(DTYPE_BYTES)}")
@@ -129,13 +137,22 @@ class ModelCost:
             fused_elementwise_elems_per_token=fused,
             embed_params=cfg.vocab_size * h, head_params=head,
             tied_embeddings=cfg.tie_word_embeddings, compute_dtype=compute_dtype, weight_dtype=weight_dtype,
-            sampling=sampling,
+            sampling=sampling, **(_format_bits(cfg, formats, weight_dtype) if formats else {}),
         )
+
+    def bits(self, part: str) -> float:
+        """Bits per weight of "layer", "embed" or "head"."""
+        value = {"layer": self.layer_bits, "embed": self.embed_bits, "head": self.head_bits}[part]
+        return value if value is not None else 8.0 * DTYPE_BYTES[self.weight_dtype]
+
+    @property
+    def quantized_layers(self) -> bool:
+        return self.bits("layer") < 8 * min(DTYPE_BYTES.values())
 
     # The figures at the model's own dtypes.
     @property
     def layer_weight_bytes(self) -> int:
-        return self.layer_params * DTYPE_BYTES[self.weight_dtype]
+        return int(self.layer_params * self.bits("layer") / 8)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -154,16 +171,31 @@ class ModelCost:
 
     @property
     def embed_bytes(self) -> int:
-        return self.embed_params * DTYPE_BYTES[self.weight_dtype]
+        return int(self.embed_params * self.bits("embed") / 8)
 
     @property
     def head_bytes(self) -> int:
-        return self.head_params * DTYPE_BYTES[self.weight_dtype]
+        return int(self.head_params * self.bits("head") / 8)
 
     @property
     def head_flops(self) -> int:
         """Per token."""
         return 2 * self.head_params
+
+
+def _format_bits(cfg, formats: dict[str, str], weight_dtype: str) -> dict[str, float]:
+    """layer_bits, embed_bits and head_bits from per-tensor formats."""
+    h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    sizes = {"q_proj": q * h, "k_proj": kv * h, "v_proj": kv * h, "o_proj": h * q, "gate_proj": i * h,
+             "up_proj": i * h, "down_proj": h * i}
+    bits = (lambda name: FORMATS[formats.get(name, weight_dtype)].bits_per_weight)
+    total = 0.0
+    for name, layer in product_names(cfg.num_layers, cfg.tie_word_embeddings).items():
+        if layer is not None:
+            total += sizes[name.rsplit(".", 2)[-2]] * bits(name)
+    head = EMBEDDING if cfg.tie_word_embeddings else "lm_head.weight"
+    return {"layer_bits": total / (cfg.num_layers * sum(sizes.values())), "head_bits": bits(head),
+            "embed_bits": bits(EMBEDDING)}
 
 
 def kv_cache_dtype(compute_dtype: str, weight_dtype: str) -> str:
@@ -183,13 +215,13 @@ def _kv_bytes(cost: ModelCost, device: DeviceInfo) -> int:
 
 def stage_weight_bytes(cost: ModelCost, n_layers: int, first: bool, last: bool) -> int:
     """Weights a stage holds: its layers, the embedding on the first, final norm and LM head on the last."""
-    params = n_layers * cost.layer_params
+    held = n_layers * cost.layer_weight_bytes
     if first:
-        params += cost.embed_params
+        held += cost.embed_bytes
     if last:
         # Tied embeddings: the head is the embedding matrix, held once when one stage is both first and last.
-        params += cost.head_params - (cost.embed_params if cost.tied_embeddings and first else 0)
-    return params * DTYPE_BYTES[cost.weight_dtype]
+        held += cost.head_bytes - (cost.embed_bytes if cost.tied_embeddings and first else 0)
+    return held
 
 
 def stage_kv_bytes_per_token(cost: ModelCost, device: DeviceInfo, n_layers: int) -> int:
@@ -202,12 +234,19 @@ def kv_capacity_tokens(cost: ModelCost, device: DeviceInfo, n_layers: int, first
     return left // max(stage_kv_bytes_per_token(cost, device, n_layers), 1)
 
 
-def _matmul_seconds(cost: ModelCost, device: DeviceInfo, params: int, out_features: int, rows: int) -> float:
+def _matmul_seconds(cost: ModelCost, device: DeviceInfo, params: int, out_features: int, rows: int,
+                    part: str = "layer") -> float:
     """Products over `params` weights for `rows` rows: whichever binds, arithmetic or streaming the weights; one-row
-    products (GEMVs) also pay per output feature."""
+    products (GEMVs) also pay per output feature. Quantized weights are read at their format's size whatever the
+    rows (they are expanded in registers, engine.kernels.quant_gemm)."""
     compute = device.dtype or cost.compute_dtype
     upcast = cost.weight_dtype != compute
     flops = 2 * params * rows
+    bits = cost.bits(part)
+    if bits < 8 * min(DTYPE_BYTES.values()):
+        read = params * bits / 8
+        return max(flops / device.matmul_flops, read / device.mem_bandwidth) + (
+            rows * out_features * device.row_overhead_s if rows <= THIN_ROWS else 0.0)
     if rows <= THIN_ROWS:
         rate = (device.thin_matmul_flops or device.matmul_flops) if upcast else device.matmul_flops
         read = params * DTYPE_BYTES[cost.weight_dtype]
@@ -244,7 +283,8 @@ def layer_seconds(cost: ModelCost, device: DeviceInfo, batch: int, context_len: 
 
 
 def _thin(cost: ModelCost, device: DeviceInfo, batch: int) -> bool:
-    return batch <= THIN_ROWS and cost.weight_dtype != (device.dtype or cost.compute_dtype)
+    return (batch <= THIN_ROWS and cost.weight_dtype != (device.dtype or cost.compute_dtype)
+            and not cost.quantized_layers)
 
 
 class StageTime(NamedTuple):
@@ -270,7 +310,7 @@ def stage_seconds(cost: ModelCost, device: DeviceInfo, n_layers: int, *, first: 
     if last:
         sample_ops, sample_bytes = SAMPLING[cost.sampling]
         ops += HEAD_OPS + sample_ops + (2 if _thin(cost, device, batch) else 0)
-        extra += _matmul_seconds(cost, device, cost.head_params, cost.vocab_size, batch)
+        extra += _matmul_seconds(cost, device, cost.head_params, cost.vocab_size, batch, "head")
         extra += batch * 7 * cost.hidden_size * cb / bw  # the final norm
         extra += batch * cost.vocab_size * sample_bytes / bw
     host = ops * device.op_overhead_s

@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.model.checkpoint import resolve_formats, validate
 from engine.model.config import ModelConfig
+from engine.model.weight_formats import check_requested, layer_summary, parse_layer_formats
 from engine.placement import ModelCost, Plan, parse_devices, parse_layers, plan, share_host_memory
 
 
@@ -19,11 +21,13 @@ class PlanHere:
     max_model_len: int  # tokens of KV every stage holds
     context_len: int  # tokens each sequence attends to in the planned step
     plan: Plan
+    layer_formats: tuple[str, ...]  # per layer, what its products run at (engine.model.weight_formats.layer_summary)
 
 
 def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threads: int | None = None,
               memory_fraction: float = 0.9, batch_size: int = 64, context_len: int | None = None,
-              max_model_len: int | None = None, layers: str | None = None, block_size: int = 16) -> PlanHere:
+              max_model_len: int | None = None, layers: str | None = None, block_size: int = 16,
+              quantization: str = "auto", layer_quantization: str | None = None) -> PlanHere:
     """Raises ValueError or CheckpointError for what the caller gave, PlacementError when nothing fits."""
     import torch
 
@@ -31,6 +35,10 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
     from engine.placement.probe import describe_device
 
     cfg = ModelConfig.from_dir(model_dir)
+    # A config alone plans too (its weights taken to be floats); a checkpoint's stored formats count where it has them.
+    source = validate(model_dir, cfg) if _has_weights(Path(model_dir)) else None
+    formats = resolve_formats(source, cfg, check_requested(quantization),
+                              parse_layer_formats(layer_quantization, cfg.num_layers))
     requests = parse_devices(devices)
     split = parse_layers(layers)
     if batch_size < 1 or block_size < 1:
@@ -46,6 +54,11 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
         infos.append(describe_device(req, compute, threads, memory_fraction, weight_dtype=weights))
     share_host_memory(infos)
     compute, weights = first
-    result = plan(ModelCost.from_config(cfg, compute, weights), infos, batch_size=batch_size, context_len=context,
-                  kv_reserve_tokens=max_len, layers=split, block_size=block_size)
-    return PlanHere(Path(model_dir), cfg, compute, weights, max_len, context, result)
+    result = plan(ModelCost.from_config(cfg, compute, weights, formats=formats), infos, batch_size=batch_size,
+                  context_len=context, kv_reserve_tokens=max_len, layers=split, block_size=block_size)
+    return PlanHere(Path(model_dir), cfg, compute, weights, max_len, context, result,
+                    tuple(layer_summary(cfg.num_layers, formats, weights)))
+
+
+def _has_weights(model_dir: Path) -> bool:
+    return model_dir.suffix == ".gguf" or any(model_dir.glob("*.safetensors")) or any(model_dir.glob("*.gguf"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from engine.placement.cost import (DTYPE_BYTES, LinkSpeed, ModelCost, StageTime, kv_capacity_tokens, layer_seconds,
+from engine.placement.cost import (LinkSpeed, ModelCost, StageTime, kv_capacity_tokens, layer_seconds,
                                    link_between, stage_fits, stage_kv_bytes_per_token, stage_seconds,
                                    stage_weight_bytes)
 from engine.placement.devices import DeviceInfo
@@ -284,7 +284,7 @@ def _explain_no_fit(ctx: _Context) -> None:
     # Weights and KV at the model's dtypes; tied embeddings count twice when the first and last stages differ.
     weights = stage_weight_bytes(cost, L, True, True)
     if cost.tied_embeddings and P > 1:
-        weights += cost.embed_params * DTYPE_BYTES[cost.weight_dtype]
+        weights += cost.embed_bytes
     kv = reserve * L * cost.kv_bytes_per_token
     held = sum(d.memory for d in devices)
     if weights + kv > held:
