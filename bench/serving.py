@@ -88,7 +88,7 @@ async def drive(url: str, model: str, concurrency: int, max_tokens: int) -> dict
     ttfts = sorted(r.ttft for r in results if r.ttft == r.ttft)
     itls = sorted(x for r in results for x in r.itls)
     return {"tok_s": sum(r.tokens for r in results) / elapsed, "ttft_p50": pct(ttfts, 50), "ttft_p99": pct(ttfts, 99),
-            "itl_p50": pct(itls, 50), "itl_p99": pct(itls, 99)}
+            "itl_p50": pct(itls, 50), "itl_p99": pct(itls, 99), "itl_mean": sum(itls) / len(itls) if itls else 0.0}
 
 
 def pct(xs: list[float], p: float) -> float:

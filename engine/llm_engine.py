@@ -18,7 +18,8 @@ from batching.sequence import FinishReason, Sequence
 from engine.errors import CheckpointError
 from engine.model import checkpoint
 from engine.model.config import DTYPES, ModelConfig
-from engine.model.weight_formats import EMBEDDING, check_requested, layer_summary, parse_layer_formats
+from engine.model.weight_formats import (EMBEDDING, check_requested, dominant_quantized, layer_summary,
+                                         parse_layer_formats)
 from engine.outputs import SeqDelta, TokenLogprob
 from engine.pipeline.driver import Driver
 from engine.pipeline.messages import RENDEZVOUS_TIMEOUT_S, DescribeDevice, StageSpec
@@ -173,7 +174,8 @@ class LLMEngine:
             port = int(p)
         driver = Driver(devices, config.threads, config.workers, host, port, config.rendezvous_timeout_s)
         try:
-            ask = DescribeDevice(config.dtype_request, cfg.checkpoint_dtype, config.kv_cache_fraction)
+            ask = DescribeDevice(config.dtype_request, cfg.checkpoint_dtype, config.kv_cache_fraction,
+                                 dominant_quantized(self.weight_formats))
             infos = driver.describe(ask)
             share_host_memory(infos)
             compute, weights = resolve_dtypes(config.dtype_request, cfg.checkpoint_dtype, torch.device(infos[0].name))

@@ -39,6 +39,7 @@ class DescribeDevice:
     dtype: str  # requested: auto or a dtype name
     checkpoint_dtype: str
     memory_fraction: float  # share of free memory a stage may use when its device has no budget
+    weight_format: str | None = None  # the quantized format most layer products run at, whose speed is probed
 
 
 @dataclass(slots=True)

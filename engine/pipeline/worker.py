@@ -52,7 +52,7 @@ def serve(rank: int, world_size: int, request: DeviceRequest, threads: int | Non
     ask: DescribeDevice = transport.recv_obj(DRIVER_RANK)
     try:
         compute, weights = resolve_dtypes(ask.dtype, ask.checkpoint_dtype, torch.device(request.name))
-        info = describe_device(request, compute, threads, ask.memory_fraction, weights)
+        info = describe_device(request, compute, threads, ask.memory_fraction, weights, ask.weight_format)
     except Exception as e:  # reported to the driver, which fails start-up with this line
         transport.send_obj(Failed(f"{request.name}: {one_line(e)}"), DRIVER_RANK)
         return

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from engine.model.checkpoint import resolve_formats, validate
 from engine.model.config import ModelConfig
-from engine.model.weight_formats import check_requested, layer_summary, parse_layer_formats
+from engine.model.weight_formats import check_requested, dominant_quantized, layer_summary, parse_layer_formats
 from engine.placement import ModelCost, Plan, parse_devices, parse_layers, plan, share_host_memory
 
 
@@ -51,7 +51,8 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
     for req in requests:
         compute, weights = resolve_dtypes(dtype, cfg.checkpoint_dtype, torch.device(req.name))
         first = first or (compute, weights)
-        infos.append(describe_device(req, compute, threads, memory_fraction, weight_dtype=weights))
+        infos.append(describe_device(req, compute, threads, memory_fraction, weight_dtype=weights,
+                                     weight_format=dominant_quantized(formats)))
     share_host_memory(infos)
     compute, weights = first
     result = plan(ModelCost.from_config(cfg, compute, weights, formats=formats), infos, batch_size=batch_size,

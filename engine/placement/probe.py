@@ -17,16 +17,20 @@ from pathlib import Path
 
 import torch
 
-from engine.kernels import amx_gemm, build, half_gemm, layer_ops
+import numpy as np
+
+from engine.kernels import amx_gemm, build, half_gemm, layer_ops, quant_gemm
 from engine.kernels import paged_attention as paged_kernel
 from engine.model.attention import build_metadata, paged_attention
-from engine.model.linear import make_linear, product_path
+from engine.model.linear import QuantLinear, make_linear, product_path
+from engine.model.quantized import Codes, pack
+from engine.model.weight_formats import FORMATS
 from engine.paths import cache_root
 from engine.placement import GEMM_ROWS, SMALL_GEMM_ROWS, DeviceInfo, DeviceRequest, kv_cache_dtype
 from engine.placement.local_device import TORCH_DTYPES, available_memory
 
 PROFILE_ENV = "STRATA_DEVICE_PROFILE"
-CACHE_VERSION = 7
+CACHE_VERSION = 8
 
 # GEMM shapes: 64 rows like a decode batch (and 8, see SMALL_GEMM_ROWS); weights [out, in]. A GPU gets a large
 # model's MLP shape, so that the kernel, not its launch, is timed.
@@ -153,14 +157,50 @@ def _one_row(timer: _Timer, device: torch.device, dtype: torch.dtype,
     return per_weight, per_feature
 
 
-def _measure(device: torch.device, dtype: torch.dtype, weight_dtype: torch.dtype | None) -> dict[str, float | None]:
+def _quantized_products(timer: _Timer, device: torch.device, dtype: torch.dtype, rows: tuple[int, ...], out_f: int,
+                        in_f: int, fmt: str) -> list[float]:
+    """As _per_matrix, with the weights in a quantized format (engine.model.linear.QuantLinear)."""
+    weight_format = FORMATS[fmt]
+    g = np.random.default_rng(0)
+    per_super = -(-in_f // 256)
+    codes = Codes(weight_format, g.integers(0, 2 ** weight_format.bits, (out_f, in_f), dtype=np.uint8),
+                  np.full((out_f, per_super if weight_format.sub_scales else in_f // weight_format.group), 1e-3,
+                          dtype=np.float16), None, None, None)
+    if weight_format.has_min:
+        codes.dmin = codes.d.copy()
+    if weight_format.sub_scales:
+        groups = in_f // weight_format.group
+        codes.sc = np.ones((out_f, groups), dtype=np.int8)
+        codes.mn = np.full((out_f, groups), -1, dtype=np.int8) if weight_format.has_min else None
+    packed = pack(codes).to(device)
+    count = max(2, -(-working_set_bytes(device) // packed.nbytes))
+    products = [QuantLinear(packed if i == 0 else _copied(packed), None, dtype) for i in range(count)]
+    seconds = []
+    for n in rows:
+        x = torch.ones(n, in_f, dtype=dtype, device=device)
+        seconds.append(timer(lambda: [product(x) for product in products], 3) / len(products))
+    return seconds
+
+
+def _copied(w):
+    from dataclasses import replace
+
+    return replace(w, **{name: getattr(w, name).clone() for name in ("quants", "d", "dmin", "sc", "mn")
+                         if getattr(w, name) is not None})
+
+
+def _measure(device: torch.device, dtype: torch.dtype, weight_dtype: torch.dtype | None,
+             weight_format: str | None = None) -> dict[str, float | None]:
     timer = _Timer(device)
     # The per-op cost weighs most in a prediction (it is paid ~150 times per layer), so it is sampled between the
     # other measurements too: a passing slow spell of the machine does not then decide it.
     op_overhead = _op_overhead(device)
     rows, in_f, out_f = _CUDA_GEMM if device.type == "cuda" else _CPU_GEMM
     small = SMALL_GEMM_ROWS
-    wide_s, small_s = _per_matrix(timer, device, dtype, (rows, small), out_f, in_f, weight_dtype)
+    if weight_format is not None:  # the layers' products run at a quantized format: time those
+        wide_s, small_s = _quantized_products(timer, device, dtype, (rows, small), out_f, in_f, weight_format)
+    else:
+        wide_s, small_s = _per_matrix(timer, device, dtype, (rows, small), out_f, in_f, weight_dtype)
     matmul_flops = 2 * rows * in_f * out_f / wide_s
     small_gemm_flops = 2 * small * in_f * out_f / small_s
     op_overhead = min(op_overhead, _op_overhead(device))
@@ -243,8 +283,10 @@ def _profile_override(name: str) -> dict | None:
     return entry
 
 
-def probe_rates(name: str, dtype: str, threads: int | None, weight_dtype: str | None = None) -> dict[str, float | None]:
-    """Every figure the planner uses for the device, from STRATA_DEVICE_PROFILE, the cache, or a fresh probe."""
+def probe_rates(name: str, dtype: str, threads: int | None, weight_dtype: str | None = None,
+                weight_format: str | None = None) -> dict[str, float | None]:
+    """Every figure the planner uses for the device, from STRATA_DEVICE_PROFILE, the cache, or a fresh probe.
+    weight_format: the quantized format most of the layers' products run at, whose products are timed instead."""
     override = _profile_override(name)
     if override is not None:
         keys = ("matmul_flops", "small_gemm_flops", "mem_bandwidth", "op_overhead_s", "thin_matmul_flops",
@@ -266,18 +308,23 @@ def probe_rates(name: str, dtype: str, threads: int | None, weight_dtype: str | 
             key += "|" + build.library_name(kernel.SOURCE, kernel.FLAGS)
     if dtype == "float32" and paged_kernel.available(torch.empty((1, 1, 1, 1), device=device)):
         key += "|" + build.library_name(paged_kernel.SOURCE, paged_kernel.FLAGS)
+    if weight_format is not None:
+        key += "|" + weight_format
+        if quant_gemm.available(device):
+            key += "|" + build.library_name(quant_gemm.SOURCE, quant_gemm.FLAGS)
     path = cache_path()
     cache = _read_cache(path)
     if key in cache:
         return cache[key]
-    rates = measure_rates(device, dtype, threads, thin_dtype)
+    rates = measure_rates(device, dtype, threads, thin_dtype, weight_format)
     cache = _read_cache(path)  # another stage may have written meanwhile
     cache[key] = rates
     _write_cache(path, cache)
     return rates
 
 
-def measure_rates(device: torch.device, dtype: str, threads: int | None, weight_dtype: str | None) -> dict[str, float | None]:
+def measure_rates(device: torch.device, dtype: str, threads: int | None, weight_dtype: str | None,
+                  weight_format: str | None = None) -> dict[str, float | None]:
     """A fresh probe (about a second on a CPU), bypassing the cache: weight_dtype is given when it differs from dtype."""
     previous = torch.get_num_threads()
     if threads:
@@ -288,7 +335,8 @@ def measure_rates(device: torch.device, dtype: str, threads: int | None, weight_
     try:
         with current, torch.inference_mode():
             try:
-                return _measure(device, TORCH_DTYPES[dtype], TORCH_DTYPES[weight_dtype] if weight_dtype else None)
+                return _measure(device, TORCH_DTYPES[dtype], TORCH_DTYPES[weight_dtype] if weight_dtype else None,
+                                weight_format)
             finally:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()  # or the probe's buffers would count against the free memory read next
@@ -315,7 +363,7 @@ def _write_cache(path: Path, cache: dict) -> None:
 
 
 def describe_device(request: DeviceRequest, dtype: str, threads: int | None, memory_fraction: float = 0.9,
-                    weight_dtype: str | None = None) -> DeviceInfo:
+                    weight_dtype: str | None = None, weight_format: str | None = None) -> DeviceInfo:
     """What this process's device is worth to the planner. dtype: the compute dtype; weight_dtype: the weights'
     when they differ (a CPU without native half precision), so the half-precision thin path is timed too."""
     device = torch.device(request.name)
@@ -325,7 +373,7 @@ def describe_device(request: DeviceRequest, dtype: str, threads: int | None, mem
         if (device.index or 0) >= torch.cuda.device_count():
             raise RuntimeError(f"{request.name}: only {torch.cuda.device_count()} CUDA device(s) here")
         device = torch.device("cuda", device.index or 0)
-    rates = probe_rates(str(device), dtype, threads, weight_dtype)
+    rates = probe_rates(str(device), dtype, threads, weight_dtype, weight_format)
     memory = request.memory if request.memory is not None else int(available_memory(device) * memory_fraction)
     n_threads = (threads or torch.get_num_threads()) if device.type == "cpu" else None
     return DeviceInfo(
