@@ -331,7 +331,7 @@ def test_probe_results_are_cached_per_threads_and_dtype(tmp_path, monkeypatch):
     monkeypatch.setenv("STRATA_CACHE", str(tmp_path))
     calls = []
 
-    def fake(device, dtype, weight_dtype):
+    def fake(device, dtype, weight_dtype, weight_format=None):
         calls.append((str(dtype), str(weight_dtype)))
         return {"matmul_flops": 1e10 * len(calls), "mem_bandwidth": 1e10, "op_overhead_s": 1e-6,
                 "thin_matmul_flops": None, "row_overhead_s": 0.0, "attention_bandwidth": 1e9}
@@ -342,7 +342,16 @@ def test_probe_results_are_cached_per_threads_and_dtype(tmp_path, monkeypatch):
     probe.probe_rates("cpu", "float32", 2)
     probe.probe_rates("cpu", "float32", 1, "bfloat16")
     assert len(calls) == 3
+    probe.probe_rates("cpu", "float32", 1, "bfloat16", weight_format="q4_k")  # quantized products: timed apart
+    assert len(calls) == 4
     assert (tmp_path / "probe.json").is_file()
+
+
+def test_the_probe_times_quantized_products_through_the_engine_s_product():
+    from engine.placement import probe
+
+    rates = probe.measure_rates(torch.device("cpu"), "float32", 1, None, weight_format="q4_0")
+    assert rates["matmul_flops"] > 0 and rates["small_gemm_flops"] > 0
 
 
 # ---- strata plan --------------------------------------------------------------------------------------------------
