@@ -34,6 +34,9 @@ from engine.model.config import ModelConfig
 from engine.model.default_model import default_model
 from engine.model.stage_model import StageModel
 from engine.model.weight_formats import check_requested, describe_layers, layer_summary
+from engine.placement import kv_cache_dtype
+from engine.placement.local_device import TORCH_DTYPES, resolve_dtypes
+from tokenization import Tokenizer
 
 BLOCK = 16
 
@@ -68,8 +71,6 @@ def transformers_nll(model_dir: Path, gguf_file: str | None, chunks: list[list[i
 
 
 def strata_nll(model_path: Path, quantization: str, chunks: list[list[int]], dtype: str = "auto") -> tuple[float, int, str]:
-    from engine.placement.local_device import TORCH_DTYPES, resolve_dtypes
-
     cfg = ModelConfig.from_dir(model_path)
     source = tensor_source(model_path, cfg)
     formats = resolve_formats(source, cfg, check_requested(quantization), {})
@@ -78,8 +79,6 @@ def strata_nll(model_path: Path, quantization: str, chunks: list[list[int]], dty
     model = StageModel(cfg, source, range(cfg.num_layers), True, True, TORCH_DTYPES[compute], torch.device("cpu"),
                        window, TORCH_DTYPES[weights], formats=formats)
     blocks = -(-window // BLOCK)
-    from engine.placement import kv_cache_dtype
-
     kv = torch.zeros((cfg.num_layers, 2, blocks, BLOCK, cfg.num_kv_heads, cfg.head_dim),
                      dtype=TORCH_DTYPES[kv_cache_dtype(compute, weights)])
     total, count = 0.0, 0
@@ -118,7 +117,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from tokenization import Tokenizer
     from engine.model.gguf_checkpoint import metadata
 
     gguf = default_model()

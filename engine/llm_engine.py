@@ -175,7 +175,7 @@ class LLMEngine:
         driver = Driver(devices, config.threads, config.workers, host, port, config.rendezvous_timeout_s)
         try:
             ask = DescribeDevice(config.dtype_request, cfg.checkpoint_dtype, config.kv_cache_fraction,
-                                 dominant_quantized(self.weight_formats))
+                                 dominant_quantized(self.weight_formats, cfg.num_layers))
             infos = driver.describe(ask)
             share_host_memory(infos)
             compute, weights = resolve_dtypes(config.dtype_request, cfg.checkpoint_dtype, torch.device(infos[0].name))

@@ -347,10 +347,22 @@ def test_probe_results_are_cached_per_threads_and_dtype(tmp_path, monkeypatch):
     assert (tmp_path / "probe.json").is_file()
 
 
-def test_the_probe_times_quantized_products_through_the_engine_s_product():
+def test_the_probe_times_quantized_products_through_the_engine_s_product(monkeypatch):
+    from engine.model.linear import QuantLinear
     from engine.placement import probe
 
-    rates = probe.measure_rates(torch.device("cpu"), "float32", 1, None, weight_format="q4_0")
+    formats = []
+
+    class Counted(QuantLinear):
+        __slots__ = ()
+
+        def __call__(self, x):
+            formats.append(self.weight.fmt.name)
+            return super().__call__(x)
+
+    monkeypatch.setattr(probe, "QuantLinear", Counted)
+    rates = probe.measure_rates(torch.device("cpu"), "float32", 1, None, weight_format="q4_k")
+    assert set(formats) == {"q4_k"}
     assert rates["matmul_flops"] > 0 and rates["small_gemm_flops"] > 0
 
 

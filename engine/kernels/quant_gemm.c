@@ -7,6 +7,8 @@
  * multiplies bf16 weights: x rounded to bf16, sums in fp32. The expansion costs a few instructions per weight
  * whatever the batch; the arithmetic on the tiles is what a bf16 model's is.
  */
+#include <omp.h>
+
 #include "amx_tiles.h"
 
 typedef struct {
@@ -95,11 +97,7 @@ void quant_linear(const float *x, long m, long k, long x_row, const uint8_t *qua
 #pragma omp for schedule(static)
         for (long r = 0; r < mp; r += 16) round_rows(x, m, k, x_row, k, r, r + 16, a);
         configure_tiles();
-        uint16_t *wb = wbuf;
-#ifdef _OPENMP
-        extern int omp_get_thread_num(void);
-        wb += (long)omp_get_thread_num() * steps * 1024;
-#endif
+        uint16_t *wb = wbuf + (long)omp_get_thread_num() * steps * 1024; /* this thread's tiles */
         for (long m0 = 0; m0 < mp; m0 += ROW_CHUNK) {
             long m1 = m0 + ROW_CHUNK < mp ? m0 + ROW_CHUNK : mp;
 #pragma omp for schedule(static)

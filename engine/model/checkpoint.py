@@ -115,9 +115,9 @@ class SafetensorsSource:
         return f"{self.files[name]}: tensor {name!r}"
 
     def stored_type(self, name: str) -> str:
+        """The tensor's dtype as safetensors names it ("BF16", "F32"): the names GGUF's float types have too."""
         with safe_open(str(self.files[name]), framework="pt") as f:
-            dtype = f.get_slice(name).get_dtype()
-        return {"BF16": "BF16", "F16": "F16", "F32": "F32"}.get(dtype, dtype)
+            return f.get_slice(name).get_dtype()
 
     def read(self, name: str) -> torch.Tensor:
         # Opened per read: an open safetensors file is mapped, and every page read would stay resident until it

@@ -38,9 +38,15 @@ class QuantizedWeight:
                    if t is not None)
 
     def to(self, device: torch.device) -> QuantizedWeight:
-        move = (lambda t: t.to(device) if t is not None else None)
-        return QuantizedWeight(self.fmt, self.out_features, self.in_features, move(self.quants), move(self.d),
-                               move(self.dmin), move(self.sc), move(self.mn))
+        return self._map(lambda t: t.to(device))
+
+    def clone(self) -> QuantizedWeight:
+        return self._map(torch.clone)
+
+    def _map(self, fn) -> QuantizedWeight:
+        each = (lambda t: fn(t) if t is not None else None)
+        return QuantizedWeight(self.fmt, self.out_features, self.in_features, each(self.quants), each(self.d),
+                               each(self.dmin), each(self.sc), each(self.mn))
 
 
 @dataclass(slots=True)
@@ -105,6 +111,19 @@ def from_ggml(fmt: WeightFormat, data: np.ndarray, shape: tuple[int, int]) -> Co
         return Codes(fmt, q.reshape(n, k), f16(blocks[..., 208:210]), None,
                      blocks[..., 192:208].view(np.int8).reshape(n, -1), None)
     raise ValueError(f"no GGUF reader for {fmt.name}")
+
+
+def synthetic(fmt: WeightFormat, n: int, k: int, seed: int = 0) -> Codes:
+    """An [n, k] matrix of random codes at small scales: weights to time a format's products with, made in
+    milliseconds where quantizing a float matrix would take seconds."""
+    g = np.random.default_rng(seed)
+    groups = k // fmt.group
+    scales = -(-k // SUPER_BLOCK) if fmt.sub_scales else groups
+    d = np.full((n, scales), 1e-3, dtype=np.float16)
+    sc = np.ones((n, groups), dtype=np.int8) if fmt.sub_scales else None
+    mn = -sc if fmt.sub_scales and fmt.has_min else None
+    return Codes(fmt, g.integers(0, 2**fmt.bits, (n, k), dtype=np.uint8), d, d.copy() if fmt.has_min else None,
+                 sc, mn)
 
 
 # ---- float weights -> codes ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ elementwise steps between them (engine.model.layer_ops).
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 
@@ -51,16 +52,20 @@ class Products:
         return SplitLinear(parts)
 
     def _one(self, names: list[str], fmt: str | None, bias: torch.Tensor | None):
-        at_weight_dtype = sum(math.prod(self.read.shapes[n]) for n in names) * self.weight_dtype.itemsize
+        numel = sum(math.prod(self.read.shapes[n]) for n in names)
+        # What StageModel counted for these weights up front: the weight dtype, and an fp32 copy where wide_copy.
+        counted = numel * (self.weight_dtype.itemsize + (4 if self.wide_copy else 0))
         target = FORMATS[fmt] if fmt else None
         if target is not None and target.quantized:
             weight = self.read.quantized(names, target)
-            self.bytes_saved += at_weight_dtype - weight.nbytes
+            self.bytes_saved += counted - weight.nbytes
             return QuantLinear(weight, bias, self.compute_dtype)
         dtype = getattr(torch, fmt) if fmt else self.weight_dtype
         weight = self.read.fused(names, dtype) if len(names) > 1 else self.read(names[0], dtype)
-        self.bytes_saved += at_weight_dtype - weight.numel() * weight.element_size()
-        return make_linear(weight, bias, self.compute_dtype, self.scratch, self.wide_copy)
+        linear = make_linear(weight, bias, self.compute_dtype, self.scratch, self.wide_copy)
+        wide = getattr(linear, "wide", None)
+        self.bytes_saved += counted - numel * weight.element_size() - (wide.nbytes if wide is not None else 0)
+        return linear
 
 
 class DecoderLayer:

@@ -179,13 +179,15 @@ def layer_summary(num_layers: int, formats: dict[str, str], weight_dtype: str) -
     return ["+".join(s) for s in seen]
 
 
-def dominant_quantized(formats: dict[str, str]) -> str | None:
-    """The quantized format most of the layers' products run at (None where most run at a float dtype): the one
-    whose speed the probe times."""
+def dominant_quantized(formats: dict[str, str], num_layers: int) -> str | None:
+    """The quantized format at least half of the layers' products run at (None where none does): the one whose
+    speed the probe times."""
     counts: dict[str, int] = {}
-    for name, fmt in formats.items():
-        if name.startswith("model.layers."):
-            counts[fmt] = counts.get(fmt, 0) + 1
-    layer_products = sum(counts.values())
+    layer_products = 0
+    for name, layer in product_names(num_layers, True).items():
+        if layer is not None:
+            layer_products += 1
+            if name in formats:
+                counts[formats[name]] = counts.get(formats[name], 0) + 1
     best = max(counts, key=counts.get, default=None)
     return best if best is not None and FORMATS[best].quantized and 2 * counts[best] >= layer_products else None

@@ -145,9 +145,9 @@ class ModelCost:
         value = {"layer": self.layer_bits, "embed": self.embed_bits, "head": self.head_bits}[part]
         return value if value is not None else 8.0 * DTYPE_BYTES[self.weight_dtype]
 
-    @property
-    def quantized_layers(self) -> bool:
-        return self.bits("layer") < 8 * min(DTYPE_BYTES.values())
+    def quantized(self, part: str) -> bool:
+        """Whether "layer", "embed" or "head" runs (mostly) at a quantized format: fewer bits than any float."""
+        return self.bits(part) < 8 * min(DTYPE_BYTES.values())
 
     # The figures at the model's own dtypes.
     @property
@@ -237,24 +237,20 @@ def kv_capacity_tokens(cost: ModelCost, device: DeviceInfo, n_layers: int, first
 def _matmul_seconds(cost: ModelCost, device: DeviceInfo, params: int, out_features: int, rows: int,
                     part: str = "layer") -> float:
     """Products over `params` weights for `rows` rows: whichever binds, arithmetic or streaming the weights; one-row
-    products (GEMVs) also pay per output feature. Quantized weights are read at their format's size whatever the
-    rows (they are expanded in registers, engine.kernels.quant_gemm)."""
+    products (GEMVs) also pay per output feature. Quantized weights take the wide path at every row count, read at
+    their format's size (expanded in registers, engine.kernels.quant_gemm; the probe timed that product)."""
     compute = device.dtype or cost.compute_dtype
     upcast = cost.weight_dtype != compute
     flops = 2 * params * rows
-    bits = cost.bits(part)
-    if bits < 8 * min(DTYPE_BYTES.values()):
-        read = params * bits / 8
-        return max(flops / device.matmul_flops, read / device.mem_bandwidth) + (
-            rows * out_features * device.row_overhead_s if rows <= THIN_ROWS else 0.0)
-    if rows <= THIN_ROWS:
+    quantized = cost.quantized(part)
+    if rows <= THIN_ROWS and not quantized:
         rate = (device.thin_matmul_flops or device.matmul_flops) if upcast else device.matmul_flops
         read = params * DTYPE_BYTES[cost.weight_dtype]
         return max(flops / rate, read / device.mem_bandwidth) + rows * out_features * device.row_overhead_s
     # Wide steps with half-precision weights read them at fp32 size on torch's kernels (engine.model.linear keeps an fp32
     # copy) and at half size on the engine's own (engine.kernels.half_gemm); arithmetic binds them either way, and the
     # probe timed whichever product this device runs.
-    read = params * DTYPE_BYTES[compute if upcast else cost.weight_dtype]
+    read = params * (cost.bits(part) / 8 if quantized else DTYPE_BYTES[compute if upcast else cost.weight_dtype])
     compute_s = flops / device.matmul_flops
     if rows < GEMM_ROWS and device.small_gemm_flops:
         # Up to 8 rows a product costs about what 8 do; from 8 to 64 rows the time grows linearly.
@@ -284,7 +280,7 @@ def layer_seconds(cost: ModelCost, device: DeviceInfo, batch: int, context_len: 
 
 def _thin(cost: ModelCost, device: DeviceInfo, batch: int) -> bool:
     return (batch <= THIN_ROWS and cost.weight_dtype != (device.dtype or cost.compute_dtype)
-            and not cost.quantized_layers)
+            and not cost.quantized("layer"))
 
 
 class StageTime(NamedTuple):

@@ -52,7 +52,7 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
         compute, weights = resolve_dtypes(dtype, cfg.checkpoint_dtype, torch.device(req.name))
         first = first or (compute, weights)
         infos.append(describe_device(req, compute, threads, memory_fraction, weight_dtype=weights,
-                                     weight_format=dominant_quantized(formats)))
+                                     weight_format=dominant_quantized(formats, cfg.num_layers)))
     share_host_memory(infos)
     compute, weights = first
     result = plan(ModelCost.from_config(cfg, compute, weights, formats=formats), infos, batch_size=batch_size,

@@ -17,13 +17,11 @@ from pathlib import Path
 
 import torch
 
-import numpy as np
-
 from engine.kernels import amx_gemm, build, half_gemm, layer_ops, quant_gemm
 from engine.kernels import paged_attention as paged_kernel
 from engine.model.attention import build_metadata, paged_attention
 from engine.model.linear import QuantLinear, make_linear, product_path
-from engine.model.quantized import Codes, pack
+from engine.model.quantized import pack, synthetic
 from engine.model.weight_formats import FORMATS
 from engine.paths import cache_root
 from engine.placement import GEMM_ROWS, SMALL_GEMM_ROWS, DeviceInfo, DeviceRequest, kv_cache_dtype
@@ -159,34 +157,15 @@ def _one_row(timer: _Timer, device: torch.device, dtype: torch.dtype,
 
 def _quantized_products(timer: _Timer, device: torch.device, dtype: torch.dtype, rows: tuple[int, ...], out_f: int,
                         in_f: int, fmt: str) -> list[float]:
-    """As _per_matrix, with the weights in a quantized format (engine.model.linear.QuantLinear)."""
-    weight_format = FORMATS[fmt]
-    g = np.random.default_rng(0)
-    per_super = -(-in_f // 256)
-    codes = Codes(weight_format, g.integers(0, 2 ** weight_format.bits, (out_f, in_f), dtype=np.uint8),
-                  np.full((out_f, per_super if weight_format.sub_scales else in_f // weight_format.group), 1e-3,
-                          dtype=np.float16), None, None, None)
-    if weight_format.has_min:
-        codes.dmin = codes.d.copy()
-    if weight_format.sub_scales:
-        groups = in_f // weight_format.group
-        codes.sc = np.ones((out_f, groups), dtype=np.int8)
-        codes.mn = np.full((out_f, groups), -1, dtype=np.int8) if weight_format.has_min else None
-    packed = pack(codes).to(device)
+    """As _per_matrix, with the weights in a quantized format, multiplied as the engine does (QuantLinear)."""
+    packed = pack(synthetic(FORMATS[fmt], out_f, in_f)).to(device)
     count = max(2, -(-working_set_bytes(device) // packed.nbytes))
-    products = [QuantLinear(packed if i == 0 else _copied(packed), None, dtype) for i in range(count)]
+    products = [QuantLinear(packed if i == 0 else packed.clone(), None, dtype) for i in range(count)]
     seconds = []
     for n in rows:
         x = torch.ones(n, in_f, dtype=dtype, device=device)
         seconds.append(timer(lambda: [product(x) for product in products], 3) / len(products))
     return seconds
-
-
-def _copied(w):
-    from dataclasses import replace
-
-    return replace(w, **{name: getattr(w, name).clone() for name in ("quants", "d", "dmin", "sc", "mn")
-                         if getattr(w, name) is not None})
 
 
 def _measure(device: torch.device, dtype: torch.dtype, weight_dtype: torch.dtype | None,
