@@ -20,7 +20,7 @@ SUPER_BLOCK = 256  # inputs per super-block of the K-quants
 @dataclass(frozen=True, slots=True)
 class WeightFormat:
     name: str  # as users write it: "q4_k", "bfloat16"
-    ggml_type: str | None  # the GGUF tensor type it reads natively ("Q4_K"); None for float formats
+    ggml_type: str  # the GGUF tensor type it reads natively ("Q4_K"; safetensors names its floats alike)
     bits: int  # bits per stored value: 16/32 for float formats
     group: int = 0  # inputs per scale
     zero: int = 0
@@ -29,7 +29,7 @@ class WeightFormat:
 
     @property
     def quantized(self) -> bool:
-        return self.ggml_type is not None and self.group > 0
+        return self.group > 0
 
     @property
     def bits_per_weight(self) -> float:
@@ -65,13 +65,6 @@ QUANTIZE_AT_LOAD = ("q8_0", "q4_0", "q4_1", "q4_k")
 ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 # --quantization's own words: keep each tensor as the checkpoint stores it; dequantize everything.
 AUTO, NONE = "auto", "none"
-
-
-def format_named(name: str) -> WeightFormat:
-    key = ALIASES.get(name.lower(), name.lower())
-    if key not in FORMATS:
-        raise ValueError(f"unknown weight format {name!r} (known: {', '.join(FORMATS)})")
-    return FORMATS[key]
 
 
 def by_ggml_type(ggml_type: str) -> WeightFormat | None:
@@ -139,19 +132,19 @@ def product_names(num_layers: int, tied: bool) -> dict[str, int | None]:
 EMBEDDING = "model.embed_tokens.weight"
 
 
-def tensor_formats(products: dict[str, int | None], in_features: dict[str, int], stored: dict[str, str | None],
+def tensor_formats(products: dict[str, int | None], in_features: dict[str, int], stored: dict[str, str],
                    quantization: str, per_layer: dict[int, str], tied: bool) -> dict[str, str]:
     """Which tensors do not run at the stage's own weight dtype, and what they run at.
 
-    products: product_names(); in_features: each product's input size; stored: each tensor's stored type (a GGUF
-    type such as "Q4_K", or a float format name; None where it has no native kernel and is dequantized at load).
+    products: product_names(); in_features: each product's input size; stored: each tensor's stored type ("Q4_K",
+    "BF16"; absent for a config alone). A type not in FORMATS has no kernel and is dequantized at load.
     A layer runs at per_layer's format where named, else at `quantization`'s, the LM head at `quantization`'s:
     auto keeps what the checkpoint stores where a kernel runs it, none dequantizes. An untied embedding stays
     quantized where stored so (its rows decode on lookup), and is never quantized at load."""
     out: dict[str, str] = {}
     for name, layer in products.items():
         requested = per_layer.get(layer, quantization) if layer is not None else quantization
-        native = by_ggml_type(stored[name]) if stored.get(name) else None
+        native = by_ggml_type(stored.get(name, ""))
         if requested == AUTO:
             if native is not None and native.quantized:
                 out[name] = native.name
@@ -161,8 +154,8 @@ def tensor_formats(products: dict[str, int | None], in_features: dict[str, int],
                 raise ValueError(f"{name}: {fmt.name} needs an input size that is a multiple of {fmt.input_multiple}, "
                                  f"and this matrix has {in_features[name]}")
             out[name] = fmt.name
-    if not tied and quantization == AUTO and stored.get(EMBEDDING):
-        native = by_ggml_type(stored[EMBEDDING])
+    if not tied and quantization == AUTO:
+        native = by_ggml_type(stored.get(EMBEDDING, ""))
         if native is not None and native.quantized:
             out[EMBEDDING] = native.name
     return out
