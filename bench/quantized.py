@@ -70,10 +70,12 @@ def measure(name: str, cmd: list[str], port: int, model: str, levels: list[int],
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--llama-server", required=True, help="path to llama.cpp's llama-server binary")
+    ap.add_argument("--llama-server", default="llama-server", help="path to llama.cpp's llama-server binary")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--servers", nargs="+", default=["strata-q4_1", "llama.cpp", "strata-bf16"],
+                    help="which of the three to run (default: all)")
     ap.add_argument("--context", type=int, default=512, help="tokens per sequence (per slot for llama-server)")
     args = ap.parse_args()
     gguf = default_model()
@@ -91,6 +93,8 @@ def main() -> None:
             ("strata bf16", [*strata, "--model", str(copy), "--served-model-name", name], name),
         ]
         for label, cmd, model in runs:
+            if label.replace(" ", "-") not in args.servers:
+                continue
             port = free_port()
             try:
                 results[label] = measure(label.replace(" ", "-"), [*cmd, "--port", str(port)], port, model,

@@ -80,7 +80,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str, i: i
 
 async def drive(url: str, model: str, concurrency: int, max_tokens: int) -> dict:
     timeout = aiohttp.ClientTimeout(total=3600)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0, force_close=True)) as session:
         await asyncio.gather(*(one_request(session, url, model, 10_000 + i, 8) for i in range(min(4, concurrency))))
         t0 = time.perf_counter()
         results = await asyncio.gather(*(one_request(session, url, model, i, max_tokens) for i in range(concurrency)))

@@ -68,7 +68,7 @@ def test_greedy_output_equals_transformers_on_the_dequantized_file(gguf, referen
     tok = reference_tokenizer
     prompts = [_ids(tok.apply_chat_template(QUESTION, add_generation_prompt=True)),
                *(tok(p).input_ids for p in PROMPTS)]
-    with LLM(gguf, num_kv_blocks=256, max_model_len=512, quantization="none") as llm:
+    with LLM(gguf, num_kv_blocks=256, max_model_len=512, quantization="none", dtype="float32") as llm:
         ours = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0))]
     assert "Paris" in tok.decode(ours[0])
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()

@@ -54,28 +54,33 @@ def test_gguf_blocks_unpack_to_exactly_what_ggml_dequantizes(name):
 
 
 @pytest.mark.parametrize("name", QUANTIZED)
-@pytest.mark.parametrize("rows", [1, 5, 40])
-def test_products_match_a_bf16_product_of_the_dequantized_weights(name, rows):
+@pytest.mark.parametrize("rows", [1, 5, quant_gemm.DOT_ROWS, quant_gemm.DOT_ROWS + 1, 40])
+def test_products_match_the_dequantized_weights(name, rows):
     n, k = 70, 512
     packed = quantized.pack(quantized.from_ggml(FORMATS[name], random_blocks(name, n, k, seed=rows), (n, k)))
     weight = quantized.dequantize(packed)
     bias = torch.randn(n)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
-    # The kernel rounds inputs and weights to bf16 and sums in fp32, as a bf16 model's products do.
-    want = F.linear(x.bfloat16().float(), weight.bfloat16().float(), bias)
+    exact = F.linear(x.double(), weight.double(), bias.double()).float()
     linear = QuantLinear(packed, bias, torch.float32)
     if quant_gemm.available(torch.device("cpu")):
-        assert linear.kernel
-        torch.testing.assert_close(linear(x), want, rtol=1e-4, atol=1e-3 * want.abs().max().item())
+        assert linear.kernel is not None
+        if rows <= quant_gemm.DOT_ROWS:
+            # int16 inputs per 32 (a relative step of 1/32767 of the block's largest), exact weights, fp32 sums.
+            torch.testing.assert_close(linear(x), exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
+        else:
+            # The tiles round inputs and weights to bf16 and sum in fp32, as a bf16 model's products do.
+            want = F.linear(x.bfloat16().float(), weight.bfloat16().float(), bias)
+            torch.testing.assert_close(linear(x), want, rtol=1e-4, atol=1e-3 * want.abs().max().item())
     # The portable path (other CPUs, GPUs): dequantize the layer and multiply at the activations' dtype.
-    linear.kernel = False
+    linear.kernel = None
     torch.testing.assert_close(linear(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
 
 
 def test_the_portable_path_runs_on_the_activations_dtype():
     packed = quantized.pack(quantized.quantize(torch.randn(64, 256), FORMATS["q4_k"]))
     linear = QuantLinear(packed, None, torch.bfloat16)
-    assert not linear.kernel  # the kernel takes fp32 activations
+    assert linear.kernel is None  # the kernel takes fp32 activations
     x = torch.randn(3, 256).bfloat16()
     out = linear(x)
     assert out.dtype == torch.bfloat16
@@ -114,9 +119,11 @@ def test_q4_k_takes_a_partial_last_super_block(k):
     packed = quantized.pack(quantized.quantize(w, FORMATS["q4_k"]))
     back = quantized.dequantize(packed)
     assert float((back - w).norm() / w.norm()) < 0.1
-    x = torch.randn(3, k)
     linear = QuantLinear(packed, None, torch.float32)
-    torch.testing.assert_close(linear(x), F.linear(x.bfloat16().float(), back.bfloat16().float()), rtol=1e-4,
+    few, many = torch.randn(3, k), torch.randn(quant_gemm.DOT_ROWS + 4, k)  # the dot products, the tiles
+    exact = F.linear(few, back)
+    torch.testing.assert_close(linear(few), exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
+    torch.testing.assert_close(linear(many), F.linear(many.bfloat16().float(), back.bfloat16().float()), rtol=1e-4,
                                atol=1e-3)
 
 

@@ -1,13 +1,21 @@
-/* y[M, N] = x[M, K] @ W^T (+ bias), x and y fp32, W quantized (engine.model.quantized's layout), on the tile units
- * of x86-64 CPUs with AMX-BF16.
+/* y[M, N] = x[M, K] @ W^T (+ bias), x and y fp32, W quantized (engine.model.quantized's layout), on x86-64 CPUs
+ * with AMX-BF16 (which all have AVX512-VNNI).
  *
- * A decode step streams every weight once, so what bounds it is the bytes read: 4-6 bits a weight here against
- * 16 for bf16. Each 32-feature block of W is expanded in registers into bf16 tiles in a per-thread buffer that
- * stays in L2 (w = d * sc * (q - zero) + dmin * mn, rounded to bf16 once), then multiplied as amx_gemm.c
- * multiplies bf16 weights: x rounded to bf16, sums in fp32. The expansion costs a few instructions per weight
- * whatever the batch; the arithmetic on the tiles is what a bf16 model's is.
+ * A decode step streams every weight once, so what bounds it is the bytes read: 4-8.5 bits a weight here against
+ * 16 for bf16. Two paths, by the number of rows:
+ * - up to GEMV_ROWS rows (a decode step of few sequences), a dot product in int16 on the vector units: each row
+ *   of x is quantized to int16 per 32 inputs (a scale of max|x| / 32767: finer than bf16's 8 bits), each tile row
+ *   of W widened to int16 in registers, and `vpdpwssd` sums the pairs of inputs the layout keeps together into
+ *   each feature's int32; per group of inputs the sum is scaled once in fp32:
+ *   sum_i w_i x_i = xs * (d * sc * sum_i q_i xq_i + (dmin * mn - d * sc * zero) * sum_i xq_i).
+ *   A few instructions per 32 weights, so memory, not arithmetic, bounds the product;
+ * - above that, each 32-feature block of W is expanded in registers into bf16 tiles in a per-thread buffer that
+ *   stays in L2 (w = d * sc * (q - zero) + dmin * mn, rounded to bf16 once), then multiplied as amx_gemm.c
+ *   multiplies bf16 weights: x rounded to bf16, sums in fp32. The expansion costs a few instructions per weight
+ *   whatever the batch; the arithmetic on the tiles is what a bf16 model's is.
  */
 #include <omp.h>
+#include <stdlib.h>
 
 #include "amx_tiles.h"
 
@@ -15,10 +23,10 @@ typedef struct {
     int bits, group, zero, sub_scales;
 } qformat;
 
-/* Per-lane scale and offset of one tile's 16 features for one group of inputs, laid out as a tile row's two
- * halves use them: half h holds features 8h..8h+7, each twice (its two inputs). */
-static inline void group_scales(const qformat *f, const uint16_t *d, const uint16_t *dmin, const int8_t *sc,
-                                const int8_t *mn, __m512 *s0, __m512 *s1, __m512 *o0, __m512 *o1) {
+/* One tile's 16 features' scale and offset for one group of inputs, feature f in lane f: w = scale * q + offset
+ * (the format's zero folded into the offset). */
+static inline void group_params(const qformat *f, const uint16_t *d, const uint16_t *dmin, const int8_t *sc,
+                                const int8_t *mn, __m512 *scale_out, __m512 *offset_out) {
     __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)d));
     __m512 offset = dmin ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dmin)) : _mm512_setzero_ps();
     if (f->sub_scales) {
@@ -26,7 +34,16 @@ static inline void group_scales(const qformat *f, const uint16_t *d, const uint1
         if (dmin)
             offset = _mm512_mul_ps(offset, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)mn))));
     }
-    offset = _mm512_fnmadd_ps(scale, _mm512_set1_ps((float)f->zero), offset);
+    *scale_out = scale;
+    *offset_out = _mm512_fnmadd_ps(scale, _mm512_set1_ps((float)f->zero), offset);
+}
+
+/* The same, laid out as a tile row's two halves use them: half h holds features 8h..8h+7, each twice (its two
+ * inputs). */
+static inline void group_scales(const qformat *f, const uint16_t *d, const uint16_t *dmin, const int8_t *sc,
+                                const int8_t *mn, __m512 *s0, __m512 *s1, __m512 *o0, __m512 *o1) {
+    __m512 scale, offset;
+    group_params(f, d, dmin, sc, mn, &scale, &offset);
     const __m512i lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
     const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
     *s0 = _mm512_permutexvar_ps(lo, scale);
@@ -84,14 +101,152 @@ static void expand_block(const qformat *f, long b, long steps, const uint8_t *qu
     }
 }
 
-/* x: [m, k] fp32, rows x_row floats apart, k a multiple of 32; quants, d, dmin, sc, mn: the packed weight (dmin,
- * sc, mn NULL where the format has none); a: scratch for x in bf16, [m rounded up to 16][k]; wbuf: threads x
- * (k / 32) x 1024 bf16; y: [m, n]; bias: [n] or NULL. */
-void quant_linear(const float *x, long m, long k, long x_row, const uint8_t *quants, const uint16_t *d,
-                  const uint16_t *dmin, const int8_t *sc, const int8_t *mn, int bits, int group, int zero,
-                  int sub_scales, long n, const float *bias, uint16_t *a, uint16_t *wbuf, float *y, int threads) {
-    qformat f = {bits, group, zero, sub_scales};
-    long steps = k / 32, mp = (m + 15) / 16 * 16, blocks = (n + 31) / 32;
+/* ---- few rows: int16 dot products ---------------------------------------------------------------------------- */
+
+#define GEMV_ROWS 4 /* rows of x per pass over a block's weights, its accumulators in registers */
+
+/* A tile row's 32 values as int16 in value order: features 0-15, each its two inputs. */
+static inline __m512i decode_row16(int bits, const uint8_t *row) {
+    if (bits == 8)
+        return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)row));
+    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)row));
+    __m256i lo = _mm256_and_si256(v, _mm256_set1_epi16(0x0F)), hi = _mm256_srli_epi16(v, 4);
+    __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    if (bits == 6) { /* value i + 8j has its top two bits in byte i of the row's last 8, at bit 2j */
+        static const int16_t shifts[32] __attribute__((aligned(64))) = {
+            0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2, 4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6};
+        long long top;
+        memcpy(&top, row + 16, sizeof top);
+        __m512i h = _mm512_cvtepu8_epi16(_mm256_set1_epi64x(top)); /* lane j: byte j % 8 */
+        h = _mm512_and_si512(_mm512_srlv_epi16(h, _mm512_load_si512(shifts)), _mm512_set1_epi16(3));
+        w = _mm512_or_si512(w, _mm512_slli_epi16(h, 4));
+    }
+    return w;
+}
+
+/* Each row of x as int16 per step of 32 inputs (xq: [m, k]), the step's scale (xs: [m, steps]) and the sums of
+ * its two halves of 16 (xsum: [m, steps, 2]). */
+static void quantize_rows(const float *x, long m, long k, long x_row, int16_t *xq, float *xs, int32_t *xsum) {
+    const long steps = k / 32;
+    for (long r = 0; r < m; r++)
+        for (long s = 0; s < steps; s++) {
+            const float *src = x + r * x_row + s * 32;
+            __m512 v0 = _mm512_loadu_ps(src), v1 = _mm512_loadu_ps(src + 16);
+            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            __m512 inv = _mm512_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+            __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+            _mm256_storeu_si256((__m256i *)(xq + r * k + s * 32), _mm512_cvtsepi32_epi16(i0));
+            _mm256_storeu_si256((__m256i *)(xq + r * k + s * 32 + 16), _mm512_cvtsepi32_epi16(i1));
+            xs[r * steps + s] = amax / 32767.0f;
+            xsum[(r * steps + s) * 2] = _mm512_reduce_add_epi32(i0);
+            xsum[(r * steps + s) * 2 + 1] = _mm512_reduce_add_epi32(i1);
+        }
+}
+
+/* Rows [r0, r0 + rows) of x (rows <= GEMV_ROWS, a constant where inlined) against block b of W, into y. */
+static inline __attribute__((always_inline)) void gemv_rows(
+        const qformat *f, long b, long steps, long k, const uint8_t *quants, const uint16_t *d, const uint16_t *dmin,
+        const int8_t *sc, const int8_t *mn, const int16_t *xq, const float *xs, const int32_t *xsum, long r0,
+        const int rows, float *y, long n, const float *bias) {
+    const long row_bytes = 4 * f->bits, groups_per_step = 32 / f->group, groups = steps * groups_per_step;
+    const long scale_groups = f->sub_scales ? (steps * 32 + 255) / 256 : groups;
+    const int rows_per_group = 16 / groups_per_step;
+    __m512 acc[2][GEMV_ROWS];
+    for (int t = 0; t < 2; t++)
+        for (int i = 0; i < rows; i++) acc[t][i] = _mm512_setzero_ps();
+    for (long s = 0; s < steps; s++) {
+        for (int t = 0; t < 2; t++) {
+            const uint8_t *q = quants + ((b * steps + s) * 32 + t * 16) * row_bytes;
+            for (long g = 0; g < groups_per_step; g++) {
+                long gi = s * groups_per_step + g, di = f->sub_scales ? s * 32 / 256 : gi;
+                long at = (b * scale_groups + di) * 32 + t * 16, sub = (b * groups + gi) * 32 + t * 16;
+                __m512i dot[GEMV_ROWS];
+                for (int i = 0; i < rows; i++) dot[i] = _mm512_setzero_si512();
+                for (int r = g * rows_per_group; r < (g + 1) * rows_per_group; r++) {
+                    __m512i w = decode_row16(f->bits, q + r * row_bytes);
+                    for (int i = 0; i < rows; i++) { /* inputs 2r and 2r + 1 of the step, as one int32 */
+                        int32_t pair;
+                        memcpy(&pair, xq + (r0 + i) * k + s * 32 + 2 * r, sizeof pair);
+                        dot[i] = _mm512_dpwssd_epi32(dot[i], w, _mm512_set1_epi32(pair));
+                    }
+                }
+                __m512 scale, offset;
+                group_params(f, d + at, dmin ? dmin + at : 0, sc ? sc + sub : 0, mn ? mn + sub : 0, &scale, &offset);
+                for (int i = 0; i < rows; i++) {
+                    const int32_t *sums = xsum + ((r0 + i) * steps + s) * 2;
+                    float sum = groups_per_step == 1 ? (float)(sums[0] + sums[1]) : (float)sums[g];
+                    __m512 part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), scale,
+                                                  _mm512_mul_ps(offset, _mm512_set1_ps(sum)));
+                    acc[t][i] = _mm512_fmadd_ps(part, _mm512_set1_ps(xs[(r0 + i) * steps + s]), acc[t][i]);
+                }
+            }
+        }
+    }
+    for (int t = 0; t < 2; t++) {
+        long f0 = b * 32 + t * 16, cols = n - f0 < 16 ? n - f0 : 16;
+        if (cols <= 0) continue;
+        __mmask16 mask = cols == 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
+        __m512 add = bias ? _mm512_maskz_loadu_ps(mask, bias + f0) : _mm512_setzero_ps();
+        for (int i = 0; i < rows; i++)
+            _mm512_mask_storeu_ps(y + (r0 + i) * n + f0, mask, _mm512_add_ps(acc[t][i], add));
+    }
+}
+
+static void gemv_block(const qformat *f, long b, long steps, long k, const uint8_t *quants, const uint16_t *d,
+                       const uint16_t *dmin, const int8_t *sc, const int8_t *mn, const int16_t *xq, const float *xs,
+                       const int32_t *xsum, long m, float *y, long n, const float *bias) {
+    for (long r0 = 0; r0 < m; r0 += GEMV_ROWS) {
+        switch (m - r0 < GEMV_ROWS ? m - r0 : GEMV_ROWS) {
+        case 1: gemv_rows(f, b, steps, k, quants, d, dmin, sc, mn, xq, xs, xsum, r0, 1, y, n, bias); break;
+        case 2: gemv_rows(f, b, steps, k, quants, d, dmin, sc, mn, xq, xs, xsum, r0, 2, y, n, bias); break;
+        case 3: gemv_rows(f, b, steps, k, quants, d, dmin, sc, mn, xq, xs, xsum, r0, 3, y, n, bias); break;
+        default: gemv_rows(f, b, steps, k, quants, d, dmin, sc, mn, xq, xs, xsum, r0, GEMV_ROWS, y, n, bias);
+        }
+    }
+}
+
+/* A quantized weight as engine.kernels.quant_gemm describes it once: the packed tensors (dmin, sc, mn NULL where
+ * the format has none), the bias (or NULL) and the shape. */
+typedef struct {
+    const uint8_t *quants;
+    const uint16_t *d, *dmin;
+    const int8_t *sc, *mn;
+    const float *bias;
+    long n, k;
+    int bits, group, zero, sub_scales;
+} qweight;
+
+/* The dot products' scratch for x (int16 values, scales, sums): per calling thread, grown to the largest m x k. */
+static __thread char *dot_scratch;
+static __thread long dot_scratch_bytes;
+
+/* x: [m, k] fp32, rows x_row floats apart, k a multiple of 32. Up to dot_rows rows take the dot products; above,
+ * a: scratch for x in bf16, [m rounded up to 16][k], and wbuf: threads x (k / 32) x 1024 bf16. y: [m, n]. */
+void quant_linear(const float *x, long m, long x_row, const qweight *w, uint16_t *a, uint16_t *wbuf, float *y,
+                  int threads, long dot_rows) {
+    qformat f = {w->bits, w->group, w->zero, w->sub_scales};
+    const long k = w->k, n = w->n, steps = k / 32, mp = (m + 15) / 16 * 16, blocks = (n + 31) / 32;
+    const uint8_t *quants = w->quants;
+    const uint16_t *d = w->d, *dmin = w->dmin;
+    const int8_t *sc = w->sc, *mn = w->mn;
+    const float *bias = w->bias;
+    if (m <= dot_rows) {
+        long bytes = m * k * (long)sizeof(int16_t) + m * steps * (long)sizeof(float) + m * (k / 16) * (long)sizeof(int32_t);
+        if (bytes > dot_scratch_bytes) {
+            char *grown = realloc(dot_scratch, bytes);
+            if (!grown) abort();
+            dot_scratch = grown;
+            dot_scratch_bytes = bytes;
+        }
+        int16_t *xq = (int16_t *)dot_scratch;
+        float *xs = (float *)(dot_scratch + m * k * sizeof(int16_t));
+        int32_t *xsum = (int32_t *)(xs + m * steps);
+        quantize_rows(x, m, k, x_row, xq, xs, xsum);
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (long b = 0; b < blocks; b++)
+            gemv_block(&f, b, steps, k, quants, d, dmin, sc, mn, xq, xs, xsum, m, y, n, bias);
+        return;
+    }
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)

@@ -99,7 +99,7 @@ def config_dict(path: Path) -> dict:
         "rope_theta": float(meta.get(f"{arch}.rope.freq_base") or 10000.0),
         "max_position_embeddings": int(need("context_length")),
         "tie_word_embeddings": "output.weight" not in names,
-        "torch_dtype": "float32",  # tensors are dequantized to fp32 at load
+        "torch_dtype": _wide_dtype(open_gguf(path).tensors),
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
@@ -107,6 +107,17 @@ def config_dict(path: Path) -> dict:
     if scaling not in (None, "none"):
         raise CheckpointError(f"{path}: GGUF rope scaling {scaling!r} is not supported")
     return raw
+
+
+def _wide_dtype(tensors) -> str:
+    """The dtype the file's matrices are held in where they do not stay quantized (the checkpoint's torch_dtype):
+    float32 or float16 where every matrix is stored so, else bfloat16. A quantized file thus runs as a bf16
+    checkpoint does (fp32 activations on a CPU, a bf16 KV cache); `--dtype float32` asks for fp32 throughout."""
+    types = {t.tensor_type.name for t in tensors if len(t.shape) == 2}
+    for wide in ("F32", "F16"):
+        if types <= {"F32", wide}:
+            return {"F32": "float32", "F16": "float16"}[wide]
+    return "bfloat16"
 
 
 class GGUFSource:

@@ -14,8 +14,8 @@ On a CPU, activations run in fp32 while weights stay in the checkpoint's half pr
   and a C compiler; engine.kernels.half_gemm), it widens the packed half-precision weights
   in registers and multiplies in fp32.
 - `QuantLinear`: weights in a quantized format (engine.model.quantized): on a CPU with AMX-BF16, the engine's
-  kernel (engine.kernels.quant_gemm) expands each block to bf16 in registers and multiplies on the tiles, so a
-  step reads the weights at their quantized size; elsewhere (other CPUs, GPUs) the layer's weights are
+  kernel (engine.kernels.quant_gemm) reads them at their quantized size, as int16 dot products on the vector units
+  for a few rows and expanded to bf16 in registers for the tiles above; elsewhere (other CPUs, GPUs) the layer's weights are
   dequantized to the compute dtype for each product and multiplied by torch.
 - `UpcastLinear`: torch does the work: thin
 steps multiply in half precision directly (a GEMV is bound by memory bandwidth, where
@@ -113,11 +113,12 @@ class QuantLinear:
         self.weight, self.dtype = weight, compute_dtype
         self.bias = bias.to(compute_dtype).contiguous() if bias is not None else None
         device = weight.quants.device
-        self.kernel = compute_dtype == torch.float32 and quant_gemm.available(device)
+        fast = compute_dtype == torch.float32 and quant_gemm.available(device)
+        self.kernel = quant_gemm.Product(weight, self.bias) if fast else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in]
-        if self.kernel:
-            return quant_gemm.quant_linear(x, self.weight, self.bias)
+        if self.kernel is not None:
+            return self.kernel(x)
         return F.linear(x, dequantize(self.weight, x.dtype), self.bias)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
