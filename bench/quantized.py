@@ -14,7 +14,8 @@ Servers take turns (one at a time on the machine): Strata on the file's Q4_1 wei
 and Strata on a bf16 Hugging Face copy of the same model (bench.perplexity.bf16_copy) for the quantized/bf16 ratio.
 Each is driven over HTTP with streaming chat, as a user sees it (bench.serving's client), and prints single-stream
 decode tok/s (1 / mean inter-token latency), output tok/s at each concurrency, TTFT p50, and the resident memory of
-the server's processes after load.
+the server's processes after load and after the runs (a KV cache's pages become resident as sequences first use
+them, in both servers).
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def measure(name: str, cmd: list[str], port: int, model: str, levels: list[int],
             out["single_ttft"] = single["ttft_p50"]
             for c in levels:
                 out[c] = asyncio.run(drive(url, model, c, max_tokens))
+            out["rss_after"] = group_rss(proc.pid)
             return out
         finally:
             stop(proc)
@@ -105,12 +107,12 @@ def main() -> None:
                       flush=True)
     print(f"\n{gguf.name}: streaming chat, greedy, {args.max_tokens}-token answers, {args.threads} threads each\n")
     cols = ["decode tok/s (1 stream)", *(f"out tok/s @{c}" for c in args.concurrency),
-            *(f"TTFT p50 ms @{c}" for c in args.concurrency), "RSS MiB"]
+            *(f"TTFT p50 ms @{c}" for c in args.concurrency), "RSS MiB (load)", "RSS MiB (after)"]
     print(f"{'server':>12} | " + " | ".join(f"{c:>16}" for c in cols))
 
     def row(r: dict) -> list[float]:
         return [r["decode_tok_s"], *(r[c]["tok_s"] for c in args.concurrency),
-                *(r[c]["ttft_p50"] * 1e3 for c in args.concurrency), r["rss"] / 2**20]
+                *(r[c]["ttft_p50"] * 1e3 for c in args.concurrency), r["rss"] / 2**20, r["rss_after"] / 2**20]
 
     for label, r in results.items():
         print(f"{label:>12} | " + " | ".join(f"{v:>16.1f}" for v in row(r)))

@@ -1,6 +1,10 @@
 """Streaming chat serving: Strata against `transformers serve --continuous-batching`, same checkpoint, same load.
 
     python -m bench.serving [--concurrency 16 64] [--max-tokens 64]
+    python -m bench.serving --neighbour [--concurrency 1 16]
+
+With --neighbour, Strata alone, quiet and then beside a CPU-bound process that keeps one core busy, with the
+ratio of the two (a stage should lose no more than the core it loses: engine.pipeline.core_share).
 
 Needs the peer's serving extra: pip install 'transformers[serving]'. Starts each server
 in turn on this machine, drives it with the same streaming chat requests (fixed
@@ -134,16 +138,47 @@ def run_server(name: str, cmd: list[str], port: int, model: str, levels: list[in
             stop(proc)
 
 
+def strata_command(model_dir, port: int) -> list[str]:
+    return [sys.executable, "-m", "gateway.cli", "serve", "--model", str(model_dir), "--port", str(port), "--host",
+            "127.0.0.1", "--max-model-len", "512"]
+
+
+def neighbour_ratio(model_dir, levels: list[int], max_tokens: int) -> None:
+    """Strata quiet, then beside a busy process (one core), at each level; prints both and the ratio."""
+    port = free_port()
+    quiet = run_server("strata", strata_command(model_dir, port), port, model_dir.name, levels, max_tokens)
+    busy_loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        busy = run_server("strata-neighbour", strata_command(model_dir, port), port, model_dir.name, levels, max_tokens)
+    finally:
+        busy_loop.kill()
+        busy_loop.wait()
+    print(f"checkpoint: {model_dir}; streaming chat, {max_tokens}-token answers, greedy; {os.cpu_count()} cores, "
+          "the neighbour keeps one busy\n")
+    print(f"{'conc':>4} | {'quiet tok/s':>11} | {'beside tok/s':>12} | {'ratio':>6} | {'ITL p99 ms quiet':>16} | "
+          f"{'ITL p99 ms beside':>17}")
+    for c in levels:
+        q, b = quiet[c], busy[c]
+        print(f"{c:>4} | {q['tok_s']:>11.1f} | {b['tok_s']:>12.1f} | {b['tok_s'] / q['tok_s']:>5.2f}x | "
+              f"{q['itl_p99'] * 1e3:>16.1f} | {b['itl_p99'] * 1e3:>17.1f}")
+    print("\ntarget: at least 0.4x of the quiet figure with one of two cores taken")
+    print(f"rerun: python -m bench.serving --neighbour --concurrency {' '.join(map(str, levels))} "
+          f"--max-tokens {max_tokens}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--neighbour", action="store_true",
+                    help="Strata alone, quiet and beside a process that keeps one core busy")
     args = ap.parse_args()
     model_dir = smollm2_135m_shaped("bfloat16")
     name = model_dir.name
+    if args.neighbour:
+        return neighbour_ratio(model_dir, args.concurrency, args.max_tokens)
     p1, p2 = free_port(), free_port()
-    strata = run_server("strata", [sys.executable, "-m", "gateway.cli", "serve", "--model", str(model_dir), "--port", str(p1),
-                                   "--host", "127.0.0.1", "--max-model-len", "512"], p1, name, args.concurrency, args.max_tokens)
+    strata = run_server("strata", strata_command(model_dir, p1), p1, name, args.concurrency, args.max_tokens)
     peer = run_server("transformers", ["transformers", "serve", "--continuous-batching", "--port", str(p2), "--host",
                                        "127.0.0.1", str(model_dir)], p2, str(model_dir), args.concurrency, args.max_tokens)
     print(f"checkpoint: {model_dir}; streaming chat, {args.max_tokens}-token answers, greedy\n")

@@ -44,8 +44,9 @@ def gguf_file(path: str | Path) -> Path | None:
     return None
 
 
-@functools.lru_cache(maxsize=4)
 def open_gguf(path: Path):
+    """A reader over the file. It maps the file and holds an object per element of each metadata array (some 160 MB
+    for a 49k-token vocabulary), so it lives only as long as what reads from it."""
     from gguf import GGUFReader
 
     try:
@@ -54,15 +55,23 @@ def open_gguf(path: Path):
         raise CheckpointError(f"{path}: cannot read it as GGUF ({type(e).__name__}: {e})") from None
 
 
-def metadata(path: Path) -> dict:
-    """The file's key-value metadata, arrays of tokens and merges included, as Python values."""
-    out = {}
-    for key, field in open_gguf(path).fields.items():
+@functools.lru_cache(maxsize=4)
+def _header(path: Path) -> tuple[dict, dict[str, tuple[str, int]]]:
+    """The file's key-value metadata as Python values, and each tensor's GGML type and number of dimensions."""
+    reader = open_gguf(path)
+    meta = {}
+    for key, field in reader.fields.items():
         try:
-            out[key] = field.contents()
+            meta[key] = field.contents()
         except Exception:  # a field type this reader version cannot decode: nothing the engine reads
             continue
-    return out
+    return meta, {t.name: (t.tensor_type.name, len(t.shape)) for t in reader.tensors}
+
+
+def metadata(path: Path) -> dict:
+    """The file's key-value metadata, arrays of tokens and merges included, as Python values (shared: not to be
+    changed)."""
+    return _header(path)[0]
 
 
 def config_dict(path: Path) -> dict:
@@ -81,7 +90,8 @@ def config_dict(path: Path) -> dict:
 
     heads = int(need("attention.head_count"))
     hidden = int(need("embedding_length"))
-    names = {t.name for t in open_gguf(path).tensors}
+    tensors = _header(path)[1]
+    names = set(tensors)
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab = int(meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens else 0))
     head_dim = int(meta.get(f"{arch}.attention.key_length") or hidden // heads)
@@ -99,7 +109,7 @@ def config_dict(path: Path) -> dict:
         "rope_theta": float(meta.get(f"{arch}.rope.freq_base") or 10000.0),
         "max_position_embeddings": int(need("context_length")),
         "tie_word_embeddings": "output.weight" not in names,
-        "torch_dtype": _wide_dtype(open_gguf(path).tensors),
+        "torch_dtype": _wide_dtype(tensors),
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
@@ -109,11 +119,11 @@ def config_dict(path: Path) -> dict:
     return raw
 
 
-def _wide_dtype(tensors) -> str:
+def _wide_dtype(tensors: dict[str, tuple[str, int]]) -> str:
     """The dtype the file's matrices are held in where they do not stay quantized (the checkpoint's torch_dtype):
     float32 or float16 where every matrix is stored so, else bfloat16. A quantized file thus runs as a bf16
     checkpoint does (fp32 activations on a CPU, a bf16 KV cache); `--dtype float32` asks for fp32 throughout."""
-    types = {t.tensor_type.name for t in tensors if len(t.shape) == 2}
+    types = {ggml_type for ggml_type, dims in tensors.values() if dims == 2}
     for wide in ("F32", "F16"):
         if types <= {"F32", wide}:
             return {"F32": "float32", "F16": "float16"}[wide]

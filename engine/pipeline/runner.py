@@ -20,7 +20,7 @@ from engine.model.stage_model import StageModel
 from engine.pipeline.decode_graphs import DecodeGraphs
 from engine.pipeline.messages import StageSpec
 from engine.placement import kv_cache_dtype
-from engine.placement.local_device import TORCH_DTYPES, PeakMemory, available_memory
+from engine.placement.local_device import TORCH_DTYPES, PeakMemory, available_memory, zeroed
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
 
@@ -122,9 +122,9 @@ class StageRunner:
         graphs = self._graphs_wanted()
         # Zeros, not empty: masked-out slots still enter the attention matmul, and garbage could be NaN. With
         # graphs, one block more, which padded rows write to and nothing reads.
-        self.kv_cache = torch.zeros(
+        self.kv_cache = zeroed(
             (n_layers, 2, num_blocks + graphs, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim),
-            dtype=self.kv_dtype, device=self.device,
+            self.kv_dtype, self.device,
         )
         if graphs:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, num_blocks, self.block_size,

@@ -24,6 +24,7 @@ import torch
 from batching.batch import Batch, StepTiming, TokensForFirstStage
 from engine.errors import one_line
 from engine.pipeline import transport
+from engine.pipeline.core_share import CoreShare
 from engine.pipeline.step_clock import StepClock
 from engine.pipeline.messages import (DRIVER_RANK, GREETING, RENDEZVOUS_TIMEOUT_S, WIRE_VERSION, DescribeDevice, Failed,
                                       Shutdown, StageReady, VersionMismatch, greeting_error)
@@ -126,6 +127,8 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
     if token_link is not None and runner.first:
         token_thread = _receive_tokens(runner, token_link)
     outbox = transport.Outbox()
+    # A CPU stage runs fewer threads while other processes keep some of its cores busy (engine.pipeline.core_share).
+    cores = CoreShare(torch.get_num_threads()) if runner.device.type == "cpu" else None
     timed: collections.deque[tuple[StepClock, int]] = collections.deque()  # steps whose timing has not left
     free_since_ns = 0  # when this stage last finished a step
     while True:
@@ -151,6 +154,8 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
         if hidden is not None and hidden.dtype != runner.dtype:
             hidden = hidden.to(runner.dtype)
         trace = batch.trace if tracing is not None else None
+        if cores is not None:
+            cores.adjust()
         runner.fill_pending(batch)
         clock = StepClock(runner.device, layers=trace is not None and trace.layers)
         hidden_out, out, tokens = runner.step(batch, hidden, clock.mark if clock.layers else None)

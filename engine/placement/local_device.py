@@ -1,6 +1,9 @@
 """The torch side of a device on this host: the dtypes it computes in and the memory it has free."""
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from engine.model.linear import cpu_has_fast_half, product_path
@@ -33,6 +36,19 @@ def available_memory(device: torch.device) -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
+
+
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of zeros. On a CPU it is anonymous memory, which the OS zero-fills as each page is first touched, so
+    a KV cache holds resident only the blocks sequences have written to, as llama.cpp's does, and not its whole
+    reservation from the start."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(pages, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
 
 
 class PeakMemory:
