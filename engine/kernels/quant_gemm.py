@@ -14,8 +14,8 @@ from engine.kernels import amx_gemm, build
 SOURCE = Path(__file__).with_name("quant_gemm.c")
 FLAGS = [*amx_gemm.FLAGS, "-mavx512vnni"]
 CPU_FEATURES = (*amx_gemm.CPU_FEATURES, "avx512_vnni")
-# Rows up to which the int16 dot products beat expanding the weights for the tiles (measured on a Sapphire Rapids
-# Xeon: python -m bench.quant_kernel).
+# Rows up to which the int16 dot products beat expanding the weights for the tiles (measured on a Xeon with AMX:
+# python -m bench.quant_products).
 DOT_ROWS = 8
 
 

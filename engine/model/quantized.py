@@ -1,8 +1,8 @@
 """Quantized weights in the engine's packed layout: read from GGUF blocks, quantized from float weights at load, and
 dequantized again (the portable path, and the reference the kernels are tested against).
 
-A matrix [N, K] is stored in blocks of 32 output features, each in steps of 32 inputs, in the order the tile
-kernel (engine.kernels.quant_gemm) expands them: per step two tiles of 16 features, each 16 rows of 32 values,
+A matrix [N, K] is stored in blocks of 32 output features, each in steps of 32 inputs, in the order the kernel
+(engine.kernels.quant_gemm) reads them, both for its bf16 tiles and its int16 dot products: per step two tiles of 16 features, each 16 rows of 32 values,
 row r holding inputs 2r and 2r + 1 of every feature (value e = 2 * feature + input). A row's 32 values take
 4 * bits bytes: at 8 bits one byte each; at 4 bits byte i holds value i in its low nibble and value i + 16 in its
 high one; at 6 bits the low four bits as at 4, then 8 bytes whose byte i holds the top two bits of values
