@@ -9,12 +9,13 @@
  *   each feature's int32; per group of inputs the sum is scaled once in fp32:
  *   sum_i w_i x_i = xs * (d * sc * sum_i q_i xq_i + (dmin * mn - d * sc * zero) * sum_i xq_i).
  *   A few instructions per 32 weights, so memory, not arithmetic, bounds the product;
- * - above that, each 32-feature block of W is expanded in registers into bf16 tiles in a per-thread buffer that
- *   stays in L2 (w = d * sc * (q - zero) + dmin * mn, rounded to bf16 once), then multiplied as amx_gemm.c
- *   multiplies bf16 weights: x rounded to bf16, sums in fp32. The expansion costs a few instructions per weight
- *   whatever the batch; the arithmetic on the tiles is what a bf16 model's is.
+ * - above that, each 32-feature block of W is expanded in registers into bf16 tiles (w = d * sc * (q - zero) +
+ *   dmin * mn, rounded to bf16 once), a few steps of 32 inputs at a time into a per-thread buffer small enough to
+ *   stay in L1, and multiplied from there as amx_gemm.c multiplies bf16 weights: x rounded to bf16, sums in fp32.
+ *   Up to 32 rows, each step is multiplied as soon as it is expanded; above, the accumulators of each 32 rows wait
+ *   in memory between chunks of steps. The expansion costs a few instructions per weight whatever the batch; the
+ *   arithmetic on the tiles is what a bf16 model's is.
  */
-#include <omp.h>
 #include <stdlib.h>
 
 #include "amx_tiles.h"
@@ -80,26 +81,34 @@ static inline void decode_row(int bits, const uint8_t *row, __m512 s0, __m512 s1
     _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
 }
 
-/* Block b of W, all its steps, as bf16 tiles into wb ([steps][1024]). */
-static void expand_block(const qformat *f, long b, long steps, const uint8_t *quants, const uint16_t *d,
-                         const uint16_t *dmin, const int8_t *sc, const int8_t *mn, uint16_t *wb) {
+/* Steps [s0, s1) of block b of W as bf16 tiles into wb ([s1 - s0][1024]). */
+static void expand_steps(const qformat *f, long b, long steps, long s0, long s1, const uint8_t *quants,
+                         const uint16_t *d, const uint16_t *dmin, const int8_t *sc, const int8_t *mn, uint16_t *wb) {
     const long row_bytes = 4 * f->bits, groups_per_step = 32 / f->group, groups = steps * groups_per_step;
     const long scale_groups = f->sub_scales ? (steps * 32 + 255) / 256 : groups; /* the last super-block may be partial */
-    for (long s = 0; s < steps; s++) {
+    for (long s = s0; s < s1; s++) {
         const uint8_t *q = quants + (b * steps + s) * 32 * row_bytes;
         for (int t = 0; t < 2; t++)
             for (long g = 0; g < groups_per_step; g++) {
                 long gi = s * groups_per_step + g, di = f->sub_scales ? s * 32 / 256 : gi;
                 long at = (b * scale_groups + di) * 32 + t * 16, sub = (b * groups + gi) * 32 + t * 16;
-                __m512 s0, s1, o0, o1;
+                __m512 sc0, sc1, o0, o1;
                 group_scales(f, d + at, dmin ? dmin + at : 0, sc ? sc + sub : 0, mn ? mn + sub : 0,
-                             &s0, &s1, &o0, &o1);
+                             &sc0, &sc1, &o0, &o1);
                 int rows = 16 / groups_per_step; /* a row holds two inputs: a group of 16 spans 8 rows */
                 for (int r = g * rows; r < (g + 1) * rows; r++)
-                    decode_row(f->bits, q + (t * 16 + r) * row_bytes, s0, s1, o0, o1, wb + s * 1024 + t * 512 + r * 32);
+                    decode_row(f->bits, q + (t * 16 + r) * row_bytes, sc0, sc1, o0, o1,
+                               wb + (s - s0) * 1024 + t * 512 + r * 32);
             }
     }
 }
+
+#define EXPAND_STEPS 8 /* steps of a block expanded at a time: 16 KB of tiles, which stay in L1 */
+
+/* Each thread's expanded steps ([EXPAND_STEPS][1024] bf16), and the accumulators of a pass's rows beyond the
+ * tiles' 32 ([ROW_CHUNK][32] fp32). */
+static __thread uint16_t wb[EXPAND_STEPS * 1024] __attribute__((aligned(64)));
+static __thread float acc[ROW_CHUNK * 32] __attribute__((aligned(64)));
 
 /* ---- few rows: int16 dot products ---------------------------------------------------------------------------- */
 
@@ -221,9 +230,9 @@ static __thread char *dot_scratch;
 static __thread long dot_scratch_bytes;
 
 /* x: [m, k] fp32, rows x_row floats apart, k a multiple of 32. Up to dot_rows rows take the dot products; above,
- * a: scratch for x in bf16, [m rounded up to 16][k], and wbuf: threads x (k / 32) x 1024 bf16. y: [m, n]. */
-void quant_linear(const float *x, long m, long x_row, const qweight *w, uint16_t *a, uint16_t *wbuf, float *y,
-                  int threads, long dot_rows) {
+ * a: scratch for x in bf16, [m rounded up to 16][k]. y: [m, n]. */
+void quant_linear(const float *x, long m, long x_row, const qweight *w, uint16_t *a, float *y, int threads,
+                  long dot_rows) {
     qformat f = {w->bits, w->group, w->zero, w->sub_scales};
     const long k = w->k, n = w->n, steps = k / 32, mp = (m + 15) / 16 * 16, blocks = (n + 31) / 32;
     const uint8_t *quants = w->quants;
@@ -252,13 +261,86 @@ void quant_linear(const float *x, long m, long x_row, const qweight *w, uint16_t
 #pragma omp for schedule(static)
         for (long r = 0; r < mp; r += 16) round_rows(x, m, k, x_row, k, r, r + 16, a);
         configure_tiles();
-        uint16_t *wb = wbuf + (long)omp_get_thread_num() * steps * 1024; /* this thread's tiles */
-        for (long m0 = 0; m0 < mp; m0 += ROW_CHUNK) {
+        if (mp <= 32) { /* one pass over the rows: each step's tiles are multiplied as soon as expanded, from L1 */
+#pragma omp for schedule(static)
+            for (long b = 0; b < blocks; b++) {
+                int two = mp > 16;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (long s = 0; s < steps; s++) {
+                    expand_steps(&f, b, steps, s, s + 1, quants, d, dmin, sc, mn, wb);
+                    _tile_loadd(6, wb, 64);
+                    _tile_loadd(7, wb + 512, 64);
+                    _tile_loadd(4, a + s * 32, k * sizeof(uint16_t));
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    if (two) {
+                        _tile_loadd(5, a + 16 * k + s * 32, k * sizeof(uint16_t));
+                        _tile_dpbf16ps(2, 5, 6);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                }
+                long cols = n - b * 32 < 32 ? n - b * 32 : 32;
+                store_block(y, n, 0, m, b * 32, cols, two, bias);
+            }
+        }
+        for (long m0 = 0; mp > 32 && m0 < mp; m0 += ROW_CHUNK) {
             long m1 = m0 + ROW_CHUNK < mp ? m0 + ROW_CHUNK : mp;
 #pragma omp for schedule(static)
             for (long b = 0; b < blocks; b++) {
-                expand_block(&f, b, steps, quants, d, dmin, sc, mn, wb);
-                multiply_block(wb, steps, a, k, m, m0, m1, y, n, b, bias);
+                /* A few steps at a time, expanded into L1 and multiplied against every row; the accumulators of
+                 * rows beyond the tiles' 32 wait in acc between them. */
+                for (long c0 = 0; c0 < steps; c0 += EXPAND_STEPS) {
+                    long c1 = c0 + EXPAND_STEPS < steps ? c0 + EXPAND_STEPS : steps;
+                    expand_steps(&f, b, steps, c0, c1, quants, d, dmin, sc, mn, wb);
+                    for (long mb = m0; mb < m1; mb += 32) {
+                        int two = mb + 16 < m1;
+                        float *at = acc + (mb - m0) * 32;
+                        if (c0 == 0) {
+                            _tile_zero(0);
+                            _tile_zero(1);
+                            _tile_zero(2);
+                            _tile_zero(3);
+                        } else {
+                            _tile_loadd(0, at, 128);
+                            _tile_loadd(1, at + 16, 128);
+                            if (two) {
+                                _tile_loadd(2, at + 16 * 32, 128);
+                                _tile_loadd(3, at + 16 * 32 + 16, 128);
+                            }
+                        }
+                        const uint16_t *a0 = a + mb * k, *a1 = a + (mb + 16) * k;
+                        for (long s = c0; s < c1; s++) {
+                            const uint16_t *w = wb + (s - c0) * 1024;
+                            _tile_loadd(6, w, 64);
+                            _tile_loadd(7, w + 512, 64);
+                            _tile_loadd(4, a0 + s * 32, k * sizeof(uint16_t));
+                            _tile_dpbf16ps(0, 4, 6);
+                            _tile_dpbf16ps(1, 4, 7);
+                            if (two) {
+                                _tile_loadd(5, a1 + s * 32, k * sizeof(uint16_t));
+                                _tile_dpbf16ps(2, 5, 6);
+                                _tile_dpbf16ps(3, 5, 7);
+                            }
+                        }
+                        _tile_stored(0, at, 128);
+                        _tile_stored(1, at + 16, 128);
+                        if (two) {
+                            _tile_stored(2, at + 16 * 32, 128);
+                            _tile_stored(3, at + 16 * 32 + 16, 128);
+                        }
+                    }
+                }
+                long f0 = b * 32, cols = n - f0 < 32 ? n - f0 : 32;
+                for (long r = m0; r < m1 && r < m; r++)
+                    for (long c = 0; c < cols; c += 16) {
+                        __mmask16 mask = cols - c >= 16 ? 0xFFFF : (__mmask16)((1u << (cols - c)) - 1);
+                        __m512 v = _mm512_loadu_ps(acc + (r - m0) * 32 + c);
+                        if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + f0 + c));
+                        _mm512_mask_storeu_ps(y + r * n + f0 + c, mask, v);
+                    }
             }
         }
         _tile_release();

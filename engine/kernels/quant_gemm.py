@@ -23,7 +23,7 @@ DOT_ROWS = 8
 def _library() -> ctypes.CDLL | None:
     c_long, c_int, ptr = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
     lib = build.load_kernel(SOURCE, FLAGS, CPU_FEATURES, {
-        "quant_linear": ([ptr, c_long, c_long, ptr, ptr, ptr, ptr, c_int, c_long], None),
+        "quant_linear": ([ptr, c_long, c_long, ptr, ptr, ptr, c_int, c_long], None),
     })
     # The tiles' register state is granted per process; amx_gemm's library asks for it.
     return lib if lib is not None and amx_gemm.available(torch.device("cpu"), torch.bfloat16, torch.float32) else None
@@ -69,11 +69,10 @@ class Product:
         m, threads = x.shape[0], torch.get_num_threads()
         out = torch.empty((m, n), dtype=torch.float32)
         if m <= self.dot_rows:  # the kernel keeps the dot products' scratch
-            _library().quant_linear(x.data_ptr(), m, x.stride(0), self.ref, None, None, out.data_ptr(), threads,
+            _library().quant_linear(x.data_ptr(), m, x.stride(0), self.ref, None, out.data_ptr(), threads,
                                     self.dot_rows)
             return out
         rounded = torch.empty((-(-m // 16) * 16, k), dtype=torch.bfloat16)
-        tiles = torch.empty((threads, k // 32, 1024), dtype=torch.bfloat16)
-        _library().quant_linear(x.data_ptr(), m, x.stride(0), self.ref, rounded.data_ptr(), tiles.data_ptr(),
-                                out.data_ptr(), threads, self.dot_rows)
+        _library().quant_linear(x.data_ptr(), m, x.stride(0), self.ref, rounded.data_ptr(), out.data_ptr(), threads,
+                                self.dot_rows)
         return out
