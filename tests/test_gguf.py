@@ -13,6 +13,8 @@ from engine import LLM, CheckpointError
 from engine.model.default_model import default_model
 from http_calls import call
 from server_process import ServerProcess
+from tiny_gguf import write_gguf
+from tiny_models import CORPUS, hf_greedy, write_checkpoint
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 TEXTS = [
@@ -131,8 +133,172 @@ def test_a_gguf_strata_cannot_serve_fails_at_start_up_naming_what(tmp_path):
         LLM(_write_gguf(tmp_path / "partial.gguf", "llama"))
     with pytest.raises(CheckpointError, match="rotary embedding over 2 of 4 head dimensions is not supported"):
         LLM(_write_gguf(tmp_path / "partial-rotary.gguf", "llama", full=True, rotary=2))
-    with pytest.raises(ValueError, match="GGUF tokenizer model 'llama' is not supported"):
-        LLM(_write_gguf(tmp_path / "spm.gguf", "llama", tokenizer_model="llama", full=True))
+    with pytest.raises(ValueError, match="GGUF tokenizer model 'bert' is not supported"):
+        LLM(_write_gguf(tmp_path / "bert.gguf", "llama", tokenizer_model="bert", full=True))
     with pytest.raises(CheckpointError, match="cannot read it as GGUF"):
         (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
         LLM(tmp_path / "junk.gguf")
+
+
+# ---- other GGUF files: families, rotary scaling, vocabularies ------------------------------------------------------
+
+FAMILY_PROMPTS = [[1, 5, 9, 33, 100], [7, 7, 7], list(range(40, 90)), [300, 2, 17]]
+
+
+def _greedy(path, prompts, **kw) -> list[list[int]]:
+    with LLM(path, num_kv_blocks=64, max_model_len=256, quantization="none", dtype="float32", **kw) as llm:
+        params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+        return [o.token_ids for o in llm.generate(prompts, params)]
+
+
+def test_a_qwen2_gguf_equals_transformers_on_the_same_file(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "gguf").mkdir()
+    hf = write_checkpoint(tmp_path / "hf", "qwen2", max_position_embeddings=256)
+    path = write_gguf(hf, tmp_path / "gguf" / "qwen2.gguf", "Q8_0", pre="qwen2")
+    want = hf_greedy(path.parent, FAMILY_PROMPTS, 16, gguf_file=path.name)
+    assert _greedy(path, FAMILY_PROMPTS) == want
+    assert _greedy(path, FAMILY_PROMPTS, devices="cpu,cpu", layers="2,1") == want  # pipelined
+
+
+def test_a_llama3_gguf_applies_its_rope_freqs_as_the_original_checkpoint_scales_its_rotary(tmp_path):
+    """llama.cpp's converter writes Llama 3's rotary scaling as per-frequency divisors (rope_freqs): the engine
+    applies them, so the GGUF computes what the original checkpoint does. (transformers, loading the same GGUF,
+    leaves them out, so it is the original checkpoint that is the reference here.)"""
+    (tmp_path / "hf").mkdir()
+    hf = write_checkpoint(tmp_path / "hf", "llama", max_position_embeddings=256)
+    assert json.loads((hf / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    path = write_gguf(hf, tmp_path / "llama3.gguf", "F32", pre="llama-bpe")
+    assert _greedy(path, FAMILY_PROMPTS) == hf_greedy(hf, FAMILY_PROMPTS, 16)
+
+
+def _vocab_gguf(path, tokens: list[str], types: list[int], *, model: str, pre: str | None = None,
+                merges: list[str] | None = None, scores: list[float] | None = None, bos: int | None = None,
+                eos: int | None = None, extra: dict | None = None):
+    """A GGUF file holding a vocabulary alone, as llama.cpp's ggml-vocab-*.gguf files do."""
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model(model)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if merges is not None:
+        w.add_token_merges(merges)
+    if scores is not None:
+        w.add_token_scores(scores)
+    if bos is not None:
+        w.add_bos_token_id(bos)
+    if eos is not None:
+        w.add_eos_token_id(eos)
+    for key, value in (extra or {}).items():
+        getattr(w, f"add_{key}")(value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+LEADING_SPACE = [" Hello", "  two", "   three\n   more", " ", "  "]
+SPM_TEXTS = [*TEXTS, *LEADING_SPACE, "<s>inline</s> specials", "\u2581already marked", "Ω≈ç√ ꙮ 𓀀"]
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    """A sentencepiece BPE model trained as Llama's was (byte fallback, no normalization, spaces kept)."""
+    spm = pytest.importorskip("sentencepiece")
+    out = tmp_path_factory.mktemp("spm")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_prefix=str(out / "spm"), vocab_size=600, model_type="bpe", character_coverage=0.98,
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    return spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
+
+
+def test_a_sentencepiece_vocabulary_tokenizes_as_sentencepiece_does(spm_model, tmp_path):
+    """A `llama` GGUF vocabulary (Llama 2, Mistral) gives sentencepiece's own ids, text starting with spaces
+    included, and transformers' wherever transformers gives sentencepiece's: it adds no prefix space before a text
+    that starts with one (or with `▁`), nor after an added token, where sentencepiece and llama.cpp do."""
+    from transformers import AutoTokenizer
+
+    from engine.model.checkpoint import checkpoint_tokenizer
+
+    sp = spm_model
+    n = sp.get_piece_size()
+    tokens = [sp.id_to_piece(i) for i in range(n)]
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
+    path = _vocab_gguf(tmp_path / "spm.gguf", tokens, types, model="llama",
+                       scores=[sp.get_score(i) for i in range(n)], bos=1, eos=2, extra={"unk_token_id": 0})
+    ours, reference = checkpoint_tokenizer(path), AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    assert ours.bos_token_id == 1 and ours.eos_token_ids == {2} and ours.vocab_size == n
+    for text in SPM_TEXTS:
+        plain = text.replace("<s>", "").replace("</s>", "")
+        if plain == text:
+            assert ours.encode(text, add_special_tokens=False) == sp.encode(text), text
+            assert ours.encode(text) == [1, *sp.encode(text)]
+            assert ours.decode(sp.encode(text)) == sp.decode(sp.encode(text))
+        if plain == text and not (text[:1].isspace() or text.startswith("\u2581")):
+            assert ours.encode(text) == reference(text).input_ids, text
+            for skip in (False, True):
+                assert ours.decode(ours.encode(text), skip_special_tokens=skip) == reference.decode(
+                    reference(text).input_ids, skip_special_tokens=skip)
+    # Added tokens split the text, and each run after one gets its own prefix space, as llama.cpp does.
+    assert ours.encode("<s>hi", add_special_tokens=False) == [1, *sp.encode("hi")]
+
+
+SPLITS = {  # the pre-tokenizers of Llama 3, Qwen2 and SmolLM, as their tokenizer.json files spell them
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+             r"\s*[\r\n]+|\s+(?!\S)|\s+",
+    "smollm": None,
+}
+
+
+@pytest.mark.parametrize("pre", sorted(SPLITS))
+def test_a_byte_level_vocabulary_splits_text_as_its_pre_tokenizer_names(pre, tmp_path):
+    """tokenizer.ggml.pre names how the text is split before the merges: a vocabulary trained behind Llama 3's,
+    Qwen2's or SmolLM's split tokenizes from its GGUF as the tokenizer it was trained in does, and as
+    transformers does from the same file."""
+    import tokenizers
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    from engine.model.checkpoint import checkpoint_tokenizer
+
+    original = tokenizers.Tokenizer(models.BPE(ignore_merges=pre == "llama-bpe"))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=SPLITS[pre] is None)
+    split = pre_tokenizers.Digits(individual_digits=True) if pre == "smollm" else pre_tokenizers.Split(
+        Regex(SPLITS[pre]), behavior="isolated")
+    original.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
+    original.decoder = decoders.ByteLevel()
+    original.train_from_iterator([*CORPUS, "1234567 89 2024-12-06"], trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    data = json.loads(original.to_str())
+    vocab = data["model"]["vocab"]
+    # A merge of two digits, which text split digit by digit never reaches and GPT-2's split would.
+    if "12" not in vocab:
+        vocab["12"] = len(vocab)
+        data["model"]["merges"].append(["1", "2"])
+    original = tokenizers.Tokenizer.from_str(json.dumps(data))
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    path = _vocab_gguf(tmp_path / f"{pre}.gguf", tokens, [3] + [1] * (len(tokens) - 1), model="gpt2", pre=pre,
+                       merges=merges, eos=0, extra={"add_bos_token": False})
+    ours, reference = checkpoint_tokenizer(path), AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in [*TEXTS, "1234567 89 2024-12-06", "I'M SURE they'LL see"]:
+        assert ours.encode(text) == original.encode(text).ids, text
+        if pre != "smollm":  # transformers splits SmolLM's text by GPT-2's expression alone
+            assert ours.encode(text) == reference(text).input_ids, text
+        assert ours.decode(ours.encode(text)) == original.decode(original.encode(text).ids)
+
+
+def test_a_pre_tokenizer_strata_does_not_know_is_refused_by_name(tmp_path):
+    path = _vocab_gguf(tmp_path / "odd.gguf", ["a", "b"], [1, 1], model="gpt2", pre="made-up", merges=[])
+    from engine.model.checkpoint import checkpoint_tokenizer
+
+    with pytest.raises(ValueError, match="GGUF pre-tokenizer 'made-up' is not supported"):
+        checkpoint_tokenizer(path)

@@ -57,12 +57,15 @@ def write_checkpoint(out: Path, family: str = "llama", *, vocab_size: int = 512,
     return out
 
 
-def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int, dtype: str = "float32") -> list[list[int]]:
-    """Reference continuations from transformers' generate, one prompt at a time (no padding effects)."""
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int, dtype: str = "float32",
+              gguf_file: str | None = None) -> list[list[int]]:
+    """Reference continuations from transformers' generate, one prompt at a time (no padding effects); gguf_file:
+    a GGUF file in model_dir to load instead (transformers dequantizes it)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), **kwargs).eval()
     outs = []
     with torch.inference_mode():
         for p in prompts:

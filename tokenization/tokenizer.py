@@ -161,11 +161,11 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | Path, meta: Mapping[str, Any]) -> Tokenizer:
         """From a GGUF file's metadata (engine.model.gguf_checkpoint.metadata reads it)."""
-        from tokenization.gguf_tokenizer import gguf_tokenizer_parts
+        from tokenization.gguf_tokenizer import end_of_generation_ids, gguf_tokenizer_parts
 
         backend, config, template = gguf_tokenizer_parts(dict(meta), str(path))
-        eos = meta.get("tokenizer.ggml.eos_token_id")
-        return cls(backend, config, {"eos_token_id": eos} if isinstance(eos, int) else None, template, name=str(path))
+        stops = sorted(end_of_generation_ids(dict(meta)))
+        return cls(backend, config, {"eos_token_id": stops}, template, name=str(path))
 
     def _add_missing_special_tokens(self, values: Iterable[Any]) -> None:
         # transformers registers config special tokens that tokenizer.json lacks as added tokens;

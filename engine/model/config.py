@@ -93,8 +93,12 @@ class ModelConfig:
         scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or None
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type"))
-            if kind not in ("llama3", "linear", "default", None):
+            # freq_factors: per-frequency divisors, as a GGUF file carries Llama 3's scaling
+            if kind not in ("llama3", "linear", "freq_factors", "default", None):
                 raise CheckpointError(f"{source}: rope_scaling type {kind!r} is not supported (llama3, linear)")
+            if kind == "freq_factors" and len(scaling.get("factors") or ()) != int(head_dim) // 2:
+                raise CheckpointError(f"{source}: {len(scaling.get('factors') or ())} rotary frequency factors "
+                                      f"for a head of {head_dim}")
             if kind in ("default", None):
                 scaling = None
         theta = raw.get("rope_theta")

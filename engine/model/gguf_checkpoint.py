@@ -113,10 +113,25 @@ def config_dict(path: Path) -> dict:
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
-    scaling = meta.get(f"{arch}.rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise CheckpointError(f"{path}: GGUF rope scaling {scaling!r} is not supported")
+    raw["rope_scaling"] = _rope_scaling(path, meta, arch)
     return raw
+
+
+def _rope_scaling(path: Path, meta: dict, arch: str) -> dict | None:
+    """The rotary scaling as config.json would say it. llama.cpp's converter writes Llama 3's as a tensor of
+    per-frequency divisors (rope_freqs), which the engine applies as they are; linear scaling as a factor."""
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if "rope_freqs.weight" in _header(path)[1]:
+        if kind not in (None, "none"):
+            raise CheckpointError(f"{path}: GGUF rope scaling {kind!r} beside rope_freqs is not supported")
+        reader = open_gguf(path)
+        (tensor,) = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+        return {"rope_type": "freq_factors", "factors": [float(f) for f in np.asarray(tensor.data, np.float32)]}
+    if kind in (None, "none"):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+    raise CheckpointError(f"{path}: GGUF rope scaling {kind!r} is not supported (linear, or Llama 3's rope_freqs)")
 
 
 def _wide_dtype(tensors: dict[str, tuple[str, int]]) -> str:

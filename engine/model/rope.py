@@ -1,4 +1,5 @@
-"""Rotary position embeddings, with Llama-3 and linear frequency scaling."""
+"""Rotary position embeddings, with Llama-3 and linear frequency scaling (Llama 3's also as a GGUF file's
+per-frequency divisors)."""
 from __future__ import annotations
 
 import math
@@ -17,6 +18,8 @@ def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
     kind = s.get("rope_type", s.get("type"))
     if kind == "linear":
         return inv / float(s["factor"])
+    if kind == "freq_factors":  # a GGUF's rope_freqs: Llama 3's scaling as llama.cpp applies it
+        return inv / torch.tensor(s["factors"], dtype=torch.float32)
     # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
     factor = float(s["factor"])
     low = float(s.get("low_freq_factor", 1.0))
