@@ -150,8 +150,11 @@ def test_without_a_compiler_torch_does_the_work(monkeypatch, tmp_path, caplog):
         half_gemm._library.cache_clear()
 
 
-@pytest.mark.parametrize("heads,kv_heads,d", [(4, 2, 16), (9, 3, 64), (8, 8, 128), (6, 2, 20), (2, 1, 256)])
-@pytest.mark.parametrize("block_size", [4, 16])
+# Heads of 64 and 128 over a bf16 cache take the AVX-512 path where the CPU has it: groups of query heads that
+# fill its registers (4 of 64, 2 of 128) and ones that leave a remainder, blocks of fewer and more than 16 rows.
+@pytest.mark.parametrize("heads,kv_heads,d", [(4, 2, 16), (9, 3, 64), (10, 2, 64), (8, 8, 128), (14, 2, 128),
+                                              (6, 2, 20), (2, 1, 256)])
+@pytest.mark.parametrize("block_size", [4, 16, 32])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
 def test_paged_decode_attention_matches_the_gathered_path(monkeypatch, heads, kv_heads, d, block_size, kv_dtype):
     """Contexts of 1 to 70 tokens over shuffled blocks of an fp32 or bf16 cache: the kernel equals gather + SDPA."""
@@ -192,10 +195,12 @@ def _decode_case(n: int, length: int, heads: int = 4, kv_heads: int = 2, d: int 
 
 
 @pytest.mark.parametrize("length", [5, 8, 21])
-def test_paged_decode_attention_propagates_nan_as_sdpa_does(length):
+@pytest.mark.parametrize("d,kv_dtype", [(16, torch.float32), (64, torch.bfloat16)])
+def test_paged_decode_attention_propagates_nan_as_sdpa_does(length, d, kv_dtype):
     if not paged_attention.available(torch.zeros(1)):
         pytest.skip("kernel not built here")
-    q, k_cache, v_cache, tables, lens = _decode_case(2, length)
+    q, k_cache, v_cache, tables, lens = _decode_case(2, length, d=d)
+    k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
     q[0, 1, 3] = float("nan")
     out = paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25)
     assert out[0, 1].isnan().all() and not out[1].isnan().any()

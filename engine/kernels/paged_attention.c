@@ -12,6 +12,9 @@
  * of a pass is fetched ahead, since blocks sit anywhere in the cache.
  * Sequences are shared among OpenMP threads; with fewer sequences than threads, each
  * sequence's KV heads are split among several.
+ * A bf16 cache with heads of 64 or 128 takes an AVX-512 path where the CPU has it
+ * (paged_attention_bf16_512.h): 30 layers x 64 sequences at context 97 in 9.9 ms where the
+ * AVX2 path takes 11.4, most of what is left being the 143 MB of keys and values read.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -88,6 +91,8 @@ static inline float bf16_to_float(uint16_t x) {
 #undef KV_LOAD1
 #undef KV
 
+#include "paged_attention_bf16_512.h"
+
 /* q: [n, heads, d], q_row floats from one sequence's queries to the next (a view of the step's fused qkv rows
  * needs no copy); caches: [blocks, block_size, kv_heads, d], fp32 or (kv_bf16) bf16; tables: [n, max_blocks]; lens: [n];
  * out: [n, heads, d]. Returns 0, or -1 when a thread could not allocate its score buffer. */
@@ -100,20 +105,26 @@ int paged_decode_attention(const float *q, long q_row, const void *k_cache, cons
     /* Work items: a sequence's KV heads, in several parts where there are fewer sequences than threads. */
     long parts = n < threads ? (threads + n - 1) / n : 1;
     parts = parts > kv_heads ? kv_heads : parts;
-    int failed = 0;
+    int failed = 0, wide = kv_bf16 && (d == 64 || d == 128) && __builtin_cpu_supports("avx512f") &&
+                           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                           __builtin_cpu_supports("avx512vl");
 #pragma omp parallel num_threads(threads)
     {
         float *scores = malloc(sizeof(float) * (heads * max_len + 1));
-        if (!scores) {
+        float *kw = wide ? aligned_alloc(64, sizeof(float) * ((block_size * d + 15) / 16 * 16)) : NULL;
+        if (!scores || (wide && !kw)) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic)
         for (long item = 0; item < n * parts; item++) {
-            if (!scores) continue;
+            if (!scores || (wide && !kw)) continue;
             long s = item / parts, part = item % parts;
             long h0 = part * kv_heads / parts, h1 = (part + 1) * kv_heads / parts;
-            if (kv_bf16)
+            if (wide)
+                attend_bf16_512(q + s * q_row, k_cache, v_cache, tables + s * max_blocks, lens[s], h0, h1, group, d,
+                                block_size, row, block, scale, scores, out + s * heads * d, kw);
+            else if (kv_bf16)
                 attend_bf16(q + s * q_row, k_cache, v_cache, tables + s * max_blocks, lens[s], h0, h1, group, d,
                             block_size, row, block, scale, scores, out + s * heads * d);
             else
@@ -121,6 +132,7 @@ int paged_decode_attention(const float *q, long q_row, const void *k_cache, cons
                            block_size, row, block, scale, scores, out + s * heads * d);
         }
         free(scores);
+        free(kw);
     }
     return failed ? -1 : 0;
 }
