@@ -74,13 +74,27 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* to_bf16 on eight values at once, the same bits. */
+static inline __m128i to_bf16_8(__m256 f) {
+    __m256i u = _mm256_castps_si256(f);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_set1_epi32(0x7F800000));
+    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+    /* the low halves of the eight lanes, in order (packus works within 128-bit halves) */
+    __m256i packed = _mm256_packus_epi32(rounded, rounded);
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
 static inline void store_kv(void *cache, long slot, const float *x, long n, int bf16) {
     if (!bf16) {
         memcpy((float *)cache + slot * n, x, n * sizeof(float));
         return;
     }
     uint16_t *dst = (uint16_t *)cache + slot * n;
-    for (long i = 0; i < n; i++) dst[i] = to_bf16(x[i]);
+    long i = 0;
+    for (; i + 8 <= n; i += 8) _mm_storeu_si128((__m128i *)(dst + i), to_bf16_8(_mm256_loadu_ps(x + i)));
+    for (; i < n; i++) dst[i] = to_bf16(x[i]);
 }
 
 /* qkv: [T, (heads + 2 kv_heads) d], each row q | k | v. Rotates q and k in place by each token's position
