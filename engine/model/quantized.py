@@ -145,47 +145,84 @@ def quantize(weight: torch.Tensor, fmt: WeightFormat) -> Codes:
 
 
 def _quantize_q4_k(x: np.ndarray) -> Codes:
-    """Per group of 32: the scale and minimum (w ~ scale * q - min, min >= 0) that minimise the squared error over a
-    few candidate ranges; both then quantized to 6 bits under fp16 super-block scales, and q chosen again."""
+    """llama.cpp's Q4_K quantization (quantize_row_q4_K_ref): per group of 32, the scale and minimum fitted by
+    weighted least squares over a sweep of candidate ranges (make_qkx2_quants), each input weighted by the
+    group's RMS plus its own magnitude; then both quantized to 6 bits under fp16 super-block scales, and the
+    4-bit codes chosen again against them."""
     fmt = FORMATS["q4_k"]
     n, k = x.shape
-    g = x.reshape(n, k // 32, 32)
-    lo, hi = np.minimum(g.min(axis=-1, keepdims=True), 0), g.max(axis=-1, keepdims=True)
-    best_scale, best_min, best_err = None, None, None
-    for shrink in np.linspace(0.0, 0.12, 7):  # pull the range in from each end in turn; keep the best
-        for which in (0, 1):
-            a = lo * (1 - shrink) if which == 0 else lo
-            b = hi if which == 0 else hi * (1 - shrink)
-            scale = np.maximum((b - a) / 15, 1e-30)
-            q = np.clip(np.rint((g - a) / scale), 0, 15)
-            err = ((q * scale + a - g) ** 2).sum(axis=-1, keepdims=True)
-            if best_err is None:
-                best_scale, best_min, best_err = scale, -a, err
-            else:
-                better = err < best_err
-                best_scale = np.where(better, scale, best_scale)
-                best_min = np.where(better, -a, best_min)
-                best_err = np.minimum(err, best_err)
-    scale, minimum = best_scale[..., 0], best_min[..., 0]  # [N, groups]
     groups = k // 32
     per_super = -(-groups // 8)  # the last super-block may be partial
+    scale = np.empty((n, groups), dtype=np.float32)
+    minimum = np.empty((n, groups), dtype=np.float32)
+    for r0 in range(0, n, Q4_K_ROWS):  # a slice of rows at a time bounds the sweep's temporaries
+        xs = torch.from_numpy(np.ascontiguousarray(x[r0 : r0 + Q4_K_ROWS])).view(-1, groups, 32)
+        weights = (xs**2).mean(-1, keepdim=True).sqrt() + xs.abs()
+        sc, mn = _fit_scale_and_min(xs, weights)
+        scale[r0 : r0 + Q4_K_ROWS], minimum[r0 : r0 + Q4_K_ROWS] = sc.numpy(), mn.numpy()
 
     def six_bits(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         padded = np.zeros((n, per_super * 8), dtype=np.float32)
         padded[:, :groups] = v
         top = padded.reshape(n, per_super, 8).max(axis=-1)
-        d = (top / 63).astype(np.float16)
-        inv = np.where(d > 0, 1 / np.maximum(d.astype(np.float32), 1e-30), 0)
-        codes = np.clip(np.rint(padded.reshape(n, per_super, 8) * inv[..., None]), 0, 63)
-        return d, codes.reshape(n, -1)[:, :groups].astype(np.uint8)
+        inv = np.where(top > 0, 63 / np.maximum(top, 1e-30), 0).astype(np.float32)
+        codes = np.minimum(np.rint(padded.reshape(n, per_super, 8) * inv[..., None]), 63)
+        return (top / 63).astype(np.float16), codes.reshape(n, -1)[:, :groups].astype(np.uint8)
 
     d, sc = six_bits(scale)
     dmin, mins = six_bits(minimum)
     step = np.repeat(d.astype(np.float32), 8, axis=1)[:, :groups] * sc  # [N, groups]
     offset = np.repeat(dmin.astype(np.float32), 8, axis=1)[:, :groups] * mins
+    g = x.reshape(n, groups, 32)
     inv = np.where(step > 0, 1 / np.maximum(step, 1e-30), 0)
     q = np.clip(np.rint((g + offset[..., None]) * inv[..., None]), 0, 15).astype(np.uint8)
     return Codes(fmt, q.reshape(n, k), d, dmin, sc.astype(np.int8), (-mins.astype(np.int16)).astype(np.int8))
+
+
+Q4_K_ROWS = 512  # rows of a matrix whose groups are fitted at once: their temporaries stay in cache
+
+
+def _fit_scale_and_min(x: torch.Tensor, w: torch.Tensor, levels: int = 15, steps: int = 20, start: float = -1.0,
+                       delta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's make_qkx2_quants over every group of x [..., 32] at once, weights w alike: the scale s and
+    minimum m >= 0 (x ~ s * q - m, q in 0..levels) of least weighted squared error among the range's own fit and
+    the least-squares fits to the codes of ranges stretched by start + delta * i levels. As there, each better
+    fit's offset becomes the origin of the ranges tried after it."""
+    lo, hi = x.amin(-1).clamp(max=0), x.amax(-1)
+    flat = hi == lo
+    sum_w, sum_x = w.sum(-1), (w * x).sum(-1)
+
+    def codes(levels_over_range: float, origin: torch.Tensor) -> torch.Tensor:
+        span = torch.where(flat, torch.ones_like(hi), hi - origin)
+        return torch.round((levels_over_range / span)[..., None] * (x - origin[..., None])).clamp_(0, levels)
+
+    sum_xx = (w * x * x).sum(-1)
+
+    def sums(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        wq = w * q
+        return wq.sum(-1), (wq * q).sum(-1), (wq * x).sum(-1)
+
+    def error(s, m, sum_l, sum_l2, sum_xl) -> torch.Tensor:  # sum w (s q + m - x)^2, from the sums
+        return s * s * sum_l2 + 2 * s * m * sum_l - 2 * s * sum_xl + m * m * sum_w - 2 * m * sum_x + sum_xx
+
+    best_s = 1 / (levels / torch.where(flat, torch.ones_like(hi), hi - lo))
+    best_m = lo.clone()
+    best_err = error(best_s, best_m, *sums(codes(levels, lo)))
+    for i in range(steps + 1):
+        sum_l, sum_l2, sum_xl = sums(codes(start + delta * i + levels, best_m))
+        det = sum_w * sum_l2 - sum_l * sum_l
+        fits = det > 0
+        det = torch.where(fits, det, torch.ones_like(det))
+        s = (sum_w * sum_xl - sum_x * sum_l) / det
+        m = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        positive = m > 0  # a minimum above zero: refit the scale alone, through zero
+        s = torch.where(positive, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), s)
+        m = torch.where(positive, torch.zeros_like(m), m)
+        err = error(s, m, sum_l, sum_l2, sum_xl)
+        better = fits & (err < best_err)
+        best_s, best_m = torch.where(better, s, best_s), torch.where(better, m, best_m)
+        best_err = torch.where(better, err, best_err)
+    return torch.where(flat, torch.zeros_like(best_s), best_s), -torch.where(flat, lo, best_m)
 
 
 # ---- codes <-> the packed layout ----------------------------------------------------------------------------------
