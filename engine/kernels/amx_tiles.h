@@ -54,6 +54,28 @@ static inline void round_rows(const float *x, long m, long k, long x_row, long k
     }
 }
 
+static inline void zero_accumulators(void) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+}
+
+/* One step of 32 inputs: a block's two weight tiles (w: [2][16][32] bf16) against one or (two) two 16-row tiles
+ * of x (a0, a1: bf16 rows `stride` bytes apart), into accumulators 0-3. */
+static inline void tile_step(const uint16_t *w, const uint16_t *a0, const uint16_t *a1, long stride, int two) {
+    _tile_loadd(6, w, 64);
+    _tile_loadd(7, w + 512, 64);
+    _tile_loadd(4, a0, stride);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (two) {
+        _tile_loadd(5, a1, stride);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+}
+
 /* Accumulators of rows [mb, mb + rows) x features [f0, f0 + cols) into y, plus the bias. */
 static inline void store_block(float *y, long n, long mb, long rows, long f0, long cols, int two, const float *bias) {
     if (rows >= 16 * (two + 1) && cols == 32) {  /* whole tiles straight into y */
@@ -93,25 +115,13 @@ static inline void multiply_block(const uint16_t *wb, long steps, const uint16_t
                                   long m1, float *y, long n, long b, const float *bias) {
     for (long mb = m0; mb < m1; mb += 32) {
         int two = mb + 16 < m1;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        zero_accumulators();
         const uint16_t *a0 = a + mb * k32, *a1 = a + (mb + 16) * k32;
         for (long s = 0; s < steps; s++) {
             const uint16_t *w = wb + s * 1024;
             for (int line = 0; line < 2048; line += 64)  /* this step's two tiles, ahead */
                 _mm_prefetch((const char *)w + PREFETCH + line, _MM_HINT_T0);
-            _tile_loadd(6, w, 64);
-            _tile_loadd(7, w + 512, 64);
-            _tile_loadd(4, a0 + s * 32, k32 * sizeof(uint16_t));
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            if (two) {
-                _tile_loadd(5, a1 + s * 32, k32 * sizeof(uint16_t));
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
-            }
+            tile_step(w, a0 + s * 32, a1 + s * 32, k32 * sizeof(uint16_t), two);
         }
         long rows = m - mb < 32 ? m - mb : 32, cols = n - b * 32 < 32 ? n - b * 32 : 32;
         if (rows > 0) store_block(y, n, mb, rows, b * 32, cols, two, bias);

@@ -265,22 +265,10 @@ void quant_linear(const float *x, long m, long x_row, const qweight *w, uint16_t
 #pragma omp for schedule(static)
             for (long b = 0; b < blocks; b++) {
                 int two = mp > 16;
-                _tile_zero(0);
-                _tile_zero(1);
-                _tile_zero(2);
-                _tile_zero(3);
+                zero_accumulators();
                 for (long s = 0; s < steps; s++) {
                     expand_steps(&f, b, steps, s, s + 1, quants, d, dmin, sc, mn, wb);
-                    _tile_loadd(6, wb, 64);
-                    _tile_loadd(7, wb + 512, 64);
-                    _tile_loadd(4, a + s * 32, k * sizeof(uint16_t));
-                    _tile_dpbf16ps(0, 4, 6);
-                    _tile_dpbf16ps(1, 4, 7);
-                    if (two) {
-                        _tile_loadd(5, a + 16 * k + s * 32, k * sizeof(uint16_t));
-                        _tile_dpbf16ps(2, 5, 6);
-                        _tile_dpbf16ps(3, 5, 7);
-                    }
+                    tile_step(wb, a + s * 32, a + 16 * k + s * 32, k * sizeof(uint16_t), two);
                 }
                 long cols = n - b * 32 < 32 ? n - b * 32 : 32;
                 store_block(y, n, 0, m, b * 32, cols, two, bias);
@@ -299,10 +287,7 @@ void quant_linear(const float *x, long m, long x_row, const qweight *w, uint16_t
                         int two = mb + 16 < m1;
                         float *at = acc + (mb - m0) * 32;
                         if (c0 == 0) {
-                            _tile_zero(0);
-                            _tile_zero(1);
-                            _tile_zero(2);
-                            _tile_zero(3);
+                            zero_accumulators();
                         } else {
                             _tile_loadd(0, at, 128);
                             _tile_loadd(1, at + 16, 128);
@@ -312,19 +297,8 @@ void quant_linear(const float *x, long m, long x_row, const qweight *w, uint16_t
                             }
                         }
                         const uint16_t *a0 = a + mb * k, *a1 = a + (mb + 16) * k;
-                        for (long s = c0; s < c1; s++) {
-                            const uint16_t *w = wb + (s - c0) * 1024;
-                            _tile_loadd(6, w, 64);
-                            _tile_loadd(7, w + 512, 64);
-                            _tile_loadd(4, a0 + s * 32, k * sizeof(uint16_t));
-                            _tile_dpbf16ps(0, 4, 6);
-                            _tile_dpbf16ps(1, 4, 7);
-                            if (two) {
-                                _tile_loadd(5, a1 + s * 32, k * sizeof(uint16_t));
-                                _tile_dpbf16ps(2, 5, 6);
-                                _tile_dpbf16ps(3, 5, 7);
-                            }
-                        }
+                        for (long s = c0; s < c1; s++)
+                            tile_step(wb + (s - c0) * 1024, a0 + s * 32, a1 + s * 32, k * sizeof(uint16_t), two);
                         _tile_stored(0, at, 128);
                         _tile_stored(1, at + 16, 128);
                         if (two) {
