@@ -15,21 +15,22 @@
 int amx_request(void) { return request_tiles(); }
 
 /* x: [m, k] fp32, rows x_row floats apart; packed: [ceil(n / 32)][k32 / 32][2][16][16][2] bf16, k32 = k rounded
- * up to 32; a: scratch for x in bf16, [m rounded up to 16][k32]; y: [m, n]; bias: [n] or NULL. */
+ * up to 32; a: scratch for x in bf16, [m rounded up to 16][k32] (in round_rows' tile order); y: [m, n]; bias: [n]
+ * or NULL. */
 void amx_linear(const float *x, long m, long k, long x_row, const uint16_t *packed, long n, const float *bias,
                 uint16_t *a, float *y, int threads) {
     long k32 = (k + 31) / 32 * 32, steps = k32 / 32, mp = (m + 15) / 16 * 16, blocks = (n + 31) / 32;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
-        for (long r = 0; r < mp; r += 16) round_rows(x, m, k, x_row, k32, r, r + 16, a);
+        for (long r = 0; r < mp; r += 16) round_rows(x, m, k, x_row, steps, r, a);
         configure_tiles();
         for (long m0 = 0; m0 < mp; m0 += ROW_CHUNK) {
             long m1 = m0 + ROW_CHUNK < mp ? m0 + ROW_CHUNK : mp;
 #pragma omp for schedule(static)
             for (long b = 0; b < blocks; b++) {
                 const uint16_t *wb = packed + b * steps * 1024;
-                multiply_block(wb, steps, a, k32, m, m0, m1, y, n, b, bias);
+                multiply_block(wb, steps, a, m, m0, m1, y, n, b, bias);
             }
         }
         _tile_release();

@@ -36,22 +36,27 @@ static inline void configure_tiles(void) {
     _tile_loadconfig(&c);
 }
 
-/* Rows [r0, r1) of x, rounded to bf16, into a [.., k32] zero-padded beyond k (and rows past m all zero). */
-static inline void round_rows(const float *x, long m, long k, long x_row, long k32, long r0, long r1, uint16_t *a) {
-    for (long r = r0; r < r1; r++) {
-        uint16_t *dst = a + r * k32;
-        long i = 0;
-        if (r < m) {
-            const float *src = x + r * x_row;
-            for (; i < k; i += 16) {
-                __mmask16 mask = k - i >= 16 ? 0xFFFF : (__mmask16)((1u << (k - i)) - 1);
+/* Rows [r0, r0 + 16) of x (r0 a multiple of 16) rounded to bf16 in tile order: a + ((r0 / 16) * steps + s) * 512
+ * is the tile of those rows' inputs [32 s, 32 s + 32), 16 rows of 64 bytes one after the other, so that a tile
+ * loads from one contiguous kilobyte. Zero beyond k, and for rows past m. */
+static inline void round_rows(const float *x, long m, long k, long x_row, long steps, long r0, uint16_t *a) {
+    uint16_t *tiles = a + (r0 / 16) * steps * 512;
+    for (long r = r0; r < r0 + 16; r++) {
+        uint16_t *dst = tiles + (r - r0) * 32;
+        const float *src = x + r * x_row;
+        for (long s = 0; s < steps; s++)
+            for (long h = 0; h < 32; h += 16) {
+                long i = s * 32 + h, left = r < m ? k - i : 0;
+                __mmask16 mask = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
                 __m512 v = _mm512_maskz_loadu_ps(mask, src + i);
-                _mm256_mask_storeu_epi16(dst + i, mask, (__m256i)_mm512_cvtneps_pbh(v));
+                _mm256_storeu_si256((__m256i *)(dst + s * 512 + h), (__m256i)_mm512_cvtneps_pbh(v));
             }
-            i = k;
-        }
-        memset(dst + i, 0, (k32 - i) * sizeof(uint16_t));
     }
+}
+
+/* The tile of rounded rows [r, r + 16) (r a multiple of 16) and step s, in round_rows' order. */
+static inline const uint16_t *x_tile(const uint16_t *a, long steps, long r, long s) {
+    return a + ((r / 16) * steps + s) * 512;
 }
 
 static inline void zero_accumulators(void) {
@@ -61,16 +66,16 @@ static inline void zero_accumulators(void) {
     _tile_zero(3);
 }
 
-/* One step of 32 inputs: a block's two weight tiles (w: [2][16][32] bf16) against one or (two) two 16-row tiles
- * of x (a0, a1: bf16 rows `stride` bytes apart), into accumulators 0-3. */
-static inline void tile_step(const uint16_t *w, const uint16_t *a0, const uint16_t *a1, long stride, int two) {
+/* One step of 32 inputs: a block's two weight tiles (w: [2][16][32] bf16) against one or (two) two tiles of x
+ * (a0, a1: round_rows' tiles), into accumulators 0-3. */
+static inline void tile_step(const uint16_t *w, const uint16_t *a0, const uint16_t *a1, int two) {
     _tile_loadd(6, w, 64);
     _tile_loadd(7, w + 512, 64);
-    _tile_loadd(4, a0, stride);
+    _tile_loadd(4, a0, 64);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     if (two) {
-        _tile_loadd(5, a1, stride);
+        _tile_loadd(5, a1, 64);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
     }
@@ -109,19 +114,18 @@ static inline void store_block(float *y, long n, long mb, long rows, long f0, lo
             }
 }
 
-/* Rows [m0, m1) of the rounded x (a: [.., k32] bf16) against one block of weight tiles (wb: [steps][1024]),
+/* Rows [m0, m1) of the rounded x (a: round_rows' tiles) against one block of weight tiles (wb: [steps][1024]),
  * into y's features [32 b, 32 b + 32), plus the bias. Tiles 0-3 accumulate, 4-5 hold x, 6-7 the weights. */
-static inline void multiply_block(const uint16_t *wb, long steps, const uint16_t *a, long k32, long m, long m0,
-                                  long m1, float *y, long n, long b, const float *bias) {
+static inline void multiply_block(const uint16_t *wb, long steps, const uint16_t *a, long m, long m0, long m1,
+                                  float *y, long n, long b, const float *bias) {
     for (long mb = m0; mb < m1; mb += 32) {
         int two = mb + 16 < m1;
         zero_accumulators();
-        const uint16_t *a0 = a + mb * k32, *a1 = a + (mb + 16) * k32;
         for (long s = 0; s < steps; s++) {
             const uint16_t *w = wb + s * 1024;
             for (int line = 0; line < 2048; line += 64)  /* this step's two tiles, ahead */
                 _mm_prefetch((const char *)w + PREFETCH + line, _MM_HINT_T0);
-            tile_step(w, a0 + s * 32, a1 + s * 32, k32 * sizeof(uint16_t), two);
+            tile_step(w, x_tile(a, steps, mb, s), x_tile(a, steps, mb + 16, s), two);
         }
         long rows = m - mb < 32 ? m - mb : 32, cols = n - b * 32 < 32 ? n - b * 32 : 32;
         if (rows > 0) store_block(y, n, mb, rows, b * 32, cols, two, bias);

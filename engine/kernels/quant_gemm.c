@@ -230,7 +230,7 @@ static __thread char *dot_scratch;
 static __thread long dot_scratch_bytes;
 
 /* x: [m, k] fp32, rows x_row floats apart, k a multiple of 32. Up to dot_rows rows take the dot products; above,
- * a: scratch for x in bf16, [m rounded up to 16][k]. y: [m, n]. */
+ * a: scratch for x in bf16, [m rounded up to 16][k] (in round_rows' tile order). y: [m, n]. */
 void quant_linear(const float *x, long m, long x_row, const qweight *w, uint16_t *a, float *y, int threads,
                   long dot_rows) {
     qformat f = {w->bits, w->group, w->zero, w->sub_scales};
@@ -259,7 +259,7 @@ void quant_linear(const float *x, long m, long x_row, const qweight *w, uint16_t
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
-        for (long r = 0; r < mp; r += 16) round_rows(x, m, k, x_row, k, r, r + 16, a);
+        for (long r = 0; r < mp; r += 16) round_rows(x, m, k, x_row, steps, r, a);
         configure_tiles();
         if (mp <= 32) { /* one pass over the rows: each step's tiles are multiplied as soon as expanded, from L1 */
 #pragma omp for schedule(static)
@@ -268,7 +268,7 @@ void quant_linear(const float *x, long m, long x_row, const qweight *w, uint16_t
                 zero_accumulators();
                 for (long s = 0; s < steps; s++) {
                     expand_steps(&f, b, steps, s, s + 1, quants, d, dmin, sc, mn, wb);
-                    tile_step(wb, a + s * 32, a + 16 * k + s * 32, k * sizeof(uint16_t), two);
+                    tile_step(wb, x_tile(a, steps, 0, s), x_tile(a, steps, 16, s), two);
                 }
                 long cols = n - b * 32 < 32 ? n - b * 32 : 32;
                 store_block(y, n, 0, m, b * 32, cols, two, bias);
@@ -296,9 +296,8 @@ void quant_linear(const float *x, long m, long x_row, const qweight *w, uint16_t
                                 _tile_loadd(3, at + 16 * 32 + 16, 128);
                             }
                         }
-                        const uint16_t *a0 = a + mb * k, *a1 = a + (mb + 16) * k;
                         for (long s = c0; s < c1; s++)
-                            tile_step(wb + (s - c0) * 1024, a0 + s * 32, a1 + s * 32, k * sizeof(uint16_t), two);
+                            tile_step(wb + (s - c0) * 1024, x_tile(a, steps, mb, s), x_tile(a, steps, mb + 16, s), two);
                         _tile_stored(0, at, 128);
                         _tile_stored(1, at + 16, 128);
                         if (two) {
