@@ -292,6 +292,47 @@ def test_grouped_decode_gather_equals_attention_one_sequence_at_a_time(monkeypat
         torch.testing.assert_close(got[i], want[:, 0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_prefill_chunks_attend_at_the_caches_precision(kv_dtype):
+    """A step of a decode and two prefill chunks, one from position 0 and one after a cached prefix: each chunk's
+    rows equal causal attention over its own keys and values, computed in fp32 from the queries, keys and values
+    rounded as the cache holds them (bf16 where the cache is bf16 and the CPU multiplies bf16 natively)."""
+    g = torch.Generator().manual_seed(11)
+    heads, kv_heads, d, bs = 6, 2, 32, 4
+    prefix, fresh, later = 6, 9, 5  # cached tokens of the second sequence, then each chunk's tokens
+    k_cache = torch.zeros(16, bs, kv_heads, d, dtype=kv_dtype)
+    v_cache = torch.zeros_like(k_cache)
+    fresh_table, later_table, decode_table = [1, 2, 3], [4, 5, 6], [7]
+    T = 1 + fresh + later
+    q = torch.randn(T, heads, d, generator=g)
+    k, v = torch.randn(T, kv_heads, d, generator=g), torch.randn(T, kv_heads, d, generator=g)
+    past_k = torch.randn(prefix, kv_heads, d, generator=g)
+    past_v = torch.randn(prefix, kv_heads, d, generator=g)
+    for i in range(prefix):  # the second sequence's cached prefix
+        k_cache[later_table[i // bs], i % bs], v_cache[later_table[i // bs], i % bs] = past_k[i], past_v[i]
+    slots = [7 * bs] + [fresh_table[i // bs] * bs + i % bs for i in range(fresh)] + [
+        later_table[(prefix + i) // bs] * bs + (prefix + i) % bs for i in range(later)]
+    for row, slot in enumerate(slots):  # the step's keys and values, written as the layer writes them
+        k_cache.view(-1, kv_heads, d)[slot], v_cache.view(-1, kv_heads, d)[slot] = k[row], v[row]
+    prefills = [(1, 1 + fresh, 0, fresh_table), (1 + fresh, T, prefix, later_table)]
+    meta = build_metadata(bs, slots, [decode_table], [1], prefills, CPU)
+    got = attention.paged_attention(q, k, v, k_cache, v_cache, meta, d**-0.5).view(T, heads, d)
+    at = attention.prefill_dtype(q, k_cache)
+    assert at == (torch.bfloat16 if kv_dtype == torch.bfloat16 and linear.cpu_has_fast_half(torch.bfloat16)
+                  else torch.float32)
+
+    def causal(qs, ks, vs, start):  # [n, heads, d] over [ctx, kv_heads, d], query i at position start + i
+        qs, ks, vs = (t.to(at).float().transpose(0, 1) for t in (qs, ks, vs))
+        mask = torch.arange(ks.shape[1])[None, :] <= torch.arange(start, start + qs.shape[1])[:, None]
+        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=d**-0.5, enable_gqa=True).transpose(0, 1)
+
+    tolerance = dict(rtol=2e-2, atol=2e-2) if at == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1 : 1 + fresh], causal(q[1 : 1 + fresh], k[1 : 1 + fresh], v[1 : 1 + fresh], 0),
+                               **tolerance)
+    keys, values = torch.cat([past_k, k[1 + fresh :]]), torch.cat([past_v, v[1 + fresh :]])
+    torch.testing.assert_close(got[1 + fresh :], causal(q[1 + fresh :], keys, values, prefix), **tolerance)
+
+
 TRITON_CHECK = """
 import sys
 import torch

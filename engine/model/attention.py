@@ -9,14 +9,32 @@ offset.
 """
 from __future__ import annotations
 
+import functools
 from array import array
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from engine.kernels import build
 from engine.kernels import paged_attention as paged_kernel
 from engine.kernels import triton_paged_attention as triton_kernel
+
+
+def prefill_dtype(q: torch.Tensor, k_cache: torch.Tensor) -> torch.dtype:
+    """What prefill attention computes in: the queries' dtype, but the cache's bf16 where fp32 activations run over
+    a bf16 cache on a CPU that multiplies bf16 natively. The keys and values are then what every later decode step
+    reads from the cache; the queries are rounded as a bf16 model's are, and the output as the next product rounds
+    its input anyway. torch's fused CPU attention runs 2.3x faster so (a 128-token prompt of 9 heads of 64: 92 us
+    against 210)."""
+    if q.dtype == torch.float32 and k_cache.dtype == torch.bfloat16 and q.device.type == "cpu" and _native_bf16():
+        return torch.bfloat16
+    return q.dtype
+
+
+@functools.cache
+def _native_bf16() -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & build.cpu_flags())
 
 
 @dataclass(slots=True)
@@ -190,22 +208,28 @@ def paged_attention(
                 scale=scale,
             )
             out[g.start : g.end] = o.reshape(rows, heads, d)
+    if meta.prefills:
+        dtype = prefill_dtype(q, k_cache)
+        # The prefill rows at that dtype, converted once for every chunk of the step (the decode rows, first, are
+        # left out: they are not read again).
+        qp, kp, vp = (t[nd:].to(dtype) for t in (q, k, v))
     for c in meta.prefills:
         # 4-D, [1, heads, n, d]: the layout PyTorch's fused attention kernels take (3-D falls back to the math path,
         # which materialises [heads, n, context] scores).
         n = c.end - c.start
+        rows = slice(c.start - nd, c.end - nd)
         if c.mask is None:
             o = F.scaled_dot_product_attention(
-                q[c.start : c.end].transpose(0, 1).unsqueeze(0), k[c.start : c.end].transpose(0, 1).unsqueeze(0),
-                v[c.start : c.end].transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale, enable_gqa=gqa,
+                qp[rows].transpose(0, 1).unsqueeze(0), kp[rows].transpose(0, 1).unsqueeze(0),
+                vp[rows].transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale, enable_gqa=gqa,
             )[0]  # [heads, n, d]
         else:
             kc = k_cache.view(num_blocks, -1).index_select(0, c.block_table).view(-1, kv_heads, d)[: c.context_len]
             vc = v_cache.view(num_blocks, -1).index_select(0, c.block_table).view(-1, kv_heads, d)[: c.context_len]
-            kc, vc = kc.to(q.dtype).transpose(0, 1), vc.to(q.dtype).transpose(0, 1)  # [kvh, ctx, d]
+            kc, vc = kc.to(dtype).transpose(0, 1), vc.to(dtype).transpose(0, 1)  # [kvh, ctx, d]
             # As for decodes: each KV head's query heads and positions as its queries, the mask repeated for each.
             group = heads // kv_heads
-            qc = q[c.start : c.end].view(n, kv_heads, group, d).permute(1, 2, 0, 3).reshape(kv_heads, group * n, d)
+            qc = qp[rows].view(n, kv_heads, group, d).permute(1, 2, 0, 3).reshape(kv_heads, group * n, d)
             mask = c.mask.repeat(group, 1) if group > 1 else c.mask  # [group * n, ctx]
             o = F.scaled_dot_product_attention(qc.unsqueeze(0), kc.unsqueeze(0), vc.unsqueeze(0), attn_mask=mask,
                                                scale=scale)[0]  # [kvh, group * n, d]
