@@ -173,12 +173,12 @@ def neighbour_ratio(model_dir, levels: list[int], max_tokens: int) -> None:
           f"--max-tokens {max_tokens}")
 
 
-def peer_runs(args, model_dir) -> list[tuple[str, list[str], dict | None]]:
-    """(label, command without its port, environment) of each peer asked for."""
+def peer_runs(args, model_dir) -> list[tuple[str, list[str], str, dict | None]]:
+    """(label, command without its port, the model name it serves, environment) of each peer asked for."""
     runs = []
-    if "transformers" in args.peers:
+    if "transformers" in args.peers:  # transformers serve names a model by the path it loads it from
         runs.append(("transformers", ["transformers", "serve", "--continuous-batching", "--host", "127.0.0.1",
-                                      str(model_dir), "--port"], None))
+                                      str(model_dir), "--port"], str(model_dir), None))
     if "vllm" in args.peers:
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                "--served-model-name", model_dir.name, "--host", "127.0.0.1", "--dtype", "bfloat16",
@@ -187,7 +187,7 @@ def peer_runs(args, model_dir) -> list[tuple[str, list[str], dict | None]]:
             env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
             if bind != "auto":
                 env["VLLM_CPU_OMP_THREADS_BIND"] = bind
-            runs.append((f"vllm {bind}", cmd, env))
+            runs.append((f"vllm {bind}", cmd, model_dir.name, env))
     return runs
 
 
@@ -209,10 +209,10 @@ def main() -> None:
     port = free_port()
     results = {"strata": run_server("strata", strata_command(model_dir, port), port, name, args.concurrency,
                                     args.max_tokens)}
-    for label, cmd, env in peer_runs(args, model_dir):
+    for label, cmd, model, env in peer_runs(args, model_dir):
         port = free_port()
         try:
-            results[label] = run_server(label.replace(" ", "-"), [*cmd, str(port)], port, name, args.concurrency,
+            results[label] = run_server(label.replace(" ", "-"), [*cmd, str(port)], port, model, args.concurrency,
                                         args.max_tokens, env)
         except (RuntimeError, OSError, aiohttp.ClientError) as e:  # a peer that fails leaves the others' figures
             print(f"{label} failed: {type(e).__name__}: {e}", flush=True)
@@ -232,9 +232,9 @@ def main() -> None:
                   f"{t['ttft_p99'] / s['ttft_p99']:>10.2f}x | {t['itl_p50'] / s['itl_p50']:>9.2f}x | "
                   f"{t['itl_p99'] / s['itl_p99']:>9.2f}x")
     print("\nx peer: throughput strata/peer; latencies peer/strata (above 1 means Strata is faster).")
+    vllm = f" --vllm-python {args.vllm_python} --vllm-bind {' '.join(args.vllm_bind)}" if "vllm" in args.peers else ""
     print(f"rerun: python -m bench.serving --concurrency {' '.join(map(str, args.concurrency))} --max-tokens "
-          f"{args.max_tokens} --peers {' '.join(args.peers)} --vllm-python {args.vllm_python} "
-          f"--vllm-bind {' '.join(args.vllm_bind)}")
+          f"{args.max_tokens} --peers {' '.join(args.peers)}{vllm}")
 
 
 if __name__ == "__main__":
