@@ -16,7 +16,7 @@
 #include "vec_math.h"
 
 /* Below this many elements a call stays on one thread: waking the others costs more. */
-#define PARALLEL_ELEMS (1L << 16)
+#define PARALLEL_ELEMS (1L << 13)
 
 /* x[T, D] += delta (when given), then h = w * (x * 1 / sqrt(mean(x^2) + eps)), row by row. */
 void add_rms_norm(float *x, const float *delta, const float *w, float *h, long T, long D, float eps, int threads) {
