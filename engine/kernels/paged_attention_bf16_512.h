@@ -87,16 +87,32 @@ AVX512 static void values_block512(float *os, const float *p, long len, const ui
     }
 }
 
+/* Block b's rows (none past the last block) asked for into L2 only: further ahead than prefetch_block_bf16's. */
+static inline __attribute__((always_inline)) void prefetch_block_l2(const uint16_t *cache, const int64_t *table, long b,
+                                                                    long blocks, long len, long block_size, long block,
+                                                                    long row, long h0, long h1, long d) {
+    if (b >= blocks) return;
+    long rows = len - b * block_size < block_size ? len - b * block_size : block_size;
+    const uint16_t *base = cache + table[b] * block;
+    for (long r = 0; r < rows; r++) {
+        const char *p = (const char *)(base + r * row + h0 * d), *end = (const char *)(base + r * row + h1 * d);
+        for (; p < end; p += 64) _mm_prefetch(p, _MM_HINT_T1);
+    }
+}
+
 /* attend_bf16 (paged_attention_kv.h) with AVX-512, d 64 or 128; kw: a 64-byte aligned buffer of block_size x d
  * floats. */
 AVX512 static void attend_bf16_512(const float *qs, const uint16_t *k_cache, const uint16_t *v_cache,
                                    const int64_t *table, long len, long h0, long h1, long group, long d,
                                    long block_size, long row, long block, float scale, float *scores, float *os,
-                                   float *kw) {
+                                   float *kw, const int64_t *next_table, long next_len) {
     long blocks = (len + block_size - 1) / block_size;
+    prefetch_block_l2(k_cache, table, 1, blocks, len, block_size, block, row, h0, h1, d);
+    prefetch_block_l2(k_cache, table, 2, blocks, len, block_size, block, row, h0, h1, d);
     for (long b = 0; b < blocks; b++) {
         long t0 = b * block_size, rows = len - t0 < block_size ? len - t0 : block_size;
         prefetch_block_bf16(k_cache, table, b + 1, blocks, len, block_size, block, row, h0, h1, d);
+        prefetch_block_l2(k_cache, table, b + 3, blocks, len, block_size, block, row, h0, h1, d);
         const uint16_t *kb = k_cache + table[b] * block;
         for (long h = h0; h < h1; h++) {
             for (long t = 0; t < rows; t++)
@@ -113,12 +129,20 @@ AVX512 static void attend_bf16_512(const float *qs, const uint16_t *k_cache, con
         }
     }
     prefetch_block_bf16(v_cache, table, 0, blocks, len, block_size, block, row, h0, h1, d);
+    prefetch_block_l2(v_cache, table, 1, blocks, len, block_size, block, row, h0, h1, d);
+    prefetch_block_l2(v_cache, table, 2, blocks, len, block_size, block, row, h0, h1, d);
     for (long qh = 0; qh < (h1 - h0) * group; qh++) softmax(scores + qh * len, len);
     for (long i = h0 * group * d; i < h1 * group * d; i++) os[i] = 0.f;
     long per = d == 64 ? 4 : 2; /* query heads whose sums fit in registers at once */
     for (long b = 0; b < blocks; b++) {
         long t0 = b * block_size, rows = len - t0 < block_size ? len - t0 : block_size;
         prefetch_block_bf16(v_cache, table, b + 1, blocks, len, block_size, block, row, h0, h1, d);
+        prefetch_block_l2(v_cache, table, b + 3, blocks, len, block_size, block, row, h0, h1, d);
+        if (next_table && b + 3 >= blocks) { /* the next sequence's first keys, as this one's values run out */
+            long next_blocks = (next_len + block_size - 1) / block_size;
+            prefetch_block_l2(k_cache, next_table, b + 3 - blocks, next_blocks, next_len, block_size, block, row, h0,
+                              h1, d);
+        }
         const uint16_t *vb = v_cache + table[b] * block;
         for (long h = h0; h < h1; h++)
             for (long g = 0; g < group; g += per) {
