@@ -1,5 +1,5 @@
-"""A tokenizer from a GGUF file's `tokenizer.ggml.*` metadata, built as a `tokenizers.Tokenizer` the way
-transformers builds it when it loads the same file:
+"""A tokenizer from a GGUF file's `tokenizer.ggml.*` metadata, built as a `tokenizers.Tokenizer` that gives the ids
+of the tokenizer the model was trained with, as llama.cpp reads the same metadata:
 
 - `gpt2`: byte-level BPE from the vocabulary and merges, the text split first by the expression that
   `tokenizer.ggml.pre` names (llama.cpp's table of pre-tokenizers; a name outside it is refused);
@@ -7,7 +7,8 @@ transformers builds it when it loads the same file:
   `▁`, bytes a piece lacks as `<0xXX>` tokens.
 
 Control tokens become special added tokens and user-defined ones plain added tokens; BOS, EOS and the chat
-template come from the metadata."""
+template come from the metadata. Where transformers builds the same file otherwise (see _sentencepiece and the
+`ignore_merges` of Llama 3's pre-tokenizer), it is the trained tokenizer that is followed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -79,12 +80,14 @@ def gguf_tokenizer_parts(meta: dict[str, Any], source: str) -> tuple[tokenizers.
         raise TokenizerError(f"{source}: GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
     types = meta.get("tokenizer.ggml.token_type") or []
     alphabet = _byte_alphabet() if kind == "gpt2" else None
-    # A control token spelled outside a byte-level alphabet is a converter's mislabel: transformers leaves it out,
-    # so the vocabulary keeps the size the model was trained with.
-    special = [tokenizers.AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types)
-               if t == CONTROL and (alphabet is None or set(tokens[i]) <= alphabet)]
+    # Added tokens match the text as they are spelled. In a byte-level vocabulary one spelled outside the byte
+    # alphabet was respelled above, so its own spelling names no token of the vocabulary: it is left out (as
+    # transformers leaves it out) rather than added as a token the model does not have.
+    whole = [alphabet is None or set(tok) <= alphabet for tok in tokens]
+    special = [tokenizers.AddedToken(tokens[i], special=True, normalized=False)
+               for i, t in enumerate(types) if t == CONTROL and whole[i]]
     added = [tokenizers.AddedToken(tokens[i], special=False, normalized=False)
-             for i, t in enumerate(types) if t == USER_DEFINED]
+             for i, t in enumerate(types) if t == USER_DEFINED and whole[i]]
     backend.add_special_tokens(special)
     backend.add_tokens(added)
 
@@ -93,8 +96,8 @@ def gguf_tokenizer_parts(meta: dict[str, Any], source: str) -> tuple[tokenizers.
         return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
 
     bos = token("bos")
-    if meta.get("tokenizer.ggml.add_bos_token", bos_by_default) and bos is not None:
-        bos_id = backend.token_to_id(bos)
+    bos_id = backend.token_to_id(bos) if bos is not None else None
+    if meta.get("tokenizer.ggml.add_bos_token", bos_by_default) and bos_id is not None:
         backend.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
     names = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding"}
@@ -154,7 +157,8 @@ def _sentencepiece(meta: dict[str, Any], tokens: list[str]) -> tokenizers.Tokeni
     Spaces become `▁` and, where `tokenizer.ggml.add_space_prefix` (default on) asks, each run of text gets one in
     front: at the start and after every added token, as sentencepiece, llama.cpp and the Llama tokenizer.json
     files do. (transformers, building a tokenizer from the same file, adds it only where the text does not
-    already start with a space, so " Hello" is `▁Hello` there where the model was trained on `▁ ▁Hello`.)"""
+    already start with a space, so " Hello" is the one token `▁Hello` there, where the model was trained on the two
+    tokens `▁` and `▁Hello`.)"""
     vocab: dict[str, int] = {}
     for i, tok in enumerate(tokens):
         vocab.setdefault(tok, i)
