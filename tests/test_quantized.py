@@ -49,6 +49,11 @@ def test_gguf_blocks_unpack_to_exactly_what_ggml_dequantizes(name):
     assert torch.equal(quantized.dequantize(packed), want.float())
     rows = torch.tensor([0, 69, 33, 5, 5])
     assert torch.equal(quantized.dequantize_rows(packed, rows, torch.float32), want[rows].float())
+    if quant_gemm.available(torch.device("cpu")):  # the kernel's embedding lookups: the same values
+        product = quant_gemm.Product(packed, None)
+        assert torch.equal(product.rows(rows), want[rows].float())
+        with pytest.raises(IndexError, match="row ids must lie in"):
+            product.rows(torch.tensor([70]))
     # Memory at the format's size (the 70 rows pad to 96).
     assert packed.nbytes * 8 == pytest.approx(96 * k * FORMATS[name].bits_per_weight)
 

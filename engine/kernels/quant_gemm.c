@@ -225,6 +225,48 @@ typedef struct {
     int bits, group, zero, sub_scales;
 } qweight;
 
+/* ---- rows of W (embedding lookups from a quantized table) ----------------------------------------------------- */
+
+/* Row f of W decoded to fp32 into out [k] exactly as engine.model.quantized.dequantize computes it: (q - zero) *
+ * scale, plus the offset, each rounded in turn. */
+static void decode_feature(const qweight *w, long f, float *out) {
+    const long k = w->k, steps = k / 32, row_bytes = 4 * w->bits, groups = k / w->group;
+    const long scale_groups = w->sub_scales ? (k + 255) / 256 : groups;
+    const long b = f / 32, fb = f % 32, t = fb / 16, lane = fb % 16;
+    for (long s = 0; s < steps; s++) {
+        const uint8_t *tile = w->quants + ((b * steps + s) * 32 + t * 16) * row_bytes;
+        for (long r = 0; r < 16; r++) { /* row r: inputs 2r and 2r + 1 of the step, value 2 * lane + j of each */
+            const uint8_t *row = tile + r * row_bytes;
+            for (long j = 0; j < 2; j++) {
+                long e = 2 * lane + j, in = s * 32 + 2 * r + j, g = in / w->group;
+                int q;
+                if (w->bits == 8) {
+                    q = row[e];
+                } else {
+                    q = e < 16 ? row[e] & 0x0F : row[e - 16] >> 4;
+                    if (w->bits == 6) q |= ((row[16 + e % 8] >> (2 * (e / 8))) & 3) << 4;
+                }
+                long di = w->sub_scales ? in / 256 : g;
+                float scale = _cvtsh_ss(w->d[(b * scale_groups + di) * 32 + fb]);
+                float offset = w->dmin ? _cvtsh_ss(w->dmin[(b * scale_groups + di) * 32 + fb]) : 0.0f;
+                if (w->sub_scales) {
+                    scale = scale * (float)w->sc[(b * groups + g) * 32 + fb];
+                    if (w->dmin) offset = offset * (float)w->mn[(b * groups + g) * 32 + fb];
+                }
+                float v = ((float)q - (float)w->zero) * scale;
+                __asm__("" : "+x"(v)); /* the product rounded on its own, not fused with the sum, as torch rounds it */
+                out[in] = w->dmin ? v + offset : v;
+            }
+        }
+    }
+}
+
+/* Rows rows[0..count) of W (each in range: the caller checks) into out [count, k]. */
+void quant_rows(const qweight *w, const int64_t *rows, long count, float *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (count * w->k >= 1L << 16)
+    for (long i = 0; i < count; i++) decode_feature(w, rows[i], out + i * w->k);
+}
+
 /* The dot products' scratch for x (int16 values, scales, sums): per calling thread, grown to the largest m x k. */
 static __thread char *dot_scratch;
 static __thread long dot_scratch_bytes;

@@ -12,8 +12,8 @@ import torch
 from engine.kernels import amx_gemm, build
 
 SOURCE = Path(__file__).with_name("quant_gemm.c")
-FLAGS = [*amx_gemm.FLAGS, "-mavx512vnni"]
-CPU_FEATURES = (*amx_gemm.CPU_FEATURES, "avx512_vnni")
+FLAGS = [*amx_gemm.FLAGS, "-mavx512vnni", "-mf16c"]
+CPU_FEATURES = (*amx_gemm.CPU_FEATURES, "avx512_vnni", "f16c")
 # Rows up to which the int16 dot products beat expanding the weights for the tiles (measured on a Xeon with AMX:
 # python -m bench.quant_products).
 DOT_ROWS = 8
@@ -24,6 +24,7 @@ def _library() -> ctypes.CDLL | None:
     c_long, c_int, ptr = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
     lib = build.load_kernel(SOURCE, FLAGS, CPU_FEATURES, {
         "quant_linear": ([ptr, c_long, c_long, ptr, ptr, ptr, c_int, c_long], None),
+        "quant_rows": ([ptr, ptr, c_long, ptr, c_int], None),
     })
     # The tiles' register state is granted per process; amx_gemm's library asks for it.
     return lib if lib is not None and amx_gemm.available(torch.device("cpu"), torch.bfloat16, torch.float32) else None
@@ -75,4 +76,15 @@ class Product:
         rounded = torch.empty((-(-m // 16) * 16, k), dtype=torch.bfloat16)
         _library().quant_linear(x.data_ptr(), m, x.stride(0), self.ref, rounded.data_ptr(), out.data_ptr(), threads,
                                 self.dot_rows)
+        return out
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of W, [len(ids), K] fp32, exactly as engine.model.quantized.dequantize gives them: an embedding
+        lookup from a quantized table decodes only the rows it is asked for."""
+        ids = ids.reshape(-1)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.desc.n):
+            raise IndexError(f"row ids must lie in [0, {self.desc.n}): got {int(ids.min())}..{int(ids.max())}")
+        ids = ids.to(torch.int64).contiguous()
+        out = torch.empty((ids.numel(), self.desc.k), dtype=torch.float32)
+        _library().quant_rows(self.ref, ids.data_ptr(), ids.numel(), out.data_ptr(), torch.get_num_threads())
         return out

@@ -123,6 +123,8 @@ class QuantLinear:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of the weight: embedding lookups from a quantized table."""
+        if self.kernel is not None:
+            return self.kernel.rows(ids)
         return dequantize_rows(self.weight, ids, self.dtype)
 
     @property
