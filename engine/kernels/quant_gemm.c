@@ -24,6 +24,8 @@ typedef struct {
     int bits, group, zero, sub_scales;
 } qformat;
 
+#define DOT_PREFETCH 2048 /* bytes of codes fetched ahead of where they are read: a thread's blocks follow one another */
+
 /* One tile's 16 features' scale and offset for one group of inputs, feature f in lane f: w = scale * q + offset
  * (the format's zero folded into the offset). */
 static inline void group_params(const qformat *f, const uint16_t *d, const uint16_t *dmin, const int8_t *sc,
@@ -88,6 +90,7 @@ static void expand_steps(const qformat *f, long b, long steps, long s0, long s1,
     const long scale_groups = f->sub_scales ? (steps * 32 + 255) / 256 : groups; /* the last super-block may be partial */
     for (long s = s0; s < s1; s++) {
         const uint8_t *q = quants + (b * steps + s) * 32 * row_bytes;
+        for (long line = 0; line < 32 * row_bytes; line += 64) _mm_prefetch((const char *)q + DOT_PREFETCH + line, _MM_HINT_T0);
         for (int t = 0; t < 2; t++)
             for (long g = 0; g < groups_per_step; g++) {
                 long gi = s * groups_per_step + g, di = f->sub_scales ? s * 32 / 256 : gi;
@@ -164,6 +167,9 @@ static inline __attribute__((always_inline)) void gemv_rows(
     for (int t = 0; t < 2; t++)
         for (int i = 0; i < rows; i++) acc[t][i] = _mm512_setzero_ps();
     for (long s = 0; s < steps; s++) {
+        /* This step's codes, DOT_PREFETCH bytes ahead: the blocks a thread reads follow one another in memory. */
+        const char *ahead = (const char *)(quants + (b * steps + s) * 32 * row_bytes) + DOT_PREFETCH;
+        for (long line = 0; line < 32 * row_bytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
         for (int t = 0; t < 2; t++) {
             const uint8_t *q = quants + ((b * steps + s) * 32 + t * 16) * row_bytes;
             for (long g = 0; g < groups_per_step; g++) {
