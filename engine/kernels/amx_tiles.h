@@ -118,13 +118,26 @@ static inline void store_block(float *y, long n, long mb, long rows, long f0, lo
  * into y's features [32 b, 32 b + 32), plus the bias. Tiles 0-3 accumulate, 4-5 hold x, 6-7 the weights. */
 static inline void multiply_block(const uint16_t *wb, long steps, const uint16_t *a, long m, long m0, long m1,
                                   float *y, long n, long b, const float *bias) {
+    /* The first pass over the block's rows reads its weights from memory, fetched a few steps ahead; the passes
+     * after it find them in cache and meanwhile fetch the next block's into L2, spread over their steps, so that
+     * memory is not idle while the tiles work on rows already fetched. */
+    long passes = (m1 - m0 + 31) / 32, block_bytes = steps * 2048;
+    long share = passes > 1 ? (block_bytes / (passes - 1) / steps + 63) / 64 * 64 : 0; /* bytes per step */
+    const char *next = (const char *)(wb + steps * 1024);
     for (long mb = m0; mb < m1; mb += 32) {
         int two = mb + 16 < m1;
+        long pass = (mb - m0) / 32;
         zero_accumulators();
         for (long s = 0; s < steps; s++) {
             const uint16_t *w = wb + s * 1024;
-            for (int line = 0; line < 2048; line += 64)  /* this step's two tiles, ahead */
-                _mm_prefetch((const char *)w + PREFETCH + line, _MM_HINT_T0);
+            if (pass == 0) {
+                for (int line = 0; line < 2048; line += 64)  /* this step's two tiles, ahead */
+                    _mm_prefetch((const char *)w + PREFETCH + line, _MM_HINT_T0);
+            } else {
+                const char *from = next + ((pass - 1) * steps + s) * share;
+                for (long line = 0; line < share && from + line < next + block_bytes; line += 64)
+                    _mm_prefetch(from + line, _MM_HINT_T1);
+            }
             tile_step(w, x_tile(a, steps, mb, s), x_tile(a, steps, mb + 16, s), two);
         }
         long rows = m - mb < 32 ? m - mb : 32, cols = n - b * 32 < 32 ? n - b * 32 : 32;
