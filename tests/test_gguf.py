@@ -211,9 +211,9 @@ def spm_model(tmp_path_factory):
     spm = pytest.importorskip("sentencepiece")
     out = tmp_path_factory.mktemp("spm")
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS), model_prefix=str(out / "spm"), vocab_size=600, model_type="bpe", character_coverage=0.98,
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+        sentence_iterator=iter(CORPUS), model_prefix=str(out / "spm"), vocab_size=600, model_type="bpe",
+        character_coverage=0.98, byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
     return spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
 
 

@@ -56,8 +56,9 @@ def open_gguf(path: Path):
 
 
 @functools.lru_cache(maxsize=4)
-def _header(path: Path) -> tuple[dict, dict[str, tuple[str, int]]]:
-    """The file's key-value metadata as Python values, and each tensor's GGML type and number of dimensions."""
+def _header(path: Path) -> tuple[dict, dict[str, tuple[str, int]], list[float] | None]:
+    """The file's key-value metadata as Python values, each tensor's GGML type and number of dimensions, and the
+    rotary frequency factors where the file holds them (rope_freqs: a few dozen values the config needs)."""
     reader = open_gguf(path)
     meta = {}
     for key, field in reader.fields.items():
@@ -65,7 +66,9 @@ def _header(path: Path) -> tuple[dict, dict[str, tuple[str, int]]]:
             meta[key] = field.contents()
         except Exception:  # a field type this reader version cannot decode: nothing the engine reads
             continue
-    return meta, {t.name: (t.tensor_type.name, len(t.shape)) for t in reader.tensors}
+    factors = [float(f) for t in reader.tensors if t.name == "rope_freqs.weight"
+               for f in np.asarray(t.data, dtype=np.float32)]
+    return meta, {t.name: (t.tensor_type.name, len(t.shape)) for t in reader.tensors}, factors or None
 
 
 def metadata(path: Path) -> dict:
@@ -121,12 +124,11 @@ def _rope_scaling(path: Path, meta: dict, arch: str) -> dict | None:
     """The rotary scaling as config.json would say it. llama.cpp's converter writes Llama 3's as a tensor of
     per-frequency divisors (rope_freqs), which the engine applies as they are; linear scaling as a factor."""
     kind = meta.get(f"{arch}.rope.scaling.type")
-    if "rope_freqs.weight" in _header(path)[1]:
+    factors = _header(path)[2]
+    if factors is not None:
         if kind not in (None, "none"):
             raise CheckpointError(f"{path}: GGUF rope scaling {kind!r} beside rope_freqs is not supported")
-        reader = open_gguf(path)
-        (tensor,) = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
-        return {"rope_type": "freq_factors", "factors": [float(f) for f in np.asarray(tensor.data, np.float32)]}
+        return {"rope_type": "freq_factors", "factors": factors}
     if kind in (None, "none"):
         return None
     if kind == "linear":
