@@ -296,6 +296,43 @@ def test_a_byte_level_vocabulary_splits_text_as_its_pre_tokenizer_names(pre, tmp
         assert ours.decode(ours.encode(text)) == original.decode(original.encode(text).ids)
 
 
+def test_added_tokens_spelled_outside_the_byte_alphabet_match_whole_under_their_own_ids(tmp_path):
+    """DeepSeek's byte-level files write their special tokens in plain characters (`<｜User｜>`, with `｜` and `▁`
+    outside GPT-2's byte alphabet): each matches the text whole under the id the file gives it, the BOS among
+    them, and the vocabulary keeps the file's size (transformers drops them, so nothing here compares with it)."""
+    from engine.model.checkpoint import checkpoint_tokenizer
+    from tokenization.gguf_tokenizer import _byte_spelling
+
+    spelling = _byte_spelling()
+    bos, eos, user = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>"
+    tokens = [spelling[b] for b in range(256)] + ["hi", bos, eos, user, "<think>"]
+    types = [1] * 257 + [3, 3, 3, 4]
+    path = _vocab_gguf(tmp_path / "deepseek.gguf", tokens, types, model="gpt2", pre="deepseek-r1-qwen",
+                       merges=["h i"], bos=257, eos=258, extra={"add_bos_token": True})
+    ours = checkpoint_tokenizer(path)
+    assert ours.vocab_size == len(tokens) and ours.bos_token_id == 257 and ours.eos_token_ids == {258}
+    assert ours.encode("hi") == [257, 256]
+    assert ours.encode(f"{bos}{user}hi<think>", add_special_tokens=False) == [257, 259, 256, 260]
+    assert ours.decode([257, 259, 256], skip_special_tokens=False) == f"{bos}{user}hi"
+
+
+def test_a_file_that_names_no_pre_tokenizer_splits_as_llama_cpp_does(tmp_path, caplog):
+    """No tokenizer.ggml.pre: llama.cpp's default split, said in a warning. Its runs of punctuation come first, so
+    "'s" is no word of its own as in GPT-2's split, and numbers go in threes, so "12345" is "123" and "45"."""
+    from engine.model.checkpoint import checkpoint_tokenizer
+    from tokenization.gguf_tokenizer import _byte_spelling
+
+    tokens = [_byte_spelling()[b] for b in range(256)] + ["'s", "34", "12", "45"]
+    path = _vocab_gguf(tmp_path / "nopre.gguf", tokens, [1] * len(tokens), model="gpt2",
+                       merges=["' s", "3 4", "1 2", "4 5"])
+    with caplog.at_level("WARNING"):
+        ours = checkpoint_tokenizer(path)
+    assert "names no pre-tokenizer" in caplog.text
+    ids = {t: i for i, t in enumerate(tokens)}
+    assert ours.encode("it's") == [ids["i"], ids["t"], ids["'"], ids["s"]]  # GPT-2's split: i, t, 's
+    assert ours.encode("12345") == [ids["12"], ids["3"], ids["45"]]  # GPT-2's split: 12, 34, 5
+
+
 def test_a_pre_tokenizer_strata_does_not_know_is_refused_by_name(tmp_path):
     path = _vocab_gguf(tmp_path / "odd.gguf", ["a", "b"], [1, 1], model="gpt2", pre="made-up", merges=[])
     from engine.model.checkpoint import checkpoint_tokenizer

@@ -7,10 +7,12 @@ of the tokenizer the model was trained with, as llama.cpp reads the same metadat
   `▁`, bytes a piece lacks as `<0xXX>` tokens.
 
 Control tokens become special added tokens and user-defined ones plain added tokens; BOS, EOS and the chat
-template come from the metadata. Where transformers builds the same file otherwise (see _sentencepiece and the
-`ignore_merges` of Llama 3's pre-tokenizer), it is the trained tokenizer that is followed."""
+template come from the metadata. Where transformers builds the same file otherwise (see _sentencepiece, the
+`ignore_merges` of Llama 3's pre-tokenizer, llama.cpp's default split, and added tokens spelled outside the byte
+alphabet, which transformers drops), it is the trained tokenizer that is followed."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -22,6 +24,8 @@ from tokenization.errors import TokenizerError
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types of special and added tokens
 SPACE = "\u2581"  # sentencepiece's spelling of a space
+
+log = logging.getLogger("strata.tokenizer")
 
 # The expressions a byte-level vocabulary's text is split by before its merges apply, by `tokenizer.ggml.pre`,
 # as llama.cpp's llama-vocab.cpp reads the names (its regex_exprs per pre-tokenizer type).
@@ -51,7 +55,10 @@ class PreTokenizer:
 
 _LLAMA3_PRE = PreTokenizer((_LLAMA3,), ignore_merges=True, bos=True)
 PRE_TOKENIZERS: dict[str, PreTokenizer] = {
-    **dict.fromkeys(("default", "gpt2", "gpt-2", "phi-2"), PreTokenizer((_GPT2,))),
+    # llama.cpp's fallback for a file that names none: runs of punctuation, GPT-2's expression, then numbers in
+    # threes.
+    "default": PreTokenizer((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")),
+    **dict.fromkeys(("gpt-2", "phi-2"), PreTokenizer((_GPT2,))),
     "smollm": PreTokenizer((r"\p{N}", _GPT2)),  # every digit a word of its own, then GPT-2's expression
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"), _LLAMA3_PRE),
     **dict.fromkeys(("dbrx", "smaug-bpe"), PreTokenizer((_LLAMA3,))),
@@ -67,27 +74,29 @@ def gguf_tokenizer_parts(meta: dict[str, Any], source: str) -> tuple[tokenizers.
     tokens = meta.get("tokenizer.ggml.tokens")
     if not tokens:
         raise TokenizerError(f"{source}: GGUF metadata has no tokenizer.ggml.tokens")
+    types = meta.get("tokenizer.ggml.token_type") or []
+    added_types = {i: t for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)}
     if kind == "gpt2":
-        name = meta.get("tokenizer.ggml.pre") or "default"
+        name = meta.get("tokenizer.ggml.pre")
+        if name is None:
+            log.warning("%s names no pre-tokenizer (tokenizer.ggml.pre): splitting text as llama.cpp does then, "
+                        "which may not be how the model's tokenizer split it", source)
+            name = "default"
         if (pre := PRE_TOKENIZERS.get(name)) is None:
             raise TokenizerError(f"{source}: GGUF pre-tokenizer {name!r} is not supported "
                                  f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
-        backend, bos_by_default = _byte_level(meta, tokens, pre), pre.bos
+        backend, bos_by_default = _byte_level(meta, tokens, pre, set(added_types)), pre.bos
     elif kind == "llama":
         # A sentencepiece vocabulary that does not say otherwise gets a BOS (llama.cpp's rule, and transformers').
         backend, bos_by_default = _sentencepiece(meta, tokens), True
     else:
         raise TokenizerError(f"{source}: GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
-    types = meta.get("tokenizer.ggml.token_type") or []
-    alphabet = _byte_alphabet() if kind == "gpt2" else None
-    # Added tokens match the text as they are spelled. In a byte-level vocabulary one spelled outside the byte
-    # alphabet was respelled above, so its own spelling names no token of the vocabulary: it is left out (as
-    # transformers leaves it out) rather than added as a token the model does not have.
-    whole = [alphabet is None or set(tok) <= alphabet for tok in tokens]
+    # Added tokens match the text whole, as spelled in the file (byte-level files write them in plain characters:
+    # DeepSeek's `<｜User｜>`), each under its own id.
     special = [tokenizers.AddedToken(tokens[i], special=True, normalized=False)
-               for i, t in enumerate(types) if t == CONTROL and whole[i]]
+               for i, t in added_types.items() if t == CONTROL]
     added = [tokenizers.AddedToken(tokens[i], special=False, normalized=False)
-             for i, t in enumerate(types) if t == USER_DEFINED and whole[i]]
+             for i, t in added_types.items() if t == USER_DEFINED]
     backend.add_special_tokens(special)
     backend.add_tokens(added)
 
@@ -100,8 +109,11 @@ def gguf_tokenizer_parts(meta: dict[str, Any], source: str) -> tuple[tokenizers.
     if meta.get("tokenizer.ggml.add_bos_token", bos_by_default) and bos_id is not None:
         backend.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+    # Only tokens the vocabulary holds under their spelling: a config token it lacks would be added anew, with an
+    # id the model does not have.
     names = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding"}
-    config = {f"{name}_token": t for name, key in names.items() if (t := token(key)) is not None}
+    config = {f"{name}_token": t for name, key in names.items()
+              if (t := token(key)) is not None and backend.token_to_id(t) is not None}
     return backend, config, meta.get("tokenizer.chat_template")
 
 
@@ -117,13 +129,16 @@ def _byte_alphabet() -> frozenset[str]:
     return frozenset(pre_tokenizers.ByteLevel.alphabet())
 
 
-def _byte_level(meta: dict[str, Any], tokens: list[str], pre: PreTokenizer) -> tokenizers.Tokenizer:
+def _byte_level(meta: dict[str, Any], tokens: list[str], pre: PreTokenizer,
+                added: set[int]) -> tokenizers.Tokenizer:
     # A token spelled in plain characters rather than the byte alphabet (some converters write them so) is
-    # respelled by its UTF-8 bytes, as the merges that build it are.
+    # respelled by its UTF-8 bytes, as the merges that build it are; an added token keeps its spelling, which is
+    # what it matches in the text.
     alphabet, spelling = _byte_alphabet(), _byte_spelling()
     vocab = {}
     for i, tok in enumerate(tokens):
-        vocab.setdefault(tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")), i)
+        plain = i in added or set(tok) <= alphabet
+        vocab.setdefault(tok if plain else "".join(spelling[b] for b in tok.encode("utf-8")), i)
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
     backend = tokenizers.Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False,
                                               ignore_merges=pre.ignore_merges))
