@@ -138,7 +138,7 @@ def main() -> None:
         for fmt in ("auto", *args.quantization):
             eng_tps, step_s = engine_run(model_dir, b, args.prompt_len, args.output_len, args.threads,
                                          quantization=fmt)
-            quantized = fmt if fmt not in ("auto", "none") and FORMATS[fmt].quantized else None
+            quantized = fmt if fmt in FORMATS and FORMATS[fmt].quantized else None
             floor_s = matmul_floor(cfg, TORCH_DTYPES[compute], TORCH_DTYPES[weights], b, fmt=quantized)
             label = quantized or str(weights)
             print(f"{b:>5} | {label:>8} | {eng_tps:>12.1f} | {hf_bf16:>13.1f} | {eng_tps / hf_bf16:>8.2f}x | "

@@ -155,11 +155,14 @@ def test_without_a_compiler_torch_does_the_work(monkeypatch, tmp_path, caplog):
 @pytest.mark.parametrize("heads,kv_heads,d", [(4, 2, 16), (9, 3, 64), (10, 2, 64), (8, 8, 128), (14, 2, 128),
                                               (6, 2, 20), (2, 1, 256)])
 @pytest.mark.parametrize("block_size", [4, 16, 32])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
-def test_paged_decode_attention_matches_the_gathered_path(monkeypatch, heads, kv_heads, d, block_size, kv_dtype):
-    """Contexts of 1 to 70 tokens over shuffled blocks of an fp32 or bf16 cache: the kernel equals gather + SDPA."""
+@pytest.mark.parametrize("kv_dtype, wide", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_paged_decode_attention_matches_the_gathered_path(monkeypatch, heads, kv_heads, d, block_size, kv_dtype,
+                                                          wide):
+    """Contexts of 1 to 70 tokens over shuffled blocks of an fp32 or bf16 cache, the bf16 one on the AVX2 path and
+    on the AVX-512 one where the CPU has it: the kernel equals gather + SDPA."""
     if not paged_attention.available(torch.zeros(1)):
         pytest.skip("kernel not built here")
+    monkeypatch.setattr(paged_attention, "WIDE", wide)
     g = torch.Generator().manual_seed(heads * d + block_size)
     lens = [1, 7, 8, 9, 16, 33, 70]
     per_seq = [-(-n // block_size) for n in lens]

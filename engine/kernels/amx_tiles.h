@@ -43,7 +43,7 @@ static inline void round_rows(const float *x, long m, long k, long x_row, long s
     uint16_t *tiles = a + (r0 / 16) * steps * 512;
     for (long r = r0; r < r0 + 16; r++) {
         uint16_t *dst = tiles + (r - r0) * 32;
-        const float *src = x + r * x_row;
+        const float *src = r < m ? x + r * x_row : x; /* a row past m reads nothing: every lane masked off */
         for (long s = 0; s < steps; s++)
             for (long h = 0; h < 32; h += 16) {
                 long i = s * 32 + h, left = r < m ? k - i : 0;
@@ -66,8 +66,8 @@ static inline void zero_accumulators(void) {
     _tile_zero(3);
 }
 
-/* One step of 32 inputs: a block's two weight tiles (w: [2][16][32] bf16) against one or (two) two tiles of x
- * (a0, a1: round_rows' tiles), into accumulators 0-3. */
+/* One step of 32 inputs: a block's two weight tiles (w: [2][16][32] bf16) against one tile of x (a0), or two (a1
+ * too, where `two`), each round_rows' tile of 16 rows, into accumulators 0-3. */
 static inline void tile_step(const uint16_t *w, const uint16_t *a0, const uint16_t *a1, int two) {
     _tile_loadd(6, w, 64);
     _tile_loadd(7, w + 512, 64);

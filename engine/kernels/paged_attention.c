@@ -13,9 +13,9 @@
  * Sequences are shared among OpenMP threads, longest first and round robin; with fewer
  * sequences than threads, each sequence's KV heads are split among several.
  * A bf16 cache with heads of 64 or 128 takes an AVX-512 path where the CPU has it
- * (paged_attention_bf16_512.h): 30 layers x 64 sequences at context 97 in 8.0-8.5 ms where
- * the AVX2 path takes 11.4, most of what is left being the 143 MB of keys and values read
- * (some 6 ms at this machine's streaming bandwidth).
+ * (paged_attention_bf16_512.h): on a Xeon with two threads, 30 layers x 64 sequences at
+ * context 97 take 8.0-8.5 ms where the AVX2 path takes 11.4, most of what is left being the
+ * 143 MB of keys and values read (some 6 ms at 24 GB/s).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -106,17 +106,18 @@ static int longer_first(const void *a, const void *b) {
 
 /* q: [n, heads, d], q_row floats from one sequence's queries to the next (a view of the step's fused qkv rows
  * needs no copy); caches: [blocks, block_size, kv_heads, d], fp32 or (kv_bf16) bf16; tables: [n, max_blocks]; lens: [n];
- * out: [n, heads, d]. Returns 0, or -1 when a thread could not allocate its score buffer. */
+ * out: [n, heads, d]; allow_wide: whether a bf16 cache may take the AVX-512 path. Returns 0, or -1 when a buffer
+ * could not be allocated. */
 int paged_decode_attention(const float *q, long q_row, const void *k_cache, const void *v_cache, int kv_bf16,
                             const int64_t *tables, const int64_t *lens, long n, long heads, long kv_heads, long d,
-                            long block_size, long max_blocks, float scale, float *out, int threads) {
+                            long block_size, long max_blocks, float scale, float *out, int threads, int allow_wide) {
     long group = heads / kv_heads, max_len = 0;
     for (long s = 0; s < n; s++) max_len = lens[s] > max_len ? lens[s] : max_len;
     long row = kv_heads * d, block = block_size * row;
     /* Work items: a sequence's KV heads, in several parts where there are fewer sequences than threads. */
     long parts = n < threads ? (threads + n - 1) / n : 1;
     parts = parts > kv_heads ? kv_heads : parts;
-    int failed = 0, wide = kv_bf16 && (d == 64 || d == 128) && __builtin_cpu_supports("avx512f") &&
+    int failed = 0, wide = allow_wide && kv_bf16 && (d == 64 || d == 128) && __builtin_cpu_supports("avx512f") &&
                            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
                            __builtin_cpu_supports("avx512vl");
     /* Sequences go to threads round robin, longest first, so the threads' shares are even and each thread knows

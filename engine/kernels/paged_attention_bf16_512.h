@@ -134,15 +134,15 @@ AVX512 static void attend_bf16_512(const float *qs, const uint16_t *k_cache, con
     for (long qh = 0; qh < (h1 - h0) * group; qh++) softmax(scores + qh * len, len);
     for (long i = h0 * group * d; i < h1 * group * d; i++) os[i] = 0.f;
     long per = d == 64 ? 4 : 2; /* query heads whose sums fit in registers at once */
+    long next_blocks = next_table ? (next_len + block_size - 1) / block_size : 0, next_fetched = 0;
     for (long b = 0; b < blocks; b++) {
         long t0 = b * block_size, rows = len - t0 < block_size ? len - t0 : block_size;
         prefetch_block_bf16(v_cache, table, b + 1, blocks, len, block_size, block, row, h0, h1, d);
         prefetch_block_l2(v_cache, table, b + 3, blocks, len, block_size, block, row, h0, h1, d);
-        if (next_table && b + 3 >= blocks) { /* the next sequence's first keys, as this one's values run out */
-            long next_blocks = (next_len + block_size - 1) / block_size;
-            prefetch_block_l2(k_cache, next_table, b + 3 - blocks, next_blocks, next_len, block_size, block, row, h0,
+        /* The next sequence's first keys, as this one's values run out: three blocks ahead in all. */
+        for (; next_fetched < next_blocks && next_fetched <= b + 3 - blocks; next_fetched++)
+            prefetch_block_l2(k_cache, next_table, next_fetched, next_blocks, next_len, block_size, block, row, h0,
                               h1, d);
-        }
         const uint16_t *vb = v_cache + table[b] * block;
         for (long h = h0; h < h1; h++)
             for (long g = 0; g < group; g += per) {
@@ -152,3 +152,5 @@ AVX512 static void attend_bf16_512(const float *qs, const uint16_t *k_cache, con
             }
     }
 }
+
+#undef AVX512

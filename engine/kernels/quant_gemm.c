@@ -24,7 +24,7 @@ typedef struct {
     int bits, group, zero, sub_scales;
 } qformat;
 
-#define DOT_PREFETCH 2048 /* bytes of codes fetched ahead of where they are read: a thread's blocks follow one another */
+#define CODE_PREFETCH 2048 /* bytes of codes fetched ahead of where they are read: a thread's blocks follow one another */
 
 /* One tile's 16 features' scale and offset for one group of inputs, feature f in lane f: w = scale * q + offset
  * (the format's zero folded into the offset). */
@@ -90,7 +90,7 @@ static void expand_steps(const qformat *f, long b, long steps, long s0, long s1,
     const long scale_groups = f->sub_scales ? (steps * 32 + 255) / 256 : groups; /* the last super-block may be partial */
     for (long s = s0; s < s1; s++) {
         const uint8_t *q = quants + (b * steps + s) * 32 * row_bytes;
-        for (long line = 0; line < 32 * row_bytes; line += 64) _mm_prefetch((const char *)q + DOT_PREFETCH + line, _MM_HINT_T0);
+        for (long line = 0; line < 32 * row_bytes; line += 64) _mm_prefetch((const char *)q + CODE_PREFETCH + line, _MM_HINT_T0);
         for (int t = 0; t < 2; t++)
             for (long g = 0; g < groups_per_step; g++) {
                 long gi = s * groups_per_step + g, di = f->sub_scales ? s * 32 / 256 : gi;
@@ -110,8 +110,8 @@ static void expand_steps(const qformat *f, long b, long steps, long s0, long s1,
 
 /* Each thread's expanded steps ([EXPAND_STEPS][1024] bf16), and the accumulators of a pass's rows beyond the
  * tiles' 32 ([ROW_CHUNK][32] fp32). */
-static __thread uint16_t wb[EXPAND_STEPS * 1024] __attribute__((aligned(64)));
-static __thread float acc[ROW_CHUNK * 32] __attribute__((aligned(64)));
+static __thread uint16_t tile_buf[EXPAND_STEPS * 1024] __attribute__((aligned(64)));
+static __thread float row_acc[ROW_CHUNK * 32] __attribute__((aligned(64)));
 
 /* ---- few rows: int16 dot products ---------------------------------------------------------------------------- */
 
@@ -167,8 +167,8 @@ static inline __attribute__((always_inline)) void gemv_rows(
     for (int t = 0; t < 2; t++)
         for (int i = 0; i < rows; i++) acc[t][i] = _mm512_setzero_ps();
     for (long s = 0; s < steps; s++) {
-        /* This step's codes, DOT_PREFETCH bytes ahead: the blocks a thread reads follow one another in memory. */
-        const char *ahead = (const char *)(quants + (b * steps + s) * 32 * row_bytes) + DOT_PREFETCH;
+        /* This step's codes, CODE_PREFETCH bytes ahead: the blocks a thread reads follow one another in memory. */
+        const char *ahead = (const char *)(quants + (b * steps + s) * 32 * row_bytes) + CODE_PREFETCH;
         for (long line = 0; line < 32 * row_bytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
         for (int t = 0; t < 2; t++) {
             const uint8_t *q = quants + ((b * steps + s) * 32 + t * 16) * row_bytes;
@@ -315,8 +315,8 @@ void quant_linear(const float *x, long m, long x_row, const qweight *w, uint16_t
                 int two = mp > 16;
                 zero_accumulators();
                 for (long s = 0; s < steps; s++) {
-                    expand_steps(&f, b, steps, s, s + 1, quants, d, dmin, sc, mn, wb);
-                    tile_step(wb, x_tile(a, steps, 0, s), x_tile(a, steps, 16, s), two);
+                    expand_steps(&f, b, steps, s, s + 1, quants, d, dmin, sc, mn, tile_buf);
+                    tile_step(tile_buf, x_tile(a, steps, 0, s), x_tile(a, steps, 16, s), two);
                 }
                 long cols = n - b * 32 < 32 ? n - b * 32 : 32;
                 store_block(y, n, 0, m, b * 32, cols, two, bias);
@@ -327,13 +327,13 @@ void quant_linear(const float *x, long m, long x_row, const qweight *w, uint16_t
 #pragma omp for schedule(static)
             for (long b = 0; b < blocks; b++) {
                 /* A few steps at a time, expanded into L1 and multiplied against every row; the accumulators of
-                 * rows beyond the tiles' 32 wait in acc between them. */
+                 * rows beyond the tiles' 32 wait in row_acc between them. */
                 for (long c0 = 0; c0 < steps; c0 += EXPAND_STEPS) {
                     long c1 = c0 + EXPAND_STEPS < steps ? c0 + EXPAND_STEPS : steps;
-                    expand_steps(&f, b, steps, c0, c1, quants, d, dmin, sc, mn, wb);
+                    expand_steps(&f, b, steps, c0, c1, quants, d, dmin, sc, mn, tile_buf);
                     for (long mb = m0; mb < m1; mb += 32) {
                         int two = mb + 16 < m1;
-                        float *at = acc + (mb - m0) * 32;
+                        float *at = row_acc + (mb - m0) * 32;
                         if (c0 == 0) {
                             zero_accumulators();
                         } else {
@@ -345,7 +345,7 @@ void quant_linear(const float *x, long m, long x_row, const qweight *w, uint16_t
                             }
                         }
                         for (long s = c0; s < c1; s++)
-                            tile_step(wb + (s - c0) * 1024, x_tile(a, steps, mb, s), x_tile(a, steps, mb + 16, s), two);
+                            tile_step(tile_buf + (s - c0) * 1024, x_tile(a, steps, mb, s), x_tile(a, steps, mb + 16, s), two);
                         _tile_stored(0, at, 128);
                         _tile_stored(1, at + 16, 128);
                         if (two) {
@@ -358,7 +358,7 @@ void quant_linear(const float *x, long m, long x_row, const qweight *w, uint16_t
                 for (long r = m0; r < m1 && r < m; r++)
                     for (long c = 0; c < cols; c += 16) {
                         __mmask16 mask = cols - c >= 16 ? 0xFFFF : (__mmask16)((1u << (cols - c)) - 1);
-                        __m512 v = _mm512_loadu_ps(acc + (r - m0) * 32 + c);
+                        __m512 v = _mm512_loadu_ps(row_acc + (r - m0) * 32 + c);
                         if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + f0 + c));
                         _mm512_mask_storeu_ps(y + r * n + f0 + c, mask, v);
                     }

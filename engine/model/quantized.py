@@ -166,7 +166,7 @@ def _quantize_q4_k(x: np.ndarray) -> Codes:
         padded[:, :groups] = v
         top = padded.reshape(n, per_super, 8).max(axis=-1)
         inv = np.where(top > 0, 63 / np.maximum(top, 1e-30), 0).astype(np.float32)
-        codes = np.minimum(np.rint(padded.reshape(n, per_super, 8) * inv[..., None]), 63)
+        codes = np.clip(np.rint(padded.reshape(n, per_super, 8) * inv[..., None]), 0, 63)
         return (top / 63).astype(np.float16), codes.reshape(n, -1)[:, :groups].astype(np.uint8)
 
     d, sc = six_bits(scale)
@@ -174,8 +174,11 @@ def _quantize_q4_k(x: np.ndarray) -> Codes:
     step = np.repeat(d.astype(np.float32), 8, axis=1)[:, :groups] * sc  # [N, groups]
     offset = np.repeat(dmin.astype(np.float32), 8, axis=1)[:, :groups] * mins
     g = x.reshape(n, groups, 32)
-    inv = np.where(step > 0, 1 / np.maximum(step, 1e-30), 0)
-    q = np.clip(np.rint((g + offset[..., None]) * inv[..., None]), 0, 15).astype(np.uint8)
+    # Divided, as llama.cpp divides (a product by the reciprocal can round a code the other way at a tie); a group
+    # whose scale is zero codes zeros.
+    shifted = g + offset[..., None]
+    q = np.divide(shifted, step[..., None], out=np.zeros_like(shifted), where=step[..., None] > 0)
+    q = np.clip(np.rint(q), 0, 15).astype(np.uint8)
     return Codes(fmt, q.reshape(n, k), d, dmin, sc.astype(np.int8), (-mins.astype(np.int16)).astype(np.int8))
 
 
