@@ -59,9 +59,16 @@ def test_gguf_blocks_unpack_to_exactly_what_ggml_dequantizes(name):
 
 
 @pytest.mark.parametrize("name", QUANTIZED)
-@pytest.mark.parametrize("rows", [1, 5, quant_gemm.DOT_ROWS, quant_gemm.DOT_ROWS + 1, 40])
-def test_products_match_the_dequantized_weights(name, rows):
-    n, k = 70, 512
+# Rows on each path: the dot products, one pass of the tiles (up to 32), passes whose accumulators wait between
+# chunks of steps, and more than one chunk of rows (ROW_CHUNK, 256); 544 inputs make 17 steps, not a multiple of
+# the steps expanded at a time.
+@pytest.mark.parametrize("rows,k", [(1, 512), (5, 512), (quant_gemm.DOT_ROWS, 512), (quant_gemm.DOT_ROWS + 1, 512),
+                                    (40, 512), (300, 544)])
+def test_products_match_the_dequantized_weights(name, rows, k):
+    block = GGML_QUANT_SIZES[GGMLQuantizationType[FORMATS[name].ggml_type]][0]
+    if k % block:  # GGUF's K-quant blocks hold 256 inputs, so their steps always come in eights
+        k = k // block * block + block
+    n = 70
     packed = quantized.pack(quantized.from_ggml(FORMATS[name], random_blocks(name, n, k, seed=rows), (n, k)))
     weight = quantized.dequantize(packed)
     bias = torch.randn(n)
