@@ -96,8 +96,10 @@ def test_strata_serve_with_no_model_answers_with_the_trained_default(gguf):
         server.stop()
 
 
-def _write_gguf(path, arch: str, tokenizer_model: str = "gpt2", full: bool = False, rotary: int | None = None):
-    """A tiny GGUF file; full: with every tensor a one-layer model needs."""
+def _write_gguf(path, arch: str, tokenizer_model: str = "gpt2", full: bool = False, rotary: int | None = None,
+                extra: dict | None = None):
+    """A tiny GGUF file; full: with every tensor a one-layer model needs; extra: more metadata, by the name of the
+    GGUFWriter method that adds it (eot_token_id: add_eot_token_id)."""
     from gguf import GGUFWriter
 
     w = GGUFWriter(str(path), arch)
@@ -111,6 +113,8 @@ def _write_gguf(path, arch: str, tokenizer_model: str = "gpt2", full: bool = Fal
         w.add_rope_dimension_count(rotary)
     w.add_tokenizer_model(tokenizer_model)
     w.add_token_list(["a", "b", "c"])
+    for key, value in (extra or {}).items():
+        getattr(w, f"add_{key}")(value)
     w.add_tensor("token_embd.weight", np.zeros((3, 8), dtype=np.float32))
     if full:
         shapes = {"output_norm.weight": (8,), "blk.0.attn_norm.weight": (8,), "blk.0.ffn_norm.weight": (8,),
@@ -126,6 +130,18 @@ def _write_gguf(path, arch: str, tokenizer_model: str = "gpt2", full: bool = Fal
     return path
 
 
+def test_generation_ends_at_the_end_of_a_turn_as_at_eos(tmp_path):
+    """A file that names an end-of-turn token (Llama 3's <|eot_id|>) ends a generation there as at its EOS: the
+    model's stop set (what min_tokens bans) and the tokenizer's (what ends a sequence) hold both."""
+    from engine.model.checkpoint import checkpoint_tokenizer
+    from engine.model.config import ModelConfig
+
+    path = _write_gguf(tmp_path / "turns.gguf", "llama", full=True,
+                       extra={"eos_token_id": 1, "eot_token_id": 2, "bos_token_id": 0})
+    assert ModelConfig.from_dir(path).eos_token_ids == {1, 2}
+    assert checkpoint_tokenizer(path).eos_token_ids == {1, 2}
+
+
 def test_a_gguf_strata_cannot_serve_fails_at_start_up_naming_what(tmp_path):
     with pytest.raises(CheckpointError, match="GGUF architecture 'falcon' is not supported"):
         LLM(_write_gguf(tmp_path / "falcon.gguf", "falcon"))
@@ -133,6 +149,13 @@ def test_a_gguf_strata_cannot_serve_fails_at_start_up_naming_what(tmp_path):
         LLM(_write_gguf(tmp_path / "partial.gguf", "llama"))
     with pytest.raises(CheckpointError, match="rotary embedding over 2 of 4 head dimensions is not supported"):
         LLM(_write_gguf(tmp_path / "partial-rotary.gguf", "llama", full=True, rotary=2))
+    from gguf import RopeScalingType
+
+    with pytest.raises(CheckpointError, match="linear rope scaling without a positive llama.rope.scaling.factor"):
+        LLM(_write_gguf(tmp_path / "no-factor.gguf", "llama", full=True,
+                        extra={"rope_scaling_type": RopeScalingType.LINEAR}))
+    with pytest.raises(CheckpointError, match="GGUF rope scaling 'yarn' is not supported"):
+        LLM(_write_gguf(tmp_path / "yarn.gguf", "llama", full=True, extra={"rope_scaling_type": RopeScalingType.YARN}))
     with pytest.raises(ValueError, match="GGUF tokenizer model 'bert' is not supported"):
         LLM(_write_gguf(tmp_path / "bert.gguf", "llama", tokenizer_model="bert", full=True))
     with pytest.raises(CheckpointError, match="cannot read it as GGUF"):

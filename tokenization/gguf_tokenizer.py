@@ -126,7 +126,7 @@ def end_of_generation_ids(meta: dict[str, Any]) -> set[int]:
 
 @cache
 def _byte_alphabet() -> frozenset[str]:
-    return frozenset(pre_tokenizers.ByteLevel.alphabet())
+    return frozenset(_byte_spelling().values())
 
 
 def _byte_level(meta: dict[str, Any], tokens: list[str], pre: PreTokenizer,

@@ -145,8 +145,7 @@ int paged_decode_attention(const float *q, long q_row, const void *k_cache, cons
                 attend_bf16_512(q + s * q_row, k_cache, v_cache, tables + s * max_blocks, lens[s], h0, h1, group, d,
                                 block_size, row, block, scale, scores, out + s * heads * d, kw,
                                 next >= 0 ? tables + next * max_blocks : NULL, next >= 0 ? lens[next] : 0);
-            }
-            else if (kv_bf16)
+            } else if (kv_bf16)
                 attend_bf16(q + s * q_row, k_cache, v_cache, tables + s * max_blocks, lens[s], h0, h1, group, d,
                             block_size, row, block, scale, scores, out + s * heads * d);
             else

@@ -24,7 +24,12 @@ typedef struct {
     int bits, group, zero, sub_scales;
 } qformat;
 
-#define CODE_PREFETCH 2048 /* bytes of codes fetched ahead of where they are read: a thread's blocks follow one another */
+#define CODE_PREFETCH 2048 /* bytes of codes fetched ahead of where they are read */
+
+/* The codes `bytes` from `at`, CODE_PREFETCH bytes ahead: the blocks a thread reads follow one another in memory. */
+static inline void prefetch_codes(const uint8_t *at, long bytes) {
+    for (long line = 0; line < bytes; line += 64) _mm_prefetch((const char *)at + CODE_PREFETCH + line, _MM_HINT_T0);
+}
 
 /* One tile's 16 features' scale and offset for one group of inputs, feature f in lane f: w = scale * q + offset
  * (the format's zero folded into the offset). */
@@ -90,7 +95,7 @@ static void expand_steps(const qformat *f, long b, long steps, long s0, long s1,
     const long scale_groups = f->sub_scales ? (steps * 32 + 255) / 256 : groups; /* the last super-block may be partial */
     for (long s = s0; s < s1; s++) {
         const uint8_t *q = quants + (b * steps + s) * 32 * row_bytes;
-        for (long line = 0; line < 32 * row_bytes; line += 64) _mm_prefetch((const char *)q + CODE_PREFETCH + line, _MM_HINT_T0);
+        prefetch_codes(q, 32 * row_bytes);
         for (int t = 0; t < 2; t++)
             for (long g = 0; g < groups_per_step; g++) {
                 long gi = s * groups_per_step + g, di = f->sub_scales ? s * 32 / 256 : gi;
@@ -167,9 +172,7 @@ static inline __attribute__((always_inline)) void gemv_rows(
     for (int t = 0; t < 2; t++)
         for (int i = 0; i < rows; i++) acc[t][i] = _mm512_setzero_ps();
     for (long s = 0; s < steps; s++) {
-        /* This step's codes, CODE_PREFETCH bytes ahead: the blocks a thread reads follow one another in memory. */
-        const char *ahead = (const char *)(quants + (b * steps + s) * 32 * row_bytes) + CODE_PREFETCH;
-        for (long line = 0; line < 32 * row_bytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+        prefetch_codes(quants + (b * steps + s) * 32 * row_bytes, 32 * row_bytes);
         for (int t = 0; t < 2; t++) {
             const uint8_t *q = quants + ((b * steps + s) * 32 + t * 16) * row_bytes;
             for (long g = 0; g < groups_per_step; g++) {
@@ -345,7 +348,8 @@ void quant_linear(const float *x, long m, long x_row, const qweight *w, uint16_t
                             }
                         }
                         for (long s = c0; s < c1; s++)
-                            tile_step(tile_buf + (s - c0) * 1024, x_tile(a, steps, mb, s), x_tile(a, steps, mb + 16, s), two);
+                            tile_step(tile_buf + (s - c0) * 1024, x_tile(a, steps, mb, s), x_tile(a, steps, mb + 16, s),
+                                      two);
                         _tile_stored(0, at, 128);
                         _tile_stored(1, at + 16, 128);
                         if (two) {

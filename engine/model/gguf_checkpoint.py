@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from engine.errors import CheckpointError
+from tokenization.gguf_tokenizer import end_of_generation_ids
 
 # general.architecture -> the Hugging Face architecture the engine runs it as
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -114,7 +115,7 @@ def config_dict(path: Path) -> dict:
         "tie_word_embeddings": "output.weight" not in names,
         "torch_dtype": _wide_dtype(tensors),
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "eos_token_id": sorted(end_of_generation_ids(meta)),
     }
     raw["rope_scaling"] = _rope_scaling(path, meta, arch)
     return raw
@@ -132,7 +133,10 @@ def _rope_scaling(path: Path, meta: dict, arch: str) -> dict | None:
     if kind in (None, "none"):
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+        factor = meta.get(f"{arch}.rope.scaling.factor")
+        if not isinstance(factor, (int, float)) or factor <= 0:
+            raise CheckpointError(f"{path}: GGUF linear rope scaling without a positive {arch}.rope.scaling.factor")
+        return {"rope_type": "linear", "factor": float(factor)}
     raise CheckpointError(f"{path}: GGUF rope scaling {kind!r} is not supported (linear, or Llama 3's rope_freqs)")
 
 
