@@ -51,6 +51,9 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    # What the output must follow: an llguidance grammar (engine.model.grammar builds and checks them), enforced
+    # where the last stage samples. The grammar decides where the output ends, with one of the model's stop tokens.
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -75,6 +78,10 @@ class SamplingParams:
                 raise ParamError(param, f"{param} {why}, got {getattr(self, param)!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ParamError("min_tokens", f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
+        if self.grammar is not None and (self.ignore_eos or self.min_tokens):
+            param = "ignore_eos" if self.ignore_eos else "min_tokens"
+            raise ParamError(param, f"{param} cannot be combined with structured output: its grammar decides where "
+                             "the output ends")
         if self.logit_bias:
             for tok, bias in self.logit_bias.items():
                 if not -100.0 <= bias <= 100.0:

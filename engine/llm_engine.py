@@ -126,8 +126,7 @@ class LLMEngine:
         if max_len > limit:
             raise ValueError(f"max_model_len {max_len} exceeds what the model supports ({limit})")
         self.max_model_len = max_len
-        eos = cfg.eos_token_ids | (self.tokenizer.eos_token_ids if self.tokenizer else frozenset())
-        self.eos_token_ids = frozenset(eos)
+        self.eos_token_ids = checkpoint.stop_token_ids(cfg, self.tokenizer)
         settings = self.trace_settings = TraceSettings.from_env(config.otlp_traces_endpoint, config.trace_detail)
         self.tracing = Tracing(settings) if settings else None
         self._trace_steps = bool(settings and settings.covers("step"))

@@ -207,6 +207,10 @@ class Tokenizer:
             self._max_token_bytes = max((len(p.encode("utf-8", "surrogatepass")) for p in pieces), default=1) or 1
         return self._max_token_bytes
 
+    def to_json(self) -> str:
+        """The tokenizer as a tokenizer.json document (what a grammar library reads the vocabulary from)."""
+        return self._tok.to_str()
+
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 

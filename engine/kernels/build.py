@@ -123,9 +123,9 @@ def compile_library(source: Path, flags: list[str], target: Path) -> Path | None
 
 def main() -> None:
     """Build every kernel beside its source: for installs whose runtime has no compiler."""
-    from engine.kernels import amx_gemm, half_gemm, layer_ops, paged_attention, quant_gemm
+    from engine.kernels import amx_gemm, half_gemm, layer_ops, paged_attention, quant_gemm, token_mask
 
-    for kernel in (half_gemm, amx_gemm, quant_gemm, paged_attention, layer_ops):
+    for kernel in (half_gemm, amx_gemm, quant_gemm, paged_attention, layer_ops, token_mask):
         source, flags = kernel.SOURCE, kernel.FLAGS
         built = compile_library(source, flags, source.parent / library_name(source, flags))
         if built is None:

@@ -147,6 +147,12 @@ def checkpoint_tokenizer(model_dir: Path):
     return Tokenizer.from_dir(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
 
 
+def stop_token_ids(cfg: ModelConfig, tokenizer) -> frozenset[int]:
+    """The tokens generation stops at: the model config's end-of-sequence ids and the tokenizer's (its EOS, and a
+    chat model's end-of-turn tokens)."""
+    return frozenset(cfg.eos_token_ids | (tokenizer.eos_token_ids if tokenizer else frozenset()))
+
+
 def validate(model_dir: Path, cfg: ModelConfig):
     """Check that every tensor the model needs is present with the right shape; the tensors' source."""
     source = tensor_source(model_dir, cfg)

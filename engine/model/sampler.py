@@ -16,10 +16,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
 import math
+from typing import Any
 
 import torch
 
 from batching.sampling_params import SamplingParams
+from engine.kernels import token_mask
 
 _NEG_INF = float("-inf")
 # A batch whose sampled rows all have top_k up to this filters and races over topk() candidates.
@@ -131,6 +133,7 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # tokens sampled so far (the caller appends after each step)
     seed: int  # resolved 64-bit seed: the request's seed, or a random one drawn once per sequence
+    matcher: Any = None  # where params.grammar is set: its state (engine.model.grammar.GrammarMasks)
 
 
 @dataclass(slots=True)
@@ -179,8 +182,11 @@ class Sampler:
         self._offsets: dict[torch.device, torch.Tensor] = {}
         self._scratch = torch.empty(3, 0, dtype=torch.int32)
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        """logits: [B, V] on any device, one row per SamplingRow; left unmodified."""
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
+                 masks: tuple[list[int], torch.Tensor] | None = None) -> SamplerOutput:
+        """logits: [B, V] on any device, one row per SamplingRow; left unmodified. masks: the rows that follow a
+        grammar and their allowed tokens ([G, ceil(V / 32)] int32 bitmask on the CPU), applied after every other
+        adjustment: what a grammar forbids is never sampled, whatever the penalties and biases."""
         if logits.dim() != 2 or logits.shape[0] != len(rows) or logits.shape[1] != self.vocab_size:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows x {self.vocab_size}")
         logits = logits.float()
@@ -190,6 +196,10 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if asked else None  # [B, V]
 
         work = self.adjust_logits(logits, rows)  # [B, V]
+        if masks is not None and masks[0]:
+            if work is logits:
+                work = logits.clone()
+            token_mask.apply(work, _to(torch.tensor(masks[0], dtype=torch.int64), dev), masks[1])
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if len(sampled) == len(rows):
             tokens = self._sample(work, rows)  # [B]

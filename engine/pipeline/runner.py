@@ -13,8 +13,9 @@ from batching.sampling_params import SamplingParams
 from engine.errors import one_line
 from engine.kernels import triton_paged_attention as triton_kernel
 from engine.model.attention import build_metadata
-from engine.model.checkpoint import expected_shapes, tensor_source
+from engine.model.checkpoint import checkpoint_tokenizer, expected_shapes, stop_token_ids, tensor_source
 from engine.model.config import ModelConfig
+from engine.model.grammar import GrammarMasks
 from engine.model.sampler import HostSamples, Sampler, SamplingRow
 from engine.model.stage_model import StageModel
 from engine.pipeline.decode_graphs import DecodeGraphs
@@ -51,6 +52,7 @@ class StageRunner:
         self.sampled: dict[int, tuple[int, int]] = {}
         self.await_tokens = None
         self.sampler = Sampler(self.cfg.vocab_size, self.cfg.eos_token_ids) if self.last else None
+        self.grammars: GrammarMasks | None = None  # on the last stage, once a sequence has a grammar
         self.kv_cache: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
 
@@ -208,6 +210,8 @@ class StageRunner:
                               carry=(positions, token_ids if self.first else [], sample_rows))
         pos_t, ids_t, rows_t = meta.carry
         x = ids_t if self.first else hidden
+        # The grammar rows' masks depend only on what they sampled before: they are computed while the layers run.
+        masks = self._start_masks([self.rows[s] for s in sample_ids]) if self.last else None
         with torch.inference_mode():
             hidden_out = None
             if self.graphs is not None and not prefills and on_layer is None:
@@ -220,9 +224,11 @@ class StageRunner:
                 return hidden_out, StepOutput(batch.batch_id, [], []), None
             logits = self.model.logits(hidden_out[rows_t])
             rows = [self.rows[s] for s in sample_ids]
-            sampled, errors = self._sample(logits, rows, sample_ids)
+            sampled, errors = self._sample(logits, rows, sample_ids, masks)
         for row, tok in zip(rows, sampled.token_ids):
             row.output_token_ids.append(tok)
+        if masks is not None:
+            errors = self._advance_grammars(rows, sampled.token_ids, sample_ids, errors)
         tokens = TokensForFirstStage(sample_ids, sample_pos, sampled.token_ids)
         if self.first:
             self.take_tokens(tokens)
@@ -230,22 +236,68 @@ class StageRunner:
         out = StepOutput(batch.batch_id, sample_ids, sampled.token_ids, sampled.logprobs, sampled.top, errors=errors)
         return hidden_out, out, tokens
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow],
-                seq_ids: list[int]) -> tuple[HostSamples, dict[int, str] | None]:
+    def _start_masks(self, rows: list[SamplingRow]):
+        """(the grammar rows' positions, the Future of their masks) where any row has a grammar, else None."""
+        at = [i for i, row in enumerate(rows) if row.params.grammar is not None]
+        if not at:
+            return None
+        if self.grammars is None:
+            tokenizer = checkpoint_tokenizer(Path(self.spec.model_dir))
+            if tokenizer is None:
+                raise RuntimeError("structured output needs the checkpoint's tokenizer, and it has none")
+            self.grammars = GrammarMasks(tokenizer.to_json(), self.cfg.vocab_size, stop_token_ids(self.cfg, tokenizer))
+        return at, self.grammars.start([rows[i] for i in at])
+
+    def _advance_grammars(self, rows, tokens, seq_ids, errors):
+        """Feed the sampled tokens to the rows' grammars; a grammar that refuses its token fails that request."""
+        at = [i for i, row in enumerate(rows) if row.params.grammar is not None
+              and row.matcher is not None and (errors is None or seq_ids[i] not in errors)]
+        failed = GrammarMasks.advance([rows[i] for i in at], [tokens[i] for i in at])
+        if not failed:
+            return errors
+        errors = dict(errors or {})
+        for k, why in failed.items():
+            errors[seq_ids[at[k]]] = f"the grammar refused the sampled token: {why}"
+        return errors
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow], seq_ids: list[int],
+                masks=None) -> tuple[HostSamples, dict[int, str] | None]:
         """The batch's samples, and per sequence that could not be sampled, why. A failure is one request's, not
         the pipeline's: the rows are then sampled one by one, and a row that fails alone gets token 0 (a step
-        scheduled ahead of it computes that, and the driver drops it) and its error, which fails that request."""
-        try:
-            return self.sampler(logits, rows).to_host(), None
-        except Exception as e:
-            batch_error = e
+        scheduled ahead of it computes that, and the driver drops it) and its error, which fails that request.
+        masks: the grammar rows' positions and the Future of (their bitmask, {position among them: why it failed})."""
+        grammar_errors: dict[int, str] = {}
+        mask_of: dict[int, torch.Tensor] = {}
+        if masks is not None:
+            at, future = masks
+            try:
+                bitmask, failed = future.result()
+            except Exception as e:  # the library itself failed: each grammar row's request fails, no other
+                bitmask, failed = None, dict.fromkeys(range(len(at)), one_line(e))
+            grammar_errors = {at[k]: f"the grammar failed: {why}" for k, why in failed.items()}
+            if bitmask is not None:
+                mask_of = {i: bitmask[k] for k, i in enumerate(at) if i not in grammar_errors}
+        if not grammar_errors:
+            try:
+                batch_masks = None
+                if mask_of:
+                    order = sorted(mask_of)
+                    batch_masks = (order, torch.stack([mask_of[i] for i in order]))
+                return self.sampler(logits, rows, batch_masks).to_host(), None
+            except Exception as e:
+                batch_error = e
+        else:
+            batch_error = RuntimeError("; ".join(sorted(set(grammar_errors.values()))))
         token_ids: list[int] = []
         logprobs: list[float] = []
         top: list[list[tuple[int, float]]] = []
         errors: dict[int, str] = {}
         for i, (row, seq_id) in enumerate(zip(rows, seq_ids)):
             try:
-                one = self.sampler(logits[i:i + 1], [row]).to_host()
+                if i in grammar_errors:
+                    raise RuntimeError(grammar_errors[i])
+                mask = ([0], mask_of[i][None]) if i in mask_of else None
+                one = self.sampler(logits[i:i + 1], [row], mask).to_host()
             except Exception as e:
                 errors[seq_id] = one_line(e)
                 token_ids.append(0)
@@ -255,7 +307,8 @@ class StageRunner:
             token_ids.append(one.token_ids[0])
             logprobs.append(one.logprobs[0] if one.logprobs is not None else 0.0)
             top.append(one.top[0] if one.top is not None else [])
-        if len(rows) > 1 and len(errors) == len(rows):
+        others = len(rows) - len(grammar_errors)  # rows that failed for no grammar's sake
+        if others > 1 and len(errors) - len(grammar_errors) == others:
             raise batch_error  # not one request's parameters: the sampler itself fails, and the engine with it
         print(f"sampling a step of {len(rows)} rows failed ({one_line(batch_error)}); sampled apart, "
               f"{len(errors)} failed", file=sys.stderr, flush=True)

@@ -1,0 +1,189 @@
+"""Constrained decoding: grammars a request's output must follow, and the token masks that enforce them.
+
+A grammar is llguidance's: a JSON schema, or a Lark grammar (tool calls), turned into one string. That string is
+all a request carries (batching.SamplingParams.grammar), so it crosses to the last pipeline stage as cheaply as a
+stop string does. The gateway compiles and checks it off the event loop, caching by grammar (GrammarCompiler), so
+a grammar the library cannot enforce is refused with a 400 before the request is queued. The last stage keeps one
+compiled matcher per grammar and gives each sequence a copy (GrammarMasks); each step it computes the masks of the
+rows that have one while the forward pass runs, and the sampler sets what they forbid to -inf.
+
+llguidance rather than xgrammar: it refuses by name a schema keyword it cannot enforce (uniqueItems, not,
+dependentRequired, look-around in a pattern) where xgrammar ignores it and lets invalid output through; it has no
+compile step worth caching across processes (about 1 ms for a schema, against xgrammar's several) and no
+dependencies. Its masks cost more per token (tens of microseconds against a few), which is why they are computed
+in parallel over rows and overlapped with the forward pass.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+# JSON is generated with one space after ',' and ':' and no other whitespace: free whitespace lets a model at a high
+# temperature pad an answer until max_tokens cuts it, and then it does not parse.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_CACHED_GRAMMARS = 256
+
+
+class GrammarError(ValueError):
+    """A grammar that cannot be compiled or enforced; the message says why."""
+
+
+def json_schema_grammar(schema: dict[str, Any] | bool) -> str:
+    """The grammar of JSON text that validates against `schema`."""
+    import llguidance
+
+    if schema is True:
+        schema = {}
+    if not isinstance(schema, dict):
+        raise GrammarError("a JSON schema must be an object")
+    return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
+
+
+def lark_grammar(source: str) -> str:
+    import llguidance
+
+    return llguidance.LLMatcher.grammar_from_lark(source)
+
+
+def build_tokenizer(tokenizer_json: str, vocab_size: int, eos_token_ids: frozenset[int]):
+    """llguidance's view of the vocabulary: each token's bytes, and the tokens a finished grammar ends with (the
+    engine's stop set). Rows past the tokenizer's vocabulary (padding in the embedding) are never allowed."""
+    import llguidance
+
+    return llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=sorted(eos_token_ids))
+
+
+class _LRU:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, key: str) -> Any:
+        value = self.items.get(key)
+        if value is not None:
+            self.items.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: Any) -> None:
+        self.items[key] = value
+        self.items.move_to_end(key)
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+
+
+class GrammarCompiler:
+    """Checks grammars against the model's vocabulary, once per grammar. Thread-safe; `check` may take milliseconds
+    (a schema with thousands of rules, longer), so callers run it off the event loop."""
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
+        self._source = (tokenizer_json, vocab_size, eos_token_ids)
+        self._tokenizer = None
+        self._lock = threading.Lock()
+        self._checked = _LRU(_CACHED_GRAMMARS)  # grammar -> "" (enforceable) or why not
+
+    def _llg_tokenizer(self):
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = build_tokenizer(*self._source)
+            return self._tokenizer
+
+    def check(self, grammar: str) -> str:
+        """The grammar, once llguidance has compiled it against this vocabulary; GrammarError says why not."""
+        import llguidance
+
+        with self._lock:
+            why = self._checked.get(grammar)
+        if why is None:
+            tokenizer = self._llg_tokenizer()
+            failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
+            why = _reason(messages[0]) if failed else ""
+            with self._lock:
+                self._checked.put(grammar, why)
+        if why:
+            raise GrammarError(why)
+        return grammar
+
+
+def _reason(message: str) -> str:
+    """llguidance's error, without the parser state and grammar dump it appends."""
+    return message.split("\n<state>")[0].strip()
+
+
+class GrammarMasks:
+    """The last stage's grammar state: a compiled matcher per grammar (copied for each sequence), and each step's
+    masks, computed on a worker thread while the forward pass runs (llguidance drops the GIL)."""
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
+        self.vocab_size = vocab_size
+        self.eos_token_ids = sorted(eos_token_ids)
+        self._source = (tokenizer_json, vocab_size, eos_token_ids)
+        self._tokenizer = None
+        self._executor = None  # llguidance's, over rows
+        self._compiled = _LRU(_CACHED_GRAMMARS)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="strata-grammar")
+        self._words = (vocab_size + 31) // 32
+
+    def start(self, rows: list) -> Future:
+        """Begin the masks of `rows` (SamplingRows with a grammar): a Future of ([R, words] int32 bitmask, {row index:
+        why} for rows whose grammar failed)."""
+        return self._thread.submit(self._fill, rows)
+
+    def _matcher(self, grammar: str):
+        import llguidance
+
+        if self._tokenizer is None:
+            self._tokenizer = build_tokenizer(*self._source)
+            self._executor = llguidance.LLExecutor()
+        compiled = self._compiled.get(grammar)
+        if compiled is None:
+            compiled = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
+            self._compiled.put(grammar, compiled)
+        return compiled.deep_copy()
+
+    def _fill(self, rows: list):
+        import torch
+        import llguidance.torch as llg_torch
+
+        for row in rows:
+            if row.matcher is None:
+                row.matcher = self._matcher(row.params.grammar)
+        bitmask = torch.full((len(rows), self._words), -1, dtype=torch.int32)
+        live = []
+        failed: dict[int, str] = {}
+        for i, row in enumerate(rows):
+            m = row.matcher
+            if m.is_error():
+                failed[i] = _reason(m.get_error())
+            elif m.is_stopped():
+                # A step scheduled ahead of the end it does not yet know of: its token is dropped; let it end.
+                bitmask[i].zero_()
+                for e in self.eos_token_ids:
+                    bitmask[i, e // 32] |= _bit(e % 32)
+            else:
+                live.append((m, i))
+        if live:
+            llg_torch.fill_next_token_bitmask_par(self._executor, live, bitmask)
+        for m, i in live:
+            if m.is_error():
+                failed[i] = _reason(m.get_error())
+        return bitmask, failed
+
+    @staticmethod
+    def advance(rows: list, tokens: list[int]) -> dict[int, str]:
+        """Feed each row's sampled token to its matcher; {row index: why} where the grammar refused it."""
+        failed = {}
+        for i, (row, tok) in enumerate(zip(rows, tokens)):
+            m = row.matcher
+            if m.is_stopped():
+                continue
+            if not m.consume_token(tok):
+                failed[i] = _reason(m.get_error())
+        return failed
+
+
+def _bit(k: int) -> int:
+    """Bit k of an int32 word, as the signed value torch holds."""
+    return -(1 << 31) if k == 31 else 1 << k
