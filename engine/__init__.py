@@ -25,6 +25,10 @@ _LAZY = {
     "add_worker_args": "engine.pipeline.worker",
     "run_worker": "engine.pipeline.worker",
     "describe_layers": "engine.model.weight_formats",
+    "GrammarCompiler": "engine.model.grammar",
+    "GrammarError": "engine.model.grammar",
+    "json_schema_grammar": "engine.model.grammar",
+    "lark_grammar": "engine.model.grammar",
 }
 
 

@@ -21,7 +21,9 @@ from gateway.engine_client import AsyncEngine
 from gateway.errors import APIError, bad_request
 from gateway.limits import ServerLimits
 from gateway.metrics import Metrics
-from gateway.openai_routes import Choice, OpenAIRoutes, chat_messages, off_loop
+from gateway.offload import off_loop
+from gateway.openai_routes import Choice, OpenAIRoutes, chat_messages
+from gateway.responses import ResponsesRoutes
 from gateway.openapi import openapi_document
 from gateway.protocol import DetokenizeRequest, TokenizeRequest
 from gateway.request_body import read_model
@@ -299,6 +301,7 @@ def create_app(engine: AsyncEngine, served_name: str, api_key: str | None = None
     routes = OpenAIRoutes(state)
     app.router.add_post("/v1/completions", routes.completions)
     app.router.add_post("/v1/chat/completions", routes.chat)
+    app.router.add_post("/v1/responses", ResponsesRoutes(routes).create)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)

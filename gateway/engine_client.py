@@ -11,7 +11,8 @@ import threading
 from dataclasses import dataclass
 
 from batching.sampling_params import SamplingParams
-from engine import EngineConfig, EngineDeadError, EngineInfo, EngineStats, LLMEngine, SeqDelta, background_this_thread
+from engine import (EngineConfig, EngineDeadError, EngineInfo, EngineStats, GrammarCompiler, LLMEngine, SeqDelta,
+                    background_this_thread)
 
 
 @dataclass(slots=True)
@@ -51,6 +52,9 @@ class AsyncEngine:
         self.model_config = self.engine.model_config
         self.max_model_len = self.engine.max_model_len
         self.tracing = self.engine.tracing
+        # Structured outputs' grammars, checked against the vocabulary the last stage masks with.
+        self.grammars = (GrammarCompiler(self.tokenizer.to_json(), self.model_config.vocab_size,
+                                         self.engine.eos_token_ids) if self.tokenizer is not None else None)
         self.info: EngineInfo = self.engine.info()
         self.stats: EngineStats = self.engine.stats()  # replaced whole by the engine thread, read by the loop
         self.dead: str | None = None

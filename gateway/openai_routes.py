@@ -14,27 +14,59 @@ from engine import SeqDelta, TokenLogprob
 from gateway import sse
 from gateway.engine_client import EngineError
 from gateway.errors import APIError, bad_request
+from gateway.offload import off_loop
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from gateway.structured import compiled, format_grammar
+from gateway.tools import CallsOut, ToolPlan, template_inputs, tool_plan, whole_calls
 from gateway.request_tracing import GenAISpan
 from tokenization import TokenizerError, normalize_messages
+from tokenization import tool_calls as tool_formats
 
 log = logging.getLogger("strata.gateway")
 
 
-async def off_loop(fn, *args):
-    """Run fn in the loop's thread pool: tokenizing megabytes takes seconds, and no other client may wait on it."""
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
-
 def chat_messages(messages) -> list[dict]:
-    """The messages as the chat template takes them: developer is system, no content is '', and text parts are
-    joined by the one rule for that (tokenization.normalize_messages)."""
+    """The messages as the chat template takes them: developer is system, no content is '', text parts are joined
+    by the one rule for that (tokenization.normalize_messages), earlier tool calls and tool results kept."""
+    out = []
+    for i, m in enumerate(messages):
+        if isinstance(m.content, list):
+            other = next((p.type for p in m.content if p.type != "text"), None)
+            if other is not None:
+                raise bad_request(f"messages[{i}] has a content part of type '{other}': this model reads text only",
+                                  "messages", "unsupported_content")
+        msg = {"role": "system" if m.role == "developer" else m.role,
+               "content": [p.model_dump(include={"type", "text"}) for p in m.content] if isinstance(m.content, list)
+               else m.content or ""}
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise bad_request(f"messages[{i}]: only an assistant message carries tool_calls", "messages")
+            msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise bad_request(f"messages[{i}]: a tool message needs the tool_call_id it answers", "messages")
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
     try:
-        return normalize_messages([{"role": "system" if m.role == "developer" else m.role,
-                                    "content": [p.model_dump() for p in m.content] if isinstance(m.content, list)
-                                    else m.content or ""} for m in messages])
+        return normalize_messages(out)
     except TokenizerError as e:
         raise bad_request(str(e), "messages") from None
+
+
+def refuse_unhonoured(req) -> None:
+    """OpenAI fields this server knows but cannot honour are refused by name, never ignored."""
+    refused = [
+        ("store", req.store is True, "this server keeps no responses; send store: false or leave it out"),
+        ("audio", req.audio is not None, "this model answers in text only"),
+        ("modalities", bool(req.modalities) and any(m != "text" for m in req.modalities),
+         "this model answers in text only"),
+        ("prediction", req.prediction is not None, "predicted outputs are not supported"),
+        ("web_search_options", req.web_search_options is not None, "this server has no web search"),
+        ("service_tier", req.service_tier not in (None, "auto", "default"), "this server has one tier: auto or default"),
+    ]
+    for param, bad, why in refused:
+        if bad:
+            raise bad_request(f"unsupported value for '{param}': {why}", param, "unsupported_field")
 
 
 @dataclass(slots=True)
@@ -60,7 +92,8 @@ class OpenAIRoutes:
         if model not in self.s.model_names:
             raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
 
-    def _sampling(self, req: SamplingFields, max_tokens: int | None, prompt_len: int, logprobs: int | None) -> SamplingParams:
+    def _sampling(self, req: SamplingFields, max_tokens: int | None, prompt_len: int, logprobs: int | None,
+                  grammar: str | None = None) -> SamplingParams:
         limit = self.s.engine.max_model_len
         try:
             check_context(prompt_len, max_tokens, limit,
@@ -92,6 +125,7 @@ class OpenAIRoutes:
                 ignore_eos=req.ignore_eos,
                 min_tokens=req.min_tokens,
                 skip_special_tokens=req.skip_special_tokens,
+                grammar=grammar,
             )
             params.check_vocab(self.s.engine.model_config.vocab_size)
             return params
@@ -124,15 +158,16 @@ class OpenAIRoutes:
                 raise bad_request(str(e), e.param) from None
         return prompts
 
-    async def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    async def _chat_prompt(self, req: ChatCompletionRequest, plan: ToolPlan | None) -> list[int]:
         tok = self.s.tokenizer()
         messages = chat_messages(req.messages)
         self.s.check_chars(sum(len(m["content"]) for m in messages), "messages")
         add_generation_prompt = req.add_generation_prompt and not req.continue_final_message
+        messages, tools = template_inputs(plan, messages, tok.chat_template)
 
         def render_and_encode() -> list[int]:
             try:
-                text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+                text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
             except TokenizerError as e:
                 raise bad_request(str(e), "messages") from None
             if req.continue_final_message and messages[-1]["role"] == "assistant":
@@ -142,6 +177,14 @@ class OpenAIRoutes:
             return tok.encode(text, add_special_tokens=False)
 
         return await off_loop(render_and_encode)
+
+    async def _chat_grammar(self, req: ChatCompletionRequest, plan: ToolPlan | None) -> str | None:
+        """The grammar the answer must follow: the forced tool call's, else the response_format's."""
+        tok = self.s.tokenizer()
+        forced = plan.grammar(tool_formats.special_token_id(tok)) if plan is not None else None
+        if forced is not None:
+            return await compiled(self.s, forced, "tools")
+        return await compiled(self.s, format_grammar(req.response_format, "response_format"), "response_format")
 
     # ---- handlers ------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -155,24 +198,39 @@ class OpenAIRoutes:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         req: ChatCompletionRequest = await self.s.parse(request, ChatCompletionRequest)
+        return await self.serve_chat(request, req, f"chatcmpl-{uuid.uuid4().hex}")
+
+    async def serve_chat(self, request: web.Request, req: ChatCompletionRequest, rid: str,
+                         render_for=None) -> web.StreamResponse:
+        """A chat request's answer; render_for(tool plan, prompt length) gives the object that renders it where the
+        answer is not a chat completion (the Responses API's)."""
         self._check_model(req.model)
         if req.top_logprobs and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
-        self.s.tokenizer()  # a chat is rendered to text, and its answer is text
+        refuse_unhonoured(req)
+        tok = self.s.tokenizer()  # a chat is rendered to text, and its answer is text
         self.s.check_fits(req.n)
-        prompt = await self._chat_prompt(req)
+        plan = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls, tok.chat_template)
+        prompt = await self._chat_prompt(req, plan)
+        grammar = await self._chat_grammar(req, plan)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = self._sampling(req, max_tokens, len(prompt), (req.top_logprobs or 0) if req.logprobs else None)
-        return await self._serve(request, req, "chat.completion", [prompt], [params], f"chatcmpl-{uuid.uuid4().hex}")
+        params = self._sampling(req, max_tokens, len(prompt), (req.top_logprobs or 0) if req.logprobs else None,
+                                grammar)
+        render = render_for(plan, len(prompt)) if render_for is not None else None
+        return await self._serve(request, req, "chat.completion", [prompt], [params], rid, plan, render)
 
     # ---- the shared engine loop ----------------------------------------------------------
-    async def _serve(self, request, req: SamplingFields, kind: str, prompts, params, rid: str) -> web.StreamResponse:
+    async def _serve(self, request, req: SamplingFields, kind: str, prompts, params, rid: str,
+                     tools: ToolPlan | None = None, render=None) -> web.StreamResponse:
+        """Run the request's sequences and answer, whole or streamed: as `kind`'s chunks, or through `render` (an
+        object with whole(choices) -> dict and async stream(request, choices, next_delta) -> StreamResponse, as
+        the Responses API renders its answers)."""
         s = self.s
         n = req.n
         num_seqs = len(prompts) * n
         s.admit(num_seqs)
         sink: asyncio.Queue = asyncio.Queue()
-        operation = "chat" if kind == "chat.completion" else "text_completion"
+        operation = "text_completion" if kind == "text_completion" else "chat"
         choices = [Choice(i * n + j, i, operation=operation) for i in range(len(prompts)) for j in range(n)]
         streams = []
         t0 = time.monotonic()
@@ -191,10 +249,14 @@ class OpenAIRoutes:
                     p = _with_seed(p, p.seed + c.index % n)
                 streams.append(s.engine.add(prompts[c.prompt_index], p, sink, c.index, span.ids if span else None))
             if req.stream:
+                if render is not None:
+                    return await render.stream(request, choices, lambda: self._next(sink, choices, t0, span), span)
                 return await self._stream(request, req, kind, rid, model, created, prompts, choices, sink, include_usage,
-                                          t0, span)
+                                          t0, span, tools)
             await self._collect(choices, sink, t0, span)
-            return web.json_response(self._whole(req, kind, rid, model, created, prompts, choices))
+            if render is not None:
+                return web.json_response(render.whole(choices))
+            return web.json_response(self._whole(req, kind, rid, model, created, prompts, choices, tools))
         except APIError as e:
             error = e.code or type(e).__name__
             raise
@@ -237,11 +299,11 @@ class OpenAIRoutes:
         open_ = len(choices)
         while open_:
             c, d = await self._next(sink, choices, t0, span)
-            _absorb(c, d)
+            absorb(c, d)
             if d.finished:
                 open_ -= 1
 
-    def _whole(self, req, kind, rid, model, created, prompts, choices) -> dict:
+    def _whole(self, req, kind, rid, model, created, prompts, choices, tools: ToolPlan | None = None) -> dict:
         out = []
         for c in choices:
             text = "".join(c.text)
@@ -252,12 +314,19 @@ class OpenAIRoutes:
                 out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
             else:
                 lp = {"content": self._chat_logprobs(c.logprobs)} if req.logprobs else None
-                out.append({"index": c.index, "message": {"role": "assistant", "content": text},
-                            "logprobs": lp, "finish_reason": c.finish_reason})
+                message = {"role": "assistant", "content": text}
+                reason = c.finish_reason
+                if tools is not None:
+                    content, calls = whole_calls(tools, text)
+                    if calls:
+                        message = {"role": "assistant", "content": content, "tool_calls": calls}
+                        reason = _calls_finish(reason)
+                out.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": reason})
         return {"id": rid, "object": kind, "created": created, "model": model, "choices": out,
                 "usage": _usage(prompts, choices, req.n)}
 
-    async def _stream(self, request, req, kind, rid, model, created, prompts, choices, sink, include_usage, t0, span):
+    async def _stream(self, request, req, kind, rid, model, created, prompts, choices, sink, include_usage, t0, span,
+                      tools: ToolPlan | None = None):
         chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
         resp = await sse.open_stream(request)
 
@@ -278,6 +347,7 @@ class OpenAIRoutes:
                     await resp.write(chunk([{"index": c.index, "text": text, "logprobs": None, "finish_reason": None}]))
             open_ = len(choices)
             offsets = [0] * len(choices)
+            calls = [CallsOut(tools) for _ in choices] if tools is not None else None
             # A token whose text is withheld still carries its logprob, which must not be dropped.
             want_logprobs = bool(req.logprobs) if kind == "chat.completion" else req.logprobs is not None
             while open_:
@@ -288,7 +358,7 @@ class OpenAIRoutes:
                         span.stream_error = e.code or "error"
                     await resp.write(sse.event(e.body()))
                     break
-                _absorb(c, d)
+                absorb(c, d)
                 if d.finished:
                     open_ -= 1
                 if not d.text and not d.finished and not (want_logprobs and d.logprobs):
@@ -296,7 +366,14 @@ class OpenAIRoutes:
                 reason = d.finish_reason if d.finished else None
                 if kind == "chat.completion":
                     lp = {"content": self._chat_logprobs(d.logprobs)} if req.logprobs and d.logprobs else None
-                    delta = {"content": d.text} if d.text else {}
+                    text, call_deltas = calls[c.index].feed(d.text, d.finished) if calls else (d.text, [])
+                    delta = {"content": text} if text else {}
+                    if call_deltas:
+                        delta["tool_calls"] = call_deltas
+                    if reason is not None and calls and calls[c.index].called:
+                        reason = _calls_finish(reason)
+                    if not delta and not lp and reason is None:
+                        continue  # text held back: it may begin a call
                     payload = {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": reason}
                 else:
                     lp = self._completion_logprobs(d.logprobs, offsets[c.index]) if req.logprobs is not None and d.logprobs else None
@@ -349,7 +426,12 @@ class OpenAIRoutes:
         return out
 
 
-def _absorb(c: Choice, d: SeqDelta) -> None:
+def _calls_finish(reason: str | None) -> str | None:
+    """An answer that called tools and stopped by itself finished to call them; one cut by length did not."""
+    return "tool_calls" if reason == "stop" else reason
+
+
+def absorb(c: Choice, d: SeqDelta) -> None:
     c.text.append(d.text)
     c.token_ids.extend(d.token_ids)
     if d.logprobs:

@@ -8,6 +8,7 @@ from gateway import protocol as p
 ROUTES = [
     ("post", "/v1/completions", "Create a completion", p.CompletionRequest, p.CompletionResponse),
     ("post", "/v1/chat/completions", "Create a chat completion", p.ChatCompletionRequest, p.ChatCompletionResponse),
+    ("post", "/v1/responses", "Create a response", p.ResponsesRequest, p.ResponseObject),
     ("get", "/v1/models", "List the served models", None, p.ModelList),
     ("post", "/tokenize", "Tokenize a prompt or chat", p.TokenizeRequest, p.TokenizeResponse),
     ("post", "/detokenize", "Turn token ids into text", p.DetokenizeRequest, p.DetokenizeResponse),
@@ -19,7 +20,9 @@ ROUTES = [
 
 
 SSE_BODY = ("Server-sent events: each `data: {chunk}` line holds one chunk object, a stream ends with "
-            "`data: [DONE]`, and an error mid-stream arrives as `data: {\"error\": {...}}` before it.")
+            "`data: [DONE]`, and an error mid-stream arrives as `data: {\"error\": {...}}` before it. /v1/responses "
+            "streams typed events instead (`event: response.output_text.delta` and its `data: {...}`), from "
+            "response.created to response.completed (or response.incomplete), and an error as `event: error`.")
 ERRORS = {
     400: "Bad request: the body, a field or a value the server cannot take",
     401: "Missing or wrong API key",
@@ -46,13 +49,13 @@ def openapi_document(version: str) -> dict:
         ok: dict = {"description": "OK"}
         if resp is not None:
             ok["content"] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{resp.__name__}"}}}
-            if "completions" in path:
+            if "completions" in path or "responses" in path:
                 # With "stream": true: server-sent events, `data: {chunk JSON}` each, then `data: [DONE]`.
                 ok["content"]["text/event-stream"] = {"schema": {"type": "string", "description": SSE_BODY}}
         op["responses"]["200"] = ok
         if req is not None or path.startswith("/v1"):
             for status, why in ERRORS.items():
-                if status in (404, 429, 503) and "completions" not in path:
+                if status in (404, 429, 503) and "completions" not in path and "responses" not in path:
                     continue
                 if status in (408, 413, 415) and req is None:
                     continue

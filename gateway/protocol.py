@@ -108,22 +108,103 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = Field(default=None, ge=1, le=1)
 
 
-class TextPart(StrictModel):
-    type: Literal["text"]
-    text: str
+MAX_TOOLS = 128  # as OpenAI
+MAX_METADATA = 16
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # a function's or a schema's name, as OpenAI takes them
+
+
+class ContentPart(StrictModel):
+    """One part of a message's content. Text parts are joined; a part of another kind is refused by the routes,
+    by name, rather than by a validation error that does not say this server reads text only."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+    text: str | None = None
+
+
+class FunctionCall(StrictModel):
+    name: str
+    arguments: str  # JSON, as the model wrote it
+
+
+class ToolCall(StrictModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | List(TextPart) | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | List(ContentPart) | None = None
     name: str | None = None
+    tool_calls: Annotated[List(ToolCall), at_most(MAX_TOOLS)] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer: to which call
+    refusal: str | None = None
 
 
-class ResponseFormat(StrictModel):
+class FunctionDefinition(StrictModel):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: no arguments
+    strict: bool | None = None
+
+
+class Tool(StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JSONSchemaFormat(StrictModel):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    description: str | None = None
+    schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
+    strict: bool | None = None
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
+
+
+class TextFormat(StrictModel):
     type: Literal["text"]
 
 
-class ChatCompletionRequest(SamplingFields):
+class JSONObjectFormat(StrictModel):
+    type: Literal["json_object"]
+
+
+class JSONSchemaResponseFormat(StrictModel):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaResponseFormat, Field(discriminator="type")]
+
+
+class OpenAIFields(StrictModel):
+    """OpenAI's fields that change nothing this server does, or that it honours as they are, and those it knows but
+    cannot honour: present here so that the routes refuse the latter by name (gateway.openai_routes.refuse_unhonoured)."""
+
+    store: bool | None = None  # false: nothing is kept, which is what this server does
+    metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], at_most(MAX_METADATA)] | None = None
+    service_tier: str | None = None  # auto and default: one tier here
+    parallel_tool_calls: bool = True
+    audio: Any = None
+    modalities: Annotated[List(str), at_most(4)] | None = None
+    prediction: Any = None
+    web_search_options: Any = None
+
+
+class ChatCompletionRequest(SamplingFields, OpenAIFields):
     messages: List(ChatMessage, min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool = False
@@ -131,6 +212,118 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     response_format: ResponseFormat | None = None
+    tools: Annotated[List(Tool), at_most(MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+
+
+# ---- the Responses API ------------------------------------------------------------------
+MAX_INPUT_ITEMS = 4096
+
+
+class InputPart(StrictModel):
+    """A part of an input message's content: input_text (output_text in an assistant's earlier turn) is read; the
+    others are refused by the route, by name."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+    text: str | None = None
+
+
+class InputMessage(StrictModel):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | List(InputPart)
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallItem(StrictModel):
+    """An earlier turn's call, as a response's output gave it."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutputItem(StrictModel):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | List(InputPart)
+    id: str | None = None
+    status: str | None = None
+
+
+class OtherInputItem(StrictModel):
+    """An item of a kind this server does not take (reasoning, a web search's call, ...): refused by name."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+
+
+def _item_kind(value: Any) -> str:
+    kind = value.get("type", "message") if isinstance(value, dict) else "message"
+    return kind if kind in ("message", "function_call", "function_call_output") else "other"
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")] | Annotated[OtherInputItem, Tag("other")],
+    Discriminator(_item_kind),
+]
+
+
+class FunctionTool(StrictModel):
+    type: str  # "function"; a tool of another kind (web_search, file_search, ...) is refused by name
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class FunctionToolChoice(StrictModel):
+    type: Literal["function"]
+    name: str
+
+
+class TextJSONSchemaFormat(StrictModel):
+    type: Literal["json_schema"]
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    schema_: Annotated[dict[str, Any], Field(alias="schema")]
+    description: str | None = None
+    strict: bool | None = None
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
+
+
+class TextConfig(StrictModel):
+    format: Annotated[TextFormat | JSONObjectFormat | TextJSONSchemaFormat, Field(discriminator="type")] | None = None
+    verbosity: Literal["medium"] | None = None  # the only one a model without that training has
+
+
+class ResponsesRequest(StrictModel):
+    model: str
+    input: str | Annotated[List(InputItem), at_most(MAX_INPUT_ITEMS)]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    temperature: float | None = None
+    top_p: float | None = None
+    tools: Annotated[List(FunctionTool), at_most(MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None
+    parallel_tool_calls: bool = True
+    text: TextConfig | None = None
+    stream: bool = False
+    user: str | None = None
+    metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], at_most(MAX_METADATA)] | None = None
+    service_tier: str | None = None
+    # Known, and refused by the route unless off: this server keeps no responses and runs none in the background.
+    store: bool | None = None
+    previous_response_id: str | None = None
+    background: bool | None = None
+    include: Annotated[List(str), at_most(16)] | None = None
+    reasoning: Any = None
 
 
 class TokenizeRequest(StrictModel):
@@ -172,7 +365,9 @@ class CompletionResponse(BaseModel):
 
 class ChatChoiceMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # none where the answer is only tool calls
+    tool_calls: list[ToolCall] | None = None
+    refusal: None = None
 
 
 class ChatChoice(BaseModel):
@@ -189,6 +384,39 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+
+
+class ResponseOutputItem(BaseModel):
+    """A message (type "message": role, content of output_text parts) or a call (type "function_call": call_id,
+    name, arguments as JSON text)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    type: Literal["message", "function_call"]
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict
+    output_tokens: int
+    output_tokens_details: dict
+    total_tokens: int
+
+
+class ResponseObject(BaseModel):
+    """A Response, as /v1/responses answers; streamed, the typed events (response.created, ... response.completed)
+    carry it and its items as they form."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress"]
+    model: str
+    output: list[ResponseOutputItem]
+    incomplete_details: dict | None = None
+    usage: ResponseUsage | None = None
 
 
 class WeightFormats(BaseModel):

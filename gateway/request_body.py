@@ -48,9 +48,6 @@ def validation_error(e: ValidationError) -> APIError:
         return bad_request(f"unsupported field '{param}': this server does not implement it", param, "unsupported_field")
     loc = [x for x in err["loc"] if not (isinstance(x, str) and _is_union_tag(x))]
     param = str(loc[0]) if loc else None  # the request's own field; the message says where inside it
-    if param and param.startswith("response_format"):
-        return bad_request("unsupported response_format: only {\"type\": \"text\"} is implemented", "response_format",
-                           "unsupported_field")
     where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".")
     return bad_request(f"invalid value for '{where}': {err['msg']}", param)
 

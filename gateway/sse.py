@@ -20,3 +20,8 @@ async def open_stream(request: web.Request) -> web.StreamResponse:
 
 def event(payload: dict) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def typed_event(kind: str, payload: dict) -> bytes:
+    """An event with its type named, as the Responses API streams them (and no [DONE] after the last)."""
+    return b"event: " + kind.encode() + b"\n" + event(payload)

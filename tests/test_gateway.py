@@ -479,11 +479,6 @@ BAD_REQUESTS = [
                  "no-such-model", id="unknown-model"),
     pytest.param(CHAT, {"model": "no-such-model", "messages": HI}, None, 404, "model", "model_not_found",
                  "no-such-model", id="unknown-model-chat"),
-    pytest.param(CHAT, {"model": MODEL, "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]},
-                 None, 400, "tools", "unsupported_field", "tools", id="tools-unsupported"),
-    pytest.param(CHAT, {"model": MODEL, "messages": HI, "response_format": {
-        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}, None, 400,
-                 "response_format", "unsupported_field", "response_format", id="json-schema-unsupported"),
     pytest.param(CHAT, {"model": MODEL, "messages": []}, None, 400, "messages", None, "messages",
                  id="empty-messages"),
     pytest.param(CHAT, {"model": MODEL}, None, 400, "messages", None, "messages", id="missing-messages"),

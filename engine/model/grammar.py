@@ -116,8 +116,12 @@ class GrammarMasks:
     """The last stage's grammar state: a compiled matcher per grammar (copied for each sequence), and each step's
     masks, computed on a worker thread while the forward pass runs (llguidance drops the GIL)."""
 
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: frozenset[int], threads: int = 1) -> None:
+        """threads: of llguidance's own pool, computing a step's masks together; 1, the worker thread alone. Its
+        idle threads spin a while before they sleep: on a CPU stage they would take cores from the forward pass, so
+        only a GPU stage, whose host cores wait on the device, is given more."""
         self.vocab_size = vocab_size
+        self.threads = threads
         self.eos_token_ids = sorted(eos_token_ids)
         self._source = (tokenizer_json, vocab_size, eos_token_ids)
         self._tokenizer = None
@@ -125,51 +129,60 @@ class GrammarMasks:
         self._compiled = _LRU(_CACHED_GRAMMARS)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="strata-grammar")
         self._words = (vocab_size + 31) // 32
+        self._eos_row = None  # [words] int32: only the stop tokens
 
-    def start(self, rows: list) -> Future:
-        """Begin the masks of `rows` (SamplingRows with a grammar): a Future of ([R, words] int32 bitmask, {row index:
-        why} for rows whose grammar failed)."""
-        return self._thread.submit(self._fill, rows)
+    def start(self, rows: list) -> "PendingMasks":
+        """Begin the masks of `rows` (SamplingRows with a grammar). The worker thread calls llguidance alone, which
+        writes through a pointer: a thread that ran torch ops would get an OpenMP team of its own, whose spinning
+        threads take the cores from the forward pass's."""
+        import torch
+
+        bitmask = torch.full((len(rows), self._words), -1, dtype=torch.int32)
+        if self._eos_row is None:
+            self._eos_row = torch.zeros(self._words, dtype=torch.int32)
+            for e in self.eos_token_ids:
+                self._eos_row[e // 32] |= _bit(e % 32)
+        future = self._thread.submit(self._fill, rows, bitmask.data_ptr())
+        return PendingMasks(future, bitmask, self._eos_row)
 
     def _matcher(self, grammar: str):
         import llguidance
 
         if self._tokenizer is None:
             self._tokenizer = build_tokenizer(*self._source)
-            self._executor = llguidance.LLExecutor()
+            self._executor = llguidance.LLExecutor(self.threads) if self.threads > 1 else None
         compiled = self._compiled.get(grammar)
         if compiled is None:
             compiled = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
             self._compiled.put(grammar, compiled)
         return compiled.deep_copy()
 
-    def _fill(self, rows: list):
-        import torch
-        import llguidance.torch as llg_torch
-
+    def _fill(self, rows: list, bitmask_ptr: int) -> tuple[list[int], dict[int, str]]:
+        """On the worker thread: each live row's mask into its row of the bitmask; returns the rows whose grammar has
+        ended, and {row: why} for those whose grammar failed."""
         for row in rows:
             if row.matcher is None:
                 row.matcher = self._matcher(row.params.grammar)
-        bitmask = torch.full((len(rows), self._words), -1, dtype=torch.int32)
-        live = []
+        row_bytes = self._words * 4
+        live, ended = [], []
         failed: dict[int, str] = {}
         for i, row in enumerate(rows):
             m = row.matcher
             if m.is_error():
                 failed[i] = _reason(m.get_error())
             elif m.is_stopped():
-                # A step scheduled ahead of the end it does not yet know of: its token is dropped; let it end.
-                bitmask[i].zero_()
-                for e in self.eos_token_ids:
-                    bitmask[i, e // 32] |= _bit(e % 32)
+                ended.append(i)  # a step scheduled ahead of an end it did not know of: its token is dropped
             else:
                 live.append((m, i))
-        if live:
-            llg_torch.fill_next_token_bitmask_par(self._executor, live, bitmask)
+        if self._executor is not None and len(live) > 1:
+            self._executor.unsafe_compute_mask_ptr(live, bitmask_ptr, row_bytes, len(rows))
+        else:
+            for m, i in live:
+                m.unsafe_compute_mask_ptr(bitmask_ptr + i * row_bytes, row_bytes)
         for m, i in live:
             if m.is_error():
                 failed[i] = _reason(m.get_error())
-        return bitmask, failed
+        return ended, failed
 
     @staticmethod
     def advance(rows: list, tokens: list[int]) -> dict[int, str]:
@@ -182,6 +195,22 @@ class GrammarMasks:
             if not m.consume_token(tok):
                 failed[i] = _reason(m.get_error())
         return failed
+
+
+class PendingMasks:
+    """A step's grammar masks while the worker computes them."""
+
+    def __init__(self, future: Future, bitmask, eos_row) -> None:
+        self._future = future
+        self._bitmask = bitmask
+        self._eos_row = eos_row
+
+    def result(self):
+        """([R, words] int32 bitmask, {row: why its grammar failed}), once the worker is done."""
+        ended, failed = self._future.result()
+        for i in ended:
+            self._bitmask[i] = self._eos_row
+        return self._bitmask, failed
 
 
 def _bit(k: int) -> int:

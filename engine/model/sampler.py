@@ -184,9 +184,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
                  masks: tuple[list[int], torch.Tensor] | None = None) -> SamplerOutput:
-        """logits: [B, V] on any device, one row per SamplingRow; left unmodified. masks: the rows that follow a
-        grammar and their allowed tokens ([G, ceil(V / 32)] int32 bitmask on the CPU), applied after every other
-        adjustment: what a grammar forbids is never sampled, whatever the penalties and biases."""
+        """logits: [B, V] on any device, one row per SamplingRow; left unmodified but for the rows `masks` names: the
+        rows that follow a grammar and their allowed tokens ([G, ceil(V / 32)] int32 bitmask on the CPU), whose
+        forbidden logits are set to -inf in place (sparing a copy of every row) after every other adjustment: what
+        a grammar forbids is never sampled, whatever the penalties and biases. Logprobs are the model's, unmasked."""
         if logits.dim() != 2 or logits.shape[0] != len(rows) or logits.shape[1] != self.vocab_size:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows x {self.vocab_size}")
         logits = logits.float()
@@ -197,8 +198,6 @@ class Sampler:
 
         work = self.adjust_logits(logits, rows)  # [B, V]
         if masks is not None and masks[0]:
-            if work is logits:
-                work = logits.clone()
             token_mask.apply(work, _to(torch.tensor(masks[0], dtype=torch.int64), dev), masks[1])
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if len(sampled) == len(rows):

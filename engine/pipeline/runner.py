@@ -3,6 +3,7 @@ pass (and, on the last stage, sampled tokens)."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from engine.placement import kv_cache_dtype
 from engine.placement.local_device import TORCH_DTYPES, PeakMemory, available_memory, zeroed
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
+GPU_GRAMMAR_THREADS = 4  # host threads computing a GPU stage's grammar masks together
 
 
 class StageRunner:
@@ -237,7 +239,7 @@ class StageRunner:
         return hidden_out, out, tokens
 
     def _start_masks(self, rows: list[SamplingRow]):
-        """(the grammar rows' positions, the Future of their masks) where any row has a grammar, else None."""
+        """(the grammar rows' positions, their PendingMasks) where any row has a grammar, else None."""
         at = [i for i, row in enumerate(rows) if row.params.grammar is not None]
         if not at:
             return None
@@ -245,7 +247,9 @@ class StageRunner:
             tokenizer = checkpoint_tokenizer(Path(self.spec.model_dir))
             if tokenizer is None:
                 raise RuntimeError("structured output needs the checkpoint's tokenizer, and it has none")
-            self.grammars = GrammarMasks(tokenizer.to_json(), self.cfg.vocab_size, stop_token_ids(self.cfg, tokenizer))
+            threads = 1 if self.device.type == "cpu" else min(GPU_GRAMMAR_THREADS, max(1, (os.cpu_count() or 1) // 2))
+            self.grammars = GrammarMasks(tokenizer.to_json(), self.cfg.vocab_size, stop_token_ids(self.cfg, tokenizer),
+                                         threads)
         return at, self.grammars.start([rows[i] for i in at])
 
     def _advance_grammars(self, rows, tokens, seq_ids, errors):
@@ -265,13 +269,13 @@ class StageRunner:
         """The batch's samples, and per sequence that could not be sampled, why. A failure is one request's, not
         the pipeline's: the rows are then sampled one by one, and a row that fails alone gets token 0 (a step
         scheduled ahead of it computes that, and the driver drops it) and its error, which fails that request.
-        masks: the grammar rows' positions and the Future of (their bitmask, {position among them: why it failed})."""
+        masks: the grammar rows' positions and their PendingMasks."""
         grammar_errors: dict[int, str] = {}
         mask_of: dict[int, torch.Tensor] = {}
         if masks is not None:
-            at, future = masks
+            at, pending = masks
             try:
-                bitmask, failed = future.result()
+                bitmask, failed = pending.result()
             except Exception as e:  # the library itself failed: each grammar row's request fails, no other
                 bitmask, failed = None, dict.fromkeys(range(len(at)), one_line(e))
             grammar_errors = {at[k]: f"the grammar failed: {why}" for k, why in failed.items()}
