@@ -410,3 +410,69 @@ def test_cuda_agrees_with_cpu():
     assert (gpu.token_ids.cpu() == cpu.token_ids).float().mean().item() >= 0.9
     host = gpu.to_host()
     assert host.top is not None and len(host.top) == B
+
+
+# -- grammar masks ----------------------------------------------------------------------------
+
+def bitmask_allowing(allowed: list[set[int]], vocab: int) -> torch.Tensor:
+    """[G, ceil(V / 32)] int32: bit j of word w allows token 32 w + j."""
+    words = torch.zeros(len(allowed), (vocab + 31) // 32, dtype=torch.int64)
+    for g, toks in enumerate(allowed):
+        for t in toks:
+            words[g, t // 32] |= 1 << (t % 32)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["c-kernel", "torch"])
+def test_token_mask_sets_exactly_the_forbidden_logits_to_minus_infinity(kernel, monkeypatch):
+    from engine.kernels import token_mask
+
+    if not kernel:
+        monkeypatch.setattr(token_mask, "_library", lambda: None)
+    V = 100  # not a multiple of 32: the last word's spare bits name no token
+    logits = rand_logits(3, V, 5)
+    allowed = [{0, 31, 32, 63, 99}, set(range(V)), {7}]
+    masked = logits.clone()
+    token_mask.apply(masked, torch.tensor([2, 0]), bitmask_allowing([allowed[0], allowed[2]], V))
+    for row, keep in ((2, allowed[0]), (0, allowed[2])):
+        for t in range(V):
+            assert masked[row, t] == (logits[row, t] if t in keep else -math.inf)
+    assert torch.equal(masked[1], logits[1])  # a row without a mask is left alone
+
+
+@pytest.mark.parametrize("kw", [
+    {"temperature": 0.0}, {"temperature": 1.0}, {"temperature": 1.5, "top_k": 5}, {"temperature": 0.8, "top_p": 0.5},
+    {"temperature": 1.0, "min_p": 0.2}, {"temperature": 1.0, "presence_penalty": 2.0, "repetition_penalty": 2.0},
+], ids=["greedy", "sampled", "top-k", "top-p", "min-p", "penalties"])
+def test_a_grammar_mask_wins_over_bias_penalties_and_filters(kw):
+    V = 64
+    sampler = Sampler(V, frozenset({EOS}))
+    keep = {10, 20, 30}
+    bias = {t: 100.0 for t in range(V) if t not in keep}  # every forbidden token as likely as can be
+    rows = [make_row(seed=s, prompt=[10, 20], output=[30], logit_bias=bias, **kw) for s in range(8)]
+    free = make_row(seed=99, temperature=0.0)
+    logits = rand_logits(9, V, 3)
+    masks = (list(range(8)), bitmask_allowing([keep] * 8, V))
+    out = sampler(logits, [*rows, free], masks)
+    assert all(t in keep for t in out.token_ids[:8].tolist())
+    assert out.token_ids[8] == int(logits[8].argmax())  # the row without a grammar samples as before
+
+
+def test_logprobs_under_a_grammar_are_the_models_own():
+    V = 40
+    sampler = Sampler(V, frozenset({EOS}))
+    logits = rand_logits(1, V, 9)
+    out = sampler(logits.clone(), [make_row(temperature=0.0, logprobs=3)], ([0], bitmask_allowing([{5, 6}], V)))
+    raw = torch.log_softmax(logits, dim=-1)
+    assert out.token_ids[0] in (5, 6)
+    assert out.logprobs[0] == pytest.approx(float(raw[0, out.token_ids[0]]))
+    assert out.top_ids[0].tolist() == raw[0].topk(3).indices.tolist()
+
+
+def test_a_grammar_is_not_combined_with_ignore_eos_or_min_tokens():
+    from batching.sampling_params import ParamError
+
+    with pytest.raises(ParamError, match="ignore_eos"):
+        SamplingParams(grammar="g", ignore_eos=True)
+    with pytest.raises(ParamError, match="min_tokens"):
+        SamplingParams(grammar="g", min_tokens=2)

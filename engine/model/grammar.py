@@ -24,7 +24,10 @@ from typing import Any
 # JSON is generated with one space after ',' and ':' and no other whitespace: free whitespace lets a model at a high
 # temperature pad an answer until max_tokens cuts it, and then it does not parse.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-_CACHED_GRAMMARS = 256
+# Grammars kept compiled, by their text; one longer than _CACHED_GRAMMAR_CHARS (a client's schema can be as large as
+# a request body) is compiled each time it comes rather than held.
+_CACHED_GRAMMARS = 64
+_CACHED_GRAMMAR_CHARS = 64 << 10
 
 
 class GrammarError(ValueError):
@@ -68,6 +71,8 @@ class _LRU:
         return value
 
     def put(self, key: str, value: Any) -> None:
+        if len(key) > _CACHED_GRAMMAR_CHARS:
+            return
         self.items[key] = value
         self.items.move_to_end(key)
         while len(self.items) > self.size:

@@ -267,10 +267,10 @@ class StageRunner:
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow], seq_ids: list[int],
                 masks=None) -> tuple[HostSamples, dict[int, str] | None]:
         """The batch's samples, and per sequence that could not be sampled, why. A failure is one request's, not
-        the pipeline's: the rows are then sampled one by one, and a row that fails alone gets token 0 (a step
-        scheduled ahead of it computes that, and the driver drops it) and its error, which fails that request.
-        masks: the grammar rows' positions and their PendingMasks."""
-        grammar_errors: dict[int, str] = {}
+        the pipeline's: a row whose grammar failed is left out, and where sampling the rest fails they are sampled
+        one by one. A row that fails gets token 0 (a step scheduled ahead of it computes that, and the driver drops
+        it) and its error, which fails that request. masks: the grammar rows' positions and their PendingMasks."""
+        errors: dict[int, str] = {}  # by row
         mask_of: dict[int, torch.Tensor] = {}
         if masks is not None:
             at, pending = masks
@@ -278,42 +278,42 @@ class StageRunner:
                 bitmask, failed = pending.result()
             except Exception as e:  # the library itself failed: each grammar row's request fails, no other
                 bitmask, failed = None, dict.fromkeys(range(len(at)), one_line(e))
-            grammar_errors = {at[k]: f"the grammar failed: {why}" for k, why in failed.items()}
+            errors = {at[k]: f"the grammar failed: {why}" for k, why in failed.items()}
             if bitmask is not None:
-                mask_of = {i: bitmask[k] for k, i in enumerate(at) if i not in grammar_errors}
-        if not grammar_errors:
-            try:
-                batch_masks = None
-                if mask_of:
-                    order = sorted(mask_of)
-                    batch_masks = (order, torch.stack([mask_of[i] for i in order]))
-                return self.sampler(logits, rows, batch_masks).to_host(), None
-            except Exception as e:
-                batch_error = e
-        else:
-            batch_error = RuntimeError("; ".join(sorted(set(grammar_errors.values()))))
-        token_ids: list[int] = []
-        logprobs: list[float] = []
-        top: list[list[tuple[int, float]]] = []
-        errors: dict[int, str] = {}
-        for i, (row, seq_id) in enumerate(zip(rows, seq_ids)):
-            try:
-                if i in grammar_errors:
-                    raise RuntimeError(grammar_errors[i])
-                mask = ([0], mask_of[i][None]) if i in mask_of else None
-                one = self.sampler(logits[i:i + 1], [row], mask).to_host()
-            except Exception as e:
-                errors[seq_id] = one_line(e)
-                token_ids.append(0)
-                logprobs.append(0.0)
-                top.append([])
-                continue
-            token_ids.append(one.token_ids[0])
-            logprobs.append(one.logprobs[0] if one.logprobs is not None else 0.0)
-            top.append(one.top[0] if one.top is not None else [])
-        others = len(rows) - len(grammar_errors)  # rows that failed for no grammar's sake
-        if others > 1 and len(errors) - len(grammar_errors) == others:
-            raise batch_error  # not one request's parameters: the sampler itself fails, and the engine with it
-        print(f"sampling a step of {len(rows)} rows failed ({one_line(batch_error)}); sampled apart, "
-              f"{len(errors)} failed", file=sys.stderr, flush=True)
-        return HostSamples(token_ids, logprobs, top), errors or None
+                mask_of = {i: bitmask[k] for k, i in enumerate(at) if i not in errors}
+        good = [i for i in range(len(rows)) if i not in errors]
+        try:
+            if not errors:
+                return self._sample_together(logits, rows, good, mask_of), None
+            samples = _by_row(self._sample_together(logits, rows, good, mask_of), good)
+        except Exception as e:
+            batch_error = e
+            samples = {}
+            for i in good:
+                try:
+                    samples.update(_by_row(self._sample_together(logits, rows, [i], mask_of), [i]))
+                except Exception as e:
+                    errors[i] = one_line(e)
+            if len(good) > 1 and all(i in errors for i in good):
+                raise batch_error  # not one request's parameters: the sampler itself fails, and the engine with it
+            print(f"sampling a step of {len(rows)} rows failed ({one_line(batch_error)}); sampled apart, "
+                  f"{len(errors)} failed", file=sys.stderr, flush=True)
+        picked = [samples.get(i, (0, 0.0, [])) for i in range(len(rows))]
+        return (HostSamples([p[0] for p in picked], [p[1] for p in picked], [p[2] for p in picked]),
+                {seq_ids[i]: why for i, why in errors.items()} or None)
+
+    def _sample_together(self, logits: torch.Tensor, rows: list[SamplingRow], which: list[int],
+                          mask_of: dict[int, torch.Tensor]) -> HostSamples:
+        """Rows `which` sampled together, with their grammars' masks."""
+        if not which:
+            return HostSamples([], None, None)
+        sub = logits if len(which) == len(rows) else logits[torch.tensor(which, device=logits.device)]
+        grammar = [k for k, i in enumerate(which) if i in mask_of]
+        masks = (grammar, torch.stack([mask_of[which[k]] for k in grammar])) if grammar else None
+        return self.sampler(sub, [rows[i] for i in which], masks).to_host()
+
+
+def _by_row(samples: HostSamples, which: list[int]) -> dict[int, tuple[int, float, list]]:
+    """{row: (token, logprob, top alternatives)} of rows `which`, sampled together."""
+    return {i: (samples.token_ids[k], samples.logprobs[k] if samples.logprobs is not None else 0.0,
+                samples.top[k] if samples.top is not None else []) for k, i in enumerate(which)}
