@@ -54,6 +54,9 @@ class SamplingParams:
     # What the output must follow: an llguidance grammar (engine.model.grammar builds and checks them), enforced
     # where the last stage samples. The grammar decides where the output ends, with one of the model's stop tokens.
     grammar: str | None = None
+    # Special tokens whose text the answer keeps though skip_special_tokens drops the others: a tool-call format's
+    # markers, where a vocabulary holds them as special tokens, without which the calls could not be read back.
+    kept_special_token_ids: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -28,7 +28,6 @@ _LAZY = {
     "GrammarCompiler": "engine.model.grammar",
     "GrammarError": "engine.model.grammar",
     "json_schema_grammar": "engine.model.grammar",
-    "lark_grammar": "engine.model.grammar",
 }
 
 

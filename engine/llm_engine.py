@@ -204,7 +204,7 @@ class LLMEngine:
                     kv_cache_memory=config.kv_cache_bytes, kv_cache_fraction=config.kv_cache_fraction,
                     max_kv_tokens=max_kv_tokens, max_step_tokens=config.step_token_budget,
                     max_num_seqs=config.max_num_seqs, inline_bytes=inline, cuda_graphs=not config.enforce_eager,
-                    formats=self.weight_formats,
+                    formats=self.weight_formats, stop_token_ids=self.eos_token_ids,
                     trace=self.trace_settings if self._trace_steps else None,
                 )))
                 prev_dtype = compute
@@ -434,7 +434,8 @@ class _SeqStream:
 
     def __init__(self, tokenizer: Tokenizer | None, params: SamplingParams, trace: tuple[int, int] | None) -> None:
         self.trace = trace
-        self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens) if tokenizer else None
+        self.detok = (IncrementalDetokenizer(tokenizer, params.skip_special_tokens, params.kept_special_token_ids)
+                      if tokenizer else None)
         self.stop = StopMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
 
     def add(self, token: int, last: bool) -> tuple[str, bool]:

@@ -22,13 +22,14 @@ from gateway.errors import APIError, bad_request
 from gateway.limits import ServerLimits
 from gateway.metrics import Metrics
 from gateway.offload import off_loop
-from gateway.openai_routes import Choice, OpenAIRoutes, chat_messages
+from gateway.openai_routes import Choice, OpenAIRoutes, chat_prompt
+from gateway.tools import tool_plan
 from gateway.responses import ResponsesRoutes
 from gateway.openapi import openapi_document
 from gateway.protocol import DetokenizeRequest, TokenizeRequest
 from gateway.request_body import read_model
 from gateway.request_tracing import server_spans
-from tokenization import Tokenizer, TokenizerError
+from tokenization import Tokenizer
 
 log = logging.getLogger("strata.gateway")
 
@@ -239,18 +240,9 @@ async def tokenize(request: web.Request) -> web.Response:
     if req.prompt is not None:
         state.check_chars(len(req.prompt), "prompt")
         ids = await off_loop(tok.encode, req.prompt, req.add_special_tokens)
-    else:
-        msgs = chat_messages(req.messages)  # as the chat route renders them, so the count matches its prompt_tokens
-        state.check_chars(sum(len(m["content"]) for m in msgs), "messages")
-
-        def render_and_encode() -> list[int]:
-            try:
-                text = tok.apply_chat_template(msgs, add_generation_prompt=req.add_generation_prompt)
-            except TokenizerError as e:
-                raise bad_request(str(e), "messages") from None
-            return tok.encode(text, add_special_tokens=False)
-
-        ids = await off_loop(render_and_encode)
+    else:  # as the chat route renders them, so the count matches its prompt_tokens
+        plan = tool_plan(req.tools, None, True, tok.chat_template)
+        ids = await chat_prompt(state, req.messages, plan, req.add_generation_prompt)
     body = await off_loop(_tokens_json, ids, state.engine.max_model_len)
     return web.Response(body=body, content_type="application/json")
 

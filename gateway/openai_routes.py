@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -16,7 +17,7 @@ from gateway.engine_client import EngineError
 from gateway.errors import APIError, bad_request
 from gateway.offload import off_loop
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from gateway.structured import compiled, format_grammar
+from gateway.structured import compiled, format_grammar, format_schema
 from gateway.tools import CallsOut, ToolPlan, template_inputs, tool_plan, whole_calls
 from gateway.request_tracing import GenAISpan
 from tokenization import TokenizerError, normalize_messages
@@ -53,16 +54,52 @@ def chat_messages(messages) -> list[dict]:
         raise bad_request(str(e), "messages") from None
 
 
+async def chat_prompt(state, messages, plan: ToolPlan | None, add_generation_prompt: bool,
+                      continue_final_message: bool = False) -> list[int]:
+    """A chat's prompt tokens, as the chat route and /tokenize render them: the template's, with the tools where
+    there are any, tokenized off the event loop."""
+    tok = state.tokenizer()
+    msgs = chat_messages(messages)
+    chars = sum(len(m["content"]) + sum(len(c["function"]["arguments"]) for c in m.get("tool_calls", ())) for m in msgs)
+    if plan is not None:
+        chars += len(json.dumps(plan.functions))
+    state.check_chars(chars, "messages")
+    add_generation_prompt = add_generation_prompt and not continue_final_message
+    msgs, tools = template_inputs(plan, msgs, tok.chat_template)
+
+    def render_and_encode() -> list[int]:
+        try:
+            text = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tools=tools)
+        except TokenizerError as e:
+            raise bad_request(str(e), "messages") from None
+        if continue_final_message and msgs[-1]["role"] == "assistant":
+            end = text.rfind(msgs[-1]["content"])
+            if end >= 0:
+                text = text[: end + len(msgs[-1]["content"])]
+        return tok.encode(text, add_special_tokens=False)
+
+    return await off_loop(render_and_encode)
+
+
 def refuse_unhonoured(req) -> None:
-    """OpenAI fields this server knows but cannot honour are refused by name, never ignored."""
+    """OpenAI fields this server knows but cannot honour are refused by name, never ignored (a chat request's, or a
+    Responses request's: each has some of them)."""
+    def given(name: str):
+        return getattr(req, name, None)
+
     refused = [
-        ("store", req.store is True, "this server keeps no responses; send store: false or leave it out"),
-        ("audio", req.audio is not None, "this model answers in text only"),
-        ("modalities", bool(req.modalities) and any(m != "text" for m in req.modalities),
-         "this model answers in text only"),
-        ("prediction", req.prediction is not None, "predicted outputs are not supported"),
-        ("web_search_options", req.web_search_options is not None, "this server has no web search"),
-        ("service_tier", req.service_tier not in (None, "auto", "default"), "this server has one tier: auto or default"),
+        ("store", given("store") is True, "this server keeps no responses; send store: false or leave it out"),
+        ("previous_response_id", given("previous_response_id") is not None,
+         "this server keeps no responses to continue from; send the conversation as input items"),
+        ("background", given("background") is True, "this server runs no responses in the background"),
+        ("include", bool(given("include")), "this server has no extra output to include"),
+        ("reasoning", given("reasoning") is not None, "this model has no reasoning settings"),
+        ("audio", given("audio") is not None, "this model answers in text only"),
+        ("modalities", any(m != "text" for m in given("modalities") or ()), "this model answers in text only"),
+        ("prediction", given("prediction") is not None, "predicted outputs are not supported"),
+        ("web_search_options", given("web_search_options") is not None, "this server has no web search"),
+        ("service_tier", given("service_tier") not in (None, "auto", "default"),
+         "this server has one tier: auto or default"),
     ]
     for param, bad, why in refused:
         if bad:
@@ -159,31 +196,17 @@ class OpenAIRoutes:
         return prompts
 
     async def _chat_prompt(self, req: ChatCompletionRequest, plan: ToolPlan | None) -> list[int]:
-        tok = self.s.tokenizer()
-        messages = chat_messages(req.messages)
-        self.s.check_chars(sum(len(m["content"]) for m in messages), "messages")
-        add_generation_prompt = req.add_generation_prompt and not req.continue_final_message
-        messages, tools = template_inputs(plan, messages, tok.chat_template)
-
-        def render_and_encode() -> list[int]:
-            try:
-                text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
-            except TokenizerError as e:
-                raise bad_request(str(e), "messages") from None
-            if req.continue_final_message and messages[-1]["role"] == "assistant":
-                end = text.rfind(messages[-1]["content"])
-                if end >= 0:
-                    text = text[: end + len(messages[-1]["content"])]
-            return tok.encode(text, add_special_tokens=False)
-
-        return await off_loop(render_and_encode)
+        return await chat_prompt(self.s, req.messages, plan, req.add_generation_prompt, req.continue_final_message)
 
     async def _chat_grammar(self, req: ChatCompletionRequest, plan: ToolPlan | None) -> str | None:
-        """The grammar the answer must follow: the forced tool call's, else the response_format's."""
+        """The grammar the answer must follow: the forced tool call's; under auto, calls or the response_format's
+        schema; else the response_format's."""
         tok = self.s.tokenizer()
-        forced = plan.grammar(tool_formats.special_token_id(tok)) if plan is not None else None
-        if forced is not None:
-            return await compiled(self.s, forced, "tools")
+        if plan is not None:
+            schema = format_schema(req.response_format, "response_format")
+            tools = plan.grammar(tool_formats.special_token_id(tok), schema)
+            if tools is not None:
+                return await compiled(self.s, tools, "tools" if plan.choice != "auto" else "response_format")
         return await compiled(self.s, format_grammar(req.response_format, "response_format"), "response_format")
 
     # ---- handlers ------------------------------------------------------------------------
@@ -216,6 +239,8 @@ class OpenAIRoutes:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self._sampling(req, max_tokens, len(prompt), (req.top_logprobs or 0) if req.logprobs else None,
                                 grammar)
+        if plan is not None:
+            params.kept_special_token_ids = plan.format.marker_ids(tool_formats.special_token_id(tok))
         render = render_for(plan, len(prompt)) if render_for is not None else None
         return await self._serve(request, req, "chat.completion", [prompt], [params], rid, plan, render)
 

@@ -330,6 +330,7 @@ class TokenizeRequest(StrictModel):
     model: str | None = None
     prompt: str | None = None
     messages: List(ChatMessage) | None = None
+    tools: Annotated[List(Tool), at_most(MAX_TOOLS)] | None = None  # rendered as the chat route renders them
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -412,7 +413,7 @@ class ResponseObject(BaseModel):
     id: str
     object: Literal["response"] = "response"
     created_at: int
-    status: Literal["completed", "incomplete", "in_progress"]
+    status: Literal["completed", "incomplete", "in_progress", "failed"]
     model: str
     output: list[ResponseOutputItem]
     incomplete_details: dict | None = None

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from gateway import sse
 from gateway.errors import APIError, bad_request
-from gateway.openai_routes import Choice, OpenAIRoutes, absorb
+from gateway.openai_routes import Choice, OpenAIRoutes, absorb, refuse_unhonoured
 from gateway.protocol import (ChatCompletionRequest, FunctionCallItem, FunctionCallOutputItem, InputMessage,
                               ResponsesRequest, TextJSONSchemaFormat)
 from gateway.request_body import validation_error
@@ -30,30 +30,21 @@ log = logging.getLogger("strata.gateway")
 _TEXT_PARTS = ("input_text", "output_text")
 
 
-def _refuse(req: ResponsesRequest) -> None:
-    refused = [
-        ("store", req.store is True, "this server keeps no responses; send store: false"),
-        ("previous_response_id", req.previous_response_id is not None,
-         "this server keeps no responses to continue from; send the conversation as input items"),
-        ("background", req.background is True, "this server runs no responses in the background"),
-        ("include", bool(req.include), "this server has no extra output to include"),
-        ("reasoning", req.reasoning is not None, "this model has no reasoning settings"),
-        ("service_tier", req.service_tier not in (None, "auto", "default"), "this server has one tier: auto or default"),
-    ]
-    for param, bad, why in refused:
-        if bad:
-            raise bad_request(f"unsupported value for '{param}': {why}", param, "unsupported_field")
-
-
-def _text(content, param: str) -> str:
-    """A content's text: a string, or its text parts joined; a part of another kind (an image, a file) is refused."""
+def _content(content, param: str) -> str | list[dict]:
+    """A content as the chat route takes it: a string, or its parts as text parts (joined there, by the one rule for
+    that); a part of another kind (an image, a file) is refused by name."""
     if isinstance(content, str):
         return content
     other = next((p.type for p in content if p.type not in _TEXT_PARTS), None)
     if other is not None:
         raise bad_request(f"{param} has a content part of type '{other}': this model reads text only", param,
                           "unsupported_content")
-    return "\n".join(p.text or "" for p in content)
+    return [{"type": "text", "text": p.text} for p in content]
+
+
+# Where a chat request's field came from, for the errors a Responses client reads.
+_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
+           "response_format": "text.format"}
 
 
 def chat_messages(req: ResponsesRequest) -> list[dict]:
@@ -67,7 +58,7 @@ def chat_messages(req: ResponsesRequest) -> list[dict]:
     for i, item in enumerate(req.input):
         param = f"input[{i}]"
         if isinstance(item, InputMessage):
-            messages.append({"role": item.role, "content": _text(item.content, param)})
+            messages.append({"role": item.role, "content": _content(item.content, param)})
         elif isinstance(item, FunctionCallItem):
             call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
             last = messages[-1] if messages else None
@@ -76,7 +67,7 @@ def chat_messages(req: ResponsesRequest) -> list[dict]:
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif isinstance(item, FunctionCallOutputItem):
-            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": _text(item.output, param)})
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": _content(item.output, param)})
         else:
             raise bad_request(f"{param} is an item of type '{item.type}', which this server does not take", "input",
                               "unsupported_input_item")
@@ -298,8 +289,12 @@ class ResponseRender:
             return resp
 
     def error_event(self, e: APIError) -> bytes:
+        """The error, then the response failed with it: what client.responses.stream reports."""
         body = e.body()["error"]
-        return self.event("error", code=body.get("code"), message=body["message"], param=body.get("param"))
+        failed = self.response("failed", [])
+        failed["error"] = {"code": body.get("code") or "server_error", "message": body["message"]}
+        return (self.event("error", code=body.get("code"), message=body["message"], param=body.get("param"))
+                + self.event("response.failed", response=failed))
 
 
 class ResponsesRoutes:
@@ -309,8 +304,12 @@ class ResponsesRoutes:
     async def create(self, request: web.Request) -> web.StreamResponse:
         req: ResponsesRequest = await self.routes.s.parse(request, ResponsesRequest)
         self.routes.s.tokenizer()  # refused before anything else where the checkpoint has none
-        _refuse(req)
-        chat = chat_request(req)
+        refuse_unhonoured(req)
         rid = f"resp_{uuid.uuid4().hex}"
-        return await self.routes.serve_chat(request, chat, rid,
-                                            lambda plan, prompt_tokens: ResponseRender(req, rid, plan, prompt_tokens))
+        try:
+            chat = chat_request(req)
+            return await self.routes.serve_chat(request, chat, rid,
+                                                lambda plan, prompt_tokens: ResponseRender(req, rid, plan, prompt_tokens))
+        except APIError as e:
+            e.param = _PARAMS.get(e.param, e.param)
+            raise

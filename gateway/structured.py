@@ -14,13 +14,21 @@ from gateway.protocol import JSONObjectFormat, JSONSchemaResponseFormat, TextFor
 _ANY_OBJECT = {"type": "object"}
 
 
-def format_grammar(fmt: TextFormat | JSONObjectFormat | JSONSchemaResponseFormat | None, param: str) -> str | None:
-    """The grammar of an answer in this format; None for free text."""
+def format_schema(fmt: TextFormat | JSONObjectFormat | JSONSchemaResponseFormat | None, param: str) -> dict | None:
+    """The JSON schema an answer in this format validates against; None for free text."""
     if fmt is None or isinstance(fmt, TextFormat):
         return None
     schema = _ANY_OBJECT if isinstance(fmt, JSONObjectFormat) else fmt.json_schema.schema_
     if schema is None:
         raise bad_request("json_schema needs a schema", f"{param}.json_schema.schema")
+    return schema
+
+
+def format_grammar(fmt: TextFormat | JSONObjectFormat | JSONSchemaResponseFormat | None, param: str) -> str | None:
+    """The grammar of an answer in this format; None for free text."""
+    schema = format_schema(fmt, param)
+    if schema is None:
+        return None
     try:
         return json_schema_grammar(schema)
     except (GrammarError, ValueError) as e:

@@ -9,6 +9,7 @@ tools are not shown to it at all.
 """
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 
@@ -27,18 +28,25 @@ class ToolPlan:
     parallel: bool
     named: str | None = None
 
-    def grammar(self, token_id) -> str | None:
-        """The Lark grammar that forces the call(s), where the choice forces one."""
+    def grammar(self, token_id, answer_schema: dict | None = None) -> str | None:
+        """The Lark grammar of the answer: the forced call(s) where the choice forces one; under auto, with a
+        response_format's schema, either calls or an answer in that schema; else None (free)."""
         if self.choice == "required":
             return self.format.grammar(self.functions, parallel=self.parallel, token_id=token_id)
         if self.choice == "named":
             chosen = [f for f in self.functions if f["name"] == self.named]
             return self.format.grammar(chosen, parallel=False, token_id=token_id)
-        return None
+        if answer_schema is None:
+            return None
+        calls = self.format.grammar(self.functions, parallel=self.parallel, token_id=token_id)
+        answer = {**answer_schema, "x-guidance": formats.JSON_OPTIONS}
+        return (calls.replace("start:", "calls:", 1)
+                + f"start: calls | answer\nanswer: %json {json.dumps(answer, ensure_ascii=False)}\n")
 
 
 def tool_plan(tools: list[Tool] | None, choice, parallel: bool, template: str | None) -> ToolPlan | None:
-    """None where the answer is text only: no tools, or tool_choice "none"."""
+    """None where the answer is text only: no tools, or tool_choice "none". Calls are read in the format of the
+    template where it renders the tools, else in the default prompt's (hermes)."""
     if choice is not None and not tools and choice != "none":
         raise bad_request("tool_choice needs tools", "tool_choice")
     if not tools or choice == "none":
@@ -47,13 +55,18 @@ def tool_plan(tools: list[Tool] | None, choice, parallel: bool, template: str | 
     names = [f["name"] for f in functions]
     if len(set(names)) != len(names):
         raise bad_request("tools must have distinct names", "tools")
+    for i, f in enumerate(functions):
+        kind = f.get("parameters", {}).get("type", "object")
+        if kind != "object":
+            raise bad_request(f"tools[{i}].function.parameters must be a JSON schema of an object (the call's named "
+                              f"arguments), got type {kind!r}", "tools")
     named = None
     if isinstance(choice, NamedToolChoice):
         named = choice.function.name
         if named not in names:
             raise bad_request(f"tool_choice names the function '{named}', which is not among the tools", "tool_choice")
-    return ToolPlan(functions, formats.format_for_template(template),
-                    "named" if named else (choice or "auto"), parallel, named)
+    fmt = formats.format_for_template(template) if formats.template_takes_tools(template) else formats.HERMES
+    return ToolPlan(functions, fmt, "named" if named else (choice or "auto"), parallel, named)
 
 
 def template_inputs(plan: ToolPlan | None, messages: list[dict], template: str | None) -> tuple[list[dict], list | None]:

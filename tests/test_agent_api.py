@@ -164,6 +164,27 @@ def test_a_tool_result_goes_back_for_the_next_turn(client, server):
     assert after.usage.prompt_tokens > alone.usage.prompt_tokens + 10
 
 
+def test_auto_with_a_response_format_answers_in_calls_or_in_that_format(client):
+    for seed in range(3):
+        r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], response_format=person_format(),
+                                           temperature=1.0, seed=seed, max_tokens=200)
+        message = r.choices[0].message
+        if message.tool_calls:
+            assert r.choices[0].finish_reason == "tool_calls"
+            assert_call(message.tool_calls[0], WEATHER)
+        else:
+            jsonschema.validate(json.loads(message.content), PERSON)
+
+
+def test_tokenize_renders_a_chat_with_tools_as_the_chat_route_does(client, server):
+    status, _, body = post(server.url + "/tokenize", {"messages": ASK, "tools": [WEATHER]})
+    assert status == 200, body
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=1)
+    assert body["count"] == r.usage.prompt_tokens
+    status, _, plain = post(server.url + "/tokenize", {"messages": ASK})
+    assert plain["count"] < body["count"]  # the default prompt describes the tool
+
+
 def test_tool_choice_none_answers_in_text(client):
     r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="none", max_tokens=20,
                                        temperature=0)
@@ -245,6 +266,10 @@ REFUSED = [
     pytest.param(CHAT, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"a": {"type": "string", "pattern": "(?=a)b"}}}}}], "tool_choice": "required"},
         "tools", "invalid_grammar", "look-around", id="tool-parameters-not-enforceable"),
+    pytest.param(CHAT, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+                 "tools", None, "object", id="tool-parameters-not-an-object"),
+    pytest.param(RESPONSES, {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"not": {}}}}},
+                 "text.format", "invalid_grammar", "not", id="responses-schema-named-by-its-own-param"),
     pytest.param(CHAT, {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
                  "tool_choice", None, "nope", id="unknown-named-function"),
     pytest.param(CHAT, {"tool_choice": "required"}, "tool_choice", None, "tools", id="tool-choice-without-tools"),

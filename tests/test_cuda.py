@@ -1,6 +1,6 @@
 """The GPU path, where a CUDA device is present (skipped elsewhere): greedy output on a GPU and across a GPU and
 a CPU stage equals transformers', steps are timed on the device, the KV cache leaves room for the largest step,
-and loading a stage onto a GPU holds its weights and little else."""
+loading a stage onto a GPU holds its weights and little else, and grammars are enforced there."""
 from __future__ import annotations
 
 import pytest
@@ -89,3 +89,21 @@ def test_the_probe_measures_the_gpu_it_names():
     info = describe_device(DeviceRequest("cuda:0"), "bfloat16", None)
     assert info.name == "cuda:0" and info.label == torch.cuda.get_device_name(0)
     assert info.matmul_flops > 1e12 and info.mem_bandwidth > 1e11
+
+
+def test_a_grammar_is_enforced_on_a_gpu_as_on_the_cpu(llama_dir):
+    """The last stage on a GPU masks its grammar rows there (the bitmask crosses from the host each step)."""
+    import json
+
+    from engine.model.grammar import json_schema_grammar
+
+    schema = {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 1, "maxItems": 3}
+    params = [SamplingParams(max_tokens=40, temperature=t, seed=s, grammar=json_schema_grammar(schema))
+              for t, s in ((0.0, 0), (1.0, 1), (1.0, 2))]
+    outs = {}
+    for devices in ("cuda:0", "cpu"):
+        with LLM(llama_dir, devices=devices, dtype="float32", threads=1, num_kv_blocks=64) as llm:
+            outs[devices] = [o.text for o in llm.generate(["the quick brown fox"] * 3, params)]
+    for text in outs["cuda:0"]:
+        assert json.loads(text) and set(json.loads(text)) <= {"a", "b"}
+    assert outs["cuda:0"][0] == outs["cpu"][0]  # greedy

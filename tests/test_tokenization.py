@@ -312,6 +312,15 @@ def test_detokenizer_on_multilingual_text(which, request):
             assert tail == ""
 
 
+def test_detokenizer_keeps_the_special_tokens_it_is_told_to_and_drops_the_rest(bpe):
+    """A tool-call format's markers may be special tokens: their text must reach the answer to be read back."""
+    start, end = bpe.token_to_id("<|im_start|>"), bpe.token_to_id("<|im_end|>")
+    ids = [start, *bpe.encode("call me", add_special_tokens=False), end, bpe.token_to_id("<|end_of_text|>")]
+    detok = IncrementalDetokenizer(bpe, skip_special_tokens=True, kept=frozenset({start, end}))
+    text = "".join(detok.add(i) for i in ids) + detok.flush()
+    assert text == "<|im_start|>call me<|im_end|>"
+
+
 def test_detokenizer_withholds_split_characters(bpe):
     # The demo vocabulary is small, so an emoji is several byte tokens; nothing is emitted mid-character.
     ids = bpe.encode("😀", add_special_tokens=False)

@@ -28,13 +28,16 @@ class IncrementalDetokenizer:
     __slots__ = ("_tokenizer", "_skip_special", "_skipped_ids", "_ids", "_prefix_offset", "_read_offset",
                  "_sent", "_chunks", "_text_cache")
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True,
+                 kept: frozenset[int] = frozenset()) -> None:
+        """kept: special tokens whose text stays though skip_special_tokens drops the others."""
         self._tokenizer = tokenizer
-        self._skip_special = skip_special_tokens
         # Skipped tokens contribute nothing to decode(skip_special_tokens=True), so they are dropped
         # before they reach the window; otherwise one could become a window's first token and make
-        # a SentencePiece decoder strip the space of the real token after it.
-        self._skipped_ids = tokenizer.skipped_ids if skip_special_tokens else frozenset()
+        # a SentencePiece decoder strip the space of the real token after it. With some kept, the windows
+        # hold no other special token, and decode them all.
+        self._skipped_ids = tokenizer.skipped_ids - kept if skip_special_tokens else frozenset()
+        self._skip_special = skip_special_tokens and not kept
         self._ids: list[int] = []
         self._prefix_offset = 0  # window start: first token of the anchor
         self._read_offset = 0  # end of the anchor: tokens from here on have not been emitted

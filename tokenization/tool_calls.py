@@ -49,6 +49,7 @@ The model's answer is then read with the hermes format, whatever the template.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -202,9 +203,10 @@ class _CallScanner:
         self._state = _SKIP_SCALAR
         return pos
 
-    def _string(self, text: str, pos: int) -> int:
-        start, n = pos, len(text)
-        ended = False
+    def _through_string(self, text: str, pos: int) -> tuple[int, bool]:
+        """Past a JSON string's characters from `pos` (an escape may straddle two pieces of text): where the scan
+        stopped, and whether it passed the closing quote."""
+        n = len(text)
         while pos < n:
             if self._escaped:
                 self._escaped = False
@@ -212,14 +214,16 @@ class _CallScanner:
                 continue
             m = _STRING_STOP.search(text, pos)
             if m is None:
-                pos = n
-                break
+                return n, False
             pos = m.end()
-            if m.group() == "\\":
-                self._escaped = True
-            else:
-                ended = True
-                break
+            if m.group() != "\\":
+                return pos, True
+            self._escaped = True
+        return pos, False
+
+    def _string(self, text: str, pos: int) -> int:
+        start = pos
+        pos, ended = self._through_string(text, pos)
         if self._state != _SKIP_STRING:
             self._chars.append(text[start:pos - 1] if ended else text[start:pos])
         if ended:
@@ -247,19 +251,8 @@ class _CallScanner:
         collecting = self._state == _ARGS
         while pos < n:
             if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                    pos += 1
-                    continue
-                m = _STRING_STOP.search(text, pos)
-                if m is None:
-                    pos = n
-                    break
-                pos = m.end()
-                if m.group() == "\\":
-                    self._escaped = True
-                else:
-                    self._in_string = False
+                pos, ended = self._through_string(text, pos)
+                self._in_string = not ended
                 continue
             m = _NESTED_STOP.search(text, pos)
             if m is None:
@@ -633,9 +626,11 @@ class _MistralStream(ToolCallStream):
 # -- the formats ------------------------------------------------------------------------------------------------
 
 # No whitespace but the conventional ", " and ": ": the shortest form a model writes, and one grammar path per call.
-# A keyword llguidance does not implement (uniqueItems, if/then) fails the grammar's check, by name, rather than
-# being ignored: a call the grammar admitted would otherwise not validate against its tool's parameters.
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# How generated JSON is written, for calls here and for structured outputs (engine.model.grammar): ", " and ": " and
+# no other whitespace, so that a model cannot pad an answer until max_tokens cuts it. A keyword llguidance does not
+# implement (uniqueItems, if/then) fails the grammar's check, by name, rather than being ignored: what the grammar
+# admitted would otherwise not validate against its schema.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 TokenIdLookup = Callable[[str], int | None]
 
@@ -644,8 +639,13 @@ class ToolFormat:
     """One tool-call format: `parse` a whole output, `stream` one, or constrain generation with `grammar`."""
 
     name: str = ""
+    markers: tuple[str, ...] = ()  # the strings a call is framed by, which a vocabulary may hold as special tokens
     _stream_type: type[ToolCallStream] = ToolCallStream
     _args_key = "arguments"
+
+    def marker_ids(self, token_id: TokenIdLookup) -> frozenset[int]:
+        """The markers that are special tokens, whose text the answer must keep to be read."""
+        return frozenset(t for m in self.markers if (t := token_id(m)) is not None)
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """The content (text outside calls, stripped; "" if none) and the calls, in order."""
@@ -695,6 +695,7 @@ def _marker(marker: str, token_id: TokenIdLookup) -> str:
 
 class _Hermes(ToolFormat):
     name = "hermes"
+    markers = ("<tool_call>", "</tool_call>")
     _stream_type = _HermesStream
 
     def _grammar_head(self, parallel: bool, token_id: TokenIdLookup, calls: str) -> list[str]:
@@ -705,6 +706,7 @@ class _Hermes(ToolFormat):
 
 class _Llama3Json(ToolFormat):
     name = "llama3_json"
+    markers = ("<|python_tag|>",)
     _stream_type = _Llama3Stream
     _args_key = "parameters"
 
@@ -716,6 +718,7 @@ class _Llama3Json(ToolFormat):
 
 class _Mistral(ToolFormat):
     name = "mistral"
+    markers = ("[TOOL_CALLS]",)
     _stream_type = _MistralStream
 
     def _grammar_head(self, parallel: bool, token_id: TokenIdLookup, calls: str) -> list[str]:
@@ -755,7 +758,7 @@ def _call_schema(tool: Mapping[str, Any], args_key: str) -> dict[str, Any]:
         "required": ["name", args_key],
         "additionalProperties": False,
         **defs,
-        "x-guidance": _JSON_OPTIONS,
+        "x-guidance": JSON_OPTIONS,
     }
 
 
@@ -798,8 +801,10 @@ def format_for_template(template: str | None) -> ToolFormat:
     return HERMES
 
 
+@functools.lru_cache(maxsize=16)
 def template_takes_tools(template: str | None) -> bool:
-    """Whether a chat template reads the `tools` variable (and so renders the tools itself)."""
+    """Whether a chat template reads the `tools` variable (and so renders the tools itself). Lexing a template takes
+    a while, and a server asks of its one template on every chat request."""
     if not template:
         return False
     try:

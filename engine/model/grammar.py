@@ -21,9 +21,8 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-# JSON is generated with one space after ',' and ':' and no other whitespace: free whitespace lets a model at a high
-# temperature pad an answer until max_tokens cuts it, and then it does not parse.
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+from tokenization.tool_calls import JSON_OPTIONS
+
 # Grammars kept compiled, by their text; one longer than _CACHED_GRAMMAR_CHARS (a client's schema can be as large as
 # a request body) is compiled each time it comes rather than held.
 _CACHED_GRAMMARS = 64
@@ -43,12 +42,6 @@ def json_schema_grammar(schema: dict[str, Any] | bool) -> str:
     if not isinstance(schema, dict):
         raise GrammarError("a JSON schema must be an object")
     return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
-
-
-def lark_grammar(source: str) -> str:
-    import llguidance
-
-    return llguidance.LLMatcher.grammar_from_lark(source)
 
 
 def build_tokenizer(tokenizer_json: str, vocab_size: int, eos_token_ids: frozenset[int]):
@@ -125,7 +118,6 @@ class GrammarMasks:
         """threads: of llguidance's own pool, computing a step's masks together; 1, the worker thread alone. Its
         idle threads spin a while before they sleep: on a CPU stage they would take cores from the forward pass, so
         only a GPU stage, whose host cores wait on the device, is given more."""
-        self.vocab_size = vocab_size
         self.threads = threads
         self.eos_token_ids = sorted(eos_token_ids)
         self._source = (tokenizer_json, vocab_size, eos_token_ids)
@@ -165,13 +157,16 @@ class GrammarMasks:
     def _fill(self, rows: list, bitmask_ptr: int) -> tuple[list[int], dict[int, str]]:
         """On the worker thread: each live row's mask into its row of the bitmask; returns the rows whose grammar has
         ended, and {row: why} for those whose grammar failed."""
-        for row in rows:
-            if row.matcher is None:
-                row.matcher = self._matcher(row.params.grammar)
         row_bytes = self._words * 4
         live, ended = [], []
         failed: dict[int, str] = {}
         for i, row in enumerate(rows):
+            if row.matcher is None:
+                try:
+                    row.matcher = self._matcher(row.params.grammar)
+                except Exception as e:  # this request's grammar, and no other's
+                    failed[i] = f"{type(e).__name__}: {e}"
+                    continue
             m = row.matcher
             if m.is_error():
                 failed[i] = _reason(m.get_error())

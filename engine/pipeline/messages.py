@@ -67,6 +67,9 @@ class StageSpec:
     cuda_graphs: bool = False  # on a GPU, decode steps replay CUDA graphs (engine.pipeline.decode_graphs)
     # Weights that run at another format than weight_dtype (engine.model.weight_formats.tensor_formats).
     formats: dict[str, str] = field(default_factory=dict)
+    # The tokens generation stops at (engine.model.checkpoint.stop_token_ids): what min_tokens bans, and what a
+    # finished grammar allows, on the last stage.
+    stop_token_ids: frozenset[int] = frozenset()
 
 
 @dataclass(slots=True)

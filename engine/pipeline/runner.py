@@ -53,7 +53,7 @@ class StageRunner:
         # ahead of it; and, where the last stage is another process, how to wait for its next TokensForFirstStage.
         self.sampled: dict[int, tuple[int, int]] = {}
         self.await_tokens = None
-        self.sampler = Sampler(self.cfg.vocab_size, self.cfg.eos_token_ids) if self.last else None
+        self.sampler = Sampler(self.cfg.vocab_size, spec.stop_token_ids or self.cfg.eos_token_ids) if self.last else None
         self.grammars: GrammarMasks | None = None  # on the last stage, once a sequence has a grammar
         self.kv_cache: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
@@ -248,8 +248,8 @@ class StageRunner:
             if tokenizer is None:
                 raise RuntimeError("structured output needs the checkpoint's tokenizer, and it has none")
             threads = 1 if self.device.type == "cpu" else min(GPU_GRAMMAR_THREADS, max(1, (os.cpu_count() or 1) // 2))
-            self.grammars = GrammarMasks(tokenizer.to_json(), self.cfg.vocab_size, stop_token_ids(self.cfg, tokenizer),
-                                         threads)
+            self.grammars = GrammarMasks(tokenizer.to_json(), self.cfg.vocab_size,
+                                         self.spec.stop_token_ids or stop_token_ids(self.cfg, tokenizer), threads)
         return at, self.grammars.start([rows[i] for i in at])
 
     def _advance_grammars(self, rows, tokens, seq_ids, errors):
