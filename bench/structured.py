@@ -1,16 +1,18 @@
 """What structured output costs: decode throughput with every sequence under a JSON schema, against none.
 
-    python -m bench.structured [--seqs 32] [--output-len 128] [--devices cpu] [--repeats 2]
+    python -m bench.structured [--seqs 32] [--output-len 128] [--devices cpu] [--repeats 5]
 
 On the trained default model (SmolLM2-135M-Instruct, GGUF), in this one run on this machine: `--seqs` chat
 prompts sampled at temperature 1, each decoding exactly `--output-len` tokens, first free (ignore_eos), then with
 every row under a JSON schema whose shortest valid answer is longer than that (so neither run ends early and both
-decode the same number of tokens). Prints output tokens/s of the decode steps (prefill excluded) of each, their
-ratio and the slowdown; the runs alternate `--repeats` times and the best of each is taken.
+decode the same number of tokens). The two take turns for `--repeats` rounds; prints output tokens/s of the decode
+steps (prefill excluded) of each, their median, and the median of the rounds' paired ratios (robust to a machine
+whose speed drifts) as the slowdown.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -55,7 +57,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--devices", default="cpu")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     grammar = json_schema_grammar(SCHEMA)
     with LLM(str(default_model()), devices=args.devices, threads=args.threads, max_num_seqs=args.seqs,
@@ -69,16 +71,16 @@ def main() -> None:
         constrained = [SamplingParams(max_tokens=args.output_len, temperature=1.0, seed=i, grammar=grammar)
                        for i in range(args.seqs)]
         decode_rate(llm, prompts[:4], constrained[:4])  # warm: kernels, the grammar's first compile
-        best_free = best_constrained = 0.0
+        rounds = []
         for _ in range(args.repeats):
-            best_free = max(best_free, decode_rate(llm, prompts, free))
-            best_constrained = max(best_constrained, decode_rate(llm, prompts, constrained))
-    ratio = best_constrained / best_free
+            rounds.append((decode_rate(llm, prompts, free), decode_rate(llm, prompts, constrained)))
+    ratio = statistics.median(c / f for f, c in rounds)
     print(f"decode at {args.seqs} sequences, {args.output_len} tokens each, devices {args.devices}, "
-          f"{args.threads} threads:")
-    print(f"  free:               {best_free:8.1f} tokens/s")
-    print(f"  every row a schema: {best_constrained:8.1f} tokens/s")
-    print(f"  ratio {ratio:.3f} (structured / free): {100 * (1 - ratio):.1f}% slower")
+          f"{args.threads} threads, {args.repeats} rounds:")
+    print(f"  free:               {statistics.median(f for f, _ in rounds):8.1f} tokens/s (median)")
+    print(f"  every row a schema: {statistics.median(c for _, c in rounds):8.1f} tokens/s (median)")
+    print(f"  rounds' ratios: {' '.join(f'{c / f:.3f}' for f, c in rounds)}")
+    print(f"  median ratio {ratio:.3f} (structured / free): {100 * (1 - ratio):.1f}% slower")
     print(f"rerun: python -m bench.structured --seqs {args.seqs} --output-len {args.output_len} "
           f"--devices {args.devices} --repeats {args.repeats}")
 
