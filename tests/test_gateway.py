@@ -96,15 +96,23 @@ def test_openapi_document_lists_every_route(url):
     assert status == 200
     doc = json.loads(raw)
     assert doc["openapi"].startswith("3.")
-    for path, method in [("/v1/completions", "post"), ("/v1/chat/completions", "post"), ("/v1/models", "get"),
-                         ("/tokenize", "post"), ("/detokenize", "post"), ("/health", "get"), ("/metrics", "get")]:
+    for path, method in [("/v1/completions", "post"), ("/v1/chat/completions", "post"), ("/v1/responses", "post"),
+                         ("/v1/models", "get"), ("/tokenize", "post"), ("/detokenize", "post"), ("/health", "get"),
+                         ("/metrics", "get")]:
         assert method in doc["paths"].get(path, {}), path
-    for path in ("/v1/completions", "/v1/chat/completions"):
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
         op = doc["paths"][path]["post"]
         assert {"400", "401", "404", "408", "413", "415", "429", "503"} <= set(op["responses"]), path
         assert "text/event-stream" in op["responses"]["200"]["content"]  # what "stream": true answers with
-    ref = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
-    assert "messages" in doc["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"]
+    schemas = doc["components"]["schemas"]
+
+    def request_fields(path: str) -> set[str]:
+        ref = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        return set(schemas[ref.rsplit("/", 1)[1]]["properties"])
+
+    assert {"messages", "tools", "tool_choice", "response_format", "parallel_tool_calls"} <= request_fields(
+        "/v1/chat/completions")
+    assert {"input", "instructions", "tools", "text", "max_output_tokens"} <= request_fields("/v1/responses")
 
 
 def test_metrics_are_prometheus_text_and_count_tokens(url, client):
