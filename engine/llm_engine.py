@@ -24,10 +24,9 @@ from engine.outputs import SeqDelta, TokenLogprob
 from engine.pipeline.driver import Driver
 from engine.pipeline.messages import RENDEZVOUS_TIMEOUT_S, DescribeDevice, StageSpec
 from engine.placement import parse_size
-from engine.placement import (ModelCost, Plan, kv_cache_dtype, parse_devices, parse_layers, predict_stage_seconds,
-                              share_host_memory)
-from engine.placement import plan as place
+from engine.placement import ModelCost, Plan, kv_cache_dtype, parse_devices, parse_layers, predict_stage_seconds
 from engine.placement.local_device import resolve_dtypes
+from engine.placement.planning import model_len_limit, place_model
 from engine.stats import EngineInfo, EngineStats, StageInfo, StageLoad
 from telemetry.tracing import (DETAILS, SpanRecord, TraceSettings, Tracing, link_limit, new_span_id, new_trace_id,
                                now_ns, transfer_span)
@@ -121,7 +120,7 @@ class LLMEngine:
         self.weight_formats = checkpoint.resolve_formats(source, cfg, check_requested(config.quantization),
                                                           parse_layer_formats(config.layer_quantization, cfg.num_layers))
         self.tokenizer = checkpoint.checkpoint_tokenizer(model_dir)
-        limit = cfg.max_position_embeddings if cfg.sliding_window is None else min(cfg.max_position_embeddings, cfg.sliding_window)
+        limit = model_len_limit(cfg)
         max_len = config.max_model_len or limit
         if max_len > limit:
             raise ValueError(f"max_model_len {max_len} exceeds what the model supports ({limit})")
@@ -176,20 +175,16 @@ class LLMEngine:
             ask = DescribeDevice(config.dtype_request, cfg.checkpoint_dtype, config.kv_cache_fraction,
                                  dominant_quantized(self.weight_formats, cfg.num_layers))
             infos = driver.describe(ask)
-            share_host_memory(infos)
-            compute, weights = resolve_dtypes(config.dtype_request, cfg.checkpoint_dtype, torch.device(infos[0].name))
-            # Each of the P micro-batches in flight holds 1/P of the sequences: plan for that step.
-            micro_batch = -(-min(config.max_num_seqs, PLANNED_SEQS) // len(infos))
-            plan = place(
-                ModelCost.from_config(cfg, compute, weights, formats=self.weight_formats), infos, batch_size=micro_batch,
-                context_len=min(max_len, 512), kv_reserve_tokens=max_len, layers=config.layer_counts,
-                block_size=config.block_size,
-            )
+            max_kv_tokens = (config.max_num_seqs * max_len if config.num_kv_blocks is None
+                             else config.num_kv_blocks * config.block_size)
+            plan, _, _ = place_model(cfg, self.weight_formats, infos, config.dtype_request, max_model_len=max_len,
+                                     max_num_seqs=config.max_num_seqs, block_size=config.block_size,
+                                     layers=config.layer_counts, kv_cache_memory=config.kv_cache_bytes,
+                                     max_kv_tokens=max_kv_tokens)
+            micro_batch = plan.batch_size
             ranks = [s.device_index + 1 for s in plan.stages]
             ring = [0, *ranks]
             cuda_ranks = [r for r, s in zip(ranks, plan.stages) if s.device.kind == "cuda"]
-            max_kv_tokens = (config.max_num_seqs * max_len if config.num_kv_blocks is None
-                             else config.num_kv_blocks * config.block_size)
             # Frames of CPU links between stages hold the activations of the micro-batch planned for (4 bytes a value
             # at most), where small enough (engine.pipeline.transport).
             inline = micro_batch * cfg.hidden_size * 4
@@ -406,9 +401,6 @@ class StepTrace:
 
 # A step in flight may take this many times its predicted time before the pipeline counts as stalled.
 STALL_FACTOR = 50.0
-
-# The planner balances stages for a step of this many running sequences (fewer if max_num_seqs is lower).
-PLANNED_SEQS = 64
 
 
 @dataclass(slots=True)

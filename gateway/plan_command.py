@@ -1,7 +1,8 @@
 """`strata plan`: how the model's layers would be placed on the devices, and what each stage is predicted to cost.
 
-Probes each device in this process (results are cached, as the stages' own probes are),
-then runs the same planner the engine runs at start-up, and prints its plan.
+Probes each device in this process (results are cached, as the stages' own probes are), then builds the plan with
+the function `strata serve` builds its own with (engine.placement.planning.place_model), from the same options, and
+prints it: the plan `strata serve` with these options runs, down to the KV blocks each stage allocates.
 """
 from __future__ import annotations
 
@@ -38,12 +39,13 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                    help="one stage per device, with optional memory budgets: cuda:0=20GiB,cuda:1,cpu=8GiB")
     add_stage_args(p, rendezvous=False)
     p.add_argument("--layers", default=None, help="layers per stage in --devices order, instead of searching: 20,8,4")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="tokens of KV every stage must hold (default: the model's limit, at most 4096)")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences per step the plan is optimised for")
-    p.add_argument("--context-len", type=int, default=None, help="tokens each sequence attends to (default: "
-                   "max-model-len, at most 512)")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=env("STRATA_MAX_MODEL_LEN"),
+                   help="tokens of KV every stage must hold (default: the model's limit, as strata serve)")
+    p.add_argument("--max-num-seqs", type=int, default=env("STRATA_MAX_NUM_SEQS", "256"),
+                   help="as strata serve: the plan balances a step of at most 64 of them, split over the stages")
+    p.add_argument("--kv-cache-memory", default=env("STRATA_KV_CACHE_MEMORY"), help="KV-cache budget, e.g. 4GiB")
+    p.add_argument("--num-kv-blocks", type=int, default=env("STRATA_NUM_KV_BLOCKS"))
+    p.add_argument("--block-size", type=int, default=env("STRATA_BLOCK_SIZE", "16"))
     p.add_argument("--dtype", default=env("STRATA_DTYPE", "auto"), choices=DTYPE_CHOICES)
     add_quantization_args(p, lambda name, default=None: env(f"STRATA_{name.upper()}", default))
     p.add_argument("--memory-fraction", type=float, default=0.9,
@@ -54,16 +56,18 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from engine import (CheckpointError, PlacementError, default_model, describe_layers, plan_here, plan_json,
-                        plan_table)
+    from engine import (CheckpointError, PlacementError, default_model, describe_layers, parse_size, plan_here,
+                        plan_json, plan_table)
 
     try:
         model_dir = args.model or str(default_model())
         here = plan_here(model_dir, args.devices, dtype=args.dtype, threads=args.threads,
-                         memory_fraction=args.memory_fraction, batch_size=args.batch_size,
-                         context_len=args.context_len, max_model_len=args.max_model_len, layers=args.layers,
-                         block_size=args.block_size, quantization=args.quantization,
-                         layer_quantization=args.layer_quantization)
+                         memory_fraction=args.memory_fraction, max_num_seqs=int(args.max_num_seqs),
+                         max_model_len=None if args.max_model_len is None else int(args.max_model_len),
+                         layers=args.layers, block_size=int(args.block_size), quantization=args.quantization,
+                         layer_quantization=args.layer_quantization,
+                         kv_cache_memory=None if args.kv_cache_memory is None else parse_size(args.kv_cache_memory),
+                         num_kv_blocks=None if args.num_kv_blocks is None else int(args.num_kv_blocks))
     except PlacementError as e:
         print(f"strata plan: {e}", file=sys.stderr)
         return 1
@@ -78,7 +82,7 @@ def run_plan(args: argparse.Namespace) -> int:
     else:
         print(f"model: {model_dir} ({cfg.num_layers} layers, {here.weight_dtype} weights, {here.compute_dtype} compute)")
         print(f"layer formats: {describe_layers(list(here.layer_formats))}")
-        print(f"planned for {args.batch_size} sequences per step attending to {here.context_len} tokens, with KV for "
-              f"{here.max_model_len} tokens on every stage")
+        print(f"planned for {result.batch_size} sequences per micro-batch attending to {here.context_len} tokens, with KV "
+              f"for {here.max_model_len} tokens on every stage; the pipeline holds {result.num_kv_blocks} KV blocks")
         print(plan_table(result))
     return 0

@@ -112,7 +112,8 @@ def test_dynamic_program_matches_brute_force(seed):
         # The default keeps within 2% of the best and, among those, the largest smallest KV capacity.
         chosen = plan(cost, devices, batch_size=batch, context_len=context, kv_reserve_tokens=reserve)
         assert chosen.bottleneck_s <= best * 1.02 * (1 + 1e-12)
-        assert min(chosen.kv_blocks()) == max(b for w, b in plans if w <= best * 1.02 * (1 + 1e-12))
+        capacity = min(max(s.kv_capacity_tokens, 0) // chosen.block_size for s in chosen.stages)
+        assert capacity == max(b for w, b in plans if w <= best * 1.02 * (1 + 1e-12))
         for p in (exact, chosen):
             assert sorted(s.device_index for s in p.stages) == list(range(len(devices)))
             assert [s.layers[0] for s in p.stages] == [0] + [s.layers[1] for s in p.stages[:-1]]
@@ -412,11 +413,13 @@ def test_strata_plan_json(plan_env, model_dir, capsys):
     from gateway.plan_command import run_plan
 
     args = plan_args("--model", str(model_dir), "--devices", "cpu=2GiB,cpu=1GiB", "--layers", "2,1", "--json",
-                     "--batch-size", "8", "--max-model-len", "256")
+                     "--max-num-seqs", "16", "--max-model-len", "256")
     assert run_plan(args) == 0
     data = json.loads(capsys.readouterr().out)
     assert [s["layers"] for s in data["stages"]] == [[0, 2], [2, 3]]
+    # Sixteen sequences in two micro-batches; KV blocks for all of them at full length, and no more.
     assert data["batch_size"] == 8 and data["kv_reserve_tokens"] == 256
+    assert [s["kv_blocks"] for s in data["stages"]] == [16 * 256 // 16] * 2 and data["num_kv_blocks"] == 256
     assert set(data["stages"][1]["predicted_s"]) == {"1", "8"}
 
 
@@ -429,3 +432,21 @@ def test_strata_plan_reports_a_misfit_in_one_line(plan_env, model_dir, capsys):
     assert "short" in err or "less than one layer" in err
     assert run_plan(plan_args("--model", str(model_dir), "--devices", "tpu")) == 2
     assert "cannot read 'tpu'" in capsys.readouterr().err
+
+
+def test_strata_plan_prints_the_plan_strata_serve_runs(llama_dir):
+    """One function builds both: the same split, batch, context, KV reserve, and the KV blocks each stage allocates."""
+    from engine import LLM
+    from engine.placement.planning import plan_here
+
+    options = dict(threads=1, max_model_len=96, max_num_seqs=6)
+    printed = plan_here(llama_dir, "cpu,cpu", **options).plan
+    with LLM(llama_dir, devices="cpu,cpu", **options) as llm:
+        ran = llm.engine.plan
+        allocated = llm.engine.scheduler.config.num_blocks
+    assert [s.layers for s in ran.stages] == [s.layers for s in printed.stages]
+    assert (ran.batch_size, ran.context_len, ran.kv_reserve_tokens) == (3, 96, 96)
+    assert (printed.batch_size, printed.context_len, printed.kv_reserve_tokens) == (3, 96, 96)
+    assert [s.kv_blocks for s in ran.stages] == [s.kv_blocks for s in printed.stages] == [36, 36]
+    assert allocated == printed.num_kv_blocks == 36
+

@@ -261,8 +261,8 @@ def test_strata_plan_fits_a_model_at_its_quantized_size(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(
         {**LLAMA3_8B_SHAPE, "architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16"}))
     with pytest.raises(PlacementError, match="does not fit"):
-        plan_here(tmp_path, "cpu=6GiB", threads=1)
-    here = plan_here(tmp_path, "cpu=6GiB", threads=1, quantization="q4_k")
+        plan_here(tmp_path, "cpu=6GiB", threads=1, max_model_len=4096)
+    here = plan_here(tmp_path, "cpu=6GiB", threads=1, max_model_len=4096, quantization="q4_k")
     assert here.layer_formats == ("q4_k",) * 32
     (stage,) = here.plan.stages
     assert 4.5 * 2**30 < stage.weight_bytes < 6 * 2**30

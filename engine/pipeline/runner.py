@@ -22,9 +22,9 @@ from engine.model.stage_model import StageModel
 from engine.pipeline.decode_graphs import DecodeGraphs
 from engine.pipeline.messages import StageSpec
 from engine.placement import kv_cache_dtype
+from engine.placement.cost import DEFAULT_CPU_KV_BYTES, kv_cache_blocks
 from engine.placement.local_device import TORCH_DTYPES, PeakMemory, available_memory, zeroed
 
-DEFAULT_CPU_KV_BYTES = 1 << 30
 GPU_GRAMMAR_THREADS = 4  # host threads computing a GPU stage's grammar masks together
 
 
@@ -77,7 +77,8 @@ class StageRunner:
     def capacity_blocks(self) -> int:
         """Called once the weights are loaded, so free memory no longer counts them. On a GPU without a KV budget,
         as vLLM sizes it: one step at the largest batch the stage will see is run first, the allocator's cache is
-        emptied, and the cache takes its share of what is then free less that step's peak activations."""
+        emptied, and the cache takes its share of what is then free less that step's peak activations. The blocks
+        follow the plan's rule (engine.placement.cost: stage_kv_budget, kv_cache_blocks), on what is measured here."""
         budget = self.spec.kv_cache_memory
         if budget is None:
             headroom = self.step_peak_bytes() if self.device.type == "cuda" else 0
@@ -89,8 +90,7 @@ class StageRunner:
             elif self.device.type == "cpu":
                 # Host memory is shared with everything else on the machine; take a modest share unless told.
                 budget = min(budget, DEFAULT_CPU_KV_BYTES)
-        wanted = -(-self.spec.max_kv_tokens // self.block_size)
-        return max(0, min(budget // max(self.bytes_per_block, 1), wanted))
+        return kv_cache_blocks(budget, self.bytes_per_block, self.spec.max_kv_tokens, self.block_size)
 
     def step_peak_bytes(self) -> int:
         """Bytes one step at the largest batch allocates beyond what is held before it: a prefill of max_step_tokens

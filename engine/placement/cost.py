@@ -228,6 +228,29 @@ def stage_kv_bytes_per_token(cost: ModelCost, device: DeviceInfo, n_layers: int)
     return n_layers * cost.kv_elems_per_token * _kv_bytes(cost, device)
 
 
+# A CPU stage without a budget takes this much host memory for KV at most: the host is shared with everything else.
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+def kv_cache_blocks(budget_bytes: int, bytes_per_block: int, max_kv_tokens: int, block_size: int) -> int:
+    """The KV blocks a stage allocates: what its budget holds, and no more than the most tokens it can need. The one
+    rule for the stage (engine.pipeline.runner) and the plan it was given."""
+    wanted = -(-max_kv_tokens // block_size)
+    return max(0, min(budget_bytes // max(bytes_per_block, 1), wanted))
+
+
+def stage_kv_budget(device: DeviceInfo, weight_bytes: int, kv_cache_memory: int | None) -> int:
+    """Bytes a stage gives its KV cache: the user's KV budget, else what its memory leaves beside the weights, on a
+    CPU without a budget at most DEFAULT_CPU_KV_BYTES. (A GPU stage also keeps room for its largest step's
+    activations, which it measures once loaded: a plan's figure for it is an upper bound.)"""
+    if kv_cache_memory is not None:
+        return kv_cache_memory
+    left = device.memory - weight_bytes
+    if device.kind == "cpu" and not device.budgeted:
+        left = min(left, DEFAULT_CPU_KV_BYTES)
+    return left
+
+
 def kv_capacity_tokens(cost: ModelCost, device: DeviceInfo, n_layers: int, first: bool, last: bool) -> int:
     """Tokens of KV the stage's memory holds beside its weights (negative: the weights alone do not fit)."""
     left = device.memory - stage_weight_bytes(cost, n_layers, first, last)

@@ -17,6 +17,7 @@ class StagePlan:
     predicted_s: dict[int, float]  # batch size -> seconds per step, compute plus the transfer in
     compute_s: dict[int, float] = field(default_factory=dict)
     transfer_s: dict[int, float] = field(default_factory=dict)
+    kv_blocks: int = 0  # what the stage will allocate (engine.placement.cost.kv_cache_blocks)
 
     @property
     def num_layers(self) -> int:
@@ -32,6 +33,7 @@ class Plan:
     block_size: int = 16
     kv_reserve_tokens: int = 0
 
-    def kv_blocks(self, block_size: int | None = None) -> list[int]:
-        bs = block_size or self.block_size
-        return [max(s.kv_capacity_tokens, 0) // bs for s in self.stages]
+    @property
+    def num_kv_blocks(self) -> int:
+        """The blocks every stage holds, so the pipeline's: the fewest any stage allocates."""
+        return min(s.kv_blocks for s in self.stages)

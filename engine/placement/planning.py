@@ -1,6 +1,7 @@
-"""A plan without a pipeline, for `strata plan`: each device probed in this process as its stage would probe it
-(the results are cached, as the stages' own are), host memory shared as the engine shares it, and the same
-planner the engine runs at start-up."""
+"""The plan a model runs by, built by one function (place_model) for `strata serve`, over what its stage processes
+report of their devices, and for `strata plan`, over the same devices probed in this process as each stage would
+probe its own (the results are cached, as the stages' are): the same batch, context, KV reserve, host-memory split
+and KV blocks, so that `strata plan` prints the plan `strata serve` runs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,6 +11,37 @@ from engine.model.checkpoint import resolve_formats, validate
 from engine.model.config import ModelConfig
 from engine.model.weight_formats import check_requested, dominant_quantized, layer_summary, parse_layer_formats
 from engine.placement import ModelCost, Plan, parse_devices, parse_layers, plan, share_host_memory
+
+
+# The planner balances stages for a step of this many running sequences (fewer if max_num_seqs is lower), each of the
+# P micro-batches in flight holding 1/P of them.
+PLANNED_SEQS = 64
+# Tokens each sequence is taken to attend to in the planned step (fewer if the context is shorter).
+PLANNED_CONTEXT = 512
+
+
+def model_len_limit(cfg: ModelConfig) -> int:
+    """The longest context the model supports: its position limit, or its sliding window where shorter."""
+    limit = cfg.max_position_embeddings
+    return limit if cfg.sliding_window is None else min(limit, cfg.sliding_window)
+
+
+def place_model(cfg: ModelConfig, formats: dict, infos: list, dtype_request: str, *, max_model_len: int,
+                max_num_seqs: int, block_size: int, layers: list[int] | None, kv_cache_memory: int | None,
+                max_kv_tokens: int) -> tuple[Plan, str, str]:
+    """The plan over devices described as their stages describe them (infos: DeviceInfo, in --devices order; CPU
+    stages of one host share its memory here): (plan, compute dtype, weight dtype) of the first stage."""
+    import torch
+
+    from engine.placement.local_device import resolve_dtypes
+
+    share_host_memory(infos)
+    compute, weights = resolve_dtypes(dtype_request, cfg.checkpoint_dtype, torch.device(infos[0].name))
+    micro_batch = -(-min(max_num_seqs, PLANNED_SEQS) // len(infos))
+    result = plan(ModelCost.from_config(cfg, compute, weights, formats=formats), infos, batch_size=micro_batch,
+                  context_len=min(max_model_len, PLANNED_CONTEXT), kv_reserve_tokens=max_model_len, layers=layers,
+                  block_size=block_size, max_kv_tokens=max_kv_tokens, kv_cache_memory=kv_cache_memory)
+    return result, compute, weights
 
 
 @dataclass(slots=True, frozen=True)
@@ -25,10 +57,12 @@ class PlanHere:
 
 
 def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threads: int | None = None,
-              memory_fraction: float = 0.9, batch_size: int = 64, context_len: int | None = None,
-              max_model_len: int | None = None, layers: str | None = None, block_size: int = 16,
-              quantization: str = "auto", layer_quantization: str | None = None) -> PlanHere:
-    """Raises ValueError or CheckpointError for what the caller gave, PlacementError when nothing fits."""
+              memory_fraction: float = 0.9, max_num_seqs: int = 256, max_model_len: int | None = None,
+              layers: str | None = None, block_size: int = 16, quantization: str = "auto",
+              layer_quantization: str | None = None, kv_cache_memory: int | None = None,
+              num_kv_blocks: int | None = None) -> PlanHere:
+    """The plan `strata serve` with these options would run. Raises ValueError or CheckpointError for what the
+    caller gave, PlacementError when nothing fits."""
     import torch
 
     from engine.placement.local_device import resolve_dtypes
@@ -41,23 +75,22 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
                               parse_layer_formats(layer_quantization, cfg.num_layers))
     requests = parse_devices(devices)
     split = parse_layers(layers)
-    if batch_size < 1 or block_size < 1:
-        raise ValueError("batch size and block size must be at least 1")
-    max_len = max_model_len or min(cfg.max_position_embeddings, 4096)
-    context = context_len or min(max_len, 512)
-    if max_len < 1 or context < 1:
-        raise ValueError("max model length and context length must be at least 1")
-    infos, first = [], None
+    if max_num_seqs < 1 or block_size < 1:
+        raise ValueError("max_num_seqs and block size must be at least 1")
+    limit = model_len_limit(cfg)
+    max_len = max_model_len or limit
+    if not 1 <= max_len <= limit:
+        raise ValueError(f"max_model_len {max_len} must be between 1 and what the model supports ({limit})")
+    infos = []
     for req in requests:
         compute, weights = resolve_dtypes(dtype, cfg.checkpoint_dtype, torch.device(req.name))
-        first = first or (compute, weights)
         infos.append(describe_device(req, compute, threads, memory_fraction, weight_dtype=weights,
                                      weight_format=dominant_quantized(formats, cfg.num_layers)))
-    share_host_memory(infos)
-    compute, weights = first
-    result = plan(ModelCost.from_config(cfg, compute, weights, formats=formats), infos, batch_size=batch_size,
-                  context_len=context, kv_reserve_tokens=max_len, layers=split, block_size=block_size)
-    return PlanHere(Path(model_dir), cfg, compute, weights, max_len, context, result,
+    max_kv_tokens = max_num_seqs * max_len if num_kv_blocks is None else num_kv_blocks * block_size
+    result, compute, weights = place_model(cfg, formats, infos, dtype, max_model_len=max_len,
+                                           max_num_seqs=max_num_seqs, block_size=block_size, layers=split,
+                                           kv_cache_memory=kv_cache_memory, max_kv_tokens=max_kv_tokens)
+    return PlanHere(Path(model_dir), cfg, compute, weights, max_len, result.context_len, result,
                     tuple(layer_summary(cfg.num_layers, formats, weights)))
 
 

@@ -17,14 +17,16 @@ def readable_size(n: float) -> str:
     return f"{n / 2**10:.0f} KiB"
 
 
-def plan_table(plan: Plan, block_size: int | None = None) -> str:
-    """Per stage its device, layers, weights, KV blocks and predicted step times, then the bottleneck."""
-    bs = block_size or plan.block_size
+def plan_table(plan: Plan) -> str:
+    """Per stage its device, layers, weights, the KV blocks it will allocate and predicted step times, then the
+    bottleneck."""
+    bs = plan.block_size
     b = plan.batch_size
     batches = sorted({1, b})
     head = ["stage", "device", "layers", "weights GiB", f"KV blocks ({bs} tok)", *(f"ms/step @{n}" for n in batches)]
     rows = []
-    for k, (s, blocks) in enumerate(zip(plan.stages, plan.kv_blocks(bs))):
+    for k, s in enumerate(plan.stages):
+        blocks = s.kv_blocks
         dev = f"{s.device.name} ({s.device.label})"
         if s.device.host and len({x.device.host for x in plan.stages}) > 1:
             dev = f"{s.device.host}/{dev}"
@@ -47,18 +49,19 @@ def plan_json(plan: Plan) -> dict:
     b = plan.batch_size
     return {
         "batch_size": b, "context_len": plan.context_len, "block_size": plan.block_size,
-        "kv_reserve_tokens": plan.kv_reserve_tokens, "bottleneck_s": plan.bottleneck_s,
+        "kv_reserve_tokens": plan.kv_reserve_tokens, "num_kv_blocks": plan.num_kv_blocks,
+        "bottleneck_s": plan.bottleneck_s,
         "stages": [
             {
                 "stage": k, "device": s.device.name, "device_index": s.device_index, "label": s.device.label,
                 "host": s.device.host, "layers": list(s.layers), "weight_bytes": s.weight_bytes,
                 "kv_bytes_per_token": s.kv_bytes_per_token, "kv_capacity_tokens": s.kv_capacity_tokens,
-                "kv_blocks": blocks,
+                "kv_blocks": s.kv_blocks,
                 "predicted_s": {str(n): v for n, v in s.predicted_s.items()},
                 "compute_s": {str(n): v for n, v in s.compute_s.items()},
                 "transfer_s": {str(n): v for n, v in s.transfer_s.items()},
                 "device_info": asdict(s.device),
             }
-            for k, (s, blocks) in enumerate(zip(plan.stages, plan.kv_blocks()))
+            for k, s in enumerate(plan.stages)
         ],
     }

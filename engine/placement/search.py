@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import math
 
-from engine.placement.cost import (LinkSpeed, ModelCost, StageTime, kv_capacity_tokens, layer_seconds,
-                                   link_between, stage_fits, stage_kv_bytes_per_token, stage_seconds,
-                                   stage_weight_bytes)
+from engine.placement.cost import (LinkSpeed, ModelCost, StageTime, kv_cache_blocks, kv_capacity_tokens,
+                                   layer_seconds, link_between, stage_fits, stage_kv_bytes_per_token, stage_kv_budget,
+                                   stage_seconds, stage_weight_bytes)
 from engine.placement.devices import DeviceInfo
 from engine.placement.plan import Plan, StagePlan
 from engine.placement.render import readable_size
@@ -35,11 +35,13 @@ class PlacementError(ValueError):
 
 def plan(cost: ModelCost, devices: list[DeviceInfo], *, batch_size: int = 64, context_len: int = 512,
          kv_reserve_tokens: int, layers: list[int] | None = None, link_bandwidth: float | dict | None = None,
-         block_size: int = 16, tolerance: float = TIE_TOLERANCE) -> Plan:
+         block_size: int = 16, tolerance: float = TIE_TOLERANCE, max_kv_tokens: int | None = None,
+         kv_cache_memory: int | None = None) -> Plan:
     """Order the devices and split the layers so the slowest stage is as fast as it can be.
 
     layers: counts per stage in the devices' given order (no search). tolerance: among plans within this
-    fraction of the best bottleneck, the one whose smallest KV capacity is largest wins.
+    fraction of the best bottleneck, the one whose smallest KV capacity is largest wins. max_kv_tokens and
+    kv_cache_memory (bytes per stage) size the KV blocks each stage will allocate, as the stage sizes them.
     """
     L, P = cost.num_layers, len(devices)
     if P == 0:
@@ -48,7 +50,8 @@ def plan(cost: ModelCost, devices: list[DeviceInfo], *, batch_size: int = 64, co
         raise ValueError("batch_size, context_len and block_size must be positive, kv_reserve_tokens not negative")
     if P > L:
         raise PlacementError(f"{P} devices but the model has only {L} layers; every device needs at least one layer")
-    ctx = _Context(cost, devices, batch_size, context_len, kv_reserve_tokens, link_bandwidth, block_size)
+    ctx = _Context(cost, devices, batch_size, context_len, kv_reserve_tokens, link_bandwidth, block_size,
+                   max_kv_tokens if max_kv_tokens is not None else kv_reserve_tokens, kv_cache_memory)
     if layers is not None:
         return ctx.evaluate(list(range(P)), _check_layers(layers, P, L), check=True)
     order, split = _search(ctx, tolerance)
@@ -70,9 +73,10 @@ class _Context:
     """Everything a search needs, with each stage's cost per layer count computed once."""
 
     def __init__(self, cost: ModelCost, devices: list[DeviceInfo], batch: int, context_len: int, reserve: int,
-                 links, block_size: int) -> None:
+                 links, block_size: int, max_kv_tokens: int, kv_cache_memory: int | None) -> None:
         self.cost, self.devices, self.batch, self.context_len = cost, devices, batch, context_len
         self.reserve, self.links, self.block_size = reserve, links, block_size
+        self.max_kv_tokens, self.kv_cache_memory = max_kv_tokens, kv_cache_memory
         self._cache: dict[tuple, tuple[list[float], list[int]]] = {}
 
     def link(self, prev: int | None, dev: int) -> LinkSpeed:
@@ -120,6 +124,8 @@ class _Context:
                 predicted_s={b: t.total_s for b, t in times.items()},
                 compute_s={b: t.compute_s for b, t in times.items()},
                 transfer_s={b: t.transfer_s for b, t in times.items()},
+                kv_blocks=kv_cache_blocks(stage_kv_budget(d, weights, self.kv_cache_memory),
+                                          kv_per_token * self.block_size, self.max_kv_tokens, self.block_size),
             ))
             start += n
         bottleneck = max(s.predicted_s[self.batch] for s in stages)
