@@ -19,6 +19,23 @@ LLAMA3_8B_SHAPE = dict(
 )
 
 
+LLAMA3_70B_SHAPE = dict(
+    hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False,
+    rms_norm_eps=1e-5, rope_theta=500000.0,
+)
+
+
+def config_only(shape: dict, folder: Path, dtype: str = "bfloat16") -> Path:
+    """A checkpoint directory holding a Llama config alone: the planner plans from it (no weights)."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({**shape, "architectures": ["LlamaForCausalLM"],
+                                                    "model_type": "llama", "torch_dtype": dtype}))
+    return folder
+
+
 def _corpus() -> list[str]:
     """Varied enough text that BPE learns the full vocabulary."""
     import random

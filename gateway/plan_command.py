@@ -50,6 +50,10 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     add_quantization_args(p, lambda name, default=None: env(f"STRATA_{name.upper()}", default))
     p.add_argument("--memory-fraction", type=float, default=0.9,
                    help="share of a device's free memory a stage may use when it has no budget")
+    p.add_argument("--cluster", default=None,
+                   help="plan for the devices a TOML file describes instead of this machine's (engine/placement/"
+                        "cluster.py says how to write one), and print how Accelerate, exo, llama.cpp and vLLM would "
+                        "split the layers over them, priced by the same cost model")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run_plan)
     return p
@@ -58,6 +62,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 def run_plan(args: argparse.Namespace) -> int:
     from engine import (CheckpointError, PlacementError, default_model, describe_layers, parse_size, plan_here,
                         plan_json, plan_table)
+    from engine.placement import peer_table, throughput
 
     try:
         model_dir = args.model or str(default_model())
@@ -67,7 +72,8 @@ def run_plan(args: argparse.Namespace) -> int:
                          layers=args.layers, block_size=int(args.block_size), quantization=args.quantization,
                          layer_quantization=args.layer_quantization,
                          kv_cache_memory=None if args.kv_cache_memory is None else parse_size(args.kv_cache_memory),
-                         num_kv_blocks=None if args.num_kv_blocks is None else int(args.num_kv_blocks))
+                         num_kv_blocks=None if args.num_kv_blocks is None else int(args.num_kv_blocks),
+                         cluster=args.cluster)
     except PlacementError as e:
         print(f"strata plan: {e}", file=sys.stderr)
         return 1
@@ -75,9 +81,14 @@ def run_plan(args: argparse.Namespace) -> int:
         print(f"strata plan: {e}", file=sys.stderr)
         return 2 if isinstance(e, (CheckpointError, ValueError)) else 1
     cfg, result = here.model_config, here.plan
+    peers = here.peer_plans() if args.cluster else None
     if args.json:
         out = {"model": str(model_dir), "compute_dtype": here.compute_dtype, "weight_dtype": here.weight_dtype,
                "layer_formats": list(here.layer_formats), **plan_json(result)}
+        if peers is not None:
+            out["peers"] = [{"split_by": who, "layers": counts, "tokens_per_s": None if p is None else throughput(p)}
+                            for who, counts, p in peers]
+            out["tokens_per_s"] = throughput(result)
         print(json.dumps(out, indent=2))
     else:
         print(f"model: {model_dir} ({cfg.num_layers} layers, {here.weight_dtype} weights, {here.compute_dtype} compute)")
@@ -85,4 +96,7 @@ def run_plan(args: argparse.Namespace) -> int:
         print(f"planned for {result.batch_size} sequences per micro-batch attending to {here.context_len} tokens, with KV "
               f"for {here.max_model_len} tokens on every stage; the pipeline holds {result.num_kv_blocks} KV blocks")
         print(plan_table(result))
+        if peers is not None:
+            print()
+            print(peer_table(result, here.devices, peers))
     return 0

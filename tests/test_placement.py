@@ -450,3 +450,68 @@ def test_strata_plan_prints_the_plan_strata_serve_runs(llama_dir):
     assert [s.kv_blocks for s in ran.stages] == [s.kv_blocks for s in printed.stages] == [36, 36]
     assert allocated == printed.num_kv_blocks == 36
 
+
+
+# ---- strata plan --cluster -----------------------------------------------------------------------------------------
+
+
+CLUSTER = """
+network = "10GbE"
+
+[[host]]
+name = "a"
+gpus = ["A100-80GB", {model = "RTX 3090", memory = "20GiB"}]
+gpu_link = "NVLink"
+
+[[host]]
+name = "b"
+cpu = {memory = "64GiB", bandwidth = "80GB/s"}
+"""
+
+
+def test_a_cluster_file_describes_devices_and_links(tmp_path):
+    from engine.placement.cluster import GPU_OP_OVERHEAD_S, KNOWN_GPUS, LINKS, read_cluster
+
+    path = tmp_path / "cluster.toml"
+    path.write_text(CLUSTER)
+    cluster = read_cluster(path)
+    a100, rtx, cpu = cluster.devices
+    assert (a100.name, a100.host, a100.memory) == ("cuda:0", "a", 80 * GiB)
+    assert a100.mem_bandwidth == pytest.approx(0.85 * KNOWN_GPUS["A100-80GB"].bandwidth)
+    assert (rtx.name, rtx.memory, rtx.op_overhead_s) == ("cuda:1", 20 * GiB, GPU_OP_OVERHEAD_S)
+    assert (cpu.kind, cpu.host, cpu.memory, cpu.mem_bandwidth) == ("cpu", "b", 64 * GiB, 80e9)
+    assert cluster.link_bandwidth(a100, rtx) == LINKS["NVLink"]
+    assert cluster.link_bandwidth(rtx, cpu) == LINKS["10GbE"]
+    assert link_between(a100, rtx, cluster.link_bandwidth).bandwidth == LINKS["NVLink"]
+
+
+@pytest.mark.parametrize("text,says", [
+    ("[[host]]\ngpus = ['Z80']", "unknown GPU 'Z80'"),
+    ("[[host]]\ngpus = []", "no devices"),
+    ("network = 'carrier pigeon'\n[[host]]\ngpus = ['T4']", "network"),
+    ("[[host]]\ngpus = ['T4']\nspeed = 3", "unknown keys speed"),
+    ("[[host]]\ncpu = {cores = 4}", "memory"),
+    ("hosts = 1", "unknown keys hosts"),
+    ("[[host", "cluster.toml"),
+])
+def test_a_bad_cluster_file_is_refused_saying_where(tmp_path, text, says):
+    from engine.placement.cluster import ClusterError, read_cluster
+
+    path = tmp_path / "cluster.toml"
+    path.write_text(text)
+    with pytest.raises(ClusterError, match=re.escape(says)):
+        read_cluster(path)
+
+
+def test_strata_plan_on_a_cluster_prints_the_others_splits_beside_its_own(model_dir, tmp_path, capsys):
+    from gateway.plan_command import run_plan
+
+    path = tmp_path / "cluster.toml"
+    path.write_text(CLUSTER)
+    assert run_plan(plan_args("--model", str(model_dir), "--cluster", str(path), "--max-model-len", "256")) == 0
+    out = capsys.readouterr().out
+    for who in ("Strata", "Accelerate", "exo", "llama.cpp", "vLLM"):
+        assert who in out
+    assert run_plan(plan_args("--model", str(model_dir), "--cluster", str(path), "--json")) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["stages"]) == 3 and len(data["peers"]) == 4 and data["tokens_per_s"] > 0

@@ -9,13 +9,13 @@ from engine.placement.cost import (DTYPE_BYTES, GEMM_ROWS, SMALL_GEMM_ROWS, THIN
 from engine.placement.devices import (DeviceInfo, DeviceRequest, parse_devices, parse_layers, parse_size,
                                       share_host_memory)
 from engine.placement.plan import Plan, StagePlan
-from engine.placement.render import GiB, plan_json, plan_table, readable_size
+from engine.placement.render import GiB, peer_table, plan_json, plan_table, readable_size, throughput
 from engine.placement.search import PlacementError, distinct_orders, min_max_split, plan
 
 __all__ = [
     "DTYPE_BYTES", "GEMM_ROWS", "GiB", "SMALL_GEMM_ROWS", "THIN_ROWS", "DeviceInfo", "DeviceRequest", "LinkSpeed",
     "ModelCost", "PlacementError", "Plan", "StagePlan", "StageTime", "distinct_orders", "kv_cache_dtype",
     "kv_capacity_tokens", "layer_seconds", "link_between", "min_max_split", "parse_devices", "parse_layers",
-    "parse_size", "plan", "plan_json", "plan_table", "predict_stage_seconds", "readable_size", "share_host_memory",
+    "parse_size", "peer_table", "plan", "plan_json", "plan_table", "throughput", "predict_stage_seconds", "readable_size", "share_host_memory",
     "stage_fits", "stage_kv_bytes_per_token", "stage_seconds", "stage_weight_bytes",
 ]

@@ -65,14 +65,17 @@ class LinkSpeed(NamedTuple):
     latency_s: float
 
 
-def link_between(src: DeviceInfo | None, dst: DeviceInfo, overrides: float | dict | None = None) -> LinkSpeed:
-    """The link into `dst` from `src` (None: the driver, which sends only a small message)."""
+def link_between(src: DeviceInfo | None, dst: DeviceInfo, overrides=None) -> LinkSpeed:
+    """The link into `dst` from `src` (None: the driver, which sends only a small message). overrides: one bandwidth
+    for every link, {(src name, dst name): bandwidth}, or a function of (src, dst) giving it."""
     if src is None:
         return LinkSpeed(_INF, SAME_HOST_LATENCY_S)
     same_host = src.host == dst.host
     latency = SAME_HOST_LATENCY_S if same_host else CROSS_HOST_LATENCY_S
     if isinstance(overrides, (int, float)):
         return LinkSpeed(float(overrides), latency)
+    if callable(overrides):  # a described cluster's links (engine.placement.cluster)
+        return LinkSpeed(float(overrides(src, dst)), latency)
     if overrides:
         for key in ((src.name, dst.name), (dst.name, src.name)):
             if key in overrides:

@@ -26,9 +26,14 @@ def model_len_limit(cfg: ModelConfig) -> int:
     return limit if cfg.sliding_window is None else min(limit, cfg.sliding_window)
 
 
+def planned_batch(max_num_seqs: int, num_stages: int) -> int:
+    """The micro-batch a plan balances: at most PLANNED_SEQS running sequences, one P-th of them per stage."""
+    return -(-min(max_num_seqs, PLANNED_SEQS) // num_stages)
+
+
 def place_model(cfg: ModelConfig, formats: dict, infos: list, dtype_request: str, *, max_model_len: int,
                 max_num_seqs: int, block_size: int, layers: list[int] | None, kv_cache_memory: int | None,
-                max_kv_tokens: int) -> tuple[Plan, str, str]:
+                max_kv_tokens: int, link_bandwidth=None) -> tuple[Plan, str, str]:
     """The plan over devices described as their stages describe them (infos: DeviceInfo, in --devices order; CPU
     stages of one host share its memory here): (plan, compute dtype, weight dtype) of the first stage."""
     import torch
@@ -37,10 +42,10 @@ def place_model(cfg: ModelConfig, formats: dict, infos: list, dtype_request: str
 
     share_host_memory(infos)
     compute, weights = resolve_dtypes(dtype_request, cfg.checkpoint_dtype, torch.device(infos[0].name))
-    micro_batch = -(-min(max_num_seqs, PLANNED_SEQS) // len(infos))
-    result = plan(ModelCost.from_config(cfg, compute, weights, formats=formats), infos, batch_size=micro_batch,
-                  context_len=min(max_model_len, PLANNED_CONTEXT), kv_reserve_tokens=max_model_len, layers=layers,
-                  block_size=block_size, max_kv_tokens=max_kv_tokens, kv_cache_memory=kv_cache_memory)
+    result = plan(ModelCost.from_config(cfg, compute, weights, formats=formats), infos,
+                  batch_size=planned_batch(max_num_seqs, len(infos)), context_len=min(max_model_len, PLANNED_CONTEXT),
+                  kv_reserve_tokens=max_model_len, layers=layers, block_size=block_size, max_kv_tokens=max_kv_tokens,
+                  kv_cache_memory=kv_cache_memory, link_bandwidth=link_bandwidth)
     return result, compute, weights
 
 
@@ -54,14 +59,37 @@ class PlanHere:
     context_len: int  # tokens each sequence attends to in the planned step
     plan: Plan
     layer_formats: tuple[str, ...]  # per layer, what its products run at (engine.model.weight_formats.layer_summary)
+    cost: ModelCost
+    devices: list  # DeviceInfo, in the order given
+    links: object  # the link bandwidths the plan priced (None: the cost model's defaults)
+    max_num_seqs: int
+
+    def peer_plans(self) -> list[tuple[str, list[int] | None, Plan | None]]:
+        """How other systems would split the layers over the same devices, each running its stages in its own order,
+        priced by the same cost model: (who, layers per device in the order given, or None where it cannot place the
+        model; plan, or None where a stage overflows)."""
+        from engine.placement.peers import ORDERS, PEERS, price
+
+        out = []
+        for who, split in PEERS.items():
+            counts = split(self.cost, self.devices)
+            used = sum(1 for n in counts or () if n)
+            priced = None if counts is None else price(
+                self.cost, self.devices, counts, order=ORDERS[who](self.devices),
+                batch_size=planned_batch(self.max_num_seqs, used),
+                context_len=self.context_len, kv_reserve_tokens=self.max_model_len, block_size=self.plan.block_size,
+                link_bandwidth=self.links)
+            out.append((who, counts, priced))
+        return out
 
 
 def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threads: int | None = None,
               memory_fraction: float = 0.9, max_num_seqs: int = 256, max_model_len: int | None = None,
               layers: str | None = None, block_size: int = 16, quantization: str = "auto",
               layer_quantization: str | None = None, kv_cache_memory: int | None = None,
-              num_kv_blocks: int | None = None) -> PlanHere:
-    """The plan `strata serve` with these options would run. Raises ValueError or CheckpointError for what the
+              num_kv_blocks: int | None = None, cluster: str | Path | None = None) -> PlanHere:
+    """The plan `strata serve` with these options would run; with `cluster` (a file engine.placement.cluster reads),
+    on the devices it describes instead of this machine's. Raises ValueError or CheckpointError for what the
     caller gave, PlacementError when nothing fits."""
     import torch
 
@@ -73,7 +101,7 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
     source = validate(model_dir, cfg) if _has_weights(Path(model_dir)) else None
     formats = resolve_formats(source, cfg, check_requested(quantization),
                               parse_layer_formats(layer_quantization, cfg.num_layers))
-    requests = parse_devices(devices)
+    requests = parse_devices(devices) if cluster is None else []
     split = parse_layers(layers)
     if max_num_seqs < 1 or block_size < 1:
         raise ValueError("max_num_seqs and block size must be at least 1")
@@ -81,7 +109,13 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
     max_len = max_model_len or limit
     if not 1 <= max_len <= limit:
         raise ValueError(f"max_model_len {max_len} must be between 1 and what the model supports ({limit})")
-    infos = []
+    if cluster is not None:
+        from engine.placement.cluster import read_cluster
+
+        described = read_cluster(cluster)
+        infos, links = described.devices, described.link_bandwidth
+    else:
+        infos, links = [], None
     for req in requests:
         compute, weights = resolve_dtypes(dtype, cfg.checkpoint_dtype, torch.device(req.name))
         infos.append(describe_device(req, compute, threads, memory_fraction, weight_dtype=weights,
@@ -89,9 +123,11 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
     max_kv_tokens = max_num_seqs * max_len if num_kv_blocks is None else num_kv_blocks * block_size
     result, compute, weights = place_model(cfg, formats, infos, dtype, max_model_len=max_len,
                                            max_num_seqs=max_num_seqs, block_size=block_size, layers=split,
-                                           kv_cache_memory=kv_cache_memory, max_kv_tokens=max_kv_tokens)
+                                           kv_cache_memory=kv_cache_memory, max_kv_tokens=max_kv_tokens,
+                                           link_bandwidth=links)
+    cost = ModelCost.from_config(cfg, compute, weights, formats=formats)
     return PlanHere(Path(model_dir), cfg, compute, weights, max_len, result.context_len, result,
-                    tuple(layer_summary(cfg.num_layers, formats, weights)))
+                    tuple(layer_summary(cfg.num_layers, formats, weights)), cost, infos, links, max_num_seqs)
 
 
 def _has_weights(model_dir: Path) -> bool:

@@ -65,3 +65,34 @@ def plan_json(plan: Plan) -> dict:
             for k, s in enumerate(plan.stages)
         ],
     }
+
+
+def throughput(plan: Plan) -> float:
+    """Tokens per second with the pipeline full: a micro-batch leaves the slowest stage each bottleneck."""
+    return plan.batch_size / plan.bottleneck_s
+
+
+def peer_table(ours: Plan, devices: list, peers: list) -> str:
+    """Strata's plan beside other systems' splits of the same layers over the same devices (listed in the order
+    given, as the others keep it; Strata's own order may differ), all priced by one cost model: layers per device,
+    predicted tokens/s with the pipeline full, and Strata's ratio to each."""
+    names = [f"{d.host}/{d.name}" if d.host else d.name for d in devices]
+    ours_counts = {s.device_index: s.num_layers for s in ours.stages}
+    rows = [["Strata", _counts([ours_counts.get(i, 0) for i in range(len(devices))]),
+             f"{throughput(ours):.0f}", "1.00"]]
+    for who, counts, priced in peers:
+        if counts is None:
+            rows.append([who, "cannot place the model", "-", "-"])
+        elif priced is None:
+            rows.append([who, _counts(counts), "does not fit", "-"])
+        else:
+            rows.append([who, _counts(counts), f"{throughput(priced):.0f}", f"{throughput(ours) / throughput(priced):.2f}"])
+    head = ["split by", "layers per device (" + ", ".join(names) + ")", "tokens/s", "Strata's ratio"]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    return "\n".join("  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in [head, *rows])
+
+
+def _counts(counts: list[int]) -> str:
+    return ", ".join(map(str, counts))
+
