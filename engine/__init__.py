@@ -21,6 +21,8 @@ _LAZY = {
     "plan_here": "engine.placement.planning",
     "plan_json": "engine.placement",
     "plan_table": "engine.placement",
+    "peer_table": "engine.placement",
+    "throughput": "engine.placement",
     "add_stage_args": "engine.pipeline.worker",
     "add_worker_args": "engine.pipeline.worker",
     "run_worker": "engine.pipeline.worker",

@@ -60,9 +60,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from engine import (CheckpointError, PlacementError, default_model, describe_layers, parse_size, plan_here,
-                        plan_json, plan_table)
-    from engine.placement import peer_table, throughput
+    from engine import (CheckpointError, PlacementError, default_model, describe_layers, parse_size, peer_table,
+                        plan_here, plan_json, plan_table, throughput)
 
     try:
         model_dir = args.model or str(default_model())
