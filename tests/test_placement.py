@@ -515,3 +515,15 @@ def test_strata_plan_on_a_cluster_prints_the_others_splits_beside_its_own(model_
     assert run_plan(plan_args("--model", str(model_dir), "--cluster", str(path), "--json")) == 0
     data = json.loads(capsys.readouterr().out)
     assert len(data["stages"]) == 3 and len(data["peers"]) == 4 and data["tokens_per_s"] > 0
+
+
+def test_beyond_what_can_be_enumerated_each_hosts_devices_stay_together():
+    """Eight distinct devices on three hosts: too many orders to try, so each host's devices go together and the
+    pipeline crosses each host boundary once."""
+    devices = [device(f"cuda:{i}", host=f"h{i % 3}", flops=1e12 * (i + 1), bw=1e11 * (i + 1), memory=4 * GiB)
+               for i in range(8)]
+    assert distinct_orders(devices) is None
+    p = plan(model(32), devices, kv_reserve_tokens=16, link_bandwidth=1e9)
+    hosts = [s.device.host for s in p.stages]
+    crossings = sum(a != b for a, b in zip(hosts, hosts[1:]))
+    assert crossings == 2 and sorted(s.device_index for s in p.stages) == list(range(8))

@@ -12,6 +12,7 @@ counted once.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 from engine.placement.cost import (LinkSpeed, ModelCost, StageTime, kv_cache_blocks, kv_capacity_tokens,
@@ -21,7 +22,7 @@ from engine.placement.devices import DeviceInfo
 from engine.placement.plan import Plan, StagePlan
 from engine.placement.render import readable_size
 
-# Orders beyond this many distinct ones are not enumerated: the devices go fastest first.
+# Orders beyond this many distinct ones are not enumerated: each host's devices go together (host_grouped_orders).
 MAX_ORDERS = 5040
 # Among plans this close to the best bottleneck, prefer the one whose smallest stage KV capacity is largest.
 TIE_TOLERANCE = 0.02
@@ -240,13 +241,22 @@ def distinct_orders(devices: list[DeviceInfo]) -> list[list[int]] | None:
     return orders
 
 
-def _fastest_first(ctx: _Context) -> list[int]:
+def host_grouped_orders(ctx: _Context) -> list[list[int]]:
+    """Orders for more devices than can be enumerated: each host's devices together, fastest first within it, so
+    that a pipeline crosses each host boundary once (the slow links); the hosts in every order, up to MAX_ORDERS of
+    them, else fastest host first."""
     per_layer = [layer_seconds(ctx.cost, d, ctx.batch, ctx.context_len, ctx.block_size) for d in ctx.devices]
-    return sorted(range(len(ctx.devices)), key=lambda i: per_layer[i])
+    hosts: dict[str, list[int]] = {}
+    for i in sorted(range(len(ctx.devices)), key=lambda i: per_layer[i]):
+        hosts.setdefault(ctx.devices[i].host, []).append(i)
+    groups = list(hosts.values())  # fastest host (by its fastest device) first
+    if math.factorial(len(groups)) > MAX_ORDERS:
+        return [[i for g in groups for i in g]]
+    return [[i for g in perm for i in g] for perm in itertools.permutations(groups)]
 
 
 def _search(ctx: _Context, tolerance: float) -> tuple[list[int], list[int]]:
-    orders = distinct_orders(ctx.devices) or [_fastest_first(ctx)]
+    orders = distinct_orders(ctx.devices) or host_grouped_orders(ctx)
     L, P = ctx.cost.num_layers, len(ctx.devices)
 
     def stage_columns(order, k: int) -> tuple[list[float], list[int]]:
