@@ -38,7 +38,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--devices", default=env("STRATA_DEVICES", "cpu"),
                    help="one stage per device, with optional memory budgets: cuda:0=20GiB,cuda:1,cpu=8GiB")
     add_stage_args(p, rendezvous=False)
-    p.add_argument("--layers", default=None, help="layers per stage in --devices order, instead of searching: 20,8,4")
+    p.add_argument("--layers", default=env("STRATA_LAYERS"),
+                   help="layers per stage in --devices order, instead of searching: 20,8,4")
     p.add_argument("--max-model-len", type=int, default=env("STRATA_MAX_MODEL_LEN"),
                    help="tokens of KV every stage must hold (default: the model's limit, as strata serve)")
     p.add_argument("--max-num-seqs", type=int, default=env("STRATA_MAX_NUM_SEQS", "256"),
@@ -51,7 +52,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--memory-fraction", type=float, default=0.9,
                    help="share of a device's free memory a stage may use when it has no budget")
     p.add_argument("--cluster", default=None,
-                   help="plan for the devices a TOML file describes instead of this machine's (engine/placement/"
+                   help="plan for the devices a TOML file describes instead of --devices (engine/placement/"
                         "cluster.py says how to write one), and print how Accelerate, exo, llama.cpp and vLLM would "
                         "split the layers over them, priced by the same cost model")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -71,7 +72,7 @@ def run_plan(args: argparse.Namespace) -> int:
                          layers=args.layers, block_size=int(args.block_size), quantization=args.quantization,
                          layer_quantization=args.layer_quantization,
                          kv_cache_memory=None if args.kv_cache_memory is None else parse_size(args.kv_cache_memory),
-                         num_kv_blocks=None if args.num_kv_blocks is None else int(args.num_kv_blocks),
+                         num_kv_blocks=int(args.num_kv_blocks) if args.num_kv_blocks else None,  # as serve reads it
                          cluster=args.cluster)
     except PlacementError as e:
         print(f"strata plan: {e}", file=sys.stderr)

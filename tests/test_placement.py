@@ -474,12 +474,15 @@ def test_a_cluster_file_describes_devices_and_links(tmp_path):
 
     path = tmp_path / "cluster.toml"
     path.write_text(CLUSTER)
-    cluster = read_cluster(path)
+    cluster = read_cluster(path, "bfloat16", memory_fraction=0.5)
     a100, rtx, cpu = cluster.devices
-    assert (a100.name, a100.host, a100.memory) == ("cuda:0", "a", 80 * GiB)
+    assert (a100.name, a100.host, a100.memory, a100.dtype) == ("cuda:0", "a", 40 * GiB, "bfloat16")
     assert a100.mem_bandwidth == pytest.approx(0.85 * KNOWN_GPUS["A100-80GB"].bandwidth)
-    assert (rtx.name, rtx.memory, rtx.op_overhead_s) == ("cuda:1", 20 * GiB, GPU_OP_OVERHEAD_S)
+    assert (rtx.name, rtx.memory, rtx.op_overhead_s) == ("cuda:1", 10 * GiB, GPU_OP_OVERHEAD_S)
     assert (cpu.kind, cpu.host, cpu.memory, cpu.mem_bandwidth) == ("cpu", "b", 64 * GiB, 80e9)
+    path.write_text("[[host]]\ngpus = ['T4']")
+    (t4,) = read_cluster(path, "bfloat16").devices
+    assert t4.dtype == "float16"  # no bf16 on a T4
     assert cluster.link_bandwidth(a100, rtx) == LINKS["NVLink"]
     assert cluster.link_bandwidth(rtx, cpu) == LINKS["10GbE"]
     assert link_between(a100, rtx, cluster.link_bandwidth).bandwidth == LINKS["NVLink"]
@@ -491,6 +494,13 @@ def test_a_cluster_file_describes_devices_and_links(tmp_path):
     ("network = 'carrier pigeon'\n[[host]]\ngpus = ['T4']", "network"),
     ("[[host]]\ngpus = ['T4']\nspeed = 3", "unknown keys speed"),
     ("[[host]]\ncpu = {cores = 4}", "memory"),
+    ("host = ['a']", "must be a table"),
+    ("[[host]]\ncpu = {memory = 16}", "size"),
+    ("[[host]]\ncpu = {memory = '-1GiB'}", "size"),
+    ("[[host]]\ncpu = {memory = '4GiB', flops = 0}", "flops"),
+    ("[[host]]\ncpu = {memory = '4GiB', flops = [1]}", "flops"),
+    ("network = true\n[[host]]\ngpus = ['T4']", "network"),
+    ("[[host]]\ngpus = 'T4'", "gpus must be a list"),
     ("hosts = 1", "unknown keys hosts"),
     ("[[host", "cluster.toml"),
 ])
@@ -527,3 +537,18 @@ def test_beyond_what_can_be_enumerated_each_hosts_devices_stay_together():
     hosts = [s.device.host for s in p.stages]
     crossings = sum(a != b for a, b in zip(hosts, hosts[1:]))
     assert crossings == 2 and sorted(s.device_index for s in p.stages) == list(range(8))
+
+
+def test_a_kv_cache_budget_must_fit_beside_the_weights():
+    """A stage allocates all of --kv-cache-memory: a plan that leaves less room is refused, as the stage would fail."""
+    cost, d = model(4), device("cuda:0", memory=1 * GiB)
+    assert plan(cost, [d], kv_reserve_tokens=16).stages[0].kv_blocks > 0
+    with pytest.raises(PlacementError, match="KV cache budget"):
+        plan(cost, [d], kv_reserve_tokens=16, layers=[4], kv_cache_memory=1 * GiB)
+
+
+def test_strata_plan_refuses_more_kv_blocks_than_fit_as_serve_does(plan_env, model_dir, capsys):
+    from gateway.plan_command import run_plan
+
+    assert run_plan(plan_args("--model", str(model_dir), "--devices", "cpu=1GiB", "--num-kv-blocks", "100000000")) == 2
+    assert "does not fit the KV memory budget" in capsys.readouterr().err

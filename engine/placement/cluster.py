@@ -9,11 +9,14 @@
     cpu = {memory = "64GiB", bandwidth = "80GB/s", flops = 1.5e12}   # a CPU stage too (leave out: none)
 
 A GPU's rates are its datasheet's, derated to what serving kernels reach: products at MATMUL_EFFICIENCY of the dense
-tensor-core peak at its half precision, weights streamed at BANDWIDTH_EFFICIENCY of its memory bandwidth. Links are
-the named bus's or network's usable bandwidth; a CPU and a GPU of one host talk over that GPU's PCIe.
+tensor-core peak at its half precision, weights streamed at BANDWIDTH_EFFICIENCY of its memory bandwidth. A stage on
+it takes the memory fraction of the card's memory, as a stage on a real one takes that share of what is free. It
+computes at the requested dtype, or the checkpoint's half precision (fp16 on a GPU without bf16); a CPU stage in fp32.
+Links are the named bus's or network's usable bandwidth; a CPU and a GPU of one host talk over that GPU's PCIe.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +31,7 @@ CPU_OP_OVERHEAD_S = 2e-6
 
 @dataclass(frozen=True, slots=True)
 class GPUModel:
-    memory: int  # bytes
+    memory: int  # bytes the driver reports as the card's total (less than its nominal size)
     half_flops: float  # dense tensor-core FLOP/s at bf16 (fp16 where the GPU has no bf16)
     int8_ops: float  # dense int8 tensor-core OP/s
     bandwidth: float  # memory bytes/s
@@ -37,16 +40,17 @@ class GPUModel:
 
 
 GB = 1e9
+MiB = 1 << 20
 KNOWN_GPUS = {  # datasheet figures: dense (no sparsity) tensor-core rates
-    "H100-80GB": GPUModel(80 << 30, 989e12, 1979e12, 3350 * GB, "PCIe5"),
-    "A100-80GB": GPUModel(80 << 30, 312e12, 624e12, 2039 * GB, "PCIe4"),
-    "A100-40GB": GPUModel(40 << 30, 312e12, 624e12, 1555 * GB, "PCIe4"),
-    "A10": GPUModel(24 << 30, 125e12, 250e12, 600 * GB, "PCIe4"),
-    "L4": GPUModel(24 << 30, 121e12, 242e12, 300 * GB, "PCIe4"),
-    "T4": GPUModel(16 << 30, 65e12, 130e12, 320 * GB, "PCIe3", bf16=False),
-    "V100-32GB": GPUModel(32 << 30, 125e12, 62e12, 900 * GB, "PCIe3", bf16=False),
-    "RTX 3090": GPUModel(24 << 30, 71e12, 284e12, 936 * GB, "PCIe4"),
-    "RTX 4090": GPUModel(24 << 30, 165e12, 660e12, 1008 * GB, "PCIe4"),
+    "H100-80GB": GPUModel(81559 * MiB, 989e12, 1979e12, 3350 * GB, "PCIe5"),
+    "A100-80GB": GPUModel(81920 * MiB, 312e12, 624e12, 2039 * GB, "PCIe4"),
+    "A100-40GB": GPUModel(40960 * MiB, 312e12, 624e12, 1555 * GB, "PCIe4"),
+    "A10": GPUModel(23028 * MiB, 125e12, 250e12, 600 * GB, "PCIe4"),
+    "L4": GPUModel(23034 * MiB, 121e12, 242e12, 300 * GB, "PCIe4"),
+    "T4": GPUModel(15360 * MiB, 65e12, 130e12, 320 * GB, "PCIe3", bf16=False),
+    "V100-32GB": GPUModel(32768 * MiB, 125e12, 62e12, 900 * GB, "PCIe3", bf16=False),
+    "RTX 3090": GPUModel(24576 * MiB, 71e12, 284e12, 936 * GB, "PCIe4"),
+    "RTX 4090": GPUModel(24564 * MiB, 165e12, 660e12, 1008 * GB, "PCIe4"),
 }
 LINKS = {  # usable bytes/s one way
     "NVLink": 250 * GB, "PCIe3": 12 * GB, "PCIe4": 25 * GB, "PCIe5": 50 * GB,
@@ -75,20 +79,37 @@ class Cluster:
         return self.buses.get((gpu.host, gpu.name), LINKS["PCIe4"])
 
 
+def _number(value, what: str, where: str) -> float:
+    """A finite positive number (not a boolean)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ClusterError(f"{where}: {what} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _size(value, what: str, where: str) -> int:
+    try:
+        size = parse_size(value) if isinstance(value, str) else None
+    except ValueError:
+        size = None
+    if not size or size <= 0:
+        raise ClusterError(f"{where}: {what} must be a size such as \"16GiB\", got {value!r}")
+    return size
+
+
 def _rate(value, what: str, where: str) -> float:
-    if isinstance(value, (int, float)) and value > 0:
-        return float(value)
     if isinstance(value, str):
         if value in LINKS:
             return LINKS[value]
-        m = re.fullmatch(r"\s*([\d.]+)\s*(G|T)B/s\s*", value)
-        if m:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(G|T)B/s\s*", value)
+        if m and float(m.group(1)) > 0:
             return float(m.group(1)) * (1e9 if m.group(2) == "G" else 1e12)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf:
+        return float(value)
     raise ClusterError(f"{where}: {what} must be a positive number of bytes per second, '<N>GB/s' or one of "
                        f"{', '.join(LINKS)}; got {value!r}")
 
 
-def _gpu(entry, index: int, host: str, where: str) -> tuple[DeviceInfo, str]:
+def _gpu(entry, index: int, host: str, where: str, half: str, fraction: float) -> tuple[DeviceInfo, str]:
     overrides = {}
     if isinstance(entry, dict):
         overrides = dict(entry)
@@ -96,13 +117,14 @@ def _gpu(entry, index: int, host: str, where: str) -> tuple[DeviceInfo, str]:
     model = KNOWN_GPUS.get(entry) if isinstance(entry, str) else None
     if model is None:
         raise ClusterError(f"{where}: unknown GPU {entry!r}; known: {', '.join(KNOWN_GPUS)}")
-    memory = parse_size(overrides.pop("memory")) if "memory" in overrides else model.memory
+    memory = _size(overrides.pop("memory"), "a GPU's memory", where) if "memory" in overrides else model.memory
     if overrides:
         raise ClusterError(f"{where}: a GPU takes model and memory, not {', '.join(sorted(overrides))}")
+    dtype = "float16" if half == "bfloat16" and not model.bf16 else half
     info = DeviceInfo(
-        name=f"cuda:{index}", kind="cuda", host=host, label=f"NVIDIA {entry}", memory=memory,
+        name=f"cuda:{index}", kind="cuda", host=host, label=f"NVIDIA {entry}", memory=int(memory * fraction),
         matmul_flops=model.half_flops * MATMUL_EFFICIENCY, mem_bandwidth=model.bandwidth * BANDWIDTH_EFFICIENCY,
-        op_overhead_s=GPU_OP_OVERHEAD_S, dtype=None if model.bf16 else "float16", budgeted=True)
+        op_overhead_s=GPU_OP_OVERHEAD_S, dtype=dtype)
     return info, model.pcie
 
 
@@ -113,13 +135,15 @@ def _cpu(entry, host: str, where: str) -> DeviceInfo:
     if unknown:
         raise ClusterError(f"{where}: cpu takes memory, bandwidth and flops, not {', '.join(sorted(unknown))}")
     bandwidth = _rate(entry.get("bandwidth", "50GB/s"), "bandwidth", where)
-    flops = float(entry.get("flops", 1e12))
-    return DeviceInfo(name="cpu", kind="cpu", host=host, label="CPU", memory=parse_size(entry["memory"]),
+    flops = _number(entry.get("flops", 1e12), "flops", where)
+    return DeviceInfo(name="cpu", kind="cpu", host=host, label="CPU", memory=_size(entry["memory"], "memory", where),
                       matmul_flops=flops, mem_bandwidth=bandwidth, op_overhead_s=CPU_OP_OVERHEAD_S,
                       dtype="float32", fused_layer_ops=True, budgeted=True)
 
 
-def read_cluster(path: str | Path) -> Cluster:
+def read_cluster(path: str | Path, half: str = "bfloat16", memory_fraction: float = 0.9) -> Cluster:
+    """half: the dtype GPU stages compute in (fp16 stands in for bf16 on a GPU without it); memory_fraction: of each
+    GPU's memory a stage takes."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -127,7 +151,7 @@ def read_cluster(path: str | Path) -> Cluster:
 
     try:
         data = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ClusterError(f"{path}: {e}") from None
     unknown = set(data) - {"host", "network"}
     if unknown:
@@ -140,7 +164,11 @@ def read_cluster(path: str | Path) -> Cluster:
     gpu_links: dict[str, float] = {}
     buses: dict[tuple[str, str], float] = {}
     for k, host in enumerate(hosts):
+        if not isinstance(host, dict):
+            raise ClusterError(f"{path}: each [[host]] must be a table, got {host!r}")
         name = host.get("name", f"host{k}")
+        if not isinstance(name, str):
+            raise ClusterError(f"{path}: a host's name must be a string, got {name!r}")
         where = f"{path}: host {name}"
         unknown = set(host) - {"name", "gpus", "gpu_link", "cpu"}
         if unknown:
@@ -148,8 +176,11 @@ def read_cluster(path: str | Path) -> Cluster:
         if name in gpu_links:
             raise ClusterError(f"{where}: two hosts are named {name!r}")
         gpu_links[name] = _rate(host.get("gpu_link", "PCIe4"), "gpu_link", where)
-        for i, entry in enumerate(host.get("gpus", [])):
-            info, bus = _gpu(entry, i, name, where)
+        gpus = host.get("gpus", [])
+        if not isinstance(gpus, list):
+            raise ClusterError(f"{where}: gpus must be a list")
+        for i, entry in enumerate(gpus):
+            info, bus = _gpu(entry, i, name, where, half, memory_fraction)
             devices.append(info)
             buses[(name, info.name)] = LINKS[bus]
         if "cpu" in host:

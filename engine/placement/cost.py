@@ -345,10 +345,12 @@ def stage_seconds(cost: ModelCost, device: DeviceInfo, n_layers: int, *, first: 
 
 
 def stage_fits(cost: ModelCost, device: DeviceInfo, n_layers: int, first: bool, last: bool,
-               kv_reserve_tokens: int) -> bool:
-    need = stage_weight_bytes(cost, n_layers, first, last)
-    need += kv_reserve_tokens * stage_kv_bytes_per_token(cost, device, n_layers)
-    return need <= device.memory
+               kv_reserve_tokens: int, kv_cache_memory: int | None = None) -> bool:
+    """Whether the stage's weights fit beside KV for kv_reserve_tokens, and beside the whole KV budget where the user
+    set one (the stage allocates all of it)."""
+    weights = stage_weight_bytes(cost, n_layers, first, last)
+    kv = kv_reserve_tokens * stage_kv_bytes_per_token(cost, device, n_layers)
+    return weights + max(kv, kv_cache_memory or 0) <= device.memory
 
 
 def predict_stage_seconds(cost: ModelCost, device: DeviceInfo, layers: int | tuple[int, int], first: bool, last: bool,

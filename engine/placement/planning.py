@@ -33,15 +33,18 @@ def planned_batch(max_num_seqs: int, num_stages: int) -> int:
 
 def place_model(cfg: ModelConfig, formats: dict, infos: list, dtype_request: str, *, max_model_len: int,
                 max_num_seqs: int, block_size: int, layers: list[int] | None, kv_cache_memory: int | None,
-                max_kv_tokens: int, link_bandwidth=None) -> tuple[Plan, str, str]:
+                max_kv_tokens: int, link_bandwidth=None, dtypes: tuple[str, str] | None = None) -> tuple[Plan, str, str]:
     """The plan over devices described as their stages describe them (infos: DeviceInfo, in --devices order; CPU
-    stages of one host share its memory here): (plan, compute dtype, weight dtype) of the first stage."""
-    import torch
-
-    from engine.placement.local_device import resolve_dtypes
-
+    stages of one host share its memory here): (plan, compute dtype, weight dtype) of the first stage. dtypes:
+    (compute, weights) where the devices are not this machine's (a described cluster), else as the first resolves."""
     share_host_memory(infos)
-    compute, weights = resolve_dtypes(dtype_request, cfg.checkpoint_dtype, torch.device(infos[0].name))
+    if dtypes is None:
+        import torch
+
+        from engine.placement.local_device import resolve_dtypes
+
+        dtypes = resolve_dtypes(dtype_request, cfg.checkpoint_dtype, torch.device(infos[0].name))
+    compute, weights = dtypes
     result = plan(ModelCost.from_config(cfg, compute, weights, formats=formats), infos,
                   batch_size=planned_batch(max_num_seqs, len(infos)), context_len=min(max_model_len, PLANNED_CONTEXT),
                   kv_reserve_tokens=max_model_len, layers=layers, block_size=block_size, max_kv_tokens=max_kv_tokens,
@@ -109,11 +112,18 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
     max_len = max_model_len or limit
     if not 1 <= max_len <= limit:
         raise ValueError(f"max_model_len {max_len} must be between 1 and what the model supports ({limit})")
+    dtypes = None
     if cluster is not None:
+        from engine.model.config import DTYPES
         from engine.placement.cluster import read_cluster
 
-        described = read_cluster(cluster)
+        # Not this machine's devices: GPU stages compute at the requested dtype, or the checkpoint's where it is
+        # half precision (bf16 otherwise); the checkpoint's weights stay as stored.
+        half = DTYPES[dtype] if dtype != "auto" else (
+            cfg.checkpoint_dtype if cfg.checkpoint_dtype != "float32" else "bfloat16")
+        described = read_cluster(cluster, half, memory_fraction)
         infos, links = described.devices, described.link_bandwidth
+        dtypes = (half, cfg.checkpoint_dtype if dtype == "auto" else half)
     else:
         infos, links = [], None
     for req in requests:
@@ -124,7 +134,10 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
     result, compute, weights = place_model(cfg, formats, infos, dtype, max_model_len=max_len,
                                            max_num_seqs=max_num_seqs, block_size=block_size, layers=split,
                                            kv_cache_memory=kv_cache_memory, max_kv_tokens=max_kv_tokens,
-                                           link_bandwidth=links)
+                                           link_bandwidth=links, dtypes=dtypes)
+    if num_kv_blocks is not None and result.num_kv_blocks < num_kv_blocks:  # as strata serve refuses it
+        raise ValueError(f"num_kv_blocks={num_kv_blocks} does not fit the KV memory budget ({result.num_kv_blocks} "
+                         "blocks)")
     cost = ModelCost.from_config(cfg, compute, weights, formats=formats)
     return PlanHere(Path(model_dir), cfg, compute, weights, max_len, result.context_len, result,
                     tuple(layer_summary(cfg.num_layers, formats, weights)), cost, infos, links, max_num_seqs)

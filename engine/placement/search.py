@@ -95,7 +95,7 @@ class _Context:
             L, d = self.cost.num_layers, self.devices[dev]
             times, blocks = [_INF] * (L + 1), [-1] * (L + 1)
             for n in range(1, L + 1):
-                if not stage_fits(self.cost, d, n, first, last, self.reserve):
+                if not stage_fits(self.cost, d, n, first, last, self.reserve, self.kv_cache_memory):
                     break  # more layers need more memory
                 times[n] = self.time(dev, n, first, last, prev, self.batch).total_s
                 blocks[n] = kv_capacity_tokens(self.cost, d, n, first, last) // self.block_size
@@ -111,12 +111,15 @@ class _Context:
             prev = order[k - 1] if k else None
             weights = stage_weight_bytes(cost, n, first, last)
             kv_per_token = stage_kv_bytes_per_token(cost, d, n)
-            if check and not stage_fits(cost, d, n, first, last, self.reserve):
-                need = weights + self.reserve * kv_per_token
+            if check and not stage_fits(cost, d, n, first, last, self.reserve, self.kv_cache_memory):
+                kv = self.reserve * kv_per_token
+                what = f"KV for {self.reserve} tokens"
+                if (self.kv_cache_memory or 0) > kv:
+                    kv, what = self.kv_cache_memory, "the KV cache budget"
+                need = weights + kv
                 raise PlacementError(
                     f"stage {k} ({d.name}) does not fit: layers {start}-{start + n - 1} need {readable_size(weights)} "
-                    f"of weights "
-                    f"plus {readable_size(self.reserve * kv_per_token)} of KV for {self.reserve} tokens, and {d.name} holds "
+                    f"of weights plus {readable_size(kv)} of {what}, and {d.name} holds "
                     f"{readable_size(d.memory)} ({readable_size(need - d.memory)} short)")
             times = {b: self.time(dev, n, first, last, prev, b) for b in sorted({1, self.batch})}
             stages.append(StagePlan(
