@@ -17,7 +17,6 @@ from engine.placement import (
     ModelCost,
     PlacementError,
     distinct_orders,
-    kv_capacity_tokens,
     link_between,
     parse_devices,
     plan,
@@ -27,6 +26,7 @@ from engine.placement import (
     stage_seconds,
     stage_weight_bytes,
 )
+from engine.placement.cost import kv_cache_blocks, stage_kv_budget, stage_kv_bytes_per_token
 
 MiB = 1 << 20
 
@@ -68,7 +68,9 @@ def brute_force(cost, devices, batch, context, reserve, block_size=16):
                 t = stage_seconds(cost, devices[i], n, first=first, last=last, batch=batch, context_len=context,
                                   link=link_between(prev, devices[i]), block_size=block_size)
                 worst = max(worst, t.total_s)
-                blocks = min(blocks, kv_capacity_tokens(cost, devices[i], n, first, last) // block_size)
+                budget = stage_kv_budget(devices[i], stage_weight_bytes(cost, n, first, last), None)
+                per_block = stage_kv_bytes_per_token(cost, devices[i], n) * block_size
+                blocks = min(blocks, kv_cache_blocks(budget, per_block, reserve, block_size))
             if worst < math.inf:
                 plans.append((worst, blocks))
     return min((w for w, _ in plans), default=math.inf), plans
@@ -109,11 +111,10 @@ def test_dynamic_program_matches_brute_force(seed):
             continue
         exact = plan(cost, devices, batch_size=batch, context_len=context, kv_reserve_tokens=reserve, tolerance=0.0)
         assert exact.bottleneck_s == pytest.approx(best, rel=1e-12)
-        # The default keeps within 2% of the best and, among those, the largest smallest KV capacity.
+        # The default keeps within 2% of the best and, among those, the largest smallest KV allocation.
         chosen = plan(cost, devices, batch_size=batch, context_len=context, kv_reserve_tokens=reserve)
         assert chosen.bottleneck_s <= best * 1.02 * (1 + 1e-12)
-        capacity = min(max(s.kv_capacity_tokens, 0) // chosen.block_size for s in chosen.stages)
-        assert capacity == max(b for w, b in plans if w <= best * 1.02 * (1 + 1e-12))
+        assert chosen.num_kv_blocks == max(b for w, b in plans if w <= best * 1.02 * (1 + 1e-12))
         for p in (exact, chosen):
             assert sorted(s.device_index for s in p.stages) == list(range(len(devices)))
             assert [s.layers[0] for s in p.stages] == [0] + [s.layers[1] for s in p.stages[:-1]]

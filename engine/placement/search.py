@@ -41,7 +41,7 @@ def plan(cost: ModelCost, devices: list[DeviceInfo], *, batch_size: int = 64, co
     """Order the devices and split the layers so the slowest stage is as fast as it can be.
 
     layers: counts per stage in the devices' given order (no search). tolerance: among plans within this
-    fraction of the best bottleneck, the one whose smallest KV capacity is largest wins. max_kv_tokens and
+    fraction of the best bottleneck, the one whose stages' smallest KV allocation is largest wins. max_kv_tokens and
     kv_cache_memory (bytes per stage) size the KV blocks each stage will allocate, as the stage sizes them.
     """
     L, P = cost.num_layers, len(devices)
@@ -89,7 +89,8 @@ class _Context:
 
     def columns(self, dev: int, first: bool, last: bool, prev: int | None) -> tuple[list[float], list[int]]:
         """Per layer count n (index 0 unused): predicted seconds at the planning batch (inf where the stage does
-        not fit), and KV capacity in blocks."""
+        not fit), and the KV blocks the stage would allocate (what the tie-break between near plans maximises: blocks
+        beyond what the stage takes are worth nothing)."""
         key = (dev, first, last, prev)
         if key not in self._cache:
             L, d = self.cost.num_layers, self.devices[dev]
@@ -98,9 +99,16 @@ class _Context:
                 if not stage_fits(self.cost, d, n, first, last, self.reserve, self.kv_cache_memory):
                     break  # more layers need more memory
                 times[n] = self.time(dev, n, first, last, prev, self.batch).total_s
-                blocks[n] = kv_capacity_tokens(self.cost, d, n, first, last) // self.block_size
+                blocks[n] = self.kv_blocks(d, n, first, last)
             self._cache[key] = (times, blocks)
         return self._cache[key]
+
+    def kv_blocks(self, d: DeviceInfo, n: int, first: bool, last: bool) -> int:
+        """The blocks a stage of n layers on d allocates (engine.placement.cost.kv_cache_blocks, the stage's rule)."""
+        weights = stage_weight_bytes(self.cost, n, first, last)
+        return kv_cache_blocks(stage_kv_budget(d, weights, self.kv_cache_memory),
+                               stage_kv_bytes_per_token(self.cost, d, n) * self.block_size, self.max_kv_tokens,
+                               self.block_size)
 
     def evaluate(self, order: list[int], split: list[int], check: bool = False) -> Plan:
         cost, P = self.cost, len(order)
@@ -128,8 +136,7 @@ class _Context:
                 predicted_s={b: t.total_s for b, t in times.items()},
                 compute_s={b: t.compute_s for b, t in times.items()},
                 transfer_s={b: t.transfer_s for b, t in times.items()},
-                kv_blocks=kv_cache_blocks(stage_kv_budget(d, weights, self.kv_cache_memory),
-                                          kv_per_token * self.block_size, self.max_kv_tokens, self.block_size),
+                kv_blocks=self.kv_blocks(d, n, first, last),
             ))
             start += n
         bottleneck = max(s.predicted_s[self.batch] for s in stages)
