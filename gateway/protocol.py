@@ -110,6 +110,9 @@ class CompletionRequest(SamplingFields):
 
 MAX_TOOLS = 128  # as OpenAI
 MAX_METADATA = 16
+# OpenAI's metadata: at most 16 pairs, keys of 64 characters and values of 512.
+Metadata = Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                     at_most(MAX_METADATA)]
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # a function's or a schema's name, as OpenAI takes them
 
 
@@ -195,7 +198,7 @@ class OpenAIFields(StrictModel):
     cannot honour: present here so that the routes refuse the latter by name (gateway.openai_routes.refuse_unhonoured)."""
 
     store: bool | None = None  # false: nothing is kept, which is what this server does
-    metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], at_most(MAX_METADATA)] | None = None
+    metadata: Metadata | None = None
     service_tier: str | None = None  # auto and default: one tier here
     parallel_tool_calls: bool = True
     audio: Any = None
@@ -316,7 +319,7 @@ class ResponsesRequest(StrictModel):
     text: TextConfig | None = None
     stream: bool = False
     user: str | None = None
-    metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], at_most(MAX_METADATA)] | None = None
+    metadata: Metadata | None = None
     service_tier: str | None = None
     # Known, and refused by the route unless off: this server keeps no responses and runs none in the background.
     store: bool | None = None

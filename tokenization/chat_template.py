@@ -98,7 +98,7 @@ def compile_template(source: str) -> jinja2.Template:
         raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
 
 
-def _join_text_parts(parts: Sequence[Any]) -> str:
+def join_text_parts(parts: Sequence[Any]) -> str:
     texts = []
     for part in parts:
         if isinstance(part, str):
@@ -129,7 +129,7 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
         msg = {k: v for k, v in message.items() if v is not None}
         content = msg.get("content")
         if isinstance(content, (list, tuple)):
-            msg["content"] = _join_text_parts(content)
+            msg["content"] = join_text_parts(content)
         reasoning = next((msg[k] for k in _REASONING_FIELDS if msg.get(k) is not None), None)
         if reasoning is not None:
             msg = {"thinking": reasoning, **msg, "reasoning_content": reasoning}

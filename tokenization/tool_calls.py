@@ -58,6 +58,8 @@ from typing import Any
 
 import jinja2
 
+from tokenization.chat_template import join_text_parts
+
 __all__ = [
     "FORMATS", "HERMES", "LLAMA3_JSON", "MISTRAL", "ArgumentsDelta", "CallStarted", "Event", "TextDelta", "ToolCall",
     "ToolCallStream", "ToolFormat", "default_tool_messages", "format_for_template", "special_token_id",
@@ -892,12 +894,9 @@ def default_tool_messages(messages: Sequence[Mapping[str, Any]],
 def _text(content: Any) -> str:
     if content is None:
         return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, (list, tuple)):  # OpenAI content parts; only text has a place here
-        return "\n".join(p if isinstance(p, str) else str(p.get("text", "")) for p in content
-                         if isinstance(p, str) or (isinstance(p, Mapping) and p.get("type", "text") == "text"))
-    return str(content)
+    if isinstance(content, (list, tuple)):  # OpenAI content parts, joined by the one rule for that
+        return join_text_parts(content)
+    return content if isinstance(content, str) else str(content)
 
 
 def _hermes_call(call: Mapping[str, Any]) -> str:

@@ -212,8 +212,9 @@ class StageRunner:
                               carry=(positions, token_ids if self.first else [], sample_rows))
         pos_t, ids_t, rows_t = meta.carry
         x = ids_t if self.first else hidden
+        rows = [self.rows[s] for s in sample_ids] if self.last else []
         # The grammar rows' masks depend only on what they sampled before: they are computed while the layers run.
-        masks = self._start_masks([self.rows[s] for s in sample_ids]) if self.last else None
+        masks = self._start_masks(rows) if rows else None
         with torch.inference_mode():
             hidden_out = None
             if self.graphs is not None and not prefills and on_layer is None:
@@ -225,7 +226,6 @@ class StageRunner:
             if not sample_ids:
                 return hidden_out, StepOutput(batch.batch_id, [], []), None
             logits = self.model.logits(hidden_out[rows_t])
-            rows = [self.rows[s] for s in sample_ids]
             sampled, errors = self._sample(logits, rows, sample_ids, masks)
         for row, tok in zip(rows, sampled.token_ids):
             row.output_token_ids.append(tok)
