@@ -19,6 +19,14 @@ LLAMA3_8B_SHAPE = dict(
 )
 
 
+# TinyLlama-1.1B: 22 layers of ~88 MB in bf16, 2.2 GB in all.
+LLAMA_1B_SHAPE = dict(
+    hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+    num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
+    rms_norm_eps=1e-5, rope_theta=10000.0,
+)
+
+
 LLAMA3_70B_SHAPE = dict(
     hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
     num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False,
@@ -70,9 +78,19 @@ def smollm2_135m_shaped(dtype: str = "bfloat16") -> Path:
 
 
 def llama3_8b_shaped(dtype: str = "bfloat16", device: str = "cpu") -> Path:
-    """A Llama-3-8B-shaped checkpoint (random weights, no tokenizer: prompts are token ids), written one layer per
-    shard with its tensors made on `device` (a GPU makes 8B random values in seconds), never all in memory at once."""
-    out = cache_root() / f"bench-llama3-8b-shape-random-{dtype}-v1"
+    """A Llama-3-8B-shaped checkpoint (random weights, no tokenizer: prompts are token ids)."""
+    return random_sharded(LLAMA3_8B_SHAPE, f"bench-llama3-8b-shape-random-{dtype}-v1", dtype, device)
+
+
+def llama_1b_shaped(dtype: str = "bfloat16") -> Path:
+    """A TinyLlama-1.1B-shaped checkpoint (random weights, no tokenizer: prompts are token ids)."""
+    return random_sharded(LLAMA_1B_SHAPE, f"bench-llama-1b-shape-random-{dtype}-v1", dtype, "cpu")
+
+
+def random_sharded(shape: dict, name: str, dtype: str, device: str) -> Path:
+    """A Llama checkpoint of this shape with random weights, written one layer per shard with its tensors made on
+    `device` (a GPU makes 8B random values in seconds), never all in memory at once."""
+    out = cache_root() / name
     if (out / "config.json").is_file():
         return out
     import json
@@ -86,8 +104,8 @@ def llama3_8b_shaped(dtype: str = "bfloat16", device: str = "cpu") -> Path:
 
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    special = (128000, 128001) if LLAMA3_8B_SHAPE["vocab_size"] > 128001 else (0, 1)
-    LlamaConfig(**LLAMA3_8B_SHAPE, bos_token_id=special[0], eos_token_id=special[1], torch_dtype=dtype,
+    special = (128000, 128001) if shape["vocab_size"] > 128001 else (1, 2)
+    LlamaConfig(**shape, bos_token_id=special[0], eos_token_id=special[1], torch_dtype=dtype,
                 architectures=["LlamaForCausalLM"]).save_pretrained(tmp)
     cfg = ModelConfig.from_dir(tmp)
     g = torch.Generator(device).manual_seed(0)

@@ -34,13 +34,13 @@ def prompts_for(batch: int, prompt_len: int, vocab: int) -> list[list[int]]:
 
 
 def engine_run(model_dir, batch: int, prompt_len: int, output_len: int, threads: int | None,
-               devices: str = "cpu", on_engine=None, quantization: str = "auto") -> tuple[float, float]:
+               devices: str = "cpu", on_engine=None, quantization: str = "auto", **options) -> tuple[float, float]:
     """(output tokens/s end to end, mean decode step seconds). on_engine(engine), if given, is called after the run,
-    before the engine closes."""
+    before the engine closes; options: more EngineConfig fields."""
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     with LLM(model_dir, devices=devices, threads=threads, max_num_seqs=max(batch, 1),
              max_model_len=prompt_len + output_len + 16, max_num_batched_tokens=max(2048, batch * prompt_len),
-             quantization=quantization) as llm:
+             quantization=quantization, **options) as llm:
         cfg = ModelConfig.from_dir(model_dir)
         llm.generate(prompts_for(batch, prompt_len, cfg.vocab_size), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
         prompts = prompts_for(batch, prompt_len + 1, cfg.vocab_size)

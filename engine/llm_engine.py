@@ -61,6 +61,9 @@ class EngineConfig:
     # quantized tensors stay quantized), none dequantizes, a format quantizes at load; per layer: "0-3=bf16,4-29=q4_k".
     quantization: str = "auto"
     layer_quantization: str | None = None
+    # A folder a CPU stage may keep the layers its memory budget cannot hold in, reading them back every step; None:
+    # every layer stays in memory.
+    offload_dir: str | None = None
 
     # The fields stay as given; what they mean, in the engine's own terms, is read through these.
     @property
@@ -173,7 +176,7 @@ class LLMEngine:
         driver = Driver(devices, config.threads, config.workers, host, port, config.rendezvous_timeout_s)
         try:
             ask = DescribeDevice(config.dtype_request, cfg.checkpoint_dtype, config.kv_cache_fraction,
-                                 dominant_quantized(self.weight_formats, cfg.num_layers))
+                                 dominant_quantized(self.weight_formats, cfg.num_layers), config.offload_dir)
             infos = driver.describe(ask)
             max_kv_tokens = (config.max_num_seqs * max_len if config.num_kv_blocks is None
                              else config.num_kv_blocks * config.block_size)
@@ -201,6 +204,7 @@ class LLMEngine:
                     max_num_seqs=config.max_num_seqs, inline_bytes=inline, cuda_graphs=not config.enforce_eager,
                     formats=self.weight_formats, stop_token_ids=self.eos_token_ids,
                     trace=self.trace_settings if self._trace_steps else None,
+                    streamed_layers=st.streamed_layers, offload_dir=config.offload_dir,
                 )))
                 prev_dtype = compute
             info = driver.start(specs)
@@ -333,7 +337,8 @@ class LLMEngine:
         stages = tuple(
             # Local stage processes are started in --devices order.
             StageInfo(k, st.device.name, st.device.label, st.device.kind, st.device.host, st.device.threads,
-                      st.layers, procs[st.device_index].pid if st.device_index < len(procs) else None)
+                      st.layers, procs[st.device_index].pid if st.device_index < len(procs) else None,
+                      st.streamed_layers)
             for k, st in enumerate(plan.stages))
         head = EMBEDDING if cfg.tie_word_embeddings else "lm_head.weight"
         return EngineInfo(cfg.architecture, cfg.num_layers, self.dtype, self.weight_dtype,

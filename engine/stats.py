@@ -15,6 +15,7 @@ class StageInfo:
     threads: int | None
     layers: tuple[int, int]  # [start, end)
     pid: int | None  # the stage's process where it runs on this host, else None
+    streamed_layers: tuple[int, ...] = ()  # read from its disk tier every step; the others stay in its memory
 
 
 @dataclass(slots=True, frozen=True)

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from engine import add_stage_args, add_worker_args, describe_layers, run_worker
 from gateway.connections import bind_listener, listen
-from gateway.plan_command import add_plan_parser, add_quantization_args, run_plan
+from gateway.plan_command import add_offload_arg, add_plan_parser, add_quantization_args, run_plan
 from loadtest.cli import add_arguments as add_bench_arguments
 from loadtest.cli import run as run_bench
 
@@ -53,6 +53,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=_env("max_model_len"))
     g.add_argument("--kv-cache-memory", default=_env("kv_cache_memory"), help="KV-cache budget, e.g. 4GiB")
     g.add_argument("--num-kv-blocks", type=int, default=_env("num_kv_blocks"))
+    add_offload_arg(g, _env)
     g.add_argument("--no-prefix-caching", action="store_true", default=_env_flag("no_prefix_caching"))
     add_stage_args(g)
     g.add_argument("--stall-timeout", type=float, default=_env("stall_timeout", "60"),
@@ -82,7 +83,7 @@ def engine_config(args: argparse.Namespace):
         max_model_len=int(args.max_model_len) if args.max_model_len else None, kv_cache_memory=args.kv_cache_memory,
         num_kv_blocks=int(args.num_kv_blocks) if args.num_kv_blocks else None,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
-        quantization=args.quantization, layer_quantization=args.layer_quantization,
+        quantization=args.quantization, layer_quantization=args.layer_quantization, offload_dir=args.offload_dir,
     )
 
 
@@ -135,7 +136,9 @@ async def _run(app: web.Application, engine, args, name: str, config, sock) -> i
     await runner.setup()
     listener = await listen(runner, sock, app["state"].limits)
     info = engine.info
-    stages = ", ".join(f"{s.device} layers {s.layers[0]}-{s.layers[1] - 1}" for s in info.stages)
+    stages = ", ".join(f"{s.device} layers {s.layers[0]}-{s.layers[1] - 1}"
+                       + (f" ({len(s.streamed_layers)} read from disk each step)" if s.streamed_layers else "")
+                       for s in info.stages)
     precision = (info.dtype if info.weight_dtype == info.dtype
                  else f"{info.dtype} activations over {info.weight_dtype} weights")
     precision += "" if info.kv_dtype == info.dtype else f" and a {info.kv_dtype} KV cache"

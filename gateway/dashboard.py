@@ -90,6 +90,7 @@ class Dashboard:
             stages.append({
                 "stage": k, "device": st.device, "label": st.label, "host": st.host,
                 "layers": f"{st.layers[0]}-{st.layers[1] - 1}", "busy": min(1.0, d_busy / dt),
+                "tiers": _tiers(st),
                 "measured_ms": 1000 * d_busy / d_steps if d_steps else None,
                 "predicted_ms": 1000 * predicted if predicted is not None else None,
                 "batch": batch,
@@ -210,3 +211,11 @@ def _nvml(name: str, host: str) -> dict:
                 "source": "nvml"}
     except Exception:
         return {"memory_used": None, "memory_total": None, "utilization": None, "source": "unavailable"}
+
+
+def _tiers(stage) -> str:
+    """Where the stage's layers live: "22 in memory", or "3 in memory, 19 read from disk each step"."""
+    total = stage.layers[1] - stage.layers[0]
+    streamed = len(stage.streamed_layers)
+    held = f"{total - streamed} in memory"
+    return f"{held}, {streamed} read from disk each step" if streamed else held

@@ -24,6 +24,14 @@ def add_quantization_args(g, env) -> None:
                    help="per layer, overriding --quantization there: 0-3=bf16,4-29=q4_k")
 
 
+def add_offload_arg(g, env) -> None:
+    """--offload-dir, for serve and plan alike."""
+    g.add_argument("--offload-dir", default=env("offload_dir"),
+                   help="a folder where a CPU stage keeps the layers its memory budget (--devices cpu=SIZE) cannot "
+                        "hold, reading them back with direct I/O every step, ahead of their compute; its read "
+                        "bandwidth is measured once and priced by the planner")
+
+
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     from engine import add_stage_args
 
@@ -46,6 +54,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                    help="as strata serve: the plan balances a step of at most 64 of them, split over the stages")
     p.add_argument("--kv-cache-memory", default=env("STRATA_KV_CACHE_MEMORY"), help="KV-cache budget, e.g. 4GiB")
     p.add_argument("--num-kv-blocks", type=int, default=env("STRATA_NUM_KV_BLOCKS"))
+    add_offload_arg(p, lambda name, default=None: env(f"STRATA_{name.upper()}", default))
     p.add_argument("--block-size", type=int, default=env("STRATA_BLOCK_SIZE", "16"))
     p.add_argument("--dtype", default=env("STRATA_DTYPE", "auto"), choices=DTYPE_CHOICES)
     add_quantization_args(p, lambda name, default=None: env(f"STRATA_{name.upper()}", default))
@@ -73,7 +82,7 @@ def run_plan(args: argparse.Namespace) -> int:
                          layer_quantization=args.layer_quantization,
                          kv_cache_memory=None if args.kv_cache_memory is None else parse_size(args.kv_cache_memory),
                          num_kv_blocks=int(args.num_kv_blocks) if args.num_kv_blocks else None,  # as serve reads it
-                         cluster=args.cluster)
+                         cluster=args.cluster, offload_dir=args.offload_dir)
     except PlacementError as e:
         print(f"strata plan: {e}", file=sys.stderr)
         return 1

@@ -230,8 +230,10 @@ def now_ns() -> int:
 
 
 def stage_spans(trace, stage: int, device: str, layers: tuple[int, int], batch, clock, received_ns: int,
-                nbytes: int, overlapped: bool) -> list:
-    """A stage's spans for one traced step: the transfer that brought the batch, the forward, and its layers.
+                nbytes: int, overlapped: bool, fetches=()) -> list:
+    """A stage's spans for one traced step: the transfer that brought the batch, the forward, its layers, and the
+    reads of its streamed layers (engine.model.layer_stream.Fetch: layer, tier, nbytes, start_ns, end_ns,
+    overlapped), each a child of the forward even where it began during the step before.
     trace: the batching.batch.TraceContext the batch arrived with. clock: the step's clock
     (engine.pipeline.step_clock.StepClock): `start_ns`, `end_ns()`, `layer_ends_ns()` on the host clock, and `cuda`,
     whether reading them waits on the device (then the forward and its layers are read in the export thread).
@@ -253,6 +255,13 @@ def stage_spans(trace, stage: int, device: str, layers: tuple[int, int], batch, 
                     spans.append(SpanRecord(f"layer {index}", trace_id, new_span_id(), forward_id, begin, end,
                                             {**common, "strata.layer": index}))
                 begin = end
+        for f in fetches:
+            seconds = max(f.end_ns - f.start_ns, 1) / 1e9
+            spans.append(SpanRecord(f"fetch layer {f.layer}", trace_id, new_span_id(), forward_id, f.start_ns,
+                                    f.end_ns, {**common, "strata.layer": f.layer, "strata.fetch.tier": f.tier,
+                                               "strata.fetch.bytes": f.nbytes,
+                                               "strata.fetch.bandwidth_bytes_per_s": f.nbytes / seconds,
+                                               "strata.fetch.overlapped_compute": f.overlapped}))
         return spans
 
     transfer = transfer_span(trace_id, step_id, trace.sent_by, device, trace.sent_ns, received_ns, nbytes,

@@ -126,6 +126,71 @@ def test_dynamic_program_matches_brute_force(seed):
                 assert s.weight_bytes == stage_weight_bytes(cost, s.num_layers, k == 0, k == len(p.stages) - 1)
 
 
+def brute_force_with_disk(cost, devices, batch, context, reserve):
+    """Every order, every contiguous split and every count of layers each stage streams from disk (where its device
+    has a disk tier), through the same per-stage cost: the best bottleneck."""
+    best = math.inf
+    for order in itertools.permutations(range(len(devices))):
+        for split in compositions(cost.num_layers, len(devices)):
+            choices = []
+            for k, (i, n) in enumerate(zip(order, split)):
+                first, last = k == 0, k == len(order) - 1
+                d = devices[i]
+                prev = devices[order[k - 1]] if k else None
+                times = [stage_seconds(cost, d, n, first=first, last=last, batch=batch, context_len=context,
+                                       link=link_between(prev, d), streamed=s).total_s
+                         for s in range(n + 1 if d.disk_bandwidth else 1)
+                         if stage_fits(cost, d, n, first, last, reserve, streamed=s)]
+                choices.append(times)
+            for pick in itertools.product(*choices):
+                best = min(best, max(pick))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dynamic_program_with_a_disk_tier_matches_brute_force(seed):
+    """A CPU with a disk tier may hold a stage bigger than its memory, reading some layers each step: the search
+    stays exact, streams the fewest layers that make each stage fit, and keeps every stage within its memory."""
+    rng = random.Random(1000 + seed)
+    for _ in range(25):
+        cost, devices, batch, context, reserve = random_instance(rng)
+        for d in devices:
+            if d.kind == "cpu" and rng.random() < 0.7:
+                d.disk_bandwidth = 10 ** rng.uniform(8.5, 10)
+        best = brute_force_with_disk(cost, devices, batch, context, reserve)
+        if best == math.inf:
+            with pytest.raises(PlacementError):
+                plan(cost, devices, batch_size=batch, context_len=context, kv_reserve_tokens=reserve)
+            continue
+        exact = plan(cost, devices, batch_size=batch, context_len=context, kv_reserve_tokens=reserve, tolerance=0.0)
+        assert exact.bottleneck_s == pytest.approx(best, rel=1e-12)
+        for k, s in enumerate(exact.stages):
+            first, last = k == 0, k == len(exact.stages) - 1
+            streamed = len(s.streamed_layers)
+            assert not streamed or s.device.disk_bandwidth
+            assert all(s.layers[0] <= i < s.layers[1] for i in s.streamed_layers)
+            assert len(set(s.streamed_layers)) == streamed
+            assert s.weight_bytes == stage_weight_bytes(cost, s.num_layers, first, last, streamed)
+            assert s.weight_bytes + reserve * s.kv_bytes_per_token <= s.device.memory
+            assert not any(stage_fits(cost, s.device, s.num_layers, first, last, reserve, streamed=fewer)
+                           for fewer in range(streamed))
+
+
+def test_a_cpu_stage_streams_what_its_budget_cannot_hold():
+    cost = model(12)
+    budget = 4 * cost.layer_weight_bytes + cost.embed_bytes + cost.head_bytes + 64 * 12 * cost.kv_bytes_per_token
+    cpu = device("cpu", memory=budget, budgeted=True)
+    with pytest.raises(PlacementError, match="--offload-dir"):
+        plan(cost, [cpu], kv_reserve_tokens=64)
+    cpu.disk_bandwidth = 1e9
+    p = plan(cost, [cpu], kv_reserve_tokens=64, batch_size=8)
+    (stage,) = p.stages
+    assert len(stage.streamed_layers) == 10  # 12 layers, 4 held: 2 slots, 2 resident
+    assert stage.streamed_layers[-1] == 11
+    assert stage.fetch_s[8] == pytest.approx(10 * cost.layer_weight_bytes / 1e9)
+    assert stage.predicted_s[8] >= stage.fetch_s[8]
+
+
 def test_memory_limits_hold_and_a_small_device_gets_fewer_layers():
     cost = model(32)
     per_layer = cost.layer_weight_bytes + 1024 * cost.kv_bytes_per_token

@@ -352,7 +352,7 @@ def test_a_gguf_of_mixed_types_runs_each_at_its_own_and_matches_its_dequantized_
     assert formats["model.layers.0.self_attn.v_proj.weight"] == "q4_0"
     assert formats["model.layers.0.self_attn.q_proj.weight"] == "q8_0"
     assert "model.layers.0.mlp.up_proj.weight" not in formats  # Q5_0: dequantized at load
-    assert isinstance(model.layers[0].qkv, SplitLinear) and isinstance(model.layers[0].gate_up, SplitLinear)
+    assert isinstance(model.layers[0].products.qkv, SplitLinear) and isinstance(model.layers[0].products.gate_up, SplitLinear)
     _, none, dequantized = logits("none")
     assert none == {}
     # The native run rounds activations and weights to bf16 in its products (on this small random model, logits move

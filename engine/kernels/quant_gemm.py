@@ -61,6 +61,10 @@ class Product:
                             w.out_features, w.in_features, fmt.bits, fmt.group, fmt.zero, int(fmt.sub_scales))
         self.ref = ctypes.byref(self.desc)
 
+    def __reduce__(self):
+        # The descriptor holds raw pointers: rebuilt around the tensors wherever the weight is read back.
+        return (Product, (self.weight, self.bias, self.dot_rows))
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         k, n = self.desc.k, self.desc.n
         if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k:

@@ -8,6 +8,9 @@ elementwise steps between them (engine.model.layer_ops).
 from __future__ import annotations
 
 import math
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +19,8 @@ from engine.model.attention import AttentionMetadata, paged_attention
 from engine.model.checkpoint import TensorReader, expected_shapes, return_freed_memory
 from engine.model.config import ModelConfig
 from engine.model.layer_ops import LayerOps, rms_norm
+from engine.model.layer_stream import LayerStream, SpillFile, StoredLayer
+from engine.model.packed_weights import pack_objects, to_bytes
 from engine.model.linear import AmxLinear, PackedHalfLinear, QuantLinear, SplitLinear, make_linear, product_path
 from engine.model.rope import cos_sin_table
 from engine.model.weight_formats import FORMATS
@@ -68,20 +73,29 @@ class Products:
         return linear
 
 
-class DecoderLayer:
-    __slots__ = ("ln1", "ln2", "qkv", "o", "gate_up", "down")
+class LayerProducts:
+    """A decoder layer's matrix products: what a streamed layer keeps on disk (engine.model.layer_stream)."""
 
-    def __init__(self, read: TensorReader, prefix: str, cfg: ModelConfig, dtype: torch.dtype,
-                 products: Products) -> None:
+    __slots__ = ("qkv", "o", "gate_up", "down")
+
+    def __init__(self, prefix: str, cfg: ModelConfig, products: Products) -> None:
         a, m = prefix + "self_attn.", prefix + "mlp."
-        self.ln1 = read(prefix + "input_layernorm.weight").to(dtype)
-        self.ln2 = read(prefix + "post_attention_layernorm.weight").to(dtype)
         qkv = [a + "q_proj.", a + "k_proj.", a + "v_proj."]
         self.qkv = products([n + "weight" for n in qkv], [n + "bias" for n in qkv] if cfg.qkv_bias else None)
         self.o = products([a + "o_proj.weight"], [a + "o_proj.bias"] if cfg.o_bias else None)
         gate_up = [m + "gate_proj.", m + "up_proj."]
         self.gate_up = products([n + "weight" for n in gate_up], [n + "bias" for n in gate_up] if cfg.mlp_bias else None)
         self.down = products([m + "down_proj.weight"], [m + "down_proj.bias"] if cfg.mlp_bias else None)
+
+
+class DecoderLayer:
+    __slots__ = ("ln1", "ln2", "products")
+
+    def __init__(self, read: TensorReader, prefix: str, cfg: ModelConfig, dtype: torch.dtype,
+                 products: Products) -> None:
+        self.ln1 = read(prefix + "input_layernorm.weight").to(dtype)
+        self.ln2 = read(prefix + "post_attention_layernorm.weight").to(dtype)
+        self.products: LayerProducts | None = LayerProducts(prefix, cfg, products)  # None: streamed
 
 
 class StageModel:
@@ -98,10 +112,13 @@ class StageModel:
         weight_dtype: torch.dtype | None = None,
         wide_copy: bool | None = None,
         formats: dict[str, str] | None = None,
+        streamed: Iterable[int] = (),
+        offload_dir: str | Path | None = None,
     ) -> None:
         """wide_copy: also keep an fp32 copy of half-precision weights for wide steps (see engine.model.linear);
         None: when it takes at most a quarter of the device's free memory. formats: the weights that run at another
-        format than weight_dtype (engine.model.weight_formats.tensor_formats)."""
+        format than weight_dtype (engine.model.weight_formats.tensor_formats). streamed: layers (model indices) whose
+        products are written to a file in offload_dir at load and read back for every step (engine.model.layer_stream)."""
         self.cfg = cfg
         self.layer_ids = layers
         self.first, self.last = first, last
@@ -117,10 +134,27 @@ class StageModel:
                              + (fp32_bytes if wide_copy else 0))
         formats = formats or {}
         products = Products(read, formats, dtype, weight_dtype, wide_copy)
+        streamed = set(streamed)
+        if streamed - set(layers) or (streamed and device.type != "cpu"):
+            raise ValueError(f"layers {sorted(streamed)} cannot stream from disk on a {device.type} stage of layers "
+                             f"{layers.start}-{layers.stop - 1}")
+        spill = SpillFile(offload_dir or tempfile.gettempdir()) if streamed else None
+        stored: list[StoredLayer] = []
+        shared = {"scratch": products.scratch}
         self.layers = []
         for i in layers:
-            self.layers.append(DecoderLayer(read, f"model.layers.{i}.", cfg, dtype, products))
+            layer = DecoderLayer(read, f"model.layers.{i}.", cfg, dtype, products)
+            if i in streamed:
+                part, tensors = pack_objects(layer.products, shared)
+                stored.append(spill.append(i, part, to_bytes(part, tensors)))
+                self.weight_bytes -= sum(t.numel() * t.element_size() for t in tensors)
+                layer.products = None
+                del part, tensors
+            self.layers.append(layer)
             return_freed_memory()  # what building the layer freed (its parts before packing), back to the system
+        self.stream = LayerStream(*spill.reader(), stored, shared=shared) if stored else None
+        if self.stream is not None:
+            self.weight_bytes += self.stream.memory_bytes
         self.norm = read("model.norm.weight").to(dtype) if last else None
         embed_name = "model.embed_tokens.weight"
         self.lm_head = products([embed_name if cfg.tie_word_embeddings else "lm_head.weight"]) if last else None
@@ -163,17 +197,29 @@ class StageModel:
         if on_layer is not None:
             on_layer(-1)  # the layers start here
         h = ops.add_norm(x, None, self.layers[0].ln1) if self.layers else None
-        for i, layer in enumerate(self.layers):
-            q, k, v = ops.rotary_into_cache(layer.qkv(h), i)
-            attn = paged_attention(q, k, v, *ops.caches[i], meta, self.scale)
-            h = ops.add_norm(x, layer.o(attn), layer.ln2)
-            mlp = layer.down(ops.silu_mul(layer.gate_up(h)))
-            if i + 1 < len(self.layers):
-                h = ops.add_norm(x, mlp, self.layers[i + 1].ln1)
-            else:
-                x.add_(mlp)
-            if on_layer is not None:
-                on_layer(i)
+        stream, taken = self.stream, 0
+        try:
+            for i, layer in enumerate(self.layers):
+                w = layer.products
+                if w is None:
+                    w = stream.acquire()
+                    taken += 1
+                q, k, v = ops.rotary_into_cache(w.qkv(h), i)
+                attn = paged_attention(q, k, v, *ops.caches[i], meta, self.scale)
+                h = ops.add_norm(x, w.o(attn), layer.ln2)
+                mlp = w.down(ops.silu_mul(w.gate_up(h)))
+                if layer.products is None:
+                    stream.release()
+                if i + 1 < len(self.layers):
+                    h = ops.add_norm(x, mlp, self.layers[i + 1].ln1)
+                else:
+                    x.add_(mlp)
+                if on_layer is not None:
+                    on_layer(i)
+        except BaseException:
+            if stream is not None and taken < len(stream.layers):
+                stream.finish_pass(taken)  # the next pass starts at the first streamed layer again
+            raise
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, vocab] float32

@@ -27,6 +27,10 @@ class WeightFormat:
     has_min: bool = False
     sub_scales: bool = False
 
+    def __reduce__(self):
+        # One object per format: read back from a pickle, a format is the table's own entry, not a copy of it.
+        return (format_named, (self.name,))
+
     @property
     def quantized(self) -> bool:
         return self.group > 0
@@ -65,6 +69,10 @@ QUANTIZE_AT_LOAD = ("q8_0", "q4_0", "q4_1", "q4_k")
 ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 # --quantization's own words: keep each tensor as the checkpoint stores it; dequantize everything.
 AUTO, NONE = "auto", "none"
+
+
+def format_named(name: str) -> WeightFormat:
+    return FORMATS[name]
 
 
 def by_ggml_type(ggml_type: str) -> WeightFormat | None:

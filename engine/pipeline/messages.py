@@ -15,7 +15,7 @@ RENDEZVOUS_TIMEOUT_S = 120.0
 # another release is told so in words rather than failing on a message it cannot read. Bump the version whenever
 # a message class changes.
 GREETING = "strata pipeline"
-WIRE_VERSION = 9
+WIRE_VERSION = 10
 
 
 class VersionMismatch(Exception):
@@ -40,6 +40,7 @@ class DescribeDevice:
     checkpoint_dtype: str
     memory_fraction: float  # share of free memory a stage may use when its device has no budget
     weight_format: str | None = None  # the quantized format most layer products run at, whose speed is probed
+    offload_dir: str | None = None  # where a CPU stage may keep layers it reads each step; its bandwidth is probed
 
 
 @dataclass(slots=True)
@@ -70,6 +71,9 @@ class StageSpec:
     # The tokens generation stops at (engine.model.checkpoint.stop_token_ids): what min_tokens bans, and what a
     # finished grammar allows, on the last stage.
     stop_token_ids: frozenset[int] = frozenset()
+    # Layers whose products the stage keeps in a file in offload_dir and reads back for every step.
+    streamed_layers: tuple[int, ...] = ()
+    offload_dir: str | None = None
 
 
 @dataclass(slots=True)

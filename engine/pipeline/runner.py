@@ -45,7 +45,7 @@ class StageRunner:
         self.model = StageModel(
             self.cfg, tensor_source(model_dir, self.cfg), range(*spec.layers), self.first, self.last,
             self.dtype, self.device, spec.max_model_len, TORCH_DTYPES[spec.weight_dtype], self._wide_copy(),
-            spec.formats,
+            spec.formats, spec.streamed_layers, spec.offload_dir,
         )
         self.tables: dict[int, list[int]] = {}
         self.rows: dict[int, SamplingRow] = {}
@@ -64,6 +64,8 @@ class StageRunner:
         if self.memory_budget is None:
             return None
         spec = self.spec
+        if spec.streamed_layers:
+            return False  # a stage that streams has no memory to spare
         shapes = expected_shapes(self.cfg, range(*spec.layers), self.first, self.last)
         params = sum(math.prod(shape) for shape in shapes.values())
         kv_reserve = spec.max_model_len * self.bytes_per_block // self.block_size

@@ -53,7 +53,8 @@ def serve(rank: int, world_size: int, request: DeviceRequest, threads: int | Non
     ask: DescribeDevice = transport.recv_obj(DRIVER_RANK)
     try:
         compute, weights = resolve_dtypes(ask.dtype, ask.checkpoint_dtype, torch.device(request.name))
-        info = describe_device(request, compute, threads, ask.memory_fraction, weights, ask.weight_format)
+        info = describe_device(request, compute, threads, ask.memory_fraction, weights, ask.weight_format,
+                               ask.offload_dir)
     except Exception as e:  # reported to the driver, which fails start-up with this line
         transport.send_obj(Failed(f"{request.name}: {one_line(e)}"), DRIVER_RANK)
         return
@@ -177,9 +178,10 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
             outbox.post(*transport.isend(out, link_out))
         else:
             outbox.post(*transport.isend(batch, link_out, hidden_out))
+        fetches = runner.model.stream.drain_fetches() if runner.model.stream is not None else ()
         if trace is not None:
             tracing.emit(stage_spans(trace, spec.stage_index, device_label, spec.layers, batch, clock, received_ns,
-                                     nbytes, overlapped))
+                                     nbytes, overlapped, fetches))
         free_since_ns = now_ns()
 
 

@@ -216,9 +216,14 @@ def _kv_bytes(cost: ModelCost, device: DeviceInfo) -> int:
     return DTYPE_BYTES[kv_cache_dtype(device.dtype or cost.compute_dtype, cost.weight_dtype)]
 
 
-def stage_weight_bytes(cost: ModelCost, n_layers: int, first: bool, last: bool) -> int:
-    """Weights a stage holds: its layers, the embedding on the first, final norm and LM head on the last."""
-    held = n_layers * cost.layer_weight_bytes
+# Layers a streaming stage holds in memory at once, read ahead of their compute (engine.model.layer_stream.SLOTS).
+STREAM_SLOTS = 2
+
+
+def stage_weight_bytes(cost: ModelCost, n_layers: int, first: bool, last: bool, streamed: int = 0) -> int:
+    """Weights a stage holds in memory: its layers (of those it streams, only the slots they are read into), the
+    embedding on the first, final norm and LM head on the last."""
+    held = (n_layers - streamed + min(streamed, STREAM_SLOTS)) * cost.layer_weight_bytes
     if first:
         held += cost.embed_bytes
     if last:
@@ -254,9 +259,10 @@ def stage_kv_budget(device: DeviceInfo, weight_bytes: int, kv_cache_memory: int 
     return left
 
 
-def kv_capacity_tokens(cost: ModelCost, device: DeviceInfo, n_layers: int, first: bool, last: bool) -> int:
+def kv_capacity_tokens(cost: ModelCost, device: DeviceInfo, n_layers: int, first: bool, last: bool,
+                       streamed: int = 0) -> int:
     """Tokens of KV the stage's memory holds beside its weights (negative: the weights alone do not fit)."""
-    left = device.memory - stage_weight_bytes(cost, n_layers, first, last)
+    left = device.memory - stage_weight_bytes(cost, n_layers, first, last, streamed)
     return left // max(stage_kv_bytes_per_token(cost, device, n_layers), 1)
 
 
@@ -312,15 +318,19 @@ def _thin(cost: ModelCost, device: DeviceInfo, batch: int) -> bool:
 class StageTime(NamedTuple):
     compute_s: float
     transfer_s: float  # into the stage
+    fetch_s: float = 0.0  # reading streamed layers in, overlapped with the compute
 
     @property
     def total_s(self) -> float:
-        return self.compute_s + self.transfer_s
+        return max(self.compute_s, self.fetch_s) + self.transfer_s
 
 
 def stage_seconds(cost: ModelCost, device: DeviceInfo, n_layers: int, *, first: bool, last: bool, batch: int,
-                  context_len: int, link: LinkSpeed | None, block_size: int = 16) -> StageTime:
-    """One decode step of a stage holding `n_layers` layers; the one cost every plan and test uses."""
+                  context_len: int, link: LinkSpeed | None, block_size: int = 16, streamed: int = 0) -> StageTime:
+    """One decode step of a stage holding `n_layers` layers, `streamed` of them read from its device's disk tier each
+    step; the one cost every plan and test uses. A streamed layer's read overlaps the compute before it (the layer
+    stream reads ahead, and the streamed layers are spread among the resident ones), so the step takes the longer of
+    the compute and the reads."""
     cb = _compute_bytes(cost, device)
     bw = device.mem_bandwidth
     ops = STEP_OPS
@@ -341,16 +351,35 @@ def stage_seconds(cost: ModelCost, device: DeviceInfo, n_layers: int, *, first: 
     if link is not None:
         size = 0 if first else batch * cost.hidden_size * cb  # the previous stage sends at its own dtype; close enough
         transfer = link.latency_s + (size / link.bandwidth if size else 0.0)
-    return StageTime(compute, transfer)
+    fetch = streamed * cost.layer_weight_bytes / device.disk_bandwidth if streamed else 0.0
+    return StageTime(compute, transfer, fetch)
 
 
 def stage_fits(cost: ModelCost, device: DeviceInfo, n_layers: int, first: bool, last: bool,
-               kv_reserve_tokens: int, kv_cache_memory: int | None = None) -> bool:
+               kv_reserve_tokens: int, kv_cache_memory: int | None = None, streamed: int = 0) -> bool:
     """Whether the stage's weights fit beside KV for kv_reserve_tokens, and beside the whole KV budget where the user
     set one (the stage allocates all of it)."""
-    weights = stage_weight_bytes(cost, n_layers, first, last)
+    weights = stage_weight_bytes(cost, n_layers, first, last, streamed)
     kv = kv_reserve_tokens * stage_kv_bytes_per_token(cost, device, n_layers)
     return weights + max(kv, kv_cache_memory or 0) <= device.memory
+
+
+def layers_to_stream(cost: ModelCost, device: DeviceInfo, n_layers: int, first: bool, last: bool,
+                     kv_reserve_tokens: int, kv_cache_memory: int | None = None) -> int | None:
+    """How many of the stage's layers must be read from disk each step for it to fit: 0 where it fits as it is, None
+    where it does not fit even streaming them all, or the device has no disk tier. Streaming more than needed only
+    makes the step slower (each streamed layer is read every step), so the fewest is the best."""
+    if stage_fits(cost, device, n_layers, first, last, kv_reserve_tokens, kv_cache_memory):
+        return 0
+    if not device.disk_bandwidth or not cost.layer_weight_bytes:
+        return None
+    short = (stage_weight_bytes(cost, n_layers, first, last) - device.memory
+             + max(kv_reserve_tokens * stage_kv_bytes_per_token(cost, device, n_layers), kv_cache_memory or 0))
+    streamed = STREAM_SLOTS + -(-short // cost.layer_weight_bytes)  # the slots read into are held too
+    if streamed > n_layers or not stage_fits(cost, device, n_layers, first, last, kv_reserve_tokens, kv_cache_memory,
+                                             streamed):
+        return None
+    return streamed
 
 
 def predict_stage_seconds(cost: ModelCost, device: DeviceInfo, layers: int | tuple[int, int], first: bool, last: bool,

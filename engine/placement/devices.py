@@ -88,6 +88,9 @@ class DeviceInfo:
     dtype: str | None = None  # compute dtype on this device; None: the ModelCost's
     fused_layer_ops: bool = False  # the elementwise steps of a layer run fused (engine.kernels.layer_ops)
     budgeted: bool = False  # memory is the user's budget, not a share of what was free
+    # Bytes/s of direct reads from the folder streamed layers are kept in (--offload-dir), measured; None: this
+    # device has no disk tier, every layer it holds stays in its memory.
+    disk_bandwidth: float | None = None
 
     def interchangeable(self) -> tuple:
         """Devices equal in everything but name are interchangeable in a plan."""

@@ -90,7 +90,8 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
               memory_fraction: float = 0.9, max_num_seqs: int = 256, max_model_len: int | None = None,
               layers: str | None = None, block_size: int = 16, quantization: str = "auto",
               layer_quantization: str | None = None, kv_cache_memory: int | None = None,
-              num_kv_blocks: int | None = None, cluster: str | Path | None = None) -> PlanHere:
+              num_kv_blocks: int | None = None, cluster: str | Path | None = None,
+              offload_dir: str | None = None) -> PlanHere:
     """The plan `strata serve` with these options would run; with `cluster` (a file engine.placement.cluster reads),
     on the devices it describes instead of this machine's. Raises ValueError or CheckpointError for what the
     caller gave, PlacementError when nothing fits."""
@@ -129,7 +130,8 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
     for req in requests:
         compute, weights = resolve_dtypes(dtype, cfg.checkpoint_dtype, torch.device(req.name))
         infos.append(describe_device(req, compute, threads, memory_fraction, weight_dtype=weights,
-                                     weight_format=dominant_quantized(formats, cfg.num_layers)))
+                                     weight_format=dominant_quantized(formats, cfg.num_layers),
+                                     offload_dir=offload_dir))
     max_kv_tokens = max_num_seqs * max_len if num_kv_blocks is None else num_kv_blocks * block_size
     result, compute, weights = place_model(cfg, formats, infos, dtype, max_model_len=max_len,
                                            max_num_seqs=max_num_seqs, block_size=block_size, layers=split,

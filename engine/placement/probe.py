@@ -245,7 +245,7 @@ def _attention_bandwidth(device: torch.device, dtype: torch.dtype, kv_dtype: tor
     return kv_bytes / max(seconds - _ATTN_OPS * op_overhead, 0.1 * seconds)
 
 
-def _profile_override(name: str) -> dict | None:
+def _profile_override(name: str, required=("matmul_flops", "mem_bandwidth", "op_overhead_s")) -> dict | None:
     path = os.environ.get(PROFILE_ENV)
     if not path:
         return None
@@ -256,7 +256,7 @@ def _profile_override(name: str) -> dict | None:
     entry = profiles.get(name) or (profiles.get("cuda") if name.startswith("cuda") else None)
     if entry is None:
         return None
-    missing = [k for k in ("matmul_flops", "mem_bandwidth", "op_overhead_s") if k not in entry]
+    missing = [k for k in required if k not in entry]
     if missing:
         raise ValueError(f"{PROFILE_ENV}={path}: the entry for {name} lacks {', '.join(missing)}")
     return entry
@@ -341,10 +341,31 @@ def _write_cache(path: Path, cache: dict) -> None:
         pass  # a read-only home only costs a probe per start
 
 
+def disk_bandwidth(folder: str | Path) -> float:
+    """Bytes/s a layer stream reads from files in `folder` (engine.model.layer_stream), from STRATA_DEVICE_PROFILE's
+    "disk" entry, the cache (per file system and folder), or a fresh measurement of about a second."""
+    override = _profile_override("disk", ("disk_bandwidth",))
+    if override is not None:
+        return float(override["disk_bandwidth"])
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    key = f"{socket.gethostname()}|disk|{os.stat(folder).st_dev}|{folder}|v{CACHE_VERSION}"
+    path = cache_path()
+    cache = _read_cache(path)
+    if key not in cache:
+        from engine.model.layer_stream import measure_read_bandwidth
+
+        cache = {**_read_cache(path), key: {"disk_bandwidth": measure_read_bandwidth(folder)}}
+        _write_cache(path, cache)
+    return cache[key]["disk_bandwidth"]
+
+
 def describe_device(request: DeviceRequest, dtype: str, threads: int | None, memory_fraction: float = 0.9,
-                    weight_dtype: str | None = None, weight_format: str | None = None) -> DeviceInfo:
+                    weight_dtype: str | None = None, weight_format: str | None = None,
+                    offload_dir: str | None = None) -> DeviceInfo:
     """What this process's device is worth to the planner. dtype: the compute dtype; weight_dtype: the weights'
-    when they differ (a CPU without native half precision), so the half-precision thin path is timed too."""
+    when they differ (a CPU without native half precision), so the half-precision thin path is timed too.
+    offload_dir: where a CPU stage may keep layers it reads each step (its disk tier), whose bandwidth is measured."""
     device = torch.device(request.name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -362,5 +383,6 @@ def describe_device(request: DeviceRequest, dtype: str, threads: int | None, mem
         thin_matmul_flops=rates.get("thin_matmul_flops"),
         row_overhead_s=rates.get("row_overhead_s") or 0.0, attention_bandwidth=rates.get("attention_bandwidth"),
         dtype=dtype, budgeted=request.memory is not None,
+        disk_bandwidth=disk_bandwidth(offload_dir) if offload_dir and device.type == "cpu" else None,
         fused_layer_ops=layer_ops.available(torch.empty(0, dtype=TORCH_DTYPES[dtype], device=device)),
     )

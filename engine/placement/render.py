@@ -23,23 +23,29 @@ def plan_table(plan: Plan) -> str:
     bs = plan.block_size
     b = plan.batch_size
     batches = sorted({1, b})
-    head = ["stage", "device", "layers", "weights GiB", f"KV blocks ({bs} tok)", *(f"ms/step @{n}" for n in batches)]
+    streams = any(s.streamed_layers for s in plan.stages)
+    head = ["stage", "device", "layers", "weights GiB", *(["read from disk"] if streams else []),
+            f"KV blocks ({bs} tok)", *(f"ms/step @{n}" for n in batches)]
     rows = []
     for k, s in enumerate(plan.stages):
         blocks = s.kv_blocks
         dev = f"{s.device.name} ({s.device.label})"
         if s.device.host and len({x.device.host for x in plan.stages}) > 1:
             dev = f"{s.device.host}/{dev}"
-        rows.append([str(k), dev, f"{s.layers[0]}-{s.layers[1] - 1}", f"{s.weight_bytes / GiB:.2f}", str(blocks),
-                     *(f"{s.predicted_s[n] * 1e3:.2f}" for n in batches)])
+        disk = [f"{len(s.streamed_layers)} layers, {s.fetch_s[b] * 1e3:.0f} ms" if s.streamed_layers else "-"]
+        rows.append([str(k), dev, f"{s.layers[0]}-{s.layers[1] - 1}", f"{s.weight_bytes / GiB:.2f}",
+                     *(disk if streams else []), str(blocks), *(f"{s.predicted_s[n] * 1e3:.2f}" for n in batches)])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    right = {0, *range(3, len(head))}
+    right = {0, 3, *range(5 if streams else 4, len(head))}
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     slowest = max(range(len(plan.stages)), key=lambda k: plan.stages[k].predicted_s[b])
     out = [line(head), *(line(r) for r in rows)]
+    if streams:
+        out.append("weights: what each stage holds in memory; a stage that reads layers from disk holds two of them at "
+                   "a time, and its step takes the longer of its compute and its reads")
     out.append(f"bottleneck: stage {slowest}, {plan.bottleneck_s * 1e3:.2f} ms/step at batch {b} and context "
                f"{plan.context_len} (about {b / plan.bottleneck_s:.0f} tokens/s with the pipeline full)")
     return "\n".join(out)
@@ -56,7 +62,8 @@ def plan_json(plan: Plan) -> dict:
                 "stage": k, "device": s.device.name, "device_index": s.device_index, "label": s.device.label,
                 "host": s.device.host, "layers": list(s.layers), "weight_bytes": s.weight_bytes,
                 "kv_bytes_per_token": s.kv_bytes_per_token, "kv_capacity_tokens": s.kv_capacity_tokens,
-                "kv_blocks": s.kv_blocks,
+                "kv_blocks": s.kv_blocks, "streamed_layers": list(s.streamed_layers),
+                "fetch_s": {str(n): v for n, v in s.fetch_s.items()},
                 "predicted_s": {str(n): v for n, v in s.predicted_s.items()},
                 "compute_s": {str(n): v for n, v in s.compute_s.items()},
                 "transfer_s": {str(n): v for n, v in s.transfer_s.items()},

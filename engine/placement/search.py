@@ -15,9 +15,9 @@ from __future__ import annotations
 import itertools
 import math
 
-from engine.placement.cost import (LinkSpeed, ModelCost, StageTime, kv_cache_blocks, kv_capacity_tokens,
-                                   layer_seconds, link_between, stage_fits, stage_kv_bytes_per_token, stage_kv_budget,
-                                   stage_seconds, stage_weight_bytes)
+from engine.placement.cost import (STREAM_SLOTS, LinkSpeed, ModelCost, StageTime, kv_cache_blocks, kv_capacity_tokens,
+                                   layer_seconds, layers_to_stream, link_between, stage_kv_bytes_per_token,
+                                   stage_kv_budget, stage_seconds, stage_weight_bytes)
 from engine.placement.devices import DeviceInfo
 from engine.placement.plan import Plan, StagePlan
 from engine.placement.render import readable_size
@@ -83,9 +83,15 @@ class _Context:
     def link(self, prev: int | None, dev: int) -> LinkSpeed:
         return link_between(None if prev is None else self.devices[prev], self.devices[dev], self.links)
 
-    def time(self, dev: int, n: int, first: bool, last: bool, prev: int | None, batch: int) -> StageTime:
+    def time(self, dev: int, n: int, first: bool, last: bool, prev: int | None, batch: int,
+             streamed: int = 0) -> StageTime:
         return stage_seconds(self.cost, self.devices[dev], n, first=first, last=last, batch=batch,
-                             context_len=self.context_len, link=self.link(prev, dev), block_size=self.block_size)
+                             context_len=self.context_len, link=self.link(prev, dev), block_size=self.block_size,
+                             streamed=streamed)
+
+    def streamed(self, d: DeviceInfo, n: int, first: bool, last: bool) -> int | None:
+        """Layers of the stage read from disk each step (engine.placement.cost.layers_to_stream); None: no fit."""
+        return layers_to_stream(self.cost, d, n, first, last, self.reserve, self.kv_cache_memory)
 
     def columns(self, dev: int, first: bool, last: bool, prev: int | None) -> tuple[list[float], list[int]]:
         """Per layer count n (index 0 unused): predicted seconds at the planning batch (inf where the stage does
@@ -96,16 +102,17 @@ class _Context:
             L, d = self.cost.num_layers, self.devices[dev]
             times, blocks = [_INF] * (L + 1), [-1] * (L + 1)
             for n in range(1, L + 1):
-                if not stage_fits(self.cost, d, n, first, last, self.reserve, self.kv_cache_memory):
+                streamed = self.streamed(d, n, first, last)
+                if streamed is None:
                     break  # more layers need more memory
-                times[n] = self.time(dev, n, first, last, prev, self.batch).total_s
-                blocks[n] = self.kv_blocks(d, n, first, last)
+                times[n] = self.time(dev, n, first, last, prev, self.batch, streamed).total_s
+                blocks[n] = self.kv_blocks(d, n, first, last, streamed)
             self._cache[key] = (times, blocks)
         return self._cache[key]
 
-    def kv_blocks(self, d: DeviceInfo, n: int, first: bool, last: bool) -> int:
+    def kv_blocks(self, d: DeviceInfo, n: int, first: bool, last: bool, streamed: int = 0) -> int:
         """The blocks a stage of n layers on d allocates (engine.placement.cost.kv_cache_blocks, the stage's rule)."""
-        weights = stage_weight_bytes(self.cost, n, first, last)
+        weights = stage_weight_bytes(self.cost, n, first, last, streamed)
         return kv_cache_blocks(stage_kv_budget(d, weights, self.kv_cache_memory),
                                stage_kv_bytes_per_token(self.cost, d, n) * self.block_size, self.max_kv_tokens,
                                self.block_size)
@@ -117,9 +124,10 @@ class _Context:
             d = self.devices[dev]
             first, last = k == 0, k == P - 1
             prev = order[k - 1] if k else None
-            weights = stage_weight_bytes(cost, n, first, last)
+            streamed = self.streamed(d, n, first, last)
+            weights = stage_weight_bytes(cost, n, first, last, streamed or 0)
             kv_per_token = stage_kv_bytes_per_token(cost, d, n)
-            if check and not stage_fits(cost, d, n, first, last, self.reserve, self.kv_cache_memory):
+            if check and streamed is None:
                 kv = self.reserve * kv_per_token
                 what = f"KV for {self.reserve} tokens"
                 if (self.kv_cache_memory or 0) > kv:
@@ -128,15 +136,19 @@ class _Context:
                 raise PlacementError(
                     f"stage {k} ({d.name}) does not fit: layers {start}-{start + n - 1} need {readable_size(weights)} "
                     f"of weights plus {readable_size(kv)} of {what}, and {d.name} holds "
-                    f"{readable_size(d.memory)} ({readable_size(need - d.memory)} short)")
-            times = {b: self.time(dev, n, first, last, prev, b) for b in sorted({1, self.batch})}
+                    f"{readable_size(d.memory)} ({readable_size(need - d.memory)} short){_offload_hint(d)}")
+            streamed = streamed or 0
+            times = {b: self.time(dev, n, first, last, prev, b, streamed) for b in sorted({1, self.batch})}
             stages.append(StagePlan(
                 device=d, device_index=dev, layers=(start, start + n), weight_bytes=weights,
-                kv_bytes_per_token=kv_per_token, kv_capacity_tokens=kv_capacity_tokens(cost, d, n, first, last),
+                kv_bytes_per_token=kv_per_token,
+                kv_capacity_tokens=kv_capacity_tokens(cost, d, n, first, last, streamed),
                 predicted_s={b: t.total_s for b, t in times.items()},
                 compute_s={b: t.compute_s for b, t in times.items()},
                 transfer_s={b: t.transfer_s for b, t in times.items()},
-                kv_blocks=self.kv_blocks(d, n, first, last),
+                kv_blocks=self.kv_blocks(d, n, first, last, streamed),
+                streamed_layers=tuple(start + i for i in spread(n, streamed)),
+                fetch_s={b: t.fetch_s for b, t in times.items()},
             ))
             start += n
         bottleneck = max(s.predicted_s[self.batch] for s in stages)
@@ -297,16 +309,36 @@ def _search(ctx: _Context, tolerance: float) -> tuple[list[int], list[int]]:
     return order, min_max_split([blocks_column(order, k) for k in range(P)], L)[1]
 
 
+def spread(n_layers: int, n_streamed: int) -> list[int]:
+    """Which of a stage's n_layers (0-based within it) stream: spaced evenly, the last one streamed, so that each
+    streamed layer's read overlaps the resident layers computed before it."""
+    if not 0 <= n_streamed <= n_layers:
+        raise ValueError(f"cannot stream {n_streamed} of {n_layers} layers")
+    return [((k + 1) * n_layers) // n_streamed - 1 for k in range(n_streamed)]
+
+
+def _offload_hint(d: DeviceInfo) -> str:
+    return ("; with --offload-dir, a CPU stage reads the layers that do not fit from disk each step"
+            if d.kind == "cpu" and not d.disk_bandwidth else "")
+
+
 def _explain_no_fit(ctx: _Context) -> None:
     """Raise a PlacementError that says what is missing."""
     cost, devices, reserve = ctx.cost, ctx.devices, ctx.reserve
     L, P = cost.num_layers, len(devices)
+    hint = next((_offload_hint(d) for d in devices if _offload_hint(d)), "")
     for d in devices:
         one = stage_weight_bytes(cost, 1, False, False) + reserve * stage_kv_bytes_per_token(cost, d, 1)
         if one > d.memory:
             raise PlacementError(
-                f"{d.name} ({d.label}) holds {readable_size(d.memory)}, less than one layer needs ({readable_size(one)} with KV for "
-                f"{reserve} tokens); give it more memory, lower --max-model-len, or leave it out")
+                f"{d.name} ({d.label}) holds {readable_size(d.memory)}, less than one layer needs ({readable_size(one)} "
+                f"with KV for {reserve} tokens); give it more memory, lower --max-model-len, or leave it out")
+    if any(d.disk_bandwidth for d in devices):
+        raise PlacementError(
+            f"the model does not fit, even reading layers from disk each step: a stage that streams holds the "
+            f"{STREAM_SLOTS} layers it reads ahead ({readable_size(STREAM_SLOTS * cost.layer_weight_bytes)}), KV for "
+            f"{reserve} tokens of all its layers, and the embedding or LM head where it has them; give the devices "
+            f"more memory or lower --max-model-len")
     # Weights and KV at the model's dtypes; tied embeddings count twice when the first and last stages differ.
     weights = stage_weight_bytes(cost, L, True, True)
     if cost.tied_embeddings and P > 1:
@@ -315,10 +347,11 @@ def _explain_no_fit(ctx: _Context) -> None:
     held = sum(d.memory for d in devices)
     if weights + kv > held:
         raise PlacementError(
-            f"the model does not fit: {L} layers need {readable_size(weights)} of weights plus {readable_size(kv)} of KV for {reserve} "
-            f"tokens, and the devices hold {readable_size(held)} in all ({readable_size(weights + kv - held)} short)")
+            f"the model does not fit: {L} layers need {readable_size(weights)} of weights plus {readable_size(kv)} of "
+            f"KV for {reserve} tokens, and the devices hold {readable_size(held)} in all "
+            f"({readable_size(weights + kv - held)} short){hint}")
     raise PlacementError(
-        f"the model does not fit: it needs {readable_size(weights + kv)} with KV for {reserve} tokens and the devices hold "
-        f"{readable_size(held)} in all, but not in whole layers per device (each layer needs "
-        f"{readable_size(cost.layer_weight_bytes + reserve * cost.kv_bytes_per_token)}, the embedding and LM head more); "
-        f"give the devices more memory or lower --max-model-len")
+        f"the model does not fit: it needs {readable_size(weights + kv)} with KV for {reserve} tokens and the devices "
+        f"hold {readable_size(held)} in all, but not in whole layers per device (each layer needs "
+        f"{readable_size(cost.layer_weight_bytes + reserve * cost.kv_bytes_per_token)}, the embedding and LM head "
+        f"more); give the devices more memory or lower --max-model-len{hint}")

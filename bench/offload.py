@@ -1,0 +1,109 @@
+"""Decode with most of a model's layers on disk: a ~1B-parameter Llama-shaped checkpoint served with a memory budget
+of a third of its weights, the rest read back every step (--offload-dir), against the same model held in memory, the
+bound the disk allows, and Accelerate's disk offload through transformers' generate under the same budget.
+
+    python -m bench.offload [--batch 32] [--output-len 12] [--offload-dir /var/tmp/strata-offload]
+
+Prints, for the same 32 prompts: the greedy tokens of the streamed run against the resident one (they must be
+equal), decode tokens/s of each, the bound max(resident compute, streamed bytes / measured disk bandwidth) per step
+and the streamed run's share of it, and Accelerate's decode tokens/s with Strata's ratio to it.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from batching import SamplingParams
+from bench.checkpoints import llama_1b_shaped
+from bench.offline import prompts_for
+from engine import LLM
+from engine.model.config import ModelConfig
+from engine.placement.probe import disk_bandwidth
+
+
+def strata_decode(model_dir, batch: int, prompt_len: int, output_len: int, threads: int | None, **options):
+    """(greedy tokens per prompt, mean decode step seconds, the plan's streamed layers per stage)."""
+    cfg = ModelConfig.from_dir(model_dir)
+    prompts = prompts_for(batch, prompt_len, cfg.vocab_size)
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    with LLM(model_dir, threads=threads, max_num_seqs=batch, max_model_len=prompt_len + output_len + 16,
+             num_kv_blocks=batch * -(-(prompt_len + output_len + 16) // 16), **options) as llm:
+        eng = llm.engine
+        for p in prompts:
+            eng.add_request(p, params)
+        steps, tokens = [], {}
+        while eng.has_unfinished():
+            start = time.perf_counter()
+            for out in eng.step():
+                tokens.setdefault(out.seq_id, []).extend(out.token_ids)
+            steps.append(time.perf_counter() - start)
+        streamed = [len(s.streamed_layers) for s in eng.plan.stages]
+    decode = steps[2:] if len(steps) > 4 else steps
+    return [tokens[k] for k in sorted(tokens)], sum(decode) / len(decode), streamed
+
+
+def accelerate_decode(model_dir, batch: int, prompt_len: int, output_len: int, budget: int, folder: str) -> float:
+    """Mean decode step seconds of transformers' generate with Accelerate's device map under max_memory={"cpu":
+    budget}: what does not fit goes to disk (offload_folder), brought back module by module for every step."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="auto",
+                                                 max_memory={"cpu": budget}, offload_folder=folder).eval()
+    on_disk = sum(1 for v in model.hf_device_map.values() if v == "disk")
+    print(f"  Accelerate's device map: {on_disk} of {len(model.hf_device_map)} modules on disk")
+    cfg = ModelConfig.from_dir(model_dir)
+    ids = torch.tensor(prompts_for(batch, prompt_len, cfg.vocab_size))
+
+    def run(new: int) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=0)
+        return time.perf_counter() - start
+
+    first = run(1)  # prefill and one token
+    return (run(1 + output_len) - first) / output_len
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--output-len", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--offload-dir", default=None, help="default: a new folder under /var/tmp")
+    ap.add_argument("--accelerate-output-len", type=int, default=2, help="decode steps timed for Accelerate")
+    args = ap.parse_args()
+    folder = args.offload_dir or tempfile.mkdtemp(prefix="strata-offload-", dir="/var/tmp")
+    model_dir = llama_1b_shaped()
+    cfg = ModelConfig.from_dir(model_dir)
+    weights = cfg.layer_weight_bytes(2) * cfg.num_layers + 2 * 2 * cfg.vocab_size * cfg.hidden_size
+    budget = weights // 3
+    print(f"model: {model_dir} ({weights / 1e9:.2f} GB of bf16 weights, {cfg.num_layers} layers); budget "
+          f"{budget / 1e9:.2f} GB; offload folder {folder}")
+    bandwidth = disk_bandwidth(folder)
+    print(f"disk: {bandwidth / 1e9:.2f} GB/s of direct reads (measured)")
+    shape = (args.batch, args.prompt_len, args.output_len, args.threads)
+
+    want, resident_s, _ = strata_decode(model_dir, *shape)
+    got, streamed_s, streamed = strata_decode(model_dir, *shape, devices=f"cpu={budget}", offload_dir=folder)
+    read = sum(streamed) * cfg.layer_weight_bytes(2)
+    bound_s = max(resident_s, read / bandwidth)
+    print(f"greedy tokens, streamed against resident: {'identical' if got == want else 'DIFFERENT'} "
+          f"({args.batch} prompts x {args.output_len} tokens)")
+    print(f"resident: {args.batch / resident_s:.1f} tokens/s ({resident_s * 1e3:.0f} ms/step)")
+    print(f"streamed ({sum(streamed)} of {cfg.num_layers} layers from disk, {read / 1e9:.2f} GB a step): "
+          f"{args.batch / streamed_s:.1f} tokens/s ({streamed_s * 1e3:.0f} ms/step)")
+    print(f"bound max(compute, read / disk bandwidth): {args.batch / bound_s:.1f} tokens/s ({bound_s * 1e3:.0f} "
+          f"ms/step); the streamed run reaches {bound_s / streamed_s:.0%} of it")
+    acc_s = accelerate_decode(model_dir, args.batch, args.prompt_len, args.accelerate_output_len, budget,
+                              tempfile.mkdtemp(prefix="accelerate-offload-", dir=folder))
+    print(f"Accelerate disk offload (transformers generate, bf16): {args.batch / acc_s:.2f} tokens/s "
+          f"({acc_s * 1e3:.0f} ms/step); Strata's ratio {acc_s / streamed_s:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

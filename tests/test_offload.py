@@ -1,0 +1,158 @@
+"""Layers beyond a stage's memory budget, kept on disk and read back for every step (--offload-dir): the same tokens
+as holding every layer, each read a span in the step's trace, and the stage within its budget."""
+from __future__ import annotations
+
+import asyncio
+import io
+import pickle
+import re
+
+import psutil
+import pytest
+import torch
+from openai import AsyncOpenAI
+
+from bench.otlp_receiver import OTLPReceiver
+from engine.model.attention import build_metadata
+from engine.model.checkpoint import validate
+from engine.model.config import ModelConfig
+from engine.model.packed_weights import PackedPart, pack_objects, to_bytes, unpack_objects
+from engine.model.stage_model import StageModel
+from engine.model.weight_formats import FORMATS
+from server_process import running_server
+from tiny_models import write_checkpoint
+
+MODEL = "tiny"
+PRODUCTS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+            "mlp.up_proj", "mlp.down_proj"]
+
+
+@pytest.fixture(scope="module")
+def six_layers(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("six"), "llama", layers=6)
+
+
+@pytest.fixture(scope="module")
+def bf16_layers(tmp_path_factory):
+    """Eight bf16 layers of 7.6 MB each: big enough that what a stage holds shows in its resident memory."""
+    return write_checkpoint(tmp_path_factory.mktemp("wide"), "llama", layers=8, hidden=512, intermediate=2048,
+                            heads=8, kv_heads=2, dtype="bfloat16")
+
+
+def forwards(model: StageModel, cfg: ModelConfig, steps: int = 3, fail_at: int | None = None) -> list[torch.Tensor]:
+    """Logits of a 7-token prompt, several times over (each pass reads the streamed layers again); fail_at: the pass
+    whose layer 2 raises, as a step that fails part-way would."""
+    kv = torch.zeros(len(model.layers), 2, 4, 16, cfg.num_kv_heads, cfg.head_dim, dtype=torch.float32)
+    meta = build_metadata(16, list(range(7)), [], [], [(0, 7, 0, [0])], torch.device("cpu"))
+    out = []
+    for step in range(steps):
+        def on_layer(i, step=step):
+            if step == fail_at and i == 2:
+                raise RuntimeError("a step that fails part-way")
+
+        try:
+            hidden = model.forward(torch.arange(3, 10), torch.arange(7), meta, kv, on_layer)
+        except RuntimeError:
+            continue
+        out.append(model.logits(hidden[-1:]))
+    return out
+
+
+@pytest.mark.parametrize("fmt", [None, "q8_0", "q4_k"])
+def test_streamed_layers_compute_what_resident_ones_do(six_layers, tmp_path, fmt):
+    cfg = ModelConfig.from_dir(six_layers)
+    formats = {f"model.layers.{i}.{p}.weight": fmt for i in range(6) for p in PRODUCTS} if fmt else None
+
+    def model(streamed):
+        return StageModel(cfg, validate(six_layers, cfg), range(6), True, True, torch.float32, torch.device("cpu"),
+                          64, formats=formats, streamed=streamed, offload_dir=tmp_path)
+
+    resident = forwards(model([]), cfg)
+    streaming = model([1, 3, 4, 5])
+    assert [lay.products is None for lay in streaming.layers] == [False, True, False, True, True, True]
+    assert all(torch.equal(a, b) for a, b in zip(resident, forwards(streaming, cfg)))
+    # A pass that fails part-way hands back the layers it did not reach: the next starts at the first again.
+    after_failure = forwards(streaming, cfg, steps=3, fail_at=1)
+    assert len(after_failure) == 2 and all(torch.equal(resident[0], b) for b in after_failure)
+    fetches = streaming.stream.drain_fetches()
+    assert [f.layer for f in fetches[:4]] == [1, 3, 4, 5]
+    assert all(f.tier == "disk" and f.nbytes > 0 and f.end_ns >= f.start_ns for f in fetches)
+    assert streaming.weight_bytes < model([]).weight_bytes
+    assert not list(tmp_path.iterdir())  # the file is unlinked from the start: nothing is left behind
+    streaming.stream.close()
+
+
+def test_a_packed_part_names_only_the_engines_types():
+    from engine.model.linear import QuantLinear
+    from engine.model.quantized import quantize, pack
+
+    weight = torch.randn(64, 64)
+    linear = QuantLinear(pack(quantize(weight, FORMATS["q8_0"])), torch.randn(64), torch.float32)
+    part, tensors = pack_objects(linear)
+    back = unpack_objects(part, to_bytes(part, tensors))
+    x = torch.randn(5, 64)
+    assert torch.equal(back(x), linear(x)) and back.weight.fmt is FORMATS["q8_0"]
+    # A part whose pickle names anything else is refused before it is called.
+    evil = io.BytesIO()
+    pickle.dump(print, evil)
+    with pytest.raises(pickle.UnpicklingError, match="builtins.print"):
+        unpack_objects(PackedPart(evil.getvalue(), (), 0), torch.empty(0, dtype=torch.uint8))
+
+
+async def greedy(url: str) -> list[str]:
+    prompts = [[(7 * i) % 500 + 3 for i in range(n)] for n in (1, 5, 17, 33, 64, 90)]
+    async with AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        async def one(p):
+            r = await client.completions.create(model=MODEL, prompt=p, max_tokens=10, temperature=0.0,
+                                                extra_body={"ignore_eos": True})
+            return r.choices[0].text
+
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+FLAGS = ("--served-model-name", MODEL, "--max-model-len", "256", "--threads-per-stage", "1")
+
+
+def test_served_with_layers_read_from_disk_the_tokens_are_the_same_and_each_read_is_traced(six_layers, tmp_path):
+    with running_server(six_layers, *FLAGS) as s:
+        want = asyncio.run(greedy(s.url))
+    offload = tmp_path / "offload"
+    for devices in ("cpu=1200KiB", "cpu=700KiB,cpu=1000KiB"):
+        with OTLPReceiver() as rx, running_server(six_layers, *FLAGS, "--devices", devices, "--offload-dir",
+                                                  str(offload), "--trace-detail", "step",
+                                                  "--otlp-traces-endpoint", rx.endpoint,
+                                                  env={"OTEL_BSP_SCHEDULE_DELAY": "100"}) as s:
+            assert asyncio.run(greedy(s.url)) == want
+            banner = s.output()
+            rx.wait_for(lambda spans: any(x.name.startswith("fetch layer") for x in spans), 30)
+        streamed = [int(n) for n in re.findall(r"\((\d+) read from disk each step\)", banner)]
+        assert streamed and sum(streamed) >= 3, banner
+        fetches = [x for x in rx.spans() if x.name.startswith("fetch layer")]
+        forwards = {x.span_id: x for x in rx.spans() if x.name.endswith("forward")}
+        for f in fetches:
+            assert f.attributes["strata.fetch.tier"] == "disk" and f.attributes["strata.fetch.bytes"] > 0
+            assert f.attributes["strata.fetch.bandwidth_bytes_per_s"] > 0
+            assert isinstance(f.attributes["strata.fetch.overlapped_compute"], bool)
+            assert f.parent_span_id in forwards
+        assert not list(offload.iterdir())
+
+
+def test_a_stage_that_streams_keeps_to_its_budget(bf16_layers):
+    """The stage's resident memory, less what the same stage process holds with no weights of its own to speak of
+    (one layer), stays within the budget plus 48 MiB of slack (activations, the allocator's pools, the packing of the
+    layer being loaded)."""
+    def stage_rss(devices: str, *extra: str) -> int:
+        with running_server(bf16_layers, *FLAGS, "--devices", devices, "--num-kv-blocks", "16", *extra) as s:
+            asyncio.run(greedy(s.url))
+            (stage,) = psutil.Process(s.proc.pid).children()
+            return stage.memory_info().rss
+
+    cfg = ModelConfig.from_dir(bf16_layers)
+    layer = cfg.layer_weight_bytes(2)  # bf16
+    budget = 3 * layer  # of 8 layers' weights: a third and a bit
+    base = stage_rss("cpu", "--layers", "8")  # every layer in memory
+    held = 8 * layer
+    streamed = stage_rss(f"cpu={budget}", "--offload-dir", str(bf16_layers / "offload"))
+    runtime = base - held  # the interpreter, torch, the kernels and the embedding
+    assert streamed - runtime <= budget + (48 << 20), (streamed, base, budget)
+    assert streamed < base - 3 * layer  # it really let go of what it streams
