@@ -19,6 +19,7 @@ _LAZY = {
     "parse_size": "engine.placement",
     "PlacementError": "engine.placement",
     "plan_here": "engine.placement.planning",
+    "convert": "engine.converter",
     "plan_json": "engine.placement",
     "plan_table": "engine.placement",
     "peer_table": "engine.placement",

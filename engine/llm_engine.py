@@ -16,7 +16,7 @@ from batching.sampling_params import SamplingParams, check_token_ids
 from batching.scheduler import Scheduler, SchedulerConfig, SeqUpdate
 from batching.sequence import FinishReason, Sequence
 from engine.errors import CheckpointError
-from engine.model import checkpoint
+from engine.model import checkpoint, package
 from engine.model.config import DTYPES, ModelConfig
 from engine.model.weight_formats import (EMBEDDING, check_requested, dominant_quantized, layer_summary,
                                          parse_layer_formats)
@@ -118,10 +118,21 @@ class LLMEngine:
         model_dir = Path(config.model)
         if not (model_dir.is_dir() or model_dir.suffix == ".gguf" and model_dir.is_file()):
             raise CheckpointError(f"{model_dir}: no such checkpoint directory or GGUF file")
+        self.package = package.read_package(model_dir) if package.is_package(model_dir) else None
+        if self.package is not None:
+            package.check_devices(self.package, config.devices.split(","))
+            if config.quantization != "auto" or config.layer_quantization or config.layers:
+                raise ValueError(f"{model_dir} is a package: its layers and formats were chosen when it was "
+                                 "converted (--quantization, --layer-quantization and --layers do not apply)")
+            package.verify(self.package, self.package.files)
         self.model_config = cfg = ModelConfig.from_dir(model_dir)
-        source = checkpoint.validate(model_dir, cfg)
-        self.weight_formats = checkpoint.resolve_formats(source, cfg, check_requested(config.quantization),
-                                                          parse_layer_formats(config.layer_quantization, cfg.num_layers))
+        if self.package is not None:
+            self.weight_formats = self.package.formats
+        else:
+            source = checkpoint.validate(model_dir, cfg)
+            self.weight_formats = checkpoint.resolve_formats(
+                source, cfg, check_requested(config.quantization),
+                parse_layer_formats(config.layer_quantization, cfg.num_layers))
         self.tokenizer = checkpoint.checkpoint_tokenizer(model_dir)
         limit = model_len_limit(cfg)
         max_len = config.max_model_len or limit
@@ -183,7 +194,7 @@ class LLMEngine:
             plan, _, _ = place_model(cfg, self.weight_formats, infos, config.dtype_request, max_model_len=max_len,
                                      max_num_seqs=config.max_num_seqs, block_size=config.block_size,
                                      layers=config.layer_counts, kv_cache_memory=config.kv_cache_bytes,
-                                     max_kv_tokens=max_kv_tokens)
+                                     max_kv_tokens=max_kv_tokens, packed=self.package)
             micro_batch = plan.batch_size
             ranks = [s.device_index + 1 for s in plan.stages]
             ring = [0, *ranks]

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from engine import add_stage_args, add_worker_args, describe_layers, run_worker
 from gateway.connections import bind_listener, listen
+from gateway.convert_command import add_convert_parser, run_convert
 from gateway.plan_command import add_offload_arg, add_plan_parser, add_quantization_args, run_plan
 from loadtest.cli import add_arguments as add_bench_arguments
 from loadtest.cli import run as run_bench
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("worker", help="join a pipeline as one stage (rendezvous from MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)")
     add_worker_args(w)
     add_plan_parser(sub)
+    add_convert_parser(sub)
     b = sub.add_parser("bench", help="load-test an OpenAI-compatible server (Strata or not)",
                        description="Load-test an OpenAI-compatible server: latency percentiles, goodput, reports.")
     add_bench_arguments(b)
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(args)
     if args.command == "plan":
         return run_plan(args)
+    if args.command == "convert":
+        return run_convert(args)
     if args.command == "bench":
         return run_bench(args)
     return 2

@@ -65,7 +65,7 @@ def test_streamed_layers_compute_what_resident_ones_do(six_layers, tmp_path, fmt
 
     def model(streamed):
         return StageModel(cfg, validate(six_layers, cfg), range(6), True, True, torch.float32, torch.device("cpu"),
-                          64, formats=formats, streamed=streamed, offload_dir=tmp_path)
+                          64, formats=formats, streamed=streamed, offload=tmp_path)
 
     resident = forwards(model([]), cfg)
     streaming = model([1, 3, 4, 5])

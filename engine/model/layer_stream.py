@@ -67,19 +67,23 @@ def open_for_reading(path: str | Path) -> tuple[int, bool]:
 
 
 class SpillFile:
-    """A stage's own tier file, in the offload folder: the products of its streamed layers, written at load. The file
-    is unlinked as soon as it is made, so nothing is left behind however the process ends."""
+    """A tier file: the products of a stage's streamed layers, written as it loads. Without a name, the stage's own
+    file in the offload folder, unlinked as soon as it is made, so that nothing is left behind however the process
+    ends; with one, a package's disk shard (engine.model.package)."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, name: str | None = None) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        self.size = 0
+        self.folder = folder
+        if name is not None:
+            self.fd = os.open(folder / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            return
         try:
             self.fd = os.open(folder, os.O_RDWR | os.O_TMPFILE, 0o600)
         except (AttributeError, OSError):  # no O_TMPFILE here, or not on this file system
             self.fd, name = tempfile.mkstemp(prefix="strata-offload-", dir=folder)
             os.unlink(name)
-        self.size = 0
-        self.folder = folder
 
     def append(self, layer: int, part: PackedPart, data: torch.Tensor) -> StoredLayer:
         """data: the part's bytes (engine.model.packed_weights.to_bytes)."""

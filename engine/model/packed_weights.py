@@ -8,6 +8,7 @@ wrote, not code to run.
 """
 from __future__ import annotations
 
+import inspect
 import io
 import pickle
 from dataclasses import dataclass
@@ -106,10 +107,19 @@ class _Unpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"a packed part refers to {kind} {key!r}, which this stage does not have")
 
     def find_class(self, module: str, name: str):
-        if (module.split(".")[0] == "engine" or (module == "torch" and name in _ALLOWED_TORCH)
-                or (module == "builtins" and name in _ALLOWED_BUILTINS)):
+        if (module == "torch" and name in _ALLOWED_TORCH) or (module == "builtins" and name in _ALLOWED_BUILTINS):
             return super().find_class(module, name)
+        if module.split(".")[0] == "engine":
+            found = super().find_class(module, name)
+            # A class or function the engine defines, not a module or function another module imported there.
+            if (isinstance(found, type) or inspect.isfunction(found)) and found.__module__ == module:
+                return found
         raise pickle.UnpicklingError(f"a packed part names {module}.{name}, which is not one of the engine's types")
+
+
+def restricted_load(data: bytes):
+    """A pickle of the engine's own types and plain values, holding no tensors (a package's index)."""
+    return _Unpickler(io.BytesIO(data), [], {}).load()
 
 
 def unpack_objects(part: PackedPart, buffer: torch.Tensor, shared: dict[str, object] | None = None):
@@ -124,3 +134,20 @@ def unpack_objects(part: PackedPart, buffer: torch.Tensor, shared: dict[str, obj
         size = count * dtype.itemsize
         views.append(buffer[entry.offset : entry.offset + size].view(dtype).view(entry.shape))
     return _Unpickler(io.BytesIO(part.objects), views, shared or {}).load()
+
+
+def write_part(path, part: PackedPart, tensors: list[torch.Tensor]) -> None:
+    """The part's bytes into a file of their own, a tensor at a time (never a second copy of the whole part)."""
+    import os
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for entry, t in zip(part.tensors, tensors):
+            data = memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
+            written = 0
+            while written < len(data):
+                written += os.pwrite(fd, data[written:], entry.offset + written)
+        os.ftruncate(fd, part.nbytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -19,8 +19,9 @@ from engine.model.attention import AttentionMetadata, paged_attention
 from engine.model.checkpoint import TensorReader, expected_shapes, return_freed_memory
 from engine.model.config import ModelConfig
 from engine.model.layer_ops import LayerOps, rms_norm
-from engine.model.layer_stream import LayerStream, SpillFile, StoredLayer
-from engine.model.packed_weights import pack_objects, to_bytes
+from engine.errors import CheckpointError
+from engine.model.layer_stream import LayerStream, SpillFile, StoredLayer, open_for_reading
+from engine.model.packed_weights import pack_objects, to_bytes, unpack_objects
 from engine.model.linear import AmxLinear, PackedHalfLinear, QuantLinear, SplitLinear, make_linear, product_path
 from engine.model.rope import cos_sin_table
 from engine.model.weight_formats import FORMATS
@@ -113,12 +114,13 @@ class StageModel:
         wide_copy: bool | None = None,
         formats: dict[str, str] | None = None,
         streamed: Iterable[int] = (),
-        offload_dir: str | Path | None = None,
+        offload: str | Path | SpillFile | None = None,
     ) -> None:
         """wide_copy: also keep an fp32 copy of half-precision weights for wide steps (see engine.model.linear);
         None: when it takes at most a quarter of the device's free memory. formats: the weights that run at another
         format than weight_dtype (engine.model.weight_formats.tensor_formats). streamed: layers (model indices) whose
-        products are written to a file in offload_dir at load and read back for every step (engine.model.layer_stream)."""
+        products are written to a tier file at load and read back for every step (engine.model.layer_stream): offload
+        is that file, or the folder to make it in (None: the system's temporary folder)."""
         self.cfg = cfg
         self.layer_ids = layers
         self.first, self.last = first, last
@@ -138,9 +140,12 @@ class StageModel:
         if streamed - set(layers) or (streamed and device.type != "cpu"):
             raise ValueError(f"layers {sorted(streamed)} cannot stream from disk on a {device.type} stage of layers "
                              f"{layers.start}-{layers.stop - 1}")
-        spill = SpillFile(offload_dir or tempfile.gettempdir()) if streamed else None
+        spill = None
+        if streamed:
+            spill = offload if isinstance(offload, SpillFile) else SpillFile(offload or tempfile.gettempdir())
         stored: list[StoredLayer] = []
-        shared = {"scratch": products.scratch}
+        self.scratch = products.scratch  # fp32 buffers the products share (engine.model.linear.UpcastLinear)
+        shared = {"scratch": self.scratch}
         self.layers = []
         for i in layers:
             layer = DecoderLayer(read, f"model.layers.{i}.", cfg, dtype, products)
@@ -160,13 +165,13 @@ class StageModel:
         self.lm_head = products([embed_name if cfg.tie_word_embeddings else "lm_head.weight"]) if last else None
         # A tied head packed for the engine's kernels answers embedding lookups itself, so the matrix is held once;
         # a quantized table decodes the rows it is asked for.
-        self.embed_rows = None
+        self.embed_table = None  # a product whose rows() are the embeddings
         if first and cfg.tie_word_embeddings and isinstance(self.lm_head, (PackedHalfLinear, AmxLinear, QuantLinear)):
-            self.embed_rows = self.lm_head.rows
+            self.embed_table = self.lm_head
         elif first and embed_name in formats and FORMATS[formats[embed_name]].quantized:
-            self.embed_rows = products([embed_name]).rows
+            self.embed_table = products([embed_name])
         self.embed = None
-        if first and self.embed_rows is None:
+        if first and self.embed_table is None:
             # A tied matrix the head holds as it was read is the same tensor, not a second read.
             shared = getattr(self.lm_head, "weight", None) if last and cfg.tie_word_embeddings else None
             self.embed = shared if isinstance(shared, torch.Tensor) else read(embed_name)
@@ -177,6 +182,26 @@ class StageModel:
         self.rope = cos_sin_table(cfg, max_positions, dtype, device)  # [P, 2, d]
         self.scale = cfg.head_dim**-0.5
 
+    def __getstate__(self) -> dict:
+        # What a package stores (engine.model.package): the stream is rebuilt from the package's disk shard, the
+        # rotary table for the context the server is started with.
+        return {**self.__dict__, "stream": None, "rope": None}
+
+    @classmethod
+    def from_package(cls, path: Path, index: dict, stage_file: str, disk_file: str | None, max_positions: int):
+        """A stage a package holds: its objects over a private memory map of its shard, its streamed layers read from
+        the disk shard (index: engine.model.package.read_index)."""
+        part = index["model"]
+        buffer = torch.from_file(str(path / stage_file), shared=False, size=part.nbytes, dtype=torch.uint8)
+        model = unpack_objects(part, buffer)
+        if not isinstance(model, cls):
+            raise CheckpointError(f"{path / stage_file}: holds a {type(model).__name__}, not a stage")
+        model.rope = cos_sin_table(model.cfg, max_positions, model.dtype, model.device)
+        if index["streamed"]:
+            fd, direct = open_for_reading(path / disk_file)
+            model.stream = LayerStream(fd, direct, index["streamed"], shared={"scratch": model.scratch})
+        return model
+
     def forward(
         self,
         x: torch.Tensor,  # [T] token ids on the first stage, else [T, hidden]
@@ -185,8 +210,8 @@ class StageModel:
         kv_cache: torch.Tensor,  # [layers, 2, num_blocks, block_size, kv_heads, d]
         on_layer=None,  # called with -1 before the first layer, then with each layer's index within the stage
     ) -> torch.Tensor:  # [T, hidden]
-        if self.embed_rows is not None:
-            x = self.embed_rows(x).to(self.dtype)
+        if self.embed_table is not None:
+            x = self.embed_table.rows(x).to(self.dtype)
         elif self.first:
             x = F.embedding(x, self.embed).to(self.dtype)
         else:  # the residual stream is updated in place; the caller's tensor stays as it was

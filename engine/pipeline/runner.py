@@ -11,11 +11,14 @@ import torch
 
 from batching.batch import PENDING, Batch, StepOutput, TokensForFirstStage
 from batching.sampling_params import SamplingParams
-from engine.errors import one_line
+from engine.errors import CheckpointError, one_line
 from engine.kernels import triton_paged_attention as triton_kernel
 from engine.model.attention import build_metadata
 from engine.model.checkpoint import checkpoint_tokenizer, expected_shapes, stop_token_ids, tensor_source
+from engine.kernels import quant_gemm
+from engine.model import package
 from engine.model.config import ModelConfig
+from engine.model.linear import product_path
 from engine.model.grammar import GrammarMasks
 from engine.model.sampler import HostSamples, Sampler, SamplingRow
 from engine.model.stage_model import StageModel
@@ -42,11 +45,14 @@ class StageRunner:
         model_dir = Path(spec.model_dir)
         self.cfg = ModelConfig.from_dir(model_dir)
         self.block_size = spec.block_size
-        self.model = StageModel(
-            self.cfg, tensor_source(model_dir, self.cfg), range(*spec.layers), self.first, self.last,
-            self.dtype, self.device, spec.max_model_len, TORCH_DTYPES[spec.weight_dtype], self._wide_copy(),
-            spec.formats, spec.streamed_layers, spec.offload_dir,
-        )
+        if package.is_package(model_dir):
+            self.model = self._load_packed(package.read_package(model_dir))
+        else:
+            self.model = StageModel(
+                self.cfg, tensor_source(model_dir, self.cfg), range(*spec.layers), self.first, self.last,
+                self.dtype, self.device, spec.max_model_len, TORCH_DTYPES[spec.weight_dtype], self._wide_copy(),
+                spec.formats, spec.streamed_layers, spec.offload_dir,
+            )
         self.tables: dict[int, list[int]] = {}
         self.rows: dict[int, SamplingRow] = {}
         # On the first stage: each sequence's newest sampled token, (position, token id), for steps scheduled
@@ -57,6 +63,22 @@ class StageRunner:
         self.grammars: GrammarMasks | None = None  # on the last stage, once a sequence has a grammar
         self.kv_cache: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
+
+    def _load_packed(self, pkg: package.Package) -> StageModel:
+        """This stage's part of a package (engine.model.package): checked against this device and its checksums,
+        then mapped."""
+        spec = self.spec
+        products = product_path(self.device, TORCH_DTYPES[spec.weight_dtype], self.dtype)
+        stage = package.check_stage_here(pkg, spec.stage_index, products, quant_gemm.available(self.device))
+        if (stage.dtype, stage.weight_dtype) != (spec.dtype, spec.weight_dtype) or stage.layers != spec.layers:
+            raise CheckpointError(f"{pkg.path}: stage {spec.stage_index} was packed for layers {stage.layers} at "
+                                  f"{stage.dtype} over {stage.weight_dtype} weights, asked for {spec.layers} at "
+                                  f"{spec.dtype} over {spec.weight_dtype}: serve it with the dtype it was converted "
+                                  "with")
+        package.verify(pkg, stage.files)
+        disk = stage.file(package.DISK_SHARD)
+        return StageModel.from_package(pkg.path, package.read_index(pkg.path / stage.files[0].name),
+                                       stage.files[1].name, disk.name if disk else None, spec.max_model_len)
 
     def _wide_copy(self) -> bool | None:
         """Under a memory budget, an fp32 copy of half-precision weights (engine.model.linear) only where the budget

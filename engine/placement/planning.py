@@ -33,11 +33,21 @@ def planned_batch(max_num_seqs: int, num_stages: int) -> int:
 
 def place_model(cfg: ModelConfig, formats: dict, infos: list, dtype_request: str, *, max_model_len: int,
                 max_num_seqs: int, block_size: int, layers: list[int] | None, kv_cache_memory: int | None,
-                max_kv_tokens: int, link_bandwidth=None, dtypes: tuple[str, str] | None = None) -> tuple[Plan, str, str]:
+                max_kv_tokens: int, link_bandwidth=None, dtypes: tuple[str, str] | None = None,
+                packed=None) -> tuple[Plan, str, str]:
     """The plan over devices described as their stages describe them (infos: DeviceInfo, in --devices order; CPU
     stages of one host share its memory here): (plan, compute dtype, weight dtype) of the first stage. dtypes:
-    (compute, weights) where the devices are not this machine's (a described cluster), else as the first resolves."""
+    (compute, weights) where the devices are not this machine's (a described cluster), else as the first resolves.
+    packed: the package (engine.model.package) the model is served from, whose layers and streamed layers stand."""
     share_host_memory(infos)
+    if packed is not None:
+        from engine.placement.probe import disk_bandwidth
+
+        layers = [b - a for a, b in (s.layers for s in packed.stages)]
+        for info, stage in zip(infos, packed.stages):
+            # Its disk shard is priced as the package's folder reads (measured when it was converted).
+            info.disk_bandwidth = info.disk_bandwidth or (disk_bandwidth(packed.path) if stage.streamed_layers
+                                                          else None)
     if dtypes is None:
         import torch
 
@@ -48,7 +58,8 @@ def place_model(cfg: ModelConfig, formats: dict, infos: list, dtype_request: str
     result = plan(ModelCost.from_config(cfg, compute, weights, formats=formats), infos,
                   batch_size=planned_batch(max_num_seqs, len(infos)), context_len=min(max_model_len, PLANNED_CONTEXT),
                   kv_reserve_tokens=max_model_len, layers=layers, block_size=block_size, max_kv_tokens=max_kv_tokens,
-                  kv_cache_memory=kv_cache_memory, link_bandwidth=link_bandwidth)
+                  kv_cache_memory=kv_cache_memory, link_bandwidth=link_bandwidth,
+                  streamed=None if packed is None else [s.streamed_layers for s in packed.stages])
     return result, compute, weights
 
 

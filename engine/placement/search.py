@@ -16,8 +16,8 @@ import itertools
 import math
 
 from engine.placement.cost import (STREAM_SLOTS, LinkSpeed, ModelCost, StageTime, kv_cache_blocks, kv_capacity_tokens,
-                                   layer_seconds, layers_to_stream, link_between, stage_kv_bytes_per_token,
-                                   stage_kv_budget, stage_seconds, stage_weight_bytes)
+                                   layer_seconds, layers_to_stream, link_between, stage_fits,
+                                   stage_kv_bytes_per_token, stage_kv_budget, stage_seconds, stage_weight_bytes)
 from engine.placement.devices import DeviceInfo
 from engine.placement.plan import Plan, StagePlan
 from engine.placement.render import readable_size
@@ -37,12 +37,13 @@ class PlacementError(ValueError):
 def plan(cost: ModelCost, devices: list[DeviceInfo], *, batch_size: int = 64, context_len: int = 512,
          kv_reserve_tokens: int, layers: list[int] | None = None, link_bandwidth: float | dict | None = None,
          block_size: int = 16, tolerance: float = TIE_TOLERANCE, max_kv_tokens: int | None = None,
-         kv_cache_memory: int | None = None) -> Plan:
+         kv_cache_memory: int | None = None, streamed: list[tuple[int, ...]] | None = None) -> Plan:
     """Order the devices and split the layers so the slowest stage is as fast as it can be.
 
     layers: counts per stage in the devices' given order (no search). tolerance: among plans within this
     fraction of the best bottleneck, the one whose stages' smallest KV allocation is largest wins. max_kv_tokens and
     kv_cache_memory (bytes per stage) size the KV blocks each stage will allocate, as the stage sizes them.
+    streamed: with `layers`, the layers each stage reads from disk (a package's), instead of the fewest that fit.
     """
     L, P = cost.num_layers, len(devices)
     if P == 0:
@@ -54,7 +55,7 @@ def plan(cost: ModelCost, devices: list[DeviceInfo], *, batch_size: int = 64, co
     ctx = _Context(cost, devices, batch_size, context_len, kv_reserve_tokens, link_bandwidth, block_size,
                    max_kv_tokens if max_kv_tokens is not None else kv_reserve_tokens, kv_cache_memory)
     if layers is not None:
-        return ctx.evaluate(list(range(P)), _check_layers(layers, P, L), check=True)
+        return ctx.evaluate(list(range(P)), _check_layers(layers, P, L), check=True, streamed=streamed)
     order, split = _search(ctx, tolerance)
     return ctx.evaluate(order, split)
 
@@ -117,17 +118,24 @@ class _Context:
                                stage_kv_bytes_per_token(self.cost, d, n) * self.block_size, self.max_kv_tokens,
                                self.block_size)
 
-    def evaluate(self, order: list[int], split: list[int], check: bool = False) -> Plan:
+    def evaluate(self, order: list[int], split: list[int], check: bool = False,
+                 streamed: list[tuple[int, ...]] | None = None) -> Plan:
         cost, P = self.cost, len(order)
         stages, start = [], 0
         for k, (dev, n) in enumerate(zip(order, split)):
             d = self.devices[dev]
             first, last = k == 0, k == P - 1
             prev = order[k - 1] if k else None
-            streamed = self.streamed(d, n, first, last)
-            weights = stage_weight_bytes(cost, n, first, last, streamed or 0)
+            given = streamed[k] if streamed is not None else None
+            if given is None:
+                streamed_count = self.streamed(d, n, first, last)
+            elif stage_fits(cost, d, n, first, last, self.reserve, self.kv_cache_memory, len(given)):
+                streamed_count = len(given)
+            else:
+                streamed_count = None
+            weights = stage_weight_bytes(cost, n, first, last, streamed_count or 0)
             kv_per_token = stage_kv_bytes_per_token(cost, d, n)
-            if check and streamed is None:
+            if check and streamed_count is None:
                 kv = self.reserve * kv_per_token
                 what = f"KV for {self.reserve} tokens"
                 if (self.kv_cache_memory or 0) > kv:
@@ -137,17 +145,17 @@ class _Context:
                     f"stage {k} ({d.name}) does not fit: layers {start}-{start + n - 1} need {readable_size(weights)} "
                     f"of weights plus {readable_size(kv)} of {what}, and {d.name} holds "
                     f"{readable_size(d.memory)} ({readable_size(need - d.memory)} short){_offload_hint(d)}")
-            streamed = streamed or 0
-            times = {b: self.time(dev, n, first, last, prev, b, streamed) for b in sorted({1, self.batch})}
+            count = streamed_count or 0
+            times = {b: self.time(dev, n, first, last, prev, b, count) for b in sorted({1, self.batch})}
             stages.append(StagePlan(
                 device=d, device_index=dev, layers=(start, start + n), weight_bytes=weights,
                 kv_bytes_per_token=kv_per_token,
-                kv_capacity_tokens=kv_capacity_tokens(cost, d, n, first, last, streamed),
+                kv_capacity_tokens=kv_capacity_tokens(cost, d, n, first, last, count),
                 predicted_s={b: t.total_s for b, t in times.items()},
                 compute_s={b: t.compute_s for b, t in times.items()},
                 transfer_s={b: t.transfer_s for b, t in times.items()},
-                kv_blocks=self.kv_blocks(d, n, first, last, streamed),
-                streamed_layers=tuple(start + i for i in spread(n, streamed)),
+                kv_blocks=self.kv_blocks(d, n, first, last, count),
+                streamed_layers=given if given is not None else tuple(start + i for i in spread(n, count)),
                 fetch_s={b: t.fetch_s for b, t in times.items()},
             ))
             start += n

@@ -1,0 +1,81 @@
+"""`strata convert`: a checkpoint turned into a package for the devices it will run on (engine.model.package), each
+stage's weights at their formats, packed as its kernels read them, with the layers it streams in a shard of their own.
+The plan is the one `strata plan` prints and `strata serve` would run with the same options (plan_here)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from engine.model import package as pkg
+from engine.model.checkpoint import resolve_formats, validate
+from engine.model.layer_stream import SpillFile
+from engine.model.linear import product_path
+from engine.model.packed_weights import pack_objects, write_part
+from engine.model.stage_model import StageModel
+from engine.model.weight_formats import FORMATS, check_requested, parse_layer_formats
+from engine.kernels import quant_gemm
+from engine.placement.local_device import TORCH_DTYPES, resolve_dtypes
+from engine.placement.planning import PlanHere, plan_here
+
+
+def convert(source: str | Path, out: str | Path, devices: str = "cpu", *, dtype: str = "auto",
+            threads: int | None = None, max_num_seqs: int = 256, max_model_len: int | None = None,
+            quantization: str = "auto", layer_quantization: str | None = None, kv_cache_memory: int | None = None,
+            memory_fraction: float = 0.9, say=print) -> PlanHere:
+    """Write the package to `out` (a new folder); the plan it was made for. Layers a CPU stage's budget cannot hold
+    go to its disk shard in `out`, whose read bandwidth the plan is priced by."""
+    source, out = Path(source), Path(out)
+    if pkg.is_package(source):
+        raise ValueError(f"{source} is a package already; convert its source checkpoint")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out}: not empty; convert into a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _convert(source, out, devices, dtype, threads, max_num_seqs, max_model_len, quantization,
+                        layer_quantization, kv_cache_memory, memory_fraction, say)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _convert(source, out, devices, dtype, threads, max_num_seqs, max_model_len, quantization, layer_quantization,
+             kv_cache_memory, memory_fraction, say) -> PlanHere:
+    here = plan_here(source, devices, dtype=dtype, threads=threads, memory_fraction=memory_fraction,
+                     max_num_seqs=max_num_seqs, max_model_len=max_model_len, quantization=quantization,
+                     layer_quantization=layer_quantization, kv_cache_memory=kv_cache_memory, offload_dir=str(out))
+    cfg = here.model_config
+    tensors = validate(source, cfg)
+    formats = resolve_formats(tensors, cfg, check_requested(quantization),
+                              parse_layer_formats(layer_quantization, cfg.num_layers))
+    files = pkg.copy_checkpoint_files(source, out)
+    stages, P = [], len(here.plan.stages)
+    for k, st in enumerate(here.plan.stages):
+        device = torch.device(st.device.name)
+        if device.type != "cpu":
+            raise ValueError(f"stage {k} is on {device}: packages hold CPU stages only so far")
+        compute, weights = resolve_dtypes(dtype, cfg.checkpoint_dtype, device)
+        disk = f"stage-{k}{pkg.DISK_SHARD}"
+        spill = SpillFile(out, disk) if st.streamed_layers else None
+        say(f"stage {k} ({device}): layers {st.layers[0]}-{st.layers[1] - 1}"
+            + (f", {len(st.streamed_layers)} of them to {disk}" if st.streamed_layers else ""))
+        model = StageModel(cfg, tensors, range(*st.layers), k == 0, k == P - 1, TORCH_DTYPES[compute], device, 1,
+                           TORCH_DTYPES[weights], wide_copy=False, formats=formats, streamed=st.streamed_layers,
+                           offload=spill)
+        stored = []
+        if model.stream is not None:
+            stored = model.stream.layers
+            model.stream.close()
+        part, held = pack_objects(model)
+        write_part(out / f"stage-{k}.bin", part, held)
+        del model, held
+        pkg.write_index(out / f"stage-{k}.index", part, stored)
+        names = [f"stage-{k}.index", f"stage-{k}.bin"] + ([disk] if stored else [])
+        quantized = any(FORMATS[f].quantized for f in formats.values())
+        stages.append(pkg.PackageStage(
+            str(device), compute, weights, product_path(device, TORCH_DTYPES[weights], TORCH_DTYPES[compute]),
+            quantized and quant_gemm.available(device), st.layers, st.streamed_layers,
+            tuple(pkg.packed_file(out / n) for n in names)))
+    pkg.write_manifest(out, str(source), formats, stages, files)
+    return here

@@ -1,0 +1,90 @@
+"""`strata convert` packages: served, they answer as their source does; damaged or asked for other devices, they are
+refused with the reason."""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+
+import pytest
+from openai import AsyncOpenAI
+
+from engine.model.package import MANIFEST, read_package
+from server_process import ServerProcess, running_server, strata_command
+from tiny_models import write_checkpoint
+
+MODEL = "tiny"
+FLAGS = ("--served-model-name", MODEL, "--max-model-len", "256", "--threads-per-stage", "1")
+
+
+@pytest.fixture(scope="module")
+def six_layers(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("six"), "llama", layers=6)
+
+
+def convert(source, out, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*strata_command(), "convert", str(source), "--out", str(out), "--max-model-len", "256",
+                           "--threads-per-stage", "1", *args], capture_output=True, text=True, timeout=300)
+
+
+async def answers(url: str) -> list[str]:
+    prompts = [[(7 * i) % 500 + 3 for i in range(n)] for n in (1, 5, 17, 33, 64, 90)]
+    async with AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        async def one(p):
+            r = await client.completions.create(model=MODEL, prompt=p, max_tokens=10, temperature=0.0,
+                                                extra_body={"ignore_eos": True})
+            return r.choices[0].text
+
+        chat = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}],
+                                                    max_tokens=8, temperature=0.0)
+        return [*await asyncio.gather(*(one(p) for p in prompts)), chat.choices[0].message.content]
+
+
+@pytest.fixture(scope="module")
+def source_answers(six_layers):
+    with running_server(six_layers, *FLAGS) as s:
+        return asyncio.run(answers(s.url))
+
+
+@pytest.mark.parametrize("devices", ["cpu", "cpu=700KiB,cpu=1000KiB"])
+def test_a_package_answers_as_its_source(six_layers, source_answers, tmp_path, devices):
+    done = convert(six_layers, tmp_path / "pkg", "--devices", devices)
+    assert done.returncode == 0, done.stderr
+    package = read_package(tmp_path / "pkg")
+    assert [s.device for s in package.stages] == [d.split("=")[0] for d in devices.split(",")]
+    assert any(s.streamed_layers for s in package.stages) == ("=" in devices)
+    with running_server(tmp_path / "pkg", *FLAGS, "--devices", devices) as s:
+        assert asyncio.run(answers(s.url)) == source_answers
+
+
+def refused(package, *args: str) -> str:
+    server = ServerProcess(package, *FLAGS, *args)
+    try:
+        with pytest.raises(RuntimeError, match="exited with code") as failure:
+            server.wait_ready(120)
+    finally:
+        server.stop()
+    return str(failure.value)
+
+
+def test_a_damaged_package_or_other_devices_are_refused_saying_which(six_layers, tmp_path):
+    pkg = tmp_path / "pkg"
+    assert convert(six_layers, pkg, "--devices", "cpu,cpu").returncode == 0
+    assert "packed for --devices cpu,cpu, asked for cpu" in refused(pkg, "--devices", "cpu")
+    shard = pkg / "stage-1.bin"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert "stage-1.bin: its checksum differs from the manifest's" in refused(pkg, "--devices", "cpu,cpu")
+    manifest = json.loads((pkg / MANIFEST).read_text())
+    manifest["stages"][0]["products"] = "half-kernel" if manifest["stages"][0]["products"] != "half-kernel" else "plain"
+    (pkg / MANIFEST).write_text(json.dumps(manifest))
+    assert "stage 0 was packed for" in refused(pkg, "--devices", "cpu,cpu")
+
+
+def test_convert_refuses_a_folder_that_is_not_empty(six_layers, tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "keep.txt").write_text("mine")
+    done = convert(six_layers, tmp_path / "pkg")
+    assert done.returncode == 2 and "not empty" in done.stderr
+    assert (tmp_path / "pkg" / "keep.txt").read_text() == "mine"
