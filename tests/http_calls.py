@@ -94,3 +94,21 @@ def wait_for_metrics(url: str, cond, timeout: float = 60.0) -> str:
 def idle(text: str) -> bool:
     return (metric(text, "num_requests_running") == 0 and metric(text, "num_requests_waiting") == 0
             and metric(text, "kv_cache_usage_perc") == 0)
+
+
+PROMPTS = [[(7 * i) % 500 + 3 for i in range(n)] for n in (1, 5, 17, 33, 64, 90)]
+
+
+async def greedy_texts(url: str, model: str, prompts: list[list[int]] = PROMPTS, max_tokens: int = 10) -> list[str]:
+    """Every prompt at once through the OpenAI client, greedy, ignoring EOS: the texts, in order."""
+    import asyncio
+
+    from openai import AsyncOpenAI
+
+    async with AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        async def one(p):
+            r = await client.completions.create(model=model, prompt=p, max_tokens=max_tokens, temperature=0.0,
+                                                extra_body={"ignore_eos": True})
+            return r.choices[0].text
+
+        return list(await asyncio.gather(*(one(p) for p in prompts)))

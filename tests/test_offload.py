@@ -10,7 +10,6 @@ import re
 import psutil
 import pytest
 import torch
-from openai import AsyncOpenAI
 
 from bench.otlp_receiver import OTLPReceiver
 from engine.model.attention import build_metadata
@@ -19,6 +18,7 @@ from engine.model.config import ModelConfig
 from engine.model.packed_weights import PackedPart, pack_objects, to_bytes, unpack_objects
 from engine.model.stage_model import StageModel
 from engine.model.weight_formats import FORMATS
+from http_calls import greedy_texts
 from server_process import running_server
 from tiny_models import write_checkpoint
 
@@ -100,14 +100,7 @@ def test_a_packed_part_names_only_the_engines_types():
 
 
 async def greedy(url: str) -> list[str]:
-    prompts = [[(7 * i) % 500 + 3 for i in range(n)] for n in (1, 5, 17, 33, 64, 90)]
-    async with AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
-        async def one(p):
-            r = await client.completions.create(model=MODEL, prompt=p, max_tokens=10, temperature=0.0,
-                                                extra_body={"ignore_eos": True})
-            return r.choices[0].text
-
-        return list(await asyncio.gather(*(one(p) for p in prompts)))
+    return await greedy_texts(url, MODEL)
 
 
 FLAGS = ("--served-model-name", MODEL, "--max-model-len", "256", "--threads-per-stage", "1")

@@ -10,6 +10,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from engine.model.package import MANIFEST, read_package
+from http_calls import greedy_texts
 from server_process import ServerProcess, running_server, strata_command
 from tiny_models import write_checkpoint
 
@@ -28,16 +29,11 @@ def convert(source, out, *args: str) -> subprocess.CompletedProcess:
 
 
 async def answers(url: str) -> list[str]:
-    prompts = [[(7 * i) % 500 + 3 for i in range(n)] for n in (1, 5, 17, 33, 64, 90)]
+    """Greedy completions, and a chat answer (the package's tokenizer and chat template at work)."""
     async with AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
-        async def one(p):
-            r = await client.completions.create(model=MODEL, prompt=p, max_tokens=10, temperature=0.0,
-                                                extra_body={"ignore_eos": True})
-            return r.choices[0].text
-
         chat = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}],
                                                     max_tokens=8, temperature=0.0)
-        return [*await asyncio.gather(*(one(p) for p in prompts)), chat.choices[0].message.content]
+    return [*await greedy_texts(url, MODEL), chat.choices[0].message.content]
 
 
 @pytest.fixture(scope="module")
