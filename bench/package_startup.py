@@ -67,8 +67,8 @@ def stage_from_package(path: Path, cold: bool) -> float:
     pkg = package.read_package(path)
     (stage,) = pkg.stages
     package.verify(pkg, pkg.files + stage.files)
-    model = StageModel.from_package(path, package.read_index(path / stage.files[0].name), stage.files[1].name,
-                                    None, 2048)
+    index, shard, _ = package.stage_files(0)
+    model = StageModel.from_package(path, package.read_index(path / index), shard, None, 2048)
     first_forward(model)
     seconds = time.perf_counter() - start
     del model

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from engine.kernels import quant_gemm
 from engine.model import package as pkg
 from engine.model.checkpoint import resolve_formats, validate
 from engine.model.layer_stream import SpillFile
@@ -15,7 +16,6 @@ from engine.model.linear import product_path
 from engine.model.packed_weights import pack_objects, write_part
 from engine.model.stage_model import StageModel
 from engine.model.weight_formats import FORMATS, check_requested, parse_layer_formats
-from engine.kernels import quant_gemm
 from engine.placement.local_device import TORCH_DTYPES, resolve_dtypes
 from engine.placement.planning import PlanHere, plan_here
 
@@ -50,13 +50,14 @@ def _convert(source, out, devices, dtype, threads, max_num_seqs, max_model_len, 
     formats = resolve_formats(tensors, cfg, check_requested(quantization),
                               parse_layer_formats(layer_quantization, cfg.num_layers))
     files = pkg.copy_checkpoint_files(source, out)
+    quantized = any(FORMATS[f].quantized for f in formats.values())
     stages, P = [], len(here.plan.stages)
     for k, st in enumerate(here.plan.stages):
         device = torch.device(st.device.name)
         if device.type != "cpu":
             raise ValueError(f"stage {k} is on {device}: packages hold CPU stages only so far")
         compute, weights = resolve_dtypes(dtype, cfg.checkpoint_dtype, device)
-        disk = f"stage-{k}{pkg.DISK_SHARD}"
+        index, shard, disk = pkg.stage_files(k)
         spill = SpillFile(out, disk) if st.streamed_layers else None
         say(f"stage {k} ({device}): layers {st.layers[0]}-{st.layers[1] - 1}"
             + (f", {len(st.streamed_layers)} of them to {disk}" if st.streamed_layers else ""))
@@ -68,11 +69,10 @@ def _convert(source, out, devices, dtype, threads, max_num_seqs, max_model_len, 
             stored = model.stream.layers
             model.stream.close()
         part, held = pack_objects(model)
-        write_part(out / f"stage-{k}.bin", part, held)
+        write_part(out / shard, part, held)
         del model, held
-        pkg.write_index(out / f"stage-{k}.index", part, stored)
-        names = [f"stage-{k}.index", f"stage-{k}.bin"] + ([disk] if stored else [])
-        quantized = any(FORMATS[f].quantized for f in formats.values())
+        pkg.write_index(out / index, part, stored)
+        names = [index, shard] + ([disk] if stored else [])
         stages.append(pkg.PackageStage(
             str(device), compute, weights, product_path(device, TORCH_DTYPES[weights], TORCH_DTYPES[compute]),
             quantized and quant_gemm.available(device), st.layers, st.streamed_layers,

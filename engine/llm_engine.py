@@ -120,10 +120,8 @@ class LLMEngine:
             raise CheckpointError(f"{model_dir}: no such checkpoint directory or GGUF file")
         self.package = package.read_package(model_dir) if package.is_package(model_dir) else None
         if self.package is not None:
-            package.check_devices(self.package, config.devices.split(","))
-            if config.quantization != "auto" or config.layer_quantization or config.layers:
-                raise ValueError(f"{model_dir} is a package: its layers and formats were chosen when it was "
-                                 "converted (--quantization, --layer-quantization and --layers do not apply)")
+            package.check_request(self.package, config.devices, config.quantization, config.layer_quantization,
+                                  config.layers)
             package.verify(self.package, self.package.files)
         self.model_config = cfg = ModelConfig.from_dir(model_dir)
         if self.package is not None:

@@ -15,7 +15,7 @@ from bench.otlp_receiver import OTLPReceiver
 from engine.model.attention import build_metadata
 from engine.model.checkpoint import validate
 from engine.model.config import ModelConfig
-from engine.model.packed_weights import PackedPart, pack_objects, to_bytes, unpack_objects
+from engine.model.packed_weights import PackedPart, pack_objects, unpack_objects, write_part
 from engine.model.stage_model import StageModel
 from engine.model.weight_formats import FORMATS
 from http_calls import greedy_texts
@@ -82,14 +82,15 @@ def test_streamed_layers_compute_what_resident_ones_do(six_layers, tmp_path, fmt
     streaming.stream.close()
 
 
-def test_a_packed_part_names_only_the_engines_types():
+def test_a_packed_part_names_only_the_engines_types(tmp_path):
     from engine.model.linear import QuantLinear
     from engine.model.quantized import quantize, pack
 
     weight = torch.randn(64, 64)
     linear = QuantLinear(pack(quantize(weight, FORMATS["q8_0"])), torch.randn(64), torch.float32)
     part, tensors = pack_objects(linear)
-    back = unpack_objects(part, to_bytes(part, tensors))
+    write_part(tmp_path / "part.bin", part, tensors)
+    back = unpack_objects(part, torch.from_file(str(tmp_path / "part.bin"), size=part.nbytes, dtype=torch.uint8))
     x = torch.randn(5, 64)
     assert torch.equal(back(x), linear(x)) and back.weight.fmt is FORMATS["q8_0"]
     # A part whose pickle names anything else is refused before it is called.

@@ -51,6 +51,14 @@ def test_a_package_answers_as_its_source(six_layers, source_answers, tmp_path, d
     assert any(s.streamed_layers for s in package.stages) == ("=" in devices)
     with running_server(tmp_path / "pkg", *FLAGS, "--devices", devices) as s:
         assert asyncio.run(answers(s.url)) == source_answers
+    # strata plan shows the package's own plan: its split and the layers it reads from disk.
+    shown = subprocess.run([*strata_command(), "plan", "--model", str(tmp_path / "pkg"), "--devices", devices,
+                            "--max-model-len", "256", "--threads-per-stage", "1", "--json"],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    stages = json.loads(shown.stdout)["stages"]
+    assert [(tuple(s["layers"]), tuple(s["streamed_layers"])) for s in stages] == [
+        (s.layers, s.streamed_layers) for s in package.stages]
 
 
 def refused(package, *args: str) -> str:

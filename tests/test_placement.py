@@ -99,18 +99,27 @@ def random_instance(rng: random.Random):
     return cost, pool, rng.choice([1, 2, 8, 64]), rng.choice([1, 17, 512]), rng.choice([0, 16, 256])
 
 
+def exact_plan_equals(best: float, cost, devices, batch, context, reserve):
+    """The planner's exact plan (no tolerance), whose bottleneck must be brute force's best; where nothing fits, the
+    planner must refuse (then None)."""
+    if best == math.inf:
+        with pytest.raises(PlacementError):
+            plan(cost, devices, batch_size=batch, context_len=context, kv_reserve_tokens=reserve)
+        return None
+    exact = plan(cost, devices, batch_size=batch, context_len=context, kv_reserve_tokens=reserve, tolerance=0.0)
+    assert exact.bottleneck_s == pytest.approx(best, rel=1e-12)
+    return exact
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_dynamic_program_matches_brute_force(seed):
     rng = random.Random(seed)
     for _ in range(30):
         cost, devices, batch, context, reserve = random_instance(rng)
         best, plans = brute_force(cost, devices, batch, context, reserve)
-        if best == math.inf:
-            with pytest.raises(PlacementError):
-                plan(cost, devices, batch_size=batch, context_len=context, kv_reserve_tokens=reserve)
+        exact = exact_plan_equals(best, cost, devices, batch, context, reserve)
+        if exact is None:
             continue
-        exact = plan(cost, devices, batch_size=batch, context_len=context, kv_reserve_tokens=reserve, tolerance=0.0)
-        assert exact.bottleneck_s == pytest.approx(best, rel=1e-12)
         # The default keeps within 2% of the best and, among those, the largest smallest KV allocation.
         chosen = plan(cost, devices, batch_size=batch, context_len=context, kv_reserve_tokens=reserve)
         assert chosen.bottleneck_s <= best * 1.02 * (1 + 1e-12)
@@ -158,12 +167,9 @@ def test_dynamic_program_with_a_disk_tier_matches_brute_force(seed):
             if d.kind == "cpu" and rng.random() < 0.7:
                 d.disk_bandwidth = 10 ** rng.uniform(8.5, 10)
         best = brute_force_with_disk(cost, devices, batch, context, reserve)
-        if best == math.inf:
-            with pytest.raises(PlacementError):
-                plan(cost, devices, batch_size=batch, context_len=context, kv_reserve_tokens=reserve)
+        exact = exact_plan_equals(best, cost, devices, batch, context, reserve)
+        if exact is None:
             continue
-        exact = plan(cost, devices, batch_size=batch, context_len=context, kv_reserve_tokens=reserve, tolerance=0.0)
-        assert exact.bottleneck_s == pytest.approx(best, rel=1e-12)
         for k, s in enumerate(exact.stages):
             first, last = k == 0, k == len(exact.stages) - 1
             streamed = len(s.streamed_layers)

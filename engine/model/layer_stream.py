@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from engine.model.packed_weights import PackedPart, aligned, unpack_objects
+from engine.model.packed_weights import PackedPart, aligned, unpack_objects, write_at
 
 log = logging.getLogger("strata.layer_stream")
 SLOTS = 2  # layers read ahead of the one computing; two keep the disk busy through a resident layer between
@@ -51,13 +51,9 @@ class Fetch:
     overlapped: bool  # it was in before the compute asked for it
 
 
-def _direct_flag() -> int:
-    return getattr(os, "O_DIRECT", 0)
-
-
 def open_for_reading(path: str | Path) -> tuple[int, bool]:
     """(fd, whether reads bypass the page cache)."""
-    flag = _direct_flag()
+    flag = getattr(os, "O_DIRECT", 0)
     if flag:
         try:
             return os.open(path, os.O_RDONLY | flag), True
@@ -75,7 +71,6 @@ class SpillFile:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.size = 0
-        self.folder = folder
         if name is not None:
             self.fd = os.open(folder / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             return
@@ -85,18 +80,16 @@ class SpillFile:
             self.fd, name = tempfile.mkstemp(prefix="strata-offload-", dir=folder)
             os.unlink(name)
 
-    def append(self, layer: int, part: PackedPart, data: torch.Tensor) -> StoredLayer:
-        """data: the part's bytes (engine.model.packed_weights.to_bytes)."""
+    def append(self, layer: int, part: PackedPart, tensors: list[torch.Tensor]) -> StoredLayer:
+        """A layer's part (engine.model.packed_weights.pack_objects) at the end of the file."""
         offset = self.size
-        view = memoryview(data.numpy())
-        written = 0
-        while written < part.nbytes:
-            written += os.pwrite(self.fd, view[written:part.nbytes], offset + written)
+        write_at(self.fd, offset, part, tensors)
         self.size = offset + aligned(part.nbytes)
         return StoredLayer(layer, offset, part)
 
     def reader(self) -> tuple[int, bool]:
         """The file flushed, its pages dropped from the cache, and opened again for direct reads."""
+        os.ftruncate(self.fd, self.size)  # every part's padding in the file, so each read is whole
         os.fsync(self.fd)
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -138,8 +131,6 @@ class LayerStream:
         self._held = False
         self._closed = False
         self.fetches: collections.deque[Fetch] = collections.deque(maxlen=MAX_RECORDS)
-        self.bytes_read = 0
-        self.wait_s = 0.0  # the compute thread's time waiting for reads
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._read_loop, name="layer-stream", daemon=True)
         self._thread.start()
@@ -160,7 +151,6 @@ class LayerStream:
                 self._started_ns[s] = time.time_ns()
                 self._read(stored, self._buffers[s][0])
                 self._fetched_ns[s] = time.time_ns()
-                self.bytes_read += stored.part.nbytes
                 self._ready[s].release()
                 g += 1
         except BaseException as e:  # reaches the compute thread at its next acquire
@@ -188,8 +178,6 @@ class LayerStream:
         self._ready[s].acquire()
         if self._error is not None:
             raise RuntimeError(f"reading streamed layers failed: {self._error}") from self._error
-        now = time.time_ns()
-        self.wait_s += (now - asked) / 1e9
         stored = self.layers[self._taken % len(self.layers)]
         self.fetches.append(Fetch(stored.layer, self.tier, stored.part.nbytes, self._started_ns[s],
                                   self._fetched_ns[s], self._fetched_ns[s] <= asked))
@@ -224,7 +212,6 @@ class LayerStream:
         os.close(self.fd)
 
 
-
 def measure_read_bandwidth(folder: str | Path, nbytes: int = 256 << 20, read_bytes: int = 64 << 20) -> float:
     """Bytes/s of reading a file in `folder` as a stream reads one: its pages dropped from the cache first, then read
     in large direct reads, one after the other on one thread. The best of two passes."""
@@ -233,6 +220,7 @@ def measure_read_bandwidth(folder: str | Path, nbytes: int = 256 << 20, read_byt
     view = memoryview(chunk.numpy())
     for offset in range(0, nbytes, read_bytes):
         os.pwrite(spill.fd, view, offset)
+    spill.size = nbytes
     fd, direct = spill.reader()
     region = mmap.mmap(-1, read_bytes)
     target = memoryview(region)

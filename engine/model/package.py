@@ -27,10 +27,16 @@ from pathlib import Path
 import xxhash
 
 from engine.errors import CheckpointError
+from engine.placement import parse_devices
 
 MANIFEST = "strata-package.json"
 FORMAT_VERSION = 1
 DISK_SHARD = "-disk.bin"  # the suffix of a stage's disk shard: stage-K-disk.bin
+
+
+def stage_files(k: int) -> tuple[str, str, str]:
+    """Stage k's index, memory shard and disk shard (the last only where it streams layers)."""
+    return f"stage-{k}.index", f"stage-{k}.bin", f"stage-{k}{DISK_SHARD}"
 # Read from the source next to the weights: what a checkpoint folder holds besides its tensors.
 CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json", "chat_template.jinja")
@@ -52,10 +58,7 @@ class PackageStage:
     quant_kernel: bool  # quantized products packed for engine.kernels.quant_gemm
     layers: tuple[int, int]
     streamed_layers: tuple[int, ...]
-    files: tuple[PackedFile, ...]  # index, memory shard, and disk shard where it streams
-
-    def file(self, suffix: str) -> PackedFile | None:
-        return next((f for f in self.files if f.name.endswith(suffix)), None)
+    files: tuple[PackedFile, ...]  # stage_files: index, memory shard, and disk shard where it streams
 
 
 @dataclass(slots=True, frozen=True)
@@ -116,12 +119,22 @@ def verify(package: Package, files: tuple[PackedFile, ...]) -> None:
             raise CheckpointError(f"{path}: its checksum differs from the manifest's: the package is damaged")
 
 
-def check_devices(package: Package, devices: list[str]) -> None:
-    """The devices asked for (--devices names, in order) against those the package was packed for."""
+def check_request(package: Package, devices: str, quantization: str, layer_quantization: str | None,
+                  layers) -> None:
+    """What `strata serve` and `strata plan` are asked for, against what the package fixed when it was converted:
+    its devices (in order; budgets may differ), its formats and its split."""
+    check_devices(package, devices)
+    if quantization != "auto" or layer_quantization or layers:
+        raise ValueError(f"{package.path} is a package: its layers and formats were chosen when it was converted "
+                         "(--quantization, --layer-quantization and --layers do not apply)")
+
+
+def check_devices(package: Package, devices: str) -> None:
     packed = [s.device for s in package.stages]
-    if [d.split("=")[0].strip().lower() for d in devices] != packed:
+    asked = [r.name for r in parse_devices(devices)]
+    if asked != packed:
         raise CheckpointError(f"{package.path}: packed for --devices {','.join(packed)}, asked for "
-                              f"{','.join(devices)}: serve it on the devices it was converted for, or convert again")
+                              f"{','.join(asked)}: serve it on the devices it was converted for, or convert again")
 
 
 def check_stage_here(package: Package, index: int, products: str, quant_kernel: bool) -> PackageStage:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import os
 import pickle
 from dataclasses import dataclass
 
@@ -79,18 +80,25 @@ def pack_objects(obj, shared: dict[str, object] | None = None) -> tuple[PackedPa
     return PackedPart(buf.getvalue(), tuple(entries), aligned(offset)), pickler.tensors
 
 
-def write_tensors(part: PackedPart, tensors: list[torch.Tensor], out: torch.Tensor) -> None:
-    """The part's bytes into `out` (uint8, at least part.nbytes long)."""
-    out[: part.nbytes].zero_()
+def write_at(fd: int, offset: int, part: PackedPart, tensors: list[torch.Tensor]) -> None:
+    """The part's tensors into an open file from `offset`, a tensor at a time (never a copy of the whole part); the
+    gaps between them are left for the file system to read back as zeros."""
     for entry, t in zip(part.tensors, tensors):
-        size = t.numel() * t.element_size()
-        out[entry.offset : entry.offset + size].copy_(t.contiguous().view(-1).view(torch.uint8))
+        data = memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
+        written = 0
+        while written < len(data):
+            written += os.pwrite(fd, data[written:], offset + entry.offset + written)
 
 
-def to_bytes(part: PackedPart, tensors: list[torch.Tensor]) -> torch.Tensor:
-    out = torch.empty(part.nbytes, dtype=torch.uint8)
-    write_tensors(part, tensors, out)
-    return out
+def write_part(path, part: PackedPart, tensors: list[torch.Tensor]) -> None:
+    """The part's bytes as a file of their own, part.nbytes long."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_at(fd, 0, part, tensors)
+        os.ftruncate(fd, part.nbytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _Unpickler(pickle.Unpickler):
@@ -135,19 +143,3 @@ def unpack_objects(part: PackedPart, buffer: torch.Tensor, shared: dict[str, obj
         views.append(buffer[entry.offset : entry.offset + size].view(dtype).view(entry.shape))
     return _Unpickler(io.BytesIO(part.objects), views, shared or {}).load()
 
-
-def write_part(path, part: PackedPart, tensors: list[torch.Tensor]) -> None:
-    """The part's bytes into a file of their own, a tensor at a time (never a second copy of the whole part)."""
-    import os
-
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for entry, t in zip(part.tensors, tensors):
-            data = memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
-            written = 0
-            while written < len(data):
-                written += os.pwrite(fd, data[written:], entry.offset + written)
-        os.ftruncate(fd, part.nbytes)
-        os.fsync(fd)
-    finally:
-        os.close(fd)

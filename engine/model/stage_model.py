@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from engine.errors import CheckpointError
 from engine.model.attention import AttentionMetadata, paged_attention
 from engine.model.checkpoint import TensorReader, expected_shapes, return_freed_memory
 from engine.model.config import ModelConfig
 from engine.model.layer_ops import LayerOps, rms_norm
-from engine.errors import CheckpointError
 from engine.model.layer_stream import LayerStream, SpillFile, StoredLayer, open_for_reading
-from engine.model.packed_weights import pack_objects, to_bytes, unpack_objects
 from engine.model.linear import AmxLinear, PackedHalfLinear, QuantLinear, SplitLinear, make_linear, product_path
+from engine.model.packed_weights import pack_objects, unpack_objects
 from engine.model.rope import cos_sin_table
 from engine.model.weight_formats import FORMATS
 from engine.placement.local_device import available_memory
@@ -151,7 +151,7 @@ class StageModel:
             layer = DecoderLayer(read, f"model.layers.{i}.", cfg, dtype, products)
             if i in streamed:
                 part, tensors = pack_objects(layer.products, shared)
-                stored.append(spill.append(i, part, to_bytes(part, tensors)))
+                stored.append(spill.append(i, part, tensors))
                 self.weight_bytes -= sum(t.numel() * t.element_size() for t in tensors)
                 layer.products = None
                 del part, tensors

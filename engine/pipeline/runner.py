@@ -12,14 +12,14 @@ import torch
 from batching.batch import PENDING, Batch, StepOutput, TokensForFirstStage
 from batching.sampling_params import SamplingParams
 from engine.errors import CheckpointError, one_line
+from engine.kernels import quant_gemm
 from engine.kernels import triton_paged_attention as triton_kernel
+from engine.model import package
 from engine.model.attention import build_metadata
 from engine.model.checkpoint import checkpoint_tokenizer, expected_shapes, stop_token_ids, tensor_source
-from engine.kernels import quant_gemm
-from engine.model import package
 from engine.model.config import ModelConfig
-from engine.model.linear import product_path
 from engine.model.grammar import GrammarMasks
+from engine.model.linear import product_path
 from engine.model.sampler import HostSamples, Sampler, SamplingRow
 from engine.model.stage_model import StageModel
 from engine.pipeline.decode_graphs import DecodeGraphs
@@ -76,9 +76,9 @@ class StageRunner:
                                   f"{spec.dtype} over {spec.weight_dtype}: serve it with the dtype it was converted "
                                   "with")
         package.verify(pkg, stage.files)
-        disk = stage.file(package.DISK_SHARD)
-        return StageModel.from_package(pkg.path, package.read_index(pkg.path / stage.files[0].name),
-                                       stage.files[1].name, disk.name if disk else None, spec.max_model_len)
+        index, shard, disk = package.stage_files(spec.stage_index)
+        return StageModel.from_package(pkg.path, package.read_index(pkg.path / index), shard,
+                                       disk if stage.streamed_layers else None, spec.max_model_len)
 
     def _wide_copy(self) -> bool | None:
         """Under a memory budget, an fp32 copy of half-precision weights (engine.model.linear) only where the budget

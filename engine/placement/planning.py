@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.model import package
 from engine.model.checkpoint import resolve_formats, validate
 from engine.model.config import ModelConfig
 from engine.model.weight_formats import check_requested, dominant_quantized, layer_summary, parse_layer_formats
@@ -112,10 +113,19 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
     from engine.placement.probe import describe_device
 
     cfg = ModelConfig.from_dir(model_dir)
-    # A config alone plans too (its weights taken to be floats); a checkpoint's stored formats count where it has them.
-    source = validate(model_dir, cfg) if _has_weights(Path(model_dir)) else None
-    formats = resolve_formats(source, cfg, check_requested(quantization),
-                              parse_layer_formats(layer_quantization, cfg.num_layers))
+    packed = package.read_package(model_dir) if package.is_package(model_dir) else None
+    if packed is not None:  # its plan is the package's: layers, streamed layers and formats as converted
+        if cluster is not None:
+            raise ValueError(f"{model_dir} is a package for --devices {','.join(s.device for s in packed.stages)}; "
+                             "plan its source checkpoint for a cluster")
+        package.check_request(packed, devices, quantization, layer_quantization, layers)
+        formats = packed.formats
+    else:
+        # A config alone plans too (its weights taken to be floats); a checkpoint's stored formats count where it
+        # has them.
+        source = validate(model_dir, cfg) if _has_weights(Path(model_dir)) else None
+        formats = resolve_formats(source, cfg, check_requested(quantization),
+                                  parse_layer_formats(layer_quantization, cfg.num_layers))
     requests = parse_devices(devices) if cluster is None else []
     split = parse_layers(layers)
     if max_num_seqs < 1 or block_size < 1:
@@ -147,7 +157,7 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
     result, compute, weights = place_model(cfg, formats, infos, dtype, max_model_len=max_len,
                                            max_num_seqs=max_num_seqs, block_size=block_size, layers=split,
                                            kv_cache_memory=kv_cache_memory, max_kv_tokens=max_kv_tokens,
-                                           link_bandwidth=links, dtypes=dtypes)
+                                           link_bandwidth=links, dtypes=dtypes, packed=packed)
     if num_kv_blocks is not None and result.num_kv_blocks < num_kv_blocks:  # as strata serve refuses it
         raise ValueError(f"num_kv_blocks={num_kv_blocks} does not fit the KV memory budget ({result.num_kv_blocks} "
                          "blocks)")
