@@ -10,12 +10,12 @@ import torch
 
 from engine.kernels import quant_gemm
 from engine.model import package as pkg
-from engine.model.checkpoint import resolve_formats, validate
+from engine.model.checkpoint import validate
 from engine.model.layer_stream import SpillFile
 from engine.model.linear import product_path
 from engine.model.packed_weights import pack_objects, write_part
 from engine.model.stage_model import StageModel
-from engine.model.weight_formats import FORMATS, check_requested, parse_layer_formats
+from engine.model.weight_formats import FORMATS
 from engine.placement.local_device import TORCH_DTYPES, resolve_dtypes
 from engine.placement.planning import PlanHere, plan_here
 
@@ -23,7 +23,8 @@ from engine.placement.planning import PlanHere, plan_here
 def convert(source: str | Path, out: str | Path, devices: str = "cpu", *, dtype: str = "auto",
             threads: int | None = None, max_num_seqs: int = 256, max_model_len: int | None = None,
             quantization: str = "auto", layer_quantization: str | None = None, kv_cache_memory: int | None = None,
-            memory_fraction: float = 0.9, say=print) -> PlanHere:
+            memory_fraction: float = 0.9, precision: str | None = None, max_layer_error: float | None = None,
+            say=print) -> PlanHere:
     """Write the package to `out` (a new folder); the plan it was made for. Layers a CPU stage's budget cannot hold
     go to its disk shard in `out`, whose read bandwidth the plan is priced by."""
     source, out = Path(source), Path(out)
@@ -33,22 +34,21 @@ def convert(source: str | Path, out: str | Path, devices: str = "cpu", *, dtype:
         raise ValueError(f"{out}: not empty; convert into a new folder")
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _convert(source, out, devices, dtype, threads, max_num_seqs, max_model_len, quantization,
-                        layer_quantization, kv_cache_memory, memory_fraction, say)
+        here = plan_here(source, devices, dtype=dtype, threads=threads, memory_fraction=memory_fraction,
+                         max_num_seqs=max_num_seqs, max_model_len=max_model_len, quantization=quantization,
+                         layer_quantization=layer_quantization, kv_cache_memory=kv_cache_memory, offload_dir=str(out),
+                         precision=precision, max_layer_error=max_layer_error, say=say)
+        _convert(source, out, here, dtype, say)
+        return here
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _convert(source, out, devices, dtype, threads, max_num_seqs, max_model_len, quantization, layer_quantization,
-             kv_cache_memory, memory_fraction, say) -> PlanHere:
-    here = plan_here(source, devices, dtype=dtype, threads=threads, memory_fraction=memory_fraction,
-                     max_num_seqs=max_num_seqs, max_model_len=max_model_len, quantization=quantization,
-                     layer_quantization=layer_quantization, kv_cache_memory=kv_cache_memory, offload_dir=str(out))
+def _convert(source: Path, out: Path, here: PlanHere, dtype: str, say) -> None:
     cfg = here.model_config
     tensors = validate(source, cfg)
-    formats = resolve_formats(tensors, cfg, check_requested(quantization),
-                              parse_layer_formats(layer_quantization, cfg.num_layers))
+    formats = here.formats
     files = pkg.copy_checkpoint_files(source, out)
     quantized = any(FORMATS[f].quantized for f in formats.values())
     stages, P = [], len(here.plan.stages)
@@ -78,4 +78,3 @@ def _convert(source, out, devices, dtype, threads, max_num_seqs, max_model_len, 
             quantized and quant_gemm.available(device), st.layers, st.streamed_layers,
             tuple(pkg.packed_file(out / n) for n in names)))
     pkg.write_manifest(out, str(source), formats, stages, files)
-    return here

@@ -6,6 +6,7 @@ gateway's engine thread) and calls add_request / abort_request / step.
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,19 +19,21 @@ from batching.sequence import FinishReason, Sequence
 from engine.errors import CheckpointError
 from engine.model import checkpoint, package
 from engine.model.config import DTYPES, ModelConfig
-from engine.model.weight_formats import (EMBEDDING, check_requested, dominant_quantized, layer_summary,
-                                         parse_layer_formats)
+from engine.model.weight_formats import (AUTO, EMBEDDING, check_requested, dominant_quantized, layer_summary,
+                                         parse_layer_formats, parse_precision)
 from engine.outputs import SeqDelta, TokenLogprob
 from engine.pipeline.driver import Driver
 from engine.pipeline.messages import RENDEZVOUS_TIMEOUT_S, DescribeDevice, StageSpec
 from engine.placement import parse_size
 from engine.placement import ModelCost, Plan, kv_cache_dtype, parse_devices, parse_layers, predict_stage_seconds
 from engine.placement.local_device import resolve_dtypes
-from engine.placement.planning import model_len_limit, place_model
+from engine.placement.planning import chosen_formats, format_choices, model_len_limit, place_model
 from engine.stats import EngineInfo, EngineStats, StageInfo, StageLoad
 from telemetry.tracing import (DETAILS, SpanRecord, TraceSettings, Tracing, link_limit, new_span_id, new_trace_id,
                                now_ns, transfer_span)
 from tokenization import IncrementalDetokenizer, StopMatcher, Tokenizer
+
+log = logging.getLogger("strata.engine")
 
 
 @dataclass(slots=True)
@@ -61,6 +64,10 @@ class EngineConfig:
     # quantized tensors stay quantized), none dequantizes, a format quantizes at load; per layer: "0-3=bf16,4-29=q4_k".
     quantization: str = "auto"
     layer_quantization: str | None = None
+    # The formats the planner may choose each layer to run at ("auto,q8_0,q4_k"; engine.placement.precision), and
+    # the most error a layer may take at one (engine.model.calibration).
+    precision: str | None = None
+    max_layer_error: float | None = None
     # A folder a CPU stage may keep the layers its memory budget cannot hold in, reading them back every step; None:
     # every layer stays in memory.
     offload_dir: str | None = None
@@ -104,6 +111,7 @@ class EngineConfig:
         if self.workers < 0:
             raise ValueError(f"workers must be at least 0, got {self.workers}")
         check_requested(self.quantization)  # raises with the choices
+        parse_precision(self.precision)
         if self.trace_detail not in DETAILS:
             raise ValueError(f"trace_detail must be one of {', '.join(DETAILS)}, got {self.trace_detail!r}")
         if self.rendezvous is not None:
@@ -121,14 +129,18 @@ class LLMEngine:
         self.package = package.read_package(model_dir) if package.is_package(model_dir) else None
         if self.package is not None:
             package.check_request(self.package, config.devices, config.quantization, config.layer_quantization,
-                                  config.layers)
+                                  config.layers, config.precision)
             package.verify(self.package, self.package.files)
         self.model_config = cfg = ModelConfig.from_dir(model_dir)
+        self.format_choices = None  # the formats the planner may choose per layer, where it may
         if self.package is not None:
             self.weight_formats = self.package.formats
         else:
             source = checkpoint.validate(model_dir, cfg)
-            self.weight_formats = checkpoint.resolve_formats(
+            self.format_choices = choices = format_choices(
+                model_dir, cfg, source, config.precision, config.max_layer_error, config.quantization,
+                config.layer_quantization, say=log.info)
+            self.weight_formats = choices.formats[AUTO] if choices is not None else checkpoint.resolve_formats(
                 source, cfg, check_requested(config.quantization),
                 parse_layer_formats(config.layer_quantization, cfg.num_layers))
         self.tokenizer = checkpoint.checkpoint_tokenizer(model_dir)
@@ -184,15 +196,19 @@ class LLMEngine:
             port = int(p)
         driver = Driver(devices, config.threads, config.workers, host, port, config.rendezvous_timeout_s)
         try:
+            choices = self.format_choices
             ask = DescribeDevice(config.dtype_request, cfg.checkpoint_dtype, config.kv_cache_fraction,
-                                 dominant_quantized(self.weight_formats, cfg.num_layers), config.offload_dir)
+                                 dominant_quantized(self.weight_formats, cfg.num_layers), config.offload_dir,
+                                 choices.probed if choices is not None else ())
             infos = driver.describe(ask)
             max_kv_tokens = (config.max_num_seqs * max_len if config.num_kv_blocks is None
                              else config.num_kv_blocks * config.block_size)
             plan, _, _ = place_model(cfg, self.weight_formats, infos, config.dtype_request, max_model_len=max_len,
                                      max_num_seqs=config.max_num_seqs, block_size=config.block_size,
                                      layers=config.layer_counts, kv_cache_memory=config.kv_cache_bytes,
-                                     max_kv_tokens=max_kv_tokens, packed=self.package)
+                                     max_kv_tokens=max_kv_tokens, packed=self.package, choices=choices)
+            if choices is not None:
+                self.weight_formats = chosen_formats(choices, plan, cfg)
             micro_batch = plan.batch_size
             ranks = [s.device_index + 1 for s in plan.stages]
             ring = [0, *ranks]
@@ -367,7 +383,8 @@ class LLMEngine:
         """The planner's time for one step of `batch_size` sequences on a stage, to set beside the measured one."""
         plan = self.plan
         st = plan.stages[stage]
-        cost = ModelCost.from_config(self.model_config, self.dtype, self.weight_dtype, formats=self.weight_formats)
+        cost = ModelCost.from_config(self.model_config, self.dtype, self.weight_dtype, formats=self.weight_formats,
+                                     layers=range(*st.layers))
         return predict_stage_seconds(cost, st.device, st.layers, stage == 0, stage == len(plan.stages) - 1,
                                      max(1, batch_size), plan.context_len)
 

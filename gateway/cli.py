@@ -85,6 +85,8 @@ def engine_config(args: argparse.Namespace):
         num_kv_blocks=int(args.num_kv_blocks) if args.num_kv_blocks else None,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
         quantization=args.quantization, layer_quantization=args.layer_quantization, offload_dir=args.offload_dir,
+        precision=args.precision,
+        max_layer_error=None if args.max_layer_error is None else float(args.max_layer_error),
     )
 
 

@@ -46,6 +46,8 @@ def run_convert(args: argparse.Namespace) -> int:
                        max_num_seqs=int(args.max_num_seqs),
                        max_model_len=int(args.max_model_len) if args.max_model_len else None,
                        quantization=args.quantization, layer_quantization=args.layer_quantization,
+                       precision=args.precision,
+                       max_layer_error=None if args.max_layer_error is None else float(args.max_layer_error),
                        kv_cache_memory=parse_size(args.kv_cache_memory) if args.kv_cache_memory else None,
                        say=lambda line: print(f"strata convert: {line}", flush=True))
     except PlacementError as e:

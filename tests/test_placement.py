@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -26,7 +27,9 @@ from engine.placement import (
     stage_seconds,
     stage_weight_bytes,
 )
-from engine.placement.cost import kv_cache_blocks, stage_kv_budget, stage_kv_bytes_per_token
+from engine.placement.cost import kv_cache_blocks, layers_to_stream, stage_kv_budget, stage_kv_bytes_per_token
+from engine.placement.precision import MixedStages, Precision
+from engine.placement.search import _Context
 
 MiB = 1 << 20
 
@@ -180,6 +183,120 @@ def test_dynamic_program_with_a_disk_tier_matches_brute_force(seed):
             assert s.weight_bytes + reserve * s.kv_bytes_per_token <= s.device.memory
             assert not any(stage_fits(cost, s.device, s.num_layers, first, last, reserve, streamed=fewer)
                            for fewer in range(streamed))
+
+
+def random_precision(rng: random.Random, cost: ModelCost, devices: list[DeviceInfo]) -> Precision:
+    """Formats auto (the checkpoint's), q8_0 and q4_k, each with its own product rates per device, and per-layer
+    errors that grow with fewer bits, under a bound that lets some layers go lower than others."""
+    names = ["auto", "q8_0", "q4_k"][: rng.choice([2, 3])]
+    costs = {"auto": cost, "q8_0": dataclasses.replace(cost, layer_bits=8.5),
+             "q4_k": dataclasses.replace(cost, layer_bits=4.5)}
+    for d in devices:
+        d.format_rates = {f: (10 ** rng.uniform(10, 12.5), rng.choice([None, 10 ** rng.uniform(9.5, 11)]))
+                          for f in names[1:] if rng.random() < 0.8}
+    errors = {"auto": [0.0] * cost.num_layers}
+    for f in names[1:]:
+        errors[f] = [e + rng.uniform(0, 0.01) for e in errors[names[names.index(f) - 1]]]
+    measured = sorted(e for f in names[1:] for e in errors[f])
+    bound = rng.choice([None, measured[len(measured) // 3], measured[len(measured) // 2]])
+    return Precision.build({f: costs[f] for f in names}, errors, bound)
+
+
+def precision_figures(prec: Precision, devices, batch, context, reserve, order, split, formats):
+    """Each stage's Mix for one order, split and format per layer (None where a stage does not fit)."""
+    ctx = _Context(prec.base_cost, devices, batch, context, reserve, None, 16, reserve, None)
+    stages = MixedStages(ctx, prec)
+    mixes, start = [], 0
+    for k, (i, n) in enumerate(zip(order, split)):
+        counts = tuple(sum(1 for f in formats[start:start + n] if f == j) for j in range(len(prec.names)))
+        mixes.append(stages.figures(i, counts, k == 0, k == len(order) - 1, order[k - 1] if k else None, batch))
+        start += n
+    return mixes
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dynamic_program_with_formats_per_layer_matches_brute_force(seed):
+    """With a format to choose per layer (and disk tiers on some CPUs), the search's bottleneck is brute force's
+    best over every order, split and format per layer within each layer's bound; the plan it returns keeps within
+    the tolerance, holds the most KV blocks any plan within it holds, and gives each stage the least summed error
+    of any assignment of its layers that keeps to that time and those blocks."""
+    rng = random.Random(2000 + seed)
+    for _ in range(12):
+        cost, devices, batch, context, reserve = random_instance(rng)
+        if cost.num_layers > 6:
+            cost = dataclasses.replace(cost, num_layers=rng.randint(1, 6))
+        if len(devices) > cost.num_layers:
+            devices = devices[: cost.num_layers]
+        cost = dataclasses.replace(cost, weight_dtype="bfloat16")
+        for d in devices:
+            d.memory = int(d.memory * rng.uniform(0.3, 1.0))  # tighter: fewer bits or the disk make it fit
+            if d.kind == "cpu" and rng.random() < 0.5:
+                d.disk_bandwidth = 10 ** rng.uniform(8.5, 10)
+        prec = random_precision(rng, cost, devices)
+        L, P = cost.num_layers, len(devices)
+        allowed = [range(f + 1) for f in prec.floors]
+        every = []  # (bottleneck, smallest KV blocks) of every plan that fits
+        for order in itertools.permutations(range(P)):
+            for split in compositions(L, P):
+                for formats in itertools.product(*allowed):
+                    mixes = precision_figures(prec, devices, batch, context, reserve, order, split, formats)
+                    if all(m is not None for m in mixes):
+                        every.append((max(m.time.total_s for m in mixes), min(m.kv_blocks for m in mixes)))
+        best = min((t for t, _ in every), default=math.inf)
+        kw = dict(batch_size=batch, context_len=context, kv_reserve_tokens=reserve, precision=prec)
+        if best == math.inf:
+            with pytest.raises(PlacementError):
+                plan(cost, devices, **kw)
+            continue
+        assert plan(cost, devices, tolerance=0.0, **kw).bottleneck_s == pytest.approx(best, rel=1e-12)
+        chosen = plan(cost, devices, **kw)
+        limit = best * 1.02
+        assert chosen.bottleneck_s <= limit * (1 + 1e-12)
+        assert chosen.num_kv_blocks == max(b for t, b in every if t <= limit * (1 + 1e-12))
+        order = [s.device_index for s in chosen.stages]
+        for k, s in enumerate(chosen.stages):
+            layers = range(*s.layers)
+            picked = [prec.names.index(f) for f in s.formats]
+            assert len(picked) == s.num_layers and all(j in allowed[i] for i, j in zip(layers, picked))
+            best_error = math.inf
+            for formats in itertools.product(*(allowed[i] for i in layers)):
+                mix = precision_figures(prec, devices, batch, context, reserve, [order[k]], [s.num_layers],
+                                        formats)[0] if P == 1 else None
+                if P > 1:  # the stage as it sits in the pipeline: first, last and the link in as chosen
+                    ctx = _Context(cost, devices, batch, context, reserve, None, 16, reserve, None)
+                    counts = tuple(formats.count(j) for j in range(len(prec.names)))
+                    mix = MixedStages(ctx, prec).figures(order[k], counts, k == 0, k == P - 1,
+                                                         order[k - 1] if k else None, batch)
+                if mix is not None and mix.time.total_s <= limit * (1 + 1e-12) and mix.kv_blocks >= chosen.num_kv_blocks:
+                    best_error = min(best_error, sum(prec.errors[i][j] for i, j in zip(layers, formats)))
+            assert sum(prec.errors[i][j] for i, j in zip(layers, picked)) == pytest.approx(best_error, abs=1e-12)
+            assert s.weight_bytes + reserve * s.kv_bytes_per_token <= s.device.memory
+
+
+def test_one_format_per_layer_prices_a_stage_as_the_plain_cost_model_does():
+    """A stage whose layers all take the checkpoint's format costs what the one-format cost model says: its step,
+    its memory and the layers it reads from disk."""
+    rng = random.Random(7)
+    for _ in range(40):
+        cost, devices, batch, context, reserve = random_instance(rng)
+        for d in devices:
+            d.disk_bandwidth = 10 ** rng.uniform(8.5, 10) if d.kind == "cpu" and rng.random() < 0.5 else None
+        prec = Precision.build({"auto": cost, "q4_k": dataclasses.replace(cost, layer_bits=4.5)}, None, None)
+        ctx = _Context(cost, devices, batch, context, reserve, None, 16, reserve, None)
+        stages = MixedStages(ctx, prec)
+        for n in range(1, cost.num_layers + 1):
+            for first, last in ((True, True), (True, False), (False, True), (False, False)):
+                d = devices[0]
+                mix = stages.figures(0, (n, 0), first, last, None, batch)
+                streamed = layers_to_stream(cost, d, n, first, last, reserve)
+                assert (mix is None) == (streamed is None)
+                if mix is None:
+                    continue
+                plain = stage_seconds(cost, d, n, first=first, last=last, batch=batch, context_len=context,
+                                      link=link_between(None, d), streamed=streamed)
+                assert mix.time.total_s == pytest.approx(plain.total_s, rel=1e-12)
+                assert sum(mix.streamed) == streamed
+                assert mix.weight_bytes == stage_weight_bytes(cost, n, first, last, streamed)
 
 
 def test_a_cpu_stage_streams_what_its_budget_cannot_hold():

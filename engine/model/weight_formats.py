@@ -115,10 +115,29 @@ def parse_layer_formats(text: str | None, num_layers: int) -> dict[int, str]:
     return out
 
 
-def describe_layers(formats: list[str]) -> str:
-    """Layer formats in runs: ["q4_k", "q4_k", "bfloat16"] -> "0-1 q4_k, 2 bfloat16"."""
+def parse_precision(text: str | None) -> tuple[str, ...] | None:
+    """--precision: the formats the planner may choose per layer, "auto,q8_0,q4_k" -> ("auto", "q8_0", "q4_k").
+    auto (the checkpoint's own) is always among them; None where none was given."""
+    if not text:
+        return None
+    names = [AUTO]
+    for part in text.split(","):
+        key = ALIASES.get(part.strip().lower(), part.strip().lower())
+        if key == AUTO:
+            continue
+        if key not in QUANTIZE_AT_LOAD:
+            raise ValueError(f"--precision: {part.strip()!r} is not a format a layer can be chosen to run at: choose "
+                             f"from auto (the checkpoint's own), {', '.join(QUANTIZE_AT_LOAD)}")
+        if key in names:
+            raise ValueError(f"--precision: {key} is named twice")
+        names.append(key)
+    return tuple(names)
+
+
+def describe_layers(formats: list[str], first: int = 0) -> str:
+    """Layer formats in runs: ["q4_k", "q4_k", "bfloat16"] -> "0-1 q4_k, 2 bfloat16" (numbered from `first`)."""
     runs: list[tuple[int, int, str]] = []
-    for i, f in enumerate(formats):
+    for i, f in enumerate(formats, first):
         if runs and runs[-1][2] == f:
             runs[-1] = (runs[-1][0], i, f)
         else:

@@ -15,7 +15,7 @@ RENDEZVOUS_TIMEOUT_S = 120.0
 # another release is told so in words rather than failing on a message it cannot read. Bump the version whenever
 # a message class changes.
 GREETING = "strata pipeline"
-WIRE_VERSION = 10
+WIRE_VERSION = 11
 
 
 class VersionMismatch(Exception):
@@ -41,6 +41,7 @@ class DescribeDevice:
     memory_fraction: float  # share of free memory a stage may use when its device has no budget
     weight_format: str | None = None  # the quantized format most layer products run at, whose speed is probed
     offload_dir: str | None = None  # where a CPU stage may keep layers it reads each step; its bandwidth is probed
+    format_choices: tuple[str, ...] = ()  # quantized formats the planner may choose per layer; their products are probed
 
 
 @dataclass(slots=True)

@@ -54,7 +54,7 @@ def serve(rank: int, world_size: int, request: DeviceRequest, threads: int | Non
     try:
         compute, weights = resolve_dtypes(ask.dtype, ask.checkpoint_dtype, torch.device(request.name))
         info = describe_device(request, compute, threads, ask.memory_fraction, weights, ask.weight_format,
-                               ask.offload_dir)
+                               ask.offload_dir, ask.format_choices)
     except Exception as e:  # reported to the driver, which fails start-up with this line
         transport.send_obj(Failed(f"{request.name}: {one_line(e)}"), DRIVER_RANK)
         return

@@ -116,9 +116,10 @@ class ModelCost:
 
     @staticmethod
     def from_config(cfg, compute_dtype: str, weight_dtype: str, sampling: str = "random",
-                    formats: dict[str, str] | None = None) -> ModelCost:
+                    formats: dict[str, str] | None = None, layers: range | None = None) -> ModelCost:
         """cfg: engine.model.config.ModelConfig; formats: the weights at another format than weight_dtype
-        (engine.model.weight_formats.tensor_formats)."""
+        (engine.model.weight_formats.tensor_formats); layers: those whose formats a layer's bits average over (a
+        stage's; None: all)."""
         for d in (compute_dtype, weight_dtype):
             if d not in DTYPE_BYTES:
                 raise ValueError(f"dtype {d!r} is not one of {', '.join(DTYPE_BYTES)}")
@@ -140,7 +141,7 @@ class ModelCost:
             fused_elementwise_elems_per_token=fused,
             embed_params=cfg.vocab_size * h, head_params=head,
             tied_embeddings=cfg.tie_word_embeddings, compute_dtype=compute_dtype, weight_dtype=weight_dtype,
-            sampling=sampling, **(_format_bits(cfg, formats, weight_dtype) if formats else {}),
+            sampling=sampling, **(_format_bits(cfg, formats, weight_dtype, layers) if formats else {}),
         )
 
     def bits(self, part: str) -> float:
@@ -186,18 +187,19 @@ class ModelCost:
         return 2 * self.head_params
 
 
-def _format_bits(cfg, formats: dict[str, str], weight_dtype: str) -> dict[str, float]:
-    """layer_bits, embed_bits and head_bits from per-tensor formats."""
+def _format_bits(cfg, formats: dict[str, str], weight_dtype: str, layers: range | None) -> dict[str, float]:
+    """layer_bits (over `layers`, or all), embed_bits and head_bits from per-tensor formats."""
     h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
     sizes = {"q_proj": q * h, "k_proj": kv * h, "v_proj": kv * h, "o_proj": h * q, "gate_proj": i * h,
              "up_proj": i * h, "down_proj": h * i}
     bits = (lambda name: FORMATS[formats.get(name, weight_dtype)].bits_per_weight)
+    layers = layers if layers is not None and len(layers) else range(cfg.num_layers)
     total = 0.0
     for name, layer in product_names(cfg.num_layers, cfg.tie_word_embeddings).items():
-        if layer is not None:
+        if layer is not None and layer in layers:
             total += sizes[name.rsplit(".", 2)[-2]] * bits(name)
     head = EMBEDDING if cfg.tie_word_embeddings else "lm_head.weight"
-    return {"layer_bits": total / (cfg.num_layers * sum(sizes.values())), "head_bits": bits(head),
+    return {"layer_bits": total / (len(layers) * sum(sizes.values())), "head_bits": bits(head),
             "embed_bits": bits(EMBEDDING)}
 
 
@@ -380,6 +382,14 @@ def layers_to_stream(cost: ModelCost, device: DeviceInfo, n_layers: int, first: 
                                              streamed):
         return None
     return streamed
+
+
+def spread(n_layers: int, n_streamed: int) -> list[int]:
+    """Which of a stage's n_layers (0-based within it) stream: spaced evenly, the last one streamed, so that each
+    streamed layer's read overlaps the resident layers computed before it."""
+    if not 0 <= n_streamed <= n_layers:
+        raise ValueError(f"cannot stream {n_streamed} of {n_layers} layers")
+    return [((k + 1) * n_layers) // n_streamed - 1 for k in range(n_streamed)]
 
 
 def predict_stage_seconds(cost: ModelCost, device: DeviceInfo, layers: int | tuple[int, int], first: bool, last: bool,

@@ -91,10 +91,14 @@ class DeviceInfo:
     # Bytes/s of direct reads from the folder streamed layers are kept in (--offload-dir), measured; None: this
     # device has no disk tier, every layer it holds stays in its memory.
     disk_bandwidth: float | None = None
+    # Per quantized format a layer may be chosen to run at (engine.placement.precision): the rates the probe timed
+    # its products at, (matmul_flops, small_gemm_flops); None: no such choice was asked for.
+    format_rates: dict[str, tuple[float, float | None]] | None = None
 
     def interchangeable(self) -> tuple:
         """Devices equal in everything but name are interchangeable in a plan."""
-        return tuple(v for k, v in asdict(self).items() if k != "name")
+        return tuple(tuple(sorted((f, tuple(r)) for f, r in v.items())) if isinstance(v, dict) else v
+                     for k, v in asdict(self).items() if k != "name")
 
 
 def parse_layers(text: str | None) -> list[int] | None:

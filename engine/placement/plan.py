@@ -20,6 +20,8 @@ class StagePlan:
     kv_blocks: int = 0  # what the stage will allocate (engine.placement.cost.kv_cache_blocks)
     streamed_layers: tuple[int, ...] = ()  # read from its disk tier each step (model indices)
     fetch_s: dict[int, float] = field(default_factory=dict)  # batch size -> seconds reading them, overlapped
+    # Per layer, the format the planner chose it to run at (engine.placement.precision); empty where it chose none.
+    formats: tuple[str, ...] = ()
 
     @property
     def num_layers(self) -> int:

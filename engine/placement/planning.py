@@ -10,8 +10,10 @@ from pathlib import Path
 from engine.model import package
 from engine.model.checkpoint import resolve_formats, validate
 from engine.model.config import ModelConfig
-from engine.model.weight_formats import check_requested, dominant_quantized, layer_summary, parse_layer_formats
+from engine.model.weight_formats import (AUTO, check_requested, dominant_quantized, layer_summary, parse_layer_formats,
+                                        parse_precision, product_names)
 from engine.placement import ModelCost, Plan, parse_devices, parse_layers, plan, share_host_memory
+from engine.placement.precision import Precision
 
 
 # The planner balances stages for a step of this many running sequences (fewer if max_num_seqs is lower), each of the
@@ -32,14 +34,73 @@ def planned_batch(max_num_seqs: int, num_stages: int) -> int:
     return -(-min(max_num_seqs, PLANNED_SEQS) // num_stages)
 
 
+@dataclass(frozen=True, slots=True)
+class FormatChoices:
+    """The formats the planner may choose per layer (--precision), with what it weighs them by."""
+
+    formats: dict[str, dict[str, str]]  # per choice: the tensors' formats with every layer at it (resolve_formats)
+    errors: dict[str, list[float]] | None  # per choice, per layer: its measured error (engine.model.calibration)
+    max_error: float | None  # --max-layer-error
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.formats)
+
+    @property
+    def probed(self) -> tuple[str, ...]:
+        """The quantized choices whose products each device times."""
+        return tuple(f for f in self.formats if f != AUTO)
+
+
+def format_choices(model_dir: str | Path, cfg: ModelConfig, source, precision: str | None,
+                   max_layer_error: float | None, quantization: str = AUTO, layer_quantization: str | None = None,
+                   say=None) -> FormatChoices | None:
+    """--precision and --max-layer-error read and checked; each layer's error at each choice measured (or read
+    from its cache) where the checkpoint has weights (source not None). None where no choice was asked for."""
+    names = parse_precision(precision)
+    if max_layer_error is not None and not max_layer_error >= 0:
+        raise ValueError(f"--max-layer-error must be a number at least 0, got {max_layer_error}")
+    if names is None:
+        if max_layer_error is not None:
+            raise ValueError("--max-layer-error bounds the formats --precision lets the planner choose; give both")
+        return None
+    if check_requested(quantization) != AUTO or layer_quantization:
+        raise ValueError("--precision lets the planner choose each layer's format; it does not combine with "
+                         "--quantization or --layer-quantization")
+    formats = {f: resolve_formats(source, cfg, AUTO, {} if f == AUTO else dict.fromkeys(range(cfg.num_layers), f))
+               for f in names}
+    errors = None
+    if source is not None and len(names) > 1:
+        from engine.model.calibration import layer_errors
+
+        errors = layer_errors(model_dir, cfg, source, names, say=say)
+    elif max_layer_error is not None:
+        raise ValueError("--max-layer-error needs the checkpoint's weights to measure each layer's error on")
+    return FormatChoices(formats, errors, max_layer_error)
+
+
+def chosen_formats(choices: FormatChoices, result: Plan, cfg: ModelConfig) -> dict[str, str]:
+    """The tensors' formats with each layer at the format the plan chose for it (the embedding and LM head as the
+    checkpoint stores them)."""
+    per_layer = {i: f for s in result.stages for i, f in zip(range(*s.layers), s.formats)}
+    layer_of = product_names(cfg.num_layers, cfg.tie_word_embeddings)
+    out = {n: f for n, f in choices.formats[AUTO].items() if layer_of.get(n) is None}
+    for name, layer in layer_of.items():
+        if layer is not None and name in choices.formats[per_layer.get(layer, AUTO)]:
+            out[name] = choices.formats[per_layer.get(layer, AUTO)][name]
+    return out
+
+
 def place_model(cfg: ModelConfig, formats: dict, infos: list, dtype_request: str, *, max_model_len: int,
                 max_num_seqs: int, block_size: int, layers: list[int] | None, kv_cache_memory: int | None,
                 max_kv_tokens: int, link_bandwidth=None, dtypes: tuple[str, str] | None = None,
-                packed=None) -> tuple[Plan, str, str]:
+                packed=None, choices: FormatChoices | None = None) -> tuple[Plan, str, str]:
     """The plan over devices described as their stages describe them (infos: DeviceInfo, in --devices order; CPU
     stages of one host share its memory here): (plan, compute dtype, weight dtype) of the first stage. dtypes:
     (compute, weights) where the devices are not this machine's (a described cluster), else as the first resolves.
-    packed: the package (engine.model.package) the model is served from, whose layers and streamed layers stand."""
+    packed: the package (engine.model.package) the model is served from, whose layers and streamed layers stand.
+    choices: the formats the planner may choose per layer (formats is then ignored: chosen_formats gives the
+    tensors' formats from the plan)."""
     share_host_memory(infos)
     if packed is not None:
         from engine.placement.probe import disk_bandwidth
@@ -56,11 +117,16 @@ def place_model(cfg: ModelConfig, formats: dict, infos: list, dtype_request: str
 
         dtypes = resolve_dtypes(dtype_request, cfg.checkpoint_dtype, torch.device(infos[0].name))
     compute, weights = dtypes
+    precision = None
+    if choices is not None:
+        formats = choices.formats[AUTO]
+        precision = Precision.build({f: ModelCost.from_config(cfg, compute, weights, formats=choices.formats[f])
+                                     for f in choices.names}, choices.errors, choices.max_error)
     result = plan(ModelCost.from_config(cfg, compute, weights, formats=formats), infos,
                   batch_size=planned_batch(max_num_seqs, len(infos)), context_len=min(max_model_len, PLANNED_CONTEXT),
                   kv_reserve_tokens=max_model_len, layers=layers, block_size=block_size, max_kv_tokens=max_kv_tokens,
                   kv_cache_memory=kv_cache_memory, link_bandwidth=link_bandwidth,
-                  streamed=None if packed is None else [s.streamed_layers for s in packed.stages])
+                  streamed=None if packed is None else [s.streamed_layers for s in packed.stages], precision=precision)
     return result, compute, weights
 
 
@@ -78,6 +144,7 @@ class PlanHere:
     devices: list  # DeviceInfo, in the order given
     links: object  # the link bandwidths the plan priced (None: the cost model's defaults)
     max_num_seqs: int
+    formats: dict[str, str]  # the tensors that run at another format than weight_dtype, as the stages load them
 
     def peer_plans(self) -> list[tuple[str, list[int] | None, Plan | None]]:
         """How other systems would split the layers over the same devices, each running its stages in its own order,
@@ -103,10 +170,12 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
               layers: str | None = None, block_size: int = 16, quantization: str = "auto",
               layer_quantization: str | None = None, kv_cache_memory: int | None = None,
               num_kv_blocks: int | None = None, cluster: str | Path | None = None,
-              offload_dir: str | None = None) -> PlanHere:
+              offload_dir: str | None = None, precision: str | None = None, max_layer_error: float | None = None,
+              say=None) -> PlanHere:
     """The plan `strata serve` with these options would run; with `cluster` (a file engine.placement.cluster reads),
     on the devices it describes instead of this machine's. Raises ValueError or CheckpointError for what the
-    caller gave, PlacementError when nothing fits."""
+    caller gave, PlacementError when nothing fits. say: told a line before each layer's error is measured at the
+    --precision choices (once per checkpoint)."""
     import torch
 
     from engine.placement.local_device import resolve_dtypes
@@ -118,14 +187,17 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
         if cluster is not None:
             raise ValueError(f"{model_dir} is a package for --devices {','.join(s.device for s in packed.stages)}; "
                              "plan its source checkpoint for a cluster")
-        package.check_request(packed, devices, quantization, layer_quantization, layers)
-        formats = packed.formats
+        package.check_request(packed, devices, quantization, layer_quantization, layers, precision)
+        formats, choices = packed.formats, None
     else:
         # A config alone plans too (its weights taken to be floats); a checkpoint's stored formats count where it
         # has them.
         source = validate(model_dir, cfg) if _has_weights(Path(model_dir)) else None
-        formats = resolve_formats(source, cfg, check_requested(quantization),
-                                  parse_layer_formats(layer_quantization, cfg.num_layers))
+        choices = format_choices(model_dir, cfg, source, precision, max_layer_error, quantization, layer_quantization,
+                                 say)
+        formats = (choices.formats[AUTO] if choices is not None else
+                   resolve_formats(source, cfg, check_requested(quantization),
+                                   parse_layer_formats(layer_quantization, cfg.num_layers)))
     requests = parse_devices(devices) if cluster is None else []
     split = parse_layers(layers)
     if max_num_seqs < 1 or block_size < 1:
@@ -152,18 +224,20 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
         compute, weights = resolve_dtypes(dtype, cfg.checkpoint_dtype, torch.device(req.name))
         infos.append(describe_device(req, compute, threads, memory_fraction, weight_dtype=weights,
                                      weight_format=dominant_quantized(formats, cfg.num_layers),
-                                     offload_dir=offload_dir))
+                                     offload_dir=offload_dir, format_choices=choices.probed if choices else ()))
     max_kv_tokens = max_num_seqs * max_len if num_kv_blocks is None else num_kv_blocks * block_size
     result, compute, weights = place_model(cfg, formats, infos, dtype, max_model_len=max_len,
                                            max_num_seqs=max_num_seqs, block_size=block_size, layers=split,
                                            kv_cache_memory=kv_cache_memory, max_kv_tokens=max_kv_tokens,
-                                           link_bandwidth=links, dtypes=dtypes, packed=packed)
+                                           link_bandwidth=links, dtypes=dtypes, packed=packed, choices=choices)
     if num_kv_blocks is not None and result.num_kv_blocks < num_kv_blocks:  # as strata serve refuses it
         raise ValueError(f"num_kv_blocks={num_kv_blocks} does not fit the KV memory budget ({result.num_kv_blocks} "
                          "blocks)")
+    if choices is not None:
+        formats = chosen_formats(choices, result, cfg)
     cost = ModelCost.from_config(cfg, compute, weights, formats=formats)
     return PlanHere(Path(model_dir), cfg, compute, weights, max_len, result.context_len, result,
-                    tuple(layer_summary(cfg.num_layers, formats, weights)), cost, infos, links, max_num_seqs)
+                    tuple(layer_summary(cfg.num_layers, formats, weights)), cost, infos, links, max_num_seqs, formats)
 
 
 def _has_weights(model_dir: Path) -> bool:

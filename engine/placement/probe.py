@@ -362,10 +362,11 @@ def disk_bandwidth(folder: str | Path) -> float:
 
 def describe_device(request: DeviceRequest, dtype: str, threads: int | None, memory_fraction: float = 0.9,
                     weight_dtype: str | None = None, weight_format: str | None = None,
-                    offload_dir: str | None = None) -> DeviceInfo:
+                    offload_dir: str | None = None, format_choices: tuple[str, ...] = ()) -> DeviceInfo:
     """What this process's device is worth to the planner. dtype: the compute dtype; weight_dtype: the weights'
     when they differ (a CPU without native half precision), so the half-precision thin path is timed too.
-    offload_dir: where a CPU stage may keep layers it reads each step (its disk tier), whose bandwidth is measured."""
+    offload_dir: where a CPU stage may keep layers it reads each step (its disk tier), whose bandwidth is measured.
+    format_choices: quantized formats the planner may choose a layer to run at, whose products are timed too."""
     device = torch.device(request.name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -374,6 +375,10 @@ def describe_device(request: DeviceRequest, dtype: str, threads: int | None, mem
             raise RuntimeError(f"{request.name}: only {torch.cuda.device_count()} CUDA device(s) here")
         device = torch.device("cuda", device.index or 0)
     rates = probe_rates(str(device), dtype, threads, weight_dtype, weight_format)
+    format_rates = {}
+    for f in format_choices:
+        timed = probe_rates(str(device), dtype, threads, weight_dtype, f)
+        format_rates[f] = (timed["matmul_flops"], timed.get("small_gemm_flops"))
     memory = request.memory if request.memory is not None else int(available_memory(device) * memory_fraction)
     n_threads = (threads or torch.get_num_threads()) if device.type == "cpu" else None
     return DeviceInfo(
@@ -385,4 +390,5 @@ def describe_device(request: DeviceRequest, dtype: str, threads: int | None, mem
         dtype=dtype, budgeted=request.memory is not None,
         disk_bandwidth=disk_bandwidth(offload_dir) if offload_dir and device.type == "cpu" else None,
         fused_layer_ops=layer_ops.available(torch.empty(0, dtype=TORCH_DTYPES[dtype], device=device)),
+        format_rates=format_rates or None,
     )

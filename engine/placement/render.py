@@ -24,7 +24,9 @@ def plan_table(plan: Plan) -> str:
     b = plan.batch_size
     batches = sorted({1, b})
     streams = any(s.streamed_layers for s in plan.stages)
-    head = ["stage", "device", "layers", "weights GiB", *(["read from disk"] if streams else []),
+    chosen = any(s.formats for s in plan.stages)
+    head = ["stage", "device", "layers", *(["formats"] if chosen else []), "weights GiB",
+            *(["read from disk"] if streams else []),
             f"KV blocks ({bs} tok)", *(f"ms/step @{n}" for n in batches)]
     rows = []
     for k, s in enumerate(plan.stages):
@@ -33,10 +35,12 @@ def plan_table(plan: Plan) -> str:
         if s.device.host and len({x.device.host for x in plan.stages}) > 1:
             dev = f"{s.device.host}/{dev}"
         disk = [f"{len(s.streamed_layers)} layers, {s.fetch_s[b] * 1e3:.0f} ms" if s.streamed_layers else "-"]
-        rows.append([str(k), dev, f"{s.layers[0]}-{s.layers[1] - 1}", f"{s.weight_bytes / GiB:.2f}",
+        formats = [_format_counts(s.formats)] if chosen else []
+        rows.append([str(k), dev, f"{s.layers[0]}-{s.layers[1] - 1}", *formats, f"{s.weight_bytes / GiB:.2f}",
                      *(disk if streams else []), str(blocks), *(f"{s.predicted_s[n] * 1e3:.2f}" for n in batches)])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    right = {0, 3, *range(5 if streams else 4, len(head))}
+    weights_col = 4 if chosen else 3
+    right = {0, weights_col, *range(weights_col + (2 if streams else 1), len(head))}
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -62,7 +66,7 @@ def plan_json(plan: Plan) -> dict:
                 "stage": k, "device": s.device.name, "device_index": s.device_index, "label": s.device.label,
                 "host": s.device.host, "layers": list(s.layers), "weight_bytes": s.weight_bytes,
                 "kv_bytes_per_token": s.kv_bytes_per_token, "kv_capacity_tokens": s.kv_capacity_tokens,
-                "kv_blocks": s.kv_blocks, "streamed_layers": list(s.streamed_layers),
+                "kv_blocks": s.kv_blocks, "streamed_layers": list(s.streamed_layers), "formats": list(s.formats),
                 "fetch_s": {str(n): v for n, v in s.fetch_s.items()},
                 "predicted_s": {str(n): v for n, v in s.predicted_s.items()},
                 "compute_s": {str(n): v for n, v in s.compute_s.items()},
@@ -98,6 +102,11 @@ def peer_table(ours: Plan, devices: list, peers: list) -> str:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
     return "\n".join("  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in [head, *rows])
+
+
+def _format_counts(formats: tuple[str, ...]) -> str:
+    """("auto", "q4_k", "q4_k") -> "1 auto, 2 q4_k" (the formats in the order they first appear)."""
+    return ", ".join(f"{formats.count(f)} {f}" for f in dict.fromkeys(formats))
 
 
 def _counts(counts: list[int]) -> str:

@@ -16,10 +16,11 @@ import itertools
 import math
 
 from engine.placement.cost import (STREAM_SLOTS, LinkSpeed, ModelCost, StageTime, kv_cache_blocks, kv_capacity_tokens,
-                                   layer_seconds, layers_to_stream, link_between, stage_fits,
+                                   layer_seconds, layers_to_stream, link_between, spread, stage_fits,
                                    stage_kv_bytes_per_token, stage_kv_budget, stage_seconds, stage_weight_bytes)
 from engine.placement.devices import DeviceInfo
 from engine.placement.plan import Plan, StagePlan
+from engine.placement.precision import MAX_MIXED_ORDERS, Precision, search_mixed
 from engine.placement.render import readable_size
 
 # Orders beyond this many distinct ones are not enumerated: each host's devices go together (host_grouped_orders).
@@ -37,13 +38,16 @@ class PlacementError(ValueError):
 def plan(cost: ModelCost, devices: list[DeviceInfo], *, batch_size: int = 64, context_len: int = 512,
          kv_reserve_tokens: int, layers: list[int] | None = None, link_bandwidth: float | dict | None = None,
          block_size: int = 16, tolerance: float = TIE_TOLERANCE, max_kv_tokens: int | None = None,
-         kv_cache_memory: int | None = None, streamed: list[tuple[int, ...]] | None = None) -> Plan:
+         kv_cache_memory: int | None = None, streamed: list[tuple[int, ...]] | None = None,
+         precision: Precision | None = None) -> Plan:
     """Order the devices and split the layers so the slowest stage is as fast as it can be.
 
     layers: counts per stage in the devices' given order (no search). tolerance: among plans within this
     fraction of the best bottleneck, the one whose stages' smallest KV allocation is largest wins. max_kv_tokens and
     kv_cache_memory (bytes per stage) size the KV blocks each stage will allocate, as the stage sizes them.
     streamed: with `layers`, the layers each stage reads from disk (a package's), instead of the fewest that fit.
+    precision: the formats each layer may run at (engine.placement.precision), chosen with the split; cost is then
+    the model at its checkpoint's own formats.
     """
     L, P = cost.num_layers, len(devices)
     if P == 0:
@@ -54,10 +58,37 @@ def plan(cost: ModelCost, devices: list[DeviceInfo], *, batch_size: int = 64, co
         raise PlacementError(f"{P} devices but the model has only {L} layers; every device needs at least one layer")
     ctx = _Context(cost, devices, batch_size, context_len, kv_reserve_tokens, link_bandwidth, block_size,
                    max_kv_tokens if max_kv_tokens is not None else kv_reserve_tokens, kv_cache_memory)
+    if precision is not None and len(precision.names) > 1:
+        return _search_precision(ctx, precision, tolerance, layers)
     if layers is not None:
         return ctx.evaluate(list(range(P)), _check_layers(layers, P, L), check=True, streamed=streamed)
     order, split = _search(ctx, tolerance)
     return ctx.evaluate(order, split)
+
+
+def _search_precision(ctx: _Context, precision: Precision, tolerance: float, layers: list[int] | None) -> Plan:
+    """The plan with each layer's format chosen too (engine.placement.precision)."""
+    P, L = len(ctx.devices), ctx.cost.num_layers
+    # What does not fit says so at the fewest bits any layer may take.
+    ctx.cost = precision.costs[max(precision.floors)]
+    if layers is not None:
+        layers = _check_layers(layers, P, L)
+        orders = [list(range(P))]
+    else:
+        orders = distinct_orders(ctx.devices, MAX_MIXED_ORDERS) or host_grouped_orders(ctx, MAX_MIXED_ORDERS)
+    result = search_mixed(ctx, precision, orders, tolerance, layers)
+    if result is not None:
+        return result
+    if min(precision.floors) < len(precision.names) - 1 and search_mixed(
+            ctx, precision.unbounded(), orders, tolerance, layers) is not None:
+        raise PlacementError(f"the model fits only with more layers at {precision.names[-1]} than --max-layer-error "
+                             "allows; raise the bound, give the devices more memory or lower --max-model-len")
+    if layers is not None:
+        ctx.evaluate(list(range(P)), layers, check=True)  # raises where a stage does not fit at the fewest bits
+    else:
+        _explain_no_fit(ctx)
+    raise PlacementError("the model does not fit at the formats its layers may take; give the devices more memory "
+                         "or lower --max-model-len")
 
 
 def _check_layers(layers: list[int], P: int, L: int) -> list[int]:
@@ -237,9 +268,9 @@ def _best_per_order(orders: list[list[int]], column, total: int, tolerance: floa
     return results
 
 
-def distinct_orders(devices: list[DeviceInfo]) -> list[list[int]] | None:
+def distinct_orders(devices: list[DeviceInfo], limit: int = MAX_ORDERS) -> list[list[int]] | None:
     """Every order of the devices up to swapping interchangeable ones (each class takes its devices in list order);
-    None when there are more than MAX_ORDERS."""
+    None when there are more than `limit`."""
     classes: dict[tuple, list[int]] = {}
     for i, d in enumerate(devices):
         classes.setdefault(d.interchangeable(), []).append(i)
@@ -247,7 +278,7 @@ def distinct_orders(devices: list[DeviceInfo]) -> list[list[int]] | None:
     count = math.factorial(len(devices))
     for g in groups:
         count //= math.factorial(len(g))
-    if count > MAX_ORDERS:
+    if count > limit:
         return None
     orders: list[list[int]] = []
     remaining = [len(g) for g in groups]
@@ -271,16 +302,16 @@ def distinct_orders(devices: list[DeviceInfo]) -> list[list[int]] | None:
     return orders
 
 
-def host_grouped_orders(ctx: _Context) -> list[list[int]]:
+def host_grouped_orders(ctx: _Context, limit: int = MAX_ORDERS) -> list[list[int]]:
     """Orders for more devices than can be enumerated: each host's devices together, fastest first within it, so
-    that a pipeline crosses each host boundary once (the slow links); the hosts in every order, up to MAX_ORDERS of
+    that a pipeline crosses each host boundary once (the slow links); the hosts in every order, up to `limit` of
     them, else fastest host first."""
     per_layer = [layer_seconds(ctx.cost, d, ctx.batch, ctx.context_len, ctx.block_size) for d in ctx.devices]
     hosts: dict[str, list[int]] = {}
     for i in sorted(range(len(ctx.devices)), key=lambda i: per_layer[i]):
         hosts.setdefault(ctx.devices[i].host, []).append(i)
     groups = list(hosts.values())  # fastest host (by its fastest device) first
-    if math.factorial(len(groups)) > MAX_ORDERS:
+    if math.factorial(len(groups)) > limit:
         return [[i for g in groups for i in g]]
     return [[i for g in perm for i in g] for perm in itertools.permutations(groups)]
 
@@ -315,14 +346,6 @@ def _search(ctx: _Context, tolerance: float) -> tuple[list[int], list[int]]:
     # Equal capacity: the order with the faster best plan.
     order = min((near[tuple(o)], o) for v, o in by_blocks if v == most)[1]
     return order, min_max_split([blocks_column(order, k) for k in range(P)], L)[1]
-
-
-def spread(n_layers: int, n_streamed: int) -> list[int]:
-    """Which of a stage's n_layers (0-based within it) stream: spaced evenly, the last one streamed, so that each
-    streamed layer's read overlaps the resident layers computed before it."""
-    if not 0 <= n_streamed <= n_layers:
-        raise ValueError(f"cannot stream {n_streamed} of {n_layers} layers")
-    return [((k + 1) * n_layers) // n_streamed - 1 for k in range(n_streamed)]
 
 
 def _offload_hint(d: DeviceInfo) -> str:
