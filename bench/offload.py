@@ -3,10 +3,13 @@ of a third of its weights, the rest read back every step (--offload-dir), agains
 bound the disk allows, and Accelerate's disk offload through transformers' generate under the same budget.
 
     python -m bench.offload [--batch 32] [--output-len 12] [--offload-dir /var/tmp/strata-offload]
+                            [--precision auto,q8_0,q4_k]
 
 Prints, for the same 32 prompts: the greedy tokens of the streamed run against the resident one (they must be
 equal), decode tokens/s of each, the bound max(resident compute, streamed bytes / measured disk bandwidth) per step
-and the streamed run's share of it, and Accelerate's decode tokens/s with Strata's ratio to it.
+and the streamed run's share of it, and Accelerate's decode tokens/s with Strata's ratio to it. With --precision, also the same budget with the planner
+choosing each layer's format (engine.placement.precision): quantized layers may fit where bf16 ones are read from
+disk.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ from engine.placement.probe import disk_bandwidth
 
 
 def strata_decode(model_dir, batch: int, prompt_len: int, output_len: int, threads: int | None, **options):
-    """(greedy tokens per prompt, mean decode step seconds, the plan's streamed layers per stage)."""
+    """(greedy tokens per prompt, mean decode step seconds, the plan's streamed layers per stage, the formats it
+    chose per layer)."""
     cfg = ModelConfig.from_dir(model_dir)
     prompts = prompts_for(batch, prompt_len, cfg.vocab_size)
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
@@ -43,8 +47,9 @@ def strata_decode(model_dir, batch: int, prompt_len: int, output_len: int, threa
                 tokens.setdefault(out.seq_id, []).extend(out.token_ids)
             steps.append(time.perf_counter() - start)
         streamed = [len(s.streamed_layers) for s in eng.plan.stages]
+        formats = [f for s in eng.plan.stages for f in s.formats]
     decode = steps[2:] if len(steps) > 4 else steps
-    return [tokens[k] for k in sorted(tokens)], sum(decode) / len(decode), streamed
+    return [tokens[k] for k in sorted(tokens)], sum(decode) / len(decode), streamed, formats
 
 
 def accelerate_decode(model_dir, batch: int, prompt_len: int, output_len: int, budget: int, folder: str,
@@ -81,7 +86,7 @@ def accelerate_decode(model_dir, batch: int, prompt_len: int, output_len: int, b
 
     run(1)  # the first call pays for set-up
     first = min(run(1), run(1))  # prefill and one token
-    return (run(1 + output_len) - first) / output_len
+    return (min(run(1 + output_len), run(1 + output_len)) - first) / output_len
 
 
 def main() -> None:
@@ -92,6 +97,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--offload-dir", default=None, help="default: a new folder under /var/tmp")
     ap.add_argument("--accelerate-output-len", type=int, default=4, help="decode steps timed for Accelerate")
+    ap.add_argument("--precision", default="auto,q8_0,q4_k",
+                    help="also serve under the same budget with the planner choosing each layer's format from these "
+                         "('' to skip)")
     args = ap.parse_args()
     folder = args.offload_dir or tempfile.mkdtemp(prefix="strata-offload-", dir="/var/tmp")
     model_dir = llama_1b_shaped()
@@ -104,8 +112,8 @@ def main() -> None:
     print(f"disk: {bandwidth / 1e9:.2f} GB/s of direct reads (measured)")
     shape = (args.batch, args.prompt_len, args.output_len, args.threads)
 
-    want, resident_s, _ = strata_decode(model_dir, *shape)
-    got, streamed_s, streamed = strata_decode(model_dir, *shape, devices=f"cpu={budget}", offload_dir=folder)
+    want, resident_s, _, _ = strata_decode(model_dir, *shape)
+    got, streamed_s, streamed, _ = strata_decode(model_dir, *shape, devices=f"cpu={budget}", offload_dir=folder)
     read = sum(streamed) * cfg.layer_weight_bytes(2)
     bound_s = max(resident_s, read / bandwidth)
     print(f"greedy tokens, streamed against resident: {'identical' if got == want else 'DIFFERENT'} "
@@ -115,6 +123,15 @@ def main() -> None:
           f"{args.batch / streamed_s:.1f} tokens/s ({streamed_s * 1e3:.0f} ms/step)")
     print(f"bound max(compute, read / disk bandwidth): {args.batch / bound_s:.1f} tokens/s ({bound_s * 1e3:.0f} "
           f"ms/step); the streamed run reaches {bound_s / streamed_s:.0%} of it")
+    if args.precision:
+        mixed, mixed_s, mixed_streamed, formats = strata_decode(model_dir, *shape, devices=f"cpu={budget}",
+                                                                offload_dir=folder, precision=args.precision)
+        counts = ", ".join(f"{formats.count(f)} {f}" for f in dict.fromkeys(formats))
+        same = sum(a == b for x, y in zip(mixed, want) for a, b in zip(x, y)) / sum(len(x) for x in want)
+        print(f"--precision {args.precision} under the same budget ({counts}; {sum(mixed_streamed)} layers from "
+              f"disk): {args.batch / mixed_s:.1f} tokens/s ({mixed_s * 1e3:.0f} ms/step), "
+              f"{mixed_s and streamed_s / mixed_s:.1f}x the bf16 streamed run; greedy tokens equal to bf16's: "
+              f"{same:.0%} (fewer bits, other weights: python -m bench.precision measures what that costs)")
     for drop_cache, how in ((False, "its offloaded weights left in the page cache, beyond the budget"),
                             (True, "the page cache dropped before each step, so it reads from disk")):
         with tempfile.TemporaryDirectory(prefix="accelerate-offload-", dir=folder) as acc_folder:

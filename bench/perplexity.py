@@ -70,10 +70,12 @@ def transformers_nll(model_dir: Path, gguf_file: str | None, chunks: list[list[i
     return total, count
 
 
-def strata_nll(model_path: Path, quantization: str, chunks: list[list[int]], dtype: str = "auto") -> tuple[float, int, str]:
+def strata_nll(model_path: Path, quantization: str, chunks: list[list[int]], dtype: str = "auto",
+               per_layer: dict[int, str] | None = None) -> tuple[float, int, str]:
+    """per_layer: formats of single layers, as --layer-quantization names them."""
     cfg = ModelConfig.from_dir(model_path)
     source = tensor_source(model_path, cfg)
-    formats = resolve_formats(source, cfg, check_requested(quantization), {})
+    formats = resolve_formats(source, cfg, check_requested(quantization), per_layer or {})
     compute, weights = resolve_dtypes(dtype, cfg.checkpoint_dtype, torch.device("cpu"))
     window = max(len(c) for c in chunks)
     model = StageModel(cfg, source, range(cfg.num_layers), True, True, TORCH_DTYPES[compute], torch.device("cpu"),

@@ -71,6 +71,8 @@ class EngineConfig:
     # A folder a CPU stage may keep the layers its memory budget cannot hold in, reading them back every step; None:
     # every layer stays in memory.
     offload_dir: str | None = None
+    # GiB of its layers each GPU stage may keep in pinned host memory, copied in every step (engine.model.host_stream).
+    cpu_offload_gb: float = 0.0
 
     # The fields stay as given; what they mean, in the engine's own terms, is read through these.
     @property
@@ -112,6 +114,8 @@ class EngineConfig:
             raise ValueError(f"workers must be at least 0, got {self.workers}")
         check_requested(self.quantization)  # raises with the choices
         parse_precision(self.precision)
+        if not self.cpu_offload_gb >= 0:
+            raise ValueError(f"cpu_offload_gb must be at least 0, got {self.cpu_offload_gb}")
         if self.trace_detail not in DETAILS:
             raise ValueError(f"trace_detail must be one of {', '.join(DETAILS)}, got {self.trace_detail!r}")
         if self.rendezvous is not None:
@@ -199,7 +203,7 @@ class LLMEngine:
             choices = self.format_choices
             ask = DescribeDevice(config.dtype_request, cfg.checkpoint_dtype, config.kv_cache_fraction,
                                  dominant_quantized(self.weight_formats, cfg.num_layers), config.offload_dir,
-                                 choices.probed if choices is not None else ())
+                                 choices.probed if choices is not None else (), int(config.cpu_offload_gb * (1 << 30)))
             infos = driver.describe(ask)
             max_kv_tokens = (config.max_num_seqs * max_len if config.num_kv_blocks is None
                              else config.num_kv_blocks * config.block_size)

@@ -15,7 +15,13 @@ class StageInfo:
     threads: int | None
     layers: tuple[int, int]  # [start, end)
     pid: int | None  # the stage's process where it runs on this host, else None
-    streamed_layers: tuple[int, ...] = ()  # read from its disk tier every step; the others stay in its memory
+    streamed_layers: tuple[int, ...] = ()  # brought in from its tier every step; the others stay in its memory
+
+    @property
+    def streamed_from(self) -> str:
+        """How its streamed layers come in, for people: a CPU stage reads them from disk, a GPU stage copies them
+        from host memory."""
+        return "read from disk" if self.kind == "cpu" else "copied from host memory"
 
 
 @dataclass(slots=True, frozen=True)

@@ -85,7 +85,7 @@ def engine_config(args: argparse.Namespace):
         num_kv_blocks=int(args.num_kv_blocks) if args.num_kv_blocks else None,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
         quantization=args.quantization, layer_quantization=args.layer_quantization, offload_dir=args.offload_dir,
-        precision=args.precision,
+        precision=args.precision, cpu_offload_gb=float(args.cpu_offload_gb),
         max_layer_error=None if args.max_layer_error is None else float(args.max_layer_error),
     )
 
@@ -140,7 +140,7 @@ async def _run(app: web.Application, engine, args, name: str, config, sock) -> i
     listener = await listen(runner, sock, app["state"].limits)
     info = engine.info
     stages = ", ".join(f"{s.device} layers {s.layers[0]}-{s.layers[1] - 1}"
-                       + (f" ({len(s.streamed_layers)} read from disk each step)" if s.streamed_layers else "")
+                       + (f" ({len(s.streamed_layers)} {s.streamed_from} each step)" if s.streamed_layers else "")
                        for s in info.stages)
     precision = (info.dtype if info.weight_dtype == info.dtype
                  else f"{info.dtype} activations over {info.weight_dtype} weights")

@@ -218,4 +218,4 @@ def _tiers(stage) -> str:
     total = stage.layers[1] - stage.layers[0]
     streamed = len(stage.streamed_layers)
     held = f"{total - streamed} in memory"
-    return f"{held}, {streamed} read from disk each step" if streamed else held
+    return f"{held}, {streamed} {stage.streamed_from} each step" if streamed else held

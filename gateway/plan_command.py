@@ -32,10 +32,14 @@ def add_quantization_args(g, env) -> None:
 
 
 def add_offload_arg(g, env) -> None:
-    """--offload-dir, for serve and plan alike."""
+    """--offload-dir and --cpu-offload-gb, for serve and plan alike."""
     g.add_argument("--offload-dir", default=env("offload_dir"),
                    help="a folder where a CPU stage keeps the layers its memory budget (--devices cpu=SIZE) cannot "
                         "hold, reading them back with direct I/O every step, ahead of their compute; its read "
+                        "bandwidth is measured once and priced by the planner")
+    g.add_argument("--cpu-offload-gb", type=float, default=env("cpu_offload_gb", "0"),
+                   help="GiB of its layers each GPU stage may keep in pinned host memory when its own memory cannot "
+                        "hold them, copied in every step on a stream of their own, ahead of their compute; the copy "
                         "bandwidth is measured once and priced by the planner")
 
 
@@ -90,6 +94,7 @@ def run_plan(args: argparse.Namespace) -> int:
                          kv_cache_memory=None if args.kv_cache_memory is None else parse_size(args.kv_cache_memory),
                          num_kv_blocks=int(args.num_kv_blocks) if args.num_kv_blocks else None,  # as serve reads it
                          cluster=args.cluster, offload_dir=args.offload_dir, precision=args.precision,
+                         cpu_offload_gb=float(args.cpu_offload_gb),
                          max_layer_error=None if args.max_layer_error is None else float(args.max_layer_error),
                          say=lambda line: print(f"strata plan: {line}", file=sys.stderr, flush=True))
     except PlacementError as e:

@@ -58,14 +58,16 @@ def forwards(model: StageModel, cfg: ModelConfig, steps: int = 3, fail_at: int |
     return out
 
 
-@pytest.mark.parametrize("fmt", [None, "q8_0", "q4_k"])
-def test_streamed_layers_compute_what_resident_ones_do(six_layers, tmp_path, fmt):
+@pytest.mark.parametrize("fmt,tier", [(None, "disk"), ("q8_0", "disk"), ("q4_k", "disk"), (None, "host"),
+                                      ("q4_k", "host")])
+def test_streamed_layers_compute_what_resident_ones_do(six_layers, tmp_path, fmt, tier):
+    """From disk, or (the host tier a GPU stage streams from, run here on the CPU) from host memory."""
     cfg = ModelConfig.from_dir(six_layers)
     formats = {f"model.layers.{i}.{p}.weight": fmt for i in range(6) for p in PRODUCTS} if fmt else None
 
     def model(streamed):
         return StageModel(cfg, validate(six_layers, cfg), range(6), True, True, torch.float32, torch.device("cpu"),
-                          64, formats=formats, streamed=streamed, offload=tmp_path)
+                          64, formats=formats, streamed=streamed, offload=tmp_path, tier=tier)
 
     resident = forwards(model([]), cfg)
     streaming = model([1, 3, 4, 5])
@@ -76,7 +78,7 @@ def test_streamed_layers_compute_what_resident_ones_do(six_layers, tmp_path, fmt
     assert len(after_failure) == 2 and all(torch.equal(resident[0], b) for b in after_failure)
     fetches = streaming.stream.drain_fetches()
     assert [f.layer for f in fetches[:4]] == [1, 3, 4, 5]
-    assert all(f.tier == "disk" and f.nbytes > 0 and f.end_ns >= f.start_ns for f in fetches)
+    assert all(f.tier == tier and f.nbytes > 0 and f.end_ns >= f.start_ns for f in fetches)
     assert streaming.weight_bytes < model([]).weight_bytes
     assert not list(tmp_path.iterdir())  # the file is unlinked from the start: nothing is left behind
     streaming.stream.close()

@@ -27,7 +27,8 @@ from engine.placement import (
     stage_seconds,
     stage_weight_bytes,
 )
-from engine.placement.cost import kv_cache_blocks, layers_to_stream, stage_kv_budget, stage_kv_bytes_per_token
+from engine.placement.cost import (kv_cache_blocks, layers_to_stream, stage_kv_budget, stage_kv_bytes_per_token,
+                                   stream_tier)
 from engine.placement.precision import MixedStages, Precision
 from engine.placement.search import _Context
 
@@ -139,8 +140,9 @@ def test_dynamic_program_matches_brute_force(seed):
 
 
 def brute_force_with_disk(cost, devices, batch, context, reserve):
-    """Every order, every contiguous split and every count of layers each stage streams from disk (where its device
-    has a disk tier), through the same per-stage cost: the best bottleneck."""
+    """Every order, every contiguous split and every count of layers each stage streams (from disk on a CPU with a
+    disk tier, from host memory on a GPU with a host tier, as much as the tier holds), through the same per-stage
+    cost: the best bottleneck."""
     best = math.inf
     for order in itertools.permutations(range(len(devices))):
         for split in compositions(cost.num_layers, len(devices)):
@@ -151,8 +153,9 @@ def brute_force_with_disk(cost, devices, batch, context, reserve):
                 prev = devices[order[k - 1]] if k else None
                 times = [stage_seconds(cost, d, n, first=first, last=last, batch=batch, context_len=context,
                                        link=link_between(prev, d), streamed=s).total_s
-                         for s in range(n + 1 if d.disk_bandwidth else 1)
-                         if stage_fits(cost, d, n, first, last, reserve, streamed=s)]
+                         for s in range(n + 1 if stream_tier(d) else 1)
+                         if stage_fits(cost, d, n, first, last, reserve, streamed=s)
+                         and (not s or s * cost.layer_weight_bytes <= stream_tier(d).capacity)]
                 choices.append(times)
             for pick in itertools.product(*choices):
                 best = min(best, max(pick))
@@ -161,14 +164,18 @@ def brute_force_with_disk(cost, devices, batch, context, reserve):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_dynamic_program_with_a_disk_tier_matches_brute_force(seed):
-    """A CPU with a disk tier may hold a stage bigger than its memory, reading some layers each step: the search
-    stays exact, streams the fewest layers that make each stage fit, and keeps every stage within its memory."""
+    """A CPU with a disk tier, or a GPU with a host tier, may hold a stage bigger than its memory, bringing some
+    layers in each step: the search stays exact, streams the fewest layers that make each stage fit (no more than
+    its tier holds), and keeps every stage within its memory."""
     rng = random.Random(1000 + seed)
     for _ in range(25):
         cost, devices, batch, context, reserve = random_instance(rng)
         for d in devices:
             if d.kind == "cpu" and rng.random() < 0.7:
                 d.disk_bandwidth = 10 ** rng.uniform(8.5, 10)
+            elif d.kind == "cuda" and rng.random() < 0.7:
+                d.host_bandwidth = 10 ** rng.uniform(9.5, 10.7)
+                d.host_tier_bytes = int(cost.layer_weight_bytes * rng.uniform(0.5, 6))
         best = brute_force_with_disk(cost, devices, batch, context, reserve)
         exact = exact_plan_equals(best, cost, devices, batch, context, reserve)
         if exact is None:
@@ -176,7 +183,8 @@ def test_dynamic_program_with_a_disk_tier_matches_brute_force(seed):
         for k, s in enumerate(exact.stages):
             first, last = k == 0, k == len(exact.stages) - 1
             streamed = len(s.streamed_layers)
-            assert not streamed or s.device.disk_bandwidth
+            assert not streamed or stream_tier(s.device)
+            assert streamed * cost.layer_weight_bytes <= (stream_tier(s.device).capacity if streamed else 0)
             assert all(s.layers[0] <= i < s.layers[1] for i in s.streamed_layers)
             assert len(set(s.streamed_layers)) == streamed
             assert s.weight_bytes == stage_weight_bytes(cost, s.num_layers, first, last, streamed)
@@ -232,6 +240,9 @@ def test_dynamic_program_with_formats_per_layer_matches_brute_force(seed):
             d.memory = int(d.memory * rng.uniform(0.3, 1.0))  # tighter: fewer bits or the disk make it fit
             if d.kind == "cpu" and rng.random() < 0.5:
                 d.disk_bandwidth = 10 ** rng.uniform(8.5, 10)
+            elif d.kind == "cuda" and rng.random() < 0.5:
+                d.host_bandwidth = 10 ** rng.uniform(9.5, 10.7)
+                d.host_tier_bytes = int(cost.layer_weight_bytes * rng.uniform(0.5, 6))
         prec = random_precision(rng, cost, devices)
         L, P = cost.num_layers, len(devices)
         allowed = [range(f + 1) for f in prec.floors]
@@ -281,6 +292,8 @@ def test_one_format_per_layer_prices_a_stage_as_the_plain_cost_model_does():
         cost, devices, batch, context, reserve = random_instance(rng)
         for d in devices:
             d.disk_bandwidth = 10 ** rng.uniform(8.5, 10) if d.kind == "cpu" and rng.random() < 0.5 else None
+            if d.kind == "cuda" and rng.random() < 0.5:
+                d.host_bandwidth, d.host_tier_bytes = 1e10, int(cost.layer_weight_bytes * rng.uniform(0.5, 6))
         prec = Precision.build({"auto": cost, "q4_k": dataclasses.replace(cost, layer_bits=4.5)}, None, None)
         ctx = _Context(cost, devices, batch, context, reserve, None, 16, reserve, None)
         stages = MixedStages(ctx, prec)

@@ -199,8 +199,9 @@ class LayerStream:
             self.acquire()
             self.release()
 
-    def drain_fetches(self) -> list[Fetch]:
-        out = list(self.fetches)
+    def drain_fetches(self, read: bool = True) -> list[Fetch]:
+        """The fetches since the last call (read False: only forgotten)."""
+        out = list(self.fetches) if read else []
         self.fetches.clear()
         return out
 

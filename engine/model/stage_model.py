@@ -20,6 +20,7 @@ from engine.model.attention import AttentionMetadata, paged_attention
 from engine.model.checkpoint import TensorReader, expected_shapes, return_freed_memory
 from engine.model.config import ModelConfig
 from engine.model.layer_ops import LayerOps, rms_norm
+from engine.model.host_stream import HostStream, host_layer
 from engine.model.layer_stream import LayerStream, SpillFile, StoredLayer, open_for_reading
 from engine.model.linear import AmxLinear, PackedHalfLinear, QuantLinear, SplitLinear, make_linear, product_path
 from engine.model.packed_weights import pack_objects, unpack_objects
@@ -115,12 +116,15 @@ class StageModel:
         formats: dict[str, str] | None = None,
         streamed: Iterable[int] = (),
         offload: str | Path | SpillFile | None = None,
+        tier: str | None = None,
     ) -> None:
         """wide_copy: also keep an fp32 copy of half-precision weights for wide steps (see engine.model.linear);
         None: when it takes at most a quarter of the device's free memory. formats: the weights that run at another
         format than weight_dtype (engine.model.weight_formats.tensor_formats). streamed: layers (model indices) whose
-        products are written to a tier file at load and read back for every step (engine.model.layer_stream): offload
-        is that file, or the folder to make it in (None: the system's temporary folder)."""
+        products live in a tier and are brought in for every step. tier "disk" (a CPU stage's): a tier file written at
+        load (engine.model.layer_stream), offload being that file or the folder to make it in (None: the system's
+        temporary folder); "host" (a GPU stage's): pinned host memory, copied in on a stream of their own
+        (engine.model.host_stream). None: the device's own, disk on a CPU, host on a GPU."""
         self.cfg = cfg
         self.layer_ids = layers
         self.first, self.last = first, last
@@ -137,11 +141,12 @@ class StageModel:
         formats = formats or {}
         products = Products(read, formats, dtype, weight_dtype, wide_copy)
         streamed = set(streamed)
-        if streamed - set(layers) or (streamed and device.type != "cpu"):
-            raise ValueError(f"layers {sorted(streamed)} cannot stream from disk on a {device.type} stage of layers "
+        tier = tier or ("disk" if device.type == "cpu" else "host")
+        if streamed - set(layers) or (streamed and tier == "disk" and device.type != "cpu"):
+            raise ValueError(f"layers {sorted(streamed)} cannot stream from {tier} on a {device.type} stage of layers "
                              f"{layers.start}-{layers.stop - 1}")
         spill = None
-        if streamed:
+        if streamed and tier == "disk":
             spill = offload if isinstance(offload, SpillFile) else SpillFile(offload or tempfile.gettempdir())
         stored: list[StoredLayer] = []
         self.scratch = products.scratch  # fp32 buffers the products share (engine.model.linear.UpcastLinear)
@@ -151,13 +156,16 @@ class StageModel:
             layer = DecoderLayer(read, f"model.layers.{i}.", cfg, dtype, products)
             if i in streamed:
                 part, tensors = pack_objects(layer.products, shared)
-                stored.append(spill.append(i, part, tensors))
+                stored.append(spill.append(i, part, tensors) if spill is not None else host_layer(i, part, tensors))
                 self.weight_bytes -= sum(t.numel() * t.element_size() for t in tensors)
                 layer.products = None
                 del part, tensors
             self.layers.append(layer)
             return_freed_memory()  # what building the layer freed (its parts before packing), back to the system
-        self.stream = LayerStream(*spill.reader(), stored, shared=shared) if stored else None
+        self.stream = None
+        if stored:
+            self.stream = (LayerStream(*spill.reader(), stored, shared=shared) if spill is not None
+                           else HostStream(stored, device, shared=shared))
         if self.stream is not None:
             self.weight_bytes += self.stream.memory_bytes
         self.norm = read("model.norm.weight").to(dtype) if last else None

@@ -42,6 +42,7 @@ class DescribeDevice:
     weight_format: str | None = None  # the quantized format most layer products run at, whose speed is probed
     offload_dir: str | None = None  # where a CPU stage may keep layers it reads each step; its bandwidth is probed
     format_choices: tuple[str, ...] = ()  # quantized formats the planner may choose per layer; their products are probed
+    cpu_offload_bytes: int = 0  # on a GPU: how much of its layers it may keep in host memory; the copy rate is probed
 
 
 @dataclass(slots=True)

@@ -54,7 +54,7 @@ def serve(rank: int, world_size: int, request: DeviceRequest, threads: int | Non
     try:
         compute, weights = resolve_dtypes(ask.dtype, ask.checkpoint_dtype, torch.device(request.name))
         info = describe_device(request, compute, threads, ask.memory_fraction, weights, ask.weight_format,
-                               ask.offload_dir, ask.format_choices)
+                               ask.offload_dir, ask.format_choices, ask.cpu_offload_bytes)
     except Exception as e:  # reported to the driver, which fails start-up with this line
         transport.send_obj(Failed(f"{request.name}: {one_line(e)}"), DRIVER_RANK)
         return
@@ -178,7 +178,8 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
             outbox.post(*transport.isend(out, link_out))
         else:
             outbox.post(*transport.isend(batch, link_out, hidden_out))
-        fetches = runner.model.stream.drain_fetches() if runner.model.stream is not None else ()
+        layer_stream = runner.model.stream
+        fetches = layer_stream.drain_fetches(read=trace is not None) if layer_stream is not None else ()
         if trace is not None:
             tracing.emit(stage_spans(trace, spec.stage_index, device_label, spec.layers, batch, clock, received_ns,
                                      nbytes, overlapped, fetches))

@@ -218,6 +218,23 @@ def _kv_bytes(cost: ModelCost, device: DeviceInfo) -> int:
     return DTYPE_BYTES[kv_cache_dtype(device.dtype or cost.compute_dtype, cost.weight_dtype)]
 
 
+class Tier(NamedTuple):
+    """Where a stage's streamed layers live between steps."""
+
+    name: str  # "disk" (a CPU stage's, --offload-dir) or "host" (a GPU stage's pinned host memory, --cpu-offload-gb)
+    bandwidth: float  # bytes/s a layer is brought in at
+    capacity: float  # bytes of layers it holds
+
+
+def stream_tier(device: DeviceInfo) -> Tier | None:
+    """The device's tier, or None where it has none (every layer it holds stays in its memory)."""
+    if device.kind == "cpu":
+        return Tier("disk", device.disk_bandwidth, math.inf) if device.disk_bandwidth else None
+    if device.host_tier_bytes and device.host_bandwidth:
+        return Tier("host", device.host_bandwidth, float(device.host_tier_bytes))
+    return None
+
+
 # Layers a streaming stage holds in memory at once, read ahead of their compute (engine.model.layer_stream.SLOTS).
 STREAM_SLOTS = 2
 
@@ -353,7 +370,7 @@ def stage_seconds(cost: ModelCost, device: DeviceInfo, n_layers: int, *, first: 
     if link is not None:
         size = 0 if first else batch * cost.hidden_size * cb  # the previous stage sends at its own dtype; close enough
         transfer = link.latency_s + (size / link.bandwidth if size else 0.0)
-    fetch = streamed * cost.layer_weight_bytes / device.disk_bandwidth if streamed else 0.0
+    fetch = streamed * cost.layer_weight_bytes / stream_tier(device).bandwidth if streamed else 0.0
     return StageTime(compute, transfer, fetch)
 
 
@@ -368,18 +385,20 @@ def stage_fits(cost: ModelCost, device: DeviceInfo, n_layers: int, first: bool, 
 
 def layers_to_stream(cost: ModelCost, device: DeviceInfo, n_layers: int, first: bool, last: bool,
                      kv_reserve_tokens: int, kv_cache_memory: int | None = None) -> int | None:
-    """How many of the stage's layers must be read from disk each step for it to fit: 0 where it fits as it is, None
-    where it does not fit even streaming them all, or the device has no disk tier. Streaming more than needed only
-    makes the step slower (each streamed layer is read every step), so the fewest is the best."""
+    """How many of the stage's layers must be brought in from its device's tier each step for it to fit: 0 where it
+    fits as it is, None where it does not fit even streaming them all, the tier cannot hold them, or the device has
+    no tier. Streaming more than needed only makes the step slower (each streamed layer is read every step), so the
+    fewest is the best."""
     if stage_fits(cost, device, n_layers, first, last, kv_reserve_tokens, kv_cache_memory):
         return 0
-    if not device.disk_bandwidth or not cost.layer_weight_bytes:
+    tier = stream_tier(device)
+    if tier is None or not cost.layer_weight_bytes:
         return None
     short = (stage_weight_bytes(cost, n_layers, first, last) - device.memory
              + max(kv_reserve_tokens * stage_kv_bytes_per_token(cost, device, n_layers), kv_cache_memory or 0))
     streamed = STREAM_SLOTS + -(-short // cost.layer_weight_bytes)  # the slots read into are held too
-    if streamed > n_layers or not stage_fits(cost, device, n_layers, first, last, kv_reserve_tokens, kv_cache_memory,
-                                             streamed):
+    if (streamed > n_layers or streamed * cost.layer_weight_bytes > tier.capacity
+            or not stage_fits(cost, device, n_layers, first, last, kv_reserve_tokens, kv_cache_memory, streamed)):
         return None
     return streamed
 

@@ -91,6 +91,10 @@ class DeviceInfo:
     # Bytes/s of direct reads from the folder streamed layers are kept in (--offload-dir), measured; None: this
     # device has no disk tier, every layer it holds stays in its memory.
     disk_bandwidth: float | None = None
+    # A GPU's host tier: bytes of its layers it may keep in host memory and copy in every step (--cpu-offload-gb;
+    # 0: none), and the bytes/s of those copies (from pinned memory, measured).
+    host_tier_bytes: int = 0
+    host_bandwidth: float | None = None
     # Per quantized format a layer may be chosen to run at (engine.placement.precision): the rates the probe timed
     # its products at, (matmul_flops, small_gemm_flops); None: no such choice was asked for.
     format_rates: dict[str, tuple[float, float | None]] | None = None

@@ -171,7 +171,7 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
               layer_quantization: str | None = None, kv_cache_memory: int | None = None,
               num_kv_blocks: int | None = None, cluster: str | Path | None = None,
               offload_dir: str | None = None, precision: str | None = None, max_layer_error: float | None = None,
-              say=None) -> PlanHere:
+              cpu_offload_gb: float = 0.0, say=None) -> PlanHere:
     """The plan `strata serve` with these options would run; with `cluster` (a file engine.placement.cluster reads),
     on the devices it describes instead of this machine's. Raises ValueError or CheckpointError for what the
     caller gave, PlacementError when nothing fits. say: told a line before each layer's error is measured at the
@@ -217,6 +217,10 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
             cfg.checkpoint_dtype if cfg.checkpoint_dtype != "float32" else "bfloat16")
         described = read_cluster(cluster, half, memory_fraction)
         infos, links = described.devices, described.link_bandwidth
+        for info in infos:  # a GPU's host tier is copied in over its PCIe
+            if info.kind == "cuda" and cpu_offload_gb:
+                info.host_tier_bytes = int(cpu_offload_gb * (1 << 30))
+                info.host_bandwidth = described.buses.get((info.host, info.name))
         dtypes = (half, cfg.checkpoint_dtype if dtype == "auto" else half)
     else:
         infos, links = [], None
@@ -224,7 +228,8 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
         compute, weights = resolve_dtypes(dtype, cfg.checkpoint_dtype, torch.device(req.name))
         infos.append(describe_device(req, compute, threads, memory_fraction, weight_dtype=weights,
                                      weight_format=dominant_quantized(formats, cfg.num_layers),
-                                     offload_dir=offload_dir, format_choices=choices.probed if choices else ()))
+                                     offload_dir=offload_dir, format_choices=choices.probed if choices else (),
+                                     cpu_offload_bytes=int(cpu_offload_gb * (1 << 30))))
     max_kv_tokens = max_num_seqs * max_len if num_kv_blocks is None else num_kv_blocks * block_size
     result, compute, weights = place_model(cfg, formats, infos, dtype, max_model_len=max_len,
                                            max_num_seqs=max_num_seqs, block_size=block_size, layers=split,

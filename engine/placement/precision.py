@@ -25,7 +25,8 @@ import math
 from dataclasses import dataclass
 
 from engine.placement.cost import (STREAM_SLOTS, ModelCost, StageTime, kv_cache_blocks, layer_seconds,
-                                   spread, stage_kv_bytes_per_token, stage_kv_budget, stage_seconds, stage_weight_bytes)
+                                   spread, stage_kv_bytes_per_token, stage_kv_budget, stage_seconds, stage_weight_bytes,
+                                   stream_tier)
 from engine.placement.devices import DeviceInfo
 from engine.placement.plan import Plan, StagePlan
 
@@ -148,8 +149,9 @@ class MixedStages:
         resident = sum(c * s for c, s in zip(counts, sizes))
         streamed = [0] * len(counts)
         held = resident
+        tier = stream_tier(d)
         if held > room:
-            if not d.disk_bandwidth:
+            if tier is None:
                 return None
             # Read from disk the largest layers first, the fewest that make the stage fit; the slots they are read
             # into hold the largest of them.
@@ -160,10 +162,10 @@ class MixedStages:
                     resident -= sizes[j]
                     largest = sizes[j] if largest is None else largest
                     held = resident + min(sum(streamed), STREAM_SLOTS) * largest
-            if held > room:
+            if held > room or sum(c * b for c, b in zip(streamed, sizes)) > tier.capacity:
                 return None
         compute = extra.compute_s + sum(c * t for c, t in zip(counts, self.layer_times(dev, batch)))
-        fetch = sum(s * b for s, b in zip(streamed, sizes)) / d.disk_bandwidth if any(streamed) else 0.0
+        fetch = sum(s * b for s, b in zip(streamed, sizes)) / tier.bandwidth if any(streamed) else 0.0
         weights = fixed + held
         blocks = kv_cache_blocks(stage_kv_budget(d, weights, ctx.kv_cache_memory), kv_per_token * ctx.block_size,
                                  ctx.max_kv_tokens, ctx.block_size)

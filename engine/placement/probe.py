@@ -360,13 +360,42 @@ def disk_bandwidth(folder: str | Path) -> float:
     return cache[key]["disk_bandwidth"]
 
 
+def host_copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
+    """Bytes/s of copies from pinned host memory to a GPU, as a host tier makes them (engine.model.host_stream): from
+    STRATA_DEVICE_PROFILE's entry for the device ("host_bandwidth"), the cache, or the best of three copies."""
+    override = _profile_override(str(device), ())
+    if override is not None and "host_bandwidth" in override:
+        return float(override["host_bandwidth"])
+    key = f"{socket.gethostname()}|host-copy|{torch.cuda.get_device_name(device)}|{device}|v{CACHE_VERSION}"
+    path = cache_path()
+    cache = _read_cache(path)
+    if key not in cache:
+        source = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        best = float("inf")
+        for _ in range(3):
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            target.copy_(source, non_blocking=True)
+            torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        del source, target
+        torch.cuda.empty_cache()
+        cache = {**_read_cache(path), key: {"host_bandwidth": nbytes / best}}
+        _write_cache(path, cache)
+    return cache[key]["host_bandwidth"]
+
+
 def describe_device(request: DeviceRequest, dtype: str, threads: int | None, memory_fraction: float = 0.9,
                     weight_dtype: str | None = None, weight_format: str | None = None,
-                    offload_dir: str | None = None, format_choices: tuple[str, ...] = ()) -> DeviceInfo:
+                    offload_dir: str | None = None, format_choices: tuple[str, ...] = (),
+                    cpu_offload_bytes: int = 0) -> DeviceInfo:
     """What this process's device is worth to the planner. dtype: the compute dtype; weight_dtype: the weights'
     when they differ (a CPU without native half precision), so the half-precision thin path is timed too.
     offload_dir: where a CPU stage may keep layers it reads each step (its disk tier), whose bandwidth is measured.
-    format_choices: quantized formats the planner may choose a layer to run at, whose products are timed too."""
+    format_choices: quantized formats the planner may choose a layer to run at, whose products are timed too.
+    cpu_offload_bytes: on a GPU, how much of its layers it may keep in host memory (its host tier), whose copy
+    bandwidth is measured."""
     device = torch.device(request.name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -391,4 +420,6 @@ def describe_device(request: DeviceRequest, dtype: str, threads: int | None, mem
         disk_bandwidth=disk_bandwidth(offload_dir) if offload_dir and device.type == "cpu" else None,
         fused_layer_ops=layer_ops.available(torch.empty(0, dtype=TORCH_DTYPES[dtype], device=device)),
         format_rates=format_rates or None,
+        host_tier_bytes=cpu_offload_bytes if device.type == "cuda" else 0,
+        host_bandwidth=host_copy_bandwidth(device) if cpu_offload_bytes and device.type == "cuda" else None,
     )

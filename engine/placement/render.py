@@ -26,7 +26,7 @@ def plan_table(plan: Plan) -> str:
     streams = any(s.streamed_layers for s in plan.stages)
     chosen = any(s.formats for s in plan.stages)
     head = ["stage", "device", "layers", *(["formats"] if chosen else []), "weights GiB",
-            *(["read from disk"] if streams else []),
+            *(["brought in each step"] if streams else []),
             f"KV blocks ({bs} tok)", *(f"ms/step @{n}" for n in batches)]
     rows = []
     for k, s in enumerate(plan.stages):
@@ -34,7 +34,9 @@ def plan_table(plan: Plan) -> str:
         dev = f"{s.device.name} ({s.device.label})"
         if s.device.host and len({x.device.host for x in plan.stages}) > 1:
             dev = f"{s.device.host}/{dev}"
-        disk = [f"{len(s.streamed_layers)} layers, {s.fetch_s[b] * 1e3:.0f} ms" if s.streamed_layers else "-"]
+        tier = "disk" if s.device.kind == "cpu" else "host"
+        disk = [f"{len(s.streamed_layers)} layers from {tier}, {s.fetch_s[b] * 1e3:.0f} ms" if s.streamed_layers
+                else "-"]
         formats = [_format_counts(s.formats)] if chosen else []
         rows.append([str(k), dev, f"{s.layers[0]}-{s.layers[1] - 1}", *formats, f"{s.weight_bytes / GiB:.2f}",
                      *(disk if streams else []), str(blocks), *(f"{s.predicted_s[n] * 1e3:.2f}" for n in batches)])
@@ -48,7 +50,7 @@ def plan_table(plan: Plan) -> str:
     slowest = max(range(len(plan.stages)), key=lambda k: plan.stages[k].predicted_s[b])
     out = [line(head), *(line(r) for r in rows)]
     if streams:
-        out.append("weights: what each stage holds in memory; a stage that reads layers from disk holds two of them at "
+        out.append("weights: what each stage holds in its memory; a stage that brings layers in holds two of them at "
                    "a time, and its step takes the longer of its compute and its reads")
     out.append(f"bottleneck: stage {slowest}, {plan.bottleneck_s * 1e3:.2f} ms/step at batch {b} and context "
                f"{plan.context_len} (about {b / plan.bottleneck_s:.0f} tokens/s with the pipeline full)")

@@ -16,7 +16,7 @@ import itertools
 import math
 
 from engine.placement.cost import (STREAM_SLOTS, LinkSpeed, ModelCost, StageTime, kv_cache_blocks, kv_capacity_tokens,
-                                   layer_seconds, layers_to_stream, link_between, spread, stage_fits,
+                                   layer_seconds, layers_to_stream, link_between, spread, stage_fits, stream_tier,
                                    stage_kv_bytes_per_token, stage_kv_budget, stage_seconds, stage_weight_bytes)
 from engine.placement.devices import DeviceInfo
 from engine.placement.plan import Plan, StagePlan
@@ -349,8 +349,11 @@ def _search(ctx: _Context, tolerance: float) -> tuple[list[int], list[int]]:
 
 
 def _offload_hint(d: DeviceInfo) -> str:
-    return ("; with --offload-dir, a CPU stage reads the layers that do not fit from disk each step"
-            if d.kind == "cpu" and not d.disk_bandwidth else "")
+    if stream_tier(d) is not None:
+        return ""
+    if d.kind == "cpu":
+        return "; with --offload-dir, a CPU stage reads the layers that do not fit from disk each step"
+    return "; with --cpu-offload-gb, a GPU stage keeps layers that do not fit in host memory, copied in each step"
 
 
 def _explain_no_fit(ctx: _Context) -> None:
@@ -364,9 +367,10 @@ def _explain_no_fit(ctx: _Context) -> None:
             raise PlacementError(
                 f"{d.name} ({d.label}) holds {readable_size(d.memory)}, less than one layer needs ({readable_size(one)} "
                 f"with KV for {reserve} tokens); give it more memory, lower --max-model-len, or leave it out")
-    if any(d.disk_bandwidth for d in devices):
+    if any(stream_tier(d) for d in devices):
         raise PlacementError(
-            f"the model does not fit, even reading layers from disk each step: a stage that streams holds the "
+            f"the model does not fit, even bringing layers in from disk or host memory each step (as far as "
+            f"--cpu-offload-gb allows): a stage that streams holds the "
             f"{STREAM_SLOTS} layers it reads ahead ({readable_size(STREAM_SLOTS * cost.layer_weight_bytes)}), KV for "
             f"{reserve} tokens of all its layers, and the embedding or LM head where it has them; give the devices "
             f"more memory or lower --max-model-len")

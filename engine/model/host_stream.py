@@ -1,0 +1,158 @@
+"""A GPU stage's host tier: layers whose products live in pinned host memory and are copied to the device for every
+step, on a copy stream of their own, ahead of the compute that needs them (--cpu-offload-gb).
+
+The interface is the layer stream's (engine.model.layer_stream): acquire() gives the next streamed layer's products,
+release() hands its slot back. On the device, a ring of SLOTS buffers; each layer's objects are built once per slot
+over views of it. The g-th fetch since start goes to slot g mod SLOTS. A copy is queued on the copy stream as soon as
+the slot's previous layer was released (its release recorded an event on the compute stream, which the copy stream
+waits for), so the copies run SLOTS - 1 layers ahead of the compute, and the compute stream waits on each copy's
+event only where it uses that layer: the host never blocks. Each copy's start and end are CUDA events, read for the
+fetch's span once the step has finished.
+
+On a CPU (tests; a CPU stage's tier is the disk), the copies are plain and timed on the host.
+"""
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.model.layer_stream import MAX_RECORDS, SLOTS, Fetch
+from engine.model.packed_weights import PackedPart, unpack_objects
+
+
+@dataclass(slots=True, frozen=True)
+class HostLayer:
+    """A layer's products in host memory: its part (engine.model.packed_weights) and the bytes of its tensors."""
+
+    layer: int
+    part: PackedPart
+    data: torch.Tensor  # uint8, part.nbytes long; pinned on a machine with CUDA
+
+
+def host_layer(layer: int, part: PackedPart, tensors: list[torch.Tensor]) -> HostLayer:
+    """The tensors copied, at the part's offsets, into one host buffer (pinned where CUDA is present)."""
+    data = torch.zeros(part.nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+    for entry, t in zip(part.tensors, tensors):
+        flat = t.detach().contiguous().view(-1).view(torch.uint8)
+        data[entry.offset: entry.offset + flat.numel()].copy_(flat)
+    return HostLayer(layer, part, data)
+
+
+class HostStream:
+    tier = "host"
+
+    def __init__(self, layers: list[HostLayer], device: torch.device, slots: int = SLOTS,
+                 shared: dict | None = None) -> None:
+        if not layers:
+            raise ValueError("a host stream needs at least one layer")
+        self.layers, self.device = layers, device
+        self.slots = max(1, min(slots, len(layers)))
+        self.slot_bytes = max(h.part.nbytes for h in layers)
+        self._buffers = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=device) for _ in range(self.slots)]
+        self._objects = [[unpack_objects(h.part, buf[: h.part.nbytes], shared) for buf in self._buffers]
+                         for h in layers]
+        self.cuda = device.type == "cuda"
+        self._copy = torch.cuda.Stream(device) if self.cuda else None
+        self._released: list = [None] * self.slots  # per slot: the event its last layer's release recorded
+        self._timing: dict[int, tuple] = {}  # fetch -> (start, end, asked): events on a GPU, ns on a CPU
+        self._issued = 0  # fetches queued
+        self._taken = 0  # fetches the compute side has acquired
+        self._held = False
+        # (layer, bytes, start, end, asked) of fetches not yet drained; the oldest dropped beyond MAX_RECORDS.
+        self._pending: collections.deque[tuple] = collections.deque(maxlen=MAX_RECORDS)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Device memory the slots hold."""
+        return self.slots * self.slot_bytes
+
+    def _queue(self, last: int) -> None:
+        """Queue the copies of fetches up to `last` whose slots have been released."""
+        while self._issued <= last:
+            g = self._issued
+            s = g % self.slots
+            h = self.layers[g % len(self.layers)]
+            target = self._buffers[s][: h.part.nbytes]
+            if self.cuda:
+                with torch.cuda.stream(self._copy):
+                    if self._released[s] is not None:
+                        self._copy.wait_event(self._released[s])
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record(self._copy)
+                    target.copy_(h.data, non_blocking=True)
+                    end.record(self._copy)
+                self._timing[g] = (start, end)
+            else:
+                start = time.time_ns()
+                target.copy_(h.data)
+                self._timing[g] = (start, time.time_ns())
+            self._issued += 1
+
+    def acquire(self):
+        """The next streamed layer's products; on a GPU, the compute stream waits for their copy."""
+        if self._held:
+            raise RuntimeError("acquire() twice without release()")
+        g = self._taken
+        self._queue(g + self.slots - 1)  # every slot but this one's was released by the fetches before it
+        start, end = self._timing.pop(g)
+        h = self.layers[g % len(self.layers)]
+        if self.cuda:
+            compute = torch.cuda.current_stream(self.device)
+            asked = torch.cuda.Event(enable_timing=True)
+            asked.record(compute)
+            compute.wait_event(end)
+        else:
+            asked = time.time_ns()
+        self._pending.append((h.layer, h.part.nbytes, start, end, asked))
+        self._held = True
+        return self._objects[g % len(self.layers)][g % self.slots]
+
+    def release(self) -> None:
+        s = self._taken % self.slots
+        if self.cuda:
+            self._released[s] = torch.cuda.current_stream(self.device).record_event()
+        self._held = False
+        self._taken += 1
+        # The slot just released can take the fetch SLOTS ahead: queue it now, so the copy starts as soon as the
+        # compute that read this slot is done.
+        self._queue(self._taken + self.slots - 1)
+
+    def finish_pass(self, consumed: int) -> None:
+        """After a forward that stopped early, take and hand back the layers it did not reach."""
+        if self._held:
+            self.release()
+        for _ in range(consumed, len(self.layers)):
+            self.acquire()
+            self.release()
+
+    def drain_fetches(self, read: bool = True) -> list[Fetch]:
+        """The fetches of steps that have finished; on a GPU their events are waited for and read (read False: only
+        forgotten, for a step nothing traces)."""
+        out = []
+        if not read:
+            self._pending.clear()
+            return out
+        for layer, nbytes, start, end, asked in self._pending:
+            if self.cuda:
+                end.synchronize()
+                # Wall-clock times: the copy's end is now or earlier; its events give the offsets between them.
+                anchor = torch.cuda.Event(enable_timing=True)
+                anchor.record(self._copy)
+                anchor.synchronize()
+                now = time.time_ns()
+                start_ns = now - int(start.elapsed_time(anchor) * 1e6)
+                end_ns = now - int(end.elapsed_time(anchor) * 1e6)
+                asked.synchronize()
+                overlapped = asked.elapsed_time(end) <= 0
+            else:
+                start_ns, end_ns, overlapped = start, end, end <= asked
+            out.append(Fetch(layer, self.tier, nbytes, start_ns, end_ns, overlapped))
+        self._pending.clear()
+        return out
+
+    def close(self) -> None:
+        if self.cuda:
+            self._copy.synchronize()
