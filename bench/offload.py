@@ -7,14 +7,18 @@ bound the disk allows, and Accelerate's disk offload through transformers' gener
 
 Prints, for the same 32 prompts: the greedy tokens of the streamed run against the resident one (they must be
 equal), decode tokens/s of each, the bound max(resident compute, streamed bytes / measured disk bandwidth) per step
-and the streamed run's share of it, and Accelerate's decode tokens/s with Strata's ratio to it. With --precision, also the same budget with the planner
-choosing each layer's format (engine.placement.precision): quantized layers may fit where bf16 ones are read from
-disk.
+and the streamed run's share of it. With --precision, the same budget with the planner choosing each layer's format
+(engine.placement.precision): quantized layers may fit where bf16 ones are read from disk. Then Accelerate's decode
+tokens/s with Strata's ratios, twice: unlimited (Accelerate reads its offloaded weights through memory maps, so they
+stay in the page cache, memory beyond the budget), and, where the machine lets a memory cgroup be made (root, cgroup
+v1), in one limited to the budget plus RUNTIME_SLACK, page cache included, so that they come from disk.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -53,27 +57,29 @@ def strata_decode(model_dir, batch: int, prompt_len: int, output_len: int, threa
 
 
 def accelerate_decode(model_dir, batch: int, prompt_len: int, output_len: int, budget: int, folder: str,
-                      drop_cache: bool) -> float:
+                      cgroup: str | None = None) -> float:
     """Mean decode step seconds of transformers' generate with Accelerate's device map under max_memory={"cpu":
-    budget}: what does not fit goes to disk (offload_folder), brought back module by module for every step (read
-    through memory maps, so from the page cache where memory beyond the budget holds it; drop_cache: its pages are
-    dropped before every step, so that it reads from disk as the budget implies)."""
+    budget}: what does not fit goes to disk (offload_folder), brought back module by module for every step, read
+    through memory maps (so from the page cache, where the process may use memory beyond the budget). cgroup: a
+    memory cgroup the process joins once loaded (loading holds the whole model in memory; it would not load inside
+    one), after dropping the offloaded files' pages, so that what it reads from then on counts against the limit."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="auto",
                                                  max_memory={"cpu": budget}, offload_folder=folder).eval()
     on_disk = sum(1 for v in model.hf_device_map.values() if v == "disk")
-    print(f"  Accelerate's device map: {on_disk} of {len(model.hf_device_map)} modules on disk")
-    if drop_cache:
-        files = [p for p in Path(folder).rglob("*") if p.is_file()]
+    print(f"  Accelerate's device map: {on_disk} of {len(model.hf_device_map)} modules on disk", flush=True)
+    if cgroup is not None:
+        import gc
 
-        def drop(*_):
-            for p in files:
+        gc.collect()
+        os.sync()
+        for p in Path(folder).rglob("*"):
+            if p.is_file():
                 fd = os.open(p, os.O_RDONLY)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 os.close(fd)
-
-        model.register_forward_pre_hook(drop)
+        (Path(cgroup) / "cgroup.procs").write_text(str(os.getpid()))
     cfg = ModelConfig.from_dir(model_dir)
     ids = torch.tensor(prompts_for(batch, prompt_len, cfg.vocab_size))
 
@@ -89,6 +95,39 @@ def accelerate_decode(model_dir, batch: int, prompt_len: int, output_len: int, b
     return (min(run(1 + output_len), run(1 + output_len)) - first) / output_len
 
 
+# The memory a limited process may use beyond the budget: the Python and torch runtime, transformers and the step's
+# activations (Strata's stage keeps to its budget plus 48 MiB of slack: tests/test_offload.py).
+RUNTIME_SLACK = 1 << 30
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+
+
+def memory_cgroup(limit: int) -> Path | None:
+    """A new cgroup (v1 memory controller) whose processes, page cache included, may use `limit` bytes; None where
+    this machine does not let one be made."""
+    path = CGROUP_V1 / f"strata-bench-{os.getpid()}"
+    try:
+        path.mkdir()
+        (path / "memory.limit_in_bytes").write_text(str(limit))
+        return path
+    except OSError:
+        return None
+
+
+def accelerate_in_child(model_dir, args, budget: int, folder: str, cgroup: Path | None) -> float:
+    """accelerate_decode in a process of its own, inside `cgroup` once loaded where given: its offloaded weights
+    then come from disk, not from memory beyond the budget."""
+    import json
+    import sys
+
+    child = [sys.executable, "-m", "bench.offload", "--accelerate-child",
+             json.dumps([str(model_dir), args.batch, args.prompt_len, args.accelerate_output_len, budget, folder,
+                         None if cgroup is None else str(cgroup)])]
+    done = subprocess.run(child, stdout=subprocess.PIPE, text=True, check=True)
+    *lines, last = done.stdout.strip().splitlines()
+    print("\n".join(lines), flush=True)
+    return float(last)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=32)
@@ -100,7 +139,13 @@ def main() -> None:
     ap.add_argument("--precision", default="auto,q8_0,q4_k",
                     help="also serve under the same budget with the planner choosing each layer's format from these "
                          "('' to skip)")
+    ap.add_argument("--accelerate-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.accelerate_child:
+        import json
+
+        print(accelerate_decode(*json.loads(args.accelerate_child)))
+        return
     folder = args.offload_dir or tempfile.mkdtemp(prefix="strata-offload-", dir="/var/tmp")
     model_dir = llama_1b_shaped()
     cfg = ModelConfig.from_dir(model_dir)
@@ -132,13 +177,32 @@ def main() -> None:
               f"disk): {args.batch / mixed_s:.1f} tokens/s ({mixed_s * 1e3:.0f} ms/step), "
               f"{mixed_s and streamed_s / mixed_s:.1f}x the bf16 streamed run; greedy tokens equal to bf16's: "
               f"{same:.0%} (fewer bits, other weights: python -m bench.precision measures what that costs)")
-    for drop_cache, how in ((False, "its offloaded weights left in the page cache, beyond the budget"),
-                            (True, "the page cache dropped before each step, so it reads from disk")):
-        with tempfile.TemporaryDirectory(prefix="accelerate-offload-", dir=folder) as acc_folder:
-            acc_s = accelerate_decode(model_dir, args.batch, args.prompt_len, args.accelerate_output_len, budget,
-                                      acc_folder, drop_cache)
-        print(f"Accelerate disk offload (transformers generate, bf16; {how}): {args.batch / acc_s:.2f} tokens/s "
-              f"({acc_s * 1e3:.0f} ms/step); Strata's ratio {acc_s / streamed_s:.1f}x")
+    cgroup = memory_cgroup(budget + RUNTIME_SLACK)
+    if cgroup is None:
+        print("(no memory cgroup can be made here: Accelerate runs unlimited only, its offloaded weights in the page "
+              "cache)")
+    try:
+        for group in (None, cgroup) if cgroup is not None else (None,):
+            how = ("unlimited: its offloaded weights stay in the page cache, memory beyond the budget" if group is None
+                   else f"joining, once loaded, a memory cgroup of the budget plus {RUNTIME_SLACK >> 20} MiB, page "
+                        "cache included, so its offloaded weights come from disk")
+            with tempfile.TemporaryDirectory(prefix="accelerate-offload-", dir=folder) as acc_folder:
+                try:
+                    acc_s = accelerate_in_child(model_dir, args, budget, acc_folder, group)
+                except subprocess.CalledProcessError as e:
+                    if group is None or e.returncode != -signal.SIGKILL:
+                        raise
+                    peak = int((group / "memory.max_usage_in_bytes").read_text())
+                    print(f"Accelerate disk offload ({how}): killed by the out-of-memory killer at the limit (it had "
+                          f"{peak / 2**30:.2f} GiB charged, page cache included): it does not run within the budget")
+                    continue
+            print(f"Accelerate disk offload (transformers generate, bf16; {how}): {args.batch / acc_s:.2f} "
+                  f"tokens/s ({acc_s * 1e3:.0f} ms/step); Strata streamed: {acc_s / streamed_s:.1f}x"
+                  + (f", with --precision: {acc_s / mixed_s:.1f}x" if args.precision else ""))
+    finally:
+        if cgroup is not None:
+            cgroup.rmdir()
+    print("rerun: python -m bench.offload" + (f" --precision {args.precision}" if args.precision else ""))
 
 
 if __name__ == "__main__":

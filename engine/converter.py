@@ -24,9 +24,11 @@ def convert(source: str | Path, out: str | Path, devices: str = "cpu", *, dtype:
             threads: int | None = None, max_num_seqs: int = 256, max_model_len: int | None = None,
             quantization: str = "auto", layer_quantization: str | None = None, kv_cache_memory: int | None = None,
             memory_fraction: float = 0.9, precision: str | None = None, max_layer_error: float | None = None,
-            say=print) -> PlanHere:
-    """Write the package to `out` (a new folder); the plan it was made for. Layers a CPU stage's budget cannot hold
-    go to its disk shard in `out`, whose read bandwidth the plan is priced by."""
+            cluster: str | Path | None = None, cpu_offload_gb: float = 0.0, say=print) -> PlanHere:
+    """Write the package to `out` (a new folder); the plan it was made for, on --devices or on the devices a
+    `cluster` file describes (GPU stages are packed here, on the CPU, as a GPU builds them). Layers a CPU stage's
+    budget cannot hold go to its disk shard in `out`, whose read bandwidth the plan is priced by; those a GPU stage
+    keeps in host memory (cpu_offload_gb) wait there too, and are read into host memory when it loads."""
     source, out = Path(source), Path(out)
     if pkg.is_package(source):
         raise ValueError(f"{source} is a package already; convert its source checkpoint")
@@ -37,7 +39,8 @@ def convert(source: str | Path, out: str | Path, devices: str = "cpu", *, dtype:
         here = plan_here(source, devices, dtype=dtype, threads=threads, memory_fraction=memory_fraction,
                          max_num_seqs=max_num_seqs, max_model_len=max_model_len, quantization=quantization,
                          layer_quantization=layer_quantization, kv_cache_memory=kv_cache_memory, offload_dir=str(out),
-                         precision=precision, max_layer_error=max_layer_error, say=say)
+                         precision=precision, max_layer_error=max_layer_error, cluster=cluster,
+                         cpu_offload_gb=cpu_offload_gb, say=say)
         _convert(source, out, here, dtype, say)
         return here
     except BaseException:
@@ -52,18 +55,23 @@ def _convert(source: Path, out: Path, here: PlanHere, dtype: str, say) -> None:
     files = pkg.copy_checkpoint_files(source, out)
     quantized = any(FORMATS[f].quantized for f in formats.values())
     stages, P = [], len(here.plan.stages)
+    cpu = torch.device("cpu")
     for k, st in enumerate(here.plan.stages):
         device = torch.device(st.device.name)
-        if device.type != "cpu":
-            raise ValueError(f"stage {k} is on {device}: packages hold CPU stages only so far")
         compute, weights = resolve_dtypes(dtype, cfg.checkpoint_dtype, device)
+        if device.type != "cpu" and product_path(device, TORCH_DTYPES[weights], TORCH_DTYPES[compute]) != "plain":
+            raise ValueError(f"stage {k} on {device} computes at {compute} over {weights} weights; a GPU stage is "
+                             "packed with one dtype for both (--dtype)")
         index, shard, disk = pkg.stage_files(k)
         spill = SpillFile(out, disk) if st.streamed_layers else None
         say(f"stage {k} ({device}): layers {st.layers[0]}-{st.layers[1] - 1}"
             + (f", {len(st.streamed_layers)} of them to {disk}" if st.streamed_layers else ""))
-        model = StageModel(cfg, tensors, range(*st.layers), k == 0, k == P - 1, TORCH_DTYPES[compute], device, 1,
+        # A GPU stage is built here, on the CPU, as the GPU builds it (plain products at its dtype, quantized weights
+        # in the engine's layout) and loaded there with one copy of its shard (StageModel.from_package); the layers
+        # it keeps in host memory wait in its disk shard.
+        model = StageModel(cfg, tensors, range(*st.layers), k == 0, k == P - 1, TORCH_DTYPES[compute], cpu, 1,
                            TORCH_DTYPES[weights], wide_copy=False, formats=formats, streamed=st.streamed_layers,
-                           offload=spill)
+                           offload=spill, tier="disk")
         stored = []
         if model.stream is not None:
             stored = model.stream.layers
@@ -75,6 +83,6 @@ def _convert(source: Path, out: Path, here: PlanHere, dtype: str, say) -> None:
         names = [index, shard] + ([disk] if stored else [])
         stages.append(pkg.PackageStage(
             str(device), compute, weights, product_path(device, TORCH_DTYPES[weights], TORCH_DTYPES[compute]),
-            quantized and quant_gemm.available(device), st.layers, st.streamed_layers,
+            quantized and device.type == "cpu" and quant_gemm.available(device), st.layers, st.streamed_layers,
             tuple(pkg.packed_file(out / n) for n in names)))
     pkg.write_manifest(out, str(source), formats, stages, files)

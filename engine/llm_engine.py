@@ -27,7 +27,8 @@ from engine.pipeline.messages import RENDEZVOUS_TIMEOUT_S, DescribeDevice, Stage
 from engine.placement import parse_size
 from engine.placement import ModelCost, Plan, kv_cache_dtype, parse_devices, parse_layers, predict_stage_seconds
 from engine.placement.local_device import resolve_dtypes
-from engine.placement.planning import chosen_formats, format_choices, model_len_limit, place_model
+from engine.placement.planning import (check_offload_gb, chosen_formats, format_choices, model_len_limit,
+                                       offload_bytes, place_model)
 from engine.stats import EngineInfo, EngineStats, StageInfo, StageLoad
 from telemetry.tracing import (DETAILS, SpanRecord, TraceSettings, Tracing, link_limit, new_span_id, new_trace_id,
                                now_ns, transfer_span)
@@ -114,8 +115,7 @@ class EngineConfig:
             raise ValueError(f"workers must be at least 0, got {self.workers}")
         check_requested(self.quantization)  # raises with the choices
         parse_precision(self.precision)
-        if not self.cpu_offload_gb >= 0:
-            raise ValueError(f"cpu_offload_gb must be at least 0, got {self.cpu_offload_gb}")
+        check_offload_gb(self.cpu_offload_gb)
         if self.trace_detail not in DETAILS:
             raise ValueError(f"trace_detail must be one of {', '.join(DETAILS)}, got {self.trace_detail!r}")
         if self.rendezvous is not None:
@@ -133,7 +133,7 @@ class LLMEngine:
         self.package = package.read_package(model_dir) if package.is_package(model_dir) else None
         if self.package is not None:
             package.check_request(self.package, config.devices, config.quantization, config.layer_quantization,
-                                  config.layers, config.precision)
+                                  config.layers, config.precision, config.max_layer_error)
             package.verify(self.package, self.package.files)
         self.model_config = cfg = ModelConfig.from_dir(model_dir)
         self.format_choices = None  # the formats the planner may choose per layer, where it may
@@ -143,7 +143,7 @@ class LLMEngine:
             source = checkpoint.validate(model_dir, cfg)
             self.format_choices = choices = format_choices(
                 model_dir, cfg, source, config.precision, config.max_layer_error, config.quantization,
-                config.layer_quantization, say=log.info)
+                config.layer_quantization, say=log.warning)  # minutes on a large model: say so
             self.weight_formats = choices.formats[AUTO] if choices is not None else checkpoint.resolve_formats(
                 source, cfg, check_requested(config.quantization),
                 parse_layer_formats(config.layer_quantization, cfg.num_layers))
@@ -203,7 +203,7 @@ class LLMEngine:
             choices = self.format_choices
             ask = DescribeDevice(config.dtype_request, cfg.checkpoint_dtype, config.kv_cache_fraction,
                                  dominant_quantized(self.weight_formats, cfg.num_layers), config.offload_dir,
-                                 choices.probed if choices is not None else (), int(config.cpu_offload_gb * (1 << 30)))
+                                 choices.probed if choices is not None else (), offload_bytes(config.cpu_offload_gb))
             infos = driver.describe(ask)
             max_kv_tokens = (config.max_num_seqs * max_len if config.num_kv_blocks is None
                              else config.num_kv_blocks * config.block_size)
@@ -387,6 +387,11 @@ class LLMEngine:
         """The planner's time for one step of `batch_size` sequences on a stage, to set beside the measured one."""
         plan = self.plan
         st = plan.stages[stage]
+        if st.formats or st.streamed_layers:
+            # Priced by the planner per format and tier (engine.placement.precision): between the two batches it
+            # priced, the step taken as affine in the batch.
+            (b1, t1), (bn, tn) = sorted(st.predicted_s.items())[0], sorted(st.predicted_s.items())[-1]
+            return t1 if bn == b1 else t1 + (max(1, batch_size) - b1) * (tn - t1) / (bn - b1)
         cost = ModelCost.from_config(self.model_config, self.dtype, self.weight_dtype, formats=self.weight_formats,
                                      layers=range(*st.layers))
         return predict_stage_seconds(cost, st.device, st.layers, stage == 0, stage == len(plan.stages) - 1,

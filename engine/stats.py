@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.placement.devices import tier_name
+
 
 @dataclass(slots=True, frozen=True)
 class StageInfo:
@@ -21,7 +23,7 @@ class StageInfo:
     def streamed_from(self) -> str:
         """How its streamed layers come in, for people: a CPU stage reads them from disk, a GPU stage copies them
         from host memory."""
-        return "read from disk" if self.kind == "cpu" else "copied from host memory"
+        return {"disk": "read from disk", "host": "copied from host memory"}[tier_name(self.kind)]
 
 
 @dataclass(slots=True, frozen=True)

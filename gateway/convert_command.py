@@ -30,6 +30,11 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     add_stage_args(p, rendezvous=False)
     p.add_argument("--dtype", default=env("STRATA_DTYPE", "auto"), choices=["auto", "float32", "bfloat16", "float16"])
     add_quantization_args(p, lambda name, default=None: env(f"STRATA_{name.upper()}", default))
+    p.add_argument("--cluster", default=None,
+                   help="pack for the devices a TOML file describes (as strata plan --cluster reads it) instead of "
+                        "--devices: GPU stages are packed here, as a GPU builds them, and loaded there with one copy")
+    p.add_argument("--cpu-offload-gb", type=float, default=env("STRATA_CPU_OFFLOAD_GB", "0"),
+                   help="GiB of its layers each GPU stage may keep in host memory (as strata serve's flag)")
     p.add_argument("--max-model-len", type=int, default=env("STRATA_MAX_MODEL_LEN"))
     p.add_argument("--max-num-seqs", type=int, default=env("STRATA_MAX_NUM_SEQS", "256"))
     p.add_argument("--kv-cache-memory", default=env("STRATA_KV_CACHE_MEMORY"), help="KV-cache budget, e.g. 4GiB")
@@ -46,7 +51,7 @@ def run_convert(args: argparse.Namespace) -> int:
                        max_num_seqs=int(args.max_num_seqs),
                        max_model_len=int(args.max_model_len) if args.max_model_len else None,
                        quantization=args.quantization, layer_quantization=args.layer_quantization,
-                       precision=args.precision,
+                       precision=args.precision, cluster=args.cluster, cpu_offload_gb=float(args.cpu_offload_gb),
                        max_layer_error=None if args.max_layer_error is None else float(args.max_layer_error),
                        kv_cache_memory=parse_size(args.kv_cache_memory) if args.kv_cache_memory else None,
                        say=lambda line: print(f"strata convert: {line}", flush=True))
@@ -57,6 +62,7 @@ def run_convert(args: argparse.Namespace) -> int:
         print(f"strata convert: {e}", file=sys.stderr)
         return 2
     print(plan_table(here.plan))
+    devices = ",".join(s.device.name for s in here.plan.stages) if args.cluster else args.devices
     print(f"strata convert: wrote {args.out} in {time.perf_counter() - start:.1f} s; serve it with "
-          f"strata serve --model {args.out} --devices {args.devices}")
+          f"strata serve --model {args.out} --devices {devices}")
     return 0

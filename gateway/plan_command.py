@@ -24,11 +24,14 @@ def add_quantization_args(g, env) -> None:
                    help="per layer, overriding --quantization there: 0-3=bf16,4-29=q4_k")
     g.add_argument("--precision", default=env("precision"),
                    help="let the planner choose each layer's format from these, with the split: auto,q8_0,q4_k "
-                        "(auto, the checkpoint's own, is always among them). It takes the fastest plan that fits, "
-                        "and within 2%% of its speed gives the layers whose outputs change most the most bits")
+                        "(auto, the checkpoint's own, is always among them; at most two more). Speed first: it "
+                        "takes the fastest plan that fits, then within 2%% of it gives the layers that matter most "
+                        "the most bits; bound what a layer may lose with --max-layer-error")
     g.add_argument("--max-layer-error", type=float, default=env("max_layer_error"),
-                   help="with --precision: the most a layer may lose at a format, as the squared error of its "
-                        "output's update relative to the update, measured once on calibration text (0.01: 1%%)")
+                   help="with --precision: the most a layer may change the model's predictions at a format, as the "
+                        "mean KL divergence in nats per token with that layer alone at it, measured once on "
+                        "calibration text and cached (0.01 is a small change; a layer takes a format only if it and "
+                        "every format with more bits are within the bound)")
 
 
 def add_offload_arg(g, env) -> None:

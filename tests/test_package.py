@@ -92,3 +92,56 @@ def test_convert_refuses_a_folder_that_is_not_empty(six_layers, tmp_path):
     done = convert(six_layers, tmp_path / "pkg")
     assert done.returncode == 2 and "not empty" in done.stderr
     assert (tmp_path / "pkg" / "keep.txt").read_text() == "mine"
+
+
+CLUSTER = """
+[[host]]
+name = "a"
+gpus = ["L4"]
+cpu = {memory = "8GiB", bandwidth = "40GB/s"}
+"""
+
+
+def test_a_package_for_a_described_gpu_is_packed_here_as_the_gpu_builds_it(tmp_path):
+    """`strata convert --cluster`: the GPU stage is packed on this CPU with the products a GPU stage builds (plain, at
+    the checkpoint's dtype), and loaded from the package it computes what that stage computes; serving it here, with
+    no GPU, says so."""
+    import torch
+
+    from engine import LLM
+    from engine.model.attention import build_metadata
+    from engine.model.checkpoint import validate
+    from engine.model.config import ModelConfig
+    from engine.model.linear import Linear
+    from engine.model.package import read_index, stage_files
+    from engine.model.stage_model import StageModel
+
+    source = write_checkpoint(tmp_path / "bf16", "llama", layers=4, dtype="bfloat16")
+    (tmp_path / "cluster.toml").write_text(CLUSTER)
+    out = tmp_path / "pkg"
+    done = convert(source, out, "--cluster", str(tmp_path / "cluster.toml"))
+    assert done.returncode == 0, done.stderr
+    packed = read_package(out)
+    devices = [s.device for s in packed.stages]
+    assert sorted(devices) == ["cpu", "cuda:0"], devices
+    assert f"--devices {','.join(devices)}" in done.stdout
+    k = devices.index("cuda:0")
+    gpu = packed.stages[k]
+    assert (gpu.products, gpu.dtype, gpu.weight_dtype, gpu.quant_kernel) == ("plain", "bfloat16", "bfloat16", False)
+    index, shard, _ = stage_files(k)
+    loaded = StageModel.from_package(out, read_index(out / index), shard, None, 64)
+    assert isinstance(loaded.layers[0].products.qkv, Linear)
+    cfg = ModelConfig.from_dir(source)
+    built = StageModel(cfg, validate(source, cfg), range(*gpu.layers), k == 0, k == len(devices) - 1,
+                       torch.bfloat16, torch.device("cpu"), 64, torch.bfloat16)
+    x = torch.arange(3, 10) if k == 0 else torch.randn(7, cfg.hidden_size, dtype=torch.bfloat16)
+    n = gpu.layers[1] - gpu.layers[0]
+
+    def run(model):
+        kv = torch.zeros(n, 2, 1, 16, cfg.num_kv_heads, cfg.head_dim, dtype=torch.bfloat16)
+        meta = build_metadata(16, list(range(7)), [], [], [(0, 7, 0, [0])], torch.device("cpu"))
+        return model.forward(x, torch.arange(7), meta, kv)
+
+    assert torch.equal(run(loaded), run(built))
+    with pytest.raises(Exception, match="CUDA"):
+        LLM(out, devices=",".join(devices), threads=1)

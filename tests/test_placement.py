@@ -27,8 +27,8 @@ from engine.placement import (
     stage_seconds,
     stage_weight_bytes,
 )
-from engine.placement.cost import (kv_cache_blocks, layers_to_stream, stage_kv_budget, stage_kv_bytes_per_token,
-                                   stream_tier)
+from engine.placement.cost import (Tier, kv_cache_blocks, layers_to_stream, stage_kv_budget,
+                                   stage_kv_bytes_per_token, stream_choice, stream_tier)
 from engine.placement.precision import MixedStages, Precision
 from engine.placement.search import _Context
 
@@ -210,9 +210,9 @@ def random_precision(rng: random.Random, cost: ModelCost, devices: list[DeviceIn
     return Precision.build({f: costs[f] for f in names}, errors, bound)
 
 
-def precision_figures(prec: Precision, devices, batch, context, reserve, order, split, formats):
+def precision_figures(prec: Precision, devices, batch, context, reserve, order, split, formats, max_kv_tokens):
     """Each stage's Mix for one order, split and format per layer (None where a stage does not fit)."""
-    ctx = _Context(prec.base_cost, devices, batch, context, reserve, None, 16, reserve, None)
+    ctx = _Context(prec.base_cost, devices, batch, context, reserve, None, 16, max_kv_tokens, None)
     stages = MixedStages(ctx, prec)
     mixes, start = [], 0
     for k, (i, n) in enumerate(zip(order, split)):
@@ -244,17 +244,19 @@ def test_dynamic_program_with_formats_per_layer_matches_brute_force(seed):
                 d.host_bandwidth = 10 ** rng.uniform(9.5, 10.7)
                 d.host_tier_bytes = int(cost.layer_weight_bytes * rng.uniform(0.5, 6))
         prec = random_precision(rng, cost, devices)
+        max_kv = reserve * rng.choice([1, 4, 64])  # beyond the reserve, stages' KV allocations differ
         L, P = cost.num_layers, len(devices)
         allowed = [range(f + 1) for f in prec.floors]
         every = []  # (bottleneck, smallest KV blocks) of every plan that fits
         for order in itertools.permutations(range(P)):
             for split in compositions(L, P):
                 for formats in itertools.product(*allowed):
-                    mixes = precision_figures(prec, devices, batch, context, reserve, order, split, formats)
+                    mixes = precision_figures(prec, devices, batch, context, reserve, order, split, formats, max_kv)
                     if all(m is not None for m in mixes):
                         every.append((max(m.time.total_s for m in mixes), min(m.kv_blocks for m in mixes)))
         best = min((t for t, _ in every), default=math.inf)
-        kw = dict(batch_size=batch, context_len=context, kv_reserve_tokens=reserve, precision=prec)
+        kw = dict(batch_size=batch, context_len=context, kv_reserve_tokens=reserve, precision=prec,
+                  max_kv_tokens=max_kv)
         if best == math.inf:
             with pytest.raises(PlacementError):
                 plan(cost, devices, **kw)
@@ -272,9 +274,9 @@ def test_dynamic_program_with_formats_per_layer_matches_brute_force(seed):
             best_error = math.inf
             for formats in itertools.product(*(allowed[i] for i in layers)):
                 mix = precision_figures(prec, devices, batch, context, reserve, [order[k]], [s.num_layers],
-                                        formats)[0] if P == 1 else None
+                                        formats, max_kv)[0] if P == 1 else None
                 if P > 1:  # the stage as it sits in the pipeline: first, last and the link in as chosen
-                    ctx = _Context(cost, devices, batch, context, reserve, None, 16, reserve, None)
+                    ctx = _Context(cost, devices, batch, context, reserve, None, 16, max_kv, None)
                     counts = tuple(formats.count(j) for j in range(len(prec.names)))
                     mix = MixedStages(ctx, prec).figures(order[k], counts, k == 0, k == P - 1,
                                                          order[k - 1] if k else None, batch)
@@ -282,6 +284,19 @@ def test_dynamic_program_with_formats_per_layer_matches_brute_force(seed):
                     best_error = min(best_error, sum(prec.errors[i][j] for i, j in zip(layers, formats)))
             assert sum(prec.errors[i][j] for i, j in zip(layers, picked)) == pytest.approx(best_error, abs=1e-12)
             assert s.weight_bytes + reserve * s.kv_bytes_per_token <= s.device.memory
+
+
+def test_a_stage_of_mixed_formats_streams_the_fewest_bytes_that_fit():
+    """Layers of two sizes (a bf16 layer of 2 MB, ten q4 layers of 0.5 MB): streaming the small ones reads less and
+    needs smaller slots than streaming the big one first."""
+    tier = Tier("host", 1e10, math.inf)
+    assert stream_choice((1, 10), (2_000_000, 500_000), 7_000_000, tier) == (0, 0)  # fits as it is
+    assert stream_choice((1, 10), (2_000_000, 500_000), 6_450_000, tier) == (0, 4)
+    assert stream_choice((1, 10), (2_000_000, 500_000), 3_500_000, tier) == (0, 9)
+    assert stream_choice((1, 10), (2_000_000, 500_000), 3_400_000, tier) == (0, 10)
+    assert stream_choice((1, 10), (2_000_000, 500_000), 2_900_000, tier) is None
+    assert stream_choice((1, 10), (2_000_000, 500_000), 6_450_000, None) is None  # no tier
+    assert stream_choice((1, 10), (2_000_000, 500_000), 6_450_000, Tier("host", 1e10, 1_000_000)) is None  # too small
 
 
 def test_one_format_per_layer_prices_a_stage_as_the_plain_cost_model_does():

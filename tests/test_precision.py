@@ -76,6 +76,9 @@ def test_options_that_do_not_combine_are_refused(six_bf16):
                      (dict(max_layer_error=0.01), "give both"),
                      (dict(precision="auto,fp16"), "not a format a layer can be chosen to run at"),
                      (dict(precision="q8_0,q8_0"), "named twice"),
+                     (dict(precision="q8_0,q4_k,q4_0"), "at most 2 formats besides auto"),
+                     (dict(precision="auto", max_layer_error=0.01), "no format to bound"),
+                     (dict(precision=CHOICES, cpu_offload_gb=-1.0), "cpu_offload_gb"),
                      (dict(precision=CHOICES, max_layer_error=-1.0), "at least 0")):
         with pytest.raises(ValueError, match=says):
             plan_here(six_bf16, "cpu", threads=1, max_model_len=256, **kw)

@@ -40,6 +40,7 @@ log = logging.getLogger("strata.calibration")
 TOKENS = 1024  # tokens of calibration text each layer runs on
 BLOCK = 16
 GROUP_ROWS = 8192  # rows (tokens of all streams) run through a layer at once
+HEAD_ROWS = 128  # rows of logits computed at once
 METRIC_VERSION = 2  # bumped when the measurement changes, so cached figures are measured afresh
 # Prose and code-flavoured English the engine ships with: the docstrings of these standard modules. Not the text the
 # perplexity benchmark scores on (pydoc_data's help topics).
@@ -123,13 +124,14 @@ def measure_layer_errors(model_dir: Path, cfg: ModelConfig, source, choices: tup
             labels += [(i, f) for f in lower]
             del reference, carried
         head = stage(range(cfg.num_layers, cfg.num_layers), base, last=True)
-        ref = torch.log_softmax(head.logits(x), dim=-1)
-        p = ref.exp()
         out: dict[str, list[float]] = {f: [0.0] * cfg.num_layers for f in choices}
-        for (i, f), h in zip(labels, streams):
-            logp = torch.log_softmax(head.logits(h), dim=-1)
-            out[f][i] = max(float((p * (ref - logp)).sum(dim=-1).mean()), 0.0)
-    return out
+        for rows in range(0, n, HEAD_ROWS):  # a few rows of logits at a time: vocabularies reach 256k
+            ref = torch.log_softmax(head.logits(x[rows:rows + HEAD_ROWS]), dim=-1)
+            p = ref.exp()
+            for (i, f), h in zip(labels, streams):
+                logp = torch.log_softmax(head.logits(h[rows:rows + HEAD_ROWS]), dim=-1)
+                out[f][i] += float((p * (ref - logp)).sum()) / n
+    return {f: [max(e, 0.0) for e in errors] for f, errors in out.items()}
 
 
 def _groups(streams: list[torch.Tensor], n: int) -> list[list[torch.Tensor]]:
@@ -157,6 +159,6 @@ def _cache_key(model_dir: Path, choices: tuple[str, ...], tokens: int) -> str:
     for p in files:
         st = p.stat()
         h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    h.update(f"{','.join(choices)}|{tokens}|v{METRIC_VERSION}|{torch.__version__}\n".encode())
+    h.update(f"{','.join(sorted(choices))}|{tokens}|v{METRIC_VERSION}|{torch.__version__}\n".encode())
     h.update(calibration_text().encode())
     return h.hexdigest()[:32]

@@ -6,8 +6,9 @@ release() hands its slot back. On the device, a ring of SLOTS buffers; each laye
 over views of it. The g-th fetch since start goes to slot g mod SLOTS. A copy is queued on the copy stream as soon as
 the slot's previous layer was released (its release recorded an event on the compute stream, which the copy stream
 waits for), so the copies run SLOTS - 1 layers ahead of the compute, and the compute stream waits on each copy's
-event only where it uses that layer: the host never blocks. Each copy's start and end are CUDA events, read for the
-fetch's span once the step has finished.
+event only where it uses that layer: the host never blocks. Each copy's start and end are CUDA events, placed on the
+host clock from an anchor event taken when the stream is made, and read for the fetch's span once they have
+happened.
 
 On a CPU (tests; a CPU stage's tier is the disk), the copies are plain and timed on the host.
 """
@@ -29,16 +30,44 @@ class HostLayer:
 
     layer: int
     part: PackedPart
-    data: torch.Tensor  # uint8, part.nbytes long; pinned on a machine with CUDA
+    data: torch.Tensor  # uint8, part.nbytes long; page-locked on a machine with CUDA
 
 
 def host_layer(layer: int, part: PackedPart, tensors: list[torch.Tensor]) -> HostLayer:
-    """The tensors copied, at the part's offsets, into one host buffer (pinned where CUDA is present)."""
-    data = torch.zeros(part.nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+    """The tensors copied, at the part's offsets, into one host buffer, page-locked where CUDA is present."""
+    data = torch.empty(part.nbytes, dtype=torch.uint8)
     for entry, t in zip(part.tensors, tensors):
         flat = t.detach().contiguous().view(-1).view(torch.uint8)
         data[entry.offset: entry.offset + flat.numel()].copy_(flat)
+    if torch.cuda.is_available():
+        pin(data)
     return HostLayer(layer, part, data)
+
+
+def read_host_layer(path, stored) -> HostLayer:
+    """A layer a package's disk shard holds (engine.model.layer_stream.StoredLayer), read into host memory."""
+    data = torch.empty(stored.part.nbytes, dtype=torch.uint8)
+    with open(path, "rb") as f:
+        f.seek(stored.offset)
+        if f.readinto(memoryview(data.numpy())) != stored.part.nbytes:
+            raise OSError(f"{path}: ends inside layer {stored.layer}")
+    if torch.cuda.is_available():
+        pin(data)
+    return HostLayer(stored.layer, stored.part, data)
+
+
+def pin(data: torch.Tensor) -> None:
+    """Page-lock a host tensor's memory where it is (cudaHostRegister), so copies from it run at the bus's rate.
+    Not through torch's pinned allocator, which rounds every block up to a power of two: a 300 MiB layer would
+    lock 512 MiB."""
+    err = torch.cuda.cudart().cudaHostRegister(data.data_ptr(), data.numel() * data.element_size(), 0)
+    if int(err) != 0:
+        raise RuntimeError(f"cannot page-lock {data.numel() * data.element_size()} bytes of host memory "
+                           f"(cudaHostRegister returned {int(err)}); lower --cpu-offload-gb")
+
+
+def unpin(data: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(data.data_ptr())
 
 
 class HostStream:
@@ -56,8 +85,14 @@ class HostStream:
                          for h in layers]
         self.cuda = device.type == "cuda"
         self._copy = torch.cuda.Stream(device) if self.cuda else None
+        if self.cuda:  # device time zero, on the host clock: every fetch's events are placed from it
+            torch.cuda.synchronize(device)
+            self._anchor = torch.cuda.Event(enable_timing=True)
+            self._anchor.record(self._copy)
+            self._anchor.synchronize()
+            self._anchor_ns = time.time_ns()
         self._released: list = [None] * self.slots  # per slot: the event its last layer's release recorded
-        self._timing: dict[int, tuple] = {}  # fetch -> (start, end, asked): events on a GPU, ns on a CPU
+        self._timing: dict[int, tuple] = {}  # fetch -> (start, end) of its copy: events on a GPU, ns on a CPU
         self._issued = 0  # fetches queued
         self._taken = 0  # fetches the compute side has acquired
         self._held = False
@@ -129,30 +164,31 @@ class HostStream:
             self.release()
 
     def drain_fetches(self, read: bool = True) -> list[Fetch]:
-        """The fetches of steps that have finished; on a GPU their events are waited for and read (read False: only
-        forgotten, for a step nothing traces)."""
-        out = []
+        """The fetches whose copies have finished (on a GPU, those still running stay for the next call: the host
+        never waits here); read False: every fetch so far forgotten, for steps nothing traces."""
+        out: list[Fetch] = []
         if not read:
             self._pending.clear()
             return out
-        for layer, nbytes, start, end, asked in self._pending:
+        while self._pending:
+            layer, nbytes, start, end, asked = self._pending[0]
             if self.cuda:
-                end.synchronize()
-                # Wall-clock times: the copy's end is now or earlier; its events give the offsets between them.
-                anchor = torch.cuda.Event(enable_timing=True)
-                anchor.record(self._copy)
-                anchor.synchronize()
-                now = time.time_ns()
-                start_ns = now - int(start.elapsed_time(anchor) * 1e6)
-                end_ns = now - int(end.elapsed_time(anchor) * 1e6)
-                asked.synchronize()
+                if not (end.query() and asked.query()):
+                    break
+                start_ns, end_ns = self._host_ns(start), self._host_ns(end)
                 overlapped = asked.elapsed_time(end) <= 0
             else:
                 start_ns, end_ns, overlapped = start, end, end <= asked
+            self._pending.popleft()
             out.append(Fetch(layer, self.tier, nbytes, start_ns, end_ns, overlapped))
-        self._pending.clear()
         return out
+
+    def _host_ns(self, event) -> int:
+        """A finished event's time on the host clock, from the anchor taken when the stream was made."""
+        return self._anchor_ns + int(self._anchor.elapsed_time(event) * 1e6)
 
     def close(self) -> None:
         if self.cuda:
             self._copy.synchronize()
+            for h in self.layers:
+                unpin(h.data)

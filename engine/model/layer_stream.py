@@ -24,9 +24,12 @@ from pathlib import Path
 import torch
 
 from engine.model.packed_weights import PackedPart, aligned, unpack_objects, write_at
+from engine.placement.cost import STREAM_SLOTS
 
 log = logging.getLogger("strata.layer_stream")
-SLOTS = 2  # layers read ahead of the one computing; two keep the disk busy through a resident layer between
+# Layers read ahead of the one computing, as the planner counts them: two keep the disk busy through a resident layer
+# between.
+SLOTS = STREAM_SLOTS
 MAX_RECORDS = 4096  # fetches kept for spans until the stage drains them
 
 

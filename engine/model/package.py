@@ -120,13 +120,14 @@ def verify(package: Package, files: tuple[PackedFile, ...]) -> None:
 
 
 def check_request(package: Package, devices: str, quantization: str, layer_quantization: str | None,
-                  layers, precision: str | None = None) -> None:
+                  layers, precision: str | None = None, max_layer_error: float | None = None) -> None:
     """What `strata serve` and `strata plan` are asked for, against what the package fixed when it was converted:
     its devices (in order; budgets may differ), its formats and its split."""
     check_devices(package, devices)
-    if quantization != "auto" or layer_quantization or layers or precision:
+    if quantization != "auto" or layer_quantization or layers or precision or max_layer_error is not None:
         raise ValueError(f"{package.path} is a package: its layers and formats were chosen when it was converted "
-                         "(--quantization, --layer-quantization, --precision and --layers do not apply)")
+                         "(--quantization, --layer-quantization, --precision, --max-layer-error and --layers do not "
+                         "apply)")
 
 
 def check_devices(package: Package, devices: str) -> None:

@@ -46,15 +46,16 @@ def aligned(n: int, to: int = ALIGN) -> int:
 
 
 class _Pickler(pickle.Pickler):
-    def __init__(self, file, shared: dict[int, object]) -> None:
+    def __init__(self, file, shared: dict[int, object], any_device: bool = False) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.tensors: list[torch.Tensor] = []
         self.index: dict[int, int] = {}
         self.shared = shared  # id -> name: live objects a part refers to but does not own (a stage's scratch)
+        self.any_device = any_device
 
     def persistent_id(self, obj):
         if isinstance(obj, torch.Tensor):
-            if obj.device.type != "cpu" or obj.layout != torch.strided or obj.is_quantized:
+            if (obj.device.type != "cpu" and not self.any_device) or obj.layout != torch.strided or obj.is_quantized:
                 raise ValueError(f"cannot pack a {obj.device.type} {obj.layout} tensor; only host-memory strided "
                                  "tensors are stored")
             key = id(obj)
@@ -66,11 +67,13 @@ class _Pickler(pickle.Pickler):
         return ("shared", name) if name is not None else None
 
 
-def pack_objects(obj, shared: dict[str, object] | None = None) -> tuple[PackedPart, list[torch.Tensor]]:
+def pack_objects(obj, shared: dict[str, object] | None = None,
+                 any_device: bool = False) -> tuple[PackedPart, list[torch.Tensor]]:
     """obj's pickle and the tensors it holds (each once, however often it is referred to), with where each goes.
-    shared: objects obj refers to that stay live and are not stored (given back to unpack_objects by name)."""
+    shared: objects obj refers to that stay live and are not stored (given back to unpack_objects by name).
+    any_device: the tensors may be on a GPU (the caller copies them out; the part itself records no device)."""
     buf = io.BytesIO()
-    pickler = _Pickler(buf, {id(v): k for k, v in (shared or {}).items()})
+    pickler = _Pickler(buf, {id(v): k for k, v in (shared or {}).items()}, any_device)
     pickler.dump(obj)
     entries, offset = [], 0
     for t in pickler.tensors:

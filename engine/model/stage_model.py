@@ -20,7 +20,8 @@ from engine.model.attention import AttentionMetadata, paged_attention
 from engine.model.checkpoint import TensorReader, expected_shapes, return_freed_memory
 from engine.model.config import ModelConfig
 from engine.model.layer_ops import LayerOps, rms_norm
-from engine.model.host_stream import HostStream, host_layer
+from engine.model.host_stream import HostStream, host_layer, read_host_layer
+from engine.placement.devices import tier_name
 from engine.model.layer_stream import LayerStream, SpillFile, StoredLayer, open_for_reading
 from engine.model.linear import AmxLinear, PackedHalfLinear, QuantLinear, SplitLinear, make_linear, product_path
 from engine.model.packed_weights import pack_objects, unpack_objects
@@ -141,7 +142,9 @@ class StageModel:
         formats = formats or {}
         products = Products(read, formats, dtype, weight_dtype, wide_copy)
         streamed = set(streamed)
-        tier = tier or ("disk" if device.type == "cpu" else "host")
+        tier = tier or tier_name(device.type)
+        if tier not in ("disk", "host"):
+            raise ValueError(f"tier must be disk or host, got {tier!r}")
         if streamed - set(layers) or (streamed and tier == "disk" and device.type != "cpu"):
             raise ValueError(f"layers {sorted(streamed)} cannot stream from {tier} on a {device.type} stage of layers "
                              f"{layers.start}-{layers.stop - 1}")
@@ -155,7 +158,7 @@ class StageModel:
         for i in layers:
             layer = DecoderLayer(read, f"model.layers.{i}.", cfg, dtype, products)
             if i in streamed:
-                part, tensors = pack_objects(layer.products, shared)
+                part, tensors = pack_objects(layer.products, shared, any_device=spill is None)
                 stored.append(spill.append(i, part, tensors) if spill is not None else host_layer(i, part, tensors))
                 self.weight_bytes -= sum(t.numel() * t.element_size() for t in tensors)
                 layer.products = None
@@ -196,18 +199,27 @@ class StageModel:
         return {**self.__dict__, "stream": None, "rope": None}
 
     @classmethod
-    def from_package(cls, path: Path, index: dict, stage_file: str, disk_file: str | None, max_positions: int):
-        """A stage a package holds: its objects over a private memory map of its shard, its streamed layers read from
-        the disk shard (index: engine.model.package.read_index)."""
+    def from_package(cls, path: Path, index: dict, stage_file: str, disk_file: str | None, max_positions: int,
+                     device: torch.device = torch.device("cpu")):
+        """A stage a package holds (index: engine.model.package.read_index): on a CPU, its objects over a private
+        memory map of its shard and its streamed layers read from the disk shard each step; on a GPU, its shard
+        copied to the device in one piece and its streamed layers read once into host memory (its host tier)."""
         part = index["model"]
         buffer = torch.from_file(str(path / stage_file), shared=False, size=part.nbytes, dtype=torch.uint8)
+        if device.type != "cpu":
+            buffer = buffer.to(device)
         model = unpack_objects(part, buffer)
         if not isinstance(model, cls):
             raise CheckpointError(f"{path / stage_file}: holds a {type(model).__name__}, not a stage")
-        model.rope = cos_sin_table(model.cfg, max_positions, model.dtype, model.device)
-        if index["streamed"]:
+        model.device = device
+        model.rope = cos_sin_table(model.cfg, max_positions, model.dtype, device)
+        shared = {"scratch": model.scratch}
+        if index["streamed"] and device.type == "cpu":
             fd, direct = open_for_reading(path / disk_file)
-            model.stream = LayerStream(fd, direct, index["streamed"], shared={"scratch": model.scratch})
+            model.stream = LayerStream(fd, direct, index["streamed"], shared=shared)
+        elif index["streamed"]:
+            model.stream = HostStream([read_host_layer(path / disk_file, s) for s in index["streamed"]], device,
+                                      shared=shared)
         return model
 
     def forward(

@@ -78,7 +78,7 @@ class StageRunner:
         package.verify(pkg, stage.files)
         index, shard, disk = package.stage_files(spec.stage_index)
         return StageModel.from_package(pkg.path, package.read_index(pkg.path / index), shard,
-                                       disk if stage.streamed_layers else None, spec.max_model_len)
+                                       disk if stage.streamed_layers else None, spec.max_model_len, self.device)
 
     def _wide_copy(self) -> bool | None:
         """Under a memory budget, an fp32 copy of half-precision weights (engine.model.linear) only where the budget

@@ -43,8 +43,9 @@ def serve(rank: int, world_size: int, request: DeviceRequest, threads: int | Non
     """The stage's life: greet, describe the device, take a spec, load, then run batches until Shutdown."""
     if threads:
         torch.set_num_threads(threads)
-    if request.name.startswith("cuda"):
-        torch.cuda.set_device(torch.device(request.name))  # events and NCCL streams follow the current device
+    if request.name.startswith("cuda") and torch.cuda.is_available():
+        # Events and NCCL streams follow the current device. (Without CUDA, describing the device says so.)
+        torch.cuda.set_device(torch.device(request.name))
     hello = transport.recv_obj(DRIVER_RANK)
     transport.send_obj((GREETING, WIRE_VERSION), DRIVER_RANK)  # answered either way: the server says what is wrong too
     error = greeting_error(hello, "the server")

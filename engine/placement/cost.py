@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from engine.model.weight_formats import EMBEDDING, FORMATS, product_names
-from engine.placement.devices import DeviceInfo
+from engine.placement.devices import DeviceInfo, tier_name
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -228,14 +228,16 @@ class Tier(NamedTuple):
 
 def stream_tier(device: DeviceInfo) -> Tier | None:
     """The device's tier, or None where it has none (every layer it holds stays in its memory)."""
-    if device.kind == "cpu":
-        return Tier("disk", device.disk_bandwidth, math.inf) if device.disk_bandwidth else None
+    name = tier_name(device.kind)
+    if name == "disk":
+        return Tier(name, device.disk_bandwidth, math.inf) if device.disk_bandwidth else None
     if device.host_tier_bytes and device.host_bandwidth:
-        return Tier("host", device.host_bandwidth, float(device.host_tier_bytes))
+        return Tier(name, device.host_bandwidth, float(device.host_tier_bytes))
     return None
 
 
-# Layers a streaming stage holds in memory at once, read ahead of their compute (engine.model.layer_stream.SLOTS).
+# Layers a streaming stage holds in memory at once, brought in ahead of their compute (the layer and host streams'
+# rings: engine.model.layer_stream, engine.model.host_stream).
 STREAM_SLOTS = 2
 
 
@@ -346,8 +348,8 @@ class StageTime(NamedTuple):
 
 def stage_seconds(cost: ModelCost, device: DeviceInfo, n_layers: int, *, first: bool, last: bool, batch: int,
                   context_len: int, link: LinkSpeed | None, block_size: int = 16, streamed: int = 0) -> StageTime:
-    """One decode step of a stage holding `n_layers` layers, `streamed` of them read from its device's disk tier each
-    step; the one cost every plan and test uses. A streamed layer's read overlaps the compute before it (the layer
+    """One decode step of a stage holding `n_layers` layers, `streamed` of them brought in from its device's tier
+    (stream_tier) each step; the one cost every plan and test uses. A streamed layer's read overlaps the compute before it (the layer
     stream reads ahead, and the streamed layers are spread among the resident ones), so the step takes the longer of
     the compute and the reads."""
     cb = _compute_bytes(cost, device)
@@ -387,20 +389,53 @@ def layers_to_stream(cost: ModelCost, device: DeviceInfo, n_layers: int, first: 
                      kv_reserve_tokens: int, kv_cache_memory: int | None = None) -> int | None:
     """How many of the stage's layers must be brought in from its device's tier each step for it to fit: 0 where it
     fits as it is, None where it does not fit even streaming them all, the tier cannot hold them, or the device has
-    no tier. Streaming more than needed only makes the step slower (each streamed layer is read every step), so the
-    fewest is the best."""
-    if stage_fits(cost, device, n_layers, first, last, kv_reserve_tokens, kv_cache_memory):
-        return 0
-    tier = stream_tier(device)
-    if tier is None or not cost.layer_weight_bytes:
+    no tier (stream_choice, for layers of one size)."""
+    room = (device.memory - stage_weight_bytes(cost, 0, first, last)
+            - max(kv_reserve_tokens * stage_kv_bytes_per_token(cost, device, n_layers), kv_cache_memory or 0))
+    choice = stream_choice((n_layers,), (cost.layer_weight_bytes,), room, stream_tier(device))
+    return None if choice is None else choice[0]
+
+
+def stream_choice(counts: tuple[int, ...], sizes: tuple[int, ...], room: int,
+                  tier: Tier | None) -> tuple[int, ...] | None:
+    """Which of a stage's layers live in its tier, brought in every step: per size class j (counts[j] layers of
+    sizes[j] bytes each), how many; all 0 where they fit in `room` (the stage's memory less all else it holds); None
+    where no choice fits. The one rule for every plan.
+
+    Each streamed byte is read every step, and the slots they are read into hold STREAM_SLOTS of the largest
+    streamed layer, so the choice reads the fewest bytes: for each class that could be the largest streamed, one
+    layer of it, then the smallest layers no larger than it, one at a time, until the stage fits; the class whose
+    choice reads least (then streams fewest layers) wins. Layers of one size: the fewest that fit."""
+    resident = sum(c * b for c, b in zip(counts, sizes))
+    if resident <= room:
+        return (0,) * len(counts)
+    if tier is None:
         return None
-    short = (stage_weight_bytes(cost, n_layers, first, last) - device.memory
-             + max(kv_reserve_tokens * stage_kv_bytes_per_token(cost, device, n_layers), kv_cache_memory or 0))
-    streamed = STREAM_SLOTS + -(-short // cost.layer_weight_bytes)  # the slots read into are held too
-    if (streamed > n_layers or streamed * cost.layer_weight_bytes > tier.capacity
-            or not stage_fits(cost, device, n_layers, first, last, kv_reserve_tokens, kv_cache_memory, streamed)):
-        return None
-    return streamed
+    best = None
+    for top in range(len(counts)):
+        if not counts[top]:
+            continue
+        chosen = [0] * len(counts)
+        chosen[top] = 1
+        left, taken = resident - sizes[top], 1
+        order = sorted((j for j in range(len(counts)) if sizes[j] <= sizes[top]), key=lambda j: (sizes[j], j))
+        for j in order:
+            while left + min(taken, STREAM_SLOTS) * sizes[top] > room and chosen[j] < counts[j]:
+                chosen[j] += 1
+                left, taken = left - sizes[j], taken + 1
+        if left + min(taken, STREAM_SLOTS) * sizes[top] > room:
+            continue
+        read = sum(c * b for c, b in zip(chosen, sizes))
+        if read <= tier.capacity and (best is None or (read, taken) < best[0]):
+            best = ((read, taken), tuple(chosen))
+    return None if best is None else best[1]
+
+
+def streamed_bytes_held(counts: tuple[int, ...], streamed: tuple[int, ...], sizes: tuple[int, ...]) -> int:
+    """What a stage's layers hold in its memory: the resident ones, and the slots the streamed ones are read into."""
+    resident = sum((c - s) * b for c, s, b in zip(counts, streamed, sizes))
+    moved = [b for s, b in zip(streamed, sizes) if s]
+    return resident + (min(sum(streamed), STREAM_SLOTS) * max(moved) if moved else 0)
 
 
 def spread(n_layers: int, n_streamed: int) -> list[int]:

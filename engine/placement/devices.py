@@ -105,6 +105,12 @@ class DeviceInfo:
                      for k, v in asdict(self).items() if k != "name")
 
 
+def tier_name(kind: str) -> str:
+    """Where a stage on a device of this kind keeps the layers its memory cannot hold: a CPU's on disk
+    (--offload-dir), a GPU's in host memory (--cpu-offload-gb)."""
+    return "disk" if kind == "cpu" else "host"
+
+
 def parse_layers(text: str | None) -> list[int] | None:
     """--layers: counts per stage in --devices order, "20,8,4"; None or "" for the planner's split."""
     if not text:
@@ -116,11 +122,13 @@ def parse_layers(text: str | None) -> list[int] | None:
 
 
 def share_host_memory(infos: list[DeviceInfo]) -> None:
-    """CPU stages on one host without a budget each measured the same free memory; split it between them."""
+    """CPU stages on one host without a budget each measured the same free memory; split what is left of it, after
+    the host memory its GPU stages may keep layers in (their host tiers), between them."""
     shared: dict[str, list[DeviceInfo]] = {}
     for info in infos:
         if info.kind == "cpu" and not info.budgeted:
             shared.setdefault(info.host, []).append(info)
-    for group in shared.values():
+    for host, group in shared.items():
+        tiers = sum(i.host_tier_bytes for i in infos if i.kind == "cuda" and i.host == host)
         for info in group:
-            info.memory //= len(group)
+            info.memory = max(info.memory - tiers, 0) // len(group)

@@ -18,7 +18,7 @@ class StagePlan:
     compute_s: dict[int, float] = field(default_factory=dict)
     transfer_s: dict[int, float] = field(default_factory=dict)
     kv_blocks: int = 0  # what the stage will allocate (engine.placement.cost.kv_cache_blocks)
-    streamed_layers: tuple[int, ...] = ()  # read from its disk tier each step (model indices)
+    streamed_layers: tuple[int, ...] = ()  # brought in from its device's tier each step (model indices)
     fetch_s: dict[int, float] = field(default_factory=dict)  # batch size -> seconds reading them, overlapped
     # Per layer, the format the planner chose it to run at (engine.placement.precision); empty where it chose none.
     formats: tuple[str, ...] = ()

@@ -4,6 +4,7 @@ probe its own (the results are cached, as the stages' are): the same batch, cont
 and KV blocks, so that `strata plan` prints the plan `strata serve` runs."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,12 +59,15 @@ def format_choices(model_dir: str | Path, cfg: ModelConfig, source, precision: s
     """--precision and --max-layer-error read and checked; each layer's error at each choice measured (or read
     from its cache) where the checkpoint has weights (source not None). None where no choice was asked for."""
     names = parse_precision(precision)
-    if max_layer_error is not None and not max_layer_error >= 0:
+    if max_layer_error is not None and not 0 <= max_layer_error < math.inf:
         raise ValueError(f"--max-layer-error must be a number at least 0, got {max_layer_error}")
     if names is None:
         if max_layer_error is not None:
             raise ValueError("--max-layer-error bounds the formats --precision lets the planner choose; give both")
         return None
+    if len(names) == 1 and max_layer_error is not None:
+        raise ValueError("--max-layer-error: --precision auto leaves no format to bound; name formats such as "
+                         "auto,q8_0,q4_k")
     if check_requested(quantization) != AUTO or layer_quantization:
         raise ValueError("--precision lets the planner choose each layer's format; it does not combine with "
                          "--quantization or --layer-quantization")
@@ -89,6 +93,17 @@ def chosen_formats(choices: FormatChoices, result: Plan, cfg: ModelConfig) -> di
         if layer is not None and name in choices.formats[per_layer.get(layer, AUTO)]:
             out[name] = choices.formats[per_layer.get(layer, AUTO)][name]
     return out
+
+
+def check_offload_gb(gib: float) -> None:
+    """--cpu-offload-gb: a finite number of GiB, at least 0."""
+    if not 0 <= gib < math.inf:
+        raise ValueError(f"cpu_offload_gb must be a number of GiB at least 0, got {gib}")
+
+
+def offload_bytes(gib: float) -> int:
+    """--cpu-offload-gb in bytes."""
+    return int(gib * (1 << 30))
 
 
 def place_model(cfg: ModelConfig, formats: dict, infos: list, dtype_request: str, *, max_model_len: int,
@@ -181,13 +196,14 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
     from engine.placement.local_device import resolve_dtypes
     from engine.placement.probe import describe_device
 
+    check_offload_gb(cpu_offload_gb)
     cfg = ModelConfig.from_dir(model_dir)
     packed = package.read_package(model_dir) if package.is_package(model_dir) else None
     if packed is not None:  # its plan is the package's: layers, streamed layers and formats as converted
         if cluster is not None:
             raise ValueError(f"{model_dir} is a package for --devices {','.join(s.device for s in packed.stages)}; "
                              "plan its source checkpoint for a cluster")
-        package.check_request(packed, devices, quantization, layer_quantization, layers, precision)
+        package.check_request(packed, devices, quantization, layer_quantization, layers, precision, max_layer_error)
         formats, choices = packed.formats, None
     else:
         # A config alone plans too (its weights taken to be floats); a checkpoint's stored formats count where it
@@ -219,7 +235,7 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
         infos, links = described.devices, described.link_bandwidth
         for info in infos:  # a GPU's host tier is copied in over its PCIe
             if info.kind == "cuda" and cpu_offload_gb:
-                info.host_tier_bytes = int(cpu_offload_gb * (1 << 30))
+                info.host_tier_bytes = offload_bytes(cpu_offload_gb)
                 info.host_bandwidth = described.buses.get((info.host, info.name))
         dtypes = (half, cfg.checkpoint_dtype if dtype == "auto" else half)
     else:
@@ -229,7 +245,7 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
         infos.append(describe_device(req, compute, threads, memory_fraction, weight_dtype=weights,
                                      weight_format=dominant_quantized(formats, cfg.num_layers),
                                      offload_dir=offload_dir, format_choices=choices.probed if choices else (),
-                                     cpu_offload_bytes=int(cpu_offload_gb * (1 << 30))))
+                                     cpu_offload_bytes=offload_bytes(cpu_offload_gb)))
     max_kv_tokens = max_num_seqs * max_len if num_kv_blocks is None else num_kv_blocks * block_size
     result, compute, weights = place_model(cfg, formats, infos, dtype, max_model_len=max_len,
                                            max_num_seqs=max_num_seqs, block_size=block_size, layers=split,

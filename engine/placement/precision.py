@@ -24,9 +24,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from engine.placement.cost import (STREAM_SLOTS, ModelCost, StageTime, kv_cache_blocks, layer_seconds,
+from engine.placement.cost import (ModelCost, StageTime, kv_cache_blocks, layer_seconds,
                                    spread, stage_kv_bytes_per_token, stage_kv_budget, stage_seconds, stage_weight_bytes,
-                                   stream_tier)
+                                   stream_choice, stream_tier, streamed_bytes_held)
 from engine.placement.devices import DeviceInfo
 from engine.placement.plan import Plan, StagePlan
 
@@ -112,7 +112,7 @@ def count_vectors(n: int, reach: tuple[int, ...]):
 @dataclass(frozen=True, slots=True)
 class Mix:
     counts: tuple[int, ...]  # layers per format
-    streamed: tuple[int, ...]  # of those, read from disk each step, per format
+    streamed: tuple[int, ...]  # of those, brought in from the device's tier each step, per format
     time: StageTime
     weight_bytes: int  # held in memory
     kv_blocks: int
@@ -126,7 +126,7 @@ class MixedStages:
         self._layer: dict[tuple[int, int], list[float]] = {}
         self._fixed: dict[tuple, tuple[int, StageTime]] = {}
         self._best: dict[tuple, Mix | None] = {}
-        self.sizes = [c.layer_weight_bytes for c in precision.costs]
+        self.sizes = tuple(c.layer_weight_bytes for c in precision.costs)
 
     def layer_times(self, dev: int, batch: int) -> list[float]:
         key = (dev, batch)
@@ -145,25 +145,11 @@ class MixedStages:
         fixed, extra = self._outside_layers(dev, first, last, prev, batch)
         kv_per_token = stage_kv_bytes_per_token(base, d, n)
         kv = max(ctx.reserve * kv_per_token, ctx.kv_cache_memory or 0)
-        room = d.memory - fixed - kv
-        resident = sum(c * s for c, s in zip(counts, sizes))
-        streamed = [0] * len(counts)
-        held = resident
         tier = stream_tier(d)
-        if held > room:
-            if tier is None:
-                return None
-            # Read from disk the largest layers first, the fewest that make the stage fit; the slots they are read
-            # into hold the largest of them.
-            largest = None
-            for j in range(len(counts)):
-                while streamed[j] < counts[j] and held > room:
-                    streamed[j] += 1
-                    resident -= sizes[j]
-                    largest = sizes[j] if largest is None else largest
-                    held = resident + min(sum(streamed), STREAM_SLOTS) * largest
-            if held > room or sum(c * b for c, b in zip(streamed, sizes)) > tier.capacity:
-                return None
+        streamed = stream_choice(counts, sizes, d.memory - fixed - kv, tier)
+        if streamed is None:
+            return None
+        held = streamed_bytes_held(counts, streamed, sizes)
         compute = extra.compute_s + sum(c * t for c, t in zip(counts, self.layer_times(dev, batch)))
         fetch = sum(s * b for s, b in zip(streamed, sizes)) / tier.bandwidth if any(streamed) else 0.0
         weights = fixed + held
@@ -189,16 +175,35 @@ class MixedStages:
         within limit seconds; ties go to the faster."""
         reach = self.precision.reach(a, b)
         key = (dev, b - a, reach, first, last, prev, limit)
-        if key not in self._best:
-            pick = None
-            for counts in count_vectors(b - a, reach):
-                mix = self.figures(dev, counts, first, last, prev, self.ctx.batch)
-                if mix is None or (limit is not None and mix.time.total_s > limit):
+        if key in self._best:
+            return self._best[key]
+        # What figures() computes, inlined where the layers fit as they are (most count vectors): this loop is the
+        # mixed search's hot spot.
+        ctx, sizes, n = self.ctx, self.sizes, b - a
+        d = ctx.devices[dev]
+        fixed, extra = self._outside_layers(dev, first, last, prev, ctx.batch)
+        kv_per_token = stage_kv_bytes_per_token(self.precision.base_cost, d, n)
+        room = d.memory - fixed - max(ctx.reserve * kv_per_token, ctx.kv_cache_memory or 0)
+        times = self.layer_times(dev, ctx.batch)
+        pick = None
+        for counts in count_vectors(n, reach):
+            held = sum(c * size for c, size in zip(counts, sizes))
+            if held <= room:
+                total = max(extra.compute_s + sum(c * t for c, t in zip(counts, times)), 0.0) + extra.transfer_s
+                blocks = None if limit is None else kv_cache_blocks(
+                    stage_kv_budget(d, fixed + held, ctx.kv_cache_memory), kv_per_token * ctx.block_size,
+                    ctx.max_kv_tokens, ctx.block_size)
+            else:
+                mix = self.figures(dev, counts, first, last, prev, ctx.batch)
+                if mix is None:
                     continue
-                rank = (mix.time.total_s,) if limit is None else (-mix.kv_blocks, mix.time.total_s)
-                if pick is None or rank < pick[0]:
-                    pick = (rank, mix)
-            self._best[key] = None if pick is None else pick[1]
+                total, blocks = mix.time.total_s, mix.kv_blocks
+            if limit is not None and total > limit:
+                continue
+            rank = (total,) if limit is None else (-blocks, total)
+            if pick is None or rank < pick[0]:
+                pick = (rank, counts)
+        self._best[key] = None if pick is None else self.figures(dev, pick[1], first, last, prev, ctx.batch)
         return self._best[key]
 
 
@@ -206,7 +211,7 @@ def _segment_dp(P: int, L: int, cost) -> tuple[float, list[int]]:
     """Split L layers over P stages in order, each at least one, minimising the largest cost(k, a, b) (stage k on
     layers [a, b)): (that minimum, layers per stage), or (inf, []) where no split is allowed."""
     row = [_INF] * (L + 1)  # row[b]: best over the stages so far holding layers [0, b)
-    row[0] = 0.0
+    row[0] = -_INF  # no stage yet: the identity of max (costs may be negative: KV blocks, negated)
     back: list[list[int]] = []
     for k in range(P):
         new, choice = [_INF] * (L + 1), [0] * (L + 1)
@@ -295,6 +300,8 @@ def _finish(stages: MixedStages, order: list[int], split: list[int], limit: floa
             rank = (error, mix.time.total_s)
             if pick is None or rank < pick[0]:
                 pick = (rank, mix, formats)
+        if pick is None:  # the split's own mixes qualify; this would be a planner bug
+            raise RuntimeError(f"stage {k}: no assignment of formats keeps to {limit:.6f} s and {min_blocks} KV blocks")
         _, mix, formats = pick
         plans.append(_stage_plan(stages, dev, start, mix, formats, first, last, prev))
         start += n

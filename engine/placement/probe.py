@@ -370,7 +370,10 @@ def host_copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
     path = cache_path()
     cache = _read_cache(path)
     if key not in cache:
-        source = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        from engine.model.host_stream import pin, unpin
+
+        source = torch.empty(nbytes, dtype=torch.uint8)
+        pin(source)  # locked as a host tier's layers are, not held by torch's pinned-memory cache afterwards
         target = torch.empty(nbytes, dtype=torch.uint8, device=device)
         best = float("inf")
         for _ in range(3):
@@ -379,6 +382,7 @@ def host_copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
             target.copy_(source, non_blocking=True)
             torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - start)
+        unpin(source)
         del source, target
         torch.cuda.empty_cache()
         cache = {**_read_cache(path), key: {"host_bandwidth": nbytes / best}}

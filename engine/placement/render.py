@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from engine.placement.devices import tier_name
 from engine.placement.plan import Plan
 
 GiB = 1 << 30
@@ -34,8 +35,8 @@ def plan_table(plan: Plan) -> str:
         dev = f"{s.device.name} ({s.device.label})"
         if s.device.host and len({x.device.host for x in plan.stages}) > 1:
             dev = f"{s.device.host}/{dev}"
-        tier = "disk" if s.device.kind == "cpu" else "host"
-        disk = [f"{len(s.streamed_layers)} layers from {tier}, {s.fetch_s[b] * 1e3:.0f} ms" if s.streamed_layers
+        disk = [f"{len(s.streamed_layers)} layers from {tier_name(s.device.kind)}, {s.fetch_s[b] * 1e3:.0f} ms"
+                if s.streamed_layers
                 else "-"]
         formats = [_format_counts(s.formats)] if chosen else []
         rows.append([str(k), dev, f"{s.layers[0]}-{s.layers[1] - 1}", *formats, f"{s.weight_bytes / GiB:.2f}",
