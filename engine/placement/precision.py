@@ -12,11 +12,14 @@ best time depends on where its layers start as well as how many there are. The s
 program with those start-dependent segment costs: exact, and tested against brute force over every order, split
 and per-layer format.
 
-Speed first, then quality. The planner finds the fastest bottleneck T; then, among plans within TIE_TOLERANCE of it,
-the one whose stages' smallest KV allocation is largest (as without formats to choose); then each stage, keeping to
-that time and that KV, takes the count vector and the assignment of formats to its layers with the least summed
-error (an exact dynamic program over its layers): the more sensitive layers keep the more bits. The bound on each
-layer's error is the user's; speed is never traded for quality beyond the tolerance.
+Speed first, then quality, then memory. The planner finds the fastest bottleneck T over every order and split;
+then, for the fastest few orders within TIE_TOLERANCE of it (their fastest splits), gives each stage the count
+vector and assignment of formats to its layers with the least summed error that keeps to T (1 + TIE_TOLERANCE) (an
+exact dynamic program over its layers): the more sensitive layers keep the more bits. The plan that loses least
+wins; among equals, the one leaving its stages the most KV blocks. (Without formats to choose, the tie-break is KV
+blocks alone; here a stage's KV takes what its weights leave, so most KV would mean fewest bits: every stage still
+holds KV for the reserve, and --kv-cache-memory fixes the cache's size.) The bound on each layer's error is the
+user's; speed is never traded for quality beyond the tolerance.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ AUTO = "auto"
 # Device orders the mixed search walks at most; beyond, each host's devices go together (as the plain search does
 # beyond MAX_ORDERS): its dynamic program costs a segment per (start, end) pair instead of one per length.
 MAX_MIXED_ORDERS = 720
+# Plans within tolerance of the fastest whose formats are chosen for quality, fastest first.
+QUALITY_CANDIDATES = 8
 
 _INF = math.inf
 
@@ -169,12 +174,10 @@ class MixedStages:
                                               block_size=ctx.block_size))
         return self._fixed[key]
 
-    def best(self, dev: int, a: int, b: int, first: bool, last: bool, prev: int | None,
-             limit: float | None = None) -> Mix | None:
-        """Layers [a, b) on the device: the fastest mix (limit None), or the one with the most KV blocks among those
-        within limit seconds; ties go to the faster."""
+    def best(self, dev: int, a: int, b: int, first: bool, last: bool, prev: int | None) -> Mix | None:
+        """Layers [a, b) on the device: the fastest mix."""
         reach = self.precision.reach(a, b)
-        key = (dev, b - a, reach, first, last, prev, limit)
+        key = (dev, b - a, reach, first, last, prev)
         if key in self._best:
             return self._best[key]
         # What figures() computes, inlined where the layers fit as they are (most count vectors): this loop is the
@@ -187,22 +190,15 @@ class MixedStages:
         times = self.layer_times(dev, ctx.batch)
         pick = None
         for counts in count_vectors(n, reach):
-            held = sum(c * size for c, size in zip(counts, sizes))
-            if held <= room:
+            if sum(c * size for c, size in zip(counts, sizes)) <= room:
                 total = max(extra.compute_s + sum(c * t for c, t in zip(counts, times)), 0.0) + extra.transfer_s
-                blocks = None if limit is None else kv_cache_blocks(
-                    stage_kv_budget(d, fixed + held, ctx.kv_cache_memory), kv_per_token * ctx.block_size,
-                    ctx.max_kv_tokens, ctx.block_size)
             else:
                 mix = self.figures(dev, counts, first, last, prev, ctx.batch)
                 if mix is None:
                     continue
-                total, blocks = mix.time.total_s, mix.kv_blocks
-            if limit is not None and total > limit:
-                continue
-            rank = (total,) if limit is None else (-blocks, total)
-            if pick is None or rank < pick[0]:
-                pick = (rank, counts)
+                total = mix.time.total_s
+            if pick is None or total < pick[0]:
+                pick = (total, counts)
         self._best[key] = None if pick is None else self.figures(dev, pick[1], first, last, prev, ctx.batch)
         return self._best[key]
 
@@ -211,7 +207,7 @@ def _segment_dp(P: int, L: int, cost) -> tuple[float, list[int]]:
     """Split L layers over P stages in order, each at least one, minimising the largest cost(k, a, b) (stage k on
     layers [a, b)): (that minimum, layers per stage), or (inf, []) where no split is allowed."""
     row = [_INF] * (L + 1)  # row[b]: best over the stages so far holding layers [0, b)
-    row[0] = -_INF  # no stage yet: the identity of max (costs may be negative: KV blocks, negated)
+    row[0] = -_INF  # no stage yet: the identity of max
     back: list[list[int]] = []
     for k in range(P):
         new, choice = [_INF] * (L + 1), [0] * (L + 1)
@@ -235,14 +231,12 @@ def _segment_dp(P: int, L: int, cost) -> tuple[float, list[int]]:
     return row[L], split[::-1]
 
 
-def _mix_cost(stages: MixedStages, order: list[int], limit: float | None):
+def _mix_cost(stages: MixedStages, order: list[int]):
     P = len(order)
 
     def cost(k: int, a: int, b: int) -> float:
-        mix = stages.best(order[k], a, b, k == 0, k == P - 1, order[k - 1] if k else None, limit)
-        if mix is None:
-            return _INF
-        return mix.time.total_s if limit is None else -mix.kv_blocks
+        mix = stages.best(order[k], a, b, k == 0, k == P - 1, order[k - 1] if k else None)
+        return _INF if mix is None else mix.time.total_s
 
     return cost
 
@@ -258,9 +252,9 @@ def search_mixed(ctx, precision: Precision, orders: list[list[int]], tolerance: 
     results = []
     for order in orders:
         if layers is None:
-            best, split = _segment_dp(len(order), L, _mix_cost(stages, order, None))
+            best, split = _segment_dp(len(order), L, _mix_cost(stages, order))
         else:
-            cost, start, best, split = _mix_cost(stages, order, None), 0, 0.0, list(layers)
+            cost, start, best, split = _mix_cost(stages, order), 0, 0.0, list(layers)
             for k, n in enumerate(split):
                 best, start = max(best, cost(k, start, start + n)), start + n
         if best < _INF:
@@ -269,44 +263,36 @@ def search_mixed(ctx, precision: Precision, orders: list[list[int]], tolerance: 
         return None
     fastest = min(t for t, _, _ in results)
     limit = fastest * (1 + tolerance)
-    # Among orders within tolerance: the split with the largest smallest KV allocation, then the faster.
-    ranked = []
-    for t, order, split in results:
-        if t > limit:
-            continue
-        if layers is None:
-            neg_blocks, split = _segment_dp(len(order), L, _mix_cost(stages, order, limit))
-        else:
-            cost, start, neg_blocks = _mix_cost(stages, order, limit), 0, -_INF
-            for k, n in enumerate(split):
-                neg_blocks, start = max(neg_blocks, cost(k, start, start + n)), start + n
-        ranked.append((neg_blocks, t, order, split))
-    neg_blocks, _, order, split = min(ranked, key=lambda r: (r[0], r[1]))
-    return _finish(stages, order, split, limit, int(-neg_blocks))
+    # Within tolerance of the fastest: the order and split whose stages, at their least-error formats, lose least.
+    near = sorted((r for r in results if r[0] <= limit), key=lambda r: r[0])[:QUALITY_CANDIDATES]
+    finished = [_finish(stages, order, split, limit) for _, order, split in near]
+    return min(finished, key=lambda r: (r[0], -r[1].num_kv_blocks, r[1].bottleneck_s))[1]
 
 
-def _finish(stages: MixedStages, order: list[int], split: list[int], limit: float, min_blocks: int) -> Plan:
-    """Each stage at its least-error assignment within the time limit and the KV blocks the pipeline keeps."""
+def _finish(stages: MixedStages, order: list[int], split: list[int], limit: float) -> tuple[float, Plan]:
+    """Each stage at its least-error assignment within the time limit (then the one leaving most KV blocks, then
+    the faster): (the summed error, the plan)."""
     ctx, prec = stages.ctx, stages.precision
-    P, start, plans = len(order), 0, []
+    P, start, plans, total = len(order), 0, [], 0.0
     for k, (dev, n) in enumerate(zip(order, split)):
         first, last, prev = k == 0, k == P - 1, order[k - 1] if k else None
         layers = range(start, start + n)
         pick = None
         for counts, (error, formats) in least_error(prec, layers).items():
             mix = stages.figures(dev, counts, first, last, prev, ctx.batch)
-            if mix is None or mix.time.total_s > limit or mix.kv_blocks < min_blocks:
+            if mix is None or mix.time.total_s > limit:
                 continue
-            rank = (error, mix.time.total_s)
+            rank = (error, -mix.kv_blocks, mix.time.total_s)
             if pick is None or rank < pick[0]:
                 pick = (rank, mix, formats)
-        if pick is None:  # the split's own mixes qualify; this would be a planner bug
-            raise RuntimeError(f"stage {k}: no assignment of formats keeps to {limit:.6f} s and {min_blocks} KV blocks")
-        _, mix, formats = pick
+        if pick is None:  # the split's fastest mixes qualify; this would be a planner bug
+            raise RuntimeError(f"stage {k}: no assignment of formats keeps to {limit:.6f} s")
+        (error, _, _), mix, formats = pick
+        total += error
         plans.append(_stage_plan(stages, dev, start, mix, formats, first, last, prev))
         start += n
     bottleneck = max(s.predicted_s[ctx.batch] for s in plans)
-    return Plan(plans, ctx.batch, ctx.context_len, bottleneck, ctx.block_size, ctx.reserve)
+    return total, Plan(plans, ctx.batch, ctx.context_len, bottleneck, ctx.block_size, ctx.reserve)
 
 
 def least_error(prec: Precision, layers: range) -> dict[tuple[int, ...], tuple[float, tuple[int, ...]]]:
