@@ -71,7 +71,7 @@ def test_preemption_under_small_kv_cache_matches_reference(llama_dir, reference)
     assert [o.token_ids for o in outs] == ref
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
 def test_other_families_match_reference(tmp_path, family):
     model_dir = write_checkpoint(tmp_path, family)
     prompts = random_prompts([2, 11, 40, 70], seed=3)

@@ -67,14 +67,15 @@ def _write_tokenizer(w, hf_dir: Path, pre: str) -> None:
 
 
 def write_gguf(hf_dir: Path, path: Path, matrix_type: str = "F32", pre: str = "default") -> Path:
-    """hf_dir (tests/tiny_models.write_checkpoint, llama or qwen2, one safetensors file) as a GGUF file at path;
+    """hf_dir (tests/tiny_models.write_checkpoint, llama, qwen2 or qwen3, one safetensors file) as a GGUF file at path;
     matrix_type: the GGML type of its 2-D tensors (F32, F16, Q8_0, Q4_0, ...), where their rows allow it."""
     import gguf
     from gguf.quants import quantize
     from safetensors.numpy import load_file
 
     cfg = json.loads((hf_dir / "config.json").read_text())
-    arch = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}[cfg["architectures"][0]]
+    arch = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+            "Qwen3ForCausalLM": "qwen3"}[cfg["architectures"][0]]
     layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     kv_heads, head_dim = cfg["num_key_value_heads"], cfg.get("head_dim") or cfg["hidden_size"] // heads
     w = gguf.GGUFWriter(str(path), arch)
@@ -88,6 +89,8 @@ def write_gguf(hf_dir: Path, path: Path, matrix_type: str = "F32", pre: str = "d
     w.add_rope_freq_base(_rope(cfg).get("rope_theta", cfg.get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_dimension_count(head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_vocab_size(cfg["vocab_size"])
     _write_tokenizer(w, hf_dir, pre)
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), layers)

@@ -84,6 +84,9 @@ def expected_shapes(cfg: ModelConfig, layers: Iterable[int], first: bool, last: 
             shapes[p + "self_attn.v_proj.bias"] = (kv,)
         if cfg.o_bias:
             shapes[p + "self_attn.o_proj.bias"] = (h,)
+        if cfg.qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (cfg.head_dim,)
+            shapes[p + "self_attn.k_norm.weight"] = (cfg.head_dim,)
         shapes[p + "mlp.gate_proj.weight"] = (inter, h)
         shapes[p + "mlp.up_proj.weight"] = (inter, h)
         shapes[p + "mlp.down_proj.weight"] = (h, inter)

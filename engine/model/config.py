@@ -12,6 +12,7 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -36,6 +37,7 @@ class ModelConfig:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
+    qk_norm: bool  # an RMS norm over each query and key head before the rotary embedding (Qwen3)
     sliding_window: int | None
     checkpoint_dtype: str  # the dtype the weights are stored in
     bos_token_id: int | None
@@ -132,6 +134,7 @@ class ModelConfig:
             qkv_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
             o_bias=family == "llama" and bool(raw.get("attention_bias", False)),
             mlp_bias=bool(raw.get("mlp_bias", False)),
+            qk_norm=family == "qwen3",
             sliding_window=int(sliding) if sliding else None,
             checkpoint_dtype=DTYPES[dtype],
             bos_token_id=raw.get("bos_token_id"),
@@ -141,7 +144,8 @@ class ModelConfig:
     def layer_weight_bytes(self, dtype_bytes: int) -> int:
         attn = self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
         mlp = 3 * self.hidden_size * self.intermediate_size
-        return (attn + mlp + 2 * self.hidden_size) * dtype_bytes
+        norms = 2 * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
+        return (attn + mlp + norms) * dtype_bytes
 
     def kv_bytes_per_token_per_layer(self, dtype_bytes: int) -> int:
         return 2 * self.kv_size * dtype_bytes

@@ -48,6 +48,14 @@ class LayerOps:
             x.add_(delta)
         return rms_norm(x, weight, self.eps)
 
+    def head_norms(self, qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor) -> None:
+        """An RMS norm over each query head and each key head of qkv [T, (heads + 2 kv_heads) d], in place, before
+        the rotary embedding (Qwen3's q_norm and k_norm)."""
+        nh, nkv = self.heads, self.kv_heads
+        heads = qkv.view(qkv.shape[0], nh + 2 * nkv, -1)
+        heads[:, :nh] = rms_norm(heads[:, :nh], q_weight, self.eps)
+        heads[:, nh:nh + nkv] = rms_norm(heads[:, nh:nh + nkv], k_weight, self.eps)
+
     def rotary_into_cache(self, qkv: torch.Tensor, layer: int):
         """qkv [T, (heads + 2 kv_heads) d] -> q [T, heads, d], k, v [T, kv_heads, d], q and k rotated; the new
         keys and values are written into the layer's caches."""

@@ -92,12 +92,15 @@ class LayerProducts:
 
 
 class DecoderLayer:
-    __slots__ = ("ln1", "ln2", "products")
+    __slots__ = ("ln1", "ln2", "q_norm", "k_norm", "products")
 
     def __init__(self, read: TensorReader, prefix: str, cfg: ModelConfig, dtype: torch.dtype,
                  products: Products) -> None:
         self.ln1 = read(prefix + "input_layernorm.weight").to(dtype)
         self.ln2 = read(prefix + "post_attention_layernorm.weight").to(dtype)
+        # Per-head norms of the queries and keys (Qwen3); None where the family has none.
+        self.q_norm = read(prefix + "self_attn.q_norm.weight").to(dtype) if cfg.qk_norm else None
+        self.k_norm = read(prefix + "self_attn.k_norm.weight").to(dtype) if cfg.qk_norm else None
         self.products: LayerProducts | None = LayerProducts(prefix, cfg, products)  # None: streamed
 
 
@@ -249,7 +252,10 @@ class StageModel:
                 if w is None:
                     w = stream.acquire()
                     taken += 1
-                q, k, v = ops.rotary_into_cache(w.qkv(h), i)
+                qkv = w.qkv(h)
+                if layer.q_norm is not None:
+                    ops.head_norms(qkv, layer.q_norm, layer.k_norm)
+                q, k, v = ops.rotary_into_cache(qkv, i)
                 attn = paged_attention(q, k, v, *ops.caches[i], meta, self.scale)
                 h = ops.add_norm(x, w.o(attn), layer.ln2)
                 mlp = w.down(ops.silu_mul(w.gate_up(h)))

@@ -1,0 +1,48 @@
+"""Model families beyond Llama, Mistral and Qwen2, each against transformers on a tiny random checkpoint it builds:
+greedy output token for token through the HTTP API, on one stage and on two, and from the same model as a GGUF
+file where llama.cpp names the family."""
+from __future__ import annotations
+
+import pytest
+
+from http_calls import post
+from server_process import running_server
+from tiny_gguf import write_gguf
+from tiny_models import hf_greedy, write_checkpoint
+from tokenization import Tokenizer
+
+PROMPTS = [[1, 2, 3], [7] * 20, list(range(40, 90)), [5]]
+TOKENS = 16
+FLAGS = ("--served-model-name", "tiny", "--max-model-len", "256", "--threads-per-stage", "1", "--dtype", "float32")
+
+
+def served_texts(url: str) -> list[str]:
+    texts = []
+    for p in PROMPTS:
+        status, _, body = post(f"{url}/v1/completions", {"model": "tiny", "prompt": p, "max_tokens": TOKENS,
+                                                         "temperature": 0, "ignore_eos": True})
+        assert status == 200, body
+        texts.append(body["choices"][0]["text"])
+    return texts
+
+
+@pytest.mark.parametrize("family", ["qwen3"])
+def test_a_family_answers_as_transformers_over_http_on_one_stage_and_two(tmp_path, family):
+    model_dir = write_checkpoint(tmp_path, family, max_position_embeddings=256)
+    tok = Tokenizer.from_dir(model_dir)
+    want = [tok.decode(ids) for ids in hf_greedy(model_dir, PROMPTS, TOKENS)]
+    for devices in ("cpu", "cpu,cpu"):
+        with running_server(model_dir, *FLAGS, "--devices", devices) as s:
+            assert served_texts(s.url) == want, devices
+
+
+@pytest.mark.parametrize("family, pre", [("qwen3", "qwen2")])
+def test_a_family_from_gguf_answers_as_transformers_on_the_same_file(tmp_path, family, pre):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "gguf").mkdir()
+    hf = write_checkpoint(tmp_path / "hf", family, max_position_embeddings=256)
+    path = write_gguf(hf, tmp_path / "gguf" / f"{family}.gguf", "Q8_0", pre=pre)
+    tok = Tokenizer.from_dir(hf)
+    want = [tok.decode(ids) for ids in hf_greedy(path.parent, PROMPTS, TOKENS, gguf_file=path.name)]
+    with running_server(path, *FLAGS, "--quantization", "none", "--devices", "cpu,cpu") as s:
+        assert served_texts(s.url) == want
