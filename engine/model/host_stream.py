@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.model.layer_stream import MAX_RECORDS, SLOTS, Fetch
+from engine.model.layer_stream import MAX_RECORDS, SLOTS, Fetch, StreamedLayers
 from engine.model.packed_weights import PackedPart, unpack_objects
 
 
@@ -70,7 +70,7 @@ def unpin(data: torch.Tensor) -> None:
     torch.cuda.cudart().cudaHostUnregister(data.data_ptr())
 
 
-class HostStream:
+class HostStream(StreamedLayers):
     tier = "host"
 
     def __init__(self, layers: list[HostLayer], device: torch.device, slots: int = SLOTS,
@@ -154,14 +154,6 @@ class HostStream:
         # The slot just released can take the fetch SLOTS ahead: queue it now, so the copy starts as soon as the
         # compute that read this slot is done.
         self._queue(self._taken + self.slots - 1)
-
-    def finish_pass(self, consumed: int) -> None:
-        """After a forward that stopped early, take and hand back the layers it did not reach."""
-        if self._held:
-            self.release()
-        for _ in range(consumed, len(self.layers)):
-            self.acquire()
-            self.release()
 
     def drain_fetches(self, read: bool = True) -> list[Fetch]:
         """The fetches whose copies have finished (on a GPU, those still running stay for the next call: the host

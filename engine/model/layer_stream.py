@@ -108,7 +108,29 @@ def _slot(nbytes: int) -> tuple[mmap.mmap, torch.Tensor]:
     return region, torch.frombuffer(region, dtype=torch.uint8)
 
 
-class LayerStream:
+class StreamedLayers:
+    """What every tier's stream shares: a pass takes the streamed layers in order, acquire() then release() each."""
+
+    layers: list
+    _held: bool
+
+    def acquire(self):
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def finish_pass(self, consumed: int) -> None:
+        """After a forward that stopped early (an error), take and hand back the layers it did not reach, so the next
+        pass starts at the first streamed layer again."""
+        if self._held:
+            self.release()
+        for _ in range(consumed, len(self.layers)):
+            self.acquire()
+            self.release()
+
+
+class LayerStream(StreamedLayers):
     """The streamed layers of one stage, in compute order: acquire() gives the next one's products (waiting for its
     read if it is not in yet), release() hands its slot back to the reader."""
 
@@ -192,15 +214,6 @@ class LayerStream:
         self._held = False
         self._taken += 1
         self._free[s].release()
-
-    def finish_pass(self, consumed: int) -> None:
-        """After a forward that stopped early (an error), take and hand back the layers it did not reach, so the next
-        pass starts at the first streamed layer again."""
-        if self._held:
-            self.release()
-        for _ in range(consumed, len(self.layers)):
-            self.acquire()
-            self.release()
 
     def drain_fetches(self, read: bool = True) -> list[Fetch]:
         """The fetches since the last call (read False: only forgotten)."""
