@@ -58,8 +58,7 @@ def forwards(model: StageModel, cfg: ModelConfig, steps: int = 3, fail_at: int |
     return out
 
 
-@pytest.mark.parametrize("fmt,tier", [(None, "disk"), ("q8_0", "disk"), ("q4_k", "disk"), (None, "host"),
-                                      ("q4_k", "host")])
+@pytest.mark.parametrize("fmt,tier", [(None, "disk"), ("q4_k", "disk"), (None, "host")])
 def test_streamed_layers_compute_what_resident_ones_do(six_layers, tmp_path, fmt, tier):
     """From disk, or (the host tier a GPU stage streams from, run here on the CPU) from host memory."""
     cfg = ModelConfig.from_dir(six_layers)
