@@ -26,7 +26,7 @@ def served_texts(url: str) -> list[str]:
     return texts
 
 
-@pytest.mark.parametrize("family", ["qwen3"])
+@pytest.mark.parametrize("family", ["qwen3", "phi3"])
 def test_a_family_answers_as_transformers_over_http_on_one_stage_and_two(tmp_path, family):
     model_dir = write_checkpoint(tmp_path, family, max_position_embeddings=256)
     tok = Tokenizer.from_dir(model_dir)

@@ -22,6 +22,7 @@ FAMILIES = {
     ),
     "qwen2": dict(architectures=["Qwen2ForCausalLM"], tie_word_embeddings=True),
     "qwen3": dict(architectures=["Qwen3ForCausalLM"], tie_word_embeddings=True, head_dim=32),
+    "phi3": dict(architectures=["Phi3ForCausalLM"], tie_word_embeddings=False, pad_token_id=0),
     "mistral": dict(architectures=["MistralForCausalLM"], tie_word_embeddings=False, sliding_window=None),
 }
 
@@ -43,7 +44,8 @@ def write_checkpoint(out: Path, family: str = "llama", *, vocab_size: int = 512,
     kw = dict(FAMILIES[family])
     arch = kw.pop("architectures")[0]
     config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-                  "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}[family]
+                  "qwen3": transformers.Qwen3Config, "phi3": transformers.Phi3Config,
+                  "mistral": transformers.MistralConfig}[family]
     config = config_cls(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads,

@@ -130,13 +130,63 @@ class SafetensorsSource:
 
 
 def tensor_source(model_dir: Path, cfg: ModelConfig):
-    """Where a checkpoint's tensors are read from: its GGUF file, or its safetensors files."""
+    """Where a checkpoint's tensors are read from: its GGUF file, or its safetensors files (a checkpoint that stores
+    projections fused, seen through SplitProjections)."""
     from engine.model.gguf_checkpoint import GGUFSource, gguf_file
 
     path = gguf_file(model_dir)
     if path is not None:
         return GGUFSource(path, cfg.num_heads, cfg.num_kv_heads)
-    return SafetensorsSource(weight_files(Path(model_dir)))
+    source = SafetensorsSource(weight_files(Path(model_dir)))
+    return SplitProjections(source, cfg) if cfg.fused_projections else source
+
+
+class SplitProjections:
+    """A source whose checkpoint stores each layer's q, k and v projections as one qkv_proj and its gate and up
+    projections as one gate_up_proj (Phi-3), seen under the separate names the engine reads: each a slice of rows of
+    the fused tensor. The engine fuses them again as it loads; quantizing at load sees each on its own."""
+
+    def __init__(self, source, cfg: ModelConfig) -> None:
+        self.source = source
+        q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+        self.parts: dict[str, tuple[str, int, int]] = {}  # name -> (fused name, first row, end row)
+        for i in range(cfg.num_layers):
+            a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+            for name, (start, end) in (("q_proj", (0, q)), ("k_proj", (q, q + kv)), ("v_proj", (q + kv, q + 2 * kv))):
+                self.parts[f"{a}{name}.weight"] = (f"{a}qkv_proj.weight", start, end)
+            self.parts[f"{m}gate_proj.weight"] = (f"{m}gate_up_proj.weight", 0, inter)
+            self.parts[f"{m}up_proj.weight"] = (f"{m}gate_up_proj.weight", inter, 2 * inter)
+
+    def names(self) -> set[str]:
+        names = self.source.names()
+        return names | {n for n, (fused, _, _) in self.parts.items() if fused in names}
+
+    def _split(self, name: str) -> tuple[str, int, int] | None:
+        part = self.parts.get(name)
+        return part if part is not None and part[0] in self.source.names() else None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        part = self._split(name)
+        if part is None:
+            return self.source.shape(name)
+        fused, start, end = part
+        rows, *rest = self.source.shape(fused)
+        return (min(end, rows) - min(start, rows), *rest)
+
+    def where(self, name: str) -> str:
+        part = self._split(name)
+        return self.source.where(name if part is None else part[0])
+
+    def stored_type(self, name: str) -> str:
+        part = self._split(name)
+        return self.source.stored_type(name if part is None else part[0])
+
+    def read(self, name: str) -> torch.Tensor:
+        part = self._split(name)
+        if part is None:
+            return self.source.read(name)
+        fused, start, end = part
+        return self.source.read(fused)[start:end].clone()
 
 
 def checkpoint_tokenizer(model_dir: Path):

@@ -13,6 +13,7 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
 }
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -38,6 +39,7 @@ class ModelConfig:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool  # an RMS norm over each query and key head before the rotary embedding (Qwen3)
+    fused_projections: bool  # the checkpoint stores q/k/v as one qkv_proj and gate/up as one gate_up_proj (Phi-3)
     sliding_window: int | None
     checkpoint_dtype: str  # the dtype the weights are stored in
     bos_token_id: int | None
@@ -106,7 +108,13 @@ class ModelConfig:
         theta = raw.get("rope_theta")
         if theta is None and isinstance(raw.get("rope_parameters"), dict):
             theta = raw["rope_parameters"].get("rope_theta")
-        sliding = raw.get("sliding_window") if family == "mistral" or raw.get("use_sliding_window") else None
+        sliding = (raw.get("sliding_window") if family in ("mistral", "phi3") or raw.get("use_sliding_window")
+                   else None)
+        partial = float((raw.get("rope_parameters") or {}).get("partial_rotary_factor", raw.get(
+            "partial_rotary_factor", 1.0)))
+        if partial != 1.0:
+            raise CheckpointError(f"{source}: rotary embedding over part of each head (partial_rotary_factor "
+                                  f"{partial}) is not supported")
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
         if dtype not in DTYPES:
             raise CheckpointError(f"{source}: torch_dtype {dtype!r} is not supported (float32, bfloat16, float16)")
@@ -135,6 +143,7 @@ class ModelConfig:
             o_bias=family == "llama" and bool(raw.get("attention_bias", False)),
             mlp_bias=bool(raw.get("mlp_bias", False)),
             qk_norm=family == "qwen3",
+            fused_projections=family == "phi3",
             sliding_window=int(sliding) if sliding else None,
             checkpoint_dtype=DTYPES[dtype],
             bos_token_id=raw.get("bos_token_id"),
