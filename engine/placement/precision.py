@@ -24,6 +24,7 @@ user's; speed is never traded for quality beyond the tolerance.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -71,7 +72,7 @@ class Precision:
             while floor + 1 < len(names) and (max_error is None or row[floor + 1] <= max_error):
                 floor += 1
             floors.append(floor)
-        below = tuple(tuple(sum(1 for f in floors[:i] if f >= j) for i in range(L + 1)) for j in range(1, len(names)))
+        below = tuple(tuple(itertools.accumulate((f >= j for f in floors), initial=0)) for j in range(1, len(names)))
         return Precision(names, tuple(costs[f] for f in names), tuple(floors), table, base, below)
 
     def unbounded(self) -> Precision:
@@ -214,7 +215,7 @@ def _segment_dp(P: int, L: int, cost) -> tuple[float, list[int]]:
         ends = [L] if k == P - 1 else range(k + 1, L - (P - 1 - k) + 1)
         for b in ends:
             for a in range(k, b):
-                if row[a] == _INF:
+                if row[a] >= new[b]:  # this start cannot beat the best so far: its segment is not priced
                     continue
                 value = max(row[a], cost(k, a, b))
                 if value < new[b]:
