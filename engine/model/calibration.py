@@ -118,7 +118,8 @@ def measure_layer_errors(model_dir: Path, cfg: ModelConfig, source, choices: tup
             # The reference stream and every earlier perturbed one through this layer, a few sequences at a time.
             carried = []
             for group in _groups([x, *streams], n):
-                out = reference.forward(torch.cat(group), torch.arange(n).repeat(len(group)), *_batch(cfg, n, len(group)))
+                out = reference.forward(torch.cat(group), torch.arange(n).repeat(len(group)),
+                                        *_batch(cfg, n, len(group)))
                 carried += out.split(n)
             x, streams = carried[0], [*carried[1:], *fresh]
             labels += [(i, f) for f in lower]
