@@ -91,7 +91,7 @@ def strata_nll(model_path: Path, quantization: str, chunks: list[list[int]], dty
             hidden = model.forward(torch.tensor(ids), torch.arange(n), meta, kv)
             nll, k = nll_of(model.logits(hidden), ids)
             total, count = total + nll, count + k
-    return total, count, describe_layers(layer_summary(cfg.num_layers, formats, weights))
+    return total, count, describe_layers(layer_summary(cfg, formats, weights))
 
 
 def bf16_copy(gguf: Path, out: Path) -> Path:

@@ -202,7 +202,7 @@ class LLMEngine:
         try:
             choices = self.format_choices
             ask = DescribeDevice(config.dtype_request, cfg.checkpoint_dtype, config.kv_cache_fraction,
-                                 dominant_quantized(self.weight_formats, cfg.num_layers), config.offload_dir,
+                                 dominant_quantized(self.weight_formats, cfg), config.offload_dir,
                                  choices.probed if choices is not None else (), offload_bytes(config.cpu_offload_gb))
             infos = driver.describe(ask)
             max_kv_tokens = (config.max_num_seqs * max_len if config.num_kv_blocks is None
@@ -373,7 +373,7 @@ class LLMEngine:
         return EngineInfo(cfg.architecture, cfg.num_layers, self.dtype, self.weight_dtype,
                           kv_cache_dtype(self.dtype, self.weight_dtype), sched.num_blocks, sched.block_size,
                           self.max_model_len, plan.batch_size, plan.context_len, stages,
-                          tuple(layer_summary(cfg.num_layers, self.weight_formats, self.weight_dtype)),
+                          tuple(layer_summary(cfg, self.weight_formats, self.weight_dtype)),
                           self.weight_formats.get(head, self.weight_dtype))
 
     def stats(self) -> EngineStats:

@@ -1,7 +1,9 @@
 """Model families beyond Llama, Mistral and Qwen2, each against transformers on a tiny random checkpoint it builds:
-greedy output through the HTTP API, on one stage and on two, and from the same weights as a GGUF file where
-llama.cpp names the family."""
+greedy output through the HTTP API for requests sent all at once (so they share steps), on one stage and on two, and
+from the same weights as a GGUF file where llama.cpp names the family."""
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -11,22 +13,23 @@ from tiny_gguf import write_gguf
 from tiny_models import hf_greedy, write_checkpoint
 from tokenization import Tokenizer
 
-PROMPTS = [[1, 2, 3], [7] * 20, list(range(40, 90)), [5]]
+PROMPTS = [[1, 2, 3], [7] * 20, list(range(40, 90)), [5], list(range(300, 240, -3)), [9, 8] * 6, [100], [400, 2]]
 TOKENS = 16
 FLAGS = ("--served-model-name", "tiny", "--max-model-len", "256", "--threads-per-stage", "1", "--dtype", "float32")
 
 
 def served_texts(url: str) -> list[str]:
-    texts = []
-    for p in PROMPTS:
+    def one(p: list[int]) -> str:
         status, _, body = post(f"{url}/v1/completions", {"model": "tiny", "prompt": p, "max_tokens": TOKENS,
                                                          "temperature": 0, "ignore_eos": True})
         assert status == 200, body
-        texts.append(body["choices"][0]["text"])
-    return texts
+        return body["choices"][0]["text"]
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        return list(pool.map(one, PROMPTS))
 
 
-@pytest.mark.parametrize("family", ["qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe"])
 def test_a_family_answers_as_transformers_over_http_on_one_stage_and_two(tmp_path, family):
     model_dir = write_checkpoint(tmp_path, family, max_position_embeddings=256)
     tok = Tokenizer.from_dir(model_dir)

@@ -462,6 +462,31 @@ def test_model_cost_from_config_counts_a_llama_layer():
         ModelCost.from_config(cfg, "float32", "bfloat16", sampling="beam")
 
 
+def test_a_mixture_of_experts_costs_its_memory_in_every_expert_and_its_step_in_those_reached():
+    from engine.model.config import ModelConfig
+    from engine.placement.cost import layer_seconds
+
+    raw = dict(architectures=["Qwen3MoeForCausalLM"], hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+               num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=8192, moe_intermediate_size=256,
+               num_experts=64, num_experts_per_tok=8, mlp_only_layers=[0], torch_dtype="bfloat16")
+    cfg = ModelConfig.from_dict(raw)
+    assert sorted(cfg.moe_layers) == [1, 2, 3]
+    attn = 512 * (512 + 2 * 128) + 512 * 512 + 2 * 512 + 2 * 64
+    expert = 3 * 512 * 256
+    dense, moe = attn + 3 * 512 * 1024, attn + 64 * expert + 64 * 512
+    cost = ModelCost.from_config(cfg, "float32", "bfloat16")
+    assert cost.layer_params == (dense + 3 * moe) // 4
+    assert cost.experts_reached(1) == pytest.approx(8)
+    assert 8 < cost.experts_reached(4) < 32 and cost.experts_reached(256) == pytest.approx(64)
+    read, per_token = cost.step_params(1)
+    assert read == pytest.approx(per_token) and per_token == pytest.approx((dense + 3 * (moe - 56 * expert)) / 4)
+    assert cost.step_params(512)[0] == pytest.approx(cost.layer_params)
+    # A step with few tokens reads a fraction of the layer: faster than a dense layer of the same weights.
+    dev = device(bw=1e10, flops=1e12)
+    as_dense = dataclasses.replace(cost, num_experts=0)
+    assert layer_seconds(cost, dev, 1, 64) < 0.5 * layer_seconds(as_dense, dev, 1, 64)
+
+
 @pytest.mark.parametrize("text, expected", [
     ("cpu", [("cpu", None)]),
     ("cuda", [("cuda:0", None)]),

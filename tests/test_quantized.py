@@ -17,6 +17,7 @@ from batching import SamplingParams
 from engine import LLM
 from engine.kernels import quant_gemm
 from engine.model import quantized
+from engine.model.config import ModelConfig
 from engine.model.linear import QuantLinear
 from engine.model.weight_formats import (FORMATS, QUANTIZED, check_requested, describe_layers, parse_layer_formats,
                                          product_names, tensor_formats)
@@ -187,7 +188,10 @@ def test_q4_k_takes_a_partial_last_super_block(k):
 
 
 def test_formats_requested_per_layer_and_what_auto_keeps():
-    products = product_names(3, tied=True)
+    cfg = ModelConfig.from_dict(dict(architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=256,
+                                     intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                                     tie_word_embeddings=True))
+    products = product_names(cfg)
     k = {n: 256 for n in products}
     stored = {n: "Q4_K" for n in products} | {"model.layers.1.self_attn.v_proj.weight": "Q6_K",
                                              "model.embed_tokens.weight": "Q8_0",

@@ -24,6 +24,16 @@ FAMILIES = {
     "qwen3": dict(architectures=["Qwen3ForCausalLM"], tie_word_embeddings=True, head_dim=32),
     "phi3": dict(architectures=["Phi3ForCausalLM"], tie_word_embeddings=False, pad_token_id=0),
     "mistral": dict(architectures=["MistralForCausalLM"], tie_word_embeddings=False, sliding_window=None),
+    # Mixtures of experts: 8 experts, 2 per token; a shared expert and unnormalised weights (Qwen2-MoE), a dense
+    # first layer (Qwen3-MoE).
+    "mixtral": dict(architectures=["MixtralForCausalLM"], tie_word_embeddings=False, num_local_experts=8,
+                    num_experts_per_tok=2),
+    "qwen2_moe": dict(architectures=["Qwen2MoeForCausalLM"], tie_word_embeddings=False, num_experts=8,
+                      num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=96,
+                      norm_topk_prob=False),
+    "qwen3_moe": dict(architectures=["Qwen3MoeForCausalLM"], tie_word_embeddings=True, num_experts=8,
+                      num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True, head_dim=32,
+                      mlp_only_layers=[0]),
 }
 
 
@@ -45,7 +55,8 @@ def write_checkpoint(out: Path, family: str = "llama", *, vocab_size: int = 512,
     arch = kw.pop("architectures")[0]
     config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
                   "qwen3": transformers.Qwen3Config, "phi3": transformers.Phi3Config,
-                  "mistral": transformers.MistralConfig}[family]
+                  "mistral": transformers.MistralConfig, "mixtral": transformers.MixtralConfig,
+                  "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig}[family]
     config = config_cls(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads,

@@ -66,34 +66,12 @@ def _open(path: Path):
 
 def expected_shapes(cfg: ModelConfig, layers: Iterable[int], first: bool, last: bool) -> dict[str, tuple[int, ...]]:
     """The tensors a stage holding `layers` needs, with their shapes."""
-    h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    h = cfg.hidden_size
     shapes: dict[str, tuple[int, ...]] = {}
     if first or (last and cfg.tie_word_embeddings):
         shapes["model.embed_tokens.weight"] = (cfg.vocab_size, h)
     for i in layers:
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        shapes[p + "self_attn.q_proj.weight"] = (q, h)
-        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
-        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
-        shapes[p + "self_attn.o_proj.weight"] = (h, q)
-        if cfg.qkv_bias:
-            shapes[p + "self_attn.q_proj.bias"] = (q,)
-            shapes[p + "self_attn.k_proj.bias"] = (kv,)
-            shapes[p + "self_attn.v_proj.bias"] = (kv,)
-        if cfg.o_bias:
-            shapes[p + "self_attn.o_proj.bias"] = (h,)
-        if cfg.qk_norm:
-            shapes[p + "self_attn.q_norm.weight"] = (cfg.head_dim,)
-            shapes[p + "self_attn.k_norm.weight"] = (cfg.head_dim,)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
-        shapes[p + "mlp.up_proj.weight"] = (inter, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, inter)
-        if cfg.mlp_bias:
-            shapes[p + "mlp.gate_proj.bias"] = (inter,)
-            shapes[p + "mlp.up_proj.bias"] = (inter,)
-            shapes[p + "mlp.down_proj.bias"] = (h,)
+        shapes.update((f"model.layers.{i}.{name}", shape) for name, shape in cfg.layer_shapes(i).items())
     if last:
         shapes["model.norm.weight"] = (h,)
         if not cfg.tie_word_embeddings:
@@ -138,7 +116,45 @@ def tensor_source(model_dir: Path, cfg: ModelConfig):
     if path is not None:
         return GGUFSource(path, cfg.num_heads, cfg.num_kv_heads)
     source = SafetensorsSource(weight_files(Path(model_dir)))
+    if cfg.architecture == "MixtralForCausalLM":
+        return RenamedTensors(source, mixtral_names(cfg))
     return SplitProjections(source, cfg) if cfg.fused_projections else source
+
+
+def mixtral_names(cfg: ModelConfig) -> dict[str, str]:
+    """Mixtral's names for its router and experts, under the names the engine reads (Qwen-MoE's)."""
+    out = {}
+    for i in range(cfg.num_layers):
+        a, b = f"model.layers.{i}.mlp.", f"model.layers.{i}.block_sparse_moe."
+        out[a + "gate.weight"] = b + "gate.weight"
+        for e in range(cfg.num_experts):
+            for ours, theirs in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+                out[f"{a}experts.{e}.{ours}.weight"] = f"{b}experts.{e}.{theirs}.weight"
+    return out
+
+
+class RenamedTensors:
+    """A source whose checkpoint names some tensors otherwise than the engine does, seen under the engine's names."""
+
+    def __init__(self, source, names: dict[str, str]) -> None:
+        self.source, self.theirs = source, names  # ours -> theirs
+        ours = {v: k for k, v in names.items()}
+        self.ours = {ours.get(n, n) for n in source.names()}
+
+    def names(self) -> set[str]:
+        return self.ours
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(self.theirs.get(name, name))
+
+    def where(self, name: str) -> str:
+        return self.source.where(self.theirs.get(name, name))
+
+    def stored_type(self, name: str) -> str:
+        return self.source.stored_type(self.theirs.get(name, name))
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.source.read(self.theirs.get(name, name))
 
 
 class SplitProjections:
@@ -227,7 +243,7 @@ def resolve_formats(source, cfg: ModelConfig, quantization: str, per_layer: dict
     """The weights that run at another format than their stage's weight dtype (weight_formats.tensor_formats), from
     what the checkpoint stores (source None: a config alone, whose weights are taken to be floats). Tensors stored
     in a type no kernel runs are dequantized at load, said in one line."""
-    products = product_names(cfg.num_layers, cfg.tie_word_embeddings)
+    products = product_names(cfg)
     names = source.names() if source is not None else set()
     stored = {n: source.stored_type(n) for n in [*products, EMBEDDING] if n in names}
     shapes = expected_shapes(cfg, range(cfg.num_layers), first=True, last=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,13 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Phi3ForCausalLM": "phi3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
+# The products of a dense layer's MLP, and of one expert of a mixture-of-experts layer (Hugging Face names).
+MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
+ATTENTION_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "half": "float16", "float": "float32"}
@@ -44,6 +51,15 @@ class ModelConfig:
     checkpoint_dtype: str  # the dtype the weights are stored in
     bos_token_id: int | None
     eos_token_ids: frozenset[int]
+    # Mixture of experts: each token's MLP is the weighted sum of the experts_per_token experts its router scores
+    # highest (renormalised to sum to one where norm_topk_prob), plus a shared expert where the family has one,
+    # scaled by a sigmoid gate (Qwen2-MoE). Layers not in moe_layers have a dense MLP of intermediate_size.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0
+    moe_layers: frozenset[int] = frozenset()
 
     @property
     def q_size(self) -> int:
@@ -108,7 +124,7 @@ class ModelConfig:
         theta = raw.get("rope_theta")
         if theta is None and isinstance(raw.get("rope_parameters"), dict):
             theta = raw["rope_parameters"].get("rope_theta")
-        sliding = (raw.get("sliding_window") if family in ("mistral", "phi3") or raw.get("use_sliding_window")
+        sliding = (raw.get("sliding_window") if family in ("mistral", "phi3", "mixtral") or raw.get("use_sliding_window")
                    else None)
         partial = float((raw.get("rope_parameters") or {}).get("partial_rotary_factor", raw.get(
             "partial_rotary_factor", 1.0)))
@@ -125,6 +141,7 @@ class ModelConfig:
             if gen.is_file():
                 g_eos = json.loads(gen.read_text()).get("eos_token_id")
                 eos_ids |= set([g_eos] if isinstance(g_eos, int) else (g_eos or []))
+        moe = _experts(raw, family, source)
         return ModelConfig(
             architecture=arch,
             vocab_size=int(need("vocab_size")),
@@ -139,22 +156,92 @@ class ModelConfig:
             rope_scaling=scaling,
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
+            qkv_bias=family in ("qwen2", "qwen2_moe") or bool(raw.get("attention_bias", False)),
             o_bias=family == "llama" and bool(raw.get("attention_bias", False)),
             mlp_bias=bool(raw.get("mlp_bias", False)),
-            qk_norm=family == "qwen3",
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             fused_projections=family == "phi3",
             sliding_window=int(sliding) if sliding else None,
             checkpoint_dtype=DTYPES[dtype],
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=frozenset(int(e) for e in eos_ids),
+            **moe,
         )
 
+    def is_moe(self, layer: int) -> bool:
+        return layer in self.moe_layers
+
+    def mlp_prefixes(self, layer: int) -> list[tuple[str, int]]:
+        """The gated MLPs of a layer, each as (name prefix within the layer, intermediate size): the dense MLP, or
+        every expert and then the shared expert."""
+        if not self.is_moe(layer):
+            return [("mlp.", self.intermediate_size)]
+        out = [(f"mlp.experts.{e}.", self.expert_intermediate_size) for e in range(self.num_experts)]
+        if self.shared_expert_intermediate_size:
+            out.append(("mlp.shared_expert.", self.shared_expert_intermediate_size))
+        return out
+
+    def product_parts(self, layer: int) -> list[str]:
+        """The matrix products of a layer, by name within it (without ".weight"); a router's is not one of them:
+        it stays at the layer's float type, as llama.cpp keeps it."""
+        return [*ATTENTION_PARTS, *(p + part for p, _ in self.mlp_prefixes(layer) for part in MLP_PARTS)]
+
+    def layer_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """A layer's tensors, by name within it, with their shapes."""
+        h, q, kv = self.hidden_size, self.q_size, self.kv_size
+        shapes: dict[str, tuple[int, ...]] = {
+            "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+            "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+            "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+        }
+        if self.qkv_bias:
+            shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+        if self.o_bias:
+            shapes["self_attn.o_proj.bias"] = (h,)
+        if self.qk_norm:
+            shapes.update({"self_attn.q_norm.weight": (self.head_dim,), "self_attn.k_norm.weight": (self.head_dim,)})
+        for m, inter in self.mlp_prefixes(layer):
+            shapes.update({m + "gate_proj.weight": (inter, h), m + "up_proj.weight": (inter, h),
+                           m + "down_proj.weight": (h, inter)})
+        if self.is_moe(layer):
+            shapes["mlp.gate.weight"] = (self.num_experts, h)
+            if self.shared_expert_intermediate_size:
+                shapes["mlp.shared_expert_gate.weight"] = (1, h)
+        elif self.mlp_bias:
+            inter = self.intermediate_size
+            shapes.update({"mlp.gate_proj.bias": (inter,), "mlp.up_proj.bias": (inter,), "mlp.down_proj.bias": (h,)})
+        return shapes
+
+    def layer_params(self, layer: int) -> int:
+        """A layer's weights, in elements."""
+        return sum(math.prod(s) for s in self.layer_shapes(layer).values())
+
     def layer_weight_bytes(self, dtype_bytes: int) -> int:
-        attn = self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
-        mlp = 3 * self.hidden_size * self.intermediate_size
-        norms = 2 * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
-        return (attn + mlp + norms) * dtype_bytes
+        """The mean layer's weights (layers differ where some are dense in a mixture-of-experts model)."""
+        return sum(self.layer_params(i) for i in range(self.num_layers)) * dtype_bytes // max(self.num_layers, 1)
 
     def kv_bytes_per_token_per_layer(self, dtype_bytes: int) -> int:
         return 2 * self.kv_size * dtype_bytes
+
+
+def _experts(raw: dict, family: str, source: str) -> dict:
+    """The mixture-of-experts fields of ModelConfig from a config.json (none for a dense family)."""
+    if family not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        return {}
+    experts = int(raw.get("num_experts") or raw.get("num_local_experts") or 0)
+    top_k = int(raw.get("num_experts_per_tok") or 0)
+    if experts < 1 or not 1 <= top_k <= experts:
+        raise CheckpointError(f"{source}: {top_k} experts per token of {experts} is not a mixture of experts")
+    layers = int(raw["num_hidden_layers"])
+    if family == "mixtral":
+        return dict(num_experts=experts, experts_per_token=top_k, expert_intermediate_size=int(raw["intermediate_size"]),
+                    norm_topk_prob=True, moe_layers=frozenset(range(layers)))
+    step = int(raw.get("decoder_sparse_step") or 1)
+    dense = set(raw.get("mlp_only_layers") or ())
+    if "moe_intermediate_size" not in raw:
+        raise CheckpointError(f"{source}: missing required field 'moe_intermediate_size'")
+    return dict(num_experts=experts, experts_per_token=top_k, expert_intermediate_size=int(raw["moe_intermediate_size"]),
+                norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+                shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
+                if family == "qwen2_moe" else 0,
+                moe_layers=frozenset(i for i in range(layers) if i not in dense and (i + 1) % step == 0))

@@ -19,6 +19,7 @@ from engine.errors import CheckpointError
 from engine.model.attention import AttentionMetadata, paged_attention
 from engine.model.checkpoint import TensorReader, expected_shapes, return_freed_memory
 from engine.model.config import ModelConfig
+from engine.model.experts import ExpertProducts
 from engine.model.layer_ops import LayerOps, rms_norm
 from engine.model.host_stream import HostStream, host_layer, read_host_layer
 from engine.placement.devices import tier_name
@@ -79,13 +80,18 @@ class Products:
 class LayerProducts:
     """A decoder layer's matrix products: what a streamed layer keeps on disk (engine.model.layer_stream)."""
 
-    __slots__ = ("qkv", "o", "gate_up", "down")
+    __slots__ = ("qkv", "o", "gate_up", "down", "experts")
 
-    def __init__(self, prefix: str, cfg: ModelConfig, products: Products) -> None:
+    def __init__(self, prefix: str, cfg: ModelConfig, products: Products, layer: int) -> None:
         a, m = prefix + "self_attn.", prefix + "mlp."
         qkv = [a + "q_proj.", a + "k_proj.", a + "v_proj."]
         self.qkv = products([n + "weight" for n in qkv], [n + "bias" for n in qkv] if cfg.qkv_bias else None)
         self.o = products([a + "o_proj.weight"], [a + "o_proj.bias"] if cfg.o_bias else None)
+        # A dense MLP (gate_up, down), or a mixture of experts.
+        self.gate_up = self.down = self.experts = None
+        if cfg.is_moe(layer):
+            self.experts = ExpertProducts(prefix, cfg, products)
+            return
         gate_up = [m + "gate_proj.", m + "up_proj."]
         self.gate_up = products([n + "weight" for n in gate_up], [n + "bias" for n in gate_up] if cfg.mlp_bias else None)
         self.down = products([m + "down_proj.weight"], [m + "down_proj.bias"] if cfg.mlp_bias else None)
@@ -94,14 +100,15 @@ class LayerProducts:
 class DecoderLayer:
     __slots__ = ("ln1", "ln2", "q_norm", "k_norm", "products")
 
-    def __init__(self, read: TensorReader, prefix: str, cfg: ModelConfig, dtype: torch.dtype,
+    def __init__(self, read: TensorReader, layer: int, cfg: ModelConfig, dtype: torch.dtype,
                  products: Products) -> None:
+        prefix = f"model.layers.{layer}."
         self.ln1 = read(prefix + "input_layernorm.weight").to(dtype)
         self.ln2 = read(prefix + "post_attention_layernorm.weight").to(dtype)
         # Per-head norms of the queries and keys (Qwen3); None where the family has none.
         self.q_norm = read(prefix + "self_attn.q_norm.weight").to(dtype) if cfg.qk_norm else None
         self.k_norm = read(prefix + "self_attn.k_norm.weight").to(dtype) if cfg.qk_norm else None
-        self.products: LayerProducts | None = LayerProducts(prefix, cfg, products)  # None: streamed
+        self.products: LayerProducts | None = LayerProducts(prefix, cfg, products, layer)  # None: streamed
 
 
 class StageModel:
@@ -159,7 +166,7 @@ class StageModel:
         shared = {"scratch": self.scratch}
         self.layers = []
         for i in layers:
-            layer = DecoderLayer(read, f"model.layers.{i}.", cfg, dtype, products)
+            layer = DecoderLayer(read, i, cfg, dtype, products)
             if i in streamed:
                 part, tensors = pack_objects(layer.products, shared, any_device=spill is None)
                 stored.append(spill.append(i, part, tensors) if spill is not None else host_layer(i, part, tensors))
@@ -194,6 +201,8 @@ class StageModel:
                 self.weight_bytes += self.embed.numel() * self.embed.element_size()
         self.weight_bytes -= products.bytes_saved
         self.rope = cos_sin_table(cfg, max_positions, dtype, device)  # [P, 2, d]
+        # Tokens routed to each expert of each of the stage's layers since the last take_expert_load().
+        self.expert_load = torch.zeros(len(layers), max(cfg.num_experts, 1), dtype=torch.int64, device=device)
         self.scale = cfg.head_dim**-0.5
 
     def __getstate__(self) -> dict:
@@ -258,7 +267,10 @@ class StageModel:
                 q, k, v = ops.rotary_into_cache(qkv, i)
                 attn = paged_attention(q, k, v, *ops.caches[i], meta, self.scale)
                 h = ops.add_norm(x, w.o(attn), layer.ln2)
-                mlp = w.down(ops.silu_mul(w.gate_up(h)))
+                if w.experts is not None:
+                    mlp = w.experts(h, ops.silu_mul, self.expert_load[i])
+                else:
+                    mlp = w.down(ops.silu_mul(w.gate_up(h)))
                 if layer.products is None:
                     stream.release()
                 if i + 1 < len(self.layers):
@@ -272,6 +284,15 @@ class StageModel:
                 stream.finish_pass(taken)  # the next pass starts at the first streamed layer again
             raise
         return x
+
+    def take_expert_load(self) -> torch.Tensor | None:
+        """Tokens routed to each expert of each layer of the stage ([layers, experts], on the CPU) since the last
+        call; None for a dense model."""
+        if not self.cfg.num_experts:
+            return None
+        load = self.expert_load.cpu()
+        self.expert_load.zero_()
+        return load
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, vocab] float32
         h = rms_norm(hidden, self.norm, self.cfg.rms_norm_eps)

@@ -154,14 +154,14 @@ def describe_layers(formats: list[str]) -> str:
     return ", ".join(f"{a}-{b} {f}" if a != b else f"{a} {f}" for a, b, f in runs)
 
 
-def product_names(num_layers: int, tied: bool) -> dict[str, int | None]:
-    """The weights of a model's matrix products (Hugging Face names) -> their layer (None: the LM head)."""
+def product_names(cfg) -> dict[str, int | None]:
+    """The weights of a model's matrix products (Hugging Face names) -> their layer (None: the LM head).
+    cfg: engine.model.config.ModelConfig."""
     out: dict[str, int | None] = {}
-    for i in range(num_layers):
-        for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+    for i in range(cfg.num_layers):
+        for part in cfg.product_parts(i):
             out[f"model.layers.{i}.{part}.weight"] = i
-    out["model.embed_tokens.weight" if tied else "lm_head.weight"] = None
+    out["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"] = None
     return out
 
 
@@ -197,10 +197,10 @@ def tensor_formats(products: dict[str, int | None], in_features: dict[str, int],
     return out
 
 
-def layer_summary(num_layers: int, formats: dict[str, str], weight_dtype: str) -> list[str]:
+def layer_summary(cfg, formats: dict[str, str], weight_dtype: str) -> list[str]:
     """Per layer, what its products run at ("q4_k", or "q4_k+q6_k" where they differ)."""
-    seen: list[list[str]] = [[] for _ in range(num_layers)]
-    for name, layer in product_names(num_layers, True).items():
+    seen: list[list[str]] = [[] for _ in range(cfg.num_layers)]
+    for name, layer in product_names(cfg).items():
         if layer is not None:
             fmt = formats.get(name, weight_dtype)
             if fmt not in seen[layer]:
@@ -208,12 +208,12 @@ def layer_summary(num_layers: int, formats: dict[str, str], weight_dtype: str) -
     return ["+".join(s) for s in seen]
 
 
-def dominant_quantized(formats: dict[str, str], num_layers: int) -> str | None:
+def dominant_quantized(formats: dict[str, str], cfg) -> str | None:
     """The quantized format at least half of the layers' products run at (None where none does): the one whose
     speed the probe times."""
     counts: dict[str, int] = {}
     layer_products = 0
-    for name, layer in product_names(num_layers, True).items():
+    for name, layer in product_names(cfg).items():
         if layer is not None:
             layer_products += 1
             if name in formats:

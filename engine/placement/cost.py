@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from engine.model.weight_formats import EMBEDDING, FORMATS, product_names
+from engine.model.weight_formats import EMBEDDING, FORMATS
 from engine.placement.devices import DeviceInfo, tier_name
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -23,6 +23,10 @@ OPS_PER_LAYER = 150
 FUSED_OPS_PER_LAYER = 55
 # The thin path adds a cast before and after each of the four products.
 THIN_OPS_PER_LAYER = 8
+# A mixture-of-experts layer (engine.model.experts): the router's product, softmax, top-k, sort, count, gather,
+# scale and scatter-add, and per expert a step reaches its block's slice, two products and the activation.
+ROUTING_OPS = 14
+EXPERT_OPS = 5
 # Per step, outside the layers: attention metadata tensors, the rotary table lookup and its slices.
 STEP_OPS = 14
 EMBED_OPS = 2  # embedding gather and the cast to the compute dtype
@@ -113,6 +117,12 @@ class ModelCost:
     layer_bits: float | None = None
     embed_bits: float | None = None
     head_bits: float | None = None
+    # Mixture of experts: one expert's weights, how many a layer has and each token takes, and the share of layers
+    # that have experts (the others are dense). layer_params counts every expert; a step reads only those reached.
+    expert_params: int = 0
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_layer_share: float = 0.0
 
     @staticmethod
     def from_config(cfg, compute_dtype: str, weight_dtype: str, sampling: str = "random",
@@ -134,15 +144,40 @@ class ModelCost:
         # two k read and written, v read and written), the gate (3 passes over i), the query and output copies.
         fused = 8 * h + 2 * (q + kv) + 3 * kv + 4 * q + 3 * i
         head = cfg.vocab_size * h + h
+        moe: dict = {}
+        out_features = (q + 2 * kv) + h + 2 * i + h
+        if cfg.moe_layers:
+            share = len(cfg.moe_layers) / cfg.num_layers
+            ie, shared = cfg.expert_intermediate_size, cfg.shared_expert_intermediate_size
+            moe = dict(expert_params=3 * h * ie, num_experts=cfg.num_experts, experts_per_token=cfg.experts_per_token,
+                       moe_layer_share=share)
+            # A token's products: attention, the router, its experts and the shared one (the mean layer's).
+            moe_mlp = cfg.num_experts + cfg.experts_per_token * (2 * ie + h) + (2 * shared + h if shared else 0)
+            out_features = (q + 2 * kv) + h + share * moe_mlp + (1 - share) * (2 * i + h)
         return ModelCost(
             num_layers=cfg.num_layers, hidden_size=h, vocab_size=cfg.vocab_size,
-            layer_params=cfg.layer_weight_bytes(1), layer_out_features=(q + 2 * kv) + h + 2 * i + h,
+            layer_params=cfg.layer_weight_bytes(1), layer_out_features=int(out_features),
             kv_elems_per_token=cfg.kv_bytes_per_token_per_layer(1), elementwise_elems_per_token=elementwise,
             fused_elementwise_elems_per_token=fused,
             embed_params=cfg.vocab_size * h, head_params=head,
             tied_embeddings=cfg.tie_word_embeddings, compute_dtype=compute_dtype, weight_dtype=weight_dtype,
-            sampling=sampling, **(_format_bits(cfg, formats, weight_dtype, layers) if formats else {}),
+            sampling=sampling, **(_format_bits(cfg, formats, weight_dtype, layers) if formats else {}), **moe,
         )
+
+    def experts_reached(self, rows: int) -> float:
+        """Experts of a layer that at least one of `rows` tokens is routed to, expected where routing is uniform."""
+        if not self.num_experts:
+            return 0.0
+        return self.num_experts * (1.0 - (1.0 - self.experts_per_token / self.num_experts) ** rows)
+
+    def step_params(self, rows: int) -> tuple[float, float]:
+        """The mean layer's weights a step of `rows` tokens reads (a mixture of experts reads only the experts it
+        reaches), and the weights each token multiplies."""
+        if not self.num_experts:
+            return self.layer_params, self.layer_params
+        idle = self.moe_layer_share * self.expert_params
+        return (self.layer_params - idle * (self.num_experts - self.experts_reached(rows)),
+                self.layer_params - idle * (self.num_experts - self.experts_per_token))
 
     def bits(self, part: str) -> float:
         """Bits per weight of "layer", "embed" or "head"."""
@@ -166,7 +201,7 @@ class ModelCost:
     @property
     def flops_per_token(self) -> int:
         """One layer's products, per token."""
-        return 2 * self.layer_params
+        return int(2 * self.step_params(1)[1])
 
     @property
     def activation_bytes(self) -> int:
@@ -189,18 +224,17 @@ class ModelCost:
 
 def _format_bits(cfg, formats: dict[str, str], weight_dtype: str, layers: range | None) -> dict[str, float]:
     """layer_bits (over `layers`, or all), embed_bits and head_bits from per-tensor formats."""
-    h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
-    sizes = {"q_proj": q * h, "k_proj": kv * h, "v_proj": kv * h, "o_proj": h * q, "gate_proj": i * h,
-             "up_proj": i * h, "down_proj": h * i}
     bits = (lambda name: FORMATS[formats.get(name, weight_dtype)].bits_per_weight)
     layers = layers if layers is not None and len(layers) else range(cfg.num_layers)
-    total = 0.0
-    for name, layer in product_names(cfg.num_layers, cfg.tie_word_embeddings).items():
-        if layer is not None and layer in layers:
-            total += sizes[name.rsplit(".", 2)[-2]] * bits(name)
+    total = params = 0.0
+    for i in layers:
+        for name, shape in cfg.layer_shapes(i).items():
+            if name.endswith(".weight") and len(shape) == 2:
+                full = f"model.layers.{i}.{name}"
+                total += math.prod(shape) * bits(full)
+                params += math.prod(shape)
     head = EMBEDDING if cfg.tie_word_embeddings else "lm_head.weight"
-    return {"layer_bits": total / (len(layers) * sum(sizes.values())), "head_bits": bits(head),
-            "embed_bits": bits(EMBEDDING)}
+    return {"layer_bits": total / params, "head_bits": bits(head), "embed_bits": bits(EMBEDDING)}
 
 
 def kv_cache_dtype(compute_dtype: str, weight_dtype: str) -> str:
@@ -287,14 +321,16 @@ def kv_capacity_tokens(cost: ModelCost, device: DeviceInfo, n_layers: int, first
     return left // max(stage_kv_bytes_per_token(cost, device, n_layers), 1)
 
 
-def _matmul_seconds(cost: ModelCost, device: DeviceInfo, params: int, out_features: int, rows: int,
-                    part: str = "layer") -> float:
-    """Products over `params` weights for `rows` rows: whichever binds, arithmetic or streaming the weights; one-row
-    products (GEMVs) also pay per output feature. Quantized weights take the wide path at every row count, read at
-    their format's size (expanded in registers, engine.kernels.quant_gemm; the probe timed that product)."""
+def _matmul_seconds(cost: ModelCost, device: DeviceInfo, params: float, out_features: int, rows: int,
+                    part: str = "layer", row_params: float | None = None) -> float:
+    """Products over `params` weights for `rows` rows, each row multiplying `row_params` of them (fewer where rows
+    take different experts; None: all): whichever binds, arithmetic or streaming the weights; one-row products
+    (GEMVs) also pay per output feature. Quantized weights take the wide path at every row count, read at their
+    format's size (expanded in registers, engine.kernels.quant_gemm; the probe timed that product)."""
     compute = device.dtype or cost.compute_dtype
     upcast = cost.weight_dtype != compute
-    flops = 2 * params * rows
+    row_params = params if row_params is None else row_params
+    flops = 2 * row_params * rows
     quantized = cost.quantized(part)
     if rows <= THIN_ROWS and not quantized:
         rate = (device.thin_matmul_flops or device.matmul_flops) if upcast else device.matmul_flops
@@ -307,8 +343,8 @@ def _matmul_seconds(cost: ModelCost, device: DeviceInfo, params: int, out_featur
     compute_s = flops / device.matmul_flops
     if rows < GEMM_ROWS and device.small_gemm_flops:
         # Up to 8 rows a product costs about what 8 do; from 8 to 64 rows the time grows linearly.
-        small = 2 * params * SMALL_GEMM_ROWS / device.small_gemm_flops
-        full = 2 * params * GEMM_ROWS / device.matmul_flops
+        small = 2 * row_params * SMALL_GEMM_ROWS / device.small_gemm_flops
+        full = 2 * row_params * GEMM_ROWS / device.matmul_flops
         compute_s = small + max(rows - SMALL_GEMM_ROWS, 0) * (full - small) / (GEMM_ROWS - SMALL_GEMM_ROWS)
     return max(compute_s, read / device.mem_bandwidth)
 
@@ -316,7 +352,8 @@ def _matmul_seconds(cost: ModelCost, device: DeviceInfo, params: int, out_featur
 def layer_seconds(cost: ModelCost, device: DeviceInfo, batch: int, context_len: int, block_size: int = 16) -> float:
     """One decoder layer's decode step for `batch` sequences that each attend to `context_len` tokens."""
     cb = _compute_bytes(cost, device)
-    products = _matmul_seconds(cost, device, cost.layer_params, cost.layer_out_features, batch)
+    read, per_row = cost.step_params(batch)
+    products = _matmul_seconds(cost, device, read, cost.layer_out_features, batch, row_params=per_row)
     # The gather reads whole blocks, padded to the longest context of the batch.
     keys = -(-context_len // block_size) * block_size
     kv = batch * keys * cost.kv_elems_per_token * _kv_bytes(cost, device)
@@ -326,6 +363,8 @@ def layer_seconds(cost: ModelCost, device: DeviceInfo, batch: int, context_len: 
     elementwise = batch * elementwise_elems * cb / device.mem_bandwidth
     work = products + kv / attention_rate + elementwise
     ops = (FUSED_OPS_PER_LAYER if fused else OPS_PER_LAYER) + (THIN_OPS_PER_LAYER if _thin(cost, device, batch) else 0)
+    if cost.num_experts:  # routing, and each expert reached: its slice, two products and the activation
+        ops += cost.moe_layer_share * (ROUTING_OPS + EXPERT_OPS * cost.experts_reached(batch))
     host = ops * device.op_overhead_s
     # A GPU runs kernels while the host launches the next ones; a CPU does one after the other.
     return max(host, work) if device.kind == "cuda" else host + work

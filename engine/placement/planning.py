@@ -87,7 +87,7 @@ def chosen_formats(choices: FormatChoices, result: Plan, cfg: ModelConfig) -> di
     """The tensors' formats with each layer at the format the plan chose for it (the embedding and LM head as the
     checkpoint stores them)."""
     per_layer = {i: f for s in result.stages for i, f in zip(range(*s.layers), s.formats)}
-    layer_of = product_names(cfg.num_layers, cfg.tie_word_embeddings)
+    layer_of = product_names(cfg)
     out = {n: f for n, f in choices.formats[AUTO].items() if layer_of.get(n) is None}
     for name, layer in layer_of.items():
         if layer is not None and name in choices.formats[per_layer.get(layer, AUTO)]:
@@ -243,7 +243,7 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
     for req in requests:
         compute, weights = resolve_dtypes(dtype, cfg.checkpoint_dtype, torch.device(req.name))
         infos.append(describe_device(req, compute, threads, memory_fraction, weight_dtype=weights,
-                                     weight_format=dominant_quantized(formats, cfg.num_layers),
+                                     weight_format=dominant_quantized(formats, cfg),
                                      offload_dir=offload_dir, format_choices=choices.probed if choices else (),
                                      cpu_offload_bytes=offload_bytes(cpu_offload_gb)))
     max_kv_tokens = max_num_seqs * max_len if num_kv_blocks is None else num_kv_blocks * block_size
@@ -258,7 +258,7 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
         formats = chosen_formats(choices, result, cfg)
     cost = ModelCost.from_config(cfg, compute, weights, formats=formats)
     return PlanHere(Path(model_dir), cfg, compute, weights, max_len, result.context_len, result,
-                    tuple(layer_summary(cfg.num_layers, formats, weights)), cost, infos, links, max_num_seqs, formats)
+                    tuple(layer_summary(cfg, formats, weights)), cost, infos, links, max_num_seqs, formats)
 
 
 def _has_weights(model_dir: Path) -> bool:

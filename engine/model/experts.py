@@ -1,0 +1,62 @@
+"""A mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): a router scores every expert for each token, each token
+goes to the experts_per_token highest, and its output is their outputs weighted by the router's probabilities
+(renormalised over the chosen ones where the family does), plus a shared expert every token takes where the family
+has one (Qwen2-MoE, scaled by a sigmoid gate).
+
+The experts run grouped: the tokens routed to each expert are gathered into one block of rows, and each expert with
+any tokens multiplies its block once, through the same products a dense layer's MLP uses (engine.model.linear: the
+engine's bf16 and quantized kernels on a CPU). The host loops over the experts a step reached, never over tokens.
+Each token's outputs are added back in expert order, as the reference implementation adds them.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class ExpertProducts:
+    """A mixture-of-experts layer's products. router: the router's logits, and the shared expert's gate as one more
+    column where it has one; experts: (gate_up, down) per expert; shared: the shared expert's (gate_up, down)."""
+
+    __slots__ = ("router", "experts", "shared", "top_k", "normalise")
+
+    def __init__(self, prefix: str, cfg, products) -> None:
+        m = prefix + "mlp."
+        self.router = products([m + "gate.weight"] + ([m + "shared_expert_gate.weight"]
+                                                      if cfg.shared_expert_intermediate_size else []))
+        self.experts = [_mlp(f"{m}experts.{e}.", products) for e in range(cfg.num_experts)]
+        self.shared = _mlp(m + "shared_expert.", products) if cfg.shared_expert_intermediate_size else None
+        self.top_k, self.normalise = cfg.experts_per_token, cfg.norm_topk_prob
+
+    def __call__(self, h: torch.Tensor, silu_mul, load: torch.Tensor | None = None) -> torch.Tensor:
+        """h [T, hidden] -> [T, hidden]; silu_mul: the gated activation ([T, 2I] -> [T, I]); load: a [experts]
+        counter the tokens routed to each expert are added to."""
+        n = len(self.experts)
+        logits = self.router(h)
+        probs = torch.softmax(logits[:, :n].float(), dim=-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        if self.normalise:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        flat = chosen.flatten()
+        order = torch.argsort(flat, stable=True)  # the (token, choice) pairs grouped by expert, tokens in order
+        counts = torch.bincount(flat, minlength=n)
+        if load is not None:
+            load += counts
+        rows = order // self.top_k
+        x = h.index_select(0, rows)
+        out = torch.empty_like(x)
+        start = 0
+        for e, count in enumerate(counts.tolist()):
+            if count:
+                gate_up, down = self.experts[e]
+                out[start : start + count] = down(silu_mul(gate_up(x[start : start + count])))
+                start += count
+        out.mul_(weights.flatten()[order].unsqueeze(1).to(out.dtype))
+        y = torch.zeros_like(h).index_add_(0, rows, out)
+        if self.shared is not None:
+            gate_up, down = self.shared
+            y.add_(torch.sigmoid(logits[:, n:].to(h.dtype)) * down(silu_mul(gate_up(h))))
+        return y
+
+
+def _mlp(prefix: str, products) -> tuple:
+    return products([prefix + "gate_proj.weight", prefix + "up_proj.weight"]), products([prefix + "down_proj.weight"])
