@@ -34,6 +34,17 @@ LLAMA3_70B_SHAPE = dict(
 )
 
 
+# Qwen3-30B-A3B's structure at a size this machine holds: 64 experts of which each token takes 8, every layer a
+# mixture, q/k norms; 1.7B parameters (3.5 GB in bf16), 0.27B of them active per token. SmolLM2's vocabulary, so the
+# tokenizer is one llama.cpp's converter knows.
+QWEN3_MOE_SHAPE = dict(
+    hidden_size=1024, intermediate_size=3072, moe_intermediate_size=512, num_experts=64, num_experts_per_tok=8,
+    norm_topk_prob=True, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+    vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=False, rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+)
+
+
 def config_only(shape: dict, folder: Path, dtype: str = "bfloat16") -> Path:
     """A checkpoint directory holding a Llama config alone: the planner plans from it (no weights)."""
     import json
@@ -87,9 +98,28 @@ def llama_1b_shaped(dtype: str = "bfloat16") -> Path:
     return random_sharded(LLAMA_1B_SHAPE, f"bench-llama-1b-shape-random-{dtype}-v1", dtype, "cpu")
 
 
-def random_sharded(shape: dict, name: str, dtype: str, device: str) -> Path:
-    """A Llama checkpoint of this shape with random weights, written one layer per shard with its tensors made on
-    `device` (a GPU makes 8B random values in seconds), never all in memory at once."""
+def qwen3_moe_shaped(dtype: str = "bfloat16") -> Path:
+    """A Qwen3-MoE-shaped checkpoint (QWEN3_MOE_SHAPE, random weights) with the default model's tokenizer."""
+    out = cache_root() / f"bench-qwen3-moe-shape-random-{dtype}-v1"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoTokenizer, Qwen3MoeConfig
+
+    from engine.model.default_model import default_model
+
+    def tokenizer(folder: Path) -> None:
+        gguf = default_model()
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+
+    config = Qwen3MoeConfig(**QWEN3_MOE_SHAPE, bos_token_id=1, eos_token_id=2, torch_dtype=dtype,
+                            architectures=["Qwen3MoeForCausalLM"])
+    return random_sharded(config, out.name, dtype, "cpu", tokenizer)
+
+
+def random_sharded(shape, name: str, dtype: str, device: str, tokenizer=None) -> Path:
+    """A checkpoint of this shape with random weights, written one layer per shard with its tensors made on
+    `device` (a GPU makes 8B random values in seconds), never all in memory at once. shape: a Llama shape's fields,
+    or a transformers config of any family the engine runs; tokenizer(folder), where given, writes its tokenizer."""
     out = cache_root() / name
     if (out / "config.json").is_file():
         return out
@@ -104,9 +134,13 @@ def random_sharded(shape: dict, name: str, dtype: str, device: str) -> Path:
 
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    special = (128000, 128001) if shape["vocab_size"] > 128001 else (1, 2)
-    LlamaConfig(**shape, bos_token_id=special[0], eos_token_id=special[1], torch_dtype=dtype,
-                architectures=["LlamaForCausalLM"]).save_pretrained(tmp)
+    if isinstance(shape, dict):
+        special = (128000, 128001) if shape["vocab_size"] > 128001 else (1, 2)
+        shape = LlamaConfig(**shape, bos_token_id=special[0], eos_token_id=special[1], torch_dtype=dtype,
+                            architectures=["LlamaForCausalLM"])
+    shape.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer(tmp)
     cfg = ModelConfig.from_dir(tmp)
     g = torch.Generator(device).manual_seed(0)
     weight_map: dict[str, str] = {}

@@ -39,15 +39,46 @@ def test_a_family_answers_as_transformers_over_http_on_one_stage_and_two(tmp_pat
             assert served_texts(s.url) == want, devices
 
 
-@pytest.mark.parametrize("family, pre", [("qwen3", "qwen2")])
+@pytest.mark.parametrize("family, pre", [("qwen3", "qwen2"), ("mixtral", "default"), ("qwen2_moe", "qwen2"),
+                                         ("qwen3_moe", "qwen2")])
 def test_a_family_from_gguf_answers_as_transformers_on_its_source(tmp_path, family, pre):
     """The same weights written as llama.cpp names them (F32), against transformers on the checkpoint they came from
-    (transformers' own GGUF reader takes a Qwen3 file's head size to be its config default)."""
+    (transformers' own GGUF reader takes a Qwen3 file's head size to be its config default, and reads no file's
+    experts). The experts are stacked in one tensor per part, as llama.cpp keeps them."""
     (tmp_path / "hf").mkdir()
     (tmp_path / "gguf").mkdir()
-    hf = write_checkpoint(tmp_path / "hf", family, max_position_embeddings=256)
+    # llama.cpp's qwen3moe has experts in every layer
+    dense = {"mlp_only_layers": []} if family == "qwen3_moe" else {}
+    hf = write_checkpoint(tmp_path / "hf", family, max_position_embeddings=256, **dense)
     path = write_gguf(hf, tmp_path / "gguf" / f"{family}.gguf", "F32", pre=pre)
     tok = Tokenizer.from_dir(hf)
     want = [tok.decode(ids) for ids in hf_greedy(hf, PROMPTS, TOKENS)]
     with running_server(path, *FLAGS, "--quantization", "none", "--devices", "cpu,cpu") as s:
         assert served_texts(s.url) == want
+
+
+def test_quantized_experts_are_read_one_by_one_from_the_tensor_llama_cpp_stacks_them_in(tmp_path):
+    import numpy as np
+    import torch
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from engine.model.config import ModelConfig
+    from engine.model.gguf_checkpoint import GGUFSource
+    from engine.model.quantized import dequantize as unpack, pack
+
+    (tmp_path / "hf").mkdir()
+    hf = write_checkpoint(tmp_path / "hf", "qwen2_moe", max_position_embeddings=256)
+    path = write_gguf(hf, tmp_path / "moe.gguf", "Q8_0", pre="qwen2")
+    cfg = ModelConfig.from_dir(path)
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.shared_expert_intermediate_size) == (8, 2, 96)
+    source = GGUFSource(path, cfg.num_heads, cfg.num_kv_heads)
+    stacked = next(t for t in GGUFReader(str(path)).tensors if t.name == "blk.1.ffn_down_exps.weight")
+    for e in (0, 5, 7):
+        name = f"model.layers.1.mlp.experts.{e}.down_proj.weight"
+        want = torch.from_numpy(np.ascontiguousarray(dequantize(stacked.data[e], stacked.tensor_type)))
+        assert source.stored_type(name) == "Q8_0" and source.shape(name) == tuple(want.shape)
+        assert torch.equal(source.read(name), want)
+        assert torch.equal(unpack(pack(source.read_codes(name)), torch.float32), want)
+    with running_server(path, *FLAGS, "--devices", "cpu,cpu") as s:
+        assert all(served_texts(s.url))

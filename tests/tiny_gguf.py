@@ -66,6 +66,24 @@ def _write_tokenizer(w, hf_dir: Path, pre: str) -> None:
         w.add_chat_template(template)
 
 
+# One expert's part (Mixtral's names, then Qwen-MoE's) -> the stacked tensor llama.cpp keeps every expert's in.
+_EXPERT_PARTS = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps", "gate_proj": "ffn_gate_exps",
+                 "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+
+
+def _expert_part(name: str) -> str | None:
+    parts = name.split(".")  # model.layers.L.(mlp|block_sparse_moe).experts.E.part.weight
+    if len(parts) == 8 and parts[4] == "experts":
+        return f"blk.{parts[2]}.{_EXPERT_PARTS[parts[6]]}.weight"
+    return None
+
+
+def _expert_order(name: str):
+    """Tensors in name order, but experts by their number (so that stacking puts expert 10 after expert 9)."""
+    parts = name.split(".")
+    return (name, 0) if _expert_part(name) is None else (".".join(parts[:5] + parts[6:]), int(parts[5]))
+
+
 def write_gguf(hf_dir: Path, path: Path, matrix_type: str = "F32", pre: str = "default") -> Path:
     """hf_dir (tests/tiny_models.write_checkpoint, llama, qwen2 or qwen3, one safetensors file) as a GGUF file at path;
     matrix_type: the GGML type of its 2-D tensors (F32, F16, Q8_0, Q4_0, ...), where their rows allow it."""
@@ -74,8 +92,9 @@ def write_gguf(hf_dir: Path, path: Path, matrix_type: str = "F32", pre: str = "d
     from safetensors.numpy import load_file
 
     cfg = json.loads((hf_dir / "config.json").read_text())
-    arch = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-            "Qwen3ForCausalLM": "qwen3"}[cfg["architectures"][0]]
+    arch = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+            "MixtralForCausalLM": "llama", "Qwen2MoeForCausalLM": "qwen2moe",
+            "Qwen3MoeForCausalLM": "qwen3moe"}[cfg["architectures"][0]]
     layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     kv_heads, head_dim = cfg["num_key_value_heads"], cfg.get("head_dim") or cfg["hidden_size"] // heads
     w = gguf.GGUFWriter(str(path), arch)
@@ -92,18 +111,38 @@ def write_gguf(hf_dir: Path, path: Path, matrix_type: str = "F32", pre: str = "d
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_vocab_size(cfg["vocab_size"])
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        w.add_expert_feed_forward_length(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
+        if cfg.get("shared_expert_intermediate_size"):
+            w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
     _write_tokenizer(w, hf_dir, pre)
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), layers)
     qtype = gguf.GGMLQuantizationType[matrix_type]
     block = gguf.GGML_QUANT_SIZES[qtype][0]
-    for name, value in load_file(str(hf_dir / "model.safetensors")).items():
+    stacked: dict[str, list[np.ndarray]] = {}  # the experts' parts of a layer, stacked as llama.cpp stores them
+    for name, value in sorted(load_file(str(hf_dir / "model.safetensors")).items(), key=lambda kv: _expert_order(kv[0])):
         data = value.astype(np.float32)
+        expert = _expert_part(name)
+        if expert is not None:
+            stacked.setdefault(expert, []).append(data)
+            continue
         if arch == "llama" and name.endswith("q_proj.weight"):
             data = _permute(data, heads)
         elif arch == "llama" and name.endswith("k_proj.weight"):
             data = _permute(data, kv_heads)
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise KeyError(f"no GGUF name for {name}")
         if data.ndim == 2 and qtype not in (gguf.GGMLQuantizationType.F32,) and data.shape[1] % block == 0:
+            w.add_tensor(gguf_name, quantize(data, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gguf_name, data)
+    for gguf_name, parts in stacked.items():
+        data = np.stack(parts)
+        if qtype not in (gguf.GGMLQuantizationType.F32,) and data.shape[-1] % block == 0:
             w.add_tensor(gguf_name, quantize(data, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gguf_name, data)

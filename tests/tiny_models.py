@@ -43,7 +43,9 @@ def write_tokenizer(out: Path, vocab_size: int = 400) -> None:
 
 def write_checkpoint(out: Path, family: str = "llama", *, vocab_size: int = 512, hidden: int = 64, layers: int = 3,
                      heads: int = 4, kv_heads: int = 2, intermediate: int = 128, dtype: str = "float32",
-                     max_shard_size: str | None = None, seed: int = 0, max_position_embeddings: int = 1024) -> Path:
+                     max_shard_size: str | None = None, seed: int = 0, max_position_embeddings: int = 1024,
+                     **overrides) -> Path:
+    """overrides: config fields beyond the family's (FAMILIES)."""
     import torch
     import transformers
 
@@ -51,7 +53,7 @@ def write_checkpoint(out: Path, family: str = "llama", *, vocab_size: int = 512,
     from tokenization import Tokenizer
 
     tok = Tokenizer.from_dir(out)
-    kw = dict(FAMILIES[family])
+    kw = {**FAMILIES[family], **overrides}
     arch = kw.pop("architectures")[0]
     config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
                   "qwen3": transformers.Qwen3Config, "phi3": transformers.Phi3Config,

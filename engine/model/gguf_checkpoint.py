@@ -17,7 +17,11 @@ from engine.errors import CheckpointError
 from tokenization.gguf_tokenizer import end_of_generation_ids
 
 # general.architecture -> the Hugging Face architecture the engine runs it as
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
+# llama.cpp's mixtures of experts: whether each token's expert weights are renormalised over its chosen experts, as
+# its graph for the architecture does (a Mixtral file is a "llama" with experts).
+NORMALISED_EXPERTS = {"llama": True, "qwen2moe": False, "qwen3moe": True}
 # Layer tensors: GGUF's name within blk.N -> the Hugging Face name within model.layers.N
 LAYER_TENSORS = {
     "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -28,7 +32,14 @@ LAYER_TENSORS = {
     "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight", "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight", "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
 }
+# A mixture of experts' experts, stacked in one tensor each: GGUF's name within blk.N -> the name of one expert's
+# part within model.layers.N.mlp.experts.E
+EXPERT_TENSORS = {"ffn_gate_exps.weight": "gate_proj.weight", "ffn_up_exps.weight": "up_proj.weight",
+                  "ffn_down_exps.weight": "down_proj.weight"}
 GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                   "output.weight": "lm_head.weight"}
 
@@ -119,6 +130,18 @@ def config_dict(path: Path) -> dict:
         "eos_token_id": sorted(end_of_generation_ids(meta)),
     }
     raw["rope_scaling"] = _rope_scaling(path, meta, arch)
+    experts = int(meta.get(f"{arch}.expert_count") or 0)
+    if experts:
+        if arch not in NORMALISED_EXPERTS:
+            raise CheckpointError(f"{path}: GGUF architecture {arch!r} with experts is not supported")
+        raw.update(num_experts=experts, num_experts_per_tok=int(need("expert_used_count")),
+                   norm_topk_prob=NORMALISED_EXPERTS[arch],
+                   moe_intermediate_size=int(meta.get(f"{arch}.expert_feed_forward_length") or
+                                             raw["intermediate_size"]),
+                   shared_expert_intermediate_size=int(meta.get(f"{arch}.expert_shared_feed_forward_length") or 0))
+        if arch == "llama":
+            raw["architectures"] = ["MixtralForCausalLM"]
+            raw["intermediate_size"] = raw["moe_intermediate_size"]
     return raw
 
 
@@ -161,16 +184,30 @@ class GGUFSource:
         self.arch = metadata(path).get("general.architecture")
         self.heads, self.kv_heads = num_heads, num_kv_heads
         self.tensors = {}
+        self.expert: dict[str, int] = {}  # a name that is one expert of a stacked tensor -> its index there
         for t in reader.tensors:
             name = _hf_name(t.name)
             if name is not None:
                 self.tensors[name] = t
+            elif t.name.startswith("blk.") and t.name.split(".", 2)[2] in EXPERT_TENSORS:
+                _, index, rest = t.name.split(".", 2)
+                for e in range(int(t.shape[-1])):
+                    expert = f"model.layers.{index}.mlp.experts.{e}.{EXPERT_TENSORS[rest]}"
+                    self.tensors[expert], self.expert[expert] = t, e
 
     def names(self) -> set[str]:
         return set(self.tensors)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(n) for n in reversed(self.tensors[name].shape))  # GGUF lists dimensions innermost first
+        shape = tuple(int(n) for n in reversed(self.tensors[name].shape))  # GGUF lists dimensions innermost first
+        if name in self.expert:
+            return shape[1:]
+        return (1, *shape) if name.endswith("shared_expert_gate.weight") and len(shape) == 1 else shape
+
+    def _data(self, name: str):
+        """The tensor's stored values (one expert's, of a stacked tensor)."""
+        t = self.tensors[name]
+        return t.data[self.expert[name]] if name in self.expert else t.data
 
     def where(self, name: str) -> str:
         return f"{self.path}: tensor {name!r}"
@@ -183,11 +220,11 @@ class GGUFSource:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        t = self.tensors[name]
+        t, data = self.tensors[name], self._data(name)
         if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            values = np.array(t.data, dtype=np.float32)  # a copy: the file is mapped read-only
+            values = np.array(data, dtype=np.float32)  # a copy: the file is mapped read-only
         else:
-            values = dequantize(t.data, t.tensor_type)
+            values = dequantize(data, t.tensor_type)
         out = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(self.shape(name))
         order = self._row_order(name, out.shape[0])
         return out[torch.from_numpy(order)].contiguous() if order is not None else out
@@ -199,7 +236,7 @@ class GGUFSource:
 
         t = self.tensors[name]
         shape = self.shape(name)
-        codes = from_ggml(by_ggml_type(t.tensor_type.name), t.data.reshape(shape[0], -1), shape)
+        codes = from_ggml(by_ggml_type(t.tensor_type.name), self._data(name).reshape(shape[0], -1), shape)
         order = self._row_order(name, shape[0])
         return codes.rows(order) if order is not None else codes
 
