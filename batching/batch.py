@@ -59,6 +59,10 @@ class StepTiming(NamedTuple):
     stage: int
     seconds: float
     num_seqs: int
+    # A mixture of experts' load since the stage last sent it: tokens routed to each expert of each of its layers, as
+    # the flat indices (layer within the stage * experts + expert) of the non-zero counts and the counts; None where
+    # the stage sent none (a dense model, or a GPU stage between its readings).
+    expert_load: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
 
 @dataclass(slots=True)

@@ -172,6 +172,10 @@ class LLMEngine:
             self.shutdown()
             raise ValueError(f"num_kv_blocks={config.num_kv_blocks} does not fit the KV memory budget ({num_blocks} blocks)")
         self.stage_stats = [StageStats() for _ in self.plan.stages]
+        # Tokens routed to each expert of each layer so far (a mixture of experts; no rows for a dense model).
+        experts = cfg.num_experts
+        self._expert_tokens = [[0] * experts for _ in range(cfg.num_layers)] if experts else []
+        self._expert_snapshot: tuple[tuple[int, ...], ...] | None = None
         try:
             self.scheduler = Scheduler(
                 SchedulerConfig(
@@ -277,6 +281,8 @@ class LLMEngine:
         received_ns = now_ns()
         for timing in out.timings:
             self.stage_stats[timing.stage].add(timing.seconds, timing.num_seqs)
+            if timing.expert_load is not None:
+                self._add_expert_load(timing.stage, timing.expert_load)
         step_trace = self._step_traces.pop(out.batch_id, None)
         if out.trace is not None:
             self._stage_spans_dropped.update(out.trace.spans_dropped)
@@ -376,12 +382,21 @@ class LLMEngine:
                           tuple(layer_summary(cfg, self.weight_formats, self.weight_dtype)),
                           self.weight_formats.get(head, self.weight_dtype))
 
+    def _add_expert_load(self, stage: int, load: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
+        start, experts = self.plan.stages[stage].layers[0], self.model_config.num_experts
+        for flat, n in zip(*load):
+            self._expert_tokens[start + flat // experts][flat % experts] += n
+        self._expert_snapshot = None
+
     def stats(self) -> EngineStats:
         """A snapshot, for another thread to read."""
         sched, blocks = self.scheduler, self.scheduler.blocks
+        if self._expert_snapshot is None:
+            self._expert_snapshot = tuple(tuple(row) for row in self._expert_tokens)
         return EngineStats(sched.num_running, sched.num_waiting, blocks.usage, sched.num_preemptions,
                            blocks.prefix_queries, blocks.prefix_hits, self.spans_dropped,
-                           tuple(StageLoad(s.busy_s, s.steps, s.seqs) for s in self.stage_stats))
+                           tuple(StageLoad(s.busy_s, s.steps, s.seqs) for s in self.stage_stats),
+                           self._expert_snapshot)
 
     def predicted_step_s(self, stage: int, batch_size: int) -> float:
         """The planner's time for one step of `batch_size` sequences on a stage, to set beside the measured one."""

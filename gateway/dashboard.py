@@ -78,6 +78,7 @@ class Dashboard:
             "t": now, "tokens": m.generation_tokens, "prompt_tokens": m.prompt_tokens,
             "busy": [s.busy_s for s in load], "steps": [s.steps for s in load], "seqs": [s.seqs for s in load],
             "cpu": [_process_cpu_seconds(st.pid) for st in info.stages],
+            "experts": engine.stats.expert_tokens,
         }
         prev = self._prev or cur
         dt = max(cur["t"] - prev["t"], 1e-9)
@@ -114,6 +115,7 @@ class Dashboard:
             "ttft_ms": self.ttft.percentiles(now), "itl_ms": self.itl.percentiles(now),
             "stages": stages, "devices": devices, "series": list(self.series),
             "plan": {"batch_size": info.plan_batch_size, "context_len": info.plan_context_len},
+            "experts": _expert_load(prev["experts"], cur["experts"], dt),
         }
         self._prev = cur
 
@@ -219,3 +221,21 @@ def _tiers(stage) -> str:
     streamed = len(stage.streamed_layers)
     held = f"{total - streamed} in memory"
     return f"{held}, {streamed} {stage.streamed_from} each step" if streamed else held
+
+
+def _expert_load(prev: tuple, cur: tuple, dt: float) -> dict | None:
+    """A mixture of experts' load over the last interval: tokens per second routed to each expert of each layer that
+    has experts, and each layer's imbalance (its busiest expert's tokens over the mean); None for a dense model."""
+    if not cur:
+        return None
+    layers, rates, imbalance = [], [], []
+    for layer, row in enumerate(cur):
+        if not any(row):
+            continue  # a dense layer, or no tokens yet
+        before = prev[layer] if prev else (0,) * len(row)
+        delta = [n - b for n, b in zip(row, before)]
+        layers.append(layer)
+        rates.append([d / dt for d in delta])
+        mean = sum(delta) / len(delta)
+        imbalance.append(max(delta) / mean if mean else None)
+    return {"layers": layers, "tokens_per_s": rates, "imbalance": imbalance}

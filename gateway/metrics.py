@@ -47,6 +47,7 @@ class Metrics:
         self.queue_time = Histogram(LATENCY_BUCKETS)
         self.rejected = 0
         self.spans_dropped: dict[str, int] = {}  # per process
+        self.expert_tokens: tuple[tuple[int, ...], ...] = ()  # a mixture of experts' [layer][expert] token counts
         # gen_ai.server.* histograms by operation (chat, text_completion)
         self.genai: dict[str, dict[str, Histogram]] = defaultdict(lambda: {
             "time_to_first_token": Histogram(GENAI_TTFT_BUCKETS),
@@ -74,6 +75,13 @@ class Metrics:
                   "per process.", "# TYPE strata:trace_spans_dropped_total counter"]
         for process, n in sorted((self.spans_dropped or {"server": 0}).items()):
             lines.append(f'strata:trace_spans_dropped_total{{{L},process="{process}"}} {n}')
+        if any(any(row) for row in self.expert_tokens):
+            lines += ["# HELP strata:expert_tokens_total Tokens routed to each expert of each mixture-of-experts layer.",
+                      "# TYPE strata:expert_tokens_total counter"]
+            for layer, row in enumerate(self.expert_tokens):
+                if any(row):
+                    lines.extend(f'strata:expert_tokens_total{{{L},layer="{layer}",expert="{e}"}} {n}'
+                                 for e, n in enumerate(row))
         lines += ["# HELP strata:request_success_total Finished requests by finish reason.",
                   "# TYPE strata:request_success_total counter"]
         for reason in ("stop", "length", "abort"):

@@ -249,11 +249,16 @@ def stage_spans(trace, stage: int, device: str, layers: tuple[int, int], batch, 
                             {**common, "strata.layers": f"{layers[0]}-{layers[1] - 1}"})]
         if clock.layers:
             begin = start_ns
+            experts = clock.experts_starts_ns()
             for layer, end in clock.layer_ends_ns():
                 if layer >= 0:
                     index = layers[0] + layer
-                    spans.append(SpanRecord(f"layer {index}", trace_id, new_span_id(), forward_id, begin, end,
+                    layer_id = new_span_id()
+                    spans.append(SpanRecord(f"layer {index}", trace_id, layer_id, forward_id, begin, end,
                                             {**common, "strata.layer": index}))
+                    if layer in experts:  # a mixture of experts: the routing and the experts' products
+                        spans.append(SpanRecord(f"experts {index}", trace_id, new_span_id(), layer_id, experts[layer],
+                                                end, {**common, "strata.layer": index}))
                 begin = end
         for f in fetches:
             seconds = max(f.end_ns - f.start_ns, 1) / 1e9

@@ -82,3 +82,45 @@ def test_quantized_experts_are_read_one_by_one_from_the_tensor_llama_cpp_stacks_
         assert torch.equal(unpack(pack(source.read_codes(name)), torch.float32), want)
     with running_server(path, *FLAGS, "--devices", "cpu,cpu") as s:
         assert all(served_texts(s.url))
+
+
+def test_expert_load_is_counted_in_the_metrics_and_dashboard_and_the_experts_are_traced(tmp_path):
+    """Every token a step computes goes through every layer: each mixture-of-experts layer counts experts_per_token
+    routings per token, summed over both stages; the dense first layer counts none. At layer detail each
+    mixture-of-experts layer's span holds its experts' span."""
+    import json
+    import re
+    import time
+    import urllib.request
+
+    from bench.otlp_receiver import OTLPReceiver
+
+    model_dir = write_checkpoint(tmp_path, "qwen3_moe", max_position_embeddings=256)
+    with OTLPReceiver() as rx, running_server(model_dir, *FLAGS, "--devices", "cpu,cpu", "--trace-detail", "layer",
+                                              "--otlp-traces-endpoint", rx.endpoint,
+                                              env={"OTEL_BSP_SCHEDULE_DELAY": "100"}) as s:
+        served_texts(s.url)
+        # Each request computes its prompt and every generated token but the last.
+        tokens = sum(len(p) + TOKENS - 1 for p in PROMPTS)
+        counts: dict[int, dict[int, int]] = {}
+        text = urllib.request.urlopen(f"{s.url}/metrics").read().decode()
+        for layer, expert, n in re.findall(r'strata:expert_tokens_total\{[^}]*layer="(\d+)",expert="(\d+)"\} (\d+)',
+                                           text):
+            counts.setdefault(int(layer), {})[int(expert)] = int(n)
+        deadline = time.monotonic() + 30  # the dashboard samples once a second
+        while not (experts := json.loads(urllib.request.urlopen(f"{s.url}/dashboard/data").read())["experts"])["layers"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert experts["layers"] == [1, 2] and len(experts["tokens_per_s"][0]) == 8
+    assert sorted(counts) == [1, 2]
+    for layer in (1, 2):
+        assert sorted(counts[layer]) == list(range(8))
+        assert sum(counts[layer].values()) == 2 * tokens
+    spans = rx.spans()
+    by_id = {x.span_id: x for x in spans}
+    expert_spans = [x for x in spans if x.name.startswith("experts ")]
+    assert {x.attributes["strata.layer"] for x in expert_spans} == {1, 2}
+    for x in expert_spans:
+        layer = by_id[x.parent_span_id]
+        assert layer.name == f"layer {x.attributes['strata.layer']}"
+        assert layer.start_ns <= x.start_ns <= x.end_ns <= layer.end_ns

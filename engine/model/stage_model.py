@@ -240,7 +240,8 @@ class StageModel:
         positions: torch.Tensor,  # [T] int64
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,  # [layers, 2, num_blocks, block_size, kv_heads, d]
-        on_layer=None,  # called with -1 before the first layer, then with each layer's index within the stage
+        on_layer=None,  # called with -1 before the first layer, then with each layer's index within the stage; and
+        # with (index, "experts") as a mixture-of-experts layer's experts start
     ) -> torch.Tensor:  # [T, hidden]
         if self.embed_table is not None:
             x = self.embed_table.rows(x).to(self.dtype)
@@ -268,6 +269,8 @@ class StageModel:
                 attn = paged_attention(q, k, v, *ops.caches[i], meta, self.scale)
                 h = ops.add_norm(x, w.o(attn), layer.ln2)
                 if w.experts is not None:
+                    if on_layer is not None:
+                        on_layer(i, "experts")
                     mlp = w.experts(h, ops.silu_mul, self.expert_load[i])
                 else:
                     mlp = w.down(ops.silu_mul(w.gate_up(h)))
@@ -290,7 +293,7 @@ class StageModel:
         call; None for a dense model."""
         if not self.cfg.num_experts:
             return None
-        load = self.expert_load.cpu()
+        load = self.expert_load.to("cpu", copy=True)
         self.expert_load.zero_()
         return load
 

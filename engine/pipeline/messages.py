@@ -15,7 +15,7 @@ RENDEZVOUS_TIMEOUT_S = 120.0
 # another release is told so in words rather than failing on a message it cannot read. Bump the version whenever
 # a message class changes.
 GREETING = "strata pipeline"
-WIRE_VERSION = 11
+WIRE_VERSION = 12
 
 
 class VersionMismatch(Exception):

@@ -143,6 +143,7 @@ class StageRunner:
                 row = SamplingRow(SamplingParams(temperature=1.0, top_p=0.9, max_tokens=1), [0], [], 0)
                 self.sampler(logits, [row] * rows)
             del x, hidden
+        self.model.take_expert_load()  # dummy tokens: not load to report
         return meter.peak_bytes
 
     def allocate(self, num_blocks: int) -> None:
@@ -162,8 +163,10 @@ class StageRunner:
     def _graphs_wanted(self) -> bool:
         """CUDA graphs for decode steps: on a GPU, unless the engine runs eagerly, where decodes attend on the
         Triton kernel (the padded tables a graph needs are then never gathered), and not where layers are copied in
-        from host memory every step (a graph would replay one pass's slots and copies)."""
-        if not (self.spec.cuda_graphs and self.device.type == "cuda") or self.spec.streamed_layers:
+        from host memory every step (a graph would replay one pass's slots and copies), nor for a mixture of experts
+        (which experts run is decided on the host, from each step's routing)."""
+        if (not (self.spec.cuda_graphs and self.device.type == "cuda") or self.spec.streamed_layers
+                or self.cfg.num_experts):
             return False
         probe_q = torch.empty((1, self.cfg.num_heads, self.cfg.head_dim), dtype=self.dtype, device=self.device)
         probe_cache = torch.empty((1, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim),

@@ -1,4 +1,5 @@
-"""When a stage's step started and ended, and when each of its layers ended.
+"""When a stage's step started and ended, when each of its layers ended, and when a mixture-of-experts layer's experts
+started.
 
 On a CPU these are host clock readings, complete when the step returns. On a GPU the step returns once its kernels
 are queued, so the host clock would time the launch: the clock records CUDA events on the stage's compute stream
@@ -13,12 +14,13 @@ import torch
 
 
 class StepClock:
-    __slots__ = ("cuda", "start_ns", "layers", "_marks", "_start", "_end", "_end_ns", "_stream")
+    __slots__ = ("cuda", "start_ns", "layers", "_marks", "_experts", "_start", "_end", "_end_ns", "_stream")
 
     def __init__(self, device: torch.device, layers: bool = False) -> None:
         self.cuda = device.type == "cuda"
         self.layers = layers  # whether mark() is called for each layer
         self._marks: list = []
+        self._experts: list = []  # (layer, when its experts started)
         self._end = None
         self._end_ns = 0
         self.start_ns = time.time_ns()
@@ -28,14 +30,16 @@ class StepClock:
             self._start = torch.cuda.Event(enable_timing=True)
             self._start.record(self._stream)
 
-    def mark(self, layer: int) -> None:
-        """Layer `layer` of the stage has been computed (-1: the embedding)."""
+    def mark(self, layer: int, part: str | None = None) -> None:
+        """Layer `layer` of the stage has been computed (-1: the embedding); with part "experts", its experts start
+        (engine.model.stage_model's on_layer)."""
+        marks = self._experts if part == "experts" else self._marks
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record(self._stream)
-            self._marks.append((layer, ev))
+            marks.append((layer, ev))
         else:
-            self._marks.append((layer, time.time_ns()))
+            marks.append((layer, time.time_ns()))
 
     def finish(self) -> None:
         if self.cuda:
@@ -62,7 +66,14 @@ class StepClock:
 
     def layer_ends_ns(self) -> list[tuple[int, int]]:
         """(layer, end) on the host clock, for each mark."""
+        return self._read(self._marks)
+
+    def experts_starts_ns(self) -> dict[int, int]:
+        """layer -> when its experts started, on the host clock, for each layer with experts."""
+        return dict(self._read(self._experts))
+
+    def _read(self, marks: list) -> list[tuple[int, int]]:
         if not self.cuda:
-            return self._marks
+            return marks
         self._end.synchronize()
-        return [(layer, self._device_ns(ev)) for layer, ev in self._marks]
+        return [(layer, self._device_ns(ev)) for layer, ev in marks]

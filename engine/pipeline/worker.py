@@ -17,6 +17,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 import traceback
 
 import torch
@@ -38,6 +39,7 @@ from telemetry.tracing import Tracing, now_ns, stage_spans
 
 # Steps a GPU stage may run ahead of reading their clocks; beyond, the oldest is waited for.
 MAX_UNTIMED_STEPS = 64
+GPU_EXPERT_LOAD_INTERVAL_S = 1.0
 
 def serve(rank: int, world_size: int, request: DeviceRequest, threads: int | None, model_dir: str | None) -> None:
     """The stage's life: greet, describe the device, take a spec, load, then run batches until Shutdown."""
@@ -133,6 +135,11 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
     cores = CoreShare(torch.get_num_threads()) if runner.device.type == "cpu" else None
     timed: collections.deque[tuple[StepClock, int]] = collections.deque()  # steps whose timing has not left
     free_since_ns = 0  # when this stage last finished a step
+    experts = runner.cfg.num_experts > 0
+    # A mixture of experts' load goes out with every timing from a CPU stage; a GPU stage's, whose reading waits for
+    # the device, about once a second.
+    load_interval_s = GPU_EXPERT_LOAD_INTERVAL_S if runner.device.type == "cuda" else 0.0
+    load_due = 0.0
     while True:
         item = inbox.get()
         if isinstance(item, Exception):
@@ -168,7 +175,11 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
         # pipeline goes idle are counted with the next batch it sends (or not at all, if it is shut down first).
         while timed and (timed[0][0].done() or len(timed) > MAX_UNTIMED_STEPS):
             done, num_seqs = timed.popleft()
-            batch.timings.append(StepTiming(spec.stage_index, done.seconds(), num_seqs))
+            load = None
+            if experts and time.monotonic() >= load_due:
+                load_due = time.monotonic() + load_interval_s
+                load = _sparse(runner.model.take_expert_load())
+            batch.timings.append(StepTiming(spec.stage_index, done.seconds(), num_seqs, load))
         if trace is not None:
             batch.trace = trace.passed_on(device_label, now_ns(), spec.stage_index, tracing.dropped)
         if tokens is not None:  # first: the first stage may be waiting for them
@@ -185,6 +196,13 @@ def run_batches(runner: StageRunner, link_in: transport.Link, link_out: transpor
             tracing.emit(stage_spans(trace, spec.stage_index, device_label, spec.layers, batch, clock, received_ns,
                                      nbytes, overlapped, fetches))
         free_since_ns = now_ns()
+
+
+def _sparse(load: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A [layers, experts] count as the flat indices of its non-zero entries and their counts."""
+    flat = load.flatten()
+    where = flat.nonzero().squeeze(1)
+    return tuple(where.tolist()), tuple(flat[where].tolist())
 
 
 def _receive_tokens(runner: StageRunner, link: transport.Link) -> threading.Thread:
