@@ -38,6 +38,7 @@ def test_fused_steps_equal_torch_steps(monkeypatch, tokens, threads, kv_dtype):
     qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * D, generator=g)
     gate_up = torch.randn(tokens, 2 * inter, generator=g) * 4
     gate_up[0, :3] = torch.tensor([-100.0, 100.0, 0.0])
+    head_weights = torch.randn(2, D, generator=g)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -49,10 +50,14 @@ def test_fused_steps_equal_torch_steps(monkeypatch, tokens, threads, kv_dtype):
             h = ops.add_norm(xs, delta, weight)
             h0 = ops.add_norm(xs.clone(), None, weight)
             q, k, v = ops.rotary_into_cache(qkv.clone(), 0)
-            results.append((xs, h, h0, q, k, v, cache, ops.silu_mul(gate_up)))
+            normed = qkv.clone()
+            ops.head_norms(normed, head_weights[0], head_weights[1])
+            results.append((xs, h, h0, q, k, v, cache, ops.silu_mul(gate_up), normed))
     finally:
         torch.set_num_threads(previous)
-    (xs, h, h0, q, k, v, cache, act), want = results
+    (xs, h, h0, q, k, v, cache, act, normed), want = results
+    torch.testing.assert_close(normed, want[8], rtol=2e-6, atol=1e-6)  # per-head norms; the values untouched
+    assert torch.equal(normed[:, (HEADS + KV_HEADS) * D:], qkv[:, (HEADS + KV_HEADS) * D:])
     torch.testing.assert_close(xs, want[0], rtol=0, atol=0)  # the residual add
     torch.testing.assert_close(h, want[1], rtol=2e-6, atol=1e-6)
     torch.testing.assert_close(h0, want[2], rtol=2e-6, atol=1e-6)

@@ -18,33 +18,57 @@
 /* Below this many elements a call stays on one thread: waking the others costs more. */
 #define PARALLEL_ELEMS (1L << 13)
 
+/* x[D] += delta (when given); returns the sum of the squares of x. */
+static inline float add_sum_squares(float *xr, const float *dr, long D) {
+    __m256 acc = _mm256_setzero_ps();
+    long i = 0;
+    for (; i + 8 <= D; i += 8) {
+        __m256 v = _mm256_loadu_ps(xr + i);
+        if (dr) {
+            v = _mm256_add_ps(v, _mm256_loadu_ps(dr + i));
+            _mm256_storeu_ps(xr + i, v);
+        }
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+    }
+    float ss = hsum(acc);
+    for (; i < D; i++) {
+        if (dr) xr[i] += dr[i];
+        ss += xr[i] * xr[i];
+    }
+    return ss;
+}
+
+/* h[D] = w * (x * 1 / sqrt(ss / D + eps)); h may be x. */
+static inline void scale_row(const float *xr, const float *w, float *hr, float ss, long D, float eps) {
+    float r = 1.0f / sqrtf(ss / (float)D + eps);
+    __m256 rv = _mm256_set1_ps(r);
+    long i = 0;
+    for (; i + 8 <= D; i += 8)
+        _mm256_storeu_ps(hr + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(xr + i), rv)));
+    for (; i < D; i++) hr[i] = w[i] * (xr[i] * r);
+}
+
 /* x[T, D] += delta (when given), then h = w * (x * 1 / sqrt(mean(x^2) + eps)), row by row. */
 void add_rms_norm(float *x, const float *delta, const float *w, float *h, long T, long D, float eps, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (T * D >= PARALLEL_ELEMS)
     for (long t = 0; t < T; t++) {
-        float *xr = x + t * D, *hr = h + t * D;
-        const float *dr = delta ? delta + t * D : NULL;
-        __m256 acc = _mm256_setzero_ps();
-        long i = 0;
-        for (; i + 8 <= D; i += 8) {
-            __m256 v = _mm256_loadu_ps(xr + i);
-            if (dr) {
-                v = _mm256_add_ps(v, _mm256_loadu_ps(dr + i));
-                _mm256_storeu_ps(xr + i, v);
-            }
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
-        }
-        float ss = hsum(acc);
-        for (; i < D; i++) {
-            if (dr) xr[i] += dr[i];
-            ss += xr[i] * xr[i];
-        }
-        float r = 1.0f / sqrtf(ss / (float)D + eps);
-        __m256 rv = _mm256_set1_ps(r);
-        for (i = 0; i + 8 <= D; i += 8)
-            _mm256_storeu_ps(hr + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(xr + i), rv)));
-        for (; i < D; i++) hr[i] = w[i] * (xr[i] * r);
+        float *xr = x + t * D;
+        float ss = add_sum_squares(xr, delta ? delta + t * D : NULL, D);
+        scale_row(xr, w, h + t * D, ss, D, eps);
     }
+}
+
+/* qkv[T, (heads + 2 kv_heads) d]: each query head normalised by qw[d] and each key head by kw[d], in place (Qwen3's
+ * norms before the rotary embedding); the values are left as they are. */
+void head_rms_norm(float *qkv, long T, long heads, long kv_heads, long d, const float *qw, const float *kw,
+                   float eps, int threads) {
+    long width = (heads + 2 * kv_heads) * d;
+#pragma omp parallel for schedule(static) num_threads(threads) if (T * width >= PARALLEL_ELEMS)
+    for (long t = 0; t < T; t++)
+        for (long j = 0; j < heads + kv_heads; j++) {
+            float *x = qkv + t * width + j * d;
+            scale_row(x, j < heads ? qw : kw, x, add_sum_squares(x, NULL, d), d, eps);
+        }
 }
 
 /* One head of d values rotated in place (rotate-half layout): x * cos + rotate_half(x) * sin. */

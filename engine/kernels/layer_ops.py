@@ -24,6 +24,7 @@ def _library() -> ctypes.CDLL | None:
     c_long, ptr, c_int = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
     return build.load_kernel(SOURCE, FLAGS, CPU_FEATURES, {
         "add_rms_norm": ([ptr, ptr, ptr, ptr, c_long, c_long, ctypes.c_float, c_int], None),
+        "head_rms_norm": ([ptr, c_long, c_long, c_long, c_long, ptr, ptr, ctypes.c_float, c_int], None),
         "rotary_into_cache": ([ptr, c_long, c_long, c_long, c_long, ptr, ptr, ptr, ptr, ptr, c_int, c_int], None),
         "silu_mul": ([ptr, ptr, c_long, c_long, c_int], None),
     })
@@ -53,6 +54,18 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     _library().add_rms_norm(x.data_ptr(), delta.data_ptr() if delta is not None else None, weight.data_ptr(),
                             h.data_ptr(), T, D, eps, torch.get_num_threads())
     return h
+
+
+def head_rms_norm(qkv: torch.Tensor, heads: int, kv_heads: int, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                  eps: float) -> None:
+    """qkv [T, (heads + 2 kv_heads) d]: each query head RMS-normalised and scaled by q_weight [d], each key head by
+    k_weight [d], in place."""
+    _fp32(qkv, q_weight, k_weight)
+    d = q_weight.shape[0]
+    if qkv.dim() != 2 or qkv.shape[1] != (heads + 2 * kv_heads) * d or k_weight.shape != (d,):
+        raise ValueError("head_rms_norm: inconsistent shapes")
+    _library().head_rms_norm(qkv.data_ptr(), qkv.shape[0], heads, kv_heads, d, q_weight.data_ptr(),
+                             k_weight.data_ptr(), eps, torch.get_num_threads())
 
 
 def rotary_into_cache(qkv: torch.Tensor, heads: int, kv_heads: int, positions: torch.Tensor, table: torch.Tensor,

@@ -36,6 +36,30 @@ class ExpertProducts:
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
         if self.normalise:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if h.shape[0] == 1:  # one token (a single stream's decode): its experts one after the other
+            y = self._one_token(h, chosen[0].tolist(), weights[0].to(h.dtype).unbind(), silu_mul)
+            if load is not None:
+                load.index_add_(0, chosen[0], torch.ones_like(chosen[0]))
+        else:
+            y = self._grouped(h, chosen, weights, silu_mul, load)
+        if self.shared is not None:
+            gate_up, down = self.shared
+            y.add_(torch.sigmoid(logits[:, n:].to(h.dtype)) * down(silu_mul(gate_up(h))))
+        return y
+
+    def _one_token(self, h: torch.Tensor, chosen: list[int], weights: tuple[torch.Tensor, ...], silu_mul) -> torch.Tensor:
+        """One token's output: its experts' outputs, weighted, summed in expert order."""
+        y = None
+        for e, w in sorted(zip(chosen, weights), key=lambda ew: ew[0]):
+            gate_up, down = self.experts[e]
+            out = down(silu_mul(gate_up(h))).mul_(w)
+            y = out if y is None else y.add_(out)
+        return y
+
+    def _grouped(self, h: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, silu_mul,
+                 load: torch.Tensor | None) -> torch.Tensor:
+        """Many tokens: each expert multiplies the block of tokens routed to it at once."""
+        n = len(self.experts)
         flat = chosen.flatten()
         order = torch.argsort(flat, stable=True)  # the (token, choice) pairs grouped by expert, tokens in order
         counts = torch.bincount(flat, minlength=n)
@@ -51,11 +75,7 @@ class ExpertProducts:
                 out[start : start + count] = down(silu_mul(gate_up(x[start : start + count])))
                 start += count
         out.mul_(weights.flatten()[order].unsqueeze(1).to(out.dtype))
-        y = torch.zeros_like(h).index_add_(0, rows, out)
-        if self.shared is not None:
-            gate_up, down = self.shared
-            y.add_(torch.sigmoid(logits[:, n:].to(h.dtype)) * down(silu_mul(gate_up(h))))
-        return y
+        return torch.zeros_like(h).index_add_(0, rows, out)
 
 
 def _mlp(prefix: str, products) -> tuple:

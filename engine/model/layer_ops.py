@@ -52,6 +52,9 @@ class LayerOps:
         """An RMS norm over each query head and each key head of qkv [T, (heads + 2 kv_heads) d], in place, before
         the rotary embedding (Qwen3's q_norm and k_norm)."""
         nh, nkv = self.heads, self.kv_heads
+        if self.fused:
+            kernel.head_rms_norm(qkv, nh, nkv, q_weight, k_weight, self.eps)
+            return
         heads = qkv.view(qkv.shape[0], nh + 2 * nkv, -1)
         heads[:, :nh] = rms_norm(heads[:, :nh], q_weight, self.eps)
         heads[:, nh:nh + nkv] = rms_norm(heads[:, nh:nh + nkv], k_weight, self.eps)
