@@ -83,6 +83,22 @@ def test_streamed_layers_compute_what_resident_ones_do(six_layers, tmp_path, fmt
     streaming.stream.close()
 
 
+def test_a_mixture_of_experts_streams_its_experts_with_its_layer(tmp_path):
+    """A layer's experts and router are part of what a streamed layer brings in: a mixture of experts (with a shared
+    expert) computes from disk what it computes resident."""
+    model_dir = write_checkpoint(tmp_path / "moe", "qwen2_moe", layers=4)
+    cfg = ModelConfig.from_dir(model_dir)
+
+    def model(streamed):
+        return StageModel(cfg, validate(model_dir, cfg), range(4), True, True, torch.float32, torch.device("cpu"), 64,
+                          streamed=streamed, offload=tmp_path)
+
+    streaming = model([1, 2])
+    assert all(torch.equal(a, b) for a, b in zip(forwards(model([]), cfg), forwards(streaming, cfg)))
+    assert [f.layer for f in streaming.stream.drain_fetches()[:2]] == [1, 2]
+    streaming.stream.close()
+
+
 def test_a_packed_part_names_only_the_engines_types(tmp_path):
     from engine.model.linear import QuantLinear
     from engine.model.quantized import quantize, pack
