@@ -29,13 +29,24 @@ def served_texts(url: str) -> list[str]:
         return list(pool.map(one, PROMPTS))
 
 
-@pytest.mark.parametrize("family", ["qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe"])
-def test_a_family_answers_as_transformers_over_http_on_one_stage_and_two(tmp_path, family):
-    model_dir = write_checkpoint(tmp_path, family, max_position_embeddings=256)
+# Phi-3's LongRoPE with an original context of 40 tokens: the prompts longer than it run at the long frequencies, the
+# others (which stay within it) at the short ones. (One that grows past it as it decodes is not compared: the
+# reference computes its earlier keys again at the long frequencies, the engine keeps them.)
+LONG_ROPE = dict(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 40,
+                                  "short_factor": [1.0 + i / 8 for i in range(8)],
+                                  "long_factor": [2.0 + i for i in range(8)]}, original_max_position_embeddings=40)
+
+
+@pytest.mark.parametrize("family, overrides", [("qwen3", {}), ("phi3", {}), ("phi3", LONG_ROPE), ("mixtral", {}),
+                                               ("qwen2_moe", {}), ("qwen3_moe", {})])
+def test_a_family_answers_as_transformers_over_http_on_one_stage_and_two(tmp_path, family, overrides):
+    model_dir = write_checkpoint(tmp_path, family, max_position_embeddings=256, **overrides)
     tok = Tokenizer.from_dir(model_dir)
     want = [tok.decode(ids) for ids in hf_greedy(model_dir, PROMPTS, TOKENS)]
-    for devices in ("cpu", "cpu,cpu"):
-        with running_server(model_dir, *FLAGS, "--devices", devices) as s:
+    # LongRoPE's long prompts also in chunks: each at the long frequencies, as the whole prompt is longer.
+    chunked = ("--max-num-batched-tokens", "16") if overrides is LONG_ROPE else ()
+    for devices, more in (("cpu", ()), ("cpu,cpu", chunked)):
+        with running_server(model_dir, *FLAGS, "--devices", devices, *more) as s:
             assert served_texts(s.url) == want, devices
 
 
@@ -124,3 +135,20 @@ def test_expert_load_is_counted_in_the_metrics_and_dashboard_and_the_experts_are
         layer = by_id[x.parent_span_id]
         assert layer.name == f"layer {x.attributes['strata.layer']}"
         assert layer.start_ns <= x.start_ns <= x.end_ns <= layer.end_ns
+
+
+def test_a_longrope_config_without_what_it_needs_is_refused_by_name():
+    from engine.errors import CheckpointError
+    from engine.model.config import ModelConfig
+
+    base = dict(architectures=["Phi3ForCausalLM"], vocab_size=64, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=256)
+    rope = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
+    cfg = ModelConfig.from_dict({**base, "rope_scaling": rope, "original_max_position_embeddings": 64})
+    # A context 4x the original: cos and sin scaled by sqrt(1 + ln 4 / ln 64)
+    assert cfg.rope_scaling["attention_factor"] == pytest.approx((4 / 3) ** 0.5)
+    with pytest.raises(CheckpointError, match="original_max_position_embeddings"):
+        ModelConfig.from_dict({**base, "rope_scaling": rope})
+    with pytest.raises(CheckpointError, match="long_factor has 3 values for a head of 16"):
+        ModelConfig.from_dict({**base, "rope_scaling": {**rope, "long_factor": [1.0] * 3},
+                               "original_max_position_embeddings": 64})

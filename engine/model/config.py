@@ -114,11 +114,14 @@ class ModelConfig:
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type"))
             # freq_factors: per-frequency divisors, as a GGUF file carries Llama 3's scaling
-            if kind not in ("llama3", "linear", "freq_factors", "default", None):
-                raise CheckpointError(f"{source}: rope_scaling type {kind!r} is not supported (llama3, linear)")
+            if kind not in ("llama3", "linear", "freq_factors", "longrope", "su", "default", None):
+                raise CheckpointError(f"{source}: rope_scaling type {kind!r} is not supported "
+                                      "(llama3, linear, longrope)")
             if kind == "freq_factors" and len(scaling.get("factors") or ()) != int(head_dim) // 2:
                 raise CheckpointError(f"{source}: {len(scaling.get('factors') or ())} rotary frequency factors "
                                       f"for a head of {head_dim}")
+            if kind in ("longrope", "su"):
+                scaling = _long_rope(scaling, raw, int(head_dim), source)
             if kind in ("default", None):
                 scaling = None
         theta = raw.get("rope_theta")
@@ -222,6 +225,25 @@ class ModelConfig:
 
     def kv_bytes_per_token_per_layer(self, dtype_bytes: int) -> int:
         return 2 * self.kv_size * dtype_bytes
+
+
+def _long_rope(scaling: dict, raw: dict, head_dim: int, source: str) -> dict:
+    """LongRoPE (Phi-3's "su"): per-frequency divisors for short contexts and for long ones, and the factor cos and
+    sin are scaled by, as one dict."""
+    original = scaling.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
+    if not original:
+        raise CheckpointError(f"{source}: longrope scaling needs original_max_position_embeddings")
+    for key in ("short_factor", "long_factor"):
+        if len(scaling.get(key) or ()) != head_dim // 2:
+            raise CheckpointError(f"{source}: longrope {key} has {len(scaling.get(key) or ())} values for a head of "
+                                  f"{head_dim}")
+    factor = scaling.get("factor") or int(raw.get("max_position_embeddings", original)) / int(original)
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = math.sqrt(1 + math.log(factor) / math.log(int(original))) if factor > 1.0 else 1.0
+    return {"rope_type": "longrope", "short_factor": list(scaling["short_factor"]),
+            "long_factor": list(scaling["long_factor"]), "original_max_position_embeddings": int(original),
+            "attention_factor": float(attention)}
 
 
 def _experts(raw: dict, family: str, source: str) -> dict:

@@ -1,5 +1,9 @@
-"""Rotary position embeddings, with Llama-3 and linear frequency scaling (Llama 3's also as a GGUF file's
-per-frequency divisors)."""
+"""Rotary position embeddings, with Llama-3, linear and LongRoPE frequency scaling (Llama 3's also as a GGUF file's
+per-frequency divisors).
+
+LongRoPE (Phi-3) has two sets of frequencies: a sequence no longer than the model's original context is rotated with
+the short ones, a longer one with the long ones, as the reference implementation chooses by the sequence's length.
+The table holds both, short then long, and each sequence's rows are chosen by its length (table_offset)."""
 from __future__ import annotations
 
 import math
@@ -9,13 +13,17 @@ import torch
 from engine.model.config import ModelConfig
 
 
-def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
+def inv_frequencies(cfg: ModelConfig, long: bool = False) -> torch.Tensor:
+    """long: LongRoPE's frequencies for sequences beyond the original context."""
     d = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))  # [d/2]
     s = cfg.rope_scaling
     if s is None:
         return inv
     kind = s.get("rope_type", s.get("type"))
+    if kind == "longrope":
+        factors = torch.tensor(s["long_factor" if long else "short_factor"], dtype=torch.float32)
+        return 1.0 / (factors * cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     if kind == "linear":
         return inv / float(s["factor"])
     if kind == "freq_factors":  # a GGUF's rope_freqs: Llama 3's scaling as llama.cpp applies it
@@ -35,13 +43,35 @@ def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def long_rope(cfg: ModelConfig) -> int | None:
+    """The original context of a LongRoPE model (longer sequences take the long frequencies), else None."""
+    s = cfg.rope_scaling
+    return s["original_max_position_embeddings"] if s is not None and s.get("rope_type") == "longrope" else None
+
+
 def cos_sin_table(cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[max_positions, 2, head_dim]: cos and sin per position, halves repeated (rotate-half layout)."""
-    inv = inv_frequencies(cfg)
+    """[max_positions, 2, head_dim]: cos and sin per position, halves repeated (rotate-half layout); for LongRoPE
+    [2 max_positions, 2, head_dim], the short frequencies' rows and then the long ones'."""
     t = torch.arange(max_positions, dtype=torch.int64).float()
-    freqs = torch.outer(t, inv)  # [P, d/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [P, d]
-    return torch.stack((emb.cos(), emb.sin()), dim=1).to(dtype=dtype, device=device)
+    tables = []
+    for long in ((False, True) if long_rope(cfg) else (False,)):
+        freqs = torch.outer(t, inv_frequencies(cfg, long))  # [P, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, d]
+        cos, sin = emb.cos(), emb.sin()
+        if long_rope(cfg):
+            scale = cfg.rope_scaling["attention_factor"]
+            cos, sin = cos * scale, sin * scale
+        tables.append(torch.stack((cos, sin), dim=1))
+    return torch.cat(tables).to(dtype=dtype, device=device)
+
+
+def table_offset(cfg: ModelConfig, table_rows: int, prompt_len: int, end: int) -> int:
+    """Where a sequence's rows start in the cos/sin table (cos_sin_table) for a step whose chunk ends at position
+    `end`: 0, or for LongRoPE the long half once the sequence (its prompt, or what it has reached) is longer than the
+    original context. A sequence that grows past it as it decodes keeps the keys it cached before at the short
+    frequencies (the reference implementation computes them again at the long ones)."""
+    original = long_rope(cfg)
+    return table_rows // 2 if original is not None and max(prompt_len, end) > original else 0
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -237,7 +237,8 @@ class StageModel:
     def forward(
         self,
         x: torch.Tensor,  # [T] token ids on the first stage, else [T, hidden]
-        positions: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64: each token's row of the rotary table (its position, offset for
+        # LongRoPE's long frequencies: engine.model.rope.table_offset)
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,  # [layers, 2, num_blocks, block_size, kv_heads, d]
         on_layer=None,  # called with -1 before the first layer, then with each layer's index within the stage; and

@@ -19,6 +19,7 @@ from engine.model.attention import build_metadata
 from engine.model.checkpoint import checkpoint_tokenizer, expected_shapes, stop_token_ids, tensor_source
 from engine.model.config import ModelConfig
 from engine.model.grammar import GrammarMasks
+from engine.model.rope import table_offset
 from engine.model.linear import product_path
 from engine.model.sampler import HostSamples, Sampler, SamplingRow
 from engine.model.stage_model import StageModel
@@ -55,6 +56,7 @@ class StageRunner:
             )
         self.tables: dict[int, list[int]] = {}
         self.rows: dict[int, SamplingRow] = {}
+        self.prompt_lens: dict[int, int] = {}  # what a sequence's rotary rows depend on (engine.model.rope.table_offset)
         # On the first stage: each sequence's newest sampled token, (position, token id), for steps scheduled
         # ahead of it; and, where the last stage is another process, how to wait for its next TokensForFirstStage.
         self.sampled: dict[int, tuple[int, int]] = {}
@@ -202,7 +204,9 @@ class StageRunner:
         for seq_id in batch.released:
             self.tables.pop(seq_id, None)
             self.rows.pop(seq_id, None)
+            self.prompt_lens.pop(seq_id, None)
         bs = self.block_size
+        rope_rows = self.model.rope.shape[0]
         # Decodes first, so that batched attention calls cover them all, shortest context first, so that the rows
         # whose blocks are gathered together are alike in length (engine.model.attention.decode_groups).
         order = sorted(range(len(batch.seqs)),
@@ -217,13 +221,16 @@ class StageRunner:
             table = self.tables.setdefault(w.seq_id, [])
             del table[w.blocks_from :]
             table.extend(w.blocks)
-            if w.init is not None and self.last:
-                self.rows[w.seq_id] = SamplingRow(w.init.params, w.init.prompt_token_ids, [], w.init.seed)
+            if w.init is not None:
+                self.prompt_lens[w.seq_id] = len(w.init.prompt_token_ids)
+                if self.last:
+                    self.rows[w.seq_id] = SamplingRow(w.init.params, w.init.prompt_token_ids, [], w.init.seed)
             start = len(token_ids)
             n = len(w.token_ids)
             token_ids.extend(w.token_ids)
             pos = range(w.start_pos, w.start_pos + n)
-            positions.extend(pos)
+            offset = table_offset(self.cfg, rope_rows, self.prompt_lens.get(w.seq_id, 0), w.start_pos + n)
+            positions.extend(p + offset for p in pos)
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
             if n == 1:
                 dec_tables.append(table)
