@@ -37,22 +37,29 @@ LONG_ROPE = dict(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0
                                   "long_factor": [2.0 + i for i in range(8)]}, original_max_position_embeddings=40)
 
 
-@pytest.mark.parametrize("family, overrides", [("qwen3", {}), ("phi3", {}), ("phi3", LONG_ROPE), ("mixtral", {}),
-                                               ("qwen2_moe", {}), ("qwen3_moe", {})])
+# Mistral attending to its last 8 positions: the decodes' windows start inside a block, and prompts longer than it
+# are masked to it, whole and in chunks.
+WINDOW = dict(sliding_window=8)
+
+
+@pytest.mark.parametrize("family, overrides", [("qwen3", {}), ("phi3", {}), ("phi3", LONG_ROPE), ("mistral", WINDOW),
+                                               ("mixtral", {}), ("qwen2_moe", {}), ("qwen3_moe", {})])
 def test_a_family_answers_as_transformers_over_http_on_one_stage_and_two(tmp_path, family, overrides):
     model_dir = write_checkpoint(tmp_path, family, max_position_embeddings=256, **overrides)
     tok = Tokenizer.from_dir(model_dir)
     want = [tok.decode(ids) for ids in hf_greedy(model_dir, PROMPTS, TOKENS)]
-    # LongRoPE's long prompts also in chunks: each at the long frequencies, as the whole prompt is longer.
-    chunked = ("--max-num-batched-tokens", "16") if overrides is LONG_ROPE else ()
+    # LongRoPE's long prompts also in chunks (each at the long frequencies, as the whole prompt is longer); a
+    # window's prompts also in chunks.
+    chunked = ("--max-num-batched-tokens", "16") if overrides in (LONG_ROPE, WINDOW) else ()
     for devices, more in (("cpu", ()), ("cpu,cpu", chunked)):
         with running_server(model_dir, *FLAGS, "--devices", devices, *more) as s:
             assert served_texts(s.url) == want, devices
 
 
-@pytest.mark.parametrize("family, pre", [("qwen3", "qwen2"), ("mixtral", "default"), ("qwen2_moe", "qwen2"),
-                                         ("qwen3_moe", "qwen2")])
-def test_a_family_from_gguf_answers_as_transformers_on_its_source(tmp_path, family, pre):
+@pytest.mark.parametrize("family, pre, overrides", [("qwen3", "qwen2", {}), ("phi3", "default", LONG_ROPE),
+                                                    ("mixtral", "default", {}), ("qwen2_moe", "qwen2", {}),
+                                                    ("qwen3_moe", "qwen2", {})])
+def test_a_family_from_gguf_answers_as_transformers_on_its_source(tmp_path, family, pre, overrides):
     """The same weights written as llama.cpp names them (F32), against transformers on the checkpoint they came from
     (transformers' own GGUF reader takes a Qwen3 file's head size to be its config default, and reads no file's
     experts). The experts are stacked in one tensor per part, as llama.cpp keeps them."""
@@ -60,7 +67,7 @@ def test_a_family_from_gguf_answers_as_transformers_on_its_source(tmp_path, fami
     (tmp_path / "gguf").mkdir()
     # llama.cpp's qwen3moe has experts in every layer
     dense = {"mlp_only_layers": []} if family == "qwen3_moe" else {}
-    hf = write_checkpoint(tmp_path / "hf", family, max_position_embeddings=256, **dense)
+    hf = write_checkpoint(tmp_path / "hf", family, max_position_embeddings=256, **dense, **overrides)
     path = write_gguf(hf, tmp_path / "gguf" / f"{family}.gguf", "F32", pre=pre)
     tok = Tokenizer.from_dir(hf)
     want = [tok.decode(ids) for ids in hf_greedy(hf, PROMPTS, TOKENS)]
@@ -68,31 +75,40 @@ def test_a_family_from_gguf_answers_as_transformers_on_its_source(tmp_path, fami
         assert served_texts(s.url) == want
 
 
-def test_quantized_experts_are_read_one_by_one_from_the_tensor_llama_cpp_stacks_them_in(tmp_path):
+def test_quantized_parts_are_read_from_the_tensors_llama_cpp_stacks_or_fuses_them_in(tmp_path):
+    """Each expert of a stacked tensor (Qwen2-MoE), each of q/k/v and gate/up of a fused one (Phi-3): its own rows
+    of the stored codes, as the gguf package dequantizes them; and the files serve."""
     import numpy as np
     import torch
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
+    from engine.model.checkpoint import tensor_source
     from engine.model.config import ModelConfig
-    from engine.model.gguf_checkpoint import GGUFSource
     from engine.model.quantized import dequantize as unpack, pack
 
-    (tmp_path / "hf").mkdir()
-    hf = write_checkpoint(tmp_path / "hf", "qwen2_moe", max_position_embeddings=256)
-    path = write_gguf(hf, tmp_path / "moe.gguf", "Q8_0", pre="qwen2")
-    cfg = ModelConfig.from_dir(path)
-    assert (cfg.num_experts, cfg.experts_per_token, cfg.shared_expert_intermediate_size) == (8, 2, 96)
-    source = GGUFSource(path, cfg.num_heads, cfg.num_kv_heads)
-    stacked = next(t for t in GGUFReader(str(path)).tensors if t.name == "blk.1.ffn_down_exps.weight")
-    for e in (0, 5, 7):
-        name = f"model.layers.1.mlp.experts.{e}.down_proj.weight"
-        want = torch.from_numpy(np.ascontiguousarray(dequantize(stacked.data[e], stacked.tensor_type)))
-        assert source.stored_type(name) == "Q8_0" and source.shape(name) == tuple(want.shape)
-        assert torch.equal(source.read(name), want)
-        assert torch.equal(unpack(pack(source.read_codes(name)), torch.float32), want)
-    with running_server(path, *FLAGS, "--devices", "cpu,cpu") as s:
-        assert all(served_texts(s.url))
+    def stored(path, name: str, index) -> torch.Tensor:
+        t = next(t for t in GGUFReader(str(path)).tensors if t.name == name)
+        return torch.from_numpy(np.ascontiguousarray(dequantize(t.data[index], t.tensor_type)))
+
+    cases = {"qwen2_moe": [(f"model.layers.1.mlp.experts.{e}.down_proj.weight", "blk.1.ffn_down_exps.weight", e)
+                           for e in (0, 5, 7)],
+             "phi3": [("model.layers.1.self_attn.k_proj.weight", "blk.1.attn_qkv.weight", slice(64, 96)),
+                      ("model.layers.2.mlp.up_proj.weight", "blk.2.ffn_up.weight", slice(128, 256))]}
+    for family, parts in cases.items():
+        (tmp_path / family).mkdir()
+        hf = write_checkpoint(tmp_path / family, family, max_position_embeddings=256)
+        path = write_gguf(hf, tmp_path / f"{family}.gguf", "Q8_0", pre="qwen2" if family == "qwen2_moe" else "default")
+        cfg = ModelConfig.from_dir(path)
+        source = tensor_source(path, cfg)
+        for name, gguf_name, index in parts:
+            want = stored(path, gguf_name, index)
+            assert source.stored_type(name) == "Q8_0" and source.shape(name) == tuple(want.shape)
+            assert torch.equal(source.read(name), want)
+            assert torch.equal(unpack(pack(source.read_codes(name)), torch.float32), want)
+        with running_server(path, *FLAGS, "--devices", "cpu,cpu") as s:
+            assert all(served_texts(s.url))
+    assert (cfg.num_experts, cfg.experts_per_token) == (0, 0)  # Phi-3's, last
 
 
 def test_expert_load_is_counted_in_the_metrics_and_dashboard_and_the_experts_are_traced(tmp_path):

@@ -93,7 +93,7 @@ def write_gguf(hf_dir: Path, path: Path, matrix_type: str = "F32", pre: str = "d
 
     cfg = json.loads((hf_dir / "config.json").read_text())
     arch = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-            "MixtralForCausalLM": "llama", "Qwen2MoeForCausalLM": "qwen2moe",
+            "Phi3ForCausalLM": "phi3", "MixtralForCausalLM": "llama", "Qwen2MoeForCausalLM": "qwen2moe",
             "Qwen3MoeForCausalLM": "qwen3moe"}[cfg["architectures"][0]]
     layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     kv_heads, head_dim = cfg["num_key_value_heads"], cfg.get("head_dim") or cfg["hidden_size"] // heads
@@ -146,6 +146,14 @@ def write_gguf(hf_dir: Path, path: Path, matrix_type: str = "F32", pre: str = "d
             w.add_tensor(gguf_name, quantize(data, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gguf_name, data)
+    if _rope(cfg).get("rope_type") == "longrope":  # as llama.cpp's converter writes Phi-3's
+        rope = _rope(cfg)
+        original = rope["original_max_position_embeddings"]
+        scale = cfg["max_position_embeddings"] / original
+        w.add_rope_scaling_orig_ctx_len(original)
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+        w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
     if arch == "llama" and _rope(cfg).get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", _rope_factors(cfg, head_dim))
     w.write_header_to_file()

@@ -62,6 +62,13 @@ static void softmax(float *sc, long len) {
     for (; t < len; t++) sc[t] *= inv;
 }
 
+/* The keys before `start` are outside the query's window (a sliding window's first block): weight 0; softmax over the
+ * rest. */
+static void window_softmax(float *sc, long start, long len) {
+    softmax(sc + start, len - start);
+    for (long t = 0; t < start; t++) sc[t] = 0.f;
+}
+
 /* bf16 widened to fp32: its bits are the high half of the fp32's. */
 static inline __m256 widen_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
@@ -103,12 +110,16 @@ static int longer_first(const void *a, const void *b) {
     return x->len != y->len ? (x->len < y->len ? 1 : -1) : (x->seq > y->seq) - (x->seq < y->seq);
 }
 
+/* A sequence's first key in its window: starts[s], or 0 without a window. */
+#define START(s) (starts ? starts[s] : 0)
+
 /* q: [n, heads, d], q_row floats from one sequence's queries to the next (a view of the step's fused qkv rows
  * needs no copy); caches: [blocks, block_size, kv_heads, d], fp32 or (kv_bf16) bf16; tables: [n, max_blocks]; lens: [n];
+ * starts: [n] keys of each table to leave out (a sliding window's start within its first block), or NULL;
  * out: [n, heads, d]; allow_wide: whether a bf16 cache may take the AVX-512 path. Returns 0, or -1 when a buffer
  * could not be allocated. */
 int paged_decode_attention(const float *q, long q_row, const void *k_cache, const void *v_cache, int kv_bf16,
-                            const int64_t *tables, const int64_t *lens, long n, long heads, long kv_heads, long d,
+                            const int64_t *tables, const int64_t *lens, const int64_t *starts, long n, long heads, long kv_heads, long d,
                             long block_size, long max_blocks, float scale, float *out, int threads, int allow_wide) {
     long group = heads / kv_heads, max_len = 0;
     for (long s = 0; s < n; s++) max_len = lens[s] > max_len ? lens[s] : max_len;
@@ -141,14 +152,14 @@ int paged_decode_attention(const float *q, long q_row, const void *k_cache, cons
             long h0 = part * kv_heads / parts, h1 = (part + 1) * kv_heads / parts;
             if (wide) {
                 long next = parts == 1 && item + team < n ? order[item + team].seq : -1; /* this thread's next */
-                attend_bf16_512(q + s * q_row, k_cache, v_cache, tables + s * max_blocks, lens[s], h0, h1, group, d,
-                                block_size, row, block, scale, scores, out + s * heads * d, kw,
+                attend_bf16_512(q + s * q_row, k_cache, v_cache, tables + s * max_blocks, lens[s], START(s), h0, h1,
+                                group, d, block_size, row, block, scale, scores, out + s * heads * d, kw,
                                 next >= 0 ? tables + next * max_blocks : NULL, next >= 0 ? lens[next] : 0);
             } else if (kv_bf16)
-                attend_bf16(q + s * q_row, k_cache, v_cache, tables + s * max_blocks, lens[s], h0, h1, group, d,
+                attend_bf16(q + s * q_row, k_cache, v_cache, tables + s * max_blocks, lens[s], START(s), h0, h1, group, d,
                             block_size, row, block, scale, scores, out + s * heads * d);
             else
-                attend_f32(q + s * q_row, k_cache, v_cache, tables + s * max_blocks, lens[s], h0, h1, group, d,
+                attend_f32(q + s * q_row, k_cache, v_cache, tables + s * max_blocks, lens[s], START(s), h0, h1, group, d,
                            block_size, row, block, scale, scores, out + s * heads * d);
         }
         free(scores);

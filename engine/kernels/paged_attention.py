@@ -23,7 +23,7 @@ CPU_FEATURES = ("avx2", "fma")
 def _library() -> ctypes.CDLL | None:
     c_long, ptr = ctypes.c_long, ctypes.c_void_p
     return build.load_kernel(SOURCE, FLAGS, CPU_FEATURES, {
-        "paged_decode_attention": ([ptr, c_long, ptr, ptr, ctypes.c_int, ptr, ptr, c_long, c_long, c_long, c_long,
+        "paged_decode_attention": ([ptr, c_long, ptr, ptr, ctypes.c_int, ptr, ptr, ptr, c_long, c_long, c_long, c_long,
                                     c_long, c_long, ctypes.c_float, ptr, ctypes.c_int, ctypes.c_int], ctypes.c_int),
     })
 
@@ -62,6 +62,7 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # [n, max_blocks] int64
     context_lens: torch.Tensor,  # [n] int64
     scale: float,
+    starts: torch.Tensor | None = None,  # [n] int64: keys of each table left out (a sliding window's first block)
 ) -> torch.Tensor:  # [n, heads, d]
     n, heads, d = q.shape
     if q.stride(2) != 1 or q.stride(1) != d:
@@ -75,10 +76,14 @@ def paged_decode_attention(
             or k_cache.shape[3] != d or heads % kv_heads or tables.shape[0] != n or lens.shape != (n,)):
         raise ValueError("paged_decode_attention: inconsistent shapes or dtypes")
     _check_ranges(tables, lens, num_blocks, block_size)
+    if starts is not None:
+        starts = _int64(starts)
+        if starts.shape != (n,) or (n and (int(starts.min()) < 0 or bool((starts >= lens).any()))):
+            raise IndexError("paged_decode_attention: a window start is out of range")
     out = q.new_empty((n, heads, d))
     status = _library().paged_decode_attention(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
-        tables.data_ptr(), lens.data_ptr(),
+        tables.data_ptr(), lens.data_ptr(), starts.data_ptr() if starts is not None else None,
         n, heads, kv_heads, d, block_size, tables.shape[1], scale, out.data_ptr(), torch.get_num_threads(), int(WIDE),
     )
     if status:

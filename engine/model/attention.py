@@ -69,6 +69,49 @@ class AttentionMetadata:
     # Where decodes attend: "cpu" (the engine's C kernel), "triton" (a GPU's), "gather" (blocks gathered for SDPA);
     # found at the first layer.
     decode_kernel: str | None = None
+    windows: dict = field(default_factory=dict)  # sliding window -> its WindowView, made at the first layer using it
+
+
+@dataclass(slots=True)
+class WindowView:
+    """The step's attention seen through a sliding window of W keys (a query at position p attends to positions
+    p - W + 1 .. p): the decodes' block tables from the block holding their first key in the window, their lengths
+    from there and the keys of that block before the window (for the CPU kernel), their masks (for the gather), and
+    each prefill chunk's mask (None: plain causal reaches no further back than the window)."""
+
+    tables: torch.Tensor | None
+    lens: torch.Tensor | None
+    starts: torch.Tensor | None
+    decode_mask: torch.Tensor | None
+    prefill_masks: list[torch.Tensor | None]
+
+
+def window_view(meta: AttentionMetadata, window: int, block_size: int) -> WindowView:
+    view = meta.windows.get(window)
+    if view is not None:
+        return view
+    tables = lens = starts = mask = None
+    if meta.num_decodes:
+        full = meta.decode_block_tables
+        width = full.shape[1]
+        first = (meta.decode_lens - window).clamp(min=0)  # each decode's first key in its window
+        skip = first // block_size  # whole blocks before it
+        columns = (skip[:, None] + torch.arange(width, device=full.device)).clamp(max=width - 1)
+        tables, lens, starts = full.gather(1, columns), meta.decode_lens - skip * block_size, first - skip * block_size
+        key_pos = torch.arange(width * block_size, device=full.device)
+        mask = meta.decode_mask & (key_pos[None, :] >= first[:, None]).view(meta.num_decodes, 1, 1, -1)
+    prefill_masks = []
+    for c in meta.prefills:
+        n = c.end - c.start
+        if c.mask is None and n <= window:
+            prefill_masks.append(None)
+            continue
+        device = c.block_table.device
+        q_pos = torch.arange(c.context_len - n, c.context_len, device=device)[:, None]
+        k_pos = torch.arange(c.context_len, device=device)[None, :]
+        prefill_masks.append((k_pos <= q_pos) & (k_pos > q_pos - window))
+    view = meta.windows[window] = WindowView(tables, lens, starts, mask, prefill_masks)
+    return view
 
 
 # A decode group's gather may hold this much more than its rows' own blocks (padding to its longest row).
@@ -161,6 +204,7 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,  # a sliding window: each query attends to its last `window` positions
 ) -> torch.Tensor:  # [T, heads * d]
     num_blocks, block_size, kv_heads, d = k_cache.shape
     T, heads, _ = q.shape
@@ -171,17 +215,24 @@ def paged_attention(
             meta.decode_kernel = "cpu"
         else:
             meta.decode_kernel = "triton" if triton_kernel.available(q, k_cache) else "gather"
-    if nd and meta.decode_kernel != "gather":
-        kernel = paged_kernel if meta.decode_kernel == "cpu" else triton_kernel
-        decoded = kernel.paged_decode_attention(
-            q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, scale)
+    view = window_view(meta, window, block_size) if window is not None else None
+    # The GPU's kernel takes no window: a windowed layer's decodes are gathered there.
+    gathered = meta.decode_kernel == "gather" or (view is not None and meta.decode_kernel == "triton")
+    if nd and not gathered:
+        if view is not None:
+            decoded = paged_kernel.paged_decode_attention(q[:nd], k_cache, v_cache, view.tables, view.lens, scale,
+                                                          view.starts)
+        else:
+            kernel = paged_kernel if meta.decode_kernel == "cpu" else triton_kernel
+            decoded = kernel.paged_decode_attention(
+                q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, scale)
         if nd == T:
             return decoded.view(T, heads * d)
         out = torch.empty_like(q)
         out[:nd] = decoded
     else:
         out = torch.empty_like(q)
-    if nd and meta.decode_kernel == "gather":
+    if nd and gathered:
         if meta.gather_k is None:
             most = max((g.end - g.start) * g.width for g in meta.decode_groups)
             meta.gather_k = k_cache.new_empty((most, block_size * kv_heads * d))
@@ -195,7 +246,8 @@ def paged_attention(
             # A cache held at lower precision than the queries (bf16 under fp32 activations) is widened here.
             keys = keys.view(rows, -1, kv_heads, d).transpose(1, 2).to(q.dtype)  # [rows, kvh, L, d]
             values = values.view(rows, -1, kv_heads, d).transpose(1, 2).to(q.dtype)
-            mask = meta.decode_mask[g.start : g.end, ..., : g.width * block_size]  # [rows, 1, 1, L]
+            masks = view.decode_mask if view is not None else meta.decode_mask
+            mask = masks[g.start : g.end, ..., : g.width * block_size]  # [rows, 1, 1, L]
             # The query heads of each KV head as its queries, [rows, kvh, heads / kvh, d]: GQA without repeating
             # the keys, in a form the fused kernels take with a mask (enable_gqa with a mask is the math path's).
             o = F.scaled_dot_product_attention(
@@ -208,12 +260,13 @@ def paged_attention(
         # The prefill rows at that dtype, converted once for every chunk of the step (the decode rows, first, are
         # left out: they are not read again).
         qp, kp, vp = (t[nd:].to(dtype) for t in (q, k, v))
-    for c in meta.prefills:
+    for i, c in enumerate(meta.prefills):
         # 4-D, [1, heads, n, d]: the layout PyTorch's fused attention kernels take (3-D falls back to the math path,
         # which materialises [heads, n, context] scores).
         n = c.end - c.start
         rows = slice(c.start - nd, c.end - nd)
-        if c.mask is None:
+        chunk_mask = view.prefill_masks[i] if view is not None else c.mask
+        if chunk_mask is None:
             o = F.scaled_dot_product_attention(
                 qp[rows].transpose(0, 1).unsqueeze(0), kp[rows].transpose(0, 1).unsqueeze(0),
                 vp[rows].transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale, enable_gqa=gqa,
@@ -225,7 +278,7 @@ def paged_attention(
             # As for decodes: each KV head's query heads and positions as its queries, the mask repeated for each.
             group = heads // kv_heads
             qc = qp[rows].view(n, kv_heads, group, d).permute(1, 2, 0, 3).reshape(kv_heads, group * n, d)
-            mask = c.mask.repeat(group, 1) if group > 1 else c.mask  # [group * n, ctx]
+            mask = chunk_mask.repeat(group, 1) if group > 1 else chunk_mask  # [group * n, ctx]
             o = F.scaled_dot_product_attention(qc.unsqueeze(0), kc.unsqueeze(0), vc.unsqueeze(0), attn_mask=mask,
                                                scale=scale)[0]  # [kvh, group * n, d]
             o = o.view(kv_heads, group, n, d).reshape(heads, n, d)

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -113,11 +114,12 @@ def tensor_source(model_dir: Path, cfg: ModelConfig):
     from engine.model.gguf_checkpoint import GGUFSource, gguf_file
 
     path = gguf_file(model_dir)
-    if path is not None:
-        return GGUFSource(path, cfg.num_heads, cfg.num_kv_heads)
-    source = SafetensorsSource(weight_files(Path(model_dir)))
-    if cfg.architecture == "MixtralForCausalLM":
-        return RenamedTensors(source, mixtral_names(cfg))
+    if path is not None:  # its experts are named as the engine names them
+        source = GGUFSource(path, cfg.num_heads, cfg.num_kv_heads)
+    else:
+        source = SafetensorsSource(weight_files(Path(model_dir)))
+        if cfg.architecture == "MixtralForCausalLM":
+            return RenamedTensors(source, mixtral_names(cfg))
     return SplitProjections(source, cfg) if cfg.fused_projections else source
 
 
@@ -203,6 +205,14 @@ class SplitProjections:
             return self.source.read(name)
         fused, start, end = part
         return self.source.read(fused)[start:end].clone()
+
+    def read_codes(self, name: str):
+        """A quantized matrix's codes (a GGUF source's), its rows of the fused matrix where it is one's part."""
+        part = self._split(name)
+        if part is None:
+            return self.source.read_codes(name)
+        fused, start, end = part
+        return self.source.read_codes(fused).rows(np.arange(start, end))
 
 
 def checkpoint_tokenizer(model_dir: Path):

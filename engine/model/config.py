@@ -47,7 +47,7 @@ class ModelConfig:
     mlp_bias: bool
     qk_norm: bool  # an RMS norm over each query and key head before the rotary embedding (Qwen3)
     fused_projections: bool  # the checkpoint stores q/k/v as one qkv_proj and gate/up as one gate_up_proj (Phi-3)
-    sliding_window: int | None
+    sliding_window: int | None  # attention over the last this many positions, in the layers of window_layers
     checkpoint_dtype: str  # the dtype the weights are stored in
     bos_token_id: int | None
     eos_token_ids: frozenset[int]
@@ -60,6 +60,7 @@ class ModelConfig:
     norm_topk_prob: bool = False
     shared_expert_intermediate_size: int = 0
     moe_layers: frozenset[int] = frozenset()
+    window_layers: frozenset[int] = frozenset()  # the layers whose attention slides (sliding_window)
 
     @property
     def q_size(self) -> int:
@@ -165,11 +166,16 @@ class ModelConfig:
             qk_norm=family in ("qwen3", "qwen3_moe"),
             fused_projections=family == "phi3",
             sliding_window=int(sliding) if sliding else None,
+            window_layers=_window_layers(raw, family, int(need("num_hidden_layers"))) if sliding else frozenset(),
             checkpoint_dtype=DTYPES[dtype],
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=frozenset(int(e) for e in eos_ids),
             **moe,
         )
+
+    def window(self, layer: int) -> int | None:
+        """The layer's sliding window, or None where it attends to the whole context."""
+        return self.sliding_window if layer in self.window_layers else None
 
     def is_moe(self, layer: int) -> bool:
         return layer in self.moe_layers
@@ -225,6 +231,17 @@ class ModelConfig:
 
     def kv_bytes_per_token_per_layer(self, dtype_bytes: int) -> int:
         return 2 * self.kv_size * dtype_bytes
+
+
+def _window_layers(raw: dict, family: str, layers: int) -> frozenset[int]:
+    """The layers a sliding window applies to: as the config's layer_types say, else every layer (Mistral, Mixtral,
+    Phi-3), or for Qwen's families those from max_window_layers on."""
+    types = raw.get("layer_types")
+    if types:
+        return frozenset(i for i, t in enumerate(types) if t == "sliding_attention")
+    if family.startswith("qwen"):
+        return frozenset(range(int(raw.get("max_window_layers") or 0), layers))
+    return frozenset(range(layers))
 
 
 def _long_rope(scaling: dict, raw: dict, head_dim: int, source: str) -> dict:

@@ -18,6 +18,7 @@ from tokenization.gguf_tokenizer import end_of_generation_ids
 
 # general.architecture -> the Hugging Face architecture the engine runs it as
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "phi3": "Phi3ForCausalLM",
                  "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
 # llama.cpp's mixtures of experts: whether each token's expert weights are renormalised over its chosen experts, as
 # its graph for the architecture does (a Mixtral file is a "llama" with experts).
@@ -68,10 +69,14 @@ def open_gguf(path: Path):
         raise CheckpointError(f"{path}: cannot read it as GGUF ({type(e).__name__}: {e})") from None
 
 
+# Tensors of a few dozen rotary frequency factors that the config needs: Llama 3's divisors, LongRoPE's two sets.
+FACTOR_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
 @functools.lru_cache(maxsize=4)
-def _header(path: Path) -> tuple[dict, dict[str, tuple[str, int]], list[float] | None]:
+def _header(path: Path) -> tuple[dict, dict[str, tuple[str, int]], dict[str, list[float]]]:
     """The file's key-value metadata as Python values, each tensor's GGML type and number of dimensions, and the
-    rotary frequency factors where the file holds them (rope_freqs: a few dozen values the config needs)."""
+    rotary frequency factors the file holds (FACTOR_TENSORS), by tensor name."""
     reader = open_gguf(path)
     meta = {}
     for key, field in reader.fields.items():
@@ -79,9 +84,9 @@ def _header(path: Path) -> tuple[dict, dict[str, tuple[str, int]], list[float] |
             meta[key] = field.contents()
         except Exception:  # a field type this reader version cannot decode: nothing the engine reads
             continue
-    factors = [float(f) for t in reader.tensors if t.name == "rope_freqs.weight"
-               for f in np.asarray(t.data, dtype=np.float32)]
-    return meta, {t.name: (t.tensor_type.name, len(t.shape)) for t in reader.tensors}, factors or None
+    factors = {t.name: [float(f) for f in np.asarray(t.data, dtype=np.float32)] for t in reader.tensors
+               if t.name in FACTOR_TENSORS}
+    return meta, {t.name: (t.tensor_type.name, len(t.shape)) for t in reader.tensors}, factors
 
 
 def metadata(path: Path) -> dict:
@@ -130,6 +135,8 @@ def config_dict(path: Path) -> dict:
         "eos_token_id": sorted(end_of_generation_ids(meta)),
     }
     raw["rope_scaling"] = _rope_scaling(path, meta, arch)
+    if meta.get(f"{arch}.attention.sliding_window"):
+        raw["sliding_window"] = int(meta[f"{arch}.attention.sliding_window"])
     experts = int(meta.get(f"{arch}.expert_count") or 0)
     if experts:
         if arch not in NORMALISED_EXPERTS:
@@ -150,10 +157,18 @@ def _rope_scaling(path: Path, meta: dict, arch: str) -> dict | None:
     per-frequency divisors (rope_freqs), which the engine applies as they are; linear scaling as a factor."""
     kind = meta.get(f"{arch}.rope.scaling.type")
     factors = _header(path)[2]
-    if factors is not None:
+    if "rope_factors_long.weight" in factors:  # LongRoPE (Phi-3)
+        original = meta.get(f"{arch}.rope.scaling.original_context_length")
+        if not original or "rope_factors_short.weight" not in factors:
+            raise CheckpointError(f"{path}: GGUF LongRoPE factors without rope_factors_short and "
+                                  f"{arch}.rope.scaling.original_context_length")
+        return {"rope_type": "longrope", "long_factor": factors["rope_factors_long.weight"],
+                "short_factor": factors["rope_factors_short.weight"], "original_max_position_embeddings": int(original),
+                "attention_factor": float(meta.get(f"{arch}.rope.scaling.attn_factor") or 1.0)}
+    if "rope_freqs.weight" in factors:
         if kind not in (None, "none"):
             raise CheckpointError(f"{path}: GGUF rope scaling {kind!r} beside rope_freqs is not supported")
-        return {"rope_type": "freq_factors", "factors": factors}
+        return {"rope_type": "freq_factors", "factors": factors["rope_freqs.weight"]}
     if kind in (None, "none"):
         return None
     if kind == "linear":
@@ -182,11 +197,14 @@ class GGUFSource:
         self.path = path
         reader = open_gguf(path)
         self.arch = metadata(path).get("general.architecture")
+        # Phi-3's file keeps q, k and v as one attn_qkv, and gate and up as one ffn_up, as its checkpoint does.
+        fused = {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"}
+        names = {**LAYER_TENSORS, **fused} if self.arch == "phi3" else LAYER_TENSORS
         self.heads, self.kv_heads = num_heads, num_kv_heads
         self.tensors = {}
         self.expert: dict[str, int] = {}  # a name that is one expert of a stacked tensor -> its index there
         for t in reader.tensors:
-            name = _hf_name(t.name)
+            name = _hf_name(t.name, names)
             if name is not None:
                 self.tensors[name] = t
             elif t.name.startswith("blk.") and t.name.split(".", 2)[2] in EXPERT_TENSORS:
@@ -247,13 +265,13 @@ class GGUFSource:
         return None
 
 
-def _hf_name(name: str) -> str | None:
+def _hf_name(name: str, layer_tensors: dict[str, str]) -> str | None:
     if name in GLOBAL_TENSORS:
         return GLOBAL_TENSORS[name]
     if name.startswith("blk."):
         _, index, rest = name.split(".", 2)
-        if rest in LAYER_TENSORS:
-            return f"model.layers.{index}.{LAYER_TENSORS[rest]}"
+        if rest in layer_tensors:
+            return f"model.layers.{index}.{layer_tensors[rest]}"
     return None  # rope_freqs and the like: what the engine computes itself
 
 

@@ -267,7 +267,7 @@ class StageModel:
                 if layer.q_norm is not None:
                     ops.head_norms(qkv, layer.q_norm, layer.k_norm)
                 q, k, v = ops.rotary_into_cache(qkv, i)
-                attn = paged_attention(q, k, v, *ops.caches[i], meta, self.scale)
+                attn = paged_attention(q, k, v, *ops.caches[i], meta, self.scale, cfg.window(self.layer_ids[i]))
                 h = ops.add_norm(x, w.o(attn), layer.ln2)
                 if w.experts is not None:
                     if on_layer is not None:

@@ -166,9 +166,10 @@ class StageRunner:
         """CUDA graphs for decode steps: on a GPU, unless the engine runs eagerly, where decodes attend on the
         Triton kernel (the padded tables a graph needs are then never gathered), and not where layers are copied in
         from host memory every step (a graph would replay one pass's slots and copies), nor for a mixture of experts
-        (which experts run is decided on the host, from each step's routing)."""
+        (which experts run is decided on the host, from each step's routing), nor with a sliding window (whose
+        decodes are gathered on a GPU)."""
         if (not (self.spec.cuda_graphs and self.device.type == "cuda") or self.spec.streamed_layers
-                or self.cfg.num_experts):
+                or self.cfg.num_experts or self.cfg.window_layers):
             return False
         probe_q = torch.empty((1, self.cfg.num_heads, self.cfg.head_dim), dtype=self.dtype, device=self.device)
         probe_cache = torch.empty((1, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim),

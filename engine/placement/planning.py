@@ -25,9 +25,8 @@ PLANNED_CONTEXT = 512
 
 
 def model_len_limit(cfg: ModelConfig) -> int:
-    """The longest context the model supports: its position limit, or its sliding window where shorter."""
-    limit = cfg.max_position_embeddings
-    return limit if cfg.sliding_window is None else min(limit, cfg.sliding_window)
+    """The longest context the model supports: its position limit (a sliding window slides within it)."""
+    return cfg.max_position_embeddings
 
 
 def planned_batch(max_num_seqs: int, num_stages: int) -> int:
