@@ -24,6 +24,12 @@ FAMILIES = {
     "qwen3": dict(architectures=["Qwen3ForCausalLM"], tie_word_embeddings=True, head_dim=32),
     "phi3": dict(architectures=["Phi3ForCausalLM"], tie_word_embeddings=False, pad_token_id=0),
     "mistral": dict(architectures=["MistralForCausalLM"], tie_word_embeddings=False, sliding_window=None),
+    # Gemma 3: every other layer slides over 8 positions, at its own rotary base; the others are global, scaled.
+    "gemma3": dict(architectures=["Gemma3ForCausalLM"], tie_word_embeddings=False, head_dim=32, sliding_window=8,
+                   query_pre_attn_scalar=24, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                    "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                       "rope_theta": 1000000.0}}),
     # Mixtures of experts: 8 experts, 2 per token; a shared expert and unnormalised weights (Qwen2-MoE), a dense
     # first layer (Qwen3-MoE).
     "mixtral": dict(architectures=["MixtralForCausalLM"], tie_word_embeddings=False, num_local_experts=8,
@@ -58,7 +64,8 @@ def write_checkpoint(out: Path, family: str = "llama", *, vocab_size: int = 512,
     config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
                   "qwen3": transformers.Qwen3Config, "phi3": transformers.Phi3Config,
                   "mistral": transformers.MistralConfig, "mixtral": transformers.MixtralConfig,
-                  "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig}[family]
+                  "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
+                  "gemma3": transformers.Gemma3TextConfig}[family]
     config = config_cls(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -68,6 +75,13 @@ def write_checkpoint(out: Path, family: str = "llama", *, vocab_size: int = 512,
     )
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).to(getattr(torch, dtype))
+    if family == "gemma3":
+        # Its norms start at w = 0 (a scale of 1 + w = 1) and its embeddings are scaled up: random norms make each
+        # layer count, so that greedy output depends on all of it.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0.0, 0.5)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
     return out

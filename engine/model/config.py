@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ SUPPORTED_ARCHITECTURES = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Gemma3ForCausalLM": "gemma3",
 }
 # The products of a dense layer's MLP, and of one expert of a mixture-of-experts layer (Hugging Face names).
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
@@ -61,6 +63,16 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0
     moe_layers: frozenset[int] = frozenset()
     window_layers: frozenset[int] = frozenset()  # the layers whose attention slides (sliding_window)
+    # Gemma's differences: norms scale by 1 + w (norm_offset), the attention's and the MLP's outputs are normalised
+    # before the residual adds them (sandwich_norms: post_attention_layernorm on the attention's output,
+    # pre_feedforward_layernorm before the MLP, post_feedforward_layernorm after it), embeddings scaled by
+    # embed_scale, a GELU (tanh) gate, queries scaled by attention_scale, and the sliding layers' own rotary base.
+    norm_offset: bool = False
+    sandwich_norms: bool = False
+    embed_scale: float | None = None
+    activation: str = "silu"  # "silu" or "gelu_tanh"
+    attention_scale: float | None = None  # None: head_dim ** -0.5
+    local_rope_theta: float | None = None  # the sliding layers' rotary base, unscaled; None: as the others
 
     @property
     def q_size(self) -> int:
@@ -110,7 +122,16 @@ class ModelConfig:
         kv_heads = int(raw.get("num_key_value_heads") or heads)
         if heads % kv_heads:
             raise CheckpointError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-        # Older configs say rope_theta + rope_scaling; newer ones fold both into rope_parameters.
+        # Older configs say rope_theta + rope_scaling; newer ones fold both into rope_parameters, per layer type where
+        # layer types differ (Gemma 3: the sliding layers' own base, unscaled).
+        local_theta = raw.get("rope_local_base_freq")
+        if isinstance(raw.get("rope_parameters"), dict) and "full_attention" in raw["rope_parameters"]:
+            local = raw["rope_parameters"].get("sliding_attention") or {}
+            if local.get("rope_type", "default") != "default":
+                raise CheckpointError(f"{source}: sliding layers' rope type {local.get('rope_type')!r} is not "
+                                      "supported (default)")
+            local_theta = local.get("rope_theta", local_theta)
+            raw = {**raw, "rope_parameters": raw["rope_parameters"]["full_attention"]}
         scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or None
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type"))
@@ -128,8 +149,11 @@ class ModelConfig:
         theta = raw.get("rope_theta")
         if theta is None and isinstance(raw.get("rope_parameters"), dict):
             theta = raw["rope_parameters"].get("rope_theta")
-        sliding = (raw.get("sliding_window") if family in ("mistral", "phi3", "mixtral") or raw.get("use_sliding_window")
-                   else None)
+        sliding = (raw.get("sliding_window") if family in ("mistral", "phi3", "mixtral", "gemma3")
+                   or raw.get("use_sliding_window") else None)
+        for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if raw.get(cap) is not None:
+                raise CheckpointError(f"{source}: {cap} is not supported")
         partial = float((raw.get("rope_parameters") or {}).get("partial_rotary_factor", raw.get(
             "partial_rotary_factor", 1.0)))
         if partial != 1.0:
@@ -163,7 +187,7 @@ class ModelConfig:
             qkv_bias=family in ("qwen2", "qwen2_moe") or bool(raw.get("attention_bias", False)),
             o_bias=family == "llama" and bool(raw.get("attention_bias", False)),
             mlp_bias=bool(raw.get("mlp_bias", False)),
-            qk_norm=family in ("qwen3", "qwen3_moe"),
+            qk_norm=family in ("qwen3", "qwen3_moe", "gemma3"),
             fused_projections=family == "phi3",
             sliding_window=int(sliding) if sliding else None,
             window_layers=_window_layers(raw, family, int(need("num_hidden_layers"))) if sliding else frozenset(),
@@ -171,6 +195,7 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=frozenset(int(e) for e in eos_ids),
             **moe,
+            **(_gemma(raw, hidden, local_theta, DTYPES[dtype]) if family == "gemma3" else {}),
         )
 
     def window(self, layer: int) -> int | None:
@@ -200,6 +225,8 @@ class ModelConfig:
         h, q, kv = self.hidden_size, self.q_size, self.kv_size
         shapes: dict[str, tuple[int, ...]] = {
             "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+            **({"pre_feedforward_layernorm.weight": (h,), "post_feedforward_layernorm.weight": (h,)}
+               if self.sandwich_norms else {}),
             "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
             "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
         }
@@ -231,6 +258,28 @@ class ModelConfig:
 
     def kv_bytes_per_token_per_layer(self, dtype_bytes: int) -> int:
         return 2 * self.kv_size * dtype_bytes
+
+
+def _gemma(raw: dict, hidden: int, local_theta, dtype: str) -> dict:
+    """Gemma 3's fields of ModelConfig."""
+    act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise CheckpointError(f"activation {act!r} is not supported for Gemma (gelu_pytorch_tanh)")
+    # The reference scales embeddings by sqrt(hidden) rounded to the weights' dtype.
+    scale = _rounded(hidden**0.5, dtype)
+    return dict(norm_offset=True, sandwich_norms=True, embed_scale=scale, activation="gelu_tanh",
+                attention_scale=float(raw.get("query_pre_attn_scalar") or raw.get("head_dim") or 256) ** -0.5,
+                local_rope_theta=float(local_theta) if local_theta else None)
+
+
+def _rounded(value: float, dtype: str) -> float:
+    """value as the nearest number of a float dtype (bf16: round to nearest even)."""
+    if dtype == "float16":
+        return struct.unpack("e", struct.pack("e", value))[0]
+    bits = struct.unpack("I", struct.pack("f", value))[0]
+    if dtype == "bfloat16":
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return struct.unpack("f", struct.pack("I", bits))[0]
 
 
 def _window_layers(raw: dict, family: str, layers: int) -> frozenset[int]:

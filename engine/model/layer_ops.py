@@ -25,9 +25,11 @@ class LayerOps:
     layer i's key and value caches."""
 
     def __init__(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, rope: torch.Tensor,
-                 kv_cache: torch.Tensor, heads: int, kv_heads: int, eps: float) -> None:
+                 kv_cache: torch.Tensor, heads: int, kv_heads: int, eps: float,
+                 local_rope: torch.Tensor | None = None) -> None:
+        """local_rope: the sliding layers' own table, alike in shape (Gemma 3)."""
         self.heads, self.kv_heads, self.eps = heads, kv_heads, eps
-        self.positions, self.slots, self.rope = positions, slots, rope
+        self.positions, self.slots, self.rope, self.local_rope = positions, slots, rope, local_rope
         self.caches = [layer.unbind(0) for layer in kv_cache.unbind(0)]
         self.fused = kernel.available(x) and kv_cache.dtype in kernel.KV_DTYPES and kv_cache.is_contiguous()
         if self.fused and self.caches:
@@ -37,8 +39,8 @@ class LayerOps:
                     raise IndexError(f"a {name} is out of range: {int(t.min())}..{int(t.max())}, limit {limit}")
             kernel.check_rotary(heads, kv_heads, positions, rope, slots, *self.caches[0])
         elif not self.fused:
-            cs = rope[positions]  # [T, 2, d]
-            self.cos, self.sin = cs[:, 0:1], cs[:, 1:2]  # [T, 1, d]
+            self.cos_sin = {id(t): (t[positions][:, 0:1], t[positions][:, 1:2])  # [T, 1, d] each
+                            for t in (rope, local_rope) if t is not None}
 
     def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
         """x += delta in place (when given); returns x normalised and scaled by weight."""
@@ -59,23 +61,29 @@ class LayerOps:
         heads[:, :nh] = rms_norm(heads[:, :nh], q_weight, self.eps)
         heads[:, nh:nh + nkv] = rms_norm(heads[:, nh:nh + nkv], k_weight, self.eps)
 
-    def rotary_into_cache(self, qkv: torch.Tensor, layer: int):
-        """qkv [T, (heads + 2 kv_heads) d] -> q [T, heads, d], k, v [T, kv_heads, d], q and k rotated; the new
-        keys and values are written into the layer's caches."""
+    def rotary_into_cache(self, qkv: torch.Tensor, layer: int, local: bool = False):
+        """qkv [T, (heads + 2 kv_heads) d] -> q [T, heads, d], k, v [T, kv_heads, d], q and k rotated (local: by the
+        sliding layers' table); the new keys and values are written into the layer's caches."""
         T = qkv.shape[0]
         nh, nkv = self.heads, self.kv_heads
         d = self.rope.shape[-1]
         k_cache, v_cache = self.caches[layer]
+        table = self.local_rope if local else self.rope
         if self.fused:
-            kernel.rotary_into_checked_cache(qkv, nh, nkv, self.positions, self.rope, self.slots, k_cache, v_cache)
+            kernel.rotary_into_checked_cache(qkv, nh, nkv, self.positions, table, self.slots, k_cache, v_cache)
             heads = qkv.view(T, nh + 2 * nkv, d)
             return heads[:, :nh], heads[:, nh : nh + nkv], heads[:, nh + nkv :]
-        qk = apply_rotary(qkv[:, : (nh + nkv) * d].view(T, nh + nkv, d), self.cos, self.sin)
+        qk = apply_rotary(qkv[:, : (nh + nkv) * d].view(T, nh + nkv, d), *self.cos_sin[id(table)])
         k = qk[:, nh:]
         v = qkv[:, (nh + nkv) * d :].view(T, nkv, d)
         k_cache.view(-1, nkv, d).index_copy_(0, self.slots, k.to(k_cache.dtype))
         v_cache.view(-1, nkv, d).index_copy_(0, self.slots, v.to(v_cache.dtype))
         return qk[:, :nh], k, v
+
+    def gelu_tanh_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[T, 2I] (gate | up) -> [T, I], with the tanh approximation of GELU (Gemma)."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """[T, 2I] (gate | up) -> [T, I]."""

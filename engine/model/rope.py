@@ -13,12 +13,14 @@ import torch
 from engine.model.config import ModelConfig
 
 
-def inv_frequencies(cfg: ModelConfig, long: bool = False) -> torch.Tensor:
-    """long: LongRoPE's frequencies for sequences beyond the original context."""
+def inv_frequencies(cfg: ModelConfig, long: bool = False, local: bool = False) -> torch.Tensor:
+    """long: LongRoPE's frequencies for sequences beyond the original context; local: the sliding layers' own
+    (cfg.local_rope_theta, unscaled)."""
     d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))  # [d/2]
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))  # [d/2]
     s = cfg.rope_scaling
-    if s is None:
+    if s is None or local:
         return inv
     kind = s.get("rope_type", s.get("type"))
     if kind == "longrope":
@@ -49,16 +51,18 @@ def long_rope(cfg: ModelConfig) -> int | None:
     return s["original_max_position_embeddings"] if s is not None and s.get("rope_type") == "longrope" else None
 
 
-def cos_sin_table(cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def cos_sin_table(cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device: torch.device,
+                  local: bool = False) -> torch.Tensor:
     """[max_positions, 2, head_dim]: cos and sin per position, halves repeated (rotate-half layout); for LongRoPE
-    [2 max_positions, 2, head_dim], the short frequencies' rows and then the long ones'."""
+    [2 max_positions, 2, head_dim], the short frequencies' rows and then the long ones'. local: the sliding layers'
+    table (cfg.local_rope_theta)."""
     t = torch.arange(max_positions, dtype=torch.int64).float()
     tables = []
-    for long in ((False, True) if long_rope(cfg) else (False,)):
-        freqs = torch.outer(t, inv_frequencies(cfg, long))  # [P, d/2]
+    for long in ((False, True) if long_rope(cfg) and not local else (False,)):
+        freqs = torch.outer(t, inv_frequencies(cfg, long, local))  # [P, d/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, d]
         cos, sin = emb.cos(), emb.sin()
-        if long_rope(cfg):
+        if long_rope(cfg) and not local:
             scale = cfg.rope_scaling["attention_factor"]
             cos, sin = cos * scale, sin * scale
         tables.append(torch.stack((cos, sin), dim=1))

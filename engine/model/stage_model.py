@@ -97,17 +97,29 @@ class LayerProducts:
         self.down = products([m + "down_proj.weight"], [m + "down_proj.bias"] if cfg.mlp_bias else None)
 
 
+def read_norm(read: TensorReader, name: str, cfg: ModelConfig, dtype: torch.dtype) -> torch.Tensor:
+    """A norm's scale as it multiplies: 1 + w where the family stores it so (Gemma)."""
+    w = read(name)
+    return (w.float() + 1.0 if cfg.norm_offset else w).to(dtype)
+
+
 class DecoderLayer:
-    __slots__ = ("ln1", "ln2", "q_norm", "k_norm", "products")
+    __slots__ = ("ln1", "ln2", "post_attn", "post_mlp", "q_norm", "k_norm", "local_rope", "products")
 
     def __init__(self, read: TensorReader, layer: int, cfg: ModelConfig, dtype: torch.dtype,
                  products: Products) -> None:
         prefix = f"model.layers.{layer}."
-        self.ln1 = read(prefix + "input_layernorm.weight").to(dtype)
-        self.ln2 = read(prefix + "post_attention_layernorm.weight").to(dtype)
-        # Per-head norms of the queries and keys (Qwen3); None where the family has none.
-        self.q_norm = read(prefix + "self_attn.q_norm.weight").to(dtype) if cfg.qk_norm else None
-        self.k_norm = read(prefix + "self_attn.k_norm.weight").to(dtype) if cfg.qk_norm else None
+        norm = (lambda name: read_norm(read, prefix + name, cfg, dtype))
+        self.ln1 = norm("input_layernorm.weight")
+        # The norm before the MLP, and (Gemma) the norms of the attention's and the MLP's outputs.
+        self.ln2 = norm("pre_feedforward_layernorm.weight" if cfg.sandwich_norms else "post_attention_layernorm.weight")
+        self.post_attn = norm("post_attention_layernorm.weight") if cfg.sandwich_norms else None
+        self.post_mlp = norm("post_feedforward_layernorm.weight") if cfg.sandwich_norms else None
+        # Per-head norms of the queries and keys (Qwen3, Gemma 3); None where the family has none.
+        self.q_norm = norm("self_attn.q_norm.weight") if cfg.qk_norm else None
+        self.k_norm = norm("self_attn.k_norm.weight") if cfg.qk_norm else None
+        # Whether the layer rotates by the sliding layers' own table (Gemma 3).
+        self.local_rope = cfg.local_rope_theta is not None and cfg.window(layer) is not None
         self.products: LayerProducts | None = LayerProducts(prefix, cfg, products, layer)  # None: streamed
 
 
@@ -181,7 +193,7 @@ class StageModel:
                            else HostStream(stored, device, shared=shared))
         if self.stream is not None:
             self.weight_bytes += self.stream.memory_bytes
-        self.norm = read("model.norm.weight").to(dtype) if last else None
+        self.norm = read_norm(read, "model.norm.weight", cfg, dtype) if last else None
         embed_name = "model.embed_tokens.weight"
         self.lm_head = products([embed_name if cfg.tie_word_embeddings else "lm_head.weight"]) if last else None
         # A tied head packed for the engine's kernels answers embedding lookups itself, so the matrix is held once;
@@ -200,15 +212,22 @@ class StageModel:
                 # A tied matrix held twice: plain for lookups, prepacked for the head.
                 self.weight_bytes += self.embed.numel() * self.embed.element_size()
         self.weight_bytes -= products.bytes_saved
-        self.rope = cos_sin_table(cfg, max_positions, dtype, device)  # [P, 2, d]
+        self.rope = self.local_rope = None
+        self._rotary_tables(max_positions, device)
         # Tokens routed to each expert of each of the stage's layers since the last take_expert_load().
         self.expert_load = torch.zeros(len(layers), max(cfg.num_experts, 1), dtype=torch.int64, device=device)
-        self.scale = cfg.head_dim**-0.5
+        self.scale = cfg.attention_scale or cfg.head_dim**-0.5
 
     def __getstate__(self) -> dict:
         # What a package stores (engine.model.package): the stream is rebuilt from the package's disk shard, the
         # rotary table for the context the server is started with.
-        return {**self.__dict__, "stream": None, "rope": None}
+        return {**self.__dict__, "stream": None, "rope": None, "local_rope": None}
+
+    def _rotary_tables(self, max_positions: int, device: torch.device) -> None:
+        """The cos/sin table ([P, 2, d]), and the sliding layers' own where they rotate otherwise (Gemma 3)."""
+        self.rope = cos_sin_table(self.cfg, max_positions, self.dtype, device)
+        if any(layer.local_rope for layer in self.layers):
+            self.local_rope = cos_sin_table(self.cfg, max_positions, self.dtype, device, local=True)
 
     @classmethod
     def from_package(cls, path: Path, index: dict, stage_file: str, disk_file: str | None, max_positions: int,
@@ -224,7 +243,7 @@ class StageModel:
         if not isinstance(model, cls):
             raise CheckpointError(f"{path / stage_file}: holds a {type(model).__name__}, not a stage")
         model.device = device
-        model.rope = cos_sin_table(model.cfg, max_positions, model.dtype, device)
+        model._rotary_tables(max_positions, device)
         shared = {"scratch": model.scratch}
         if index["streamed"] and device.type == "cpu":
             fd, direct = open_for_reading(path / disk_file)
@@ -250,9 +269,12 @@ class StageModel:
             x = F.embedding(x, self.embed).to(self.dtype)
         else:  # the residual stream is updated in place; the caller's tensor stays as it was
             x = x.clone(memory_format=torch.contiguous_format)
+        if self.first and self.cfg.embed_scale is not None:
+            x = x * self.cfg.embed_scale
         cfg = self.cfg
         ops = LayerOps(x, positions, meta.slot_mapping, self.rope, kv_cache, cfg.num_heads, cfg.num_kv_heads,
-                       cfg.rms_norm_eps)
+                       cfg.rms_norm_eps, self.local_rope)
+        act = ops.silu_mul if cfg.activation == "silu" else ops.gelu_tanh_mul
         if on_layer is not None:
             on_layer(-1)  # the layers start here
         h = ops.add_norm(x, None, self.layers[0].ln1) if self.layers else None
@@ -266,15 +288,19 @@ class StageModel:
                 qkv = w.qkv(h)
                 if layer.q_norm is not None:
                     ops.head_norms(qkv, layer.q_norm, layer.k_norm)
-                q, k, v = ops.rotary_into_cache(qkv, i)
-                attn = paged_attention(q, k, v, *ops.caches[i], meta, self.scale, cfg.window(self.layer_ids[i]))
-                h = ops.add_norm(x, w.o(attn), layer.ln2)
+                q, k, v = ops.rotary_into_cache(qkv, i, layer.local_rope)
+                attn = w.o(paged_attention(q, k, v, *ops.caches[i], meta, self.scale, cfg.window(self.layer_ids[i])))
+                if layer.post_attn is not None:
+                    attn = rms_norm(attn, layer.post_attn, cfg.rms_norm_eps)
+                h = ops.add_norm(x, attn, layer.ln2)
                 if w.experts is not None:
                     if on_layer is not None:
                         on_layer(i, "experts")
-                    mlp = w.experts(h, ops.silu_mul, self.expert_load[i])
+                    mlp = w.experts(h, act, self.expert_load[i])
                 else:
-                    mlp = w.down(ops.silu_mul(w.gate_up(h)))
+                    mlp = w.down(act(w.gate_up(h)))
+                if layer.post_mlp is not None:
+                    mlp = rms_norm(mlp, layer.post_mlp, cfg.rms_norm_eps)
                 if layer.products is None:
                     stream.release()
                 if i + 1 < len(self.layers):
