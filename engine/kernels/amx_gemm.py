@@ -59,6 +59,21 @@ def unpack_rows(packed: torch.Tensor, n: int, k: int, rows: torch.Tensor) -> tor
     return picked.reshape(rows.shape[0], -1)[:, :k]
 
 
+_SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
+SCRATCH_ROWS = 64  # inputs of up to this many rows (decode steps) reuse a buffer per shape; larger ones allocate
+
+
+def _scratch(shape: tuple[int, int]) -> torch.Tensor:
+    """The bf16 buffer a product rounds its inputs into: a mixture of experts makes thousands of small products a
+    step, and allocating each one's cost more than rounding into it."""
+    if shape[0] > SCRATCH_ROWS:
+        return torch.empty(shape, dtype=torch.bfloat16)
+    buf = _SCRATCH.get(shape)
+    if buf is None:
+        buf = _SCRATCH[shape] = torch.empty(shape, dtype=torch.bfloat16)
+    return buf
+
+
 def amx_linear(x: torch.Tensor, packed: torch.Tensor, n: int, k: int, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, k] fp32 @ W^T -> [M, n] fp32, W given packed; inputs rounded to bf16, sums in fp32."""
     if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k:
@@ -67,7 +82,7 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, n: int, k: int, bias: torc
         x = x.contiguous()
     m = x.shape[0]
     out = torch.empty((m, n), dtype=torch.float32)
-    scratch = torch.empty((-(-m // 16) * 16, packed.shape[1] * STEP), dtype=torch.bfloat16)
+    scratch = _scratch((-(-m // 16) * 16, packed.shape[1] * STEP))
     _library().amx_linear(x.data_ptr(), m, k, x.stride(0), packed.data_ptr(), n,
                           bias.data_ptr() if bias is not None else None, scratch.data_ptr(), out.data_ptr(),
                           torch.get_num_threads())

@@ -66,15 +66,14 @@ class ExpertProducts:
         if load is not None:
             load += counts
         rows = order // self.top_k
-        x = h.index_select(0, rows)
-        out = torch.empty_like(x)
-        start = 0
-        for e, count in enumerate(counts.tolist()):
-            if count:
+        sizes = counts.tolist()
+        blocks = h.index_select(0, rows).split(sizes)  # each expert's tokens, one view each
+        outs = []
+        for e, block in enumerate(blocks):
+            if sizes[e]:
                 gate_up, down = self.experts[e]
-                out[start : start + count] = down(silu_mul(gate_up(x[start : start + count])))
-                start += count
-        out.mul_(weights.flatten()[order].unsqueeze(1).to(out.dtype))
+                outs.append(down(silu_mul(gate_up(block))))
+        out = torch.cat(outs).mul_(weights.flatten()[order].unsqueeze(1).to(h.dtype))
         return torch.zeros_like(h).index_add_(0, rows, out)
 
 
