@@ -56,9 +56,14 @@ def test_a_family_answers_as_transformers_over_http_on_one_stage_and_two(tmp_pat
             assert served_texts(s.url) == want, devices
 
 
+# llama.cpp scales Gemma 3's queries by its head size (but for the 27B model), as the real models' configs say; a GGUF
+# file does not carry query_pre_attn_scalar.
+GEMMA_SCALE = dict(query_pre_attn_scalar=32)
+
+
 @pytest.mark.parametrize("family, pre, overrides", [("qwen3", "qwen2", {}), ("phi3", "default", LONG_ROPE),
-                                                    ("mixtral", "default", {}), ("qwen2_moe", "qwen2", {}),
-                                                    ("qwen3_moe", "qwen2", {})])
+                                                    ("gemma3", "default", GEMMA_SCALE), ("mixtral", "default", {}),
+                                                    ("qwen2_moe", "qwen2", {}), ("qwen3_moe", "qwen2", {})])
 def test_a_family_from_gguf_answers_as_transformers_on_its_source(tmp_path, family, pre, overrides):
     """The same weights written as llama.cpp names them (F32), against transformers on the checkpoint they came from
     (transformers' own GGUF reader takes a Qwen3 file's head size to be its config default, and reads no file's

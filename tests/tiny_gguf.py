@@ -18,9 +18,10 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _rope(cfg: dict) -> dict:
-    """The rotary parameters, under either name transformers writes them."""
-    return cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+def _rope(cfg: dict, layer_type: str = "full_attention") -> dict:
+    """The rotary parameters, under either name transformers writes them (a layer type's, where they differ)."""
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    return rope.get(layer_type) or {} if "full_attention" in rope else rope
 
 
 def _rope_factors(cfg: dict, head_dim: int) -> np.ndarray:
@@ -93,7 +94,7 @@ def write_gguf(hf_dir: Path, path: Path, matrix_type: str = "F32", pre: str = "d
 
     cfg = json.loads((hf_dir / "config.json").read_text())
     arch = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-            "Phi3ForCausalLM": "phi3", "MixtralForCausalLM": "llama", "Qwen2MoeForCausalLM": "qwen2moe",
+            "Phi3ForCausalLM": "phi3", "Gemma3ForCausalLM": "gemma3", "MixtralForCausalLM": "llama", "Qwen2MoeForCausalLM": "qwen2moe",
             "Qwen3MoeForCausalLM": "qwen3moe"}[cfg["architectures"][0]]
     layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     kv_heads, head_dim = cfg["num_key_value_heads"], cfg.get("head_dim") or cfg["hidden_size"] // heads
@@ -118,6 +119,13 @@ def write_gguf(hf_dir: Path, path: Path, matrix_type: str = "F32", pre: str = "d
         w.add_expert_feed_forward_length(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
         if cfg.get("shared_expert_intermediate_size"):
             w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+    if arch == "gemma3":  # as llama.cpp's converter writes it
+        w.add_sliding_window(cfg["sliding_window"])
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg["layer_types"]])
+        w.add_rope_freq_base_swa(_rope(cfg, "sliding_attention").get("rope_theta", 10000.0))
+        if _rope(cfg).get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(_rope(cfg)["factor"])
     _write_tokenizer(w, hf_dir, pre)
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), layers)
     qtype = gguf.GGMLQuantizationType[matrix_type]
@@ -125,6 +133,8 @@ def write_gguf(hf_dir: Path, path: Path, matrix_type: str = "F32", pre: str = "d
     stacked: dict[str, list[np.ndarray]] = {}  # the experts' parts of a layer, stacked as llama.cpp stores them
     for name, value in sorted(load_file(str(hf_dir / "model.safetensors")).items(), key=lambda kv: _expert_order(kv[0])):
         data = value.astype(np.float32)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            data = data + 1.0  # the converter stores Gemma's norms as the 1 + w they scale by
         expert = _expert_part(name)
         if expert is not None:
             stacked.setdefault(expert, []).append(data)

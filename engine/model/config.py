@@ -267,7 +267,8 @@ def _gemma(raw: dict, hidden: int, local_theta, dtype: str) -> dict:
         raise CheckpointError(f"activation {act!r} is not supported for Gemma (gelu_pytorch_tanh)")
     # The reference scales embeddings by sqrt(hidden) rounded to the weights' dtype.
     scale = _rounded(hidden**0.5, dtype)
-    return dict(norm_offset=True, sandwich_norms=True, embed_scale=scale, activation="gelu_tanh",
+    # A GGUF file's norms hold 1 + w already (llama.cpp's converter adds it).
+    return dict(norm_offset=not raw.get("norms_include_offset", False), sandwich_norms=True, embed_scale=scale, activation="gelu_tanh",
                 attention_scale=float(raw.get("query_pre_attn_scalar") or raw.get("head_dim") or 256) ** -0.5,
                 local_rope_theta=float(local_theta) if local_theta else None)
 

@@ -18,7 +18,7 @@ from tokenization.gguf_tokenizer import end_of_generation_ids
 
 # general.architecture -> the Hugging Face architecture the engine runs it as
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "phi3": "Phi3ForCausalLM",
+                 "phi3": "Phi3ForCausalLM", "gemma3": "Gemma3ForCausalLM",
                  "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
 # llama.cpp's mixtures of experts: whether each token's expert weights are renormalised over its chosen experts, as
 # its graph for the architecture does (a Mixtral file is a "llama" with experts).
@@ -37,6 +37,9 @@ LAYER_TENSORS = {
     "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight", "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
     "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
 }
+GEMMA_NORMS = {"post_attention_norm.weight": "post_attention_layernorm.weight",
+               "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+               "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
 # A mixture of experts' experts, stacked in one tensor each: GGUF's name within blk.N -> the name of one expert's
 # part within model.layers.N.mlp.experts.E
 EXPERT_TENSORS = {"ffn_gate_exps.weight": "gate_proj.weight", "ffn_up_exps.weight": "up_proj.weight",
@@ -137,6 +140,10 @@ def config_dict(path: Path) -> dict:
     raw["rope_scaling"] = _rope_scaling(path, meta, arch)
     if meta.get(f"{arch}.attention.sliding_window"):
         raw["sliding_window"] = int(meta[f"{arch}.attention.sliding_window"])
+    if meta.get(f"{arch}.final_logit_softcapping"):
+        raw["final_logit_softcapping"] = float(meta[f"{arch}.final_logit_softcapping"])
+    if arch == "gemma3":
+        raw.update(_gemma3(meta, raw))
     experts = int(meta.get(f"{arch}.expert_count") or 0)
     if experts:
         if arch not in NORMALISED_EXPERTS:
@@ -150,6 +157,23 @@ def config_dict(path: Path) -> dict:
             raw["architectures"] = ["MixtralForCausalLM"]
             raw["intermediate_size"] = raw["moe_intermediate_size"]
     return raw
+
+
+def _gemma3(meta: dict, raw: dict) -> dict:
+    """Gemma 3's fields as llama.cpp reads them: every n-th layer global (n from sliding_window_pattern, 6 unless
+    said, or a flag per layer), the sliding layers' rotary base (10000 unless said), the query scale its graph uses,
+    and norms whose 1 + w the converter has already added."""
+    layers = raw["num_hidden_layers"]
+    pattern = meta.get("gemma3.attention.sliding_window_pattern", 6)
+    if isinstance(pattern, list):
+        sliding = [bool(p) for p in pattern[:layers]]
+    else:
+        sliding = [int(pattern) == 0 or i % int(pattern) < int(pattern) - 1 for i in range(layers)]
+    # The 27B model (62 layers) scales queries by its hidden size per head rather than its head size.
+    scalar = raw["hidden_size"] // raw["num_attention_heads"] if layers == 62 else raw["head_dim"]
+    return {"layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+            "rope_local_base_freq": float(meta.get("gemma3.rope.freq_base_swa") or 10000.0),
+            "query_pre_attn_scalar": scalar, "hidden_activation": "gelu_pytorch_tanh", "norms_include_offset": True}
 
 
 def _rope_scaling(path: Path, meta: dict, arch: str) -> dict | None:
@@ -200,6 +224,8 @@ class GGUFSource:
         # Phi-3's file keeps q, k and v as one attn_qkv, and gate and up as one ffn_up, as its checkpoint does.
         fused = {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"}
         names = {**LAYER_TENSORS, **fused} if self.arch == "phi3" else LAYER_TENSORS
+        if self.arch == "gemma3":  # four norms a layer: ffn_norm is the one before the MLP
+            names = {**LAYER_TENSORS, **GEMMA_NORMS}
         self.heads, self.kv_heads = num_heads, num_kv_heads
         self.tensors = {}
         self.expert: dict[str, int] = {}  # a name that is one expert of a stacked tensor -> its index there
