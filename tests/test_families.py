@@ -42,7 +42,7 @@ LONG_ROPE = dict(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0
 WINDOW = dict(sliding_window=8)
 
 
-@pytest.mark.parametrize("family, overrides", [("qwen3", {}), ("phi3", {}), ("phi3", LONG_ROPE), ("mistral", WINDOW), ("gemma3", {}),
+@pytest.mark.parametrize("family, overrides", [("qwen3", {}), ("phi3", {}), ("phi3", LONG_ROPE), ("mistral", WINDOW), ("gemma2", {}), ("gemma3", {}),
                                                ("mixtral", {}), ("qwen2_moe", {}), ("qwen3_moe", {})])
 def test_a_family_answers_as_transformers_over_http_on_one_stage_and_two(tmp_path, family, overrides):
     model_dir = write_checkpoint(tmp_path, family, max_position_embeddings=256, **overrides)

@@ -159,8 +159,8 @@ def test_without_a_compiler_torch_does_the_work(monkeypatch, tmp_path, caplog):
 def test_paged_decode_attention_matches_the_gathered_path(monkeypatch, heads, kv_heads, d, block_size, kv_dtype,
                                                           wide):
     """Contexts of 1 to 70 tokens over shuffled blocks of an fp32 or bf16 cache, the bf16 one on the AVX2 path and
-    on the AVX-512 one where the CPU has it, over the whole context and through sliding windows: the kernel equals
-    gather + SDPA."""
+    on the AVX-512 one where the CPU has it, over the whole context, through sliding windows and with capped scores: the
+    kernel equals the gathered path (SDPA, or its steps written out where scores are capped)."""
     if not paged_attention.available(torch.zeros(1)):
         pytest.skip("kernel not built here")
     monkeypatch.setattr(paged_attention, "WIDE", wide)
@@ -180,15 +180,16 @@ def test_paged_decode_attention_matches_the_gathered_path(monkeypatch, heads, kv
     k = torch.randn(len(lens), kv_heads, d, generator=g)
     v = torch.randn(len(lens), kv_heads, d, generator=g)
 
-    def attend(window) -> torch.Tensor:
+    def attend(window, softcap) -> torch.Tensor:
         meta = build_metadata(block_size, slots, tables, lens, [], CPU)
-        return attention.paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta, d**-0.5, window)
+        return attention.paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta, d**-0.5, window, softcap)
 
-    windows = (None, 6, 17)  # a sliding window: its first key inside a block, its first block skipped
-    got = [attend(w) for w in windows]
+    # Sliding windows (the first key inside a block, the first block skipped), and scores capped softly.
+    cases = [(None, None), (6, None), (17, None), (None, 1.5), (6, 1.5)]
+    got = [attend(*c) for c in cases]
     monkeypatch.setattr(paged_attention, "available", lambda cache: False)
-    for w, out in zip(windows, got):
-        torch.testing.assert_close(out, attend(w), rtol=1e-5, atol=1e-5)
+    for c, out in zip(cases, got):
+        torch.testing.assert_close(out, attend(*c), rtol=1e-5, atol=1e-5)
 
 
 def _decode_case(n: int, length: int, heads: int = 4, kv_heads: int = 2, d: int = 16, block_size: int = 4):

@@ -30,6 +30,10 @@ FAMILIES = {
                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                     "full_attention": {"rope_type": "linear", "factor": 4.0,
                                                        "rope_theta": 1000000.0}}),
+    # Gemma 2: soft caps on the attention's scores (low enough to change them) and the logits, every other layer sliding
+    # over 8 positions.
+    "gemma2": dict(architectures=["Gemma2ForCausalLM"], tie_word_embeddings=False, head_dim=32, sliding_window=8,
+                   query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=30.0),
     # Mixtures of experts: 8 experts, 2 per token; a shared expert and unnormalised weights (Qwen2-MoE), a dense
     # first layer (Qwen3-MoE).
     "mixtral": dict(architectures=["MixtralForCausalLM"], tie_word_embeddings=False, num_local_experts=8,
@@ -65,7 +69,7 @@ def write_checkpoint(out: Path, family: str = "llama", *, vocab_size: int = 512,
                   "qwen3": transformers.Qwen3Config, "phi3": transformers.Phi3Config,
                   "mistral": transformers.MistralConfig, "mixtral": transformers.MixtralConfig,
                   "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
-                  "gemma3": transformers.Gemma3TextConfig}[family]
+                  "gemma2": transformers.Gemma2Config, "gemma3": transformers.Gemma3TextConfig}[family]
     config = config_cls(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -75,7 +79,7 @@ def write_checkpoint(out: Path, family: str = "llama", *, vocab_size: int = 512,
     )
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).to(getattr(torch, dtype))
-    if family == "gemma3":
+    if family.startswith("gemma"):
         # Its norms start at w = 0 (a scale of 1 + w = 1) and its embeddings are scaled up: random norms make each
         # layer count, so that greedy output depends on all of it.
         with torch.no_grad():

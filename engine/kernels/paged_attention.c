@@ -63,8 +63,10 @@ static void softmax(float *sc, long len) {
 }
 
 /* The keys before `start` are outside the query's window (a sliding window's first block): weight 0; softmax over the
- * rest. */
-static void window_softmax(float *sc, long start, long len) {
+ * rest, its scores first capped softly to (-cap, cap) as cap * tanh(score / cap) where cap > 0 (Gemma 2). */
+static void window_softmax(float *sc, long start, long len, float cap) {
+    if (cap > 0.f)
+        for (long t = start; t < len; t++) sc[t] = tanhf(sc[t] / cap) * cap;
     softmax(sc + start, len - start);
     for (long t = 0; t < start; t++) sc[t] = 0.f;
 }
@@ -115,11 +117,12 @@ static int longer_first(const void *a, const void *b) {
 
 /* q: [n, heads, d], q_row floats from one sequence's queries to the next (a view of the step's fused qkv rows
  * needs no copy); caches: [blocks, block_size, kv_heads, d], fp32 or (kv_bf16) bf16; tables: [n, max_blocks]; lens: [n];
- * starts: [n] keys of each table to leave out (a sliding window's start within its first block), or NULL;
+ * starts: [n] keys of each table to leave out (a sliding window's start within its first block), or NULL; cap: the
+ * scores' soft cap, or 0;
  * out: [n, heads, d]; allow_wide: whether a bf16 cache may take the AVX-512 path. Returns 0, or -1 when a buffer
  * could not be allocated. */
 int paged_decode_attention(const float *q, long q_row, const void *k_cache, const void *v_cache, int kv_bf16,
-                            const int64_t *tables, const int64_t *lens, const int64_t *starts, long n, long heads, long kv_heads, long d,
+                            const int64_t *tables, const int64_t *lens, const int64_t *starts, float cap, long n, long heads, long kv_heads, long d,
                             long block_size, long max_blocks, float scale, float *out, int threads, int allow_wide) {
     long group = heads / kv_heads, max_len = 0;
     for (long s = 0; s < n; s++) max_len = lens[s] > max_len ? lens[s] : max_len;
@@ -152,15 +155,15 @@ int paged_decode_attention(const float *q, long q_row, const void *k_cache, cons
             long h0 = part * kv_heads / parts, h1 = (part + 1) * kv_heads / parts;
             if (wide) {
                 long next = parts == 1 && item + team < n ? order[item + team].seq : -1; /* this thread's next */
-                attend_bf16_512(q + s * q_row, k_cache, v_cache, tables + s * max_blocks, lens[s], START(s), h0, h1,
-                                group, d, block_size, row, block, scale, scores, out + s * heads * d, kw,
+                attend_bf16_512(q + s * q_row, k_cache, v_cache, tables + s * max_blocks, lens[s], START(s), cap,
+                                h0, h1, group, d, block_size, row, block, scale, scores, out + s * heads * d, kw,
                                 next >= 0 ? tables + next * max_blocks : NULL, next >= 0 ? lens[next] : 0);
             } else if (kv_bf16)
-                attend_bf16(q + s * q_row, k_cache, v_cache, tables + s * max_blocks, lens[s], START(s), h0, h1, group, d,
-                            block_size, row, block, scale, scores, out + s * heads * d);
+                attend_bf16(q + s * q_row, k_cache, v_cache, tables + s * max_blocks, lens[s], START(s), cap, h0, h1,
+                            group, d, block_size, row, block, scale, scores, out + s * heads * d);
             else
-                attend_f32(q + s * q_row, k_cache, v_cache, tables + s * max_blocks, lens[s], START(s), h0, h1, group, d,
-                           block_size, row, block, scale, scores, out + s * heads * d);
+                attend_f32(q + s * q_row, k_cache, v_cache, tables + s * max_blocks, lens[s], START(s), cap, h0, h1,
+                           group, d, block_size, row, block, scale, scores, out + s * heads * d);
         }
         free(scores);
         free(kw);

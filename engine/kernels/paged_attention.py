@@ -23,8 +23,9 @@ CPU_FEATURES = ("avx2", "fma")
 def _library() -> ctypes.CDLL | None:
     c_long, ptr = ctypes.c_long, ctypes.c_void_p
     return build.load_kernel(SOURCE, FLAGS, CPU_FEATURES, {
-        "paged_decode_attention": ([ptr, c_long, ptr, ptr, ctypes.c_int, ptr, ptr, ptr, c_long, c_long, c_long, c_long,
-                                    c_long, c_long, ctypes.c_float, ptr, ctypes.c_int, ctypes.c_int], ctypes.c_int),
+        "paged_decode_attention": ([ptr, c_long, ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ctypes.c_float, c_long, c_long,
+                                    c_long, c_long, c_long, c_long, ctypes.c_float, ptr, ctypes.c_int, ctypes.c_int],
+                                   ctypes.c_int),
     })
 
 
@@ -63,6 +64,7 @@ def paged_decode_attention(
     context_lens: torch.Tensor,  # [n] int64
     scale: float,
     starts: torch.Tensor | None = None,  # [n] int64: keys of each table left out (a sliding window's first block)
+    softcap: float | None = None,  # scores capped to cap * tanh(score / cap) before the softmax (Gemma 2)
 ) -> torch.Tensor:  # [n, heads, d]
     n, heads, d = q.shape
     if q.stride(2) != 1 or q.stride(1) != d:
@@ -83,7 +85,7 @@ def paged_decode_attention(
     out = q.new_empty((n, heads, d))
     status = _library().paged_decode_attention(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
-        tables.data_ptr(), lens.data_ptr(), starts.data_ptr() if starts is not None else None,
+        tables.data_ptr(), lens.data_ptr(), starts.data_ptr() if starts is not None else None, softcap or 0.0,
         n, heads, kv_heads, d, block_size, tables.shape[1], scale, out.data_ptr(), torch.get_num_threads(), int(WIDE),
     )
     if status:

@@ -103,7 +103,8 @@ static inline __attribute__((always_inline)) void prefetch_block_l2(const uint16
 /* attend_bf16 (paged_attention_kv.h) with AVX-512, d 64 or 128; kw: a 64-byte aligned buffer of block_size x d
  * floats. */
 AVX512 static void attend_bf16_512(const float *qs, const uint16_t *k_cache, const uint16_t *v_cache,
-                                   const int64_t *table, long len, long start, long h0, long h1, long group, long d,
+                                   const int64_t *table, long len, long start, float cap, long h0, long h1,
+                                   long group, long d,
                                    long block_size, long row, long block, float scale, float *scores, float *os,
                                    float *kw, const int64_t *next_table, long next_len) {
     long blocks = (len + block_size - 1) / block_size;
@@ -131,7 +132,7 @@ AVX512 static void attend_bf16_512(const float *qs, const uint16_t *k_cache, con
     prefetch_block_bf16(v_cache, table, 0, blocks, len, block_size, block, row, h0, h1, d);
     prefetch_block_l2(v_cache, table, 1, blocks, len, block_size, block, row, h0, h1, d);
     prefetch_block_l2(v_cache, table, 2, blocks, len, block_size, block, row, h0, h1, d);
-    for (long qh = 0; qh < (h1 - h0) * group; qh++) window_softmax(scores + qh * len, start, len);
+    for (long qh = 0; qh < (h1 - h0) * group; qh++) window_softmax(scores + qh * len, start, len, cap);
     for (long i = h0 * group * d; i < h1 * group * d; i++) os[i] = 0.f;
     long per = d == 64 ? 4 : 2; /* query heads whose sums fit in registers at once */
     long next_blocks = next_table ? (next_len + block_size - 1) / block_size : 0, next_fetched = 0;

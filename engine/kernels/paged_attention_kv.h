@@ -82,7 +82,7 @@ static void KV(add_block_values)(float *o, const float *p, const KV_T *v, long r
 /* One sequence's query heads of KV heads [h0, h1): qs its queries, os its output rows, table its blocks;
  * scores holds (h1 - h0) * group * len floats. */
 static void KV(attend)(const float *qs, const KV_T *k_cache, const KV_T *v_cache, const int64_t *table, long len,
-                       long start,
+                       long start, float cap,
                        long h0, long h1, long group, long d, long block_size, long row, long block, float scale,
                        float *scores, float *os) {
     long blocks = (len + block_size - 1) / block_size;
@@ -96,7 +96,7 @@ static void KV(attend)(const float *qs, const KV_T *k_cache, const KV_T *v_cache
                                  scores + ((h - h0) * group + g) * len + t0);
     }
     KV(prefetch_block)(v_cache, table, 0, blocks, len, block_size, block, row, h0, h1, d);
-    for (long qh = 0; qh < (h1 - h0) * group; qh++) window_softmax(scores + qh * len, start, len);
+    for (long qh = 0; qh < (h1 - h0) * group; qh++) window_softmax(scores + qh * len, start, len, cap);
     for (long i = h0 * group * d; i < h1 * group * d; i++) os[i] = 0.f;
     for (long b = 0; b < blocks; b++) {
         long t0 = b * block_size, rows = len - t0 < block_size ? len - t0 : block_size;

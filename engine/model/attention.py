@@ -196,6 +196,24 @@ def build_metadata(
     )
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+         softcap: float | None, causal: bool = False) -> torch.Tensor:
+    """Attention of q [..., heads, L, d] over k, v [..., kv_heads, S, d] (fewer heads: each shared by a group of
+    query heads), mask [..., L, S] true where a key counts; torch's fused kernels, or where scores are capped softly
+    (Gemma 2), the same steps written out: scale, cap, mask, softmax in fp32."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                              enable_gqa=k.shape[-3] != q.shape[-3])
+    if k.shape[-3] != q.shape[-3]:
+        k, v = (t.repeat_interleave(q.shape[-3] // t.shape[-3], dim=-3) for t in (k, v))
+    scores = torch.tanh(q @ k.transpose(-1, -2) * scale / softcap) * softcap
+    if causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, heads, d]
     k: torch.Tensor,  # [T, kv_heads, d], already written to the cache
@@ -205,10 +223,10 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None = None,  # a sliding window: each query attends to its last `window` positions
+    softcap: float | None = None,  # scores capped to softcap * tanh(score / softcap) before the softmax (Gemma 2)
 ) -> torch.Tensor:  # [T, heads * d]
     num_blocks, block_size, kv_heads, d = k_cache.shape
     T, heads, _ = q.shape
-    gqa = heads != kv_heads
     nd = meta.num_decodes
     if meta.decode_kernel is None:  # every layer's cache is alike: decide once per step
         if paged_kernel.available(k_cache) and q.dtype == torch.float32:
@@ -216,15 +234,15 @@ def paged_attention(
         else:
             meta.decode_kernel = "triton" if triton_kernel.available(q, k_cache) else "gather"
     view = window_view(meta, window, block_size) if window is not None else None
-    # The GPU's kernel takes no window: a windowed layer's decodes are gathered there.
-    gathered = meta.decode_kernel == "gather" or (view is not None and meta.decode_kernel == "triton")
+    # The GPU's kernel takes no window or cap: such a layer's decodes are gathered there.
+    gathered = meta.decode_kernel == "gather" or (meta.decode_kernel == "triton" and (view or softcap) is not None)
     if nd and not gathered:
-        if view is not None:
-            decoded = paged_kernel.paged_decode_attention(q[:nd], k_cache, v_cache, view.tables, view.lens, scale,
-                                                          view.starts)
+        if meta.decode_kernel == "cpu":
+            tables, lens, starts = ((view.tables, view.lens, view.starts) if view is not None
+                                    else (meta.decode_block_tables, meta.decode_lens, None))
+            decoded = paged_kernel.paged_decode_attention(q[:nd], k_cache, v_cache, tables, lens, scale, starts, softcap)
         else:
-            kernel = paged_kernel if meta.decode_kernel == "cpu" else triton_kernel
-            decoded = kernel.paged_decode_attention(
+            decoded = triton_kernel.paged_decode_attention(
                 q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, scale)
         if nd == T:
             return decoded.view(T, heads * d)
@@ -250,10 +268,7 @@ def paged_attention(
             mask = masks[g.start : g.end, ..., : g.width * block_size]  # [rows, 1, 1, L]
             # The query heads of each KV head as its queries, [rows, kvh, heads / kvh, d]: GQA without repeating
             # the keys, in a form the fused kernels take with a mask (enable_gqa with a mask is the math path's).
-            o = F.scaled_dot_product_attention(
-                q[g.start : g.end].view(rows, kv_heads, heads // kv_heads, d), keys, values, attn_mask=mask,
-                scale=scale,
-            )
+            o = sdpa(q[g.start : g.end].view(rows, kv_heads, heads // kv_heads, d), keys, values, mask, scale, softcap)
             out[g.start : g.end] = o.reshape(rows, heads, d)
     if meta.prefills:
         dtype = prefill_dtype(q, k_cache)
@@ -267,10 +282,8 @@ def paged_attention(
         rows = slice(c.start - nd, c.end - nd)
         chunk_mask = view.prefill_masks[i] if view is not None else c.mask
         if chunk_mask is None:
-            o = F.scaled_dot_product_attention(
-                qp[rows].transpose(0, 1).unsqueeze(0), kp[rows].transpose(0, 1).unsqueeze(0),
-                vp[rows].transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale, enable_gqa=gqa,
-            )[0]  # [heads, n, d]
+            o = sdpa(qp[rows].transpose(0, 1).unsqueeze(0), kp[rows].transpose(0, 1).unsqueeze(0),
+                     vp[rows].transpose(0, 1).unsqueeze(0), None, scale, softcap, causal=True)[0]  # [heads, n, d]
         else:
             kc = k_cache.view(num_blocks, -1).index_select(0, c.block_table).view(-1, kv_heads, d)[: c.context_len]
             vc = v_cache.view(num_blocks, -1).index_select(0, c.block_table).view(-1, kv_heads, d)[: c.context_len]
@@ -279,8 +292,7 @@ def paged_attention(
             group = heads // kv_heads
             qc = qp[rows].view(n, kv_heads, group, d).permute(1, 2, 0, 3).reshape(kv_heads, group * n, d)
             mask = chunk_mask.repeat(group, 1) if group > 1 else chunk_mask  # [group * n, ctx]
-            o = F.scaled_dot_product_attention(qc.unsqueeze(0), kc.unsqueeze(0), vc.unsqueeze(0), attn_mask=mask,
-                                               scale=scale)[0]  # [kvh, group * n, d]
+            o = sdpa(qc.unsqueeze(0), kc.unsqueeze(0), vc.unsqueeze(0), mask, scale, softcap)[0]  # [kvh, group * n, d]
             o = o.view(kv_heads, group, n, d).reshape(heads, n, d)
         out[c.start : c.end] = o.transpose(0, 1)
     return out.view(T, heads * d)

@@ -19,6 +19,7 @@ SUPPORTED_ARCHITECTURES = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
 }
 # The products of a dense layer's MLP, and of one expert of a mixture-of-experts layer (Hugging Face names).
@@ -73,6 +74,8 @@ class ModelConfig:
     activation: str = "silu"  # "silu" or "gelu_tanh"
     attention_scale: float | None = None  # None: head_dim ** -0.5
     local_rope_theta: float | None = None  # the sliding layers' rotary base, unscaled; None: as the others
+    attn_softcap: float | None = None  # attention scores capped to c * tanh(score / c) (Gemma 2)
+    logit_softcap: float | None = None  # the LM head's logits capped alike
 
     @property
     def q_size(self) -> int:
@@ -149,11 +152,11 @@ class ModelConfig:
         theta = raw.get("rope_theta")
         if theta is None and isinstance(raw.get("rope_parameters"), dict):
             theta = raw["rope_parameters"].get("rope_theta")
-        sliding = (raw.get("sliding_window") if family in ("mistral", "phi3", "mixtral", "gemma3")
+        sliding = (raw.get("sliding_window") if family in ("mistral", "phi3", "mixtral", "gemma2", "gemma3")
                    or raw.get("use_sliding_window") else None)
         for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
-            if raw.get(cap) is not None:
-                raise CheckpointError(f"{source}: {cap} is not supported")
+            if raw.get(cap) is not None and family != "gemma2":
+                raise CheckpointError(f"{source}: {cap} is not supported for {arch}")
         partial = float((raw.get("rope_parameters") or {}).get("partial_rotary_factor", raw.get(
             "partial_rotary_factor", 1.0)))
         if partial != 1.0:
@@ -195,7 +198,7 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=frozenset(int(e) for e in eos_ids),
             **moe,
-            **(_gemma(raw, hidden, local_theta, DTYPES[dtype]) if family == "gemma3" else {}),
+            **(_gemma(raw, hidden, local_theta, DTYPES[dtype]) if family in ("gemma2", "gemma3") else {}),
         )
 
     def window(self, layer: int) -> int | None:
@@ -270,7 +273,17 @@ def _gemma(raw: dict, hidden: int, local_theta, dtype: str) -> dict:
     # A GGUF file's norms hold 1 + w already (llama.cpp's converter adds it).
     return dict(norm_offset=not raw.get("norms_include_offset", False), sandwich_norms=True, embed_scale=scale, activation="gelu_tanh",
                 attention_scale=float(raw.get("query_pre_attn_scalar") or raw.get("head_dim") or 256) ** -0.5,
-                local_rope_theta=float(local_theta) if local_theta else None)
+                local_rope_theta=float(local_theta) if local_theta else None,
+                attn_softcap=_positive(raw.get("attn_logit_softcapping"), "attn_logit_softcapping"),
+                logit_softcap=_positive(raw.get("final_logit_softcapping"), "final_logit_softcapping"))
+
+
+def _positive(value, name: str) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise CheckpointError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def _rounded(value: float, dtype: str) -> float:

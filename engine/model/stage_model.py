@@ -289,7 +289,8 @@ class StageModel:
                 if layer.q_norm is not None:
                     ops.head_norms(qkv, layer.q_norm, layer.k_norm)
                 q, k, v = ops.rotary_into_cache(qkv, i, layer.local_rope)
-                attn = w.o(paged_attention(q, k, v, *ops.caches[i], meta, self.scale, cfg.window(self.layer_ids[i])))
+                attn = w.o(paged_attention(q, k, v, *ops.caches[i], meta, self.scale, cfg.window(self.layer_ids[i]),
+                                         cfg.attn_softcap))
                 if layer.post_attn is not None:
                     attn = rms_norm(attn, layer.post_attn, cfg.rms_norm_eps)
                 h = ops.add_norm(x, attn, layer.ln2)
@@ -326,4 +327,6 @@ class StageModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, vocab] float32
         h = rms_norm(hidden, self.norm, self.cfg.rms_norm_eps)
-        return self.lm_head(h).float()
+        logits = self.lm_head(h).float()
+        cap = self.cfg.logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
