@@ -130,9 +130,10 @@ class BlockManager:
             return
         self._update_hashes(seq, num_tokens)
         # Only blocks that num_tokens fills: seq.block_hashes may already reach further (the
-        # prefix lookup hashes the whole prompt), and a block past them is not computed yet.
+        # prefix lookup hashes the whole prompt), and a block past them is not computed yet. Dropped ones are no
+        # longer the sequence's.
         n_full = num_tokens // self.block_size
-        for i in range(min(n_full, len(seq.block_table))):
+        for i in range(seq.num_dropped_blocks, min(n_full, len(seq.block_table))):
             block = seq.block_table[i]
             if self.block_hash[block] is not None:
                 continue
@@ -144,18 +145,30 @@ class BlockManager:
     def release(self, seq: Sequence) -> None:
         """Drop seq's references; its blocks go back at once (cached ones stay for reuse)."""
         # Free the tail first so that, under eviction, a prefix outlives its continuation.
-        for block in reversed(seq.block_table):
-            self.ref_counts[block] -= 1
-            assert self.ref_counts[block] >= 0, f"block {block} released twice"
-            if self.ref_counts[block] == 0:
-                h = self.block_hash[block]
-                if h is not None and self.cached.get(h) == block:
-                    self.evictable[block] = None
-                else:
-                    self.block_hash[block] = None
-                    self.free.append(block)
+        for block in reversed(seq.block_table[seq.num_dropped_blocks :]):
+            self._unref(block)
         seq.block_table.clear()
         seq.num_blocks_sent = 0
+        seq.num_dropped_blocks = 0
+
+    def drop_before(self, seq: Sequence, position: int) -> None:
+        """Give back seq's blocks that hold only positions before `position` (which no later query attends to: they
+        have left every layer's sliding window), oldest first."""
+        dead = min(position // self.block_size, len(seq.block_table))
+        for i in range(seq.num_dropped_blocks, dead):
+            self._unref(seq.block_table[i])
+        seq.num_dropped_blocks = max(seq.num_dropped_blocks, dead)
+
+    def _unref(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        assert self.ref_counts[block] >= 0, f"block {block} released twice"
+        if self.ref_counts[block] == 0:
+            h = self.block_hash[block]
+            if h is not None and self.cached.get(h) == block:
+                self.evictable[block] = None
+            else:
+                self.block_hash[block] = None
+                self.free.append(block)
 
     def check_invariants(self) -> None:
         """For tests: every block is exactly one of free, evictable or referenced."""

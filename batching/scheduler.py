@@ -39,6 +39,9 @@ class SchedulerConfig:
     num_micro_batches: int = 1
     # Schedule each micro-batch's next decode step before its sampled tokens come back (see above).
     lookahead: bool = False
+    # Where every layer attends only to its last this many positions: a sequence's blocks that have left the window
+    # are given back as its steps land.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_micro_batches < 1:
@@ -278,10 +281,14 @@ class Scheduler:
         """Apply a step's sampled tokens; returns the sequences that advanced or finished."""
         batch = self.in_flight.pop(out.batch_id)
         self._followed.discard(batch.batch_id)
+        window = self.config.sliding_window
         for w in batch.seqs:
             seq = self.seqs.get(w.seq_id)
             if seq is not None:
                 seq.num_in_flight -= 1
+                if window is not None and seq.block_table:
+                    # Every later query is at this step's end or after: it attends from end + 1 - window on.
+                    self.blocks.drop_before(seq, w.start_pos + len(w.token_ids) + 1 - window)
         updates = []
         now = None
         for seq_id, token in zip(out.seq_ids, out.token_ids):

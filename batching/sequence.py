@@ -38,6 +38,9 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     # How many entries of block_table the stages already know; the next Batch sends the rest.
     num_blocks_sent: int = 0
+    # The leading entries of block_table it no longer holds: every position in them has left every layer's sliding
+    # window (their ids stay in the table, which the stages index by position, but the blocks may serve others).
+    num_dropped_blocks: int = 0
     num_in_flight: int = 0  # steps of this sequence in flight
     # Whether the stages hold this sequence's sampling state (sent once, dropped on finish).
     known_to_stages: bool = False

@@ -183,6 +183,8 @@ class LLMEngine:
                     max_num_batched_tokens=config.step_token_budget, max_model_len=max_len,
                     enable_prefix_caching=config.enable_prefix_caching, num_micro_batches=len(self.plan.stages),
                     lookahead=True,
+                    # Blocks that have left the window go back only where every layer's attention slides.
+                    sliding_window=cfg.sliding_window if len(cfg.window_layers) == cfg.num_layers else None,
                 ),
                 self.eos_token_ids,
             )

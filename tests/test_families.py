@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from http_calls import post
+from http_calls import call, post
 from server_process import running_server
 from tiny_gguf import write_gguf
 from tiny_models import hf_greedy, write_checkpoint
@@ -49,11 +49,16 @@ def test_a_family_answers_as_transformers_over_http_on_one_stage_and_two(tmp_pat
     tok = Tokenizer.from_dir(model_dir)
     want = [tok.decode(ids) for ids in hf_greedy(model_dir, PROMPTS, TOKENS)]
     # LongRoPE's long prompts also in chunks (each at the long frequencies, as the whole prompt is longer); a
-    # window's prompts also in chunks.
+    # window's prompts also in chunks, over a cache the requests fit in only by giving back what leaves the window.
     chunked = ("--max-num-batched-tokens", "16") if overrides in (LONG_ROPE, WINDOW) else ()
+    if overrides is WINDOW:
+        chunked += ("--block-size", "4", "--num-kv-blocks", "40", "--max-model-len", "96")
     for devices, more in (("cpu", ()), ("cpu,cpu", chunked)):
         with running_server(model_dir, *FLAGS, "--devices", devices, *more) as s:
             assert served_texts(s.url) == want, devices
+            if overrides is WINDOW and more:
+                status, _, text = call("GET", f"{s.url}/metrics")
+                assert 'strata:num_preemptions_total{model_name="tiny"} 0' in text.decode()
 
 
 # llama.cpp scales Gemma 3's queries by its head size (but for the 27B model), as the real models' configs say; a GGUF
