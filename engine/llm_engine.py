@@ -19,6 +19,7 @@ from batching.sequence import FinishReason, Sequence
 from engine.errors import CheckpointError
 from engine.model import checkpoint, package
 from engine.model.config import DTYPES, ModelConfig
+from engine.model.rope import long_rope
 from engine.model.weight_formats import (AUTO, EMBEDDING, check_requested, dominant_quantized, layer_summary,
                                          parse_layer_formats, parse_precision)
 from engine.outputs import SeqDelta, TokenLogprob
@@ -181,7 +182,8 @@ class LLMEngine:
                 SchedulerConfig(
                     num_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
                     max_num_batched_tokens=config.step_token_budget, max_model_len=max_len,
-                    enable_prefix_caching=config.enable_prefix_caching, num_micro_batches=len(self.plan.stages),
+                    enable_prefix_caching=config.enable_prefix_caching and not self._rotation_varies(max_len),
+                    num_micro_batches=len(self.plan.stages),
                     lookahead=True,
                     # Blocks that have left the window go back only where every layer's attention slides.
                     sliding_window=cfg.sliding_window if len(cfg.window_layers) == cfg.num_layers else None,
@@ -383,6 +385,16 @@ class LLMEngine:
                           self.max_model_len, plan.batch_size, plan.context_len, stages,
                           tuple(layer_summary(cfg, self.weight_formats, self.weight_dtype)),
                           self.weight_formats.get(head, self.weight_dtype))
+
+    def _rotation_varies(self, max_len: int) -> bool:
+        """Whether a token's keys depend on more than the tokens before it: with LongRoPE, on whether its sequence
+        outgrows the original context (engine.model.rope.table_offset), which a prefix shared by a short and a long
+        prompt does not say, so the prefix cache is off where a sequence can be that long."""
+        original = long_rope(self.model_config)
+        if original is not None and max_len > original:
+            log.info("prefix caching off: sequences longer than %d tokens rotate at other frequencies", original)
+            return True
+        return False
 
     def _add_expert_load(self, stage: int, load: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
         start, experts = self.plan.stages[stage].layers[0], self.model_config.num_experts

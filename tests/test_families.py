@@ -178,3 +178,44 @@ def test_a_longrope_config_without_what_it_needs_is_refused_by_name():
     with pytest.raises(CheckpointError, match="long_factor has 3 values for a head of 16"):
         ModelConfig.from_dict({**base, "rope_scaling": {**rope, "long_factor": [1.0] * 3},
                                "original_max_position_embeddings": 64})
+
+
+def test_a_prompt_sharing_a_prefix_with_a_longer_one_is_rotated_as_its_own_length_says(tmp_path):
+    """LongRoPE: a prompt that stays within the original context, after a longer one with the same first 16 tokens
+    (whose keys were rotated at the long frequencies), answers as it does alone."""
+    model_dir = write_checkpoint(tmp_path, "phi3", max_position_embeddings=256, **LONG_ROPE)
+    long, short = list(range(100, 160)), list(range(100, 116)) + [7, 8, 9, 10]
+    tok = Tokenizer.from_dir(model_dir)
+    want = tok.decode(hf_greedy(model_dir, [short], TOKENS)[0])
+    with running_server(model_dir, *FLAGS, "--devices", "cpu") as s:
+        for p in (long, short):
+            status, _, body = post(f"{s.url}/v1/completions", {"model": "tiny", "prompt": p, "max_tokens": TOKENS,
+                                                                "temperature": 0, "ignore_eos": True})
+            assert status == 200, body
+        assert body["choices"][0]["text"] == want
+
+
+def test_configs_as_published_read_as_the_reference_reads_them():
+    """Gemma configs without layer_types slide on all but every n-th layer (6 for Gemma 3, 2 for Gemma 2); a window
+    as long as the context never slides; what a mixture of experts needs is checked."""
+    from engine.errors import CheckpointError
+    from engine.model.config import ModelConfig
+
+    base = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=12, num_attention_heads=4,
+                num_key_value_heads=1, head_dim=16, max_position_embeddings=4096)
+    gemma3 = ModelConfig.from_dict({**base, "architectures": ["Gemma3ForCausalLM"], "sliding_window": 512})
+    assert sorted(set(range(12)) - gemma3.window_layers) == [5, 11] and gemma3.local_rope_theta == 10000.0
+    assert gemma3.attention_scale == 256**-0.5  # query_pre_attn_scalar's default, not the head size
+    gemma2 = ModelConfig.from_dict({**base, "architectures": ["Gemma2ForCausalLM"], "sliding_window": 512})
+    assert sorted(gemma2.window_layers) == [0, 2, 4, 6, 8, 10]
+    phi3 = ModelConfig.from_dict({**base, "architectures": ["Phi3ForCausalLM"], "sliding_window": 262144})
+    assert phi3.sliding_window is None and not phi3.window_layers
+    with pytest.raises(CheckpointError, match="layer_types"):
+        ModelConfig.from_dict({**base, "architectures": ["Gemma3ForCausalLM"], "sliding_window": 8,
+                               "layer_types": ["sliding_attention"] * 11})
+    moe = {**base, "architectures": ["Qwen2MoeForCausalLM"], "num_experts": 8, "num_experts_per_tok": 2,
+           "moe_intermediate_size": 32}
+    with pytest.raises(CheckpointError, match="shared_expert_intermediate_size"):
+        ModelConfig.from_dict(moe)
+    with pytest.raises(CheckpointError, match="mlp_only_layers"):
+        ModelConfig.from_dict({**moe, "shared_expert_intermediate_size": 64, "mlp_only_layers": [12]})

@@ -65,7 +65,8 @@ SCRATCH_ROWS = 64  # inputs of up to this many rows (decode steps) reuse a buffe
 
 def _scratch(shape: tuple[int, int]) -> torch.Tensor:
     """The bf16 buffer a product rounds its inputs into: a mixture of experts makes thousands of small products a
-    step, and allocating each one's cost more than rounding into it."""
+    step, and allocating each one's cost more than rounding into it. Shared by every product of the process: a
+    stage computes on one thread."""
     if shape[0] > SCRATCH_ROWS:
         return torch.empty(shape, dtype=torch.bfloat16)
     buf = _SCRATCH.get(shape)

@@ -235,7 +235,8 @@ def paged_attention(
             meta.decode_kernel = "triton" if triton_kernel.available(q, k_cache) else "gather"
     view = window_view(meta, window, block_size) if window is not None else None
     # The GPU's kernel takes no window or cap: such a layer's decodes are gathered there.
-    gathered = meta.decode_kernel == "gather" or (meta.decode_kernel == "triton" and (view or softcap) is not None)
+    gathered = meta.decode_kernel == "gather" or (meta.decode_kernel == "triton"
+                                                  and (view is not None or softcap is not None))
     if nd and not gathered:
         if meta.decode_kernel == "cpu":
             tables, lens, starts = ((view.tables, view.lens, view.starts) if view is not None

@@ -109,13 +109,13 @@ class SafetensorsSource:
 
 
 def tensor_source(model_dir: Path, cfg: ModelConfig):
-    """Where a checkpoint's tensors are read from: its GGUF file, or its safetensors files (a checkpoint that stores
-    projections fused, seen through SplitProjections)."""
+    """Where a checkpoint's tensors are read from: its GGUF file, or its safetensors files (Mixtral's under the names
+    the engine reads, RenamedTensors); a checkpoint that stores projections fused is seen through SplitProjections."""
     from engine.model.gguf_checkpoint import GGUFSource, gguf_file
 
     path = gguf_file(model_dir)
     if path is not None:  # its experts are named as the engine names them
-        source = GGUFSource(path, cfg.num_heads, cfg.num_kv_heads)
+        source = GGUFSource(path, cfg.num_heads, cfg.num_kv_heads, cfg.num_experts)
     else:
         source = SafetensorsSource(weight_files(Path(model_dir)))
         if cfg.architecture == "MixtralForCausalLM":

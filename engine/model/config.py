@@ -154,6 +154,8 @@ class ModelConfig:
             theta = raw["rope_parameters"].get("rope_theta")
         sliding = (raw.get("sliding_window") if family in ("mistral", "phi3", "mixtral", "gemma2", "gemma3")
                    or raw.get("use_sliding_window") else None)
+        if sliding and int(sliding) >= int(raw.get("max_position_embeddings", 4096)):
+            sliding = None  # a window at least the context long never slides (Phi-3's 128k models)
         for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
             if raw.get(cap) is not None and family != "gemma2":
                 raise CheckpointError(f"{source}: {cap} is not supported for {arch}")
@@ -193,12 +195,13 @@ class ModelConfig:
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3"),
             fused_projections=family == "phi3",
             sliding_window=int(sliding) if sliding else None,
-            window_layers=_window_layers(raw, family, int(need("num_hidden_layers"))) if sliding else frozenset(),
+            window_layers=(_window_layers(raw, family, int(need("num_hidden_layers")), source) if sliding
+                           else frozenset()),
             checkpoint_dtype=DTYPES[dtype],
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=frozenset(int(e) for e in eos_ids),
             **moe,
-            **(_gemma(raw, hidden, local_theta, DTYPES[dtype]) if family in ("gemma2", "gemma3") else {}),
+            **(_gemma(raw, family, hidden, local_theta, DTYPES[dtype]) if family in ("gemma2", "gemma3") else {}),
         )
 
     def window(self, layer: int) -> int | None:
@@ -219,8 +222,8 @@ class ModelConfig:
         return out
 
     def product_parts(self, layer: int) -> list[str]:
-        """The matrix products of a layer, by name within it (without ".weight"); a router's is not one of them:
-        it stays at the layer's float type, as llama.cpp keeps it."""
+        """The matrix products of a layer, by name within it (without ".weight"); a router's is not one of them: it
+        is never quantized (llama.cpp keeps it in F32), and runs at the layer's float type."""
         return [*ATTENTION_PARTS, *(p + part for p, _ in self.mlp_prefixes(layer) for part in MLP_PARTS)]
 
     def layer_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
@@ -263,19 +266,21 @@ class ModelConfig:
         return 2 * self.kv_size * dtype_bytes
 
 
-def _gemma(raw: dict, hidden: int, local_theta, dtype: str) -> dict:
-    """Gemma 3's fields of ModelConfig."""
+def _gemma(raw: dict, family: str, hidden: int, local_theta, dtype: str) -> dict:
+    """Gemma 2's and 3's fields of ModelConfig, with transformers' defaults where the config is silent."""
     act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise CheckpointError(f"activation {act!r} is not supported for Gemma (gelu_pytorch_tanh)")
-    # The reference scales embeddings by sqrt(hidden) rounded to the weights' dtype.
-    scale = _rounded(hidden**0.5, dtype)
-    # A GGUF file's norms hold 1 + w already (llama.cpp's converter adds it).
-    return dict(norm_offset=not raw.get("norms_include_offset", False), sandwich_norms=True, embed_scale=scale, activation="gelu_tanh",
-                attention_scale=float(raw.get("query_pre_attn_scalar") or raw.get("head_dim") or 256) ** -0.5,
-                local_rope_theta=float(local_theta) if local_theta else None,
-                attn_softcap=_positive(raw.get("attn_logit_softcapping"), "attn_logit_softcapping"),
-                logit_softcap=_positive(raw.get("final_logit_softcapping"), "final_logit_softcapping"))
+    if family == "gemma3" and local_theta is None:
+        local_theta = 10000.0  # the sliding layers' base
+    return dict(
+        # A GGUF file's norms hold 1 + w already (llama.cpp's converter adds it).
+        norm_offset=not raw.get("norms_include_offset", False), sandwich_norms=True,
+        embed_scale=_rounded(hidden**0.5, dtype),  # sqrt(hidden) rounded to the weights' dtype, as the reference has it
+        activation="gelu_tanh", attention_scale=float(raw.get("query_pre_attn_scalar") or 256) ** -0.5,
+        local_rope_theta=float(local_theta) if local_theta else None,
+        attn_softcap=_positive(raw.get("attn_logit_softcapping"), "attn_logit_softcapping"),
+        logit_softcap=_positive(raw.get("final_logit_softcapping"), "final_logit_softcapping"))
 
 
 def _positive(value, name: str) -> float | None:
@@ -296,12 +301,23 @@ def _rounded(value: float, dtype: str) -> float:
     return struct.unpack("f", struct.pack("I", bits))[0]
 
 
-def _window_layers(raw: dict, family: str, layers: int) -> frozenset[int]:
-    """The layers a sliding window applies to: as the config's layer_types say, else every layer (Mistral, Mixtral,
-    Phi-3), or for Qwen's families those from max_window_layers on."""
+def _window_layers(raw: dict, family: str, layers: int, source: str) -> frozenset[int]:
+    """The layers a sliding window applies to, as the reference implementation takes them: as the config's
+    layer_types say; else for Gemma all but every n-th layer (n: sliding_window_pattern, 6 for Gemma 3, 2 for Gemma
+    2), for Qwen's families those from max_window_layers on, and every layer of the others (Mistral, Mixtral,
+    Phi-3)."""
     types = raw.get("layer_types")
     if types:
+        kinds = {"sliding_attention", "full_attention"}
+        if not isinstance(types, list) or len(types) != layers or not set(types) <= kinds:
+            raise CheckpointError(f"{source}: layer_types must name one of {sorted(kinds)} for each of the {layers} "
+                                  "layers")
         return frozenset(i for i, t in enumerate(types) if t == "sliding_attention")
+    if family in ("gemma2", "gemma3"):
+        pattern = raw.get("sliding_window_pattern", 6 if family == "gemma3" else 2)
+        if not isinstance(pattern, int) or pattern < 1:
+            raise CheckpointError(f"{source}: sliding_window_pattern must be a positive integer, got {pattern!r}")
+        return frozenset(i for i in range(layers) if (i + 1) % pattern)
     if family.startswith("qwen"):
         return frozenset(range(int(raw.get("max_window_layers") or 0), layers))
     return frozenset(range(layers))
@@ -339,11 +355,15 @@ def _experts(raw: dict, family: str, source: str) -> dict:
         return dict(num_experts=experts, experts_per_token=top_k, expert_intermediate_size=int(raw["intermediate_size"]),
                     norm_topk_prob=True, moe_layers=frozenset(range(layers)))
     step = int(raw.get("decoder_sparse_step") or 1)
-    dense = set(raw.get("mlp_only_layers") or ())
-    if "moe_intermediate_size" not in raw:
-        raise CheckpointError(f"{source}: missing required field 'moe_intermediate_size'")
+    dense = raw.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or not all(isinstance(i, int) and 0 <= i < layers for i in dense) or step < 1:
+        raise CheckpointError(f"{source}: mlp_only_layers must list layers 0..{layers - 1} and decoder_sparse_step "
+                              "be positive")
+    for key in ("moe_intermediate_size", *(("shared_expert_intermediate_size",) if family == "qwen2_moe" else ())):
+        if key not in raw:
+            raise CheckpointError(f"{source}: missing required field {key!r}")
     return dict(num_experts=experts, experts_per_token=top_k, expert_intermediate_size=int(raw["moe_intermediate_size"]),
                 norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
                 shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
                 if family == "qwen2_moe" else 0,
-                moe_layers=frozenset(i for i in range(layers) if i not in dense and (i + 1) % step == 0))
+                moe_layers=frozenset(i for i in range(layers) if i not in set(dense) and (i + 1) % step == 0))

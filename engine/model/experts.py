@@ -6,7 +6,8 @@ has one (Qwen2-MoE, scaled by a sigmoid gate).
 The experts run grouped: the tokens routed to each expert are gathered into one block of rows, and each expert with
 any tokens multiplies its block once, through the same products a dense layer's MLP uses (engine.model.linear: the
 engine's bf16 and quantized kernels on a CPU). The host loops over the experts a step reached, never over tokens.
-Each token's outputs are added back in expert order, as the reference implementation adds them.
+Each token's outputs are added back in expert order, as the reference implementation adds them (on a CPU; a GPU's
+index_add_ adds in any order).
 """
 from __future__ import annotations
 
@@ -68,6 +69,8 @@ class ExpertProducts:
         rows = order // self.top_k
         sizes = counts.tolist()
         blocks = h.index_select(0, rows).split(sizes)  # each expert's tokens, one view each
+        if not rows.numel():
+            return torch.zeros_like(h)
         outs = []
         for e, block in enumerate(blocks):
             if sizes[e]:

@@ -8,6 +8,7 @@ here, as transformers does when it loads a GGUF, so the engine computes what the
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ LAYER_TENSORS = {
     "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight", "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
     "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
 }
+PER_EXPERT = re.compile(r"blk\.\d+\.ffn_(gate|up|down)\.\d+\.weight")
 GEMMA_NORMS = {"post_attention_norm.weight": "post_attention_layernorm.weight",
                "ffn_norm.weight": "pre_feedforward_layernorm.weight",
                "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
@@ -160,20 +162,21 @@ def config_dict(path: Path) -> dict:
 
 
 def _gemma3(meta: dict, raw: dict) -> dict:
-    """Gemma 3's fields as llama.cpp reads them: every n-th layer global (n from sliding_window_pattern, 6 unless
-    said, or a flag per layer), the sliding layers' rotary base (10000 unless said), the query scale its graph uses,
-    and norms whose 1 + w the converter has already added."""
+    """Gemma 3's fields as llama.cpp reads them: which layers slide (a flag per layer, or every n-th layer global,
+    config.json's sliding_window_pattern, 6 unless said), the sliding layers' rotary base (10000 unless said), the
+    query scale its graph uses, and norms whose 1 + w the converter has already added."""
     layers = raw["num_hidden_layers"]
     pattern = meta.get("gemma3.attention.sliding_window_pattern", 6)
-    if isinstance(pattern, list):
-        sliding = [bool(p) for p in pattern[:layers]]
-    else:
-        sliding = [int(pattern) == 0 or i % int(pattern) < int(pattern) - 1 for i in range(layers)]
     # The 27B model (62 layers) scales queries by its hidden size per head rather than its head size.
     scalar = raw["hidden_size"] // raw["num_attention_heads"] if layers == 62 else raw["head_dim"]
-    return {"layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
-            "rope_local_base_freq": float(meta.get("gemma3.rope.freq_base_swa") or 10000.0),
-            "query_pre_attn_scalar": scalar, "hidden_activation": "gelu_pytorch_tanh", "norms_include_offset": True}
+    out = {"rope_local_base_freq": float(meta.get("gemma3.rope.freq_base_swa") or 10000.0),
+           "query_pre_attn_scalar": scalar, "hidden_activation": "gelu_pytorch_tanh", "norms_include_offset": True}
+    if isinstance(pattern, list) or int(pattern) == 0:  # 0: every layer slides
+        flags = pattern if isinstance(pattern, list) else [True] * layers
+        out["layer_types"] = ["sliding_attention" if p else "full_attention" for p in flags]
+    else:
+        out["sliding_window_pattern"] = int(pattern)
+    return out
 
 
 def _rope_scaling(path: Path, meta: dict, arch: str) -> dict | None:
@@ -188,7 +191,7 @@ def _rope_scaling(path: Path, meta: dict, arch: str) -> dict | None:
                                   f"{arch}.rope.scaling.original_context_length")
         return {"rope_type": "longrope", "long_factor": factors["rope_factors_long.weight"],
                 "short_factor": factors["rope_factors_short.weight"], "original_max_position_embeddings": int(original),
-                "attention_factor": float(meta.get(f"{arch}.rope.scaling.attn_factor") or 1.0)}
+                "attention_factor": meta.get(f"{arch}.rope.scaling.attn_factor")}
     if "rope_freqs.weight" in factors:
         if kind not in (None, "none"):
             raise CheckpointError(f"{path}: GGUF rope scaling {kind!r} beside rope_freqs is not supported")
@@ -217,7 +220,7 @@ def _wide_dtype(tensors: dict[str, tuple[str, int]]) -> str:
 class GGUFSource:
     """The tensors of a GGUF file under Hugging Face names, each dequantized to fp32 when read."""
 
-    def __init__(self, path: Path, num_heads: int, num_kv_heads: int) -> None:
+    def __init__(self, path: Path, num_heads: int, num_kv_heads: int, num_experts: int = 0) -> None:
         self.path = path
         reader = open_gguf(path)
         self.arch = metadata(path).get("general.architecture")
@@ -230,12 +233,18 @@ class GGUFSource:
         self.tensors = {}
         self.expert: dict[str, int] = {}  # a name that is one expert of a stacked tensor -> its index there
         for t in reader.tensors:
+            if PER_EXPERT.fullmatch(t.name):
+                raise CheckpointError(f"{path}: tensor {t.name!r} holds one expert, an older llama.cpp layout; convert "
+                                      "the model again (experts stacked in ffn_gate_exps, ffn_up_exps, ffn_down_exps)")
             name = _hf_name(t.name, names)
             if name is not None:
                 self.tensors[name] = t
             elif t.name.startswith("blk.") and t.name.split(".", 2)[2] in EXPERT_TENSORS:
                 _, index, rest = t.name.split(".", 2)
-                for e in range(int(t.shape[-1])):
+                if int(t.shape[-1]) != num_experts:
+                    raise CheckpointError(f"{path}: tensor {t.name!r} stacks {int(t.shape[-1])} experts; the metadata "
+                                          f"says {num_experts}")
+                for e in range(num_experts):
                     expert = f"model.layers.{index}.mlp.experts.{e}.{EXPERT_TENSORS[rest]}"
                     self.tensors[expert], self.expert[expert] = t, e
 

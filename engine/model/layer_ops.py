@@ -15,7 +15,9 @@ from engine.model.rope import apply_rotary
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32:
         return F.rms_norm(x, weight.shape, weight, eps)
-    # Normalise in fp32 and round once, as the reference implementation does.
+    if weight.dtype == torch.float32:  # Gemma's 1 + w: scaled in fp32 and rounded once, as its reference does
+        return F.rms_norm(x.float(), weight.shape, weight, eps).to(x.dtype)
+    # Normalise in fp32 and round, then scale, as the reference implementation does.
     return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
 
 

@@ -98,9 +98,10 @@ class LayerProducts:
 
 
 def read_norm(read: TensorReader, name: str, cfg: ModelConfig, dtype: torch.dtype) -> torch.Tensor:
-    """A norm's scale as it multiplies: 1 + w where the family stores it so (Gemma)."""
+    """A norm's scale as it multiplies: 1 + w where the family stores it so (Gemma), kept in fp32, as the reference
+    multiplies by it (engine.model.layer_ops.rms_norm)."""
     w = read(name)
-    return (w.float() + 1.0 if cfg.norm_offset else w).to(dtype)
+    return w.float() + 1.0 if cfg.norm_offset else w.to(dtype)
 
 
 class DecoderLayer:

@@ -102,7 +102,7 @@ class ModelCost:
     hidden_size: int
     vocab_size: int
     layer_params: int  # one decoder layer's weights
-    layer_out_features: int  # summed over the layer's four products (qkv, o, gate_up, down)
+    layer_out_features: int  # summed over the products a token takes (qkv, o, and its MLP's or experts' gate_up, down)
     kv_elems_per_token: int  # one layer's K and V for one token
     elementwise_elems_per_token: int  # read + written by one layer's non-matmul kernels, per token
     fused_elementwise_elems_per_token: int  # the same where they run fused (DeviceInfo.fused_layer_ops)
