@@ -71,7 +71,7 @@ def test_preemption_under_small_kv_cache_matches_reference(llama_dir, reference)
     assert [o.token_ids for o in outs] == ref
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["qwen2"])  # the families beyond: tests/test_families.py
 def test_other_families_match_reference(tmp_path, family):
     model_dir = write_checkpoint(tmp_path, family)
     prompts = random_prompts([2, 11, 40, 70], seed=3)
@@ -111,8 +111,7 @@ def test_half_precision_checkpoints_serve(tmp_path, monkeypatch, dtype, kernel):
     # embeddings) and on two.
     outputs = {}
     try:
-        for compute, devices in ((dtype, "cpu"), ("float32", "cpu"), ("float32", "cpu,cpu"), ("auto", "cpu"),
-                                 ("auto", "cpu,cpu")):
+        for compute, devices in ((dtype, "cpu"), ("float32", "cpu"), ("auto", "cpu"), ("auto", "cpu,cpu")):
             with LLM(model_dir, dtype=compute, devices=devices, threads=1, num_kv_blocks=32, max_model_len=256) as llm:
                 outs = llm.generate(prompts, SamplingParams(max_tokens=8, **GREEDY))
             outputs[compute, devices] = [o.token_ids for o in outs]

@@ -1,5 +1,5 @@
-"""Model families beyond Llama, Mistral and Qwen2, each against transformers on a tiny random checkpoint it builds:
-greedy output through the HTTP API for requests sent all at once (so they share steps), on one stage and on two, and
+"""Model families beyond Llama and Qwen2, each against transformers on a tiny random checkpoint it builds: greedy
+output through the HTTP API for requests sent all at once (so they share steps), on one stage and on two, the second
 from the same weights as a GGUF file where llama.cpp names the family."""
 from __future__ import annotations
 
@@ -42,52 +42,46 @@ LONG_ROPE = dict(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0
 WINDOW = dict(sliding_window=8)
 
 
-@pytest.mark.parametrize("family, overrides", [("qwen3", {}), ("phi3", {}), ("phi3", LONG_ROPE), ("mistral", WINDOW), ("gemma2", {}), ("gemma3", {}),
-                                               ("mixtral", {}), ("qwen2_moe", {}), ("qwen3_moe", {})])
-def test_a_family_answers_as_transformers_over_http_on_one_stage_and_two(tmp_path, family, overrides):
-    model_dir = write_checkpoint(tmp_path, family, max_position_embeddings=256, **overrides)
+# llama.cpp scales Gemma 3's queries by its head size (but for the 27B model), as the real models' configs say; a GGUF
+# file does not carry query_pre_attn_scalar.
+GEMMA_SCALE = dict(query_pre_attn_scalar=32)
+# llama.cpp's qwen3moe has experts in every layer (the dense first layer is served in the expert-load test below).
+ALL_EXPERTS = dict(mlp_only_layers=[])
+
+
+# (family, config overrides, the GGUF pre-tokenizer name where llama.cpp names the family, or None)
+CASES = [("qwen3", {}, "qwen2"), ("phi3", LONG_ROPE, "default"), ("mistral", WINDOW, None), ("gemma2", {}, None),
+         ("gemma3", GEMMA_SCALE, "default"), ("mixtral", {}, "default"), ("qwen2_moe", {}, "qwen2"),
+         ("qwen3_moe", ALL_EXPERTS, "qwen2")]
+
+
+@pytest.mark.parametrize("family, overrides, pre", CASES)
+def test_a_family_answers_as_transformers_over_http_on_one_stage_and_two(tmp_path, family, overrides, pre):
+    """The checkpoint on one stage; on two, the same weights as the GGUF file llama.cpp would write (F32: its
+    names, Llama's permuted q/k rows, experts stacked in one tensor per part, Gemma's 1 + w norms), where it names
+    the family, else the checkpoint again. Transformers on the checkpoint is the reference for both (its own GGUF
+    reader takes a Qwen3 file's head size to be its config default, and reads no file's experts)."""
+    (tmp_path / "hf").mkdir()
+    model_dir = write_checkpoint(tmp_path / "hf", family, max_position_embeddings=256, **overrides)
     tok = Tokenizer.from_dir(model_dir)
     want = [tok.decode(ids) for ids in hf_greedy(model_dir, PROMPTS, TOKENS)]
+    two = write_gguf(model_dir, tmp_path / f"{family}.gguf", "F32", pre=pre) if pre is not None else model_dir
     # LongRoPE's long prompts also in chunks (each at the long frequencies, as the whole prompt is longer); a
     # window's prompts also in chunks, over a cache the requests fit in only by giving back what leaves the window.
     chunked = ("--max-num-batched-tokens", "16") if overrides in (LONG_ROPE, WINDOW) else ()
     if overrides is WINDOW:
         chunked += ("--block-size", "4", "--num-kv-blocks", "40", "--max-model-len", "96")
-    for devices, more in (("cpu", ()), ("cpu,cpu", chunked)):
-        with running_server(model_dir, *FLAGS, "--devices", devices, *more) as s:
+    for model, devices, more in ((model_dir, "cpu", ()), (two, "cpu,cpu", ("--quantization", "none", *chunked))):
+        with running_server(model, *FLAGS, "--devices", devices, *more) as s:
             assert served_texts(s.url) == want, devices
-            if overrides is WINDOW and more:
+            if overrides is WINDOW and chunked:
                 status, _, text = call("GET", f"{s.url}/metrics")
                 assert 'strata:num_preemptions_total{model_name="tiny"} 0' in text.decode()
 
 
-# llama.cpp scales Gemma 3's queries by its head size (but for the 27B model), as the real models' configs say; a GGUF
-# file does not carry query_pre_attn_scalar.
-GEMMA_SCALE = dict(query_pre_attn_scalar=32)
-
-
-@pytest.mark.parametrize("family, pre, overrides", [("qwen3", "qwen2", {}), ("phi3", "default", LONG_ROPE),
-                                                    ("gemma3", "default", GEMMA_SCALE), ("mixtral", "default", {}),
-                                                    ("qwen2_moe", "qwen2", {}), ("qwen3_moe", "qwen2", {})])
-def test_a_family_from_gguf_answers_as_transformers_on_its_source(tmp_path, family, pre, overrides):
-    """The same weights written as llama.cpp names them (F32), against transformers on the checkpoint they came from
-    (transformers' own GGUF reader takes a Qwen3 file's head size to be its config default, and reads no file's
-    experts). The experts are stacked in one tensor per part, as llama.cpp keeps them."""
-    (tmp_path / "hf").mkdir()
-    (tmp_path / "gguf").mkdir()
-    # llama.cpp's qwen3moe has experts in every layer
-    dense = {"mlp_only_layers": []} if family == "qwen3_moe" else {}
-    hf = write_checkpoint(tmp_path / "hf", family, max_position_embeddings=256, **dense, **overrides)
-    path = write_gguf(hf, tmp_path / "gguf" / f"{family}.gguf", "F32", pre=pre)
-    tok = Tokenizer.from_dir(hf)
-    want = [tok.decode(ids) for ids in hf_greedy(hf, PROMPTS, TOKENS)]
-    with running_server(path, *FLAGS, "--quantization", "none", "--devices", "cpu,cpu") as s:
-        assert served_texts(s.url) == want
-
-
 def test_quantized_parts_are_read_from_the_tensors_llama_cpp_stacks_or_fuses_them_in(tmp_path):
     """Each expert of a stacked tensor (Qwen2-MoE), each of q/k/v and gate/up of a fused one (Phi-3): its own rows
-    of the stored codes, as the gguf package dequantizes them; and the files serve."""
+    of the stored codes, as the gguf package dequantizes them; and the mixture serves."""
     import numpy as np
     import torch
     from gguf import GGUFReader
@@ -116,15 +110,17 @@ def test_quantized_parts_are_read_from_the_tensors_llama_cpp_stacks_or_fuses_the
             assert source.stored_type(name) == "Q8_0" and source.shape(name) == tuple(want.shape)
             assert torch.equal(source.read(name), want)
             assert torch.equal(unpack(pack(source.read_codes(name)), torch.float32), want)
-        with running_server(path, *FLAGS, "--devices", "cpu,cpu") as s:
-            assert all(served_texts(s.url))
+        if family == "qwen2_moe":  # its quantized experts serve
+            with running_server(path, *FLAGS, "--devices", "cpu,cpu") as s:
+                assert all(served_texts(s.url))
     assert (cfg.num_experts, cfg.experts_per_token) == (0, 0)  # Phi-3's, last
 
 
 def test_expert_load_is_counted_in_the_metrics_and_dashboard_and_the_experts_are_traced(tmp_path):
-    """Every token a step computes goes through every layer: each mixture-of-experts layer counts experts_per_token
-    routings per token, summed over both stages; the dense first layer counts none. At layer detail each
-    mixture-of-experts layer's span holds its experts' span."""
+    """A Qwen3-MoE with a dense first layer answers as transformers does on two stages. Every token a step computes
+    goes through every layer: each mixture-of-experts layer counts experts_per_token routings per token, summed over
+    both stages; the dense first layer counts none. At layer detail each mixture-of-experts layer's span holds its
+    experts' span."""
     import json
     import re
     import time
@@ -133,10 +129,12 @@ def test_expert_load_is_counted_in_the_metrics_and_dashboard_and_the_experts_are
     from bench.otlp_receiver import OTLPReceiver
 
     model_dir = write_checkpoint(tmp_path, "qwen3_moe", max_position_embeddings=256)
+    tok = Tokenizer.from_dir(model_dir)
+    want = [tok.decode(ids) for ids in hf_greedy(model_dir, PROMPTS, TOKENS)]
     with OTLPReceiver() as rx, running_server(model_dir, *FLAGS, "--devices", "cpu,cpu", "--trace-detail", "layer",
                                               "--otlp-traces-endpoint", rx.endpoint,
                                               env={"OTEL_BSP_SCHEDULE_DELAY": "100"}) as s:
-        served_texts(s.url)
+        assert served_texts(s.url) == want  # the dense first layer too, as transformers has it
         # Each request computes its prompt and every generated token but the last.
         tokens = sum(len(p) + TOKENS - 1 for p in PROMPTS)
         counts: dict[int, dict[int, int]] = {}
