@@ -53,29 +53,34 @@ def long_rope(cfg: ModelConfig) -> int | None:
 
 def cos_sin_table(cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device: torch.device,
                   local: bool = False) -> torch.Tensor:
-    """[max_positions, 2, head_dim]: cos and sin per position, halves repeated (rotate-half layout); for LongRoPE
-    [2 max_positions, 2, head_dim], the short frequencies' rows and then the long ones'. local: the sliding layers'
-    table (cfg.local_rope_theta)."""
-    t = torch.arange(max_positions, dtype=torch.int64).float()
+    """[max_positions, 2, head_dim]: cos and sin per position, halves repeated (rotate-half layout). For LongRoPE,
+    the short frequencies' rows for the positions within the original context (a sequence at the short ones never
+    goes past it), then, where a sequence can be longer, the long ones' for every position (table_offset). local: the
+    sliding layers' table (cfg.local_rope_theta)."""
+    original = long_rope(cfg) if not local else None
+    parts = [(False, max_positions)]
+    if original is not None:
+        parts = [(False, min(original, max_positions))] + ([(True, max_positions)] if max_positions > original else [])
     tables = []
-    for long in ((False, True) if long_rope(cfg) and not local else (False,)):
-        freqs = torch.outer(t, inv_frequencies(cfg, long, local))  # [P, d/2]
+    for long, rows in parts:
+        freqs = torch.outer(torch.arange(rows, dtype=torch.int64).float(), inv_frequencies(cfg, long, local))
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, d]
         cos, sin = emb.cos(), emb.sin()
-        if long_rope(cfg) and not local:
+        if original is not None:
             scale = cfg.rope_scaling["attention_factor"]
             cos, sin = cos * scale, sin * scale
         tables.append(torch.stack((cos, sin), dim=1))
     return torch.cat(tables).to(dtype=dtype, device=device)
 
 
-def table_offset(cfg: ModelConfig, table_rows: int, prompt_len: int, end: int) -> int:
+def table_offset(cfg: ModelConfig, prompt_len: int, end: int) -> int:
     """Where a sequence's rows start in the cos/sin table (cos_sin_table) for a step whose chunk ends at position
-    `end`: 0, or for LongRoPE the long half once the sequence (its prompt, or what it has reached) is longer than the
-    original context. A sequence that grows past it as it decodes keeps the keys it cached before at the short
-    frequencies (the reference implementation computes them again at the long ones)."""
+    `end`: 0, or for LongRoPE the long rows (after the original context's short ones) once the sequence (its prompt,
+    or what it has reached) is longer than the original context. A sequence that grows past it as it decodes keeps
+    the keys it cached before at the short frequencies (the reference implementation computes them again at the long
+    ones)."""
     original = long_rope(cfg)
-    return table_rows // 2 if original is not None and max(prompt_len, end) > original else 0
+    return original if original is not None and max(prompt_len, end) > original else 0
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

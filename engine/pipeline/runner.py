@@ -207,7 +207,6 @@ class StageRunner:
             self.rows.pop(seq_id, None)
             self.prompt_lens.pop(seq_id, None)
         bs = self.block_size
-        rope_rows = self.model.rope.shape[0]
         # Decodes first, so that batched attention calls cover them all, shortest context first, so that the rows
         # whose blocks are gathered together are alike in length (engine.model.attention.decode_groups).
         order = sorted(range(len(batch.seqs)),
@@ -230,7 +229,7 @@ class StageRunner:
             n = len(w.token_ids)
             token_ids.extend(w.token_ids)
             pos = range(w.start_pos, w.start_pos + n)
-            offset = table_offset(self.cfg, rope_rows, self.prompt_lens.get(w.seq_id, 0), w.start_pos + n)
+            offset = table_offset(self.cfg, self.prompt_lens.get(w.seq_id, 0), w.start_pos + n)
             positions.extend(p + offset for p in pos)
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
             if n == 1:
