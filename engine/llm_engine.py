@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from batching.batch import Batch, StepOutput, TraceContext
@@ -175,8 +176,8 @@ class LLMEngine:
         self.stage_stats = [StageStats() for _ in self.plan.stages]
         # Tokens routed to each expert of each layer so far (a mixture of experts; no rows for a dense model).
         experts = cfg.num_experts
-        self._expert_tokens = [[0] * experts for _ in range(cfg.num_layers)] if experts else []
-        self._expert_snapshot: tuple[tuple[int, ...], ...] | None = None
+        self._expert_tokens = np.zeros((cfg.num_layers if experts else 0, experts), dtype=np.int64)
+        self._expert_snapshot: np.ndarray | None = None
         try:
             self.scheduler = Scheduler(
                 SchedulerConfig(
@@ -398,15 +399,16 @@ class LLMEngine:
 
     def _add_expert_load(self, stage: int, load: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
         start, experts = self.plan.stages[stage].layers[0], self.model_config.num_experts
-        for flat, n in zip(*load):
-            self._expert_tokens[start + flat // experts][flat % experts] += n
+        where, counts = load
+        np.add.at(self._expert_tokens.reshape(-1), np.asarray(where, dtype=np.int64) + start * experts, counts)
         self._expert_snapshot = None
 
     def stats(self) -> EngineStats:
         """A snapshot, for another thread to read."""
         sched, blocks = self.scheduler, self.scheduler.blocks
-        if self._expert_snapshot is None:
-            self._expert_snapshot = tuple(tuple(row) for row in self._expert_tokens)
+        if self._expert_snapshot is None:  # a copy a reader may keep: one memcpy, and only after new load
+            self._expert_snapshot = self._expert_tokens.copy()
+            self._expert_snapshot.flags.writeable = False
         return EngineStats(sched.num_running, sched.num_waiting, blocks.usage, sched.num_preemptions,
                            blocks.prefix_queries, blocks.prefix_hits, self.spans_dropped,
                            tuple(StageLoad(s.busy_s, s.steps, s.seqs) for s in self.stage_stats),

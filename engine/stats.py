@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.placement.devices import tier_name
 
@@ -62,6 +63,6 @@ class EngineStats:
     prefix_hits: int = 0
     spans_dropped: dict[str, int] = field(default_factory=dict)  # per process: "server", "stage 0", ...
     stages: tuple[StageLoad, ...] = ()
-    # A mixture of experts: tokens routed to each expert of each layer so far ([layer][expert]); empty for a dense
-    # model. Dense layers of a mixture have a row of zeros.
-    expert_tokens: tuple[tuple[int, ...], ...] = ()
+    # A mixture of experts: tokens routed to each expert of each layer so far (a read-only [layers, experts] int64
+    # array); no rows for a dense model. Dense layers of a mixture have a row of zeros.
+    expert_tokens: Any = ()

@@ -223,16 +223,16 @@ def _tiers(stage) -> str:
     return f"{held}, {streamed} {stage.streamed_from} each step" if streamed else held
 
 
-def _expert_load(prev: tuple, cur: tuple, dt: float) -> dict | None:
+def _expert_load(prev, cur, dt: float) -> dict | None:
     """A mixture of experts' load over the last interval: tokens per second routed to each expert of each layer that
     has experts, and each layer's imbalance (its busiest expert's tokens over the mean); None for a dense model."""
-    if not cur:
+    if not len(cur):
         return None
     layers, rates, imbalance = [], [], []
-    for layer, row in enumerate(cur):
+    for layer, row in enumerate(cur.tolist()):
         if not any(row):
             continue  # a dense layer, or no tokens yet
-        before = prev[layer] if prev else (0,) * len(row)
+        before = prev[layer].tolist() if len(prev) else (0,) * len(row)
         delta = [n - b for n, b in zip(row, before)]
         layers.append(layer)
         rates.append([d / dt for d in delta])

@@ -47,7 +47,7 @@ class Metrics:
         self.queue_time = Histogram(LATENCY_BUCKETS)
         self.rejected = 0
         self.spans_dropped: dict[str, int] = {}  # per process
-        self.expert_tokens: tuple[tuple[int, ...], ...] = ()  # a mixture of experts' [layer][expert] token counts
+        self.expert_tokens = ()  # a mixture of experts' [layer, expert] token counts (engine.stats.EngineStats)
         # gen_ai.server.* histograms by operation (chat, text_completion)
         self.genai: dict[str, dict[str, Histogram]] = defaultdict(lambda: {
             "time_to_first_token": Histogram(GENAI_TTFT_BUCKETS),
@@ -78,7 +78,7 @@ class Metrics:
         if any(any(row) for row in self.expert_tokens):
             lines += ["# HELP strata:expert_tokens_total Tokens routed to each expert of each mixture-of-experts layer.",
                       "# TYPE strata:expert_tokens_total counter"]
-            for layer, row in enumerate(self.expert_tokens):
+            for layer, row in enumerate(self.expert_tokens.tolist()):
                 if any(row):
                     lines.extend(f'strata:expert_tokens_total{{{L},layer="{layer}",expert="{e}"}} {n}'
                                  for e, n in enumerate(row))

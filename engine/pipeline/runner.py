@@ -230,7 +230,7 @@ class StageRunner:
             token_ids.extend(w.token_ids)
             pos = range(w.start_pos, w.start_pos + n)
             offset = table_offset(self.cfg, self.prompt_lens.get(w.seq_id, 0), w.start_pos + n)
-            positions.extend(p + offset for p in pos)
+            positions.extend(range(w.start_pos + offset, w.start_pos + n + offset))  # rows of the rotary table
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
             if n == 1:
                 dec_tables.append(table)
