@@ -62,6 +62,10 @@ def _convert(source: Path, out: Path, here: PlanHere, dtype: str, say) -> None:
         if device.type != "cpu" and product_path(device, TORCH_DTYPES[weights], TORCH_DTYPES[compute]) != "plain":
             raise ValueError(f"stage {k} on {device} computes at {compute} over {weights} weights; a GPU stage is "
                              "packed with one dtype for both (--dtype)")
+        if st.host_experts:
+            raise ValueError(f"stage {k} on {device} would keep the experts of layers "
+                             f"{','.join(map(str, st.host_experts))} in host memory, run by the host's CPU, which a "
+                             "package does not hold; serve the checkpoint itself, or give the GPU more memory")
         index, shard, disk = pkg.stage_files(k)
         spill = SpillFile(out, disk) if st.streamed_layers else None
         say(f"stage {k} ({device}): layers {st.layers[0]}-{st.layers[1] - 1}"

@@ -212,7 +212,8 @@ class LLMEngine:
             choices = self.format_choices
             ask = DescribeDevice(config.dtype_request, cfg.checkpoint_dtype, config.kv_cache_fraction,
                                  dominant_quantized(self.weight_formats, cfg), config.offload_dir,
-                                 choices.probed if choices is not None else (), offload_bytes(config.cpu_offload_gb))
+                                 choices.probed if choices is not None else (), offload_bytes(config.cpu_offload_gb),
+                                 bool(cfg.num_experts))
             infos = driver.describe(ask)
             max_kv_tokens = (config.max_num_seqs * max_len if config.num_kv_blocks is None
                              else config.num_kv_blocks * config.block_size)
@@ -242,7 +243,9 @@ class LLMEngine:
                     max_num_seqs=config.max_num_seqs, inline_bytes=inline, cuda_graphs=not config.enforce_eager,
                     formats=self.weight_formats, stop_token_ids=self.eos_token_ids,
                     trace=self.trace_settings if self._trace_steps else None,
-                    streamed_layers=st.streamed_layers, offload_dir=config.offload_dir,
+                    streamed_layers=st.streamed_layers, offload_dir=config.offload_dir, host_experts=st.host_experts,
+                    host_dtypes=(resolve_dtypes(config.dtype_request, cfg.checkpoint_dtype, torch.device("cpu"))
+                                 if st.host_experts else None),
                 )))
                 prev_dtype = compute
             info = driver.start(specs)
@@ -378,7 +381,7 @@ class LLMEngine:
             # Local stage processes are started in --devices order.
             StageInfo(k, st.device.name, st.device.label, st.device.kind, st.device.host, st.device.threads,
                       st.layers, procs[st.device_index].pid if st.device_index < len(procs) else None,
-                      st.streamed_layers)
+                      st.streamed_layers, st.host_experts)
             for k, st in enumerate(plan.stages))
         head = EMBEDDING if cfg.tie_word_embeddings else "lm_head.weight"
         return EngineInfo(cfg.architecture, cfg.num_layers, self.dtype, self.weight_dtype,
@@ -418,7 +421,7 @@ class LLMEngine:
         """The planner's time for one step of `batch_size` sequences on a stage, to set beside the measured one."""
         plan = self.plan
         st = plan.stages[stage]
-        if st.formats or st.streamed_layers:
+        if st.formats or st.streamed_layers or st.host_experts:
             # Priced by the planner per format and tier (engine.placement.precision): between the two batches it
             # priced, the step taken as affine in the batch.
             (b1, t1), (bn, tn) = sorted(st.predicted_s.items())[0], sorted(st.predicted_s.items())[-1]

@@ -19,6 +19,7 @@ class StageInfo:
     layers: tuple[int, int]  # [start, end)
     pid: int | None  # the stage's process where it runs on this host, else None
     streamed_layers: tuple[int, ...] = ()  # brought in from its tier every step; the others stay in its memory
+    host_experts: tuple[int, ...] = ()  # layers whose routed experts stay in host memory, run by the host's CPU
 
     @property
     def streamed_from(self) -> str:

@@ -141,6 +141,7 @@ async def _run(app: web.Application, engine, args, name: str, config, sock) -> i
     info = engine.info
     stages = ", ".join(f"{s.device} layers {s.layers[0]}-{s.layers[1] - 1}"
                        + (f" ({len(s.streamed_layers)} {s.streamed_from} each step)" if s.streamed_layers else "")
+                       + (f" (experts of {len(s.host_experts)} layers on the host CPU)" if s.host_experts else "")
                        for s in info.stages)
     precision = (info.dtype if info.weight_dtype == info.dtype
                  else f"{info.dtype} activations over {info.weight_dtype} weights")

@@ -41,9 +41,11 @@ def add_offload_arg(g, env) -> None:
                         "hold, reading them back with direct I/O every step, ahead of their compute; its read "
                         "bandwidth is measured once and priced by the planner")
     g.add_argument("--cpu-offload-gb", type=float, default=env("cpu_offload_gb", "0"),
-                   help="GiB of its layers each GPU stage may keep in pinned host memory when its own memory cannot "
-                        "hold them, copied in every step on a stream of their own, ahead of their compute; the copy "
-                        "bandwidth is measured once and priced by the planner")
+                   help="GiB of its weights each GPU stage may keep in host memory when its own memory cannot "
+                        "hold them: a mixture of experts keeps the routed experts of the layers it must there, run "
+                        "by the host's CPU; otherwise whole layers wait in pinned memory, copied in every step on a "
+                        "stream of their own, ahead of their compute. The host's rates and the copy bandwidth are "
+                        "measured once and priced by the planner")
 
 
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:

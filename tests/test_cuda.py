@@ -122,3 +122,18 @@ def test_layers_copied_in_from_host_memory_compute_what_resident_ones_do(tmp_pat
         (stage,) = llm.engine.plan.stages
         assert stage.streamed_layers, "the budget was meant to leave layers in host memory"
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+
+
+def test_experts_the_gpu_cannot_hold_run_on_the_host_cpu_and_greedy_output_equals_transformers(tmp_path):
+    """A Qwen3-MoE whose GPU budget holds its attention but not all of its experts, with --cpu-offload-gb: the
+    planner keeps the other layers' routed experts in host memory, run by the host's CPU, and greedy output equals
+    transformers'."""
+    model = write_checkpoint(tmp_path, "qwen3_moe", layers=4, hidden=256, heads=8, kv_heads=2)
+    weights = sum(p.stat().st_size for p in tmp_path.glob("*.safetensors"))
+    kv = 256 * 4 * 2 * 2 * 32 * 4  # max_model_len tokens of every layer's K and V, fp32
+    with LLM(model, devices=f"cuda:0={weights // 2 + 2 * kv}", cpu_offload_gb=1.0, dtype="float32",
+             max_model_len=256, num_kv_blocks=16) as llm:
+        (stage,) = llm.engine.plan.stages
+        assert stage.host_experts and not stage.streamed_layers, "the budget was meant to leave experts on the host"
+        got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    assert got == hf_greedy(model, PROMPTS, 16)

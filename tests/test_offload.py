@@ -99,6 +99,33 @@ def test_a_mixture_of_experts_streams_its_experts_with_its_layer(tmp_path):
     streaming.stream.close()
 
 
+def test_experts_kept_on_the_host_compute_what_they_compute_beside_their_layer(tmp_path):
+    """A GPU stage's experts kept in host memory, run by the host's CPU (here the stage is on the CPU too, so the
+    rows' trip out and back is a no-op): a prompt and a single token compute the same logits, the load is counted,
+    the stage's own weights shrink by the experts, and a layer that streams or has no experts is refused."""
+    model_dir = write_checkpoint(tmp_path / "moe", "qwen2_moe", layers=4)
+    cfg = ModelConfig.from_dir(model_dir)
+
+    def model(host_experts=(), streamed=()):
+        return StageModel(cfg, validate(model_dir, cfg), range(4), True, True, torch.float32, torch.device("cpu"), 64,
+                          streamed=streamed, offload=tmp_path, host_experts=host_experts,
+                          host_dtypes=(torch.float32, torch.float32))
+
+    beside, hosted = model(), model([1, 3])
+    assert forwards(beside, cfg, steps=1)[0].equal(forwards(hosted, cfg, steps=1)[0])
+    meta = build_metadata(16, [0], [], [], [(0, 1, 0, [0])], torch.device("cpu"))
+    kv = torch.zeros(4, 2, 4, 16, cfg.num_kv_heads, cfg.head_dim)
+    one = [m.logits(m.forward(torch.tensor([5]), torch.tensor([0]), meta, kv.clone())) for m in (beside, hosted)]
+    assert one[0].equal(one[1])
+    load = hosted.take_expert_load()
+    assert load.sum() == (7 + 1) * 4 * cfg.experts_per_token and load.equal(beside.take_expert_load())
+    expert_bytes = 4 * cfg.num_experts * 3 * cfg.hidden_size * cfg.expert_intermediate_size
+    assert beside.weight_bytes - hosted.weight_bytes == 2 * expert_bytes
+    for bad in (dict(host_experts=[1], streamed=[1]), dict(host_experts=[7])):
+        with pytest.raises(ValueError, match="cannot keep their experts on the host"):
+            model(**bad)
+
+
 def test_a_packed_part_names_only_the_engines_types(tmp_path):
     from engine.model.linear import QuantLinear
     from engine.model.quantized import quantize, pack

@@ -487,6 +487,81 @@ def test_a_mixture_of_experts_costs_its_memory_in_every_expert_and_its_step_in_t
     assert layer_seconds(cost, dev, 1, 64) < 0.5 * layer_seconds(as_dense, dev, 1, 64)
 
 
+# Qwen3-30B-A3B's shape (48 layers, 128 experts, top 8), its layers cut where a test says.
+QWEN3_MOE_SHAPED = dict(
+    architectures=["Qwen3MoeForCausalLM"], hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+    num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936, moe_intermediate_size=768,
+    num_experts=128, num_experts_per_tok=8, torch_dtype="bfloat16", max_position_embeddings=4096)
+
+
+def qwen3_moe_shaped(layers: int = 24):
+    from engine.model.config import ModelConfig
+
+    return ModelConfig.from_dict({**QWEN3_MOE_SHAPED, "num_hidden_layers": layers})
+
+
+def test_a_gpu_keeps_the_experts_it_cannot_hold_on_its_host_and_the_host_cpu_runs_them():
+    """Attention, the router and the KV cache stay on the GPU; the routed experts of as few layers as the GPU needs to
+    fit stay in host memory (within --cpu-offload-gb), run by the host's CPU; a GPU without host memory given streams
+    no experts and does not fit; a cluster's GPU gets its host's CPU."""
+    from engine.placement.cost import expert_layers_to_host, stage_seconds
+
+    cfg = qwen3_moe_shaped()
+    cost = ModelCost.from_config(cfg, "bfloat16", "bfloat16")
+    assert cost.moe_layers == tuple(range(24)) and cost.expert_layer_bytes == 128 * 3 * 2048 * 768 * 2
+    everything = stage_weight_bytes(cost, 24, True, True)
+    cpu = device("cpu", memory=64 * GiB, flops=1e12, bw=5e10, op=3e-6, dtype="float32")
+    gpu = device("cuda:0", memory=everything // 2, flops=4e14, bw=2e12, op=5e-6, host_tier_bytes=64 * GiB,
+                 host_bandwidth=2.5e10, host_cpu=cpu)
+    host = expert_layers_to_host(cost, gpu, 24, True, True, 4096)
+    assert 0 < host < 24
+    assert not stage_fits(cost, gpu, 24, True, True, 4096, host_experts=host - 1)
+    result = plan(cost, [gpu], batch_size=32, context_len=512, kv_reserve_tokens=4096)
+    (stage,) = result.stages
+    assert stage.host_experts == tuple(range(host)) and stage.streamed_layers == ()
+    assert stage.weight_bytes == everything - host * cost.expert_layer_bytes <= gpu.memory
+    # The step pays the host's products and the copies out and back: slower than all on the GPU, and by more at 32
+    # tokens (more experts reached) than at 1.
+    on_gpu = {b: stage_seconds(cost, gpu, 24, first=True, last=True, batch=b, context_len=512, link=None).total_s
+              for b in (1, 32)}
+    assert all(stage.predicted_s[b] > on_gpu[b] for b in (1, 32))
+    assert stage.predicted_s[32] - on_gpu[32] > stage.predicted_s[1] - on_gpu[1]
+    text = plan_table(result)
+    assert f"experts of {host} layers on the host CPU" in text
+    assert plan_json(result)["stages"][0]["host_experts"] == list(range(host))
+    # Host memory bounds it: what --cpu-offload-gb gives cannot hold the experts the GPU cannot.
+    small = dataclasses.replace(gpu, host_tier_bytes=(host - 1) * cost.expert_layer_bytes)
+    assert expert_layers_to_host(cost, small, 24, True, True, 4096) is None
+    with pytest.raises(PlacementError):
+        plan(cost, [dataclasses.replace(small, host_bandwidth=None, host_tier_bytes=0)], batch_size=32,
+             context_len=512, kv_reserve_tokens=4096)
+    # A dense model never moves anything to the host CPU.
+    assert expert_layers_to_host(model(), gpu, 8, True, True, 4096) == 0
+    # Devices alike but for their host CPU are not interchangeable.
+    assert gpu.interchangeable() != dataclasses.replace(gpu, host_cpu=None).interchangeable()
+
+
+def test_a_described_clusters_gpu_runs_the_experts_it_cannot_hold_on_its_hosts_cpu(tmp_path):
+    from engine.placement.planning import plan_here
+
+    model_dir = tmp_path / "moe"
+    model_dir.mkdir()
+    raw = json.loads(json.dumps(QWEN3_MOE_SHAPED))
+    (model_dir / "config.json").write_text(json.dumps({**raw, "num_hidden_layers": 8}))
+    cluster = tmp_path / "cluster.toml"
+    cluster.write_text('[[host]]\nname = "a"\ngpus = [{model = "RTX 3090", memory = "8GiB"}]\n')
+    with pytest.raises(PlacementError):
+        plan_here(model_dir, "", cluster=cluster, max_model_len=1024)
+    here = plan_here(model_dir, "", cluster=cluster, max_model_len=1024, cpu_offload_gb=32)
+    assert here.devices[0].host_cpu is None  # the file lists no CPU on host a: layers stream over PCIe instead
+    assert here.plan.stages[0].streamed_layers and not here.plan.stages[0].host_experts
+    cluster.write_text('[[host]]\nname = "a"\ngpus = [{model = "RTX 3090", memory = "8GiB"}]\n'
+                       'cpu = {memory = "64GiB", bandwidth = "80GB/s", flops = 1.5e12}\n')
+    here = plan_here(model_dir, "", cluster=cluster, max_model_len=1024, cpu_offload_gb=32)
+    gpu = here.devices[0]
+    assert gpu.host_cpu.memory == 32 * GiB and gpu.host_cpu.mem_bandwidth == 80e9
+    (on_gpu,) = [s for s in here.plan.stages if s.device.kind == "cuda"]
+    assert on_gpu.host_experts and not on_gpu.streamed_layers
 @pytest.mark.parametrize("text, expected", [
     ("cpu", [("cpu", None)]),
     ("cuda", [("cuda:0", None)]),

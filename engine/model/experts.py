@@ -13,20 +13,26 @@ from __future__ import annotations
 
 import torch
 
+from engine.model.layer_ops import GATED
+
 
 class ExpertProducts:
     """A mixture-of-experts layer's products. router: the router's logits, and the shared expert's gate as one more
-    column where it has one; experts: (gate_up, down) per expert; shared: the shared expert's (gate_up, down)."""
+    column where it has one; experts: (gate_up, down) per expert; shared: the shared expert's (gate_up, down).
+    host: where the routed experts live elsewhere than the rest (a GPU stage's experts kept in host memory, run by
+    the host's CPU), (compute dtype there, its gated activation); None: beside the rest."""
 
-    __slots__ = ("router", "experts", "shared", "top_k", "normalise")
+    __slots__ = ("router", "experts", "shared", "top_k", "normalise", "host")
 
-    def __init__(self, prefix: str, cfg, products) -> None:
+    def __init__(self, prefix: str, cfg, products, expert_products=None) -> None:
+        """expert_products: builds the routed experts where they live elsewhere (on the host's CPU)."""
         m = prefix + "mlp."
         self.router = products([m + "gate.weight"] + ([m + "shared_expert_gate.weight"]
                                                       if cfg.shared_expert_intermediate_size else []))
-        self.experts = [_mlp(f"{m}experts.{e}.", products) for e in range(cfg.num_experts)]
+        self.experts = [_mlp(f"{m}experts.{e}.", expert_products or products) for e in range(cfg.num_experts)]
         self.shared = _mlp(m + "shared_expert.", products) if cfg.shared_expert_intermediate_size else None
         self.top_k, self.normalise = cfg.experts_per_token, cfg.norm_topk_prob
+        self.host = None if expert_products is None else (expert_products.compute_dtype, GATED[cfg.activation])
 
     def __call__(self, h: torch.Tensor, silu_mul, load: torch.Tensor | None = None) -> torch.Tensor:
         """h [T, hidden] -> [T, hidden]; silu_mul: the gated activation ([T, 2I] -> [T, I]); load: a [experts]
@@ -37,7 +43,9 @@ class ExpertProducts:
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
         if self.normalise:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        if h.shape[0] == 1:  # one token (a single stream's decode): its experts one after the other
+        if self.host is not None:
+            y = self._on_host(h, chosen, weights, load)
+        elif h.shape[0] == 1:  # one token (a single stream's decode): its experts one after the other
             y = self._one_token(h, chosen[0].tolist(), weights[0].to(h.dtype).unbind(), silu_mul)
             if load is not None:
                 load.index_add_(0, chosen[0], torch.ones_like(chosen[0]))
@@ -47,6 +55,21 @@ class ExpertProducts:
             gate_up, down = self.shared
             y.add_(torch.sigmoid(logits[:, n:].to(h.dtype)) * down(silu_mul(gate_up(h))))
         return y
+
+    def _on_host(self, h: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor,
+                 load: torch.Tensor | None) -> torch.Tensor:
+        """The routed experts run by the host's CPU: the tokens' rows and their routing copied to it, the experts'
+        summed outputs copied back."""
+        dtype, act = self.host
+        if load is not None:  # counted where the stage keeps its load
+            load.index_add_(0, chosen.flatten(), torch.ones_like(chosen.flatten()))
+        cpu = torch.device("cpu")
+        x, chosen, weights = h.to(cpu, dtype), chosen.to(cpu), weights.to(cpu)
+        if x.shape[0] == 1:
+            y = self._one_token(x, chosen[0].tolist(), weights[0].to(dtype).unbind(), act)
+        else:
+            y = self._grouped(x, chosen, weights, act, None)
+        return y.to(h.device, h.dtype)
 
     def _one_token(self, h: torch.Tensor, chosen: list[int], weights: tuple[torch.Tensor, ...], silu_mul) -> torch.Tensor:
         """One token's output: its experts' outputs, weighted, summed in expert order."""

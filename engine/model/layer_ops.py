@@ -21,6 +21,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate | up) -> [T, I], on any device: the C kernel where it runs (fp32 on a CPU)."""
+    if kernel.available(gate_up):
+        return kernel.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate | up) -> [T, I], with the tanh approximation of GELU (Gemma)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+GATED = {"silu": silu_mul, "gelu_tanh": gelu_tanh_mul}  # by ModelConfig.activation
+
+
 class LayerOps:
     """The elementwise steps for one forward pass over tokens at `positions`, whose new keys and values go to
     `slots` of a KV cache like `kv_cache` ([layers, 2, blocks, block_size, kv_heads, d]). `caches[i]` holds
@@ -82,10 +99,7 @@ class LayerOps:
         v_cache.view(-1, nkv, d).index_copy_(0, self.slots, v.to(v_cache.dtype))
         return qk[:, :nh], k, v
 
-    def gelu_tanh_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """[T, 2I] (gate | up) -> [T, I], with the tanh approximation of GELU (Gemma)."""
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.gelu(gate, approximate="tanh") * up
+    gelu_tanh_mul = staticmethod(gelu_tanh_mul)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """[T, 2I] (gate | up) -> [T, I]."""

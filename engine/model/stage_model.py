@@ -82,7 +82,8 @@ class LayerProducts:
 
     __slots__ = ("qkv", "o", "gate_up", "down", "experts")
 
-    def __init__(self, prefix: str, cfg: ModelConfig, products: Products, layer: int) -> None:
+    def __init__(self, prefix: str, cfg: ModelConfig, products: Products, layer: int,
+                 expert_products: Products | None = None) -> None:
         a, m = prefix + "self_attn.", prefix + "mlp."
         qkv = [a + "q_proj.", a + "k_proj.", a + "v_proj."]
         self.qkv = products([n + "weight" for n in qkv], [n + "bias" for n in qkv] if cfg.qkv_bias else None)
@@ -90,7 +91,7 @@ class LayerProducts:
         # A dense MLP (gate_up, down), or a mixture of experts.
         self.gate_up = self.down = self.experts = None
         if cfg.is_moe(layer):
-            self.experts = ExpertProducts(prefix, cfg, products)
+            self.experts = ExpertProducts(prefix, cfg, products, expert_products)
             return
         gate_up = [m + "gate_proj.", m + "up_proj."]
         self.gate_up = products([n + "weight" for n in gate_up], [n + "bias" for n in gate_up] if cfg.mlp_bias else None)
@@ -108,7 +109,7 @@ class DecoderLayer:
     __slots__ = ("ln1", "ln2", "post_attn", "post_mlp", "q_norm", "k_norm", "local_rope", "products")
 
     def __init__(self, read: TensorReader, layer: int, cfg: ModelConfig, dtype: torch.dtype,
-                 products: Products) -> None:
+                 products: Products, expert_products: Products | None = None) -> None:
         prefix = f"model.layers.{layer}."
         norm = (lambda name: read_norm(read, prefix + name, cfg, dtype))
         self.ln1 = norm("input_layernorm.weight")
@@ -121,7 +122,8 @@ class DecoderLayer:
         self.k_norm = norm("self_attn.k_norm.weight") if cfg.qk_norm else None
         # Whether the layer rotates by the sliding layers' own table (Gemma 3).
         self.local_rope = cfg.local_rope_theta is not None and cfg.window(layer) is not None
-        self.products: LayerProducts | None = LayerProducts(prefix, cfg, products, layer)  # None: streamed
+        # None: streamed. expert_products: where the routed experts live elsewhere (the host's CPU).
+        self.products: LayerProducts | None = LayerProducts(prefix, cfg, products, layer, expert_products)
 
 
 class StageModel:
@@ -141,6 +143,8 @@ class StageModel:
         streamed: Iterable[int] = (),
         offload: str | Path | SpillFile | None = None,
         tier: str | None = None,
+        host_experts: Iterable[int] = (),
+        host_dtypes: tuple[torch.dtype, torch.dtype] | None = None,
     ) -> None:
         """wide_copy: also keep an fp32 copy of half-precision weights for wide steps (see engine.model.linear);
         None: when it takes at most a quarter of the device's free memory. formats: the weights that run at another
@@ -148,7 +152,9 @@ class StageModel:
         products live in a tier and are brought in for every step. tier "disk" (a CPU stage's): a tier file written at
         load (engine.model.layer_stream), offload being that file or the folder to make it in (None: the system's
         temporary folder); "host" (a GPU stage's): pinned host memory, copied in on a stream of their own
-        (engine.model.host_stream). None: the device's own, disk on a CPU, host on a GPU."""
+        (engine.model.host_stream). None: the device's own, disk on a CPU, host on a GPU. host_experts:
+        mixture-of-experts layers whose routed experts stay in host memory, run by the host's CPU at host_dtypes
+        ((compute, weights); None: the stage's), the rest of the layer on the device."""
         self.cfg = cfg
         self.layer_ids = layers
         self.first, self.last = first, last
@@ -171,6 +177,22 @@ class StageModel:
         if streamed - set(layers) or (streamed and tier == "disk" and device.type != "cpu"):
             raise ValueError(f"layers {sorted(streamed)} cannot stream from {tier} on a {device.type} stage of layers "
                              f"{layers.start}-{layers.stop - 1}")
+        host_experts = set(host_experts)
+        if host_experts - {i for i in layers if cfg.is_moe(i)} or host_experts & streamed:
+            raise ValueError(f"layers {sorted(host_experts)} cannot keep their experts on the host: only the "
+                             f"mixture-of-experts layers of layers {layers.start}-{layers.stop - 1} that do not "
+                             "stream can")
+        host_products = None
+        if host_experts:
+            host_compute, host_weights = host_dtypes or (dtype, weight_dtype)
+            cpu = torch.device("cpu")
+            host_products = Products(TensorReader(source, shapes, host_weights, cpu), formats, host_compute,
+                                     host_weights, wide_copy=False)
+            per_weight = weight_dtype.itemsize + (4 if wide_copy else 0)
+            self.weight_bytes -= per_weight * sum(
+                math.prod(shape) for name, shape in shapes.items()
+                if any(name.startswith(f"model.layers.{i}.mlp.experts.") for i in host_experts))
+        self.host_experts = tuple(sorted(host_experts))
         spill = None
         if streamed and tier == "disk":
             spill = offload if isinstance(offload, SpillFile) else SpillFile(offload or tempfile.gettempdir())
@@ -179,7 +201,7 @@ class StageModel:
         shared = {"scratch": self.scratch}
         self.layers = []
         for i in layers:
-            layer = DecoderLayer(read, i, cfg, dtype, products)
+            layer = DecoderLayer(read, i, cfg, dtype, products, host_products if i in host_experts else None)
             if i in streamed:
                 part, tensors = pack_objects(layer.products, shared, any_device=spill is None)
                 stored.append(spill.append(i, part, tensors) if spill is not None else host_layer(i, part, tensors))

@@ -15,7 +15,7 @@ RENDEZVOUS_TIMEOUT_S = 120.0
 # another release is told so in words rather than failing on a message it cannot read. Bump the version whenever
 # a message class changes.
 GREETING = "strata pipeline"
-WIRE_VERSION = 12
+WIRE_VERSION = 13
 
 
 class VersionMismatch(Exception):
@@ -43,6 +43,8 @@ class DescribeDevice:
     offload_dir: str | None = None  # where a CPU stage may keep layers it reads each step; its bandwidth is probed
     format_choices: tuple[str, ...] = ()  # quantized formats the planner may choose per layer; their products are probed
     cpu_offload_bytes: int = 0  # on a GPU: how much of its layers it may keep in host memory; the copy rate is probed
+    # A mixture of experts: on a GPU with host memory to keep experts in, the host CPU's rates are probed too.
+    has_experts: bool = False
 
 
 @dataclass(slots=True)
@@ -76,6 +78,10 @@ class StageSpec:
     # Layers whose products the stage keeps in a file in offload_dir and reads back for every step.
     streamed_layers: tuple[int, ...] = ()
     offload_dir: str | None = None
+    # Mixture-of-experts layers whose routed experts the stage keeps in host memory, run by the host's CPU at
+    # host_dtypes (compute, weights).
+    host_experts: tuple[int, ...] = ()
+    host_dtypes: tuple[str, str] | None = None
 
 
 @dataclass(slots=True)

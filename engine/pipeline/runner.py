@@ -52,7 +52,8 @@ class StageRunner:
             self.model = StageModel(
                 self.cfg, tensor_source(model_dir, self.cfg), range(*spec.layers), self.first, self.last,
                 self.dtype, self.device, spec.max_model_len, TORCH_DTYPES[spec.weight_dtype], self._wide_copy(),
-                spec.formats, spec.streamed_layers, spec.offload_dir,
+                spec.formats, spec.streamed_layers, spec.offload_dir, host_experts=spec.host_experts,
+                host_dtypes=tuple(TORCH_DTYPES[d] for d in spec.host_dtypes) if spec.host_dtypes else None,
             )
         self.tables: dict[int, list[int]] = {}
         self.rows: dict[int, SamplingRow] = {}

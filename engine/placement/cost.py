@@ -123,6 +123,7 @@ class ModelCost:
     num_experts: int = 0
     experts_per_token: int = 0
     moe_layer_share: float = 0.0
+    moe_layers: tuple[int, ...] = ()  # the layers with experts
 
     @staticmethod
     def from_config(cfg, compute_dtype: str, weight_dtype: str, sampling: str = "random",
@@ -150,7 +151,7 @@ class ModelCost:
             share = len(cfg.moe_layers) / cfg.num_layers
             ie, shared = cfg.expert_intermediate_size, cfg.shared_expert_intermediate_size
             moe = dict(expert_params=3 * h * ie, num_experts=cfg.num_experts, experts_per_token=cfg.experts_per_token,
-                       moe_layer_share=share)
+                       moe_layer_share=share, moe_layers=tuple(sorted(cfg.moe_layers)))
             # A token's products: attention, the router, its experts and the shared one (the mean layer's).
             moe_mlp = cfg.num_experts + cfg.experts_per_token * (2 * ie + h) + (2 * shared + h if shared else 0)
             out_features = (q + 2 * kv) + h + share * moe_mlp + (1 - share) * (2 * i + h)
@@ -178,6 +179,23 @@ class ModelCost:
         idle = self.moe_layer_share * self.expert_params
         return (self.layer_params - idle * (self.num_experts - self.experts_reached(rows)),
                 self.layer_params - idle * (self.num_experts - self.experts_per_token))
+
+    def routed_params(self, rows: int) -> tuple[float, float]:
+        """The mean layer's routed experts' share of step_params: the weights a step of `rows` tokens reads of them,
+        and those each token multiplies."""
+        share = self.moe_layer_share * self.expert_params
+        return share * self.experts_reached(rows), share * self.experts_per_token
+
+    def host_expert_layers(self, layers: range, count: int) -> tuple[int, ...]:
+        """Which of a stage's layers keep their routed experts on the host where `count` of them do: its first
+        mixture-of-experts layers."""
+        return tuple(i for i in layers if i in self.moe_layers)[:count]
+
+    @property
+    def expert_layer_bytes(self) -> int:
+        """One mixture-of-experts layer's routed experts (what a GPU stage may keep in host memory, computed by the
+        host's CPU), at the layers' format."""
+        return int(self.num_experts * self.expert_params * self.bits("layer") / 8)
 
     def bits(self, part: str) -> float:
         """Bits per weight of "layer", "embed" or "head"."""
@@ -275,10 +293,13 @@ def stream_tier(device: DeviceInfo) -> Tier | None:
 STREAM_SLOTS = 2
 
 
-def stage_weight_bytes(cost: ModelCost, n_layers: int, first: bool, last: bool, streamed: int = 0) -> int:
-    """Weights a stage holds in memory: its layers (of those it streams, only the slots they are read into), the
-    embedding on the first, final norm and LM head on the last."""
+def stage_weight_bytes(cost: ModelCost, n_layers: int, first: bool, last: bool, streamed: int = 0,
+                       host_experts: int = 0) -> int:
+    """Weights a stage holds in memory: its layers (of those it streams, only the slots they are read into; of the
+    host_experts layers whose experts the host keeps, the rest), the embedding on the first, final norm and LM head
+    on the last."""
     held = (n_layers - streamed + min(streamed, STREAM_SLOTS)) * cost.layer_weight_bytes
+    held -= host_experts * cost.expert_layer_bytes
     if first:
         held += cost.embed_bytes
     if last:
@@ -315,9 +336,9 @@ def stage_kv_budget(device: DeviceInfo, weight_bytes: int, kv_cache_memory: int 
 
 
 def kv_capacity_tokens(cost: ModelCost, device: DeviceInfo, n_layers: int, first: bool, last: bool,
-                       streamed: int = 0) -> int:
+                       streamed: int = 0, host_experts: int = 0) -> int:
     """Tokens of KV the stage's memory holds beside its weights (negative: the weights alone do not fit)."""
-    left = device.memory - stage_weight_bytes(cost, n_layers, first, last, streamed)
+    left = device.memory - stage_weight_bytes(cost, n_layers, first, last, streamed, host_experts)
     return left // max(stage_kv_bytes_per_token(cost, device, n_layers), 1)
 
 
@@ -349,10 +370,15 @@ def _matmul_seconds(cost: ModelCost, device: DeviceInfo, params: float, out_feat
     return max(compute_s, read / device.mem_bandwidth)
 
 
-def layer_seconds(cost: ModelCost, device: DeviceInfo, batch: int, context_len: int, block_size: int = 16) -> float:
-    """One decoder layer's decode step for `batch` sequences that each attend to `context_len` tokens."""
+def layer_seconds(cost: ModelCost, device: DeviceInfo, batch: int, context_len: int, block_size: int = 16,
+                  experts: bool = True) -> float:
+    """One decoder layer's decode step for `batch` sequences that each attend to `context_len` tokens; experts
+    False: without its routed experts' products (the host's CPU runs them: host_expert_seconds)."""
     cb = _compute_bytes(cost, device)
     read, per_row = cost.step_params(batch)
+    if not experts:
+        routed_read, routed_row = cost.routed_params(batch)
+        read, per_row = read - routed_read, per_row - routed_row
     products = _matmul_seconds(cost, device, read, cost.layer_out_features, batch, row_params=per_row)
     # The gather reads whole blocks, padded to the longest context of the batch.
     keys = -(-context_len // block_size) * block_size
@@ -364,7 +390,7 @@ def layer_seconds(cost: ModelCost, device: DeviceInfo, batch: int, context_len: 
     work = products + kv / attention_rate + elementwise
     ops = (FUSED_OPS_PER_LAYER if fused else OPS_PER_LAYER) + (THIN_OPS_PER_LAYER if _thin(cost, device, batch) else 0)
     if cost.num_experts:  # routing, and each expert reached: its slice, two products and the activation
-        ops += cost.moe_layer_share * (ROUTING_OPS + EXPERT_OPS * cost.experts_reached(batch))
+        ops += cost.moe_layer_share * (ROUTING_OPS + (EXPERT_OPS * cost.experts_reached(batch) if experts else 0))
     host = ops * device.op_overhead_s
     # A GPU runs kernels while the host launches the next ones; a CPU does one after the other.
     return max(host, work) if device.kind == "cuda" else host + work
@@ -373,6 +399,44 @@ def layer_seconds(cost: ModelCost, device: DeviceInfo, batch: int, context_len: 
 def _thin(cost: ModelCost, device: DeviceInfo, batch: int) -> bool:
     return (batch <= THIN_ROWS and cost.weight_dtype != (device.dtype or cost.compute_dtype)
             and not cost.quantized("layer"))
+
+
+# A GPU stage's experts on its host: the tokens' rows go to the host and the experts' outputs come back, each copy a
+# synchronising one, with its launch and wait (~20 us each through the CUDA runtime).
+HOST_EXPERT_SYNC_S = 20e-6
+
+
+def host_expert_seconds(cost: ModelCost, device: DeviceInfo, batch: int) -> float:
+    """One mixture-of-experts layer's routed experts run by the host's CPU (device.host_cpu) for a GPU stage: the
+    rows copied out and back, and the products of the experts the step reaches at the CPU's rates."""
+    cpu = device.host_cpu
+    read, per_row = cost.routed_params(batch)
+    share = cost.moe_layer_share or 1.0
+    # At the CPU's compute dtype, one MoE layer's experts (routed_params is the mean layer's share of them).
+    out_features = cost.experts_per_token * (2 * cost.expert_params // (3 * cost.hidden_size) + cost.hidden_size)
+    products = _matmul_seconds(cost, cpu, read / share, out_features, batch, row_params=per_row / share)
+    copies = 2 * batch * cost.hidden_size * _compute_bytes(cost, cpu) / CUDA_HOST_COPY_BANDWIDTH + 2 * HOST_EXPERT_SYNC_S
+    ops = EXPERT_OPS * cost.experts_reached(batch) + ROUTING_OPS / 2  # the host half of the routing: sort and scatter
+    return products + copies + ops * cpu.op_overhead_s
+
+
+def expert_layers_to_host(cost: ModelCost, device: DeviceInfo, n_layers: int, first: bool, last: bool,
+                          kv_reserve_tokens: int, kv_cache_memory: int | None = None) -> int | None:
+    """How many of a GPU stage's mixture-of-experts layers keep their routed experts in host memory, run by the
+    host's CPU, for the stage to fit: 0 where it fits as it is or the device cannot (no host CPU described, or no
+    host memory given it: --cpu-offload-gb); None where it does not fit even with all of them there. Experts on the
+    host come before streamed layers: a step reads only the experts it reaches, in place, where a streamed layer is
+    copied in whole."""
+    moe_layers = int(n_layers * cost.moe_layer_share)
+    if not cost.num_experts or device.host_cpu is None or not device.host_tier_bytes or not moe_layers:
+        return 0
+    if stage_fits(cost, device, n_layers, first, last, kv_reserve_tokens, kv_cache_memory):
+        return 0
+    most = min(moe_layers, device.host_tier_bytes // max(cost.expert_layer_bytes, 1))
+    for h in range(1, most + 1):
+        if stage_fits(cost, device, n_layers, first, last, kv_reserve_tokens, kv_cache_memory, host_experts=h):
+            return h
+    return None
 
 
 class StageTime(NamedTuple):
@@ -386,15 +450,23 @@ class StageTime(NamedTuple):
 
 
 def stage_seconds(cost: ModelCost, device: DeviceInfo, n_layers: int, *, first: bool, last: bool, batch: int,
-                  context_len: int, link: LinkSpeed | None, block_size: int = 16, streamed: int = 0) -> StageTime:
+                  context_len: int, link: LinkSpeed | None, block_size: int = 16, streamed: int = 0,
+                  host_experts: int = 0) -> StageTime:
     """One decode step of a stage holding `n_layers` layers, `streamed` of them brought in from its device's tier
-    (stream_tier) each step; the one cost every plan and test uses. A streamed layer's read overlaps the compute before it (the layer
+    (stream_tier) each step, the routed experts of `host_experts` of them run by the host's CPU; the one cost every
+    plan and test uses. A streamed layer's read overlaps the compute before it (the layer
     stream reads ahead, and the streamed layers are spread among the resident ones), so the step takes the longer of
     the compute and the reads."""
     cb = _compute_bytes(cost, device)
     bw = device.mem_bandwidth
     ops = STEP_OPS
     work = n_layers * layer_seconds(cost, device, batch, context_len, block_size)
+    if host_experts:
+        # The mean layer's routed experts are moe_layer_share of one MoE layer's.
+        moved = host_experts / (cost.moe_layer_share or 1.0)
+        work += moved * (layer_seconds(cost, device, batch, context_len, block_size, experts=False)
+                         - layer_seconds(cost, device, batch, context_len, block_size))
+        work += host_experts * host_expert_seconds(cost, device, batch)
     extra = batch * HOST_SECONDS_PER_SEQUENCE
     if first:
         ops += EMBED_OPS
@@ -416,10 +488,11 @@ def stage_seconds(cost: ModelCost, device: DeviceInfo, n_layers: int, *, first: 
 
 
 def stage_fits(cost: ModelCost, device: DeviceInfo, n_layers: int, first: bool, last: bool,
-               kv_reserve_tokens: int, kv_cache_memory: int | None = None, streamed: int = 0) -> bool:
+               kv_reserve_tokens: int, kv_cache_memory: int | None = None, streamed: int = 0,
+               host_experts: int = 0) -> bool:
     """Whether the stage's weights fit beside KV for kv_reserve_tokens, and beside the whole KV budget where the user
     set one (the stage allocates all of it)."""
-    weights = stage_weight_bytes(cost, n_layers, first, last, streamed)
+    weights = stage_weight_bytes(cost, n_layers, first, last, streamed, host_experts)
     kv = kv_reserve_tokens * stage_kv_bytes_per_token(cost, device, n_layers)
     return weights + max(kv, kv_cache_memory or 0) <= device.memory
 

@@ -98,11 +98,22 @@ class DeviceInfo:
     # Per quantized format a layer may be chosen to run at (engine.placement.precision): the rates the probe timed
     # its products at, (matmul_flops, small_gemm_flops); None: no such choice was asked for.
     format_rates: dict[str, tuple[float, float | None]] | None = None
+    # A GPU's host CPU, as it runs the routed experts of mixture-of-experts layers whose weights the stage keeps in
+    # host memory (within host_tier_bytes); None: the stage keeps every expert in its own memory.
+    host_cpu: DeviceInfo | None = None
 
     def interchangeable(self) -> tuple:
         """Devices equal in everything but name are interchangeable in a plan."""
-        return tuple(tuple(sorted((f, tuple(r)) for f, r in v.items())) if isinstance(v, dict) else v
-                     for k, v in asdict(self).items() if k != "name")
+        return tuple(_frozen(v) for k, v in asdict(self).items() if k != "name")
+
+
+def _frozen(value):
+    """A hashable copy of a field as asdict gives it (dicts and lists nested)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
 
 
 def tier_name(kind: str) -> str:

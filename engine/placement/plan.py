@@ -22,6 +22,9 @@ class StagePlan:
     fetch_s: dict[int, float] = field(default_factory=dict)  # batch size -> seconds reading them, overlapped
     # Per layer, the format the planner chose it to run at (engine.placement.precision); empty where it chose none.
     formats: tuple[str, ...] = ()
+    # Mixture-of-experts layers (model indices) whose routed experts a GPU stage keeps in host memory, run by the
+    # host's CPU (engine.placement.cost.expert_layers_to_host).
+    host_experts: tuple[int, ...] = ()
 
     @property
     def num_layers(self) -> int:

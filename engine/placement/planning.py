@@ -4,6 +4,7 @@ probe its own (the results are cached, as the stages' are): the same batch, cont
 and KV blocks, so that `strata plan` prints the plan `strata serve` runs."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,19 +233,23 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
             cfg.checkpoint_dtype if cfg.checkpoint_dtype != "float32" else "bfloat16")
         described = read_cluster(cluster, half, memory_fraction)
         infos, links = described.devices, described.link_bandwidth
-        for info in infos:  # a GPU's host tier is copied in over its PCIe
+        cpus = {i.host: i for i in infos if i.kind == "cpu"}
+        for info in infos:  # a GPU's host tier is copied in over its PCIe; its host's CPU may run experts kept there
             if info.kind == "cuda" and cpu_offload_gb:
                 info.host_tier_bytes = offload_bytes(cpu_offload_gb)
                 info.host_bandwidth = described.buses.get((info.host, info.name))
+                if cfg.num_experts and info.host in cpus:
+                    info.host_cpu = dataclasses.replace(cpus[info.host], memory=info.host_tier_bytes)
         dtypes = (half, cfg.checkpoint_dtype if dtype == "auto" else half)
     else:
         infos, links = [], None
     for req in requests:
         compute, weights = resolve_dtypes(dtype, cfg.checkpoint_dtype, torch.device(req.name))
+        host = resolve_dtypes(dtype, cfg.checkpoint_dtype, torch.device("cpu")) if cfg.num_experts else None
         infos.append(describe_device(req, compute, threads, memory_fraction, weight_dtype=weights,
                                      weight_format=dominant_quantized(formats, cfg),
                                      offload_dir=offload_dir, format_choices=choices.probed if choices else (),
-                                     cpu_offload_bytes=offload_bytes(cpu_offload_gb)))
+                                     cpu_offload_bytes=offload_bytes(cpu_offload_gb), host_experts=host))
     max_kv_tokens = max_num_seqs * max_len if num_kv_blocks is None else num_kv_blocks * block_size
     result, compute, weights = place_model(cfg, formats, infos, dtype, max_model_len=max_len,
                                            max_num_seqs=max_num_seqs, block_size=block_size, layers=split,

@@ -393,13 +393,14 @@ def host_copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
 def describe_device(request: DeviceRequest, dtype: str, threads: int | None, memory_fraction: float = 0.9,
                     weight_dtype: str | None = None, weight_format: str | None = None,
                     offload_dir: str | None = None, format_choices: tuple[str, ...] = (),
-                    cpu_offload_bytes: int = 0) -> DeviceInfo:
+                    cpu_offload_bytes: int = 0, host_experts: tuple[str, str] | None = None) -> DeviceInfo:
     """What this process's device is worth to the planner. dtype: the compute dtype; weight_dtype: the weights'
     when they differ (a CPU without native half precision), so the half-precision thin path is timed too.
     offload_dir: where a CPU stage may keep layers it reads each step (its disk tier), whose bandwidth is measured.
     format_choices: quantized formats the planner may choose a layer to run at, whose products are timed too.
     cpu_offload_bytes: on a GPU, how much of its layers it may keep in host memory (its host tier), whose copy
-    bandwidth is measured."""
+    bandwidth is measured. host_experts: for a mixture of experts on a GPU with a host tier, the (compute, weight)
+    dtypes the host's CPU would run routed experts at, whose rates are measured too (DeviceInfo.host_cpu)."""
     device = torch.device(request.name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -414,6 +415,10 @@ def describe_device(request: DeviceRequest, dtype: str, threads: int | None, mem
         format_rates[f] = (timed["matmul_flops"], timed.get("small_gemm_flops"))
     memory = request.memory if request.memory is not None else int(available_memory(device) * memory_fraction)
     n_threads = (threads or torch.get_num_threads()) if device.type == "cpu" else None
+    host_cpu = None
+    if host_experts is not None and cpu_offload_bytes and device.type == "cuda":
+        host_cpu = describe_device(DeviceRequest("cpu", cpu_offload_bytes), host_experts[0], threads,
+                                   weight_dtype=host_experts[1], weight_format=weight_format)
     return DeviceInfo(
         name=str(device), kind=device.type, host=socket.gethostname(), label=device_label(device, threads),
         memory=memory, matmul_flops=rates["matmul_flops"], mem_bandwidth=rates["mem_bandwidth"],
@@ -426,4 +431,5 @@ def describe_device(request: DeviceRequest, dtype: str, threads: int | None, mem
         format_rates=format_rates or None,
         host_tier_bytes=cpu_offload_bytes if device.type == "cuda" else 0,
         host_bandwidth=host_copy_bandwidth(device) if cpu_offload_bytes and device.type == "cuda" else None,
+        host_cpu=host_cpu,
     )

@@ -24,10 +24,10 @@ def plan_table(plan: Plan) -> str:
     bs = plan.block_size
     b = plan.batch_size
     batches = sorted({1, b})
-    streams = any(s.streamed_layers for s in plan.stages)
+    streams = any(s.streamed_layers or s.host_experts for s in plan.stages)
     chosen = any(s.formats for s in plan.stages)
     head = ["stage", "device", "layers", *(["formats"] if chosen else []), "weights GiB",
-            *(["brought in each step"] if streams else []),
+            *(["off the device"] if streams else []),
             f"KV blocks ({bs} tok)", *(f"ms/step @{n}" for n in batches)]
     rows = []
     for k, s in enumerate(plan.stages):
@@ -35,9 +35,11 @@ def plan_table(plan: Plan) -> str:
         dev = f"{s.device.name} ({s.device.label})"
         if s.device.host and len({x.device.host for x in plan.stages}) > 1:
             dev = f"{s.device.host}/{dev}"
-        disk = [f"{len(s.streamed_layers)} layers from {tier_name(s.device.kind)}, {s.fetch_s[b] * 1e3:.0f} ms"
-                if s.streamed_layers
-                else "-"]
+        away = [f"{len(s.streamed_layers)} layers from {tier_name(s.device.kind)} each step, "
+                f"{s.fetch_s[b] * 1e3:.0f} ms"] if s.streamed_layers else []
+        if s.host_experts:
+            away.append(f"experts of {len(s.host_experts)} layers on the host CPU")
+        disk = ["; ".join(away) or "-"]
         formats = [_format_counts(s.formats)] if chosen else []
         rows.append([str(k), dev, f"{s.layers[0]}-{s.layers[1] - 1}", *formats, f"{s.weight_bytes / GiB:.2f}",
                      *(disk if streams else []), str(blocks), *(f"{s.predicted_s[n] * 1e3:.2f}" for n in batches)])
@@ -50,9 +52,12 @@ def plan_table(plan: Plan) -> str:
 
     slowest = max(range(len(plan.stages)), key=lambda k: plan.stages[k].predicted_s[b])
     out = [line(head), *(line(r) for r in rows)]
-    if streams:
+    if any(s.streamed_layers for s in plan.stages):
         out.append("weights: what each stage holds in its memory; a stage that brings layers in holds two of them at "
                    "a time, and its step takes the longer of its compute and its reads")
+    if any(s.host_experts for s in plan.stages):
+        out.append("experts on the host CPU: those layers' routed experts stay in host memory and the host's cores "
+                   "run them, the tokens' rows copied out and back")
     out.append(f"bottleneck: stage {slowest}, {plan.bottleneck_s * 1e3:.2f} ms/step at batch {b} and context "
                f"{plan.context_len} (about {b / plan.bottleneck_s:.0f} tokens/s with the pipeline full)")
     return "\n".join(out)
@@ -70,6 +75,7 @@ def plan_json(plan: Plan) -> dict:
                 "host": s.device.host, "layers": list(s.layers), "weight_bytes": s.weight_bytes,
                 "kv_bytes_per_token": s.kv_bytes_per_token, "kv_capacity_tokens": s.kv_capacity_tokens,
                 "kv_blocks": s.kv_blocks, "streamed_layers": list(s.streamed_layers), "formats": list(s.formats),
+                "host_experts": list(s.host_experts),
                 "fetch_s": {str(n): v for n, v in s.fetch_s.items()},
                 "predicted_s": {str(n): v for n, v in s.predicted_s.items()},
                 "compute_s": {str(n): v for n, v in s.compute_s.items()},

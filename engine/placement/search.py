@@ -15,8 +15,8 @@ from __future__ import annotations
 import itertools
 import math
 
-from engine.placement.cost import (STREAM_SLOTS, LinkSpeed, ModelCost, StageTime, kv_cache_blocks, kv_capacity_tokens,
-                                   layer_seconds, layers_to_stream, link_between, spread, stage_fits, stream_tier,
+from engine.placement.cost import (STREAM_SLOTS, LinkSpeed, ModelCost, StageTime, expert_layers_to_host,
+                                   kv_cache_blocks, kv_capacity_tokens, layer_seconds, layers_to_stream, link_between, spread, stage_fits, stream_tier,
                                    stage_kv_bytes_per_token, stage_kv_budget, stage_seconds, stage_weight_bytes)
 from engine.placement.devices import DeviceInfo
 from engine.placement.plan import Plan, StagePlan
@@ -116,14 +116,24 @@ class _Context:
         return link_between(None if prev is None else self.devices[prev], self.devices[dev], self.links)
 
     def time(self, dev: int, n: int, first: bool, last: bool, prev: int | None, batch: int,
-             streamed: int = 0) -> StageTime:
+             streamed: int = 0, host_experts: int = 0) -> StageTime:
         return stage_seconds(self.cost, self.devices[dev], n, first=first, last=last, batch=batch,
                              context_len=self.context_len, link=self.link(prev, dev), block_size=self.block_size,
-                             streamed=streamed)
+                             streamed=streamed, host_experts=host_experts)
 
     def streamed(self, d: DeviceInfo, n: int, first: bool, last: bool) -> int | None:
         """Layers of the stage read from disk each step (engine.placement.cost.layers_to_stream); None: no fit."""
         return layers_to_stream(self.cost, d, n, first, last, self.reserve, self.kv_cache_memory)
+
+    def held(self, d: DeviceInfo, n: int, first: bool, last: bool) -> tuple[int, int] | None:
+        """Where a stage's weights that do not fit its memory go: (MoE layers whose experts the host's CPU runs,
+        layers streamed from the tier), the experts on the host first (engine.placement.cost.expert_layers_to_host);
+        None: no fit."""
+        host = expert_layers_to_host(self.cost, d, n, first, last, self.reserve, self.kv_cache_memory)
+        if host:
+            return host, 0
+        streamed = self.streamed(d, n, first, last)
+        return None if streamed is None else (0, streamed)
 
     def columns(self, dev: int, first: bool, last: bool, prev: int | None) -> tuple[list[float], list[int]]:
         """Per layer count n (index 0 unused): predicted seconds at the planning batch (inf where the stage does
@@ -134,17 +144,19 @@ class _Context:
             L, d = self.cost.num_layers, self.devices[dev]
             times, blocks = [_INF] * (L + 1), [-1] * (L + 1)
             for n in range(1, L + 1):
-                streamed = self.streamed(d, n, first, last)
-                if streamed is None:
+                held = self.held(d, n, first, last)
+                if held is None:
                     break  # more layers need more memory
-                times[n] = self.time(dev, n, first, last, prev, self.batch, streamed).total_s
-                blocks[n] = self.kv_blocks(d, n, first, last, streamed)
+                host, streamed = held
+                times[n] = self.time(dev, n, first, last, prev, self.batch, streamed, host).total_s
+                blocks[n] = self.kv_blocks(d, n, first, last, streamed, host)
             self._cache[key] = (times, blocks)
         return self._cache[key]
 
-    def kv_blocks(self, d: DeviceInfo, n: int, first: bool, last: bool, streamed: int = 0) -> int:
+    def kv_blocks(self, d: DeviceInfo, n: int, first: bool, last: bool, streamed: int = 0,
+                  host_experts: int = 0) -> int:
         """The blocks a stage of n layers on d allocates (engine.placement.cost.kv_cache_blocks, the stage's rule)."""
-        weights = stage_weight_bytes(self.cost, n, first, last, streamed)
+        weights = stage_weight_bytes(self.cost, n, first, last, streamed, host_experts)
         return kv_cache_blocks(stage_kv_budget(d, weights, self.kv_cache_memory),
                                stage_kv_bytes_per_token(self.cost, d, n) * self.block_size, self.max_kv_tokens,
                                self.block_size)
@@ -158,13 +170,15 @@ class _Context:
             first, last = k == 0, k == P - 1
             prev = order[k - 1] if k else None
             given = streamed[k] if streamed is not None else None
+            host = 0
             if given is None:
-                streamed_count = self.streamed(d, n, first, last)
+                held = self.held(d, n, first, last)
+                host, streamed_count = held if held is not None else (0, None)
             elif stage_fits(cost, d, n, first, last, self.reserve, self.kv_cache_memory, len(given)):
                 streamed_count = len(given)
             else:
                 streamed_count = None
-            weights = stage_weight_bytes(cost, n, first, last, streamed_count or 0)
+            weights = stage_weight_bytes(cost, n, first, last, streamed_count or 0, host)
             kv_per_token = stage_kv_bytes_per_token(cost, d, n)
             if check and streamed_count is None:
                 kv = self.reserve * kv_per_token
@@ -177,17 +191,18 @@ class _Context:
                     f"of weights plus {readable_size(kv)} of {what}, and {d.name} holds "
                     f"{readable_size(d.memory)} ({readable_size(need - d.memory)} short){_offload_hint(d)}")
             count = streamed_count or 0
-            times = {b: self.time(dev, n, first, last, prev, b, count) for b in sorted({1, self.batch})}
+            times = {b: self.time(dev, n, first, last, prev, b, count, host) for b in sorted({1, self.batch})}
             stages.append(StagePlan(
                 device=d, device_index=dev, layers=(start, start + n), weight_bytes=weights,
                 kv_bytes_per_token=kv_per_token,
-                kv_capacity_tokens=kv_capacity_tokens(cost, d, n, first, last, count),
+                kv_capacity_tokens=kv_capacity_tokens(cost, d, n, first, last, count, host),
                 predicted_s={b: t.total_s for b, t in times.items()},
                 compute_s={b: t.compute_s for b, t in times.items()},
                 transfer_s={b: t.transfer_s for b, t in times.items()},
-                kv_blocks=self.kv_blocks(d, n, first, last, count),
+                kv_blocks=self.kv_blocks(d, n, first, last, count, host),
                 streamed_layers=given if given is not None else tuple(start + i for i in spread(n, count)),
                 fetch_s={b: t.fetch_s for b, t in times.items()},
+                host_experts=cost.host_expert_layers(range(start, start + n), host),
             ))
             start += n
         bottleneck = max(s.predicted_s[self.batch] for s in stages)
