@@ -29,6 +29,7 @@ from engine.pipeline.messages import RENDEZVOUS_TIMEOUT_S, DescribeDevice, Stage
 from engine.placement import parse_size
 from engine.placement import ModelCost, Plan, kv_cache_dtype, parse_devices, parse_layers, predict_stage_seconds
 from engine.placement.local_device import resolve_dtypes
+from engine.placement.routing import measured_routing, record_routing
 from engine.placement.planning import (check_offload_gb, chosen_formats, format_choices, model_len_limit,
                                        offload_bytes, place_model)
 from engine.stats import EngineInfo, EngineStats, StageInfo, StageLoad
@@ -161,6 +162,9 @@ class LLMEngine:
         self._trace_steps = bool(settings and settings.covers("step"))
         self._step_traces: dict[int, StepTrace] = {}
         self._stage_spans_dropped: dict[int, int] = {}  # stage index -> spans its export queue has dropped
+        self._model_dir = model_dir
+        # A mixture's experts' shares as earlier servers of this checkpoint measured them (engine.placement.routing).
+        self._routing = measured_routing(model_dir, cfg.num_layers, cfg.num_experts)[0] if cfg.num_experts else ()
         try:
             started = self._start_pipeline(model_dir, max_len)
             self.driver, self.plan, num_blocks, self.dtype, self.weight_dtype = started
@@ -220,7 +224,8 @@ class LLMEngine:
             plan, _, _ = place_model(cfg, self.weight_formats, infos, config.dtype_request, max_model_len=max_len,
                                      max_num_seqs=config.max_num_seqs, block_size=config.block_size,
                                      layers=config.layer_counts, kv_cache_memory=config.kv_cache_bytes,
-                                     max_kv_tokens=max_kv_tokens, packed=self.package, choices=choices)
+                                     max_kv_tokens=max_kv_tokens, packed=self.package, choices=choices,
+                                     routing=self._routing)
             if choices is not None:
                 self.weight_formats = chosen_formats(choices, plan, cfg)
             micro_batch = plan.batch_size
@@ -427,7 +432,7 @@ class LLMEngine:
             (b1, t1), (bn, tn) = sorted(st.predicted_s.items())[0], sorted(st.predicted_s.items())[-1]
             return t1 if bn == b1 else t1 + (max(1, batch_size) - b1) * (tn - t1) / (bn - b1)
         cost = ModelCost.from_config(self.model_config, self.dtype, self.weight_dtype, formats=self.weight_formats,
-                                     layers=range(*st.layers))
+                                     layers=range(*st.layers), routing=self._routing)
         return predict_stage_seconds(cost, st.device, st.layers, stage == 0, stage == len(plan.stages) - 1,
                                      max(1, batch_size), plan.context_len)
 
@@ -444,6 +449,8 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.driver.shutdown()
+        if getattr(self, "_expert_tokens", None) is not None:
+            record_routing(self._model_dir, self._expert_tokens)  # what the next plan of this checkpoint prices
         if self.tracing is not None:
             self.tracing.shutdown()
 

@@ -121,8 +121,11 @@ def run_plan(args: argparse.Namespace) -> int:
     else:
         print(f"model: {model_dir} ({cfg.num_layers} layers, {here.weight_dtype} weights, {here.compute_dtype} compute)")
         if cfg.num_experts:
+            spread = (f"routing as served, measured over {here.routed} routed choices" if here.routed else
+                      "routing taken as uniform until a server has measured it")
             print(f"experts: {cfg.num_experts} in each of {len(cfg.moe_layers)} layers, {cfg.experts_per_token} per "
-                  "token; a step's time is priced by the experts its tokens reach, its memory by all of them")
+                  f"token; a step's time is priced by the experts its tokens reach ({spread}), its memory by all "
+                  "of them")
         print(f"layer formats: {describe_layers(list(here.layer_formats))}")
         print(f"planned for {result.batch_size} sequences per micro-batch attending to {here.context_len} tokens, with KV "
               f"for {here.max_model_len} tokens on every stage; the pipeline holds {result.num_kv_blocks} KV blocks")

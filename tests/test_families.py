@@ -159,6 +159,16 @@ def test_expert_load_is_counted_in_the_metrics_and_dashboard_and_the_experts_are
         layer = by_id[x.parent_span_id]
         assert layer.name == f"layer {x.attributes['strata.layer']}"
         assert layer.start_ns <= x.start_ns <= x.end_ns <= layer.end_ns
+    # The server left what it routed for the next plan of this checkpoint: each layer's experts' shares, busiest
+    # first, over every choice it made, as the metrics counted them.
+    from engine.placement.planning import plan_here
+    from engine.placement.routing import measured_routing
+
+    shares, routed = measured_routing(model_dir, 3, 8)
+    assert routed == 2 * 2 * tokens and sum(shares) == pytest.approx(1.0) and list(shares) == sorted(shares)[::-1]
+    mean_top = sum(max(counts[layer].values()) for layer in (1, 2)) / (2 * 2 * tokens)
+    assert shares[0] == pytest.approx(mean_top)
+    assert plan_here(model_dir, "cpu").routed == routed
 
 
 def test_a_longrope_config_without_what_it_needs_is_refused_by_name():

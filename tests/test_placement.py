@@ -867,3 +867,31 @@ def test_strata_plan_refuses_more_kv_blocks_than_fit_as_serve_does(plan_env, mod
 
     assert run_plan(plan_args("--model", str(model_dir), "--devices", "cpu=1GiB", "--num-kv-blocks", "100000000")) == 2
     assert "does not fit the KV memory budget" in capsys.readouterr().err
+
+
+def test_a_measured_routing_spread_prices_the_experts_a_step_reaches(tmp_path, monkeypatch):
+    """Skewed routing reaches fewer experts at a batch than uniform routing (one token always reaches its k); a
+    server's counts add up per checkpoint, and layers measured too little, or counts of another shape, are not used."""
+    import numpy as np
+
+    from engine.placement.routing import MIN_CHOICES_PER_EXPERT, measured_routing, record_routing
+
+    monkeypatch.setenv("STRATA_CACHE", str(tmp_path / "cache"))
+    cfg = qwen3_moe_shaped(4)
+    uniform = ModelCost.from_config(cfg, "bfloat16", "bfloat16")
+    skewed = ModelCost.from_config(cfg, "bfloat16", "bfloat16", routing=tuple([0.5 / 8] * 8 + [0.5 / 120] * 120))
+    assert skewed.experts_reached(1) == pytest.approx(8) == uniform.experts_reached(1)
+    assert skewed.experts_reached(32) < 0.8 * uniform.experts_reached(32)
+    assert ModelCost.from_config(cfg, "bfloat16", "bfloat16", routing=(1.0,)).routing == ()  # not this model's
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    assert measured_routing(model_dir, 4, 128) == ((), 0)
+    counts = np.zeros((4, 128), dtype=np.int64)
+    counts[1, :8] = MIN_CHOICES_PER_EXPERT * 16  # layer 1: 8 experts take every choice
+    counts[2, 0] = 1  # layer 2: measured too little
+    record_routing(model_dir, counts)
+    record_routing(model_dir, counts)
+    shares, routed = measured_routing(model_dir, 4, 128)
+    assert routed == 2 * 8 * MIN_CHOICES_PER_EXPERT * 16 and shares[:8] == (1 / 8,) * 8 and sum(shares[8:]) == 0
+    assert measured_routing(model_dir, 4, 64) == ((), 0)

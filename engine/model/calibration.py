@@ -20,7 +20,6 @@ folder.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from engine.model.attention import build_metadata
 from engine.model.checkpoint import checkpoint_tokenizer, resolve_formats
 from engine.model.config import ModelConfig
 from engine.model.weight_formats import AUTO
-from engine.paths import cache_root
+from engine.paths import cache_root, checkpoint_fingerprint
 
 log = logging.getLogger("strata.calibration")
 
@@ -154,12 +153,7 @@ def _batch(cfg: ModelConfig, n: int, count: int) -> tuple:
 def _cache_key(model_dir: Path, choices: tuple[str, ...], tokens: int) -> str:
     """Names the checkpoint by its files' names, sizes and modification times, with the formats, text and
     metric."""
-    root = model_dir.resolve()
-    files = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.is_file())
-    h = hashlib.sha256()
-    for p in files:
-        st = p.stat()
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h = checkpoint_fingerprint(model_dir)
     h.update(f"{','.join(sorted(choices))}|{tokens}|v{METRIC_VERSION}|{torch.__version__}\n".encode())
     h.update(calibration_text().encode())
     return h.hexdigest()[:32]

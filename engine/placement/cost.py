@@ -124,13 +124,17 @@ class ModelCost:
     experts_per_token: int = 0
     moe_layer_share: float = 0.0
     moe_layers: tuple[int, ...] = ()  # the layers with experts
+    # Each expert's share of a layer's routed choices, busiest first, as served (engine.placement.routing); empty:
+    # routing taken to be uniform.
+    routing: tuple[float, ...] = ()
 
     @staticmethod
     def from_config(cfg, compute_dtype: str, weight_dtype: str, sampling: str = "random",
-                    formats: dict[str, str] | None = None, layers: range | None = None) -> ModelCost:
+                    formats: dict[str, str] | None = None, layers: range | None = None,
+                    routing: tuple[float, ...] = ()) -> ModelCost:
         """cfg: engine.model.config.ModelConfig; formats: the weights at another format than weight_dtype
         (engine.model.weight_formats.tensor_formats); layers: those whose formats a layer's bits average over (a
-        stage's; None: all)."""
+        stage's; None: all); routing: the experts' measured shares (ModelCost.routing)."""
         for d in (compute_dtype, weight_dtype):
             if d not in DTYPE_BYTES:
                 raise ValueError(f"dtype {d!r} is not one of {', '.join(DTYPE_BYTES)}")
@@ -151,7 +155,8 @@ class ModelCost:
             share = len(cfg.moe_layers) / cfg.num_layers
             ie, shared = cfg.expert_intermediate_size, cfg.shared_expert_intermediate_size
             moe = dict(expert_params=3 * h * ie, num_experts=cfg.num_experts, experts_per_token=cfg.experts_per_token,
-                       moe_layer_share=share, moe_layers=tuple(sorted(cfg.moe_layers)))
+                       moe_layer_share=share, moe_layers=tuple(sorted(cfg.moe_layers)),
+                       routing=routing if len(routing) == cfg.num_experts else ())
             # A token's products: attention, the router, its experts and the shared one (the mean layer's).
             moe_mlp = cfg.num_experts + cfg.experts_per_token * (2 * ie + h) + (2 * shared + h if shared else 0)
             out_features = (q + 2 * kv) + h + share * moe_mlp + (1 - share) * (2 * i + h)
@@ -166,10 +171,15 @@ class ModelCost:
         )
 
     def experts_reached(self, rows: int) -> float:
-        """Experts of a layer that at least one of `rows` tokens is routed to, expected where routing is uniform."""
+        """Experts of a layer that at least one of `rows` tokens is routed to, expected: each expert is missed by a
+        token with the chance it is not among the token's choices (its share of them times the choices a token
+        makes; routing uniform where it was not measured)."""
         if not self.num_experts:
             return 0.0
-        return self.num_experts * (1.0 - (1.0 - self.experts_per_token / self.num_experts) ** rows)
+        k = self.experts_per_token
+        if self.routing:
+            return sum(1.0 - (1.0 - min(1.0, k * p)) ** rows for p in self.routing)
+        return self.num_experts * (1.0 - (1.0 - k / self.num_experts) ** rows)
 
     def step_params(self, rows: int) -> tuple[float, float]:
         """The mean layer's weights a step of `rows` tokens reads (a mixture of experts reads only the experts it

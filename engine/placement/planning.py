@@ -16,6 +16,7 @@ from engine.model.weight_formats import (AUTO, check_requested, dominant_quantiz
                                         parse_precision, product_names)
 from engine.placement import ModelCost, Plan, parse_devices, parse_layers, plan, share_host_memory
 from engine.placement.precision import Precision
+from engine.placement.routing import measured_routing
 
 
 # The planner balances stages for a step of this many running sequences (fewer if max_num_seqs is lower), each of the
@@ -109,13 +110,14 @@ def offload_bytes(gib: float) -> int:
 def place_model(cfg: ModelConfig, formats: dict, infos: list, dtype_request: str, *, max_model_len: int,
                 max_num_seqs: int, block_size: int, layers: list[int] | None, kv_cache_memory: int | None,
                 max_kv_tokens: int, link_bandwidth=None, dtypes: tuple[str, str] | None = None,
-                packed=None, choices: FormatChoices | None = None) -> tuple[Plan, str, str]:
+                packed=None, choices: FormatChoices | None = None,
+                routing: tuple[float, ...] = ()) -> tuple[Plan, str, str]:
     """The plan over devices described as their stages describe them (infos: DeviceInfo, in --devices order; CPU
     stages of one host share its memory here): (plan, compute dtype, weight dtype) of the first stage. dtypes:
     (compute, weights) where the devices are not this machine's (a described cluster), else as the first resolves.
     packed: the package (engine.model.package) the model is served from, whose layers and streamed layers stand.
     choices: the formats the planner may choose per layer (formats is then ignored: chosen_formats gives the
-    tensors' formats from the plan)."""
+    tensors' formats from the plan). routing: a mixture's experts' measured shares (engine.placement.routing)."""
     share_host_memory(infos)
     if packed is not None:
         from engine.placement.probe import disk_bandwidth
@@ -135,9 +137,10 @@ def place_model(cfg: ModelConfig, formats: dict, infos: list, dtype_request: str
     precision = None
     if choices is not None:
         formats = choices.formats[AUTO]
-        precision = Precision.build({f: ModelCost.from_config(cfg, compute, weights, formats=choices.formats[f])
+        precision = Precision.build({f: ModelCost.from_config(cfg, compute, weights, formats=choices.formats[f],
+                                                              routing=routing)
                                      for f in choices.names}, choices.errors, choices.max_error)
-    result = plan(ModelCost.from_config(cfg, compute, weights, formats=formats), infos,
+    result = plan(ModelCost.from_config(cfg, compute, weights, formats=formats, routing=routing), infos,
                   batch_size=planned_batch(max_num_seqs, len(infos)), context_len=min(max_model_len, PLANNED_CONTEXT),
                   kv_reserve_tokens=max_model_len, layers=layers, block_size=block_size, max_kv_tokens=max_kv_tokens,
                   kv_cache_memory=kv_cache_memory, link_bandwidth=link_bandwidth,
@@ -160,6 +163,7 @@ class PlanHere:
     links: object  # the link bandwidths the plan priced (None: the cost model's defaults)
     max_num_seqs: int
     formats: dict[str, str]  # the tensors that run at another format than weight_dtype, as the stages load them
+    routed: int = 0  # a mixture's routed choices its experts' shares were measured over (0: taken as uniform)
 
     def peer_plans(self) -> list[tuple[str, list[int] | None, Plan | None]]:
         """How other systems would split the layers over the same devices, each running its stages in its own order,
@@ -251,18 +255,20 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
                                      offload_dir=offload_dir, format_choices=choices.probed if choices else (),
                                      cpu_offload_bytes=offload_bytes(cpu_offload_gb), host_experts=host))
     max_kv_tokens = max_num_seqs * max_len if num_kv_blocks is None else num_kv_blocks * block_size
+    routing, routed = measured_routing(model_dir, cfg.num_layers, cfg.num_experts) if cfg.num_experts else ((), 0)
     result, compute, weights = place_model(cfg, formats, infos, dtype, max_model_len=max_len,
                                            max_num_seqs=max_num_seqs, block_size=block_size, layers=split,
                                            kv_cache_memory=kv_cache_memory, max_kv_tokens=max_kv_tokens,
-                                           link_bandwidth=links, dtypes=dtypes, packed=packed, choices=choices)
+                                           link_bandwidth=links, dtypes=dtypes, packed=packed, choices=choices,
+                                           routing=routing)
     if num_kv_blocks is not None and result.num_kv_blocks < num_kv_blocks:  # as strata serve refuses it
         raise ValueError(f"num_kv_blocks={num_kv_blocks} does not fit the KV memory budget ({result.num_kv_blocks} "
                          "blocks)")
     if choices is not None:
         formats = chosen_formats(choices, result, cfg)
-    cost = ModelCost.from_config(cfg, compute, weights, formats=formats)
+    cost = ModelCost.from_config(cfg, compute, weights, formats=formats, routing=routing)
     return PlanHere(Path(model_dir), cfg, compute, weights, max_len, result.context_len, result,
-                    tuple(layer_summary(cfg, formats, weights)), cost, infos, links, max_num_seqs, formats)
+                    tuple(layer_summary(cfg, formats, weights)), cost, infos, links, max_num_seqs, formats, routed)
 
 
 def _has_weights(model_dir: Path) -> bool:
