@@ -137,3 +137,19 @@ def test_experts_the_gpu_cannot_hold_run_on_the_host_cpu_and_greedy_output_equal
         assert stage.host_experts and not stage.streamed_layers, "the budget was meant to leave experts on the host"
         got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
     assert got == hf_greedy(model, PROMPTS, 16)
+
+
+def test_a_gpus_plain_experts_go_through_the_grouped_gemm_and_greedy_output_equals_transformers(tmp_path):
+    """fp32 and bf16 experts on a GPU: stacked for torch's grouped GEMM where it runs them (bf16 on Hopper), one
+    product each where it does not; greedy output equals transformers' (fp32) either way."""
+    from engine.model.checkpoint import validate
+    from engine.model.config import ModelConfig
+    from engine.model.stage_model import StageModel
+
+    model = write_checkpoint(tmp_path, "qwen3_moe", layers=3, hidden=256, heads=8, kv_heads=2)
+    cfg = ModelConfig.from_dir(model)
+    stage = StageModel(cfg, validate(model, cfg), range(3), True, True, torch.bfloat16, torch.device("cuda:0"), 64)
+    stacked = [layer.products.experts.stacked is not None for layer in stage.layers[1:]]
+    print("bf16 experts stacked for the grouped GEMM:", stacked)
+    with LLM(model, devices="cuda:0", dtype="float32", num_kv_blocks=64) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == hf_greedy(model, PROMPTS, 16)

@@ -227,3 +227,32 @@ def test_configs_as_published_read_as_the_reference_reads_them():
         ModelConfig.from_dict(moe)
     with pytest.raises(CheckpointError, match="mlp_only_layers"):
         ModelConfig.from_dict({**moe, "shared_expert_intermediate_size": 64, "mlp_only_layers": [12]})
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_experts_stacked_for_the_grouped_gemm_compute_what_one_product_each_computes(tmp_path, family):
+    """What a GPU stage does with plain experts, run here on the CPU's grouped GEMM: every expert's weights in one
+    tensor per product and all blocks through one call, without the host reading the routing. A prompt and a single
+    token compute the logits the per-expert products compute, and the load is counted alike."""
+    import torch
+
+    from engine.model.attention import build_metadata
+    from engine.model.checkpoint import validate
+    from engine.model.config import ModelConfig
+    from engine.model.stage_model import StageModel
+
+    model_dir = write_checkpoint(tmp_path, family, layers=3)
+    cfg = ModelConfig.from_dir(model_dir)
+    models = [StageModel(cfg, validate(model_dir, cfg), range(3), True, True, torch.float32, torch.device("cpu"), 64)
+              for _ in range(2)]
+    moe = [layer.products.experts for layer in models[1].layers if layer.products.experts is not None]
+    assert moe and all(e.stack() for e in moe) and all(e.stacked is not None for e in moe)
+    logits = []
+    for model in models:
+        kv = torch.zeros(3, 2, 4, 16, cfg.num_kv_heads, cfg.head_dim)
+        prompt = build_metadata(16, list(range(7)), [], [], [(0, 7, 0, [0])], torch.device("cpu"))
+        model.forward(torch.arange(3, 10), torch.arange(7), prompt, kv)
+        decode = build_metadata(16, [7], [], [], [(0, 1, 7, [0])], torch.device("cpu"))
+        logits.append(model.logits(model.forward(torch.tensor([11]), torch.tensor([7]), decode, kv)))
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+    assert models[0].take_expert_load().equal(models[1].take_expert_load())

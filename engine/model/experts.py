@@ -7,13 +7,16 @@ The experts run grouped: the tokens routed to each expert are gathered into one 
 any tokens multiplies its block once, through the same products a dense layer's MLP uses (engine.model.linear: the
 engine's bf16 and quantized kernels on a CPU). The host loops over the experts a step reached, never over tokens.
 Each token's outputs are added back in expert order, as the reference implementation adds them (on a CPU; a GPU's
-index_add_ adds in any order).
+index_add_ adds in any order). On a GPU whose experts are plain matrices, the experts' weights are stacked and all
+blocks go through one grouped GEMM per product (torch's, CUTLASS on Hopper): no loop on the host and no wait for the
+routing to reach it.
 """
 from __future__ import annotations
 
 import torch
 
 from engine.model.layer_ops import GATED
+from engine.model.linear import Linear
 
 
 class ExpertProducts:
@@ -22,7 +25,7 @@ class ExpertProducts:
     host: where the routed experts live elsewhere than the rest (a GPU stage's experts kept in host memory, run by
     the host's CPU), (compute dtype there, its gated activation); None: beside the rest."""
 
-    __slots__ = ("router", "experts", "shared", "top_k", "normalise", "host")
+    __slots__ = ("router", "experts", "shared", "top_k", "normalise", "host", "stacked")
 
     def __init__(self, prefix: str, cfg, products, expert_products=None) -> None:
         """expert_products: builds the routed experts where they live elsewhere (on the host's CPU)."""
@@ -33,6 +36,31 @@ class ExpertProducts:
         self.shared = _mlp(m + "shared_expert.", products) if cfg.shared_expert_intermediate_size else None
         self.top_k, self.normalise = cfg.experts_per_token, cfg.norm_topk_prob
         self.host = None if expert_products is None else (expert_products.compute_dtype, GATED[cfg.activation])
+        # (gate_up [E, 2I, H], down [E, H, I]): every expert's weights in one tensor each, for the grouped GEMM.
+        self.stacked = None
+        if expert_products is None and self._plain_on("cuda"):
+            self.stack()
+
+    def _plain_on(self, device_type: str) -> bool:
+        return all(isinstance(p, Linear) and p.bias is None and p.weight.device.type == device_type
+                   for pair in self.experts for p in pair)
+
+    def stack(self) -> bool:
+        """Stack plain experts' weights for the grouped GEMM (each expert's products then view them, so the weights
+        are held once); whether the grouped GEMM runs on them here (else the experts keep one product each)."""
+        if not self.experts or not (self._plain_on("cuda") or self._plain_on("cpu")):
+            return False
+        gate_up = torch.stack([g.weight for g, _ in self.experts])
+        down = torch.stack([d.weight for _, d in self.experts])
+        self.experts = [(Linear(gate_up[e], None), Linear(down[e], None)) for e in range(len(self.experts))]
+        try:  # one row through both: the device has the kernel and these shapes and strides suit it
+            x = torch.zeros(1, gate_up.shape[2], dtype=gate_up.dtype, device=gate_up.device)
+            offs = torch.ones(len(self.experts), dtype=torch.int32, device=gate_up.device)
+            torch._grouped_mm(x, gate_up.transpose(1, 2), offs=offs)
+        except (RuntimeError, AttributeError):
+            return False
+        self.stacked = (gate_up, down)
+        return True
 
     def __call__(self, h: torch.Tensor, silu_mul, load: torch.Tensor | None = None) -> torch.Tensor:
         """h [T, hidden] -> [T, hidden]; silu_mul: the gated activation ([T, 2I] -> [T, I]); load: a [experts]
@@ -45,6 +73,8 @@ class ExpertProducts:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.host is not None:
             y = self._on_host(h, chosen, weights, load)
+        elif self.stacked is not None:
+            y = self._grouped_gemm(h, chosen, weights, silu_mul, load)
         elif h.shape[0] == 1:  # one token (a single stream's decode): its experts one after the other
             y = self._one_token(h, chosen[0].tolist(), weights[0].to(h.dtype).unbind(), silu_mul)
             if load is not None:
@@ -55,6 +85,24 @@ class ExpertProducts:
             gate_up, down = self.shared
             y.add_(torch.sigmoid(logits[:, n:].to(h.dtype)) * down(silu_mul(gate_up(h))))
         return y
+
+    def _grouped_gemm(self, h: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, silu_mul,
+                      load: torch.Tensor | None) -> torch.Tensor:
+        """Every expert's block through one grouped GEMM per product, the blocks' ends on the device: nothing here
+        waits for the routing."""
+        flat = chosen.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.zeros(len(self.experts), dtype=torch.int64, device=h.device)
+        counts.index_add_(0, flat, torch.ones_like(flat))
+        if load is not None:
+            load += counts
+        rows = order // self.top_k
+        ends = counts.cumsum(0).to(torch.int32)
+        gate_up, down = self.stacked
+        mid = silu_mul(torch._grouped_mm(h.index_select(0, rows), gate_up.transpose(1, 2), offs=ends))
+        out = torch._grouped_mm(mid, down.transpose(1, 2), offs=ends)
+        out.mul_(weights.flatten()[order].unsqueeze(1).to(h.dtype))
+        return torch.zeros_like(h).index_add_(0, rows, out)
 
     def _on_host(self, h: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor,
                  load: torch.Tensor | None) -> torch.Tensor:
