@@ -895,3 +895,35 @@ def test_a_measured_routing_spread_prices_the_experts_a_step_reaches(tmp_path, m
     shares, routed = measured_routing(model_dir, 4, 128)
     assert routed == 2 * 8 * MIN_CHOICES_PER_EXPERT * 16 and shares[:8] == (1 / 8,) * 8 and sum(shares[8:]) == 0
     assert measured_routing(model_dir, 4, 64) == ((), 0)
+
+
+def test_layers_that_differ_are_priced_each_by_its_own_shape():
+    """A mixture whose first third of layers is dense: each stage is priced and sized by the layers it holds, not by
+    the mean layer, so the stage holding the dense layers takes more of them, every stage's weights are its own
+    layers' weights, and the split is the best one there is."""
+    from engine.model.config import ModelConfig
+
+    cfg = ModelConfig.from_dict({**QWEN3_MOE_SHAPED, "num_hidden_layers": 24, "mlp_only_layers": list(range(8))})
+    cost = ModelCost.from_config(cfg, "float32", "bfloat16")
+    assert not cost.uniform and cost.over(range(0, 8)).moe_layer_share == 0
+    assert cost.over(range(8, 24)).layer_weight_bytes == cfg.layer_params(8) * 2
+    cpus = [device("cpu", memory=64 * GiB, flops=2e11, bw=2e10), device("cpu", memory=64 * GiB, flops=2e11, bw=2e10)]
+    result = plan(cost, cpus, batch_size=16, context_len=512, kv_reserve_tokens=1024)
+    first, second = result.stages
+    for s in result.stages:
+        layers = sum(cfg.layer_params(i) for i in range(*s.layers)) * 2
+        extra = cost.embed_bytes if s is first else cost.head_bytes
+        assert abs(s.weight_bytes - layers - extra) < s.num_layers * 2
+    options = dict(batch=16, context_len=512, link=None)
+
+    def bottleneck(n: int) -> float:
+        return max(stage_seconds(cost.over(range(0, n)), cpus[0], n, first=True, last=False, **options).total_s,
+                   stage_seconds(cost.over(range(n, 24)), cpus[1], 24 - n, first=False, last=True,
+                                 **options).total_s)
+
+    best = min(range(1, 24), key=bottleneck)
+    assert first.layers == (0, best)
+    # The same model taken as alike layers (what the planner did before) gives the dense layers' stage fewer.
+    alike = plan(dataclasses.replace(cost, layer_kinds=None), cpus, batch_size=16, context_len=512,
+                 kv_reserve_tokens=1024)
+    assert alike.stages[0].num_layers < first.num_layers

@@ -2,6 +2,7 @@
 link between two devices costs. Imports no torch."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -27,6 +28,9 @@ THIN_OPS_PER_LAYER = 8
 # scale and scatter-add, and per expert a step reaches its block's slice, two products and the activation.
 ROUTING_OPS = 14
 EXPERT_OPS = 5
+# On a GPU the experts' products are two grouped GEMMs over all blocks (engine.model.experts), with the block ends
+# and the activation: a fixed count, however many experts a step reaches.
+GROUPED_EXPERT_OPS = 6
 # Per step, outside the layers: attention metadata tensors, the rotary table lookup and its slices.
 STEP_OPS = 14
 EMBED_OPS = 2  # embedding gather and the cast to the compute dtype
@@ -127,6 +131,9 @@ class ModelCost:
     # Each expert's share of a layer's routed choices, busiest first, as served (engine.placement.routing); empty:
     # routing taken to be uniform.
     routing: tuple[float, ...] = ()
+    # A mixture whose layers are not all alike: (params, out features) of a dense layer and of a mixture-of-experts
+    # one, from which a stage's own mean layer is made (ModelCost.over).
+    layer_kinds: tuple[tuple[int, int], tuple[int, int]] | None = None
 
     @staticmethod
     def from_config(cfg, compute_dtype: str, weight_dtype: str, sampling: str = "random",
@@ -154,12 +161,16 @@ class ModelCost:
         if cfg.moe_layers:
             share = len(cfg.moe_layers) / cfg.num_layers
             ie, shared = cfg.expert_intermediate_size, cfg.shared_expert_intermediate_size
+            # A token's products: attention, the router, its experts and the shared one.
+            moe_mlp = cfg.num_experts + cfg.experts_per_token * (2 * ie + h) + (2 * shared + h if shared else 0)
+            moe_out = (q + 2 * kv) + h + moe_mlp
+            dense = [j for j in range(cfg.num_layers) if j not in cfg.moe_layers]
             moe = dict(expert_params=3 * h * ie, num_experts=cfg.num_experts, experts_per_token=cfg.experts_per_token,
                        moe_layer_share=share, moe_layers=tuple(sorted(cfg.moe_layers)),
-                       routing=routing if len(routing) == cfg.num_experts else ())
-            # A token's products: attention, the router, its experts and the shared one (the mean layer's).
-            moe_mlp = cfg.num_experts + cfg.experts_per_token * (2 * ie + h) + (2 * shared + h if shared else 0)
-            out_features = (q + 2 * kv) + h + share * moe_mlp + (1 - share) * (2 * i + h)
+                       routing=routing if len(routing) == cfg.num_experts else (),
+                       layer_kinds=((cfg.layer_params(dense[0]), out_features),
+                                    (cfg.layer_params(min(cfg.moe_layers)), moe_out)) if dense else None)
+            out_features = share * moe_out + (1 - share) * out_features
         return ModelCost(
             num_layers=cfg.num_layers, hidden_size=h, vocab_size=cfg.vocab_size,
             layer_params=cfg.layer_weight_bytes(1), layer_out_features=int(out_features),
@@ -189,6 +200,22 @@ class ModelCost:
         idle = self.moe_layer_share * self.expert_params
         return (self.layer_params - idle * (self.num_experts - self.experts_reached(rows)),
                 self.layer_params - idle * (self.num_experts - self.experts_per_token))
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every layer costs what the mean layer does (a dense model, or one with experts in every layer)."""
+        return self.moe_layer_share in (0.0, 1.0) or self.layer_kinds is None
+
+    def over(self, layers: range) -> ModelCost:
+        """The model as a stage holding `layers` sees it: its mean layer is theirs (the mixture-of-experts layers
+        among them, and the dense ones). The one rule for a stage's cost where layers differ."""
+        if self.uniform or not len(layers):
+            return self
+        m = sum(1 for i in layers if i in self.moe_layers)
+        n = len(layers)
+        (dense_params, dense_out), (moe_params, moe_out) = self.layer_kinds
+        return dataclasses.replace(self, moe_layer_share=m / n, layer_params=((n - m) * dense_params + m * moe_params) // n,
+                                   layer_out_features=((n - m) * dense_out + m * moe_out) // n)
 
     def routed_params(self, rows: int) -> tuple[float, float]:
         """The mean layer's routed experts' share of step_params: the weights a step of `rows` tokens reads of them,
@@ -400,7 +427,8 @@ def layer_seconds(cost: ModelCost, device: DeviceInfo, batch: int, context_len: 
     work = products + kv / attention_rate + elementwise
     ops = (FUSED_OPS_PER_LAYER if fused else OPS_PER_LAYER) + (THIN_OPS_PER_LAYER if _thin(cost, device, batch) else 0)
     if cost.num_experts:  # routing, and each expert reached: its slice, two products and the activation
-        ops += cost.moe_layer_share * (ROUTING_OPS + (EXPERT_OPS * cost.experts_reached(batch) if experts else 0))
+        per_expert = GROUPED_EXPERT_OPS if device.kind == "cuda" else EXPERT_OPS * cost.experts_reached(batch)
+        ops += cost.moe_layer_share * (ROUTING_OPS + (per_expert if experts else 0))
     host = ops * device.op_overhead_s
     # A GPU runs kernels while the host launches the next ones; a CPU does one after the other.
     return max(host, work) if device.kind == "cuda" else host + work

@@ -111,68 +111,102 @@ class _Context:
         self.reserve, self.links, self.block_size = reserve, links, block_size
         self.max_kv_tokens, self.kv_cache_memory = max_kv_tokens, kv_cache_memory
         self._cache: dict[tuple, tuple[list[float], list[int]]] = {}
+        self._stage_costs: dict[tuple[int, int], ModelCost] = {}
+        self._entries: dict[tuple, tuple[float, int]] = {}
+        moe = set(cost.moe_layers)
+        self._moe_before = list(itertools.accumulate((i in moe for i in range(cost.num_layers)), initial=0))
 
     def link(self, prev: int | None, dev: int) -> LinkSpeed:
         return link_between(None if prev is None else self.devices[prev], self.devices[dev], self.links)
 
-    def time(self, dev: int, n: int, first: bool, last: bool, prev: int | None, batch: int,
+    def kind(self, start: int, n: int) -> tuple[int, int]:
+        """What a stage of layers [start, start + n) costs by: n, and how many of them have experts (where layers
+        differ; 0 where they are alike)."""
+        if self.cost.uniform:
+            return n, 0
+        return n, self._moe_before[start + n] - self._moe_before[start]
+
+    def at(self, start: int, n: int) -> ModelCost:
+        """The model as a stage of layers [start, start + n) sees it (ModelCost.over: layers may differ)."""
+        if self.cost.uniform:
+            return self.cost
+        kind = self.kind(start, n)
+        if kind not in self._stage_costs:
+            self._stage_costs[kind] = self.cost.over(range(start, start + n))
+        return self._stage_costs[kind]
+
+    def time(self, cost: ModelCost, dev: int, n: int, first: bool, last: bool, prev: int | None, batch: int,
              streamed: int = 0, host_experts: int = 0) -> StageTime:
-        return stage_seconds(self.cost, self.devices[dev], n, first=first, last=last, batch=batch,
+        return stage_seconds(cost, self.devices[dev], n, first=first, last=last, batch=batch,
                              context_len=self.context_len, link=self.link(prev, dev), block_size=self.block_size,
                              streamed=streamed, host_experts=host_experts)
 
-    def streamed(self, d: DeviceInfo, n: int, first: bool, last: bool) -> int | None:
-        """Layers of the stage read from disk each step (engine.placement.cost.layers_to_stream); None: no fit."""
-        return layers_to_stream(self.cost, d, n, first, last, self.reserve, self.kv_cache_memory)
-
-    def held(self, d: DeviceInfo, n: int, first: bool, last: bool) -> tuple[int, int] | None:
+    def held(self, cost: ModelCost, d: DeviceInfo, n: int, first: bool, last: bool) -> tuple[int, int] | None:
         """Where a stage's weights that do not fit its memory go: (MoE layers whose experts the host's CPU runs,
         layers streamed from the tier), the experts on the host first (engine.placement.cost.expert_layers_to_host);
         None: no fit."""
-        host = expert_layers_to_host(self.cost, d, n, first, last, self.reserve, self.kv_cache_memory)
+        host = expert_layers_to_host(cost, d, n, first, last, self.reserve, self.kv_cache_memory)
         if host:
             return host, 0
-        streamed = self.streamed(d, n, first, last)
+        streamed = layers_to_stream(cost, d, n, first, last, self.reserve, self.kv_cache_memory)
         return None if streamed is None else (0, streamed)
 
-    def columns(self, dev: int, first: bool, last: bool, prev: int | None) -> tuple[list[float], list[int]]:
-        """Per layer count n (index 0 unused): predicted seconds at the planning batch (inf where the stage does
-        not fit), and the KV blocks the stage would allocate (what the tie-break between near plans maximises: blocks
-        beyond what the stage takes are worth nothing)."""
-        key = (dev, first, last, prev)
+    def columns(self, dev: int, first: bool, last: bool, prev: int | None,
+                start: int = 0) -> tuple[list[float], list[int]]:
+        """Per layer count n (index 0 unused) of a stage whose layers start at `start` (any start where layers are
+        alike): predicted seconds at the planning batch (inf where the stage does not fit), and the KV blocks the
+        stage would allocate (what the tie-break between near plans maximises: blocks beyond what the stage takes
+        are worth nothing)."""
+        start = 0 if self.cost.uniform else start
+        key = (dev, first, last, prev, start)
         if key not in self._cache:
             L, d = self.cost.num_layers, self.devices[dev]
             times, blocks = [_INF] * (L + 1), [-1] * (L + 1)
-            for n in range(1, L + 1):
-                held = self.held(d, n, first, last)
-                if held is None:
+            for n in range(1, L - start + 1):
+                entry = (dev, first, last, prev, self.kind(start, n))  # stages alike in it cost alike
+                if entry not in self._entries:
+                    cost = self.at(start, n)
+                    held = self.held(cost, d, n, first, last)
+                    if held is None:
+                        self._entries[entry] = (_INF, -1)
+                    else:
+                        host, streamed = held
+                        self._entries[entry] = (
+                            self.time(cost, dev, n, first, last, prev, self.batch, streamed, host).total_s,
+                            self.kv_blocks(cost, d, n, first, last, streamed, host))
+                times[n], blocks[n] = self._entries[entry]
+                if times[n] == _INF:
                     break  # more layers need more memory
-                host, streamed = held
-                times[n] = self.time(dev, n, first, last, prev, self.batch, streamed, host).total_s
-                blocks[n] = self.kv_blocks(d, n, first, last, streamed, host)
             self._cache[key] = (times, blocks)
         return self._cache[key]
 
-    def kv_blocks(self, d: DeviceInfo, n: int, first: bool, last: bool, streamed: int = 0,
+    def column(self, dev: int, first: bool, last: bool, prev: int | None, which: int):
+        """columns()[which] as the split's dynamic program takes it: a list over n where layers are alike, else a
+        function of the stage's first layer giving that list."""
+        if self.cost.uniform:
+            return self.columns(dev, first, last, prev)[which]
+        return lambda start: self.columns(dev, first, last, prev, start)[which]
+
+    def kv_blocks(self, cost: ModelCost, d: DeviceInfo, n: int, first: bool, last: bool, streamed: int = 0,
                   host_experts: int = 0) -> int:
         """The blocks a stage of n layers on d allocates (engine.placement.cost.kv_cache_blocks, the stage's rule)."""
-        weights = stage_weight_bytes(self.cost, n, first, last, streamed, host_experts)
+        weights = stage_weight_bytes(cost, n, first, last, streamed, host_experts)
         return kv_cache_blocks(stage_kv_budget(d, weights, self.kv_cache_memory),
-                               stage_kv_bytes_per_token(self.cost, d, n) * self.block_size, self.max_kv_tokens,
+                               stage_kv_bytes_per_token(cost, d, n) * self.block_size, self.max_kv_tokens,
                                self.block_size)
 
     def evaluate(self, order: list[int], split: list[int], check: bool = False,
                  streamed: list[tuple[int, ...]] | None = None) -> Plan:
-        cost, P = self.cost, len(order)
+        P = len(order)
         stages, start = [], 0
         for k, (dev, n) in enumerate(zip(order, split)):
-            d = self.devices[dev]
+            cost, d = self.at(start, n), self.devices[dev]
             first, last = k == 0, k == P - 1
             prev = order[k - 1] if k else None
             given = streamed[k] if streamed is not None else None
             host = 0
             if given is None:
-                held = self.held(d, n, first, last)
+                held = self.held(cost, d, n, first, last)
                 host, streamed_count = held if held is not None else (0, None)
             elif stage_fits(cost, d, n, first, last, self.reserve, self.kv_cache_memory, len(given)):
                 streamed_count = len(given)
@@ -191,7 +225,7 @@ class _Context:
                     f"of weights plus {readable_size(kv)} of {what}, and {d.name} holds "
                     f"{readable_size(d.memory)} ({readable_size(need - d.memory)} short){_offload_hint(d)}")
             count = streamed_count or 0
-            times = {b: self.time(dev, n, first, last, prev, b, count, host) for b in sorted({1, self.batch})}
+            times = {b: self.time(cost, dev, n, first, last, prev, b, count, host) for b in sorted({1, self.batch})}
             stages.append(StagePlan(
                 device=d, device_index=dev, layers=(start, start + n), weight_bytes=weights,
                 kv_bytes_per_token=kv_per_token,
@@ -199,7 +233,7 @@ class _Context:
                 predicted_s={b: t.total_s for b, t in times.items()},
                 compute_s={b: t.compute_s for b, t in times.items()},
                 transfer_s={b: t.transfer_s for b, t in times.items()},
-                kv_blocks=self.kv_blocks(d, n, first, last, count, host),
+                kv_blocks=self.kv_blocks(cost, d, n, first, last, count, host),
                 streamed_layers=given if given is not None else tuple(start + i for i in spread(n, count)),
                 fetch_s={b: t.fetch_s for b, t in times.items()},
                 host_experts=cost.host_expert_layers(range(start, start + n), host),
@@ -229,17 +263,29 @@ def min_max_split(columns: list[list[float]], total: int) -> tuple[float, list[i
     return row[total], split[::-1]
 
 
-def _first_row(col: list[float]) -> list[float]:
-    row = list(col)
+def _first_row(col) -> list[float]:
+    row = list(col(0) if callable(col) else col)
     row[0] = _INF
     return row
 
 
-def _next_row(prev: list[float], col: list[float], k: int, total: int,
-              only_last: bool) -> tuple[list[float], list[int]]:
+def _next_row(prev: list[float], col, k: int, total: int, only_last: bool) -> tuple[list[float], list[int]]:
     """Add stage k (0-based) to a row over k stages. For j layers the stage takes n of them; prev[j - n] falls and
-    col[n] rises with n, so the best n sits where they cross, and that crossing only moves right as j grows."""
+    col[n] rises with n, so the best n sits where they cross, and that crossing only moves right as j grows. col: a
+    function of the stage's first layer where layers differ (Context.column); then every n is tried."""
     row, choice = [_INF] * (total + 1), [0] * (total + 1)
+    if callable(col):
+        for j in (total,) if only_last else range(k + 1, total + 1):
+            best, pick = _INF, 0
+            for n in range(1, j - k + 1):  # the stages before keep at least one layer each
+                a = prev[j - n]
+                if a >= best:
+                    continue
+                b = col(j - n)[n]
+                if (a if a > b else b) < best:
+                    best, pick = (a if a > b else b), n
+            row[j], choice[j] = best, pick
+        return row, choice
     n = 1
     for j in (total,) if only_last else range(k + 1, total + 1):
         while n < j - k and col[n] < prev[j - n]:  # the stages before keep at least one layer each
@@ -274,8 +320,9 @@ def _best_per_order(orders: list[list[int]], column, total: int, tolerance: floa
             if k == len(rows):
                 col = column(order, k)
                 rows.append(_first_row(col) if k == 0 else _next_row(rows[-1], col, k, total, k == P - 1)[0])
-            # A row over k + 1 stages is smallest at k + 1 layers (one each): no completion can beat that.
-            if rows[k][total if k == P - 1 else k + 1] > limit:
+            # A row over k + 1 stages is smallest at k + 1 layers (one each) where layers are alike: no completion
+            # can beat that. Where they differ, only a whole order's value is compared.
+            if (k == P - 1 or not callable(col)) and rows[k][total if k == P - 1 else k + 1] > limit:
                 break
         else:
             results.append((rows[-1][total], list(order)))
@@ -335,11 +382,11 @@ def _search(ctx: _Context, tolerance: float) -> tuple[list[int], list[int]]:
     orders = distinct_orders(ctx.devices) or host_grouped_orders(ctx)
     L, P = ctx.cost.num_layers, len(ctx.devices)
 
-    def stage_columns(order, k: int) -> tuple[list[float], list[int]]:
-        return ctx.columns(order[k], k == 0, k == P - 1, order[k - 1] if k else None)
+    def stage(order, k: int) -> tuple:
+        return order[k], k == 0, k == P - 1, order[k - 1] if k else None
 
     # First pass: the best bottleneck over every order.
-    results = _best_per_order(orders, lambda order, k: stage_columns(order, k)[0], L, tolerance)
+    results = _best_per_order(orders, lambda order, k: ctx.column(*stage(order, k), 0), L, tolerance)
     best = min((t for t, _ in results), default=_INF)
     if best == _INF:
         _explain_no_fit(ctx)
@@ -348,12 +395,15 @@ def _search(ctx: _Context, tolerance: float) -> tuple[list[int], list[int]]:
     limit = best * (1 + tolerance)
     capped: dict[tuple, list[float]] = {}
 
-    def blocks_column(order, k: int) -> list[float]:
-        key = (order[k], k == 0, k == P - 1, order[k - 1] if k else None)
-        if key not in capped:
-            times, blocks = stage_columns(order, k)
-            capped[key] = [-blocks[n] if times[n] <= limit else _INF for n in range(L + 1)]
-        return capped[key]
+    def capped_column(key: tuple, start: int = 0) -> list[float]:
+        if (key, start) not in capped:
+            times, blocks = ctx.columns(*key, start)
+            capped[key, start] = [-blocks[n] if times[n] <= limit else _INF for n in range(L + 1)]
+        return capped[key, start]
+
+    def blocks_column(order, k: int):
+        key = stage(order, k)
+        return capped_column(key) if ctx.cost.uniform else (lambda start: capped_column(key, start))
 
     near = {tuple(order): t for t, order in results if t <= limit}
     by_blocks = _best_per_order(list(near), blocks_column, L, 0.0)
