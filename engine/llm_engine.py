@@ -25,6 +25,7 @@ from engine.model.weight_formats import (AUTO, EMBEDDING, check_requested, domin
                                          parse_layer_formats, parse_precision)
 from engine.outputs import SeqDelta, TokenLogprob
 from engine.pipeline.driver import Driver
+from engine.pipeline.launch import LocalStages, rendezvous_address, stage_devices
 from engine.pipeline.messages import RENDEZVOUS_TIMEOUT_S, DescribeDevice, StageSpec
 from engine.placement import parse_size
 from engine.placement import ModelCost, Plan, kv_cache_dtype, parse_devices, parse_layers, predict_stage_seconds
@@ -128,7 +129,9 @@ class EngineConfig:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, started: LocalStages | None = None) -> None:
+        """started: this host's stages, started ahead for this config (engine.pipeline.launch.start_ahead); the
+        caller kills them where this raises before the pipeline takes them."""
         self.config = config
         model_dir = Path(config.model)
         if not (model_dir.is_dir() or model_dir.suffix == ".gguf" and model_dir.is_file()):
@@ -166,8 +169,8 @@ class LLMEngine:
         # A mixture's experts' shares as earlier servers of this checkpoint measured them (engine.placement.routing).
         self._routing = measured_routing(model_dir, cfg.num_layers, cfg.num_experts)[0] if cfg.num_experts else ()
         try:
-            started = self._start_pipeline(model_dir, max_len)
-            self.driver, self.plan, num_blocks, self.dtype, self.weight_dtype = started
+            pipeline = self._start_pipeline(model_dir, max_len, started)
+            self.driver, self.plan, num_blocks, self.dtype, self.weight_dtype = pipeline
         except BaseException:
             if self.tracing is not None:
                 self.tracing.shutdown()
@@ -201,17 +204,14 @@ class LLMEngine:
         self._ids = itertools.count()
         self._streams: dict[int, _SeqStream] = {}
 
-    def _start_pipeline(self, model_dir: Path, max_len: int) -> tuple[Driver, Plan, int, str, str]:
+    def _start_pipeline(self, model_dir: Path, max_len: int,
+                        started: LocalStages | None) -> tuple[Driver, Plan, int, str, str]:
         """Start the stage processes, ask each what its device is worth, place the layers, load and link. Returns
         the driver, the plan, the KV blocks and the first stage's activation and weight dtypes."""
         config, cfg = self.config, self.model_config
-        requests = parse_devices(config.devices)
-        devices = [f"{d.name}={d.memory}" if d.memory else d.name for d in requests]
-        host, port = "127.0.0.1", None
-        if config.rendezvous:
-            host, _, p = config.rendezvous.rpartition(":")
-            port = int(p)
-        driver = Driver(devices, config.threads, config.workers, host, port, config.rendezvous_timeout_s)
+        host, port = rendezvous_address(config.rendezvous)
+        driver = Driver(stage_devices(config.devices), config.threads, config.workers, host, port,
+                        config.rendezvous_timeout_s, started)
         try:
             choices = self.format_choices
             ask = DescribeDevice(config.dtype_request, cfg.checkpoint_dtype, config.kv_cache_fraction,

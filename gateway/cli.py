@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from engine import add_stage_args, add_worker_args, describe_layers, run_worker
+from engine import add_stage_args, add_worker_args, describe_layers
 from gateway.connections import bind_listener, listen
 from gateway.convert_command import add_convert_parser, run_convert
 from gateway.plan_command import add_offload_arg, add_plan_parser, add_quantization_args, run_plan
@@ -97,9 +97,7 @@ def serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    from engine import CheckpointError, parse_size
-    from gateway.app import create_app
-    from gateway.engine_client import AsyncEngine
+    from engine import CheckpointError, parse_size, start_ahead
     from gateway.limits import ServerLimits
 
     try:
@@ -114,20 +112,34 @@ def serve(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"strata: error: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
         return 1
+    # The stages start now, each importing torch while this process imports it too (for the engine, below).
+    started = start_ahead(args.devices, int(args.threads) if args.threads else None, int(args.workers or 0),
+                          args.rendezvous, args.rendezvous_timeout)
     try:
+        from gateway.app import create_app
+        from gateway.engine_client import AsyncEngine
+
         config = engine_config(args)
-        engine = AsyncEngine(config)
-    except (CheckpointError, ValueError) as e:
+        engine = AsyncEngine(config, started)
+    except BaseException as e:
         sock.close()
-        print(f"strata: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        sock.close()
-        print(f"strata: error: cannot start the engine: {e}", file=sys.stderr)
-        return 1
+        if started is not None:
+            started.kill()
+        if isinstance(e, (CheckpointError, ValueError)):
+            print(f"strata: error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, RuntimeError):
+            print(f"strata: error: cannot start the engine: {e}", file=sys.stderr)
+            return 1
+        raise
     name = args.served_model_name or Path(config.model).name.removesuffix(".gguf")
     app = create_app(engine, name, args.api_key, args.max_queue, limits)
-    return asyncio.run(_run(app, engine, args, name, config, sock))
+    code = asyncio.run(_run(app, engine, args, name, config, sock))
+    # Drained, the engine and its stages stopped, the traces flushed: out at once, without the interpreter's own
+    # teardown of torch and its threads (half a second, which every restart and rollout would wait for).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 async def _run(app: web.Application, engine, args, name: str, config, sock) -> int:
@@ -228,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return serve(args)
     if args.command == "worker":
+        from engine import run_worker
+
         return run_worker(args)
     if args.command == "plan":
         return run_plan(args)

@@ -46,8 +46,9 @@ class EngineError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig) -> None:
-        self.engine = LLMEngine(config)
+    def __init__(self, config: EngineConfig, started=None) -> None:
+        """started: the stages started ahead for this config (LLMEngine's)."""
+        self.engine = LLMEngine(config, started)
         self.tokenizer = self.engine.tokenizer
         self.model_config = self.engine.model_config
         self.max_model_len = self.engine.max_model_len

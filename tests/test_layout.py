@@ -93,3 +93,11 @@ def test_the_placement_face_imports_no_torch():
     assert not wrong, "\n".join(wrong)
     code = "import sys, engine.placement, telemetry.tracing; assert 'torch' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_the_strata_command_starts_stages_before_it_imports_torch():
+    """`strata` reads its flags and `strata serve` starts its stage processes without torch (engine.pipeline.launch),
+    so that the stages' start-up overlaps the server's own import of it; `strata bench` never needs it."""
+    code = ("import sys, gateway.cli, engine; engine.start_ahead, engine.add_stage_args; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith(('torch', 'engine')))")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

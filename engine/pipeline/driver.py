@@ -5,10 +5,7 @@ here with the same rendezvous variables a stage on another host would be given.
 """
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
@@ -17,14 +14,13 @@ import torch.distributed as dist
 from batching.batch import Batch, StepOutput
 from engine.errors import EngineDeadError
 from engine.pipeline import transport
+from engine.pipeline.launch import STAGE_COMMAND, LocalStages, free_port
 from engine.pipeline.messages import (GREETING, WIRE_VERSION, Allocate, DescribeDevice, Failed, Shutdown, StageReady,
                                       StageSpec, greeting_error)
 from engine.pipeline.thread_policy import background_transport_threads
 from engine.placement import DeviceInfo
 
 
-# Not `-m engine.pipeline.worker`: pickled messages must name their classes by module, not __main__.
-STAGE_COMMAND = [sys.executable, "-c", "import sys; from engine.pipeline.worker import main; sys.exit(main())"]
 
 
 def _process_state(pid: int) -> str | None:
@@ -34,12 +30,6 @@ def _process_state(pid: int) -> str | None:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(slots=True)
@@ -53,7 +43,10 @@ class Driver:
     hosts join at `host:port` as ranks N+1 .. N+num_remote with the standard rendezvous variables."""
 
     def __init__(self, devices: list[str], threads: int | None = None, num_remote: int = 0,
-                 host: str = "127.0.0.1", port: int | None = None, rendezvous_timeout_s: float = 120.0) -> None:
+                 host: str = "127.0.0.1", port: int | None = None, rendezvous_timeout_s: float = 120.0,
+                 started: LocalStages | None = None) -> None:
+        """started: this host's stages, already started for these settings (strata serve starts them first); they
+        are started here otherwise."""
         if dist.is_initialized():
             # The ring is torch.distributed's default group, of which a process has one.
             raise RuntimeError("this process already drives a pipeline; one engine per process")
@@ -64,21 +57,22 @@ class Driver:
         self.links: list[transport.Link] = []
         self.stage_ranks: list[int] = []
         self.last_received_bytes = 0
-        port = port or free_port()
-        connect = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        if started is not None and not started.matches(devices, host, port, self.world_size):
+            started.kill()
+            raise RuntimeError("the stages started ahead were started for another pipeline")
+        port = started.port if started is not None else port or free_port()
         try:
             store = transport.serve_rendezvous(host, port, self.world_size, rendezvous_timeout_s)
-            for rank, device in enumerate(devices, start=1):
-                env = dict(os.environ, MASTER_ADDR=connect, MASTER_PORT=str(port), RANK=str(rank),
-                           WORLD_SIZE=str(self.world_size), STRATA_RENDEZVOUS_TIMEOUT=str(rendezvous_timeout_s),
-                           STRATA_LOCAL_STAGE="1")
-                args = ["--device", device] + (["--threads", str(threads)] if threads else [])
-                self.procs.append(subprocess.Popen(STAGE_COMMAND + args, env=env))
+            if started is None:
+                started = LocalStages(devices, threads, host, port, self.world_size, rendezvous_timeout_s,
+                                      STAGE_COMMAND)
+            self.procs = started.procs
             self._wait_for_stages(store, rendezvous_timeout_s, f"{host}:{port}")
             transport.init(0, self.world_size, store, rendezvous_timeout_s)
             self._greet()
         except BaseException:
-            self._kill()
+            if started is not None:
+                started.kill()
             transport.close()
             raise
 

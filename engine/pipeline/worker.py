@@ -25,9 +25,10 @@ import torch
 from batching.batch import Batch, StepTiming, TokensForFirstStage
 from engine.errors import one_line
 from engine.pipeline import transport
+from engine.pipeline.launch import add_worker_args
 from engine.pipeline.core_share import CoreShare
 from engine.pipeline.step_clock import StepClock
-from engine.pipeline.messages import (DRIVER_RANK, GREETING, RENDEZVOUS_TIMEOUT_S, WIRE_VERSION, DescribeDevice, Failed,
+from engine.pipeline.messages import (DRIVER_RANK, GREETING, WIRE_VERSION, DescribeDevice, Failed,
                                       Shutdown, StageReady, VersionMismatch, greeting_error)
 from engine.pipeline.runner import StageRunner
 from engine.pipeline.thread_policy import background_this_thread, background_transport_threads
@@ -238,25 +239,14 @@ def worker_args(argv: list[str] | None = None, prog: str = "strata worker") -> a
     return ap.parse_args(argv)
 
 
-def add_stage_args(ap, *, rendezvous: bool = True) -> None:
-    """The flags of stage processes, with one name, one environment variable and one default in every command that
-    takes them: `strata serve` (for all its stages), `strata worker` and `strata plan` (rendezvous=False)."""
-    env = os.environ
-    ap.add_argument("--threads-per-stage", "--threads", dest="threads", type=int,
-                    default=env.get("STRATA_THREADS_PER_STAGE"), help="torch threads in each stage process")
-    if rendezvous:
-        ap.add_argument("--rendezvous-timeout", type=float,
-                        default=float(env.get("STRATA_RENDEZVOUS_TIMEOUT", RENDEZVOUS_TIMEOUT_S)),
-                        help="seconds the server waits for its stages to join, and a worker for its server")
-
-
-def add_worker_args(ap: argparse.ArgumentParser) -> None:
-    env = os.environ
-    ap.add_argument("--device", default=env.get("STRATA_DEVICE", "cpu"),
-                    help="this stage's device, optionally with a memory budget: cpu, cuda:1, cuda:0=20GiB")
-    ap.add_argument("--model", default=env.get("STRATA_WORKER_MODEL"),
-                    help="the checkpoint directory on this host, when it is not where the server has it")
-    add_stage_args(ap)
+def stage_process() -> None:
+    """A local stage process's whole life: main(), then out at once. Everything it owns is done with by then (its
+    traces flushed, its links closed by the driver); the interpreter's own teardown of torch and its threads took
+    longer than a stage's whole shutdown, and every server stop waited for it."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
