@@ -192,7 +192,6 @@ class StageModel:
             self.weight_bytes -= per_weight * sum(
                 math.prod(shape) for name, shape in shapes.items()
                 if any(name.startswith(f"model.layers.{i}.mlp.experts.") for i in host_experts))
-        self.host_experts = tuple(sorted(host_experts))
         spill = None
         if streamed and tier == "disk":
             spill = offload if isinstance(offload, SpillFile) else SpillFile(offload or tempfile.gettempdir())

@@ -214,7 +214,8 @@ class ModelCost:
         m = sum(1 for i in layers if i in self.moe_layers)
         n = len(layers)
         (dense_params, dense_out), (moe_params, moe_out) = self.layer_kinds
-        return dataclasses.replace(self, moe_layer_share=m / n, layer_params=((n - m) * dense_params + m * moe_params) // n,
+        return dataclasses.replace(self, moe_layer_share=m / n,
+                                   layer_params=((n - m) * dense_params + m * moe_params) // n,
                                    layer_out_features=((n - m) * dense_out + m * moe_out) // n)
 
     def routed_params(self, rows: int) -> tuple[float, float]:
@@ -453,7 +454,8 @@ def host_expert_seconds(cost: ModelCost, device: DeviceInfo, batch: int) -> floa
     # At the CPU's compute dtype, one MoE layer's experts (routed_params is the mean layer's share of them).
     out_features = cost.experts_per_token * (2 * cost.expert_params // (3 * cost.hidden_size) + cost.hidden_size)
     products = _matmul_seconds(cost, cpu, read / share, out_features, batch, row_params=per_row / share)
-    copies = 2 * batch * cost.hidden_size * _compute_bytes(cost, cpu) / CUDA_HOST_COPY_BANDWIDTH + 2 * HOST_EXPERT_SYNC_S
+    copied = 2 * batch * cost.hidden_size * _compute_bytes(cost, cpu)
+    copies = copied / CUDA_HOST_COPY_BANDWIDTH + 2 * HOST_EXPERT_SYNC_S
     ops = EXPERT_OPS * cost.experts_reached(batch) + ROUTING_OPS / 2  # the host half of the routing: sort and scatter
     return products + copies + ops * cpu.op_overhead_s
 
@@ -465,7 +467,7 @@ def expert_layers_to_host(cost: ModelCost, device: DeviceInfo, n_layers: int, fi
     host memory given it: --cpu-offload-gb); None where it does not fit even with all of them there. Experts on the
     host come before streamed layers: a step reads only the experts it reaches, in place, where a streamed layer is
     copied in whole."""
-    moe_layers = int(n_layers * cost.moe_layer_share)
+    moe_layers = round(n_layers * cost.moe_layer_share)
     if not cost.num_experts or device.host_cpu is None or not device.host_tier_bytes or not moe_layers:
         return 0
     if stage_fits(cost, device, n_layers, first, last, kv_reserve_tokens, kv_cache_memory):

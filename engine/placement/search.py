@@ -16,8 +16,9 @@ import itertools
 import math
 
 from engine.placement.cost import (STREAM_SLOTS, LinkSpeed, ModelCost, StageTime, expert_layers_to_host,
-                                   kv_cache_blocks, kv_capacity_tokens, layer_seconds, layers_to_stream, link_between, spread, stage_fits, stream_tier,
-                                   stage_kv_bytes_per_token, stage_kv_budget, stage_seconds, stage_weight_bytes)
+                                   kv_cache_blocks, kv_capacity_tokens, layer_seconds, layers_to_stream, link_between,
+                                   spread, stage_fits, stage_kv_bytes_per_token, stage_kv_budget, stage_seconds,
+                                   stage_weight_bytes, stream_tier)
 from engine.placement.devices import DeviceInfo
 from engine.placement.plan import Plan, StagePlan
 from engine.placement.precision import MAX_MIXED_ORDERS, Precision, search_mixed
