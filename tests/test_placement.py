@@ -555,13 +555,18 @@ def test_a_described_clusters_gpu_runs_the_experts_it_cannot_hold_on_its_hosts_c
     here = plan_here(model_dir, "", cluster=cluster, max_model_len=1024, cpu_offload_gb=32)
     assert here.devices[0].host_cpu is None  # the file lists no CPU on host a: layers stream over PCIe instead
     assert here.plan.stages[0].streamed_layers and not here.plan.stages[0].host_experts
-    cluster.write_text('[[host]]\nname = "a"\ngpus = [{model = "RTX 3090", memory = "8GiB"}]\n'
-                       'cpu = {memory = "64GiB", bandwidth = "80GB/s", flops = 1.5e12}\n')
+    gpu_and_cpu = ('[[host]]\nname = "a"\ngpus = [{model = "RTX 3090", memory = "8GiB"}]\n'
+                   'cpu = {memory = "64GiB", bandwidth = "80GB/s", flops = 1.5e12%s}\n')
+    cluster.write_text(gpu_and_cpu % ", stage = false")  # the host's CPU described, no stage on it
     here = plan_here(model_dir, "", cluster=cluster, max_model_len=1024, cpu_offload_gb=32)
-    gpu = here.devices[0]
+    (gpu,) = here.devices
     assert gpu.host_cpu.memory == 32 * GiB and gpu.host_cpu.mem_bandwidth == 80e9
-    (on_gpu,) = [s for s in here.plan.stages if s.device.kind == "cuda"]
-    assert on_gpu.host_experts and not on_gpu.streamed_layers
+    (stage,) = here.plan.stages
+    assert stage.host_experts and not stage.streamed_layers
+    # A CPU stage on that host keeps its cores busy: the GPU runs no experts there, and the CPU stage takes layers.
+    cluster.write_text(gpu_and_cpu % "")
+    here = plan_here(model_dir, "", cluster=cluster, max_model_len=1024, cpu_offload_gb=32)
+    assert all(d.host_cpu is None for d in here.devices) and not any(s.host_experts for s in here.plan.stages)
 @pytest.mark.parametrize("text, expected", [
     ("cpu", [("cpu", None)]),
     ("cuda", [("cuda:0", None)]),

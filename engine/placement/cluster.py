@@ -7,6 +7,8 @@
     gpus = ["A100-80GB", "RTX 3090", "RTX 3090"]   # from KNOWN_GPUS, or {model = "L4", memory = "20GiB"}
     gpu_link = "PCIe4"         # between this host's GPUs: NVLink, PCIe3, PCIe4, PCIe5
     cpu = {memory = "64GiB", bandwidth = "80GB/s", flops = 1.5e12}   # a CPU stage too (leave out: none)
+    # cpu = {..., stage = false}: the host's CPU described but no stage on it; its GPUs may run a mixture's experts
+    # there (with --cpu-offload-gb)
 
 A GPU's rates are its datasheet's, derated to what serving kernels reach: products at MATMUL_EFFICIENCY of the dense
 tensor-core peak at its half precision, weights streamed at BANDWIDTH_EFFICIENCY of its memory bandwidth. A stage on
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.placement.devices import DeviceInfo, parse_size
@@ -68,6 +70,7 @@ class Cluster:
     network: float  # bytes/s between hosts
     gpu_links: dict[str, float]  # host -> bytes/s between its GPUs
     buses: dict[tuple[str, str], float]  # (host, device name) -> bytes/s of its PCIe
+    host_cpus: dict[str, DeviceInfo] = field(default_factory=dict)  # host -> its CPU where it holds no stage
 
     def link_bandwidth(self, src: DeviceInfo, dst: DeviceInfo) -> float:
         """What a step's activations cross from src to dst at (engine.placement.cost.link_between takes this)."""
@@ -131,9 +134,11 @@ def _gpu(entry, index: int, host: str, where: str, half: str, fraction: float) -
 def _cpu(entry, host: str, where: str) -> DeviceInfo:
     if not isinstance(entry, dict) or "memory" not in entry:
         raise ClusterError(f"{where}: cpu must be a table with at least memory = \"64GiB\"")
-    unknown = set(entry) - {"memory", "bandwidth", "flops"}
+    unknown = set(entry) - {"memory", "bandwidth", "flops", "stage"}
     if unknown:
-        raise ClusterError(f"{where}: cpu takes memory, bandwidth and flops, not {', '.join(sorted(unknown))}")
+        raise ClusterError(f"{where}: cpu takes memory, bandwidth, flops and stage, not {', '.join(sorted(unknown))}")
+    if not isinstance(entry.get("stage", True), bool):
+        raise ClusterError(f"{where}: cpu's stage must be true or false")
     bandwidth = _rate(entry.get("bandwidth", "50GB/s"), "bandwidth", where)
     flops = _number(entry.get("flops", 1e12), "flops", where)
     return DeviceInfo(name="cpu", kind="cpu", host=host, label="CPU", memory=_size(entry["memory"], "memory", where),
@@ -163,6 +168,7 @@ def read_cluster(path: str | Path, half: str = "bfloat16", memory_fraction: floa
     devices: list[DeviceInfo] = []
     gpu_links: dict[str, float] = {}
     buses: dict[tuple[str, str], float] = {}
+    host_cpus: dict[str, DeviceInfo] = {}
     for k, host in enumerate(hosts):
         if not isinstance(host, dict):
             raise ClusterError(f"{path}: each [[host]] must be a table, got {host!r}")
@@ -184,7 +190,11 @@ def read_cluster(path: str | Path, half: str = "bfloat16", memory_fraction: floa
             devices.append(info)
             buses[(name, info.name)] = LINKS[bus]
         if "cpu" in host:
-            devices.append(_cpu(host["cpu"], name, where))
+            cpu = _cpu(host["cpu"], name, where)
+            if host["cpu"].get("stage", True):
+                devices.append(cpu)
+            else:
+                host_cpus[name] = cpu
     if not devices:
         raise ClusterError(f"{path}: the hosts have no devices")
-    return Cluster(devices, network, gpu_links, buses)
+    return Cluster(devices, network, gpu_links, buses, host_cpus)

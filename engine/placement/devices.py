@@ -143,3 +143,12 @@ def share_host_memory(infos: list[DeviceInfo]) -> None:
         tiers = sum(i.host_tier_bytes for i in infos if i.kind == "cuda" and i.host == host)
         for info in group:
             info.memory = max(info.memory - tiers, 0) // len(group)
+
+
+def keep_host_cpus_free(infos: list[DeviceInfo]) -> None:
+    """A GPU runs a mixture's experts on its host's CPU only where no CPU stage runs there: that stage keeps the
+    host's cores busy with its own layers (the planner prices each device as if it had its cores to itself)."""
+    staged = {i.host for i in infos if i.kind == "cpu"}
+    for info in infos:
+        if info.host in staged:
+            info.host_cpu = None

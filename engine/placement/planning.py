@@ -15,6 +15,7 @@ from engine.model.config import ModelConfig
 from engine.model.weight_formats import (AUTO, check_requested, dominant_quantized, layer_summary, parse_layer_formats,
                                         parse_precision, product_names)
 from engine.placement import ModelCost, Plan, parse_devices, parse_layers, plan, share_host_memory
+from engine.placement.devices import keep_host_cpus_free
 from engine.placement.precision import Precision
 from engine.placement.routing import measured_routing
 
@@ -119,6 +120,7 @@ def place_model(cfg: ModelConfig, formats: dict, infos: list, dtype_request: str
     choices: the formats the planner may choose per layer (formats is then ignored: chosen_formats gives the
     tensors' formats from the plan). routing: a mixture's experts' measured shares (engine.placement.routing)."""
     share_host_memory(infos)
+    keep_host_cpus_free(infos)
     if packed is not None:
         from engine.placement.probe import disk_bandwidth
 
@@ -237,13 +239,12 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
             cfg.checkpoint_dtype if cfg.checkpoint_dtype != "float32" else "bfloat16")
         described = read_cluster(cluster, half, memory_fraction)
         infos, links = described.devices, described.link_bandwidth
-        cpus = {i.host: i for i in infos if i.kind == "cpu"}
         for info in infos:  # a GPU's host tier is copied in over its PCIe; its host's CPU may run experts kept there
             if info.kind == "cuda" and cpu_offload_gb:
                 info.host_tier_bytes = offload_bytes(cpu_offload_gb)
                 info.host_bandwidth = described.buses.get((info.host, info.name))
-                if cfg.num_experts and info.host in cpus:
-                    info.host_cpu = dataclasses.replace(cpus[info.host], memory=info.host_tier_bytes)
+                if cfg.num_experts and info.host in described.host_cpus:
+                    info.host_cpu = dataclasses.replace(described.host_cpus[info.host], memory=info.host_tier_bytes)
         dtypes = (half, cfg.checkpoint_dtype if dtype == "auto" else half)
     else:
         infos, links = [], None
