@@ -448,11 +448,13 @@ class LLMEngine:
         self.driver.check_processes()
 
     def shutdown(self) -> None:
-        self.driver.shutdown()
-        if getattr(self, "_expert_tokens", None) is not None:
-            record_routing(self._model_dir, self._expert_tokens)  # what the next plan of this checkpoint prices
-        if self.tracing is not None:
-            self.tracing.shutdown()
+        try:
+            self.driver.shutdown()
+            if getattr(self, "_expert_tokens", None) is not None:
+                record_routing(self._model_dir, self._expert_tokens)  # what the next plan of this checkpoint prices
+        finally:
+            if self.tracing is not None:
+                self.tracing.shutdown()
 
 
 @dataclass(slots=True)

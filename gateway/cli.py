@@ -113,8 +113,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"strata: error: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
         return 1
     # The stages start now, each importing torch while this process imports it too (for the engine, below).
-    started = start_ahead(args.devices, int(args.threads) if args.threads else None, int(args.workers or 0),
-                          args.rendezvous, args.rendezvous_timeout)
+    started = start_ahead(args.model, args.devices, int(args.threads) if args.threads else None,
+                          int(args.workers or 0), args.rendezvous, args.rendezvous_timeout, args.precision)
     try:
         from gateway.app import create_app
         from gateway.engine_client import AsyncEngine

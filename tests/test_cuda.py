@@ -140,16 +140,35 @@ def test_experts_the_gpu_cannot_hold_run_on_the_host_cpu_and_greedy_output_equal
 
 
 def test_a_gpus_plain_experts_go_through_the_grouped_gemm_and_greedy_output_equals_transformers(tmp_path):
-    """fp32 and bf16 experts on a GPU: stacked for torch's grouped GEMM where it runs them (bf16 on Hopper), one
-    product each where it does not; greedy output equals transformers' (fp32) either way."""
+    """bf16 experts on a GPU are stacked for torch's grouped GEMM where the probe says it runs there (Hopper), and
+    compute what one product per expert computes, and what experts on the host CPU (fp32 over bf16 weights) compute;
+    greedy output at fp32 equals transformers'."""
+    from engine.model.attention import build_metadata
     from engine.model.checkpoint import validate
     from engine.model.config import ModelConfig
     from engine.model.stage_model import StageModel
+    from engine.placement import DeviceRequest
+    from engine.placement.probe import describe_device
 
     model = write_checkpoint(tmp_path, "qwen3_moe", layers=3, hidden=256, heads=8, kv_heads=2)
     cfg = ModelConfig.from_dir(model)
-    stage = StageModel(cfg, validate(model, cfg), range(3), True, True, torch.bfloat16, torch.device("cuda:0"), 64)
-    stacked = [layer.products.experts.stacked is not None for layer in stage.layers[1:]]
-    print("bf16 experts stacked for the grouped GEMM:", stacked)
+    gpu = torch.device("cuda:0")
+
+    def stage(**kw):
+        return StageModel(cfg, validate(model, cfg), range(3), True, True, torch.bfloat16, gpu, 64, **kw)
+
+    grouped, per_expert = stage(), stage()
+    for layer in per_expert.layers[1:]:
+        layer.products.experts.stacked = None
+    hosted = stage(host_experts=[1, 2], host_dtypes=(torch.float32, torch.bfloat16))
+    runs = describe_device(DeviceRequest("cuda:0"), "bfloat16", None).grouped_gemm
+    assert [layer.products.experts.stacked is not None for layer in grouped.layers[1:]] == [runs, runs]
+    meta = build_metadata(16, list(range(7)), [], [], [(0, 7, 0, [0])], gpu)
+    logits = []
+    for m in (grouped, per_expert, hosted):
+        kv = torch.zeros(3, 2, 4, 16, cfg.num_kv_heads, cfg.head_dim, dtype=torch.bfloat16, device=gpu)
+        logits.append(m.logits(m.forward(torch.arange(3, 10, device=gpu), torch.arange(7, device=gpu), meta, kv)))
+    torch.testing.assert_close(logits[0], logits[1], rtol=0.05, atol=0.05)
+    torch.testing.assert_close(logits[0], logits[2], rtol=0.05, atol=0.05)
     with LLM(model, devices="cuda:0", dtype="float32", num_kv_blocks=64) as llm:
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == hf_greedy(model, PROMPTS, 16)

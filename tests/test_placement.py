@@ -529,6 +529,17 @@ def test_a_gpu_keeps_the_experts_it_cannot_hold_on_its_host_and_the_host_cpu_run
     text = plan_table(result)
     assert f"experts of {host} layers on the host CPU" in text
     assert plan_json(result)["stages"][0]["host_experts"] == list(range(host))
+    # Where copying whole layers in would be faster (a slow host CPU, a fast bus), the layers are copied in instead.
+    slow_cpu = dataclasses.replace(cpu, matmul_flops=1e9, mem_bandwidth=1e8)
+    fast_bus = dataclasses.replace(gpu, host_cpu=slow_cpu, host_bandwidth=1e13)
+    (streams,) = plan(cost, [fast_bus], batch_size=32, context_len=512, kv_reserve_tokens=4096).stages
+    assert streams.streamed_layers and not streams.host_experts
+    # Two GPUs of one host that may both run experts there share its CPU's rates.
+    from engine.placement.devices import share_host_cpus
+
+    pair = [dataclasses.replace(gpu), dataclasses.replace(gpu, name="cuda:1")]
+    share_host_cpus(pair)
+    assert [d.host_cpu.matmul_flops for d in pair] == [cpu.matmul_flops / 2] * 2
     # Host memory bounds it: what --cpu-offload-gb gives cannot hold the experts the GPU cannot.
     small = dataclasses.replace(gpu, host_tier_bytes=(host - 1) * cost.expert_layer_bytes)
     assert expert_layers_to_host(cost, small, 24, True, True, 4096) is None
@@ -928,6 +939,12 @@ def test_layers_that_differ_are_priced_each_by_its_own_shape():
 
     best = min(range(1, 24), key=bottleneck)
     assert first.layers == (0, best)
+    # What the engine sets beside each stage's measured step is the same per-layer price.
+    from engine.placement.cost import predict_stage_seconds
+
+    for k, s in enumerate(result.stages):
+        assert predict_stage_seconds(cost, s.device, s.layers, k == 0, k == 1, 16, 512) == pytest.approx(
+            s.compute_s[16])
     # The same model taken as alike layers (what the planner did before) gives the dense layers' stage fewer.
     alike = plan(dataclasses.replace(cost, layer_kinds=None), cpus, batch_size=16, context_len=512,
                  kv_reserve_tokens=1024)

@@ -36,29 +36,22 @@ class ExpertProducts:
         self.shared = _mlp(m + "shared_expert.", products) if cfg.shared_expert_intermediate_size else None
         self.top_k, self.normalise = cfg.experts_per_token, cfg.norm_topk_prob
         self.host = None if expert_products is None else (expert_products.compute_dtype, GATED[cfg.activation])
-        # (gate_up [E, 2I, H], down [E, H, I]): every expert's weights in one tensor each, for the grouped GEMM.
+        # (gate_up [E, 2I, H], down [E, H, I]): every expert's weights in one tensor each, for the grouped GEMM
+        # (stack()); None: one product per expert.
         self.stacked = None
-        if expert_products is None and self._plain_on("cuda"):
-            self.stack()
-
-    def _plain_on(self, device_type: str) -> bool:
-        return all(isinstance(p, Linear) and p.bias is None and p.weight.device.type == device_type
-                   for pair in self.experts for p in pair)
 
     def stack(self) -> bool:
-        """Stack plain experts' weights for the grouped GEMM (each expert's products then view them, so the weights
-        are held once); whether the grouped GEMM runs on them here (else the experts keep one product each)."""
-        if not self.experts or not (self._plain_on("cuda") or self._plain_on("cpu")):
+        """Stack plain experts' weights for the grouped GEMM, where it runs on them (each expert's products then
+        view the stack, so the weights are held once); whether they were. A GPU stage stacks the experts it keeps
+        (not those it packs to copy in every step: a packed view would be stored beside its stack)."""
+        plain = all(isinstance(p, Linear) and p.bias is None for pair in self.experts for p in pair)
+        if not self.experts or self.host is not None or not plain:
             return False
         gate_up = torch.stack([g.weight for g, _ in self.experts])
+        if not grouped_gemm_runs(gate_up):
+            return False
         down = torch.stack([d.weight for _, d in self.experts])
         self.experts = [(Linear(gate_up[e], None), Linear(down[e], None)) for e in range(len(self.experts))]
-        try:  # one row through both: the device has the kernel and these shapes and strides suit it
-            x = torch.zeros(1, gate_up.shape[2], dtype=gate_up.dtype, device=gate_up.device)
-            offs = torch.ones(len(self.experts), dtype=torch.int32, device=gate_up.device)
-            torch._grouped_mm(x, gate_up.transpose(1, 2), offs=offs)
-        except (RuntimeError, AttributeError):
-            return False
         self.stacked = (gate_up, down)
         return True
 
@@ -149,6 +142,18 @@ class ExpertProducts:
                 outs.append(down(silu_mul(gate_up(block))))
         out = torch.cat(outs).mul_(weights.flatten()[order].unsqueeze(1).to(h.dtype))
         return torch.zeros_like(h).index_add_(0, rows, out)
+
+
+def grouped_gemm_runs(weights: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM multiplies rows by stacked weights like these ([E, out, in]) on their device: one
+    row is run through it (a device without the kernel, or shapes and strides it does not take, raise)."""
+    try:
+        x = torch.zeros(1, weights.shape[2], dtype=weights.dtype, device=weights.device)
+        offs = torch.ones(weights.shape[0], dtype=torch.int32, device=weights.device)
+        torch._grouped_mm(x, weights.transpose(1, 2), offs=offs)
+    except (RuntimeError, AttributeError, TypeError):
+        return False
+    return True
 
 
 def _mlp(prefix: str, products) -> tuple:

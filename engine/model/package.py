@@ -30,7 +30,7 @@ from engine.errors import CheckpointError
 from engine.placement import parse_devices
 
 MANIFEST = "strata-package.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 DISK_SHARD = "-disk.bin"  # the suffix of a stage's disk shard: stage-K-disk.bin
 
 

@@ -201,6 +201,9 @@ class StageModel:
         self.layers = []
         for i in layers:
             layer = DecoderLayer(read, i, cfg, dtype, products, host_products if i in host_experts else None)
+            experts = layer.products.experts
+            if experts is not None and device.type == "cuda" and i not in streamed:
+                experts.stack()  # all blocks through one grouped GEMM per product, where the GPU runs it
             if i in streamed:
                 part, tensors = pack_objects(layer.products, shared, any_device=spill is None)
                 stored.append(spill.append(i, part, tensors) if spill is not None else host_layer(i, part, tensors))

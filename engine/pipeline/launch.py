@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+from engine.model.package import is_package
 from engine.pipeline.messages import RENDEZVOUS_TIMEOUT_S
 from engine.placement.devices import parse_devices
 
@@ -65,10 +66,14 @@ def rendezvous_address(rendezvous: str | None) -> tuple[str, int | None]:
     return host, int(port)
 
 
-def start_ahead(devices: str, threads: int | None, workers: int, rendezvous: str | None,
-                rendezvous_timeout_s: float) -> LocalStages | None:
+def start_ahead(model: str | None, devices: str, threads: int | None, workers: int, rendezvous: str | None,
+                rendezvous_timeout_s: float, precision: str | None) -> LocalStages | None:
     """The stages `strata serve` would start, started now (the driver adopts them: Driver(started=...)); None where
-    the settings do not read, which the engine then reports."""
+    the settings do not read (the engine then reports it), or where the server has long work to do before its
+    pipeline forms, which the stages' wait to join (rendezvous_timeout_s) is not meant to cover: a package's
+    checksums, or each layer's error at the --precision formats measured."""
+    if precision or (model and is_package(model)):
+        return None
     try:
         names = stage_devices(devices)
         host, port = rendezvous_address(rendezvous)

@@ -167,8 +167,8 @@ class StageRunner:
         """CUDA graphs for decode steps: on a GPU, unless the engine runs eagerly, where decodes attend on the
         Triton kernel (the padded tables a graph needs are then never gathered), and not where layers are copied in
         from host memory every step (a graph would replay one pass's slots and copies), nor for a mixture of experts
-        (which experts run is decided on the host, from each step's routing), nor with a sliding window (whose
-        decodes are gathered on a GPU)."""
+        (not yet captured: its experts may run on the host, or one product per expert the routing reaches), nor with
+        a sliding window (whose decodes are gathered on a GPU)."""
         if (not (self.spec.cuda_graphs and self.device.type == "cuda") or self.spec.streamed_layers
                 or self.cfg.num_experts or self.cfg.window_layers):
             return False

@@ -39,12 +39,13 @@ class GPUModel:
     bandwidth: float  # memory bytes/s
     pcie: str  # the bus it sits on
     bf16: bool = True
+    grouped_gemm: bool = False  # torch's grouped GEMM kernel runs on it (Hopper and later): DeviceInfo.grouped_gemm
 
 
 GB = 1e9
 MiB = 1 << 20
 KNOWN_GPUS = {  # datasheet figures: dense (no sparsity) tensor-core rates
-    "H100-80GB": GPUModel(81559 * MiB, 989e12, 1979e12, 3350 * GB, "PCIe5"),
+    "H100-80GB": GPUModel(81559 * MiB, 989e12, 1979e12, 3350 * GB, "PCIe5", grouped_gemm=True),
     "A100-80GB": GPUModel(81920 * MiB, 312e12, 624e12, 2039 * GB, "PCIe4"),
     "A100-40GB": GPUModel(40960 * MiB, 312e12, 624e12, 1555 * GB, "PCIe4"),
     "A10": GPUModel(23028 * MiB, 125e12, 250e12, 600 * GB, "PCIe4"),
@@ -127,7 +128,7 @@ def _gpu(entry, index: int, host: str, where: str, half: str, fraction: float) -
     info = DeviceInfo(
         name=f"cuda:{index}", kind="cuda", host=host, label=f"NVIDIA {entry}", memory=int(memory * fraction),
         matmul_flops=model.half_flops * MATMUL_EFFICIENCY, mem_bandwidth=model.bandwidth * BANDWIDTH_EFFICIENCY,
-        op_overhead_s=GPU_OP_OVERHEAD_S, dtype=dtype)
+        op_overhead_s=GPU_OP_OVERHEAD_S, dtype=dtype, grouped_gemm=model.grouped_gemm)
     return info, model.pcie
 
 

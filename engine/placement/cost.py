@@ -28,8 +28,9 @@ THIN_OPS_PER_LAYER = 8
 # scale and scatter-add, and per expert a step reaches its block's slice, two products and the activation.
 ROUTING_OPS = 14
 EXPERT_OPS = 5
-# On a GPU the experts' products are two grouped GEMMs over all blocks (engine.model.experts), with the block ends
-# and the activation: a fixed count, however many experts a step reaches.
+# Where a GPU runs the grouped GEMM (DeviceInfo.grouped_gemm), the experts' products are two grouped GEMMs over all
+# blocks (engine.model.experts), with the block ends and the activation: a fixed count, however many experts a step
+# reaches.
 GROUPED_EXPERT_OPS = 6
 # Per step, outside the layers: attention metadata tensors, the rotary table lookup and its slices.
 STEP_OPS = 14
@@ -428,7 +429,7 @@ def layer_seconds(cost: ModelCost, device: DeviceInfo, batch: int, context_len: 
     work = products + kv / attention_rate + elementwise
     ops = (FUSED_OPS_PER_LAYER if fused else OPS_PER_LAYER) + (THIN_OPS_PER_LAYER if _thin(cost, device, batch) else 0)
     if cost.num_experts:  # routing, and each expert reached: its slice, two products and the activation
-        per_expert = GROUPED_EXPERT_OPS if device.kind == "cuda" else EXPERT_OPS * cost.experts_reached(batch)
+        per_expert = GROUPED_EXPERT_OPS if device.grouped_gemm else EXPERT_OPS * cost.experts_reached(batch)
         ops += cost.moe_layer_share * (ROUTING_OPS + (per_expert if experts else 0))
     host = ops * device.op_overhead_s
     # A GPU runs kernels while the host launches the next ones; a CPU does one after the other.
@@ -455,7 +456,8 @@ def host_expert_seconds(cost: ModelCost, device: DeviceInfo, batch: int) -> floa
     out_features = cost.experts_per_token * (2 * cost.expert_params // (3 * cost.hidden_size) + cost.hidden_size)
     products = _matmul_seconds(cost, cpu, read / share, out_features, batch, row_params=per_row / share)
     copied = 2 * batch * cost.hidden_size * _compute_bytes(cost, cpu)
-    copies = copied / CUDA_HOST_COPY_BANDWIDTH + 2 * HOST_EXPERT_SYNC_S
+    # The rows, the choices and their weights out, the sum back: four copies, each waited for.
+    copies = copied / (device.host_bandwidth or CUDA_HOST_COPY_BANDWIDTH) + 4 * HOST_EXPERT_SYNC_S
     ops = EXPERT_OPS * cost.experts_reached(batch) + ROUTING_OPS / 2  # the host half of the routing: sort and scatter
     return products + copies + ops * cpu.op_overhead_s
 
@@ -603,6 +605,8 @@ def predict_stage_seconds(cost: ModelCost, device: DeviceInfo, layers: int | tup
                           link_latency_s: float = 0.0, block_size: int = 16) -> float:
     """Predicted seconds of one decode step of a stage; link_bw None: compute only (no transfer in)."""
     n = layers if isinstance(layers, int) else layers[1] - layers[0]
+    if not isinstance(layers, int):
+        cost = cost.over(range(*layers))
     link = None if link_bw is None else LinkSpeed(link_bw, link_latency_s)
     return stage_seconds(cost, device, n, first=first, last=last, batch=batch, context_len=context_len,
                          link=link, block_size=block_size).total_s

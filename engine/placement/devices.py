@@ -3,7 +3,7 @@ shares of host memory. Imports no torch, so `strata plan` and its tests start fa
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 
 @dataclass(slots=True)
@@ -101,6 +101,9 @@ class DeviceInfo:
     # A GPU's host CPU, as it runs the routed experts of mixture-of-experts layers whose weights the stage keeps in
     # host memory (within host_tier_bytes); None: the stage keeps every expert in its own memory.
     host_cpu: DeviceInfo | None = None
+    # A GPU whose torch runs the grouped GEMM a mixture's plain experts go through at once (engine.model.experts);
+    # else each expert a step reaches is one product of its own.
+    grouped_gemm: bool = False
 
     def interchangeable(self) -> tuple:
         """Devices equal in everything but name are interchangeable in a plan."""
@@ -145,10 +148,22 @@ def share_host_memory(infos: list[DeviceInfo]) -> None:
             info.memory = max(info.memory - tiers, 0) // len(group)
 
 
-def keep_host_cpus_free(infos: list[DeviceInfo]) -> None:
-    """A GPU runs a mixture's experts on its host's CPU only where no CPU stage runs there: that stage keeps the
-    host's cores busy with its own layers (the planner prices each device as if it had its cores to itself)."""
+def share_host_cpus(infos: list[DeviceInfo]) -> None:
+    """A GPU runs a mixture's experts on its host's CPU only where no CPU stage runs there (that stage keeps the
+    host's cores busy with its own layers), and GPUs of one host that may each run experts there share its rates."""
     staged = {i.host for i in infos if i.kind == "cpu"}
+    sharing: dict[str, list[DeviceInfo]] = {}
     for info in infos:
         if info.host in staged:
             info.host_cpu = None
+        elif info.host_cpu is not None:
+            sharing.setdefault(info.host, []).append(info)
+    for group in sharing.values():
+        if len(group) > 1:
+            for info in group:
+                cpu, k = info.host_cpu, len(group)
+                info.host_cpu = replace(cpu, matmul_flops=cpu.matmul_flops / k, mem_bandwidth=cpu.mem_bandwidth / k,
+                                        **{f: getattr(cpu, f) / k for f in _SHARED_RATES if getattr(cpu, f)})
+
+
+_SHARED_RATES = ("small_gemm_flops", "thin_matmul_flops", "attention_bandwidth")

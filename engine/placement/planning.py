@@ -15,7 +15,7 @@ from engine.model.config import ModelConfig
 from engine.model.weight_formats import (AUTO, check_requested, dominant_quantized, layer_summary, parse_layer_formats,
                                         parse_precision, product_names)
 from engine.placement import ModelCost, Plan, parse_devices, parse_layers, plan, share_host_memory
-from engine.placement.devices import keep_host_cpus_free
+from engine.placement.devices import share_host_cpus
 from engine.placement.precision import Precision
 from engine.placement.routing import measured_routing
 
@@ -120,7 +120,7 @@ def place_model(cfg: ModelConfig, formats: dict, infos: list, dtype_request: str
     choices: the formats the planner may choose per layer (formats is then ignored: chosen_formats gives the
     tensors' formats from the plan). routing: a mixture's experts' measured shares (engine.placement.routing)."""
     share_host_memory(infos)
-    keep_host_cpus_free(infos)
+    share_host_cpus(infos)
     if packed is not None:
         from engine.placement.probe import disk_bandwidth
 

@@ -20,6 +20,7 @@ import torch
 from engine.kernels import amx_gemm, build, half_gemm, layer_ops, quant_gemm
 from engine.kernels import paged_attention as paged_kernel
 from engine.model.attention import build_metadata, paged_attention
+from engine.model.experts import grouped_gemm_runs
 from engine.model.linear import QuantLinear, make_linear, product_path
 from engine.model.quantized import pack, synthetic
 from engine.model.weight_formats import FORMATS
@@ -432,4 +433,7 @@ def describe_device(request: DeviceRequest, dtype: str, threads: int | None, mem
         host_tier_bytes=cpu_offload_bytes if device.type == "cuda" else 0,
         host_bandwidth=host_copy_bandwidth(device) if cpu_offload_bytes and device.type == "cuda" else None,
         host_cpu=host_cpu,
+        # Whether a mixture's plain experts go through one grouped GEMM here (engine.model.experts).
+        grouped_gemm=device.type == "cuda" and grouped_gemm_runs(
+            torch.zeros(2, 64, 64, dtype=TORCH_DTYPES[dtype], device=device)),
     )

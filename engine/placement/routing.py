@@ -5,6 +5,7 @@ Experts are not alike across layers, so what is kept is each layer's experts' sh
 over the layers. Imports no torch."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -25,22 +26,28 @@ def record_routing(model_dir: str | Path, counts: np.ndarray) -> None:
     """Add counts ([layers, experts]: tokens routed to each expert) to what the checkpoint's file holds."""
     if not counts.size or not counts.any():
         return
-    path = routing_path(model_dir)
-    total = _read(path)
-    total = counts if total is None or total.shape != counts.shape else total + counts
     try:
+        path = routing_path(model_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"tokens": total.tolist()}))
-        tmp.replace(path)
+        # Servers of one checkpoint stopping together add to the file one at a time.
+        with open(path.with_name(path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            total = _read(path)
+            total = counts if total is None or total.shape != counts.shape else total + counts
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"tokens": total.tolist()}))
+            tmp.replace(path)
     except OSError:
-        pass  # a read-only home keeps pricing routing as uniform
+        pass  # a read-only home, or a checkpoint gone: routing is priced as it was
 
 
 def measured_routing(model_dir: str | Path, num_layers: int, num_experts: int) -> tuple[tuple[float, ...], int]:
     """(each expert's share of a layer's routed choices, busiest first, averaged over the layers measured enough;
     the choices they were measured over); ((), 0) where nothing was."""
-    counts = _read(routing_path(model_dir))
+    try:
+        counts = _read(routing_path(model_dir))
+    except OSError:
+        return (), 0
     if counts is None or counts.shape != (num_layers, num_experts):
         return (), 0
     enough = counts[counts.sum(axis=1) >= MIN_CHOICES_PER_EXPERT * num_experts]

@@ -144,13 +144,16 @@ class _Context:
 
     def held(self, cost: ModelCost, d: DeviceInfo, n: int, first: bool, last: bool) -> tuple[int, int] | None:
         """Where a stage's weights that do not fit its memory go: (MoE layers whose experts the host's CPU runs,
-        layers streamed from the tier), the experts on the host first (engine.placement.cost.expert_layers_to_host);
-        None: no fit."""
+        layers streamed from the tier; engine.placement.cost.expert_layers_to_host, layers_to_stream), whichever
+        makes the step at the planning batch faster where both would fit; None: no fit."""
         host = expert_layers_to_host(cost, d, n, first, last, self.reserve, self.kv_cache_memory)
-        if host:
-            return host, 0
         streamed = layers_to_stream(cost, d, n, first, last, self.reserve, self.kv_cache_memory)
-        return None if streamed is None else (0, streamed)
+        options = ([(host, 0)] if host else []) + ([(0, streamed)] if streamed is not None else [])
+        if len(options) < 2:
+            return options[0] if options else None
+        return min(options, key=lambda o: stage_seconds(
+            cost, d, n, first=first, last=last, batch=self.batch, context_len=self.context_len, link=None,
+            block_size=self.block_size, streamed=o[1], host_experts=o[0]).total_s)
 
     def columns(self, dev: int, first: bool, last: bool, prev: int | None,
                 start: int = 0) -> tuple[list[float], list[int]]:
@@ -380,7 +383,9 @@ def host_grouped_orders(ctx: _Context, limit: int = MAX_ORDERS) -> list[list[int
 
 
 def _search(ctx: _Context, tolerance: float) -> tuple[list[int], list[int]]:
-    orders = distinct_orders(ctx.devices) or host_grouped_orders(ctx)
+    # Where layers differ the split tries every layer count at every start: fewer orders are enumerated.
+    most = MAX_ORDERS if ctx.cost.uniform else MAX_MIXED_ORDERS
+    orders = distinct_orders(ctx.devices, most) or host_grouped_orders(ctx, most)
     L, P = ctx.cost.num_layers, len(ctx.devices)
 
     def stage(order, k: int) -> tuple:
