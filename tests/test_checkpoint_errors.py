@@ -80,3 +80,41 @@ def test_corrupt_safetensors_header(broken):
     (broken / "model.safetensors").write_bytes(b"\x00\x01garbage")
     msg = start_error(broken)
     assert "model.safetensors" in msg and "cannot read" in msg
+
+
+@pytest.mark.parametrize("method, named", [("gptq", "GPTQ"), ("awq", "AWQ"), ("fp8", "FP8"),
+                                           ("bitsandbytes", "bitsandbytes")])
+def test_a_checkpoint_quantized_by_a_method_strata_cannot_run_is_refused_by_name(broken, method, named):
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": method, "bits": 4}
+    (broken / "config.json").write_text(json.dumps(cfg))
+    msg = start_error(broken)
+    assert f"quantized with {named}" in msg and "config.json" in msg and "q_proj" not in msg
+
+
+def test_strata_serve_and_plan_refuse_a_quantized_checkpoint_in_one_line_and_leave_no_stage_behind(broken):
+    """serve starts its stages before it reads the checkpoint: they go when it refuses it."""
+    import subprocess
+    import uuid
+
+    import psutil
+    from server_process import strata_command
+
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq"}
+    (broken / "config.json").write_text(json.dumps(cfg))
+    mark = uuid.uuid4().hex
+    for command in (["serve", "--devices", "cpu,cpu", "--port", "0"], ["plan", "--devices", "cpu"]):
+        done = subprocess.run([*strata_command(), *command, "--model", str(broken)], capture_output=True, text=True,
+                              timeout=120, env={**__import__("os").environ, "STRATA_TEST_MARK": mark})
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "quantized with GPTQ" in lines[0], done.stderr
+    left = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.environ().get("STRATA_TEST_MARK") == mark:
+                left.append(p.pid)
+        except (psutil.Error, OSError):
+            pass
+    assert not left

@@ -30,6 +30,12 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16", "half": "float16", "float": "float32"}
 
 
+# quantization_config's quant_method, as people name the method.
+QUANT_METHODS = {"gptq": "GPTQ", "awq": "AWQ", "fp8": "FP8", "bitsandbytes": "bitsandbytes", "compressed-tensors":
+                 "compressed-tensors", "aqlm": "AQLM", "hqq": "HQQ", "eetq": "EETQ", "torchao": "torchao",
+                 "fbgemm_fp8": "FBGEMM FP8", "mxfp4": "MXFP4"}
+
+
 @dataclass(slots=True, frozen=True)
 class ModelConfig:
     architecture: str
@@ -113,6 +119,13 @@ class ModelConfig:
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
         family = SUPPORTED_ARCHITECTURES[arch]
+        quantized = raw.get("quantization_config")
+        if quantized is not None:
+            method = quantized.get("quant_method", "an unnamed method") if isinstance(quantized, dict) else quantized
+            raise CheckpointError(
+                f"{source}: the checkpoint's weights are quantized with {QUANT_METHODS.get(method, method)} "
+                "(quantization_config), which Strata does not run; serve its unquantized checkpoint, with "
+                "--quantization q8_0 or q4_k to quantize it at load, or a GGUF file of it")
 
         def need(key: str):
             if key not in raw:
