@@ -223,13 +223,24 @@ async def version(request: web.Request) -> web.Response:
     return web.json_response({"version": VERSION})
 
 
-async def models(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+def _model_card(state: ServerState) -> dict:
     info = state.engine.info
-    return web.json_response({"object": "list", "data": [
-        {"id": state.served_name, "object": "model", "created": state.started, "owned_by": "strata",
-         "max_model_len": state.engine.max_model_len,
-         "weight_formats": {"layers": list(info.layer_formats), "lm_head": info.head_format}}]})
+    return {"id": state.served_name, "object": "model", "created": state.started, "owned_by": "strata",
+            "max_model_len": state.engine.max_model_len,
+            "weight_formats": {"layers": list(info.layer_formats), "lm_head": info.head_format}}
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model_card(request.app["state"])]})
+
+
+async def model(request: web.Request) -> web.Response:
+    """One model, as the OpenAI API's GET /v1/models/{model} answers."""
+    state: ServerState = request.app["state"]
+    name = request.match_info["model"]
+    if name not in state.model_names:
+        raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+    return web.json_response(_model_card(state))
 
 
 async def tokenize(request: web.Request) -> web.Response:
@@ -296,6 +307,7 @@ def create_app(engine: AsyncEngine, served_name: str, api_key: str | None = None
     app.router.add_post("/v1/chat/completions", routes.chat)
     app.router.add_post("/v1/responses", ResponsesRoutes(routes).create)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", model)  # ids may hold a slash (org/name)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/health", health)

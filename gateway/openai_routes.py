@@ -195,6 +195,16 @@ class OpenAIRoutes:
                 raise bad_request(str(e), e.param) from None
         return prompts
 
+    def _echoed(self, req: CompletionRequest, prompts: list[list[int]], index: int) -> str:
+        """A prompt as echo returns it: the text the client sent, not its tokens rendered back (which would add
+        the BOS token the tokenizer put before it); token ids sent as ids, rendered as they are."""
+        p = req.prompt
+        if isinstance(p, str):
+            return p
+        if isinstance(p[0], str):
+            return p[index]
+        return self.s.tokenizer().decode(prompts[index], skip_special_tokens=False)
+
     async def _chat_prompt(self, req: ChatCompletionRequest, plan: ToolPlan | None) -> list[int]:
         return await chat_prompt(self.s, req.messages, plan, req.add_generation_prompt, req.continue_final_message)
 
@@ -334,7 +344,7 @@ class OpenAIRoutes:
             text = "".join(c.text)
             if kind == "text_completion":
                 if getattr(req, "echo", False):
-                    text = self.s.tokenizer().decode(prompts[c.prompt_index], skip_special_tokens=False) + text
+                    text = self._echoed(req, prompts, c.prompt_index) + text
                 lp = self._completion_logprobs(c.logprobs, 0) if req.logprobs is not None else None
                 out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
             else:
@@ -368,7 +378,7 @@ class OpenAIRoutes:
                                              "logprobs": None, "finish_reason": None}]))
             elif getattr(req, "echo", False):
                 for c in choices:
-                    text = self.s.tokenizer().decode(prompts[c.prompt_index], skip_special_tokens=False)
+                    text = self._echoed(req, prompts, c.prompt_index)
                     await resp.write(chunk([{"index": c.index, "text": text, "logprobs": None, "finish_reason": None}]))
             open_ = len(choices)
             offsets = [0] * len(choices)

@@ -1,6 +1,8 @@
 """The OpenAPI document of every route, built from the pydantic models."""
 from __future__ import annotations
 
+import re
+
 from pydantic.json_schema import models_json_schema
 
 from gateway import protocol as p
@@ -10,6 +12,7 @@ ROUTES = [
     ("post", "/v1/chat/completions", "Create a chat completion", p.ChatCompletionRequest, p.ChatCompletionResponse),
     ("post", "/v1/responses", "Create a response", p.ResponsesRequest, p.ResponseObject),
     ("get", "/v1/models", "List the served models", None, p.ModelList),
+    ("get", "/v1/models/{model}", "One served model", None, p.ModelCard),
     ("post", "/tokenize", "Tokenize a prompt or chat", p.TokenizeRequest, p.TokenizeResponse),
     ("post", "/detokenize", "Turn token ids into text", p.DetokenizeRequest, p.DetokenizeResponse),
     ("get", "/health", "Liveness and readiness", None, None),
@@ -53,9 +56,13 @@ def openapi_document(version: str) -> dict:
                 # With "stream": true: server-sent events, `data: {chunk JSON}` each, then `data: [DONE]`.
                 ok["content"]["text/event-stream"] = {"schema": {"type": "string", "description": SSE_BODY}}
         op["responses"]["200"] = ok
+        names = re.findall(r"{(\w+)}", path)
+        if names:
+            op["parameters"] = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in names]
         if req is not None or path.startswith("/v1"):
+            generates = "completions" in path or "responses" in path
             for status, why in ERRORS.items():
-                if status in (404, 429, 503) and "completions" not in path and "responses" not in path:
+                if status == 404 and not (generates or names) or status in (429, 503) and not generates:
                     continue
                 if status in (408, 413, 415) and req is None:
                     continue

@@ -20,6 +20,7 @@ from http_calls import (JSON_HEADERS, assert_openai_error, call, events, idle, m
                         wait_for_metrics)
 from server_process import running_server
 from tiny_models import write_checkpoint
+from tokenization import Tokenizer
 
 MODEL = "tiny-llama"
 KEY = "sk-test-0123456789"
@@ -81,6 +82,11 @@ def tokenize(url: str, body: dict, headers: dict | None = None) -> list[int]:
 # ---- discovery and housekeeping routes ------------------------------------------------------
 def test_models_health_version(url, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    one = client.models.retrieve(MODEL)
+    assert (one.id, one.object, one.owned_by) == (MODEL, "model", "strata")
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("no/such-model")
+    assert e.value.code == "model_not_found"
     status, _, raw = call("GET", url + "/v1/models")
     assert json.loads(raw)["data"][0]["max_model_len"] == 256
     status, _, raw = call("GET", url + "/health")
@@ -97,7 +103,7 @@ def test_openapi_document_lists_every_route(url):
     doc = json.loads(raw)
     assert doc["openapi"].startswith("3.")
     for path, method in [("/v1/completions", "post"), ("/v1/chat/completions", "post"), ("/v1/responses", "post"),
-                         ("/v1/models", "get"), ("/tokenize", "post"), ("/detokenize", "post"), ("/health", "get"),
+                         ("/v1/models", "get"), ("/v1/models/{model}", "get"), ("/tokenize", "post"), ("/detokenize", "post"), ("/health", "get"),
                          ("/metrics", "get")]:
         assert method in doc["paths"].get(path, {}), path
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
@@ -151,6 +157,23 @@ def test_tokenize_detokenize_round_trip_and_counts_match_billing(url, client):
 
 
 # ---- the openai client: completions and chat -------------------------------------------------
+def test_echo_returns_the_prompt_as_sent(url, client, llama_dir):
+    """Not its tokens rendered back, which would put the BOS token's text before it."""
+    bos = Tokenizer.from_dir(llama_dir).bos_token_id
+    assert tokenize(url, {"prompt": "Hello world"})[0] == bos  # the prompt the model sees starts with it
+    r = client.completions.create(model=MODEL, prompt=["Hello world", "Pack my"], max_tokens=3, temperature=0,
+                                  echo=True, extra_body=IGNORE_EOS)
+    assert r.choices[0].text.startswith("Hello world") and r.choices[1].text.startswith("Pack my")
+    assert len(r.choices[0].text) > len("Hello world")
+    streamed = client.completions.create(model=MODEL, prompt="Hello world", max_tokens=3, temperature=0, echo=True,
+                                         stream=True, extra_body=IGNORE_EOS)
+    texts = [c.choices[0].text for c in streamed]
+    assert texts[0] == "Hello world" and "".join(texts) == r.choices[0].text
+    ids = [bos, *tokenize(url, {"prompt": "Hello", "add_special_tokens": False})]
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, echo=True)  # ids: rendered as they are
+    assert r.choices[0].text.startswith(Tokenizer.from_dir(llama_dir).decode(ids, skip_special_tokens=False))
+
+
 def test_completion_text_and_usage(url, client):
     prompt = "The quick brown fox"
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0, extra_body=IGNORE_EOS)
