@@ -7,6 +7,7 @@ import json
 import logging
 import secrets
 import time
+from importlib import resources
 from importlib.metadata import PackageNotFoundError, version as _pkg_version
 
 from aiohttp import web
@@ -16,6 +17,8 @@ from batching.sampling_params import ParamError, check_token_ids
 
 from engine import EngineStats, SeqDelta
 from gateway.connections import request_started
+from gateway.cors import CorsPolicy
+from gateway.cors import install as cors_install
 from gateway.dashboard import Dashboard
 from gateway.engine_client import AsyncEngine
 from gateway.errors import APIError, bad_request
@@ -38,7 +41,7 @@ try:
 except PackageNotFoundError:  # running from a source tree
     VERSION = "0.1.0"
 
-OPEN_PATHS = {"/health", "/version", "/metrics", "/openapi.json"}
+OPEN_PATHS = {"/health", "/version", "/metrics", "/openapi.json", "/docs"}
 DASHBOARD_PATHS = {"/dashboard", "/dashboard/data"}
 DASHBOARD_COOKIE = "strata_dashboard"
 
@@ -290,11 +293,20 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(request.app["openapi"])
 
 
+async def docs(request: web.Request) -> web.Response:
+    """/openapi.json rendered for people, by a page that loads nothing but it."""
+    html = resources.files("gateway").joinpath("docs.html").read_text()
+    return web.Response(text=html, content_type="text/html",
+                        headers={"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                                 "style-src 'unsafe-inline'", "Referrer-Policy": "no-referrer"})
+
+
 def create_app(engine: AsyncEngine, served_name: str, api_key: str | None = None, max_queue: int = 1024,
-               limits: ServerLimits | None = None) -> web.Application:
+               limits: ServerLimits | None = None, cors: CorsPolicy | None = None) -> web.Application:
     limits = limits or ServerLimits()
     app = web.Application(middlewares=[request_started, server_spans, errors_and_auth],
                           client_max_size=limits.max_body_bytes)
+    cors_install(app, cors or CorsPolicy())
     state = ServerState(engine, served_name, api_key, max_queue, limits)
     app["state"] = state
     app.router.add_get("/dashboard", state.dashboard.page)
@@ -314,4 +326,5 @@ def create_app(engine: AsyncEngine, served_name: str, api_key: str | None = None
     app.router.add_get("/version", version)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/docs", docs)
     return app

@@ -98,12 +98,16 @@ def serve(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     from engine import CheckpointError, parse_size, start_ahead
+    from gateway.cors import CorsPolicy, parse_list
     from gateway.limits import ServerLimits
 
     try:
         limits = ServerLimits(max_body_bytes=parse_size(args.max_body_size), header_timeout_s=args.header_timeout,
                               body_timeout_s=args.body_timeout, write_timeout_s=args.write_timeout,
                               max_connections=args.max_connections)
+        cors = CorsPolicy(parse_list(args.allowed_origins, "--allowed-origins"),
+                          parse_list(args.allowed_methods, "--allowed-methods") or ("*",),
+                          parse_list(args.allowed_headers, "--allowed-headers") or ("*",), args.allow_credentials)
     except ValueError as e:
         print(f"strata: error: {e}", file=sys.stderr)
         return 2
@@ -133,7 +137,7 @@ def serve(args: argparse.Namespace) -> int:
             return 1
         raise
     name = args.served_model_name or Path(config.model).name.removesuffix(".gguf")
-    app = create_app(engine, name, args.api_key, args.max_queue, limits)
+    app = create_app(engine, name, args.api_key, args.max_queue, limits, cors)
     code = asyncio.run(_run(app, engine, args, name, config, sock))
     # Drained, the engine and its stages stopped, the traces flushed: out at once, without the interpreter's own
     # teardown of torch and its threads (half a second, which every restart and rollout would wait for).
@@ -218,6 +222,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="waiting requests beyond which new ones get 429")
     g.add_argument("--drain-timeout", type=float, default=_env("drain_timeout", "30"),
                    help="seconds SIGTERM waits for open streams")
+    g.add_argument("--allowed-origins", default=_env("allowed_origins"),
+                   help="origins whose web pages may call the API (CORS): a JSON list or comma-separated, \"*\" for "
+                        "any; default: none")
+    g.add_argument("--allowed-methods", default=_env("allowed_methods"),
+                   help="methods those pages may use (default: any)")
+    g.add_argument("--allowed-headers", default=_env("allowed_headers"),
+                   help="request headers those pages may send (default: any)")
+    g.add_argument("--allow-credentials", action="store_true", default=_env_flag("allow_credentials"),
+                   help="let those pages send cookies and HTTP authentication")
     g.add_argument("--max-body-size", default=_env("max_body_size", "8MiB"),
                    help="largest request body; a larger one gets 413 unread")
     g.add_argument("--header-timeout", type=float, default=_env("header_timeout", "10"),

@@ -19,6 +19,7 @@ ROUTES = [
     ("get", "/version", "Server version", None, None),
     ("get", "/metrics", "Prometheus metrics (text format)", None, None),
     ("get", "/openapi.json", "This document", None, None),
+    ("get", "/docs", "This document, rendered for people", None, None),
 ]
 
 

@@ -147,3 +147,23 @@ def test_a_gpu_outside_cuda_visible_devices_is_named():
 
     with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
         nvml_device("cuda:2", "0,1")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
+def test_docs_render_the_openapi_document_loading_nothing_from_elsewhere(server, tmp_path):
+    """/docs is open (like /openapi.json) and renders every operation, asking only its own server for anything."""
+    from playwright.sync_api import sync_playwright
+
+    doc = json.loads(get(server.url + "/openapi.json", key=None)[1])
+    operations = sum(len(methods) for methods in doc["paths"].values())
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        asked: list[str] = []
+        page.on("request", lambda r: asked.append(r.url))
+        page.goto(f"{server.url}/docs")
+        page.wait_for_function(f"document.querySelectorAll('details.op').length === {operations}", timeout=30000)
+        page.locator("details.op").first.click()
+        assert "messages" in page.text_content("#ops") or "prompt" in page.text_content("#ops")
+        browser.close()
+    assert asked and all(u.startswith(server.url + "/") for u in asked), asked

@@ -23,6 +23,7 @@ from tiny_models import write_checkpoint
 from tokenization import Tokenizer
 
 MODEL = "tiny-llama"
+APP_ORIGIN = "https://app.example"
 KEY = "sk-test-0123456789"
 CJK = "東京都は日本の首都です。猫が好きです。"
 EMOJI = "Emoji time: 🚀🔥😀👍🏽 and 🇯🇵 flags"
@@ -50,9 +51,10 @@ def client(url):
 
 @pytest.fixture(scope="module")
 def guarded(llama_dir):
-    """An API key, one running sequence at a time and room for one waiting request."""
+    """An API key, one running sequence at a time and room for one waiting request; one origin's pages may call it."""
     with running_server(llama_dir, "--api-key", KEY, "--max-queue", "1", "--max-num-seqs", "1",
-                        "--max-model-len", "1024", "--num-kv-blocks", "80", "--served-model-name", MODEL) as s:
+                        "--max-model-len", "1024", "--num-kv-blocks", "80", "--served-model-name", MODEL,
+                        "--allowed-origins", f'["{APP_ORIGIN}"]') as s:
         yield s
 
 
@@ -562,6 +564,41 @@ def test_api_key_is_required_on_api_routes_only(guarded):
         assert [m.id for m in ok.models.list().data] == [MODEL]
         r = ok.chat.completions.create(model=MODEL, messages=HI, max_tokens=3, extra_body=IGNORE_EOS)
         assert r.usage.completion_tokens == 3
+
+
+def test_a_named_origins_pages_may_call_the_api_and_no_other_origins(guarded, url):
+    """The preflight a browser sends before a cross-origin POST carries no API key and is answered; the answer to the
+    request itself, a stream included, names the origin; another origin, or a server that names none, is not."""
+    def preflight(base: str, origin: str) -> http.client.HTTPResponse:
+        conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=30)
+        conn.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        r = conn.getresponse()
+        r.read()
+        conn.close()
+        return r
+
+    ok = preflight(guarded.url, APP_ORIGIN)
+    assert ok.status == 200 and ok.getheader("Access-Control-Allow-Origin") == APP_ORIGIN
+    assert "POST" in ok.getheader("Access-Control-Allow-Methods")
+    assert ok.getheader("Access-Control-Allow-Headers") == "authorization, content-type"
+    refused = preflight(guarded.url, "https://evil.example")
+    assert refused.status == 400 and refused.getheader("Access-Control-Allow-Origin") is None
+    auth = {"Authorization": f"Bearer {KEY}", "Origin": APP_ORIGIN}
+    status, headers, _ = call("GET", guarded.url + "/v1/models", headers=auth)
+    assert status == 200 and headers["access-control-allow-origin"] == APP_ORIGIN
+    conn, resp = open_stream(guarded.url + "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 2,
+                                                                "stream": True}, headers=auth)
+    assert resp.getheader("Access-Control-Allow-Origin") == APP_ORIGIN
+    resp.read()
+    conn.close()
+    status, headers, _ = call("GET", guarded.url + "/v1/models", headers={**auth, "Origin": "https://evil.example"})
+    assert status == 200 and "access-control-allow-origin" not in headers
+    # Without --allowed-origins no page may; a plain OPTIONS says what a path takes.
+    assert preflight(url, APP_ORIGIN).getheader("Access-Control-Allow-Origin") is None
+    status, headers, _ = call("OPTIONS", url + "/v1/models")
+    assert status == 204 and {"GET", "OPTIONS"} <= set(headers["allow"].split(", "))
 
 
 def test_full_queue_gets_429_with_retry_after(guarded):
