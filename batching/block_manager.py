@@ -31,6 +31,7 @@ class BlockManager:
         self.cached: dict[bytes, int] = {}  # full-block hash -> block id
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # never-used or hashless; pop() takes the lowest
         self.evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced but cached, oldest first
+        # Tokens looked up in the prefix cache, and those found there (vLLM's prefix_cache_queries and _hits).
         self.prefix_hits = 0
         self.prefix_queries = 0
 
@@ -70,7 +71,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return 0
         self._update_hashes(seq, seq.num_tokens - 1)
-        self.prefix_queries += 1
+        self.prefix_queries += seq.num_tokens
         hit = 0
         for h in seq.block_hashes:
             block = self.cached.get(h)
@@ -79,8 +80,7 @@ class BlockManager:
             self._take(block)
             seq.block_table.append(block)
             hit += 1
-        if hit:
-            self.prefix_hits += 1
+        self.prefix_hits += hit * self.block_size
         return hit * self.block_size
 
     def can_prefix_hits(self, seq: Sequence) -> int:

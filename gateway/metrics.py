@@ -66,8 +66,9 @@ class Metrics:
         scalar("num_requests_waiting", "gauge", "Requests waiting to be scheduled.", self.num_waiting)
         scalar("kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (1 = full).", round(self.kv_cache_usage, 6))
         scalar("num_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.", self.num_preemptions)
-        scalar("prefix_cache_queries_total", "counter", "Prefix-cache lookups.", self.prefix_queries)
-        scalar("prefix_cache_hits_total", "counter", "Prefix-cache lookups that hit.", self.prefix_hits)
+        scalar("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+               self.prefix_queries)
+        scalar("prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.", self.prefix_hits)
         scalar("prompt_tokens_total", "counter", "Prompt tokens of finished and running requests.", self.prompt_tokens)
         scalar("generation_tokens_total", "counter", "Generated tokens.", self.generation_tokens)
         scalar("request_rejected_total", "counter", "Requests refused by admission control (429).", self.rejected)

@@ -145,7 +145,8 @@ def test_shared_prefix_shares_exactly_the_full_blocks():
     # A different first block means no hit at all, even if later blocks match.
     e = make_seq([0] + base[1:])
     assert bm.allocate_prefix(e) == 0
-    assert bm.prefix_hits == 3 and bm.prefix_queries == 6
+    # Counted in tokens, as vLLM counts them: every prompt token looked up, and those found.
+    assert bm.prefix_hits == 12 + 12 + 8 and bm.prefix_queries == 13 + 17 + 13 + 12 + 4 + 13
     check_all(bm, [a, b, c, d, one_block, e])
 
 

@@ -140,6 +140,13 @@ def test_metrics_are_prometheus_text_and_count_tokens(url, client):
     assert metric(after, "time_to_first_token_seconds_count") == metric(before, "time_to_first_token_seconds_count") + 1
     assert (metric(after, "e2e_request_latency_seconds_count")
             == metric(before, "e2e_request_latency_seconds_count") + 1)
+    # The prefix cache counts tokens, as vLLM's does: every prompt token looked up, and those it held.
+    n = r.usage.prompt_tokens
+    assert n > 16 and metric(after, "prefix_cache_queries_total") == metric(before, "prefix_cache_queries_total") + n
+    client.completions.create(model=MODEL, prompt=prompt, max_tokens=1)
+    again = metrics_text(url)
+    assert metric(again, "prefix_cache_queries_total") == metric(after, "prefix_cache_queries_total") + n
+    assert metric(again, "prefix_cache_hits_total") == metric(after, "prefix_cache_hits_total") + (n - 1) // 16 * 16
 
 
 def test_tokenize_detokenize_round_trip_and_counts_match_billing(url, client):
