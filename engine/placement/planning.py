@@ -12,6 +12,7 @@ from pathlib import Path
 from engine.model import package
 from engine.model.checkpoint import resolve_formats, validate
 from engine.model.config import ModelConfig
+from engine.model.hub import resolve_model
 from engine.model.weight_formats import (AUTO, check_requested, dominant_quantized, layer_summary, parse_layer_formats,
                                         parse_precision, product_names)
 from engine.placement import ModelCost, Plan, parse_devices, parse_layers, plan, share_host_memory
@@ -203,6 +204,7 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
     from engine.placement.probe import describe_device
 
     check_offload_gb(cpu_offload_gb)
+    model_dir = resolve_model(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     packed = package.read_package(model_dir) if package.is_package(model_dir) else None
     if packed is not None:  # its plan is the package's: layers, streamed layers and formats as converted
