@@ -28,6 +28,7 @@ _LAZY = {
     "add_worker_args": "engine.pipeline.launch",
     "start_ahead": "engine.pipeline.launch",
     "is_repo_id": "engine.model.hub",
+    "probe_note": "engine.placement.devices",
     "run_worker": "engine.pipeline.worker",
     "describe_layers": "engine.model.weight_formats",
     "GrammarCompiler": "engine.model.grammar",

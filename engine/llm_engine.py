@@ -30,6 +30,7 @@ from engine.pipeline.launch import LocalStages, rendezvous_address, stage_device
 from engine.pipeline.messages import RENDEZVOUS_TIMEOUT_S, DescribeDevice, StageSpec
 from engine.placement import parse_size
 from engine.placement import ModelCost, Plan, kv_cache_dtype, parse_devices, parse_layers, predict_stage_seconds
+from engine.placement.devices import probe_note
 from engine.placement.local_device import resolve_dtypes
 from engine.placement.routing import measured_routing, record_routing
 from engine.placement.planning import (check_offload_gb, chosen_formats, format_choices, model_len_limit,
@@ -83,6 +84,7 @@ class EngineConfig:
     # another chat template (a file, or the template itself).
     tokenizer: str | None = None
     chat_template: str | None = None
+    reprobe: bool = False  # measure each stage's device afresh instead of reading the probe cache
 
     # The fields stay as given; what they mean, in the engine's own terms, is read through these.
     @property
@@ -247,7 +249,7 @@ class LLMEngine:
             ask = DescribeDevice(config.dtype_request, cfg.checkpoint_dtype, config.kv_cache_fraction,
                                  dominant_quantized(self.weight_formats, cfg), config.offload_dir,
                                  choices.probed if choices is not None else (), offload_bytes(config.cpu_offload_gb),
-                                 bool(cfg.num_experts))
+                                 bool(cfg.num_experts), config.reprobe)
             infos = driver.describe(ask)
             max_kv_tokens = (config.max_num_seqs * max_len if config.num_kv_blocks is None
                              else config.num_kv_blocks * config.block_size)
@@ -416,7 +418,7 @@ class LLMEngine:
             # Local stage processes are started in --devices order.
             StageInfo(k, st.device.name, st.device.label, st.device.kind, st.device.host, st.device.threads,
                       st.layers, procs[st.device_index].pid if st.device_index < len(procs) else None,
-                      st.streamed_layers, st.host_experts)
+                      st.streamed_layers, st.host_experts, probe_note(st.device))
             for k, st in enumerate(plan.stages))
         head = EMBEDDING if cfg.tie_word_embeddings else "lm_head.weight"
         return EngineInfo(cfg.architecture, cfg.num_layers, self.dtype, self.weight_dtype,

@@ -20,6 +20,7 @@ class StageInfo:
     pid: int | None  # the stage's process where it runs on this host, else None
     streamed_layers: tuple[int, ...] = ()  # brought in from its tier every step; the others stay in its memory
     host_experts: tuple[int, ...] = ()  # layers whose routed experts stay in host memory, run by the host's CPU
+    probe_note: str | None = None  # when and under what load its device was measured (engine.placement.probe_note)
 
     @property
     def streamed_from(self) -> str:

@@ -14,7 +14,7 @@ from aiohttp import web
 from engine import add_stage_args, add_worker_args, describe_layers
 from gateway.connections import bind_listener, listen
 from gateway.convert_command import add_convert_parser, run_convert
-from gateway.plan_command import add_offload_arg, add_plan_parser, add_quantization_args, run_plan
+from gateway.plan_command import add_offload_arg, add_plan_parser, add_quantization_args, add_reprobe_arg, run_plan
 from loadtest.cli import add_arguments as add_bench_arguments
 from loadtest.cli import run as run_bench
 
@@ -44,6 +44,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chat-template", default=_env("chat_template"),
                    help="another chat template than the tokenizer's: a file, or the Jinja template itself")
     g.add_argument("--dtype", default=_env("dtype", "auto"), choices=["auto", "float32", "bfloat16", "float16"])
+    add_reprobe_arg(g)
     add_quantization_args(g, _env)
     g.add_argument("--devices", "--device", default=_env("devices", "cpu"),
                    help="one pipeline stage per device, each with an optional memory budget for weights and KV: "
@@ -81,7 +82,8 @@ def engine_config(args: argparse.Namespace):
 
     model = args.model or str(default_model())
     return EngineConfig(
-        model=model, tokenizer=args.tokenizer, chat_template=args.chat_template, dtype=args.dtype, devices=args.devices, threads=int(args.threads) if args.threads else None,
+        model=model, tokenizer=args.tokenizer, chat_template=args.chat_template, reprobe=args.reprobe,
+        dtype=args.dtype, devices=args.devices, threads=int(args.threads) if args.threads else None,
         layers=args.layers, workers=args.workers, rendezvous=args.rendezvous,
         otlp_traces_endpoint=args.otlp_traces_endpoint, trace_detail=args.trace_detail,
         rendezvous_timeout_s=args.rendezvous_timeout, stall_timeout_s=args.stall_timeout,
@@ -174,6 +176,9 @@ async def _run(app: web.Application, engine, args, name: str, config, sock) -> i
           f"{info.num_blocks} KV blocks, context {info.max_model_len}) from {config.model}", flush=True)
     print(f"strata: weights: layers {describe_layers(list(info.layer_formats))}; LM head {info.head_format}", flush=True)
     print(f"strata: {len(info.stages)} stage(s): {stages}", flush=True)
+    notes = dict.fromkeys(s.probe_note for s in info.stages if s.probe_note)
+    if notes:
+        print(f"strata: device figures: {'; '.join(notes)}", flush=True)
     print(f"strata: listening on http://{args.host}:{args.port} (OpenAI API at /v1)", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

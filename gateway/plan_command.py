@@ -48,6 +48,14 @@ def add_offload_arg(g, env) -> None:
                         "measured once and priced by the planner")
 
 
+def add_reprobe_arg(p) -> None:
+    """--reprobe, for serve and plan alike."""
+    p.add_argument("--reprobe", action="store_true",
+                   default=os.environ.get("STRATA_REPROBE", "").lower() in ("1", "true", "yes", "on"),
+                   help="measure each device afresh instead of reading its figures from the probe cache "
+                        "(~/.cache/strata/probe.json), as after new hardware, drivers, or a reading taken under load")
+
+
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     from engine import add_stage_args
 
@@ -76,6 +84,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     add_quantization_args(p, lambda name, default=None: env(f"STRATA_{name.upper()}", default))
     p.add_argument("--memory-fraction", type=float, default=0.9,
                    help="share of a device's free memory a stage may use when it has no budget")
+    add_reprobe_arg(p)
     p.add_argument("--cluster", default=None,
                    help="plan for the devices a TOML file describes instead of --devices (engine/placement/"
                         "cluster.py says how to write one), and print how Accelerate, exo, llama.cpp and vLLM would "
@@ -87,7 +96,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_plan(args: argparse.Namespace) -> int:
     from engine import (CheckpointError, PlacementError, default_model, describe_layers, parse_size, peer_table,
-                        plan_here, plan_json, plan_table, throughput)
+                        plan_here, plan_json, plan_table, probe_note, throughput)
 
     try:
         model_dir = args.model or str(default_model())
@@ -99,7 +108,7 @@ def run_plan(args: argparse.Namespace) -> int:
                          kv_cache_memory=None if args.kv_cache_memory is None else parse_size(args.kv_cache_memory),
                          num_kv_blocks=int(args.num_kv_blocks) if args.num_kv_blocks else None,  # as serve reads it
                          cluster=args.cluster, offload_dir=args.offload_dir, precision=args.precision,
-                         cpu_offload_gb=float(args.cpu_offload_gb),
+                         cpu_offload_gb=float(args.cpu_offload_gb), reprobe=args.reprobe,
                          max_layer_error=None if args.max_layer_error is None else float(args.max_layer_error),
                          say=lambda line: print(f"strata plan: {line}", file=sys.stderr, flush=True))
     except PlacementError as e:
@@ -130,6 +139,10 @@ def run_plan(args: argparse.Namespace) -> int:
         print(f"planned for {result.batch_size} sequences per micro-batch attending to {here.context_len} tokens, with KV "
               f"for {here.max_model_len} tokens on every stage; the pipeline holds {result.num_kv_blocks} KV blocks")
         print(plan_table(result))
+        notes = dict.fromkeys(filter(None, (probe_note(d) for d in here.devices)))
+        print(f"device figures: {'; '.join(notes)}" if notes else
+              "device figures: as the cluster file describes them" if args.cluster else
+              "device figures: from STRATA_DEVICE_PROFILE")
         if peers is not None:
             print()
             print(peer_table(result, here.devices, peers))

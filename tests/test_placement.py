@@ -437,7 +437,7 @@ def test_plan_table_and_json():
     assert "ms/step @32" in lines[0] and len(lines) == 1 + 2 + 1
     assert "cuda:0 (NVIDIA H200)" in plan_table(p)
     data = json.loads(json.dumps(plan_json(p)))
-    assert [s["layers"] for s in data["stages"]] == [list(s.layers) for s in p.stages]
+    assert [s["layers"] for s in data["stages"]] == [[s.layers[0], s.layers[1] - 1] for s in p.stages]
     assert set(data["stages"][0]["predicted_s"]) == {"1", "32"}
     assert data["bottleneck_s"] == pytest.approx(max(s.predicted_s[32] for s in p.stages))
 
@@ -747,7 +747,8 @@ def test_strata_plan_json(plan_env, model_dir, capsys):
                      "--max-num-seqs", "16", "--max-model-len", "256")
     assert run_plan(args) == 0
     data = json.loads(capsys.readouterr().out)
-    assert [s["layers"] for s in data["stages"]] == [[0, 2], [2, 3]]
+    assert [s["layers"] for s in data["stages"]] == [[0, 1], [2, 2]]  # first and last, as the table shows
+    assert [s["device_name"] for s in data["stages"]] == ["cpu#0 2.0 GiB", "cpu#1 1.0 GiB"]
     # Sixteen sequences in two micro-batches; KV blocks for all of them at full length, and no more.
     assert data["batch_size"] == 8 and data["kv_reserve_tokens"] == 256
     assert [s["kv_blocks"] for s in data["stages"]] == [16 * 256 // 16] * 2 and data["num_kv_blocks"] == 256
@@ -949,3 +950,26 @@ def test_layers_that_differ_are_priced_each_by_its_own_shape():
     alike = plan(dataclasses.replace(cost, layer_kinds=None), cpus, batch_size=16, context_len=512,
                  kv_reserve_tokens=1024)
     assert alike.stages[0].num_layers < first.num_layers
+
+
+def test_strata_plan_says_when_and_under_what_load_each_device_was_measured(model_dir, tmp_path, monkeypatch,
+                                                                           capsys):
+    """A fresh probe records when it ran and how busy other work kept the host; --reprobe measures again; a reading
+    taken under load is flagged, and the figures from a profile say so."""
+    from engine.placement.devices import probe_note
+    from gateway.plan_command import run_plan
+
+    monkeypatch.setenv("STRATA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("STRATA_DEVICE_PROFILE", raising=False)
+    args = ("--model", str(model_dir), "--devices", "cpu", "--max-model-len", "256", "--threads-per-stage", "1")
+    assert run_plan(plan_args(*args, "--json")) == 0
+    first = json.loads(capsys.readouterr().out)["stages"][0]["device_info"]
+    assert first["probed_at"] and 0 <= first["probe_host_busy"] <= 1
+    assert run_plan(plan_args(*args, "--json")) == 0  # from the cache
+    assert json.loads(capsys.readouterr().out)["stages"][0]["device_info"]["probed_at"] == first["probed_at"]
+    assert run_plan(plan_args(*args, "--reprobe")) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^device figures: cpu measured \d{4}-\d\d-\d\d \d\d:\d\d UTC, other work keeping \d+% ", out, re.M)
+    busy = dataclasses.replace(device("cpu"), probed_at=first["probed_at"], probe_host_busy=0.6)
+    assert "taken under load" in probe_note(busy) and "--reprobe" in probe_note(busy)
+    assert busy.interchangeable() == dataclasses.replace(busy, probed_at=0.0, probe_host_busy=0.0).interchangeable()

@@ -45,6 +45,7 @@ class DescribeDevice:
     cpu_offload_bytes: int = 0  # on a GPU: how much of its layers it may keep in host memory; the copy rate is probed
     # A mixture of experts: on a GPU with host memory to keep experts in, the host CPU's rates are probed too.
     has_experts: bool = False
+    reprobe: bool = False  # measure the device afresh, not from the cache
 
 
 @dataclass(slots=True)

@@ -59,7 +59,7 @@ def serve(rank: int, world_size: int, request: DeviceRequest, threads: int | Non
         compute, weights = resolve_dtypes(ask.dtype, ask.checkpoint_dtype, torch.device(request.name))
         host = resolve_dtypes(ask.dtype, ask.checkpoint_dtype, torch.device("cpu")) if ask.has_experts else None
         info = describe_device(request, compute, threads, ask.memory_fraction, weights, ask.weight_format,
-                               ask.offload_dir, ask.format_choices, ask.cpu_offload_bytes, host)
+                               ask.offload_dir, ask.format_choices, ask.cpu_offload_bytes, host, ask.reprobe)
     except Exception as e:  # reported to the driver, which fails start-up with this line
         transport.send_obj(Failed(f"{request.name}: {one_line(e)}"), DRIVER_RANK)
         return

@@ -104,10 +104,14 @@ class DeviceInfo:
     # A GPU whose torch runs the grouped GEMM a mixture's plain experts go through at once (engine.model.experts);
     # else each expert a step reaches is one product of its own.
     grouped_gemm: bool = False
+    # When the figures were measured (seconds since the epoch) and the share of the host's cores other work kept
+    # busy meanwhile; None where they were not measured here (a described cluster, STRATA_DEVICE_PROFILE).
+    probed_at: float | None = None
+    probe_host_busy: float | None = None
 
     def interchangeable(self) -> tuple:
         """Devices equal in everything but name are interchangeable in a plan."""
-        return tuple(_frozen(v) for k, v in asdict(self).items() if k != "name")
+        return tuple(_frozen(v) for k, v in asdict(self).items() if k not in ("name", "probed_at", "probe_host_busy"))
 
 
 def _frozen(value):
@@ -117,6 +121,26 @@ def _frozen(value):
     if isinstance(value, (list, tuple)):
         return tuple(_frozen(v) for v in value)
     return value
+
+
+# Where other work kept more than this share of the host's cores busy while a device was probed, its figures may be
+# low: `strata plan` and `strata serve` say so, and --reprobe measures again.
+BUSY_HOST = 0.25
+
+
+def probe_note(info: DeviceInfo) -> str | None:
+    """When and under what load a device's figures were measured, for people; a warning where the host was busy."""
+    if info.probed_at is None:
+        return None
+    import time
+
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(info.probed_at))
+    note = f"{info.name} measured {when}"
+    if info.probe_host_busy is not None:
+        note += f", other work keeping {info.probe_host_busy:.0%} of the host's cores busy"
+        if info.probe_host_busy > BUSY_HOST:
+            note += ": taken under load, its figures may be low; measure again with --reprobe when the host is quieter"
+    return note
 
 
 def tier_name(kind: str) -> str:

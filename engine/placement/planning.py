@@ -193,7 +193,7 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
               layer_quantization: str | None = None, kv_cache_memory: int | None = None,
               num_kv_blocks: int | None = None, cluster: str | Path | None = None,
               offload_dir: str | None = None, precision: str | None = None, max_layer_error: float | None = None,
-              cpu_offload_gb: float = 0.0, say=None) -> PlanHere:
+              cpu_offload_gb: float = 0.0, reprobe: bool = False, say=None) -> PlanHere:
     """The plan `strata serve` with these options would run; with `cluster` (a file engine.placement.cluster reads),
     on the devices it describes instead of this machine's. Raises ValueError or CheckpointError for what the
     caller gave, PlacementError when nothing fits. say: told a line before each layer's error is measured at the
@@ -256,7 +256,8 @@ def plan_here(model_dir: str | Path, devices: str, *, dtype: str = "auto", threa
         infos.append(describe_device(req, compute, threads, memory_fraction, weight_dtype=weights,
                                      weight_format=dominant_quantized(formats, cfg),
                                      offload_dir=offload_dir, format_choices=choices.probed if choices else (),
-                                     cpu_offload_bytes=offload_bytes(cpu_offload_gb), host_experts=host))
+                                     cpu_offload_bytes=offload_bytes(cpu_offload_gb), host_experts=host,
+                                     reprobe=reprobe))
     max_kv_tokens = max_num_seqs * max_len if num_kv_blocks is None else num_kv_blocks * block_size
     routing, routed = measured_routing(model_dir, cfg.num_layers, cfg.num_experts) if cfg.num_experts else ((), 0)
     result, compute, weights = place_model(cfg, formats, infos, dtype, max_model_len=max_len,

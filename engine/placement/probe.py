@@ -264,9 +264,11 @@ def _profile_override(name: str, required=("matmul_flops", "mem_bandwidth", "op_
 
 
 def probe_rates(name: str, dtype: str, threads: int | None, weight_dtype: str | None = None,
-                weight_format: str | None = None) -> dict[str, float | None]:
-    """Every figure the planner uses for the device, from STRATA_DEVICE_PROFILE, the cache, or a fresh probe.
-    weight_format: the quantized format most of the layers' products run at, whose products are timed instead."""
+                weight_format: str | None = None, reprobe: bool = False) -> dict[str, float | None]:
+    """Every figure the planner uses for the device, from STRATA_DEVICE_PROFILE, the cache, or a fresh probe (always
+    with reprobe), with when it was taken ("probed_at", seconds since the epoch) and how busy the host's cores were
+    with other work meanwhile ("host_busy", 0 to 1). weight_format: the quantized format most of the layers'
+    products run at, whose products are timed instead."""
     override = _profile_override(name)
     if override is not None:
         keys = ("matmul_flops", "small_gemm_flops", "mem_bandwidth", "op_overhead_s", "thin_matmul_flops",
@@ -294,9 +296,11 @@ def probe_rates(name: str, dtype: str, threads: int | None, weight_dtype: str | 
             key += "|" + build.library_name(quant_gemm.SOURCE, quant_gemm.FLAGS)
     path = cache_path()
     cache = _read_cache(path)
-    if key in cache:
+    if key in cache and not reprobe and "probed_at" in cache[key]:  # an entry that says when it was taken
         return cache[key]
+    before = _host_busy_clock()
     rates = measure_rates(device, dtype, threads, thin_dtype, weight_format)
+    rates = {**rates, "probed_at": time.time(), "host_busy": _others_busy(before, _host_busy_clock())}
     cache = _read_cache(path)  # another stage may have written meanwhile
     cache[key] = rates
     _write_cache(path, cache)
@@ -322,6 +326,25 @@ def measure_rates(device: torch.device, dtype: str, threads: int | None, weight_
                     torch.cuda.empty_cache()  # or the probe's buffers would count against the free memory read next
     finally:
         torch.set_num_threads(previous)
+
+
+def _host_busy_clock() -> tuple[float, float, float] | None:
+    """(busy seconds of every core, this process's CPU seconds, wall seconds) now; None where /proc/stat is not."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), time.process_time(), time.monotonic()
+
+
+def _others_busy(before, after) -> float | None:
+    """The share of the host's cores that work other than this process kept busy between two readings."""
+    if before is None or after is None or after[2] <= before[2]:
+        return None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return min(1.0, max(0.0, others / ((after[2] - before[2]) * (os.cpu_count() or 1))))
 
 
 def _read_cache(path: Path) -> dict:
@@ -394,7 +417,8 @@ def host_copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
 def describe_device(request: DeviceRequest, dtype: str, threads: int | None, memory_fraction: float = 0.9,
                     weight_dtype: str | None = None, weight_format: str | None = None,
                     offload_dir: str | None = None, format_choices: tuple[str, ...] = (),
-                    cpu_offload_bytes: int = 0, host_experts: tuple[str, str] | None = None) -> DeviceInfo:
+                    cpu_offload_bytes: int = 0, host_experts: tuple[str, str] | None = None,
+                    reprobe: bool = False) -> DeviceInfo:
     """What this process's device is worth to the planner. dtype: the compute dtype; weight_dtype: the weights'
     when they differ (a CPU without native half precision), so the half-precision thin path is timed too.
     offload_dir: where a CPU stage may keep layers it reads each step (its disk tier), whose bandwidth is measured.
@@ -409,17 +433,17 @@ def describe_device(request: DeviceRequest, dtype: str, threads: int | None, mem
         if (device.index or 0) >= torch.cuda.device_count():
             raise RuntimeError(f"{request.name}: only {torch.cuda.device_count()} CUDA device(s) here")
         device = torch.device("cuda", device.index or 0)
-    rates = probe_rates(str(device), dtype, threads, weight_dtype, weight_format)
+    rates = probe_rates(str(device), dtype, threads, weight_dtype, weight_format, reprobe)
     format_rates = {}
     for f in format_choices:
-        timed = probe_rates(str(device), dtype, threads, weight_dtype, f)
+        timed = probe_rates(str(device), dtype, threads, weight_dtype, f, reprobe)
         format_rates[f] = (timed["matmul_flops"], timed.get("small_gemm_flops"))
     memory = request.memory if request.memory is not None else int(available_memory(device) * memory_fraction)
     n_threads = (threads or torch.get_num_threads()) if device.type == "cpu" else None
     host_cpu = None
     if host_experts is not None and cpu_offload_bytes and device.type == "cuda":
         host_cpu = describe_device(DeviceRequest("cpu", cpu_offload_bytes), host_experts[0], threads,
-                                   weight_dtype=host_experts[1], weight_format=weight_format)
+                                   weight_dtype=host_experts[1], weight_format=weight_format, reprobe=reprobe)
     return DeviceInfo(
         name=str(device), kind=device.type, host=socket.gethostname(), label=device_label(device, threads),
         memory=memory, matmul_flops=rates["matmul_flops"], mem_bandwidth=rates["mem_bandwidth"],
@@ -433,6 +457,7 @@ def describe_device(request: DeviceRequest, dtype: str, threads: int | None, mem
         host_tier_bytes=cpu_offload_bytes if device.type == "cuda" else 0,
         host_bandwidth=host_copy_bandwidth(device) if cpu_offload_bytes and device.type == "cuda" else None,
         host_cpu=host_cpu,
+        probed_at=rates.get("probed_at"), probe_host_busy=rates.get("host_busy"),
         # Whether a mixture's plain experts go through one grouped GEMM here (engine.model.experts).
         grouped_gemm=device.type == "cuda" and grouped_gemm_runs(
             torch.zeros(2, 64, 64, dtype=TORCH_DTYPES[dtype], device=device)),

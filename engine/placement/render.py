@@ -30,9 +30,10 @@ def plan_table(plan: Plan) -> str:
             *(["off the device"] if streams else []),
             f"KV blocks ({bs} tok)", *(f"ms/step @{n}" for n in batches)]
     rows = []
+    names = stage_device_names(plan)
     for k, s in enumerate(plan.stages):
         blocks = s.kv_blocks
-        dev = f"{s.device.name} ({s.device.label})"
+        dev = f"{names[k]} ({s.device.label})"
         if s.device.host and len({x.device.host for x in plan.stages}) > 1:
             dev = f"{s.device.host}/{dev}"
         away = [f"{len(s.streamed_layers)} layers from {tier_name(s.device.kind)} each step, "
@@ -63,16 +64,35 @@ def plan_table(plan: Plan) -> str:
     return "\n".join(out)
 
 
+def stage_device_names(plan: Plan) -> list[str]:
+    """Each stage's device told apart where one device serves several stages (cpu,cpu: `cpu#0 8.0 GiB`, `cpu#1 4.0
+    GiB`, numbered in --devices order), with the memory the plan gave it; a device that serves one stage, its name."""
+    count: dict[tuple[str, str], int] = {}
+    for s in plan.stages:
+        count[s.device.host, s.device.name] = count.get((s.device.host, s.device.name), 0) + 1
+    seen: dict[tuple[str, str], int] = {}
+    named: dict[int, str] = {}
+    for s in sorted(plan.stages, key=lambda s: s.device_index):
+        key = (s.device.host, s.device.name)
+        if count[key] > 1:
+            named[s.device_index] = f"{s.device.name}#{seen.get(key, 0)} {readable_size(s.device.memory)}"
+            seen[key] = seen.get(key, 0) + 1
+    return [named.get(s.device_index, s.device.name) for s in plan.stages]
+
+
 def plan_json(plan: Plan) -> dict:
+    """The plan for programs; a stage's layers are [first, last], as the table shows them."""
     b = plan.batch_size
+    names = stage_device_names(plan)
     return {
         "batch_size": b, "context_len": plan.context_len, "block_size": plan.block_size,
         "kv_reserve_tokens": plan.kv_reserve_tokens, "num_kv_blocks": plan.num_kv_blocks,
         "bottleneck_s": plan.bottleneck_s,
         "stages": [
             {
-                "stage": k, "device": s.device.name, "device_index": s.device_index, "label": s.device.label,
-                "host": s.device.host, "layers": list(s.layers), "weight_bytes": s.weight_bytes,
+                "stage": k, "device": s.device.name, "device_name": names[k], "device_index": s.device_index,
+                "label": s.device.label, "host": s.device.host, "layers": [s.layers[0], s.layers[1] - 1],
+                "weight_bytes": s.weight_bytes,
                 "kv_bytes_per_token": s.kv_bytes_per_token, "kv_capacity_tokens": s.kv_capacity_tokens,
                 "kv_blocks": s.kv_blocks, "streamed_layers": list(s.streamed_layers), "formats": list(s.formats),
                 "host_experts": list(s.host_experts),
