@@ -21,7 +21,8 @@ from pathlib import Path
 from loadtest import report
 from loadtest.client import Target
 from loadtest.metrics import parse_goodput, summarize
-from loadtest.runner import LoadConfig, run_load
+from loadtest.runner import LoadConfig, LoadResult, run_load
+from loadtest.tokens import served_context, token_counter
 from loadtest.workloads import Length, conversations, from_jsonl, random_prompts
 
 
@@ -34,12 +35,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     t.add_argument("--no-stream", action="store_true", help="ask for whole responses (TTFT is then the full latency)")
     t.add_argument("--ignore-eos", action="store_true", help="ask the server to generate max_tokens every time")
     t.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request counts as timed out")
+    t.add_argument("--tokenizer", default=None,
+                   help="a tokenizer.json (or the folder holding it) to count prompt tokens with (default: the "
+                        "server's /tokenize; without either, --random-input-len counts words)")
     w = ap.add_argument_group("workload")
     w.add_argument("--dataset-name", default="conversation", choices=["conversation", "random", "jsonl"])
     w.add_argument("--dataset-path", help="the JSONL file for --dataset-name jsonl: lines of {\"prompt\": ...}, "
                    "{\"messages\": [...]} or {\"turns\": [...], \"system\": ...}, each with an optional max_tokens")
-    w.add_argument("--random-input-len", type=int, default=256)
-    w.add_argument("--random-output-len", type=int, default=128)
+    w.add_argument("--random-input-len", type=int, default=256, help="prompt tokens (see --tokenizer)")
+    w.add_argument("--random-output-len", type=int, default=128, help="max_tokens of each answer")
     w.add_argument("--random-range-ratio", type=float, default=0.0, help="lengths drawn uniformly within +-ratio")
     w.add_argument("--system-prompt-len", type=int, default=200, help="words of the system prompt all sessions share")
     w.add_argument("--turns", default="4:0.5", help="turns per session: N, N:RATIO or lognormal:MEAN:SIGMA")
@@ -69,9 +73,13 @@ def build_sessions(args: argparse.Namespace) -> list:
     rng = random.Random(args.seed)
     n = args.num_prompts or 100
     if args.dataset_name == "random":
+        counter = token_counter(args.tokenizer, args.base_url, args.api_key)
+        if counter is None:
+            print(f"{_prog()}: no --tokenizer and no /tokenize on the server: --random-input-len counts words",
+                  file=sys.stderr)
         return random_prompts(n if args.duration is None else max(n, 1000), rng,
                               Length(args.random_input_len, args.random_range_ratio),
-                              Length(args.random_output_len, args.random_range_ratio))
+                              Length(args.random_output_len, args.random_range_ratio), counter)
     if args.dataset_name == "jsonl":
         if not args.dataset_path:
             raise ValueError("--dataset-name jsonl needs --dataset-path")
@@ -99,17 +107,30 @@ def _target(args, base_url: str, model: str) -> Target:
 
 def run_one(args, target: Target, sessions: list, rate: float, concurrency: int | None, label: str,
             percentiles: list[float], slos: dict) -> dict:
+    """One run's summary; its "interrupted" is true where Ctrl-C stopped it, the summary then of what it measured."""
     cfg = LoadConfig(rate, args.burstiness, concurrency, args.num_prompts if args.num_prompts or args.duration else 100,
-                     args.duration, args.num_warmups, args.seed)
+                     args.duration, args.num_warmups, args.seed,
+                     served_context(target.base_url, target.model, target.api_key))
     bar = _progress(cfg, label, args.disable_tqdm)
-    result = asyncio.run(run_load(target, sessions, cfg, bar.update if bar else None))
-    if bar:
-        bar.close()
+    result = LoadResult([], 0.0, cfg)
+    try:
+        asyncio.run(run_load(target, sessions, cfg, bar.update if bar else None, into=result))
+    except KeyboardInterrupt:
+        result.cut_short()
+    finally:
+        if bar:
+            bar.close()
     summary = summarize(result, slos, percentiles)
     summary.update(base_url=target.base_url, model=target.model, endpoint=target.endpoint, label=label,
-                   date=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    print(report.table(summary, f"Result: {label}", percentiles), flush=True)
+                   date=time.strftime("%Y-%m-%dT%H:%M:%S"), interrupted=result.interrupted,
+                   max_model_len=cfg.max_model_len)
+    title = f"Result: {label}" + (" (interrupted: what it measured until Ctrl-C)" if result.interrupted else "")
+    print(report.table(summary, title, percentiles), flush=True)
     return summary
+
+
+def _prog() -> str:
+    return sys.argv[0].split("/")[-1]
 
 
 class _Bar:
@@ -149,13 +170,14 @@ def run(args: argparse.Namespace) -> int:
         concurrencies = _list(args.max_concurrency, int)
         sessions = build_sessions(args)
     except ValueError as e:
-        print(f"{sys.argv[0].split('/')[-1]}: {e}", file=sys.stderr)
+        print(f"{_prog()}: {e}", file=sys.stderr)
         return 2
     targets = [("main", _target(args, args.base_url, args.model))]
     if args.compare:
         targets.append(("compare", _target(args, args.compare, args.compare_model or args.model)))
     sweep = [(r, c) for r in rates for c in concurrencies]
     all_runs: dict[str, list[dict]] = {}
+    interrupted = False
     for name, target in targets:
         runs = []
         for rate, conc in sweep:
@@ -163,8 +185,13 @@ def run(args: argparse.Namespace) -> int:
             s = run_one(args, target, sessions, rate, conc, label, percentiles, slos)
             s["sweep_point"] = f"{rate:g}/s" if len(rates) > 1 else (f"c={conc}" if conc else "")
             runs.append(s)
+            interrupted = s["interrupted"]
+            if interrupted:
+                break
         all_runs[name] = runs
-    if args.compare:
+        if interrupted:
+            break
+    if args.compare and not interrupted:
         for a, b in zip(all_runs["main"], all_runs["compare"]):
             print(f"\n{args.base_url} against {args.compare} ({a['label'].split(' ', 1)[1]}):")
             print(report.compare_table(a, b, "main", "compare", percentiles))
@@ -177,5 +204,7 @@ def run(args: argparse.Namespace) -> int:
             for name, runs in all_runs.items():
                 report.plot_sweep(out / f"{stem}-sweep-{name}.png", name, runs, percentiles)
         print(f"\nresults: {out / stem}.json and plots beside it")
+    if interrupted:
+        return 130  # as a shell reports a command Ctrl-C ended
     failed = sum(s["completed"] == 0 for runs in all_runs.values() for s in runs)
     return 1 if failed else 0

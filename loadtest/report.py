@@ -62,8 +62,12 @@ def save_json(path: Path, runs: list[dict]) -> None:
     path.write_text(json.dumps(runs if len(runs) > 1 else runs[0], indent=1))
 
 
+LOG_AXIS_TAIL = 10
+
+
 def plot_cdfs(path: Path, runs: list[tuple[str, dict]]) -> None:
-    """One panel per latency, one curve per run."""
+    """One panel per latency, one curve per run; on a log axis where a tail would flatten the rest (its p99 more than
+    LOG_AXIS_TAIL times its median)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,6 +75,7 @@ def plot_cdfs(path: Path, runs: list[tuple[str, dict]]) -> None:
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for ax, m in zip(axes, METRICS):
+        tail = False
         for label, s in runs:
             values = {"ttft": s["ttfts"], "e2el": s["e2els"], "itl": [x for r in s["itls"] for x in r],
                       "tpot": _tpots(s)}[m]
@@ -78,8 +83,12 @@ def plot_cdfs(path: Path, runs: list[tuple[str, dict]]) -> None:
                 continue
             xs = np.sort(np.asarray(values, dtype=float) * 1000)
             ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=label)
+            median = float(np.median(xs))
+            tail = tail or (median > 0 and float(np.percentile(xs, 99)) > LOG_AXIS_TAIL * median)
         ax.set_title(LABELS[m])
-        ax.set_xlabel("ms")
+        if tail:
+            ax.set_xscale("log")
+        ax.set_xlabel("ms" + (" (log scale: a long tail)" if tail else ""))
         ax.set_ylabel("fraction of requests" if m != "itl" else "fraction of tokens")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

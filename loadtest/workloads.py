@@ -66,6 +66,7 @@ class Session:
     turns: list[Turn]
     system: str | None = None
     think_time_s: list[float] = field(default_factory=list)  # before each turn after the first
+    raw: bool = False  # its prompt goes to /v1/completions as it is (a random prompt), not as a transcript
 
 
 def conversations(n: int, rng: random.Random, system_len: int, turns: Length, user_len: Length, answer_len: Length,
@@ -82,8 +83,10 @@ def conversations(n: int, rng: random.Random, system_len: int, turns: Length, us
     return sessions
 
 
-def random_prompts(n: int, rng: random.Random, input_len: Length, output_len: Length) -> list[Session]:
-    return [Session([Turn(words(rng, input_len.draw(rng)), output_len.draw(rng))]) for _ in range(n)]
+def random_prompts(n: int, rng: random.Random, input_len: Length, output_len: Length, counter=None) -> list[Session]:
+    """Prompts of input_len tokens where a counter (loadtest.tokens) counts them, else of that many words."""
+    text = (lambda k: counter.text_of(k, rng)) if counter is not None else (lambda k: words(rng, k))
+    return [Session([Turn(text(input_len.draw(rng)), output_len.draw(rng))], raw=True) for _ in range(n)]
 
 
 def from_jsonl(path: str | Path, default_max_tokens: int) -> list[Session]:

@@ -50,6 +50,8 @@ def test_random_prompts_counts_and_tokens_match_what_the_server_reports(strata, 
               "--max-concurrency", "4", "--ignore-eos", "--goodput", "ttft:60000", "e2el:60000")
     after = metrics(strata.url)
     assert s["completed"] == 12 and s["failed"] == 0 and s["errors_by_kind"] == {}
+    # --random-input-len counts tokens (the server's /tokenize counts them here): 20, and the BOS token it adds.
+    assert all(abs(n - 21) <= 2 for n in s["input_lens"]), s["input_lens"]
     assert s["total_output_tokens"] == 12 * 8 == after["generation_tokens_total"] - before["generation_tokens_total"]
     assert s["total_input_tokens"] == after["prompt_tokens_total"] - before["prompt_tokens_total"]
     assert after["request_success_total"] - before["request_success_total"] == 12
@@ -74,6 +76,16 @@ def test_conversations_grow_their_history_and_counts_match(strata, tmp_path):
     # a session's later turns resend its history, so prompts grow turn by turn
     lens = s["input_lens"]
     assert max(lens) > min(lens) + 20
+
+
+def test_conversations_that_outgrow_the_context_drop_their_oldest_exchanges(strata, tmp_path):
+    """Long sessions against a 1024-token context: every turn is answered within it, and each is counted."""
+    s = bench(tmp_path, "--base-url", strata.url, "--model", MODEL, "--num-prompts", "8", "--turns", "8",
+              "--user-len", "60", "--answer-len", "16", "--think-time", "0", "--system-prompt-len", "20",
+              "--max-concurrency", "2")
+    assert s["max_model_len"] == 1024
+    assert s["completed"] == 8 and s["failed"] == 0, s["errors_by_kind"]
+    assert max(s["input_lens"]) + 16 <= 1024 and max(s["input_lens"]) > 400  # they did grow, and were kept within
 
 
 # ---- a server that fails on purpose ----------------------------------------------------------------
@@ -156,6 +168,28 @@ def test_a_duration_bound_run_against_a_stalling_server_stops_by_itself(tmp_path
     assert s["completed"] + s["failed"] >= 6
     assert set(s["errors_by_kind"]) <= {"broken_stream", "http_500", "http_429", "malformed_chunk", "timeout"}
     assert elapsed < 30
+
+
+def test_ctrl_c_ends_the_run_with_what_it_measured_counting_what_was_in_flight(tmp_path):
+    import signal
+
+    with FaultyServer() as server:
+        proc = subprocess.Popen([*strata_command(), "bench", "--base-url", server.url, "--model", MODEL, "--endpoint",
+                                 "/v1/completions", "--dataset-name", "random", "--random-input-len", "4",
+                                 "--random-output-len", "4", "--num-prompts", "12", "--max-concurrency", "6",
+                                 "--request-timeout", "120", "--disable-tqdm", "--result-dir", str(tmp_path),
+                                 "--result-filename", "run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while server.count < 6 and time.monotonic() < deadline:  # the stalling request is among the first six
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in out
+    s = json.loads((tmp_path / "run.json").read_text())
+    assert s["interrupted"] and s["errors_by_kind"].get("cut", 0) >= 1
+    assert s["completed"] + s["failed"] == server.count  # every request sent is in the summary
 
 
 def test_compare_runs_the_same_workload_on_both_servers_and_prints_ratios(strata, tmp_path):
