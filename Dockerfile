@@ -4,6 +4,11 @@
 #   docker build --build-arg VARIANT=cuda -t strata:cuda .
 #   docker run -p 8000:8000 -v /path/to/checkpoint:/models/model:ro strata:cpu
 #
+# The image holds no model: it serves the checkpoint directory (or GGUF file) mounted at /models/model
+# (STRATA_MODEL), and with nothing mounted there it exits at once, saying what to mount. A Hugging Face id
+# works too where the container may download it (-e STRATA_MODEL=HuggingFaceTB/SmolLM2-135M-Instruct, with
+# a volume at /var/cache/strata/hf and -e HF_HOME=/var/cache/strata/hf to keep what it fetched).
+#
 # Every `strata serve` flag is also an environment variable (`--max-queue` is STRATA_MAX_QUEUE),
 # so `docker run -e STRATA_DEVICES=cuda:0,cuda:1 ...` and extra arguments after the image name
 # (`... strata:cuda --devices cuda:0,cuda:1`) both work. Stages are processes in the same container.

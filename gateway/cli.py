@@ -138,7 +138,7 @@ def serve(args: argparse.Namespace) -> int:
         if started is not None:
             started.kill()
         if isinstance(e, (CheckpointError, ValueError)):
-            print(f"strata: error: {e}", file=sys.stderr)
+            print(f"strata: error: {e}{_mount_hint(args.model)}", file=sys.stderr)
             return 2
         if isinstance(e, RuntimeError):
             print(f"strata: error: cannot start the engine: {e}", file=sys.stderr)
@@ -208,6 +208,14 @@ async def _run(app: web.Application, engine, args, name: str, config, sock) -> i
     await engine.stop()
     print("strata: stopped", flush=True)
     return code
+
+
+def _mount_hint(model: str | None) -> str:
+    """What to do where the model the environment names (STRATA_MODEL, as the image sets it) is not there."""
+    if not model or os.environ.get("STRATA_MODEL") != model or Path(model).exists() or "/" not in model.strip("/"):
+        return ""
+    return (f" (it is STRATA_MODEL: mount a checkpoint directory or GGUF file there, such as docker run -v "
+            f"/path/to/checkpoint:{model}:ro ..., or set STRATA_MODEL or --model to one)")
 
 
 CUT_GRACE_S = 2.0  # for the requests cut at the drain deadline to send their error

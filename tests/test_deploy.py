@@ -24,7 +24,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from server_process import free_port
+from server_process import free_port, strata_command
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -417,3 +417,14 @@ def test_image_command_serves_a_request(tmp_path, llama_dir):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+def test_the_image_with_nothing_mounted_says_what_to_mount(tmp_path):
+    """The image names its model by STRATA_MODEL=/models/model; where nothing is mounted the server says so in one
+    line, and what to do."""
+    missing = tmp_path / "models" / "model"
+    done = subprocess.run([*strata_command(), "serve", "--port", "0"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "STRATA_MODEL": str(missing)})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert f"-v /path/to/checkpoint:{missing}:ro" in lines[0] and "STRATA_MODEL" in lines[0]
