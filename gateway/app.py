@@ -196,21 +196,27 @@ async def errors_and_auth(request: web.Request, handler):
     except APIError as e:
         if _response_begun(request):
             raise
-        return e.response()
+        return _refusal(state, e)
     except web.HTTPException as e:
         if e.status < 400:
             raise
         headers = {k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after")}
-        return APIError(e.status, e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason,
-                        headers=headers).response()
+        return _refusal(state, APIError(e.status, e.text if e.text and not e.text.startswith(f"{e.status}:")
+                                         else e.reason, headers=headers))
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         if _response_begun(request):
             raise  # aiohttp closes a connection whose response broke off; a second response would corrupt it
-        return APIError(500, "the server failed to handle this request; the error is in its log",
-                        code="internal_error").response()
+        return _refusal(state, APIError(500, "the server failed to handle this request; the error is in its log",
+                                        code="internal_error"))
+
+
+def _refusal(state: ServerState, error: APIError) -> web.Response:
+    """An error's response, counted by its status (strata:request_errors_total)."""
+    state.metrics.errors[error.status] = state.metrics.errors.get(error.status, 0) + 1
+    return error.response()
 
 
 async def health(request: web.Request) -> web.Response:

@@ -46,6 +46,7 @@ class Metrics:
         self.e2e = Histogram(LATENCY_BUCKETS)
         self.queue_time = Histogram(LATENCY_BUCKETS)
         self.rejected = 0
+        self.errors: dict[int, int] = {}  # HTTP status -> requests answered with it (an OpenAI error)
         self.spans_dropped: dict[str, int] = {}  # per process
         self.expert_tokens = ()  # a mixture of experts' [layer, expert] token counts (engine.stats.EngineStats)
         # gen_ai.server.* histograms by operation (chat, text_completion)
@@ -76,9 +77,15 @@ class Metrics:
                   "per process.", "# TYPE strata:trace_spans_dropped_total counter"]
         for process, n in sorted((self.spans_dropped or {"server": 0}).items()):
             lines.append(f'strata:trace_spans_dropped_total{{{L},process="{process}"}} {n}')
+        lines += ["# HELP strata:request_errors_total Requests answered with an error, by HTTP status.",
+                  "# TYPE strata:request_errors_total counter"]
+        for status, n in sorted(self.errors.items()):
+            lines.append(f'strata:request_errors_total{{{L},status="{status}"}} {n}')
+        # Declared for every model, so that a dashboard's query names a metric the server exports; series where a
+        # mixture of experts has routed tokens.
+        lines += ["# HELP strata:expert_tokens_total Tokens routed to each expert of each mixture-of-experts layer.",
+                  "# TYPE strata:expert_tokens_total counter"]
         if any(any(row) for row in self.expert_tokens):
-            lines += ["# HELP strata:expert_tokens_total Tokens routed to each expert of each mixture-of-experts layer.",
-                      "# TYPE strata:expert_tokens_total counter"]
             for layer, row in enumerate(self.expert_tokens.tolist()):
                 if any(row):
                     lines.extend(f'strata:expert_tokens_total{{{L},layer="{layer}",expert="{e}"}} {n}'

@@ -714,3 +714,22 @@ def test_a_port_in_use_fails_before_the_model_loads(llama_dir):
             server.stop()
     out = server.output()
     assert f"cannot listen on 127.0.0.1:{port}" in out and "stage" not in out, out
+
+
+def test_the_grafana_dashboard_queries_only_what_the_server_exports(url):
+    """deploy/grafana/strata.json: every query names a metric this server's /metrics declares (a histogram's
+    _bucket, _sum and _count series included), and it covers what the /dashboard page shows."""
+    from pathlib import Path
+
+    doc = json.loads((Path(__file__).parents[1] / "deploy" / "grafana" / "strata.json").read_text())
+    exprs = [t["expr"] for p in doc["panels"] for t in p["targets"]]
+    exprs += [v["definition"] for v in doc["templating"]["list"] if "definition" in v]
+    declared = re.findall(r"^# TYPE (\S+) (\w+)$", metrics_text(url), re.M)
+    exported = {n for n, _ in declared} | {n + s for n, k in declared if k == "histogram"
+                                           for s in ("_bucket", "_sum", "_count")}
+    used = set(re.findall(r"\b((?:strata:|gen_ai_)[a-z0-9_]+)", " ".join(exprs)))
+    assert used and used <= exported, sorted(used - exported)
+    titles = " ".join(p["title"].lower() for p in doc["panels"])
+    for shown in ("requests per second", "errors", "429", "tokens per second", "kv-cache", "prefix-cache hit rate",
+                  "queue time", "end-to-end latency", "time to first token", "preemptions"):
+        assert shown in titles, shown

@@ -498,9 +498,11 @@ def test_an_unexpected_exception_is_a_json_500_and_logged(caplog):
     from aiohttp import web
 
     from gateway.app import errors_and_auth
+    from gateway.metrics import Metrics
 
     class State:
         api_key = None
+        metrics = Metrics("m")
 
     async def broken(request):
         raise KeyError("a bug")
@@ -524,6 +526,7 @@ def test_an_unexpected_exception_is_a_json_500_and_logged(caplog):
         status, body = asyncio.run(main())
     assert_openai_error(status, body, 500, code="internal_error")
     assert "a bug" not in body["error"]["message"]  # the details stay in the log
+    assert State.metrics.errors == {500: 1}  # counted: strata:request_errors_total{status="500"}
     assert any("KeyError" in (r.exc_text or "") or r.exc_info for r in caplog.records)
 
 
