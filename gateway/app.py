@@ -127,6 +127,7 @@ class ServerState:
             if d.num_output_tokens == len(d.token_ids):  # the sequence's first step out
                 m.prompt_tokens += d.num_prompt_tokens
                 m.queue_time.observe(d.queued_s)
+                self.dashboard.queue.add(d.queued_s)
 
     def observe(self, c: Choice, d: SeqDelta, now: float, t0: float) -> None:
         m = self.metrics
@@ -142,6 +143,7 @@ class ServerState:
         c.last_at = now
         if d.finished:
             m.e2e.observe(now - t0)
+            self.dashboard.e2e.add(now - t0, now)
             m.success[d.finish_reason or "stop"] += 1
             genai["request_duration"].observe(now - t0)
             if d.num_output_tokens > 1:

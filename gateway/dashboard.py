@@ -2,10 +2,11 @@
 
 A sampler on the event loop takes a snapshot each second: per device its memory and
 utilisation (NVML on NVIDIA GPUs; the stage process's and the system's figures on the
-CPU), per stage its busy fraction and measured step time beside the planner's prediction,
-the request and KV figures of /metrics, token throughput, and TTFT / inter-token latency
-percentiles over the last minute. The page polls GET /dashboard/data and draws it; it
-needs nothing but this server.
+CPU), the host's CPU use and load, per stage its busy fraction and measured step time
+beside the planner's prediction (flagged where they are far apart), the request, error and
+KV figures of /metrics with their rates, the prefix-cache hit rate, token throughput, and
+TTFT, inter-token, end-to-end and queue-time percentiles over the last minute. The page
+polls GET /dashboard/data and draws it; it needs nothing but this server.
 """
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ from aiohttp import web
 
 HISTORY = 300  # seconds of time series kept
 WINDOW_S = 60.0  # latency percentiles cover this much
+# A stage whose measured step is this many times the planner's prediction, or less than its inverse, is flagged (the
+# device's figures or the plan are off: --reprobe, or strata plan, says more).
+FAR_FROM_PLAN = 2.0
+FAR_FROM_PLAN_MIN_S = 0.005  # steps shorter than this are mostly fixed per-step costs: not flagged
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -48,6 +53,8 @@ class Dashboard:
         self.state = state
         self.ttft = LatencyWindow()
         self.itl = LatencyWindow()
+        self.e2e = LatencyWindow()
+        self.queue = LatencyWindow()
         self.series: deque[dict] = deque(maxlen=HISTORY)
         self.snapshot: dict = {}
         self._prev: dict | None = None
@@ -78,17 +85,26 @@ class Dashboard:
             "t": now, "tokens": m.generation_tokens, "prompt_tokens": m.prompt_tokens,
             "busy": [s.busy_s for s in load], "steps": [s.steps for s in load], "seqs": [s.seqs for s in load],
             "cpu": [_process_cpu_seconds(st.pid) for st in info.stages],
-            "experts": engine.stats.expert_tokens,
+            "experts": engine.stats.expert_tokens, "host": _host_cpu_seconds(),
+            "finished": sum(m.success.values()), "errors": sum(m.errors.values()), "rejected": m.rejected,
+            "preemptions": m.num_preemptions, "prefix": (m.prefix_queries, m.prefix_hits),
         }
         prev = self._prev or cur
         dt = max(cur["t"] - prev["t"], 1e-9)
+
+        def rate(key: str) -> float:
+            return (cur[key] - prev[key]) / dt if self._prev else 0.0
         stages = []
         for k, st in enumerate(info.stages):
             d_steps = cur["steps"][k] - prev["steps"][k]
             d_busy = cur["busy"][k] - prev["busy"][k]
             batch = (cur["seqs"][k] - prev["seqs"][k]) / d_steps if d_steps else 0.0
             predicted = engine.predicted_step_s(k, round(batch)) if d_steps else None
+            measured = d_busy / d_steps if d_steps else None
+            off = (measured / predicted if measured and predicted and max(measured, predicted) >= FAR_FROM_PLAN_MIN_S
+                   else None)
             stages.append({
+                "far_from_plan": off is not None and not 1 / FAR_FROM_PLAN <= off <= FAR_FROM_PLAN,
                 "stage": k, "device": st.device, "label": st.label, "host": st.host,
                 "layers": f"{st.layers[0]}-{st.layers[1] - 1}", "busy": min(1.0, d_busy / dt),
                 "tiers": _tiers(st),
@@ -97,11 +113,17 @@ class Dashboard:
                 "batch": batch,
             })
         devices = self._devices(info, prev["cpu"], cur["cpu"], dt)
-        throughput = (cur["tokens"] - prev["tokens"]) / dt if self._prev else 0.0
+        throughput = rate("tokens")
+        queries, hits = (c - p for c, p in zip(cur["prefix"], prev["prefix"]))
+        host = _host_load(prev["host"], cur["host"])
+        e2e, queue = self.e2e.percentiles(now), self.queue.percentiles(now)
         point = {
             "time": time.time(), "running": m.num_running, "waiting": m.num_waiting,
-            "kv_cache_usage": m.kv_cache_usage, "tokens_per_s": throughput,
+            "kv_cache_usage": m.kv_cache_usage, "tokens_per_s": throughput, "prompt_tokens_per_s": rate("prompt_tokens"),
+            "requests_per_s": rate("finished"), "errors_per_s": rate("errors"), "rejected_per_s": rate("rejected"),
+            "preemptions_per_s": rate("preemptions"), "prefix_hit_rate": hits / queries if queries else None,
             "ttft_p50_ms": self.ttft.percentiles(now)["p50"], "itl_p50_ms": self.itl.percentiles(now)["p50"],
+            "e2e_p50_ms": e2e["p50"], "queue_p50_ms": queue["p50"], "host_cpu": host["cpu_busy"],
             "busy": [s["busy"] for s in stages],
         }
         self.series.append(point)
@@ -109,10 +131,16 @@ class Dashboard:
             "model": self.state.served_name, "uptime_s": time.time() - self.state.started,
             "engine": "dead: " + self.state.engine.dead if self.state.engine.dead else "running",
             "requests": {"running": m.num_running, "waiting": m.num_waiting,
-                         "finished": sum(m.success.values()), "rejected": m.rejected},
+                         "finished": cur["finished"], "rejected": m.rejected, "errors": cur["errors"],
+                         "per_s": point["requests_per_s"], "preemptions": m.num_preemptions},
             "kv_cache": {"usage": m.kv_cache_usage, "blocks": info.num_blocks, "block_size": info.block_size},
-            "tokens": {"generated": m.generation_tokens, "prompt": m.prompt_tokens, "per_s": throughput},
-            "ttft_ms": self.ttft.percentiles(now), "itl_ms": self.itl.percentiles(now),
+            "prefix_cache": {"queried_tokens": m.prefix_queries, "hit_tokens": m.prefix_hits,
+                             "hit_rate": m.prefix_hits / m.prefix_queries if m.prefix_queries else None},
+            "tokens": {"generated": m.generation_tokens, "prompt": m.prompt_tokens, "per_s": throughput,
+                       "prompt_per_s": point["prompt_tokens_per_s"]},
+            "host": host,
+            "ttft_ms": self.ttft.percentiles(now), "itl_ms": self.itl.percentiles(now), "e2e_ms": e2e,
+            "queue_ms": queue,
             "stages": stages, "devices": devices, "series": list(self.series),
             "plan": {"batch_size": info.plan_batch_size, "context_len": info.plan_context_len},
             "experts": _expert_load(prev["experts"], cur["experts"], dt),
@@ -239,3 +267,27 @@ def _expert_load(prev, cur, dt: float) -> dict | None:
         mean = sum(delta) / len(delta)
         imbalance.append(max(delta) / mean if mean else None)
     return {"layers": layers, "tokens_per_s": rates, "imbalance": imbalance}
+
+
+def _host_cpu_seconds() -> tuple[float, float] | None:
+    """(busy, total) seconds of all the host's cores so far, from /proc/stat; None where it cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle and iowait
+    return (sum(fields) - idle) / _CLOCK_TICKS, sum(fields) / _CLOCK_TICKS
+
+
+def _host_load(prev, cur) -> dict:
+    """The host's CPU use since the last sample (all cores: 1 = every core busy), its load average and cores: what
+    explains a CPU stage that is busy while its own process is not."""
+    busy = None
+    if prev is not None and cur is not None and cur[1] > prev[1]:
+        busy = min(1.0, max(0.0, (cur[0] - prev[0]) / (cur[1] - prev[1])))
+    try:
+        load1 = os.getloadavg()[0]
+    except OSError:
+        load1 = None
+    return {"cpu_busy": busy, "load1": load1, "cores": os.cpu_count()}

@@ -109,19 +109,27 @@ def test_the_page_updates_live_and_shows_what_metrics_says(server, tmp_path):
         deadline = time.monotonic() + 20
         while True:
             m = metrics(server.url)
-            shown = {k: page.text_content(f"#{k}") for k in ("tokens-generated", "requests-finished",
-                                                               "requests-running", "requests-waiting", "kv-usage")}
+            shown = {k: page.text_content(f"#{k}") for k in (
+                "tokens-generated", "requests-finished", "requests-running", "requests-waiting", "kv-usage",
+                "requests-errors", "requests-rejected", "preemptions", "prefix-hit-rate")}
+            queried = m["prefix_cache_queries_total"]
             expected = {"tokens-generated": str(int(m["generation_tokens_total"])),
                         "requests-finished": str(int(m["request_success_total"])),
                         "requests-running": str(int(m["num_requests_running"])),
                         "requests-waiting": str(int(m["num_requests_waiting"])),
-                        "kv-usage": f"{100 * m['kv_cache_usage_perc']:.1f}%"}
+                        "kv-usage": f"{100 * m['kv_cache_usage_perc']:.1f}%",
+                        "requests-errors": str(int(m.get("request_errors_total", 0))),
+                        "requests-rejected": str(int(m["request_rejected_total"])),
+                        "preemptions": str(int(m["num_preemptions_total"])),
+                        "prefix-hit-rate": f"{100 * m['prefix_cache_hits_total'] / queried:.1f}%" if queried else "-"}
             if shown == expected or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert shown == expected
         assert int(expected["requests-finished"]) >= 4
         assert page.text_content("#ttft-count") not in ("-", "0")
+        assert page.text_content("#e2e-count") not in ("-", "0") and page.text_content("#queue-count") not in ("-", "0")
+        assert page.text_content("#host-cpu").endswith("%") and page.text_content("#host-cores") not in ("-", "")
         shot = Path(os.environ.get("STRATA_SCREENSHOT_DIR", tmp_path)) / "dashboard.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 20_000
