@@ -148,9 +148,10 @@ def table(title: str, runs: dict[str, Result], e2e: bool) -> None:
     head = f"{'detail':>7} | {'tok/s':>8} | {'x off':>6} | " + (f"{'e2e tok/s':>9} | {'x off':>6} | " if e2e else "")
     print(f"\n{title}\n{head}{'spans/s':>8} | {'spans':>6} | dropped")
     for detail, r in runs.items():
+        dropped = sum(r["dropped"].values()) if isinstance(r["dropped"], dict) else r["dropped"]  # per process
         e2e_cols = f"{r['e2e_tok_s']:>9.1f} | {r['e2e_tok_s'] / off['e2e_tok_s']:>5.3f}x | " if e2e else ""
         print(f"{detail:>7} | {r['tok_s']:>8.1f} | {r['tok_s'] / off['tok_s']:>5.3f}x | {e2e_cols}"
-              f"{r['spans_s']:>8.1f} | {r['spans']:>6.0f} | {r['dropped']:.0f}")
+              f"{r['spans_s']:>8.1f} | {r['spans']:>6.0f} | {dropped:.0f}")
 
 
 def main() -> None:

@@ -36,8 +36,8 @@ from engine.placement.routing import measured_routing, record_routing
 from engine.placement.planning import (check_offload_gb, chosen_formats, format_choices, model_len_limit,
                                        offload_bytes, place_model)
 from engine.stats import EngineInfo, EngineStats, StageInfo, StageLoad
-from telemetry.tracing import (DETAILS, SpanRecord, TraceSettings, Tracing, link_limit, new_span_id, new_trace_id,
-                               now_ns, transfer_span)
+from engine.step_spans import RequestSteps, StepTrace
+from telemetry.tracing import DETAILS, TraceSettings, Tracing, new_span_id, new_trace_id, now_ns
 from tokenization import IncrementalDetokenizer, StopMatcher, Tokenizer
 
 log = logging.getLogger("strata.engine")
@@ -306,12 +306,20 @@ class LLMEngine:
         seq = Sequence(seq_id, list(prompt_token_ids), params)
         self.scheduler.add(seq)  # raises ValueError when the prompt does not fit the context
         self._streams[seq_id] = _SeqStream(self.tokenizer, params, trace)
+        if trace is not None and self._trace_steps:
+            self._streams[seq_id].steps = RequestSteps(trace, len(prompt_token_ids), seq_id)
         return seq_id
 
     def abort_request(self, seq_id: int) -> bool:
         seq = self.scheduler.abort(seq_id)
-        self._streams.pop(seq_id, None)
+        self._end_stream(seq_id)
         return seq is not None
+
+    def _end_stream(self, seq_id: int) -> None:
+        """A sequence's stream is done: its decode span goes to its request's trace."""
+        stream = self._streams.pop(seq_id, None)
+        if stream is not None and stream.steps is not None and (span := stream.steps.finish()) is not None:
+            self.tracing.emit([span])
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -332,7 +340,12 @@ class LLMEngine:
         if out.trace is not None:
             self._stage_spans_dropped.update(out.trace.spans_dropped)
         if step_trace is not None:
-            self.tracing.emit(step_trace.spans(out, received_ns, self.driver.last_received_bytes))
+            spans = step_trace.spans(out, received_ns, self.driver.last_received_bytes)
+            for w in step_trace.batch.seqs:  # what the step adds to the traces of the requests it carried
+                st = self._streams.get(w.seq_id)
+                if st is not None and st.steps is not None and (span := st.steps.on_step(w, step_trace, received_ns)):
+                    spans.append(span)
+            self.tracing.emit(spans)
         updates = self.scheduler.update(out)
         # Refill before detokenizing: the first stage is idle from now until the next batch reaches it.
         self._fill_pipeline()
@@ -375,7 +388,7 @@ class LLMEngine:
             if out.errors and seq.seq_id in out.errors:
                 # Its token is a placeholder: the sequence ends here, and so does its request (engine errors).
                 self.scheduler.abort(seq.seq_id)
-                del self._streams[seq.seq_id]
+                self._end_stream(seq.seq_id)
                 deltas.append(SeqDelta(seq.seq_id, "", [], None, True, FinishReason.ABORT.value, seq.num_prompt_tokens,
                                        len(seq.output_token_ids) - 1, seq.num_cached_tokens, queued,
                                        error=f"sampling failed: {out.errors[seq.seq_id]}"))
@@ -393,7 +406,7 @@ class LLMEngine:
                 self.scheduler.abort(seq.seq_id, FinishReason.STOP)
                 finished, reason = True, FinishReason.STOP.value
             if finished:
-                del self._streams[seq.seq_id]
+                self._end_stream(seq.seq_id)
             deltas.append(SeqDelta(
                 seq.seq_id, text, [token], logprobs, finished, reason,
                 seq.num_prompt_tokens, len(seq.output_token_ids), seq.num_cached_tokens, queued,
@@ -489,31 +502,6 @@ class LLMEngine:
                 self.tracing.shutdown()
 
 
-@dataclass(slots=True)
-class StepTrace:
-    """A traced step in flight: its ids, when it left, and the requests it links to."""
-
-    trace_id: int
-    step_id: int
-    start_ns: int
-    links: list[tuple[int, int]]
-    batch: Batch
-
-    def spans(self, out: StepOutput, received_ns: int, received_bytes: int) -> list[SpanRecord]:
-        b = self.batch
-        limit = link_limit()
-        decodes = sum(1 for w in b.seqs if len(w.token_ids) == 1)
-        step = SpanRecord("engine step", self.trace_id, self.step_id, None, self.start_ns, received_ns, {
-            "strata.step.batch_id": b.batch_id, "strata.step.num_seqs": len(b.seqs),
-            "strata.step.num_tokens": b.num_tokens, "strata.step.num_decodes": decodes,
-            "strata.step.num_prefill_tokens": b.num_tokens - decodes,
-            "strata.step.links_dropped": max(0, len(self.links) - limit),
-        }, links=self.links[:limit])
-        back = transfer_span(self.trace_id, self.step_id, out.trace.sent_by, "driver", out.trace.sent_ns, received_ns,
-                             received_bytes) if out.trace else None
-        return [step] + ([back] if back else [])
-
-
 # A step in flight may take this many times its predicted time before the pipeline counts as stalled.
 STALL_FACTOR = 50.0
 
@@ -537,10 +525,11 @@ class StageStats:
 class _SeqStream:
     """Detokenizes one sequence and watches it for stop strings."""
 
-    __slots__ = ("detok", "stop", "trace")
+    __slots__ = ("detok", "stop", "trace", "steps")
 
     def __init__(self, tokenizer: Tokenizer | None, params: SamplingParams, trace: tuple[int, int] | None) -> None:
         self.trace = trace
+        self.steps: RequestSteps | None = None  # where steps are traced: what they add to the request's trace
         self.detok = (IncrementalDetokenizer(tokenizer, params.skip_special_tokens, params.kept_special_token_ids)
                       if tokenizer else None)
         self.stop = StopMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None

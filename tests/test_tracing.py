@@ -148,6 +148,32 @@ def test_every_traced_step_has_each_layer_on_its_stage_and_each_hop(traced):
         assert len(linking) >= body["max_tokens"]
 
 
+def test_a_requests_trace_shows_its_prefill_and_decode_and_leads_to_the_steps_that_carried_it(traced):
+    """Under each request's GenAI span: a prefill span per prompt chunk and one decode span per sequence, within it,
+    each linked to step traces that were exported (and that link back to the request)."""
+    parents, responses, spans = traced
+    steps = {s.trace_id: s for s in spans if s.name == "engine step"}
+    for (_, body), (trace_id, _, _) in zip(REQUESTS, parents):
+        genai = next(s for s in spans if s.trace_id == trace_id and s.name.endswith(MODEL))
+        prefills = [s for s in spans if s.trace_id == trace_id and s.name == "prefill"]
+        decodes = [s for s in spans if s.trace_id == trace_id and s.name == "decode"]
+        n = body.get("n", 1)
+        assert len({s.attributes["strata.seq_id"] for s in prefills}) == n and len(decodes) == n
+        for s in prefills + decodes:
+            assert s.parent_span_id == genai.span_id and genai.start_ns <= s.start_ns <= s.end_ns <= genai.end_ns
+            assert s.links
+            for linked_trace, linked_span in s.links:
+                step = steps[linked_trace]  # exported, and it links back to this request
+                assert step.span_id == linked_span and genai.span_id in {sid for _, sid in step.links}
+        for d in decodes:
+            # Every token but the first comes from a decode step (the first from the prefill's).
+            assert d.attributes["strata.decode.steps"] == body["max_tokens"] - 1 == len(d.links)
+            assert d.attributes["strata.decode.links_dropped"] == 0
+            # The first decode step leaves once the last prompt chunk has (scheduled ahead, it overlaps that step).
+            mine = [p for p in prefills if p.attributes["strata.seq_id"] == d.attributes["strata.seq_id"]]
+            assert max(p.start_ns for p in mine) <= d.start_ns and max(p.end_ns for p in mine) <= d.end_ns
+
+
 def test_request_detail_traces_requests_only_and_honours_the_sampled_flag(six_layers):
     with OTLPReceiver() as rx, running_server(six_layers, "--otlp-traces-endpoint", rx.endpoint, "--served-model-name",
                                               MODEL, "--max-model-len", "256", "--num-kv-blocks", "64",
