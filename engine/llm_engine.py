@@ -25,7 +25,7 @@ from engine.model.weight_formats import (AUTO, EMBEDDING, check_requested, domin
                                          parse_layer_formats, parse_precision)
 from engine.outputs import SeqDelta, TokenLogprob
 from engine.pipeline.driver import Driver
-from engine.model.hub import resolve_model
+from engine.model.hub import TOKENIZER_FILES, resolve_model
 from engine.pipeline.launch import LocalStages, rendezvous_address, stage_devices
 from engine.pipeline.messages import RENDEZVOUS_TIMEOUT_S, DescribeDevice, StageSpec
 from engine.placement import parse_size
@@ -139,17 +139,17 @@ def read_chat_template(value: str) -> str:
     """--chat-template: a file's text, or the template itself (as vLLM reads the flag); checked to compile."""
     from tokenization.chat_template import compile_template
 
-    path = Path(value).expanduser()
-    if path.is_file():
-        text = path.read_text()
-    elif "{" in value:
+    inline = "{{" in value or "{%" in value  # a template, not a path (which may be too long to ask about)
+    if inline:
         text = value
+    elif Path(value).expanduser().is_file():
+        text = Path(value).expanduser().read_text()
     else:
         raise ValueError(f"chat template {value!r}: no such file (give a file, or the template itself)")
     try:
         compile_template(text)
     except Exception as e:  # jinja2's TemplateSyntaxError and what its environment raises
-        raise ValueError(f"chat template {value if path.is_file() else '(given inline)'}: {e}") from None
+        raise ValueError(f"chat template {'(given inline)' if inline else value}: {e}") from None
     return text
 
 
@@ -178,8 +178,9 @@ class LLMEngine:
             self.weight_formats = choices.formats[AUTO] if choices is not None else checkpoint.resolve_formats(
                 source, cfg, check_requested(config.quantization),
                 parse_layer_formats(config.layer_quantization, cfg.num_layers))
-        self.tokenizer = checkpoint.checkpoint_tokenizer(resolve_model(config.tokenizer) if config.tokenizer
-                                                         else model_dir)
+        # Where the tokenizer comes from (a last stage masking a grammar reads it too).
+        self._tokenizer_dir = resolve_model(config.tokenizer, TOKENIZER_FILES) if config.tokenizer else model_dir
+        self.tokenizer = checkpoint.checkpoint_tokenizer(self._tokenizer_dir)
         if config.tokenizer and self.tokenizer is None:
             raise CheckpointError(f"{config.tokenizer}: no tokenizer.json or GGUF file to read a tokenizer from")
         if config.chat_template is not None:
@@ -283,6 +284,7 @@ class LLMEngine:
                     streamed_layers=st.streamed_layers, offload_dir=config.offload_dir, host_experts=st.host_experts,
                     host_dtypes=(resolve_dtypes(config.dtype_request, cfg.checkpoint_dtype, torch.device("cpu"))
                                  if st.host_experts else None),
+                    tokenizer_dir=str(self._tokenizer_dir.resolve()) if config.tokenizer else None,
                 )))
                 prev_dtype = compute
             info = driver.start(specs)

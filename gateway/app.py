@@ -122,6 +122,7 @@ class ServerState:
         m.num_preemptions, m.prefix_queries, m.prefix_hits = stats.num_preemptions, stats.prefix_queries, stats.prefix_hits
         m.spans_dropped = stats.spans_dropped
         m.expert_tokens = stats.expert_tokens
+        m.stages = stats.stages
         for d in deltas:
             m.generation_tokens += len(d.token_ids)
             if d.num_output_tokens == len(d.token_ids):  # the sequence's first step out

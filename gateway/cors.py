@@ -18,6 +18,11 @@ class CorsPolicy:
     headers: tuple[str, ...] = ("*",)
     credentials: bool = False
 
+    def __post_init__(self) -> None:
+        if self.credentials and "*" in self.origins:
+            raise ValueError("--allow-credentials with any origin (\"*\") would let every web page call the API with "
+                             "its user's cookies; name the origins")
+
     def allows(self, origin: str) -> bool:
         return "*" in self.origins or origin in self.origins
 
@@ -73,14 +78,17 @@ def install(app: web.Application, policy: CorsPolicy) -> None:
 
     async def mark(request: web.Request, response: web.StreamResponse) -> None:
         origin = request.headers.get("Origin")
-        if origin is None or request.method == "OPTIONS" or not policy.allows(origin):
+        if origin is None or request.method == "OPTIONS" or not policy.origins:
+            return
+        response.headers.add("Vary", "Origin")  # the answer depends on it, allowed or not (caches keep them apart)
+        if not policy.allows(origin):
             return
         response.headers["Access-Control-Allow-Origin"] = policy.origin_header(origin)
-        response.headers.add("Vary", "Origin")
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
         if policy.credentials:
             response.headers["Access-Control-Allow-Credentials"] = "true"
 
-    app.middlewares.insert(0, preflight)
+    app.middlewares.insert(1, preflight)  # after request_started: a preflight is a request its connection counts
     app.on_response_prepare.append(mark)
 
 

@@ -47,6 +47,7 @@ class Metrics:
         self.queue_time = Histogram(LATENCY_BUCKETS)
         self.rejected = 0
         self.errors: dict[int, int] = {}  # HTTP status -> requests answered with it (an OpenAI error)
+        self.stages: tuple = ()  # engine.stats.StageLoad per stage
         self.spans_dropped: dict[str, int] = {}  # per process
         self.expert_tokens = ()  # a mixture of experts' [layer, expert] token counts (engine.stats.EngineStats)
         # gen_ai.server.* histograms by operation (chat, text_completion)
@@ -77,6 +78,14 @@ class Metrics:
                   "per process.", "# TYPE strata:trace_spans_dropped_total counter"]
         for process, n in sorted((self.spans_dropped or {"server": 0}).items()):
             lines.append(f'strata:trace_spans_dropped_total{{{L},process="{process}"}} {n}')
+        for name, help_, field in (
+                ("stage_busy_seconds_total", "Seconds each pipeline stage spent computing steps (its rate is the "
+                 "stage's busy fraction).", "busy_s"),
+                ("stage_steps_total", "Steps each pipeline stage computed (busy seconds over steps: its step time).",
+                 "steps"),
+                ("stage_sequences_total", "Sequences over each stage's steps (over steps: its batch size).", "seqs")):
+            lines += [f"# HELP strata:{name} {help_}", f"# TYPE strata:{name} counter"]
+            lines.extend(f'strata:{name}{{{L},stage="{k}"}} {getattr(s, field)}' for k, s in enumerate(self.stages))
         lines += ["# HELP strata:request_errors_total Requests answered with an error, by HTTP status.",
                   "# TYPE strata:request_errors_total counter"]
         for status, n in sorted(self.errors.items()):

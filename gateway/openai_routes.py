@@ -343,9 +343,10 @@ class OpenAIRoutes:
         for c in choices:
             text = "".join(c.text)
             if kind == "text_completion":
-                if getattr(req, "echo", False):
-                    text = self._echoed(req, prompts, c.prompt_index) + text
-                lp = self._completion_logprobs(c.logprobs, 0) if req.logprobs is not None else None
+                echoed = self._echoed(req, prompts, c.prompt_index) if getattr(req, "echo", False) else ""
+                text = echoed + text
+                # The answer's text offsets count from the start of the text returned, the echoed prompt included.
+                lp = self._completion_logprobs(c.logprobs, len(echoed)) if req.logprobs is not None else None
                 out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
             else:
                 lp = {"content": self._chat_logprobs(c.logprobs)} if req.logprobs else None
@@ -376,12 +377,14 @@ class OpenAIRoutes:
                 for c in choices:
                     await resp.write(chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                              "logprobs": None, "finish_reason": None}]))
-            elif getattr(req, "echo", False):
+            echoed = [0] * len(choices)
+            if kind != "chat.completion" and getattr(req, "echo", False):
                 for c in choices:
                     text = self._echoed(req, prompts, c.prompt_index)
+                    echoed[c.index] = len(text)
                     await resp.write(chunk([{"index": c.index, "text": text, "logprobs": None, "finish_reason": None}]))
             open_ = len(choices)
-            offsets = [0] * len(choices)
+            offsets = list(echoed)  # text offsets count from the start of the text streamed, echo included
             calls = [CallsOut(tools) for _ in choices] if tools is not None else None
             # A token whose text is withheld still carries its logprob, which must not be dropped.
             want_logprobs = bool(req.logprobs) if kind == "chat.completion" else req.logprobs is not None

@@ -103,7 +103,7 @@ def fitted(target: Target, session: Session, history: list[dict], turn, limit: i
     answer fit; else the answer shortened. (None, 0) where even the turn alone does not fit."""
     max_tokens = turn.max_tokens
     prompt = _prompt(target, session, history, turn)
-    if limit is None:
+    if limit is None or session.raw:  # a prompt of a known length is the server's to judge
         return prompt, max_tokens
     rate = tokens_per_char or FIRST_TOKENS_PER_CHAR
     while rate * _chars(prompt) * TEMPLATE_SLACK + max_tokens > limit and history:
@@ -122,6 +122,7 @@ async def _measured(http, target, sessions, cfg, rng, on_result, out: LoadResult
     slots = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     results = out.results
     issued = 0
+    tokens_per_char: float | None = None  # the server's count over a prompt's characters, the last it reported
 
     def may_issue() -> bool:
         return issued < budget and time.monotonic() < stop_issuing
@@ -150,13 +151,16 @@ async def _measured(http, target, sessions, cfg, rng, on_result, out: LoadResult
         return r
 
     async def run_session(s: Session) -> None:
+        nonlocal tokens_per_char
         history: list[dict] = []
-        tokens_per_char = None
         for i, turn in enumerate(s.turns):
             if i and s.think_time_s:
                 await asyncio.sleep(s.think_time_s[i - 1])
             prompt, max_tokens = fitted(target, s, history, turn, cfg.max_model_len, tokens_per_char)
-            if prompt is None:
+            if prompt is None:  # not sent, but said: the turn alone outgrows the served context
+                results.append(RequestResult(start=time.monotonic(), error="too_long",
+                                             detail=f"the turn alone would not fit {cfg.max_model_len} tokens"))
+                await asyncio.sleep(0)  # a loop of sessions that send nothing must still let the others run
                 return
             r = await one(prompt, max_tokens)
             if r is None or not r.ok:

@@ -600,8 +600,13 @@ def test_a_named_origins_pages_may_call_the_api_and_no_other_origins(guarded, ur
     assert resp.getheader("Access-Control-Allow-Origin") == APP_ORIGIN
     resp.read()
     conn.close()
+    assert headers["access-control-expose-headers"] == "Retry-After"  # a page may read when to retry a 429
     status, headers, _ = call("GET", guarded.url + "/v1/models", headers={**auth, "Origin": "https://evil.example"})
-    assert status == 200 and "access-control-allow-origin" not in headers
+    assert status == 200 and "access-control-allow-origin" not in headers and "Origin" in headers["vary"]
+    from gateway.cors import CorsPolicy
+
+    with pytest.raises(ValueError, match="name the origins"):
+        CorsPolicy(("*",), credentials=True)
     # Without --allowed-origins no page may; a plain OPTIONS says what a path takes.
     assert preflight(url, APP_ORIGIN).getheader("Access-Control-Allow-Origin") is None
     status, headers, _ = call("OPTIONS", url + "/v1/models")
@@ -731,5 +736,6 @@ def test_the_grafana_dashboard_queries_only_what_the_server_exports(url):
     assert used and used <= exported, sorted(used - exported)
     titles = " ".join(p["title"].lower() for p in doc["panels"])
     for shown in ("requests per second", "errors", "429", "tokens per second", "kv-cache", "prefix-cache hit rate",
-                  "queue time", "end-to-end latency", "time to first token", "preemptions"):
+                  "queue time", "end-to-end latency", "time to first token", "preemptions", "stage busy",
+                  "stage step time"):
         assert shown in titles, shown

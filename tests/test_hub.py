@@ -51,7 +51,7 @@ def test_a_hugging_face_id_is_served_from_the_cache_under_its_own_name_with_the_
 
 
 @pytest.mark.parametrize("flags, says", [
-    (("--model", "tiny-org/not-cached"), "not in the Hugging Face cache"),
+    (("--model", "tiny-org/not-cached"), "no such path here, nor in the Hugging Face cache"),
     (("--model", REPO, "--tokenizer", "/nonexistent/tokenizer-dir"), "no tokenizer.json or GGUF file"),
     (("--model", REPO, "--chat-template", "no-such-template.jinja"), "no such file"),
     (("--model", REPO, "--chat-template", "{% for %}"), "chat template (given inline)"),
@@ -75,3 +75,20 @@ def test_a_tokenizer_given_apart_is_the_one_served(hub, tmp_path):
                                                   "add_generation_prompt": False})
         status, _, text = post(s.url + "/detokenize", {"tokens": ids["tokens"]})
         assert "<<yo>>" in text["prompt"]
+        # The last stage masks a grammar with the tokenizer served, not the checkpoint's.
+        status, _, out = post(s.url + "/v1/chat/completions", {
+            "model": REPO, "messages": [{"role": "user", "content": "a number"}], "max_tokens": 24,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"}}}})
+        assert status == 200, out
+
+
+def test_a_gguf_path_is_never_an_id_and_a_long_inline_template_is_a_template():
+    from pathlib import Path
+
+    from engine.llm_engine import read_chat_template
+    from engine.model.hub import is_repo_id, resolve_model
+
+    assert not is_repo_id("models/foo.gguf") and is_repo_id(REPO)
+    assert resolve_model("models/foo.gguf") == Path("models/foo.gguf")  # the engine reports it missing, as a path
+    long_template = "{% for m in messages %}" + "x" * 300 + "/" + "y" * 300 + "{{ m['content'] }}{% endfor %}"
+    assert read_chat_template(long_template) == long_template

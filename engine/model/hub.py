@@ -10,16 +10,19 @@ from engine.errors import CheckpointError
 
 # What serving a checkpoint reads: its configs, weights, tokenizer and chat template; never other formats' weights.
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"]
+TOKENIZER_FILES = ["*.json", "*.jinja", "tokenizer*", "*.txt", "*.model"]  # --tokenizer: no weights
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def is_repo_id(name: str) -> bool:
-    """Whether `name` reads as a Hugging Face id (owner/name) rather than a path on this machine."""
-    return bool(_REPO_ID.match(name)) and not Path(name).expanduser().exists()
+    """Whether `name` reads as a Hugging Face id (owner/name) rather than a path on this machine (one that names a
+    GGUF file is a path, there or not)."""
+    return bool(_REPO_ID.match(name)) and not name.endswith(".gguf") and not Path(name).expanduser().exists()
 
 
-def resolve_model(name: str | Path) -> Path:
-    """The checkpoint directory or GGUF file `name` means: a path as given, else a Hugging Face id's snapshot."""
+def resolve_model(name: str | Path, files: list[str] = CHECKPOINT_FILES) -> Path:
+    """The checkpoint directory or GGUF file `name` means: a path as given, else a Hugging Face id's snapshot (of
+    `files`)."""
     path = Path(name).expanduser()
     if path.exists() or not is_repo_id(str(name)):
         return path
@@ -27,13 +30,13 @@ def resolve_model(name: str | Path) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(str(name), allow_patterns=CHECKPOINT_FILES))
+        return Path(snapshot_download(str(name), allow_patterns=files))
     except RepositoryNotFoundError:
-        raise CheckpointError(f"{name}: no such model on the Hugging Face Hub, or it needs a token (HF_TOKEN) this "
-                              "machine lacks") from None
+        raise CheckpointError(f"{name}: no such path here, and no such model on the Hugging Face Hub (or it needs a "
+                              "token, HF_TOKEN, this machine lacks)") from None
     except LocalEntryNotFoundError:
-        raise CheckpointError(f"{name}: not in the Hugging Face cache, and it cannot be downloaded here (HF_HUB_OFFLINE "
-                              "is set, or the Hub cannot be reached); download it where the network allows, or give "
-                              "a checkpoint directory or GGUF file") from None
+        raise CheckpointError(f"{name}: no such path here, nor in the Hugging Face cache, and it cannot be downloaded "
+                              "(HF_HUB_OFFLINE is set, or the Hub cannot be reached); download it where the network "
+                              "allows, or give a checkpoint directory or GGUF file") from None
     except (HfHubHTTPError, OSError) as e:
         raise CheckpointError(f"{name}: cannot be fetched from the Hugging Face Hub: {e}") from None

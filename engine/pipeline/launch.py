@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+from engine.model.hub import is_repo_id
 from engine.model.package import is_package
 from engine.pipeline.messages import RENDEZVOUS_TIMEOUT_S
 from engine.placement.devices import parse_devices
@@ -71,8 +72,8 @@ def start_ahead(model: str | None, devices: str, threads: int | None, workers: i
     """The stages `strata serve` would start, started now (the driver adopts them: Driver(started=...)); None where
     the settings do not read (the engine then reports it), or where the server has long work to do before its
     pipeline forms, which the stages' wait to join (rendezvous_timeout_s) is not meant to cover: a package's
-    checksums, or each layer's error at the --precision formats measured."""
-    if precision or (model and is_package(model)):
+    checksums, each layer's error at the --precision formats measured, or a Hugging Face id's download."""
+    if precision or (model and (is_package(model) or is_repo_id(model))):  # an id may be downloading for a while
         return None
     try:
         names = stage_devices(devices)

@@ -83,6 +83,8 @@ class StageSpec:
     # host_dtypes (compute, weights).
     host_experts: tuple[int, ...] = ()
     host_dtypes: tuple[str, str] | None = None
+    # Where the served tokenizer is, where it is not the checkpoint's (--tokenizer): grammar masks are built from it.
+    tokenizer_dir: str | None = None
 
 
 @dataclass(slots=True)

@@ -280,7 +280,7 @@ class StageRunner:
         if not at:
             return None
         if self.grammars is None:
-            tokenizer = checkpoint_tokenizer(Path(self.spec.model_dir))
+            tokenizer = checkpoint_tokenizer(Path(self.spec.tokenizer_dir or self.spec.model_dir))
             if tokenizer is None:
                 raise RuntimeError("structured output needs the checkpoint's tokenizer, and it has none")
             threads = 1 if self.device.type == "cpu" else min(GPU_GRAMMAR_THREADS, max(1, (os.cpu_count() or 1) // 2))
