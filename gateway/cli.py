@@ -14,18 +14,10 @@ from aiohttp import web
 from engine import add_stage_args, add_worker_args, describe_layers
 from gateway.connections import bind_listener, listen
 from gateway.convert_command import add_convert_parser, run_convert
-from gateway.plan_command import add_offload_arg, add_plan_parser, add_quantization_args, add_reprobe_arg, run_plan
+from gateway.plan_command import (add_offload_arg, add_plan_parser, add_quantization_args, add_reprobe_arg, env_flag,
+                                  run_plan)
 from loadtest.cli import add_arguments as add_bench_arguments
 from loadtest.cli import run as run_bench
-
-
-def _env_flag(name: str) -> bool:
-    value = os.environ.get(f"STRATA_{name.upper()}", "")
-    if value.lower() in ("", "0", "false", "no", "off"):
-        return False
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    raise SystemExit(f"strata: STRATA_{name.upper()}={value!r}: use true or false")
 
 
 def _env(name: str, default=None):
@@ -62,12 +54,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", default=_env("kv_cache_memory"), help="KV-cache budget, e.g. 4GiB")
     g.add_argument("--num-kv-blocks", type=int, default=_env("num_kv_blocks"))
     add_offload_arg(g, _env)
-    g.add_argument("--no-prefix-caching", action="store_true", default=_env_flag("no_prefix_caching"))
+    g.add_argument("--no-prefix-caching", action="store_true", default=env_flag("no_prefix_caching"))
     add_stage_args(g)
     g.add_argument("--stall-timeout", type=float, default=_env("stall_timeout", "60"),
                    help="seconds a step may take, at the least, before the pipeline counts as stalled and fails "
                         "(the bound grows with the plan's predicted step time)")
-    g.add_argument("--enforce-eager", action="store_true", default=_env_flag("enforce_eager"),
+    g.add_argument("--enforce-eager", action="store_true", default=env_flag("enforce_eager"),
                    help="run GPU stages' decode steps eagerly, without CUDA graphs")
     g.add_argument("--otlp-traces-endpoint", default=_env("otlp_traces_endpoint"),
                    help="export traces over OTLP to this collector (protocol from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: "
@@ -250,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="methods those pages may use (default: any)")
     g.add_argument("--allowed-headers", default=_env("allowed_headers"),
                    help="request headers those pages may send (default: any)")
-    g.add_argument("--allow-credentials", action="store_true", default=_env_flag("allow_credentials"),
+    g.add_argument("--allow-credentials", action="store_true", default=env_flag("allow_credentials"),
                    help="let those pages send cookies and HTTP authentication")
     g.add_argument("--max-body-size", default=_env("max_body_size", "8MiB"),
                    help="largest request body; a larger one gets 413 unread")

@@ -19,6 +19,8 @@ from importlib import resources
 import numpy as np
 from aiohttp import web
 
+from telemetry.host_cpu import cpu_seconds
+
 
 HISTORY = 300  # seconds of time series kept
 WINDOW_S = 60.0  # latency percentiles cover this much
@@ -85,7 +87,7 @@ class Dashboard:
             "t": now, "tokens": m.generation_tokens, "prompt_tokens": m.prompt_tokens,
             "busy": [s.busy_s for s in load], "steps": [s.steps for s in load], "seqs": [s.seqs for s in load],
             "cpu": [_process_cpu_seconds(st.pid) for st in info.stages],
-            "experts": engine.stats.expert_tokens, "host": _host_cpu_seconds(),
+            "experts": engine.stats.expert_tokens, "host": cpu_seconds(),
             "finished": sum(m.success.values()), "errors": sum(m.errors.values()), "rejected": m.rejected,
             "preemptions": m.num_preemptions, "prefix": (m.prefix_queries, m.prefix_hits),
         }
@@ -267,17 +269,6 @@ def _expert_load(prev, cur, dt: float) -> dict | None:
         mean = sum(delta) / len(delta)
         imbalance.append(max(delta) / mean if mean else None)
     return {"layers": layers, "tokens_per_s": rates, "imbalance": imbalance}
-
-
-def _host_cpu_seconds() -> tuple[float, float] | None:
-    """(busy, total) seconds of all the host's cores so far, from /proc/stat; None where it cannot be read."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:8]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + fields[4]  # idle and iowait
-    return (sum(fields) - idle) / _CLOCK_TICKS, sum(fields) / _CLOCK_TICKS
 
 
 def _host_load(prev, cur) -> dict:

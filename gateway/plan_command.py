@@ -48,10 +48,19 @@ def add_offload_arg(g, env) -> None:
                         "measured once and priced by the planner")
 
 
+def env_flag(name: str) -> bool:
+    """A flag's STRATA_<NAME> variable: true, false or unset, else the command stops saying so."""
+    value = os.environ.get(f"STRATA_{name.upper()}", "")
+    if value.lower() in ("", "0", "false", "no", "off"):
+        return False
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    raise SystemExit(f"strata: STRATA_{name.upper()}={value!r}: use true or false")
+
+
 def add_reprobe_arg(p) -> None:
     """--reprobe, for serve and plan alike."""
-    p.add_argument("--reprobe", action="store_true",
-                   default=os.environ.get("STRATA_REPROBE", "").lower() in ("1", "true", "yes", "on"),
+    p.add_argument("--reprobe", action="store_true", default=env_flag("reprobe"),
                    help="measure each device afresh instead of reading its figures from the probe cache "
                         "(~/.cache/strata/probe.json), as after new hardware, drivers, or a reading taken under load")
 

@@ -22,7 +22,7 @@ from loadtest import report
 from loadtest.client import Target
 from loadtest.metrics import parse_goodput, summarize
 from loadtest.runner import LoadConfig, LoadResult, run_load
-from loadtest.tokens import served_context, token_counter
+from loadtest.tokens import served_context, server_root, token_counter
 from loadtest.workloads import Length, conversations, from_jsonl, random_prompts
 
 
@@ -98,10 +98,7 @@ def _list(text: str | None, kind) -> list:
 
 
 def _target(args, base_url: str, model: str) -> Target:
-    base = base_url.rstrip("/")
-    if base.endswith("/v1"):
-        base = base[:-3]
-    return Target(base + "/v1", model, args.endpoint[3:], args.api_key, not args.no_stream, args.ignore_eos,
+    return Target(server_root(base_url) + "/v1", model, args.endpoint[3:], args.api_key, not args.no_stream, args.ignore_eos,
                   args.request_timeout)
 
 

@@ -12,6 +12,11 @@ from pathlib import Path
 from loadtest.workloads import words
 
 
+def server_root(base_url: str) -> str:
+    """The server's address without the API's /v1, however --base-url was given."""
+    return base_url.rstrip("/").removesuffix("/v1")
+
+
 class TokenCounter:
     """encode(text) -> ids without special tokens; decode(ids) -> text."""
 
@@ -26,7 +31,7 @@ class TokenCounter:
                 self._local = tokenizers.Tokenizer.from_file(str(path))
             except Exception as e:  # the Rust side raises a bare Exception
                 raise ValueError(f"--tokenizer {tokenizer}: cannot read {path} ({e})") from None
-        self._root = base_url.rstrip("/").removesuffix("/v1")
+        self._root = server_root(base_url)
         self._headers = {"Content-Type": "application/json"} | (
             {"Authorization": f"Bearer {api_key}"} if api_key else {})
 
@@ -70,8 +75,7 @@ def token_counter(tokenizer: str | None, base_url: str, api_key: str | None) -> 
 
 def served_context(base_url: str, model: str, api_key: str | None) -> int | None:
     """The model's context as the server's /v1/models lists it (max_model_len, as Strata and vLLM give it)."""
-    root = base_url.rstrip("/").removesuffix("/v1")
-    req = urllib.request.Request(root + "/v1/models", headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    req = urllib.request.Request(server_root(base_url) + "/v1/models", headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             data = json.loads(r.read()).get("data") or []

@@ -17,7 +17,7 @@ class FakeHost:
     def __init__(self, monkeypatch) -> None:
         self.now, self.busy, self.own = 0.0, 0.0, 0.0
         monkeypatch.setattr(core_share.time, "monotonic", lambda: self.now)
-        monkeypatch.setattr(core_share, "_busy_seconds", lambda cores: self.busy)
+        monkeypatch.setattr(core_share, "cpu_seconds", lambda cores: (self.busy, self.now * len(cores)))
         monkeypatch.setattr(core_share, "_own_seconds", lambda: self.own)
         monkeypatch.setattr(core_share.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
 
@@ -76,3 +76,13 @@ def test_a_real_busy_process_is_seen(restore_threads):
     finally:
         busy.kill()
         busy.wait()
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/stat"), reason="reads Linux's /proc/stat")
+def test_the_hosts_cpu_time_is_read_per_core_and_in_all():
+    from telemetry.host_cpu import cpu_seconds
+
+    busy, total = cpu_seconds()
+    one_busy, one_total = cpu_seconds({0})
+    assert 0 < busy <= total and 0 <= one_busy <= one_total <= total
+    assert cpu_seconds(set()) == (0.0, 0.0)

@@ -18,27 +18,11 @@ import time
 
 import torch
 
+from telemetry.host_cpu import cpu_seconds
+
 SAMPLE_S = 0.5  # the shortest interval over which the others' share is measured
 GIVE_UP = 0.6  # a core's worth of others' work at which a thread is given up ...
 TAKE_BACK = 0.3  # ... and below which, with a thread given up, it is taken back
-
-
-def _busy_seconds(cores: set[int]) -> float | None:
-    """Busy time of the given cores since boot (all but idle and iowait), in seconds."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    try:
-        with open("/proc/stat") as f:
-            for line in f:
-                if not line.startswith("cpu") or line.startswith("cpu "):
-                    continue
-                name, *fields = line.split()
-                if int(name[3:]) in cores:
-                    values = [int(v) for v in fields[:8]]
-                    total += sum(values) - values[3] - values[4]  # less idle and iowait
-    except (OSError, ValueError):
-        return None
-    return total / tick
 
 
 def _own_seconds() -> float:
@@ -58,8 +42,8 @@ class CoreShare:
         self._last = self._sample()
 
     def _sample(self) -> tuple[float, float, float] | None:
-        busy = _busy_seconds(self.cores) if self.cores else None
-        return None if busy is None else (time.monotonic(), busy, _own_seconds())
+        read = cpu_seconds(self.cores) if self.cores else None
+        return None if read is None else (time.monotonic(), read[0], _own_seconds())
 
     def adjust(self) -> int:
         """Called before each step: the threads to run it with (torch's are set to match)."""

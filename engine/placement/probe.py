@@ -27,6 +27,7 @@ from engine.model.weight_formats import FORMATS
 from engine.paths import cache_root
 from engine.placement import GEMM_ROWS, SMALL_GEMM_ROWS, DeviceInfo, DeviceRequest, kv_cache_dtype
 from engine.placement.local_device import TORCH_DTYPES, available_memory
+from telemetry.host_cpu import cpu_seconds
 
 PROFILE_ENV = "STRATA_DEVICE_PROFILE"
 CACHE_VERSION = 8
@@ -330,13 +331,8 @@ def measure_rates(device: torch.device, dtype: str, threads: int | None, weight_
 
 def _host_busy_clock() -> tuple[float, float, float] | None:
     """(busy seconds of every core, this process's CPU seconds, wall seconds) now; None where /proc/stat is not."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), time.process_time(), time.monotonic()
+    read = cpu_seconds()
+    return None if read is None else (read[0], time.process_time(), time.monotonic())
 
 
 def _others_busy(before, after) -> float | None:
